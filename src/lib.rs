@@ -1,1 +1,230 @@
+//! edgegate: an edge IoT gateway. Devices publish over MQTT (and CoAP); every message is
+//! written to a durable log on local disk before the device is acknowledged, and the log is
+//! forwarded, in order, to Apache Kafka whenever the link allows.
+//!
+//! The data path reads top to bottom in the module names:
+//! [`ingest`] (listeners) → [`route`] → [`buffer`] (the durable log) → [`forward`] (Kafka).
+//! [`run`] wires them together; `main.rs` and the integration tests both call it.
+
+#![forbid(unsafe_code)]
+
 pub mod buffer;
+pub mod config;
+pub mod forward;
+pub mod ingest;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::buffer::{Log, LogConfig, LogError};
+use crate::config::{Config, Problems};
+use crate::forward::Forwarder;
+use crate::ingest::Pipeline;
+use crate::route::Router;
+
+/// What can stop the gateway from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the log: {0}")]
+    Log(#[from] LogError),
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the Kafka forwarder: {0}")]
+    Forward(#[from] forward::ForwardError),
+    #[error("{0}")]
+    Config(String),
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+/// Messages from the signal handlers (or a test) to the running gateway.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// Re-read the reloadable parts of the configuration (routes).
+    Reload(Box<Config>),
+}
+
+/// A started gateway: listeners bound, log recovered, forwarder running.
+pub struct Gateway {
+    mqtt_addr: SocketAddr,
+    log: Log,
+    pipeline: Pipeline,
+    shutdown: CancellationToken,
+    grace: Duration,
+    listeners: TaskTracker,
+    forwarder: tokio::task::JoinHandle<Result<(), forward::ForwardError>>,
+}
+
+/// Opens the log, binds the listeners and starts forwarding. `base` resolves relative paths
+/// in the config (the config file's directory). Stops when `shutdown` is cancelled.
+pub async fn start(
+    config: Config,
+    base: &Path,
+    shutdown: CancellationToken,
+) -> Result<Gateway, RunError> {
+    let gateway_id = config.gateway.id();
+    let log_config = config.buffer.log_config(base);
+    check_buffer_dir(&log_config)?;
+
+    let (log, report) = open_log(log_config.clone()).await?;
+    tracing::info!(dir = %log_config.dir.display(), segments = report.segments, records = report.records, "Opened the log.");
+    let dead_letter_config = LogConfig {
+        dir: log_config.dir.join("dead-letter"),
+        overflow: buffer::Overflow::DropOldest,
+        max_bytes: (log_config.max_bytes / 8).max(log_config.segment_bytes * 2),
+        ..log_config.clone()
+    };
+    let (dead_letter, _) = open_log(dead_letter_config).await?;
+
+    let mut problems = Problems::default();
+    let router = Router::new(&config.routes, config.default_route.as_ref(), &mut problems);
+    if !problems.is_empty() {
+        return Err(RunError::Config(format!("{:?}", problems.0)));
+    }
+    let pipeline = Pipeline::new(log.clone(), router);
+
+    let listener = TcpListener::bind(&config.mqtt.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.mqtt.listen.clone(),
+            source,
+        })?;
+    let mqtt_addr = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.mqtt.listen.clone(),
+        source,
+    })?;
+
+    let reader = log
+        .reader()
+        .ok_or_else(|| RunError::Task("the log's reader was already taken".into()))?;
+    let forwarder = Forwarder::new(&config.kafka, &gateway_id, reader, dead_letter.clone())?;
+    let forwarder = tokio::spawn(forwarder.run(shutdown.clone()));
+
+    let listeners = TaskTracker::new();
+    let mqtt_config = std::sync::Arc::new(config.mqtt.clone());
+    listeners.spawn(ingest::mqtt::serve(
+        listener,
+        mqtt_config,
+        pipeline.clone(),
+        shutdown.clone(),
+    ));
+    listeners.close();
+    tracing::info!(%mqtt_addr, gateway_id = %gateway_id, "Listening for MQTT.");
+
+    Ok(Gateway {
+        mqtt_addr,
+        log,
+        pipeline,
+        shutdown,
+        grace: config.gateway.shutdown_grace.get(),
+        listeners,
+        forwarder,
+    })
+}
+
+impl Gateway {
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Applies a control message (SIGHUP reload).
+    pub fn control(&self, message: Control) {
+        match message {
+            Control::Reload(config) => {
+                let mut problems = Problems::default();
+                let router =
+                    Router::new(&config.routes, config.default_route.as_ref(), &mut problems);
+                if problems.is_empty() {
+                    self.pipeline.replace_router(router);
+                    tracing::info!(routes = config.routes.len(), "Reloaded the routes.");
+                } else {
+                    tracing::error!(problems = ?problems.0, "Kept the old routes: the new ones are invalid.");
+                }
+            }
+        }
+    }
+
+    /// Runs until shutdown, then drains: listeners stop accepting and finish their in-flight
+    /// appends, the log commits, the forwarder delivers what it can within the grace period.
+    pub async fn wait(self, mut control: mpsc::Receiver<Control>) -> Result<(), RunError> {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                Some(message) = control.recv() => self.control(message),
+            }
+        }
+        tracing::info!(grace = ?self.grace, "Shutting down.");
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let listeners_done = tokio::time::timeout_at(deadline, self.listeners.wait())
+            .await
+            .is_ok();
+        // The forwarder stops reading at shutdown and waits for its in-flight deliveries;
+        // whatever it does not finish stays in the log and is sent after the restart.
+        let mut forwarder = self.forwarder;
+        let forwarded = match tokio::time::timeout_at(deadline, &mut forwarder).await {
+            Ok(joined) => joined
+                .map_err(|e| RunError::Task(e.to_string()))?
+                .map_err(RunError::from),
+            Err(_) => {
+                forwarder.abort();
+                tracing::warn!(
+                    "The forwarder did not finish within the grace period; undelivered records stay in the log."
+                );
+                Ok(())
+            }
+        };
+        let closed = self.log.close().await;
+        tracing::info!(listeners_done, "Shut down.");
+        forwarded?;
+        closed.map_err(RunError::from)
+    }
+}
+
+/// Starts the gateway and runs it until `shutdown`.
+pub async fn run(
+    config: Config,
+    base: &Path,
+    shutdown: CancellationToken,
+    control: mpsc::Receiver<Control>,
+) -> Result<(), RunError> {
+    start(config, base, shutdown).await?.wait(control).await
+}
+
+async fn open_log(config: LogConfig) -> Result<(Log, buffer::RecoveryReport), RunError> {
+    tokio::task::spawn_blocking(move || Log::open(config))
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))?
+        .map_err(RunError::from)
+}
+
+/// Preconditions before binding anything: the buffer directory exists (or can be made) and
+/// is writable.
+fn check_buffer_dir(config: &LogConfig) -> Result<(), RunError> {
+    let dir: PathBuf = config.dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| LogError::Dir {
+        path: dir.clone(),
+        source,
+    })?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").map_err(|source| LogError::Dir {
+        path: dir.clone(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}

@@ -1,0 +1,92 @@
+use std::path::Path;
+
+use super::*;
+
+fn problems(text: &str) -> Vec<String> {
+    match Config::parse(text, Path::new("gw.toml")) {
+        Ok(_) => Vec::new(),
+        Err(ConfigError::Invalid(found)) => found.iter().map(ToString::to_string).collect(),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+const ROUTE: &str = "[[routes]]\nmatch = \"#\"\ntopic = \"t\"\n";
+
+#[test]
+fn defaults_with_one_route_are_valid() {
+    assert_eq!(problems(ROUTE), Vec::<String>::new());
+    let config = Config::parse(ROUTE, Path::new("gw.toml")).expect("valid");
+    assert_eq!(config.buffer.max_size, ByteSize::gib(1));
+    assert_eq!(config.buffer.overflow, Overflow::RejectNew);
+    assert_eq!(config.buffer.durability, Durability::Fsync);
+}
+
+#[test]
+fn every_section_reports_its_own_error_with_line_and_column() {
+    let text = "[buffer]\nmax_size = \"12 bananas\"\n\n[mqtt]\nlisten = \"x\"\nbogus = 1\n\n[wat]\n\n[[routes]]\nmatch = \"a/#/b\"\ntopic = \"t\"\n[[routes]]\ntopic = \"t\"\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 4, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:2:12: [buffer]"),
+        "{}",
+        found[0]
+    );
+    assert!(found[0].contains("unknown size unit"), "{}", found[0]);
+    assert!(found[1].starts_with("gw.toml:6:1: [mqtt]"), "{}", found[1]);
+    assert!(found[1].contains("bogus"), "{}", found[1]);
+    assert!(
+        found[2].starts_with("gw.toml:8:2: unknown section `wat`"),
+        "{}",
+        found[2]
+    );
+    assert!(
+        found[3].starts_with("gw.toml:13:") && found[3].contains("match"),
+        "{}",
+        found[3]
+    );
+}
+
+#[test]
+fn validation_problems_point_at_their_keys() {
+    let text = format!(
+        "[buffer]\nhigh_watermark = 1.5\n\n[mqtt]\nlisten = \"nowhere\"\n\n{ROUTE}[[routes]]\nmatch = \"a/#/b\"\ntopic = \"t\"\n"
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:2:18: buffer.high_watermark"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[1].starts_with("gw.toml:5:10: mqtt.listen"),
+        "{}",
+        found[1]
+    );
+    assert!(
+        found[2].starts_with("gw.toml:11:9: routes[1].match"),
+        "{}",
+        found[2]
+    );
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let found = problems("[buffer\nmax_size = 3\n");
+    assert!(!found.is_empty());
+    assert!(found[0].starts_with("gw.toml:1:"), "{}", found[0]);
+}
+
+#[test]
+fn no_route_at_all_is_a_problem() {
+    let found = problems("");
+    assert_eq!(found.len(), 1);
+    assert!(found[0].contains("no [[routes]]"), "{}", found[0]);
+}
+
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(line_col("ab\ncdé\nx", 0), (1, 1));
+    assert_eq!(line_col("ab\ncdé\nx", 3), (2, 1));
+    assert_eq!(line_col("ab\ncdé\nx", 8), (3, 1));
+}

@@ -1,0 +1,149 @@
+//! Ingest: the listeners (MQTT, CoAP) and the one path every accepted message takes into
+//! the log: route it, then append it. A listener acknowledges its device only when the
+//! [`Durable`] future returned by [`Pipeline::submit`] resolves.
+
+pub mod mqtt;
+
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::buffer::{AppendError, Durable, Log, Pressure, Record, Source};
+use crate::route::{RouteError, Router};
+
+/// One message as a listener received it, before routing.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub source: Source,
+    /// MQTT client id / CoAP device id: the default Kafka key and `{client_id}`.
+    pub device: String,
+    /// MQTT topic, or the topic a CoAP listener derives from the URI; used for routing.
+    pub topic: String,
+    pub payload: Bytes,
+    /// Protocol headers to carry into Kafka (`mqtt-qos`, `content-type`, user properties).
+    pub headers: Vec<(String, Bytes)>,
+    pub received_ms: i64,
+}
+
+/// Why a message was not stored. Each maps to a protocol reason code in its listener.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    /// No route, or the route renders an invalid Kafka topic (MQTT 5: 0x90).
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The log is full under `reject_new` (MQTT 5: 0x97, CoAP: 5.03).
+    #[error("the log is full")]
+    Full,
+    #[error("message of {0} bytes is too large to store")]
+    TooLarge(usize),
+    /// The disk refused the write (MQTT 5: 0x80).
+    #[error("the log could not store the message: {0}")]
+    Io(String),
+    #[error("the gateway is shutting down")]
+    Closed,
+}
+
+impl Rejected {
+    /// A short, fixed label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejected::Route(RouteError::NoRoute(_)) => "no_route",
+            Rejected::Route(RouteError::InvalidKafkaTopic { .. }) => "invalid_kafka_topic",
+            Rejected::Full => "log_full",
+            Rejected::TooLarge(_) => "too_large",
+            Rejected::Io(_) => "io_error",
+            Rejected::Closed => "closed",
+        }
+    }
+}
+
+impl From<AppendError> for Rejected {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Full => Rejected::Full,
+            AppendError::TooLarge(n) => Rejected::TooLarge(n),
+            AppendError::Closed => Rejected::Closed,
+            other => Rejected::Io(other.to_string()),
+        }
+    }
+}
+
+/// Route + append, shared by every listener. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    log: Log,
+    /// Swapped whole on SIGHUP; readers take a cheap `Arc` clone.
+    router: Arc<RwLock<Arc<Router>>>,
+}
+
+impl Pipeline {
+    pub fn new(log: Log, router: Router) -> Self {
+        Pipeline {
+            log,
+            router: Arc::new(RwLock::new(Arc::new(router))),
+        }
+    }
+
+    /// Routes and appends one message. On success the returned future resolves once the
+    /// record is durable: only then may the device be acknowledged.
+    pub fn submit(&self, msg: Inbound) -> Result<Durable, Rejected> {
+        let router = self.router();
+        let dest = router
+            .route(&msg.topic, &msg.device)
+            .inspect_err(|e| reject(&msg, e))?;
+        let record = Record {
+            source: msg.source,
+            received_ms: msg.received_ms,
+            device: msg.device,
+            origin: msg.topic,
+            kafka_topic: dest.kafka_topic,
+            key: dest.key,
+            headers: msg.headers,
+            payload: msg.payload,
+        };
+        self.log.append(&record).map_err(|e| {
+            let e = Rejected::from(e);
+            metrics::counter!("edgegate_ingest_rejected_total", "reason" => e.reason())
+                .increment(1);
+            e
+        })
+    }
+
+    /// Above the log's high watermark listeners stop reading their sockets.
+    pub fn pressure(&self) -> watch::Receiver<Pressure> {
+        self.log.pressure()
+    }
+
+    /// Installs a new routing table (SIGHUP reload); messages already stored keep theirs.
+    pub fn replace_router(&self, router: Router) {
+        let mut guard = self
+            .router
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = Arc::new(router);
+    }
+
+    fn router(&self) -> Arc<Router> {
+        self.router
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// Logs and counts a routing rejection (one place per event).
+fn reject(msg: &Inbound, error: &RouteError) {
+    let e = Rejected::Route(error.clone());
+    metrics::counter!("edgegate_ingest_rejected_total", "reason" => e.reason()).increment(1);
+    tracing::debug!(device = %msg.device, topic = %msg.topic, %error, "Rejected a message that cannot be routed.");
+}
+
+/// Milliseconds since the Unix epoch, for `Inbound::received_ms`.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,505 @@
+//! Routing: which Kafka topic and key a message goes to, decided at ingest.
+//!
+//! A route matches an MQTT-style topic filter whose single-level wildcards may be named
+//! (`plant/+site/+device/telemetry/#`) and renders a Kafka topic and key from templates that
+//! use those names (`iot.{site}.telemetry`, `{device}`) and the built-in `{client_id}`. Routes
+//! are tried in order and the first match wins; an optional default route catches the rest.
+//! A message that matches nothing, or whose rendered topic is not a valid Kafka topic name,
+//! is rejected before it is stored, so the device hears about it (MQTT 5 reason 0x90).
+//!
+//! CoAP requests are routed the same way by the topic their listener derives from the URI.
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::config::problems::Problems;
+
+/// `[[routes]]` in gateway.toml.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Topic filter; `+name` captures one level, `#` (or `#name`) the rest.
+    #[serde(rename = "match")]
+    pub filter: String,
+    /// Kafka topic template.
+    pub topic: String,
+    /// Kafka key template; the client id when absent.
+    pub key: Option<String>,
+}
+
+/// `[default_route]` in gateway.toml: where messages that match no route go.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultRoute {
+    pub topic: String,
+    pub key: Option<String>,
+}
+
+/// Where one message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub kafka_topic: String,
+    pub key: Option<Bytes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route matches topic `{0}`")]
+    NoRoute(String),
+    #[error("topic `{topic}` renders Kafka topic `{rendered}`, which is not a valid topic name")]
+    InvalidKafkaTopic { topic: String, rendered: String },
+}
+
+/// The compiled routing table.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+    default: Option<(Template, Option<Template>)>,
+}
+
+#[derive(Debug, Clone)]
+struct Route {
+    levels: Vec<Level>,
+    topic: Template,
+    key: Option<Template>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Level {
+    Literal(String),
+    /// `+` or `+name`: one level, captured into slot `usize` when named.
+    Single(Option<usize>),
+    /// `#` or `#name`: every remaining level (possibly none), joined with `/`.
+    Multi(Option<usize>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Capture(usize),
+    ClientId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Template(Vec<Part>);
+
+impl Router {
+    /// Compiles the routes, reporting every problem under `routes[i].*` / `default_route.*`.
+    pub fn new(
+        routes: &[RouteConfig],
+        default: Option<&DefaultRoute>,
+        problems: &mut Problems,
+    ) -> Router {
+        let mut router = Router::default();
+        for (i, route) in routes.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            let mut names = Vec::new();
+            let levels = match parse_filter(&route.filter, &mut names) {
+                Ok(levels) => levels,
+                Err(message) => {
+                    problems.push(format!("{path}.match"), message);
+                    continue;
+                }
+            };
+            let topic = compile_template(
+                &route.topic,
+                &names,
+                true,
+                &format!("{path}.topic"),
+                problems,
+            );
+            let key = match route.key.as_deref() {
+                Some(k) => {
+                    compile_template(k, &names, false, &format!("{path}.key"), problems).map(Some)
+                }
+                None => Some(None),
+            };
+            if let (Some(topic), Some(key)) = (topic, key) {
+                router.routes.push(Route { levels, topic, key });
+            }
+        }
+        if let Some(default) = default {
+            let topic =
+                compile_template(&default.topic, &[], true, "default_route.topic", problems);
+            let key = match default.key.as_deref() {
+                Some(k) => compile_template(k, &[], false, "default_route.key", problems).map(Some),
+                None => Some(None),
+            };
+            if let (Some(topic), Some(key)) = (topic, key) {
+                router.default = Some((topic, key));
+            }
+        }
+        router
+    }
+
+    /// Routes one message by its topic (MQTT) or derived topic (CoAP).
+    pub fn route(&self, topic: &str, client_id: &str) -> Result<Destination, RouteError> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut captures: Vec<&str> = Vec::new();
+        for route in &self.routes {
+            captures.clear();
+            if matches(&route.levels, &levels, topic, &mut captures) {
+                return render(
+                    &route.topic,
+                    route.key.as_ref(),
+                    &captures,
+                    topic,
+                    client_id,
+                );
+            }
+        }
+        match &self.default {
+            Some((t, k)) => render(t, k.as_ref(), &[], topic, client_id),
+            None => Err(RouteError::NoRoute(topic.to_owned())),
+        }
+    }
+}
+
+fn render(
+    topic_t: &Template,
+    key_t: Option<&Template>,
+    captures: &[&str],
+    topic: &str,
+    client_id: &str,
+) -> Result<Destination, RouteError> {
+    let kafka_topic = topic_t.render(captures, client_id);
+    if !valid_kafka_topic(&kafka_topic) {
+        return Err(RouteError::InvalidKafkaTopic {
+            topic: topic.to_owned(),
+            rendered: kafka_topic,
+        });
+    }
+    let key = match key_t {
+        Some(t) => t.render(captures, client_id),
+        None => client_id.to_owned(),
+    };
+    Ok(Destination {
+        kafka_topic,
+        key: Some(Bytes::from(key)),
+    })
+}
+
+impl Template {
+    fn render(&self, captures: &[&str], client_id: &str) -> String {
+        let mut out = String::new();
+        for part in &self.0 {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Capture(i) => out.push_str(captures.get(*i).copied().unwrap_or("")),
+                Part::ClientId => out.push_str(client_id),
+            }
+        }
+        out
+    }
+}
+
+/// MQTT matching (spec 4.7): `+` is one level, `#` the rest including none; a wildcard in
+/// the first level does not match a topic starting with `$`.
+fn matches<'t>(
+    filter: &[Level],
+    levels: &[&'t str],
+    topic: &'t str,
+    captures: &mut Vec<&'t str>,
+) -> bool {
+    if topic.starts_with('$') && !matches!(filter.first(), Some(Level::Literal(_))) {
+        return false;
+    }
+    let mut offset = 0usize;
+    for (i, level) in filter.iter().enumerate() {
+        match level {
+            Level::Multi(slot) => {
+                if let Some(slot) = slot {
+                    set_capture(captures, *slot, topic.get(offset..).unwrap_or(""));
+                }
+                return true;
+            }
+            Level::Single(slot) => {
+                let Some(l) = levels.get(i) else { return false };
+                if let Some(slot) = slot {
+                    set_capture(captures, *slot, l);
+                }
+                offset += l.len() + 1;
+            }
+            Level::Literal(lit) => {
+                let Some(l) = levels.get(i) else { return false };
+                if l != lit {
+                    return false;
+                }
+                offset += l.len() + 1;
+            }
+        }
+    }
+    filter.len() == levels.len()
+}
+
+fn set_capture<'t>(captures: &mut Vec<&'t str>, slot: usize, value: &'t str) {
+    if captures.len() <= slot {
+        captures.resize(slot + 1, "");
+    }
+    captures[slot] = value;
+}
+
+fn parse_filter(filter: &str, names: &mut Vec<String>) -> Result<Vec<Level>, String> {
+    if filter.is_empty() {
+        return Err("the topic filter is empty".into());
+    }
+    let parts: Vec<&str> = filter.split('/').collect();
+    let mut levels = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let mut capture = |name: &str| -> Result<Option<usize>, String> {
+            if name.is_empty() {
+                return Ok(None);
+            }
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "wildcard name `{name}` may use only letters, digits and _"
+                ));
+            }
+            if name == "client_id" {
+                return Err("`client_id` is built in and cannot name a wildcard".into());
+            }
+            if names.iter().any(|n| n == name) {
+                return Err(format!("wildcard name `{name}` is used twice"));
+            }
+            names.push(name.to_owned());
+            Ok(Some(names.len() - 1))
+        };
+        if let Some(name) = part.strip_prefix('+') {
+            levels.push(Level::Single(capture(name)?));
+        } else if let Some(name) = part.strip_prefix('#') {
+            if i + 1 != parts.len() {
+                return Err("`#` must be the last level of the filter".into());
+            }
+            levels.push(Level::Multi(capture(name)?));
+        } else if part.contains(['+', '#']) {
+            return Err(format!(
+                "level `{part}`: a wildcard must fill its whole level"
+            ));
+        } else {
+            levels.push(Level::Literal((*part).to_owned()));
+        }
+    }
+    Ok(levels)
+}
+
+fn compile_template(
+    text: &str,
+    names: &[String],
+    is_topic: bool,
+    path: &str,
+    problems: &mut Problems,
+) -> Option<Template> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    let mut ok = true;
+    while !rest.is_empty() {
+        match rest.find('{') {
+            Some(0) => {
+                let Some(end) = rest.find('}') else {
+                    problems.push(path, format!("`{text}` has an unclosed `{{`"));
+                    return None;
+                };
+                let name = &rest[1..end];
+                if name == "client_id" {
+                    parts.push(Part::ClientId);
+                } else if let Some(i) = names.iter().position(|n| n == name) {
+                    parts.push(Part::Capture(i));
+                } else {
+                    problems.push(
+                        path,
+                        format!("`{{{name}}}` is neither a named wildcard of the route's `match` nor `{{client_id}}`"),
+                    );
+                    ok = false;
+                }
+                rest = &rest[end + 1..];
+            }
+            Some(i) => {
+                parts.push(Part::Literal(rest[..i].to_owned()));
+                rest = &rest[i..];
+            }
+            None => {
+                parts.push(Part::Literal(rest.to_owned()));
+                rest = "";
+            }
+        }
+    }
+    if is_topic {
+        if parts.is_empty() {
+            problems.push(path, "the Kafka topic is empty");
+            ok = false;
+        }
+        for part in &parts {
+            if let Part::Literal(lit) = part {
+                if let Some(c) = lit.chars().find(|c| !valid_topic_char(*c)) {
+                    problems.push(
+                        path,
+                        format!(
+                            "`{c}` cannot appear in a Kafka topic name (allowed: a-z A-Z 0-9 . _ -)"
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+    }
+    ok.then_some(Template(parts))
+}
+
+fn valid_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Kafka's own rule (`Topic.validate`): 1..=249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn valid_kafka_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name.chars().all(valid_topic_char)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(routes: &[(&str, &str, Option<&str>)], default: Option<&str>) -> Router {
+        let routes: Vec<RouteConfig> = routes
+            .iter()
+            .map(|(m, t, k)| RouteConfig {
+                filter: (*m).into(),
+                topic: (*t).into(),
+                key: k.map(Into::into),
+            })
+            .collect();
+        let default = default.map(|t| DefaultRoute {
+            topic: t.into(),
+            key: None,
+        });
+        let mut problems = Problems::default();
+        let r = Router::new(&routes, default.as_ref(), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        r
+    }
+
+    fn dest(topic: &str, key: &str) -> Result<Destination, RouteError> {
+        Ok(Destination {
+            kafka_topic: topic.into(),
+            key: Some(Bytes::from(key.to_owned())),
+        })
+    }
+
+    #[test]
+    fn named_wildcards_render_topic_and_key() {
+        let r = router(
+            &[(
+                "plant/+site/+device/telemetry/#",
+                "iot.{site}.telemetry",
+                Some("{device}"),
+            )],
+            None,
+        );
+        assert_eq!(
+            r.route("plant/north/pump7/telemetry/temp", "c1"),
+            dest("iot.north.telemetry", "pump7")
+        );
+        assert_eq!(
+            r.route("plant/north/pump7/telemetry", "c1"),
+            dest("iot.north.telemetry", "pump7")
+        );
+        assert_eq!(
+            r.route("plant/north/telemetry", "c1"),
+            Err(RouteError::NoRoute("plant/north/telemetry".into()))
+        );
+    }
+
+    #[test]
+    fn first_match_wins_and_default_catches_the_rest() {
+        let r = router(
+            &[("a/+x", "first", None), ("a/#", "second", None)],
+            Some("fallback"),
+        );
+        assert_eq!(r.route("a/b", "dev"), dest("first", "dev"));
+        assert_eq!(r.route("a/b/c", "dev"), dest("second", "dev"));
+        assert_eq!(r.route("z", "dev"), dest("fallback", "dev"));
+    }
+
+    #[test]
+    fn key_defaults_to_client_id_and_client_id_is_a_placeholder() {
+        let r = router(&[("d/#rest", "t.{client_id}", Some("{rest}"))], None);
+        assert_eq!(r.route("d/x/y", "gw-7"), dest("t.gw-7", "x/y"));
+    }
+
+    #[test]
+    fn rendered_topic_must_be_valid() {
+        let r = router(&[("s/+site", "iot.{site}", None)], None);
+        assert!(matches!(
+            r.route("s/bad site", "c"),
+            Err(RouteError::InvalidKafkaTopic { .. })
+        ));
+        assert!(r.route("s/", "c").is_ok());
+        let r = router(&[("s/+site", "{site}", None)], None);
+        assert!(matches!(
+            r.route("s/..", "c"),
+            Err(RouteError::InvalidKafkaTopic { .. })
+        ));
+        assert!(matches!(
+            r.route("s/", "c"),
+            Err(RouteError::InvalidKafkaTopic { .. })
+        ));
+    }
+
+    #[test]
+    fn dollar_topics_need_a_literal_first_level() {
+        let r = router(&[("#", "all", None), ("$SYS/#", "sys", None)], None);
+        assert_eq!(r.route("$SYS/x", "c"), dest("sys", "c"));
+        assert_eq!(r.route("x", "c"), dest("all", "c"));
+    }
+
+    #[test]
+    fn config_problems_are_all_reported() {
+        let routes = vec![
+            RouteConfig {
+                filter: "a/#/b".into(),
+                topic: "t".into(),
+                key: None,
+            },
+            RouteConfig {
+                filter: "a/+x".into(),
+                topic: "t/{y}".into(),
+                key: Some("{z}".into()),
+            },
+            RouteConfig {
+                filter: "a/+x/+x".into(),
+                topic: "t".into(),
+                key: None,
+            },
+            RouteConfig {
+                filter: "a/b+".into(),
+                topic: "t".into(),
+                key: None,
+            },
+        ];
+        let mut problems = Problems::default();
+        Router::new(
+            &routes,
+            Some(&DefaultRoute {
+                topic: "".into(),
+                key: None,
+            }),
+            &mut problems,
+        );
+        let paths: Vec<&str> = problems.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].match",
+                "routes[1].topic",
+                "routes[1].topic",
+                "routes[1].key",
+                "routes[2].match",
+                "routes[3].match",
+                "default_route.topic"
+            ]
+        );
+    }
+}
