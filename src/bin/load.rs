@@ -1,1 +1,490 @@
-fn main(){}
+//! `edgegate-load`: an MQTT load generator for the gateway.
+//!
+//! Opens N connections (rumqttc, MQTT 3.1.1 or 5), publishes a fixed number of messages or
+//! for a fixed time with an in-flight window per connection, and reports acknowledged
+//! messages per second and acknowledgement latency (PUBACK for QoS 1, PUBREC for QoS 2: the
+//! moment the gateway says the message is durable). With `--verify` it then reads the Kafka
+//! topic back and checks that every acknowledged message arrived, reporting the end-to-end
+//! rate (first publish to last record readable in Kafka).
+//!
+//! Each payload starts with `<run>:<connection>:<sequence>|` and is padded to `--payload`
+//! bytes, so verification needs nothing but the topic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rumqttc::{Event, Outgoing, Packet, QoS};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "edgegate-load",
+    version,
+    about = "MQTT load generator for edgegate"
+)]
+struct Args {
+    /// Gateway MQTT address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: String,
+    /// Number of concurrent connections.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Unacknowledged publishes allowed per connection.
+    #[arg(long, default_value_t = 32)]
+    inflight: u16,
+    /// Payload size in bytes (at least the 30-odd byte id prefix).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// MQTT protocol: 4 (3.1.1) or 5.
+    #[arg(long, default_value_t = 4)]
+    protocol: u8,
+    /// Messages in total (split evenly over the connections).
+    #[arg(long, default_value_t = 100_000)]
+    count: usize,
+    /// Publish for this many seconds instead of a fixed count.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Topic per connection; `{conn}` is replaced by the connection number.
+    #[arg(long, default_value = "load/{conn}/telemetry")]
+    topic: String,
+    /// Read Kafka back and check every acknowledged message arrived.
+    #[arg(long)]
+    verify: bool,
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    kafka: String,
+    /// The Kafka topic the route sends these messages to.
+    #[arg(long, default_value = "load")]
+    kafka_topic: String,
+    /// How long to wait for Kafka to hold everything.
+    #[arg(long, default_value_t = 300.0)]
+    verify_timeout: f64,
+    /// PID of the gateway, to report its peak RSS (VmHWM).
+    #[arg(long)]
+    gateway_pid: Option<u32>,
+}
+
+/// What one connection did.
+#[derive(Default)]
+struct ConnResult {
+    acked: Vec<u64>,
+    latencies_us: Vec<u32>,
+    errors: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.qos > 2 || !(args.protocol == 4 || args.protocol == 5) {
+        bail!("--qos must be 0..=2 and --protocol 4 or 5");
+    }
+    let run = format!("{:08x}", rand::random::<u32>());
+    let per_conn = args.count.div_ceil(args.connections.max(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for conn in 0..args.connections {
+        let (args, run, stop) = (args.clone(), run.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            connection(&args, &run, conn, per_conn, &stop).await
+        }));
+    }
+    if let Some(secs) = args.duration {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.context("connection task")?);
+    }
+    let elapsed = started.elapsed();
+    let acked: usize = results.iter().map(|r| r.acked.len()).sum();
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    let mut latencies: Vec<u32> = results
+        .iter()
+        .flat_map(|r| r.latencies_us.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[i]) / 1000.0
+    };
+    println!(
+        "published: {acked} acknowledged in {:.2} s = {:.0} msgs/s ({} connections, inflight {}, {} B, QoS {}, MQTT {})",
+        elapsed.as_secs_f64(),
+        acked as f64 / elapsed.as_secs_f64(),
+        args.connections,
+        args.inflight,
+        args.payload,
+        args.qos,
+        if args.protocol == 5 { "5" } else { "3.1.1" },
+    );
+    if args.qos > 0 {
+        println!(
+            "ack latency ms: p50 {:.2}  p99 {:.2}  max {:.2}",
+            pct(0.50),
+            pct(0.99),
+            pct(1.0)
+        );
+    }
+    if errors > 0 {
+        println!("connection errors: {errors}");
+    }
+    if args.verify {
+        let expected: HashMap<usize, Vec<u64>> = results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i, r.acked.clone()))
+            .collect();
+        let (found, missing, duplicates, last_seen) = verify(&args, &run, &expected)?;
+        let e2e = last_seen.duration_since(started).as_secs_f64();
+        println!(
+            "kafka: {found} of {acked} acknowledged messages found, {missing} missing, {duplicates} duplicates; end to end {:.2} s = {:.0} msgs/s",
+            e2e,
+            acked as f64 / e2e
+        );
+        if missing > 0 {
+            bail!("{missing} acknowledged messages are missing from Kafka");
+        }
+    }
+    if let Some(pid) = args.gateway_pid {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            for line in status
+                .lines()
+                .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
+            {
+                println!("gateway {line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One connection: publish `count` messages (or until `stop`), record the acknowledged
+/// sequences and their latencies.
+async fn connection(
+    args: &Args,
+    run: &str,
+    conn: usize,
+    count: usize,
+    stop: &AtomicBool,
+) -> ConnResult {
+    let (host, port) = split_addr(&args.mqtt);
+    let client_id = format!("load-{run}-{conn}");
+    let topic = args.topic.replace("{conn}", &conn.to_string());
+    let qos = match args.qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    };
+    let mut result = ConnResult::default();
+    let limit = if args.duration.is_some() {
+        usize::MAX
+    } else {
+        count
+    };
+    if args.protocol == 5 {
+        v5::connection(
+            args,
+            run,
+            conn,
+            limit,
+            stop,
+            &host,
+            port,
+            &client_id,
+            &topic,
+            qos,
+            &mut result,
+        )
+        .await;
+        return result;
+    }
+    let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+    options.set_inflight(args.inflight.max(1));
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) =
+        rumqttc::AsyncClient::new(options, usize::from(args.inflight).max(10));
+    let publisher = {
+        let (client, run, topic, size) =
+            (client.clone(), run.to_owned(), topic.clone(), args.payload);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut seq = 0u64;
+            while (seq as usize) < limit && !flag.load(Ordering::Relaxed) {
+                if client
+                    .publish(topic.as_str(), qos, false, payload(&run, conn, seq, size))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                seq += 1;
+            }
+            seq
+        });
+        (handle, stop)
+    };
+    // Publishes go out in order, so the n-th outgoing publish carries sequence n.
+    let mut next_out = 0u64;
+    let mut pending: HashMap<u16, (u64, Instant)> = HashMap::new();
+    let mut published: Option<u64> = None;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            publisher.1.store(true, Ordering::Relaxed);
+        }
+        if publisher.0.is_finished() && published.is_none() {
+            published = Some(next_out);
+        }
+        if let Some(total) = published {
+            if pending.is_empty() && next_out >= total {
+                break;
+            }
+        }
+        let event = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+        match event {
+            Err(_) => continue,
+            Ok(Err(e)) => {
+                result.errors += 1;
+                eprintln!("connection {conn}: {e}");
+                break;
+            }
+            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                if qos == QoS::AtMostOnce {
+                    result.acked.push(next_out);
+                } else {
+                    pending.insert(pkid, (next_out, Instant::now()));
+                }
+                next_out += 1;
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                ack_one(&mut pending, ack.pkid, &mut result)
+            }
+            Ok(Ok(Event::Incoming(Packet::PubRec(rec)))) => {
+                ack_one(&mut pending, rec.pkid, &mut result)
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    result
+}
+
+fn ack_one(pending: &mut HashMap<u16, (u64, Instant)>, pkid: u16, result: &mut ConnResult) {
+    if let Some((seq, sent)) = pending.remove(&pkid) {
+        result.acked.push(seq);
+        result
+            .latencies_us
+            .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+}
+
+mod v5 {
+    use super::*;
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    use rumqttc::v5::{AsyncClient, Event as Event5, MqttOptions};
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connection(
+        args: &Args,
+        run: &str,
+        conn: usize,
+        limit: usize,
+        stop: &AtomicBool,
+        host: &str,
+        port: u16,
+        client_id: &str,
+        topic: &str,
+        qos: QoS,
+        result: &mut ConnResult,
+    ) {
+        let qos5 = match qos {
+            QoS::AtMostOnce => QoS5::AtMostOnce,
+            QoS::AtLeastOnce => QoS5::AtLeastOnce,
+            QoS::ExactlyOnce => QoS5::ExactlyOnce,
+        };
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_outgoing_inflight_upper_limit(args.inflight.max(1));
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, usize::from(args.inflight).max(10));
+        let flag = Arc::new(AtomicBool::new(false));
+        let publisher = {
+            let (client, run, topic, size, flag) = (
+                client.clone(),
+                run.to_owned(),
+                topic.to_owned(),
+                args.payload,
+                flag.clone(),
+            );
+            tokio::spawn(async move {
+                let mut seq = 0u64;
+                while (seq as usize) < limit && !flag.load(Ordering::Relaxed) {
+                    if client
+                        .publish(topic.as_str(), qos5, false, payload(&run, conn, seq, size))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    seq += 1;
+                }
+            })
+        };
+        let mut next_out = 0u64;
+        let mut pending: HashMap<u16, (u64, Instant)> = HashMap::new();
+        let mut published: Option<u64> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                flag.store(true, Ordering::Relaxed);
+            }
+            if publisher.is_finished() && published.is_none() {
+                published = Some(next_out);
+            }
+            if let Some(total) = published {
+                if pending.is_empty() && next_out >= total {
+                    break;
+                }
+            }
+            match tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await {
+                Err(_) => continue,
+                Ok(Err(e)) => {
+                    result.errors += 1;
+                    eprintln!("connection {conn}: {e}");
+                    break;
+                }
+                Ok(Ok(Event5::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if qos == QoS::AtMostOnce {
+                        result.acked.push(next_out);
+                    } else {
+                        pending.insert(pkid, (next_out, Instant::now()));
+                    }
+                    next_out += 1;
+                }
+                Ok(Ok(Event5::Incoming(Packet5::PubAck(ack)))) => {
+                    if ack.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::Success {
+                        ack_one(&mut pending, ack.pkid, result);
+                    } else {
+                        pending.remove(&ack.pkid);
+                        result.errors += 1;
+                    }
+                }
+                Ok(Ok(Event5::Incoming(Packet5::PubRec(rec)))) => {
+                    ack_one(&mut pending, rec.pkid, result)
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    }
+}
+
+fn payload(run: &str, conn: usize, seq: u64, size: usize) -> Vec<u8> {
+    let mut p = format!("{run}:{conn}:{seq}|").into_bytes();
+    if p.len() < size {
+        p.resize(size, b'x');
+    }
+    p
+}
+
+fn split_addr(addr: &str) -> (String, u16) {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => (
+            host.trim_matches(['[', ']']).to_owned(),
+            port.parse().unwrap_or(1883),
+        ),
+        None => (addr.to_owned(), 1883),
+    }
+}
+
+/// Reads the whole topic and matches payloads of this run against what was acknowledged.
+/// Returns (found, missing, duplicates, when the last expected record was read).
+fn verify(
+    args: &Args,
+    run: &str,
+    expected: &HashMap<usize, Vec<u64>>,
+) -> anyhow::Result<(usize, usize, usize, Instant)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.kafka)
+        .set("group.id", format!("edgegate-load-{run}"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.max.bytes", "52428800")
+        .create()
+        .context("creating the Kafka consumer")?;
+    let deadline = Instant::now() + Duration::from_secs_f64(args.verify_timeout);
+    let metadata = loop {
+        match consumer.fetch_metadata(Some(&args.kafka_topic), Duration::from_secs(5)) {
+            Ok(m)
+                if m.topics()
+                    .first()
+                    .is_some_and(|t| !t.partitions().is_empty()) =>
+            {
+                break m;
+            }
+            _ if Instant::now() > deadline => {
+                bail!("topic {} not found in Kafka", args.kafka_topic)
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    let mut assignment = TopicPartitionList::new();
+    for topic in metadata.topics() {
+        for partition in topic.partitions() {
+            assignment.add_partition_offset(topic.name(), partition.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let want: usize = expected.values().map(Vec::len).sum();
+    let mut seen: HashMap<(usize, u64), u32> = HashMap::with_capacity(want);
+    let expected_set: std::collections::HashSet<(usize, u64)> = expected
+        .iter()
+        .flat_map(|(c, seqs)| seqs.iter().map(move |s| (*c, *s)))
+        .collect();
+    let prefix = format!("{run}:");
+    let mut found = 0usize;
+    let mut last = Instant::now();
+    while found < want && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message?;
+        let Some(value) = message.payload() else {
+            continue;
+        };
+        let Some(rest) = value.strip_prefix(prefix.as_bytes()) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(rest);
+        let mut parts = text.split(['|', ':']);
+        let (Some(Ok(conn)), Some(Ok(seq))) = (
+            parts.next().map(str::parse::<usize>),
+            parts.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        let count = seen.entry((conn, seq)).or_default();
+        *count += 1;
+        if *count == 1 && expected_set.contains(&(conn, seq)) {
+            found += 1;
+            last = Instant::now();
+        }
+    }
+    let duplicates = seen.values().map(|c| c.saturating_sub(1) as usize).sum();
+    Ok((found, want - found, duplicates, last))
+}
