@@ -1,0 +1,121 @@
+//! `[mqtt]` in gateway.toml.
+
+use serde::Deserialize;
+
+use crate::config::problems::Problems;
+use crate::config::{ByteSize, Duration};
+
+/// The largest packet MQTT can express (a 4-byte remaining length plus the fixed header).
+const MQTT_MAX_PACKET: u64 = 268_435_455 + 5;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Address of the plaintext MQTT listener.
+    pub listen: String,
+    /// Largest packet accepted (whole packet, fixed header included); bigger ones are refused
+    /// from their fixed header, before they are buffered. Advertised to MQTT 5 clients.
+    pub max_packet_size: ByteSize,
+    /// How long a new connection may take to send its CONNECT, so a half-sent CONNECT does
+    /// not hold a socket forever.
+    pub connect_timeout: Duration,
+    /// Connections served at once; more are refused (MQTT 5 0x89, 3.1.1 0x03) so a flood of
+    /// sockets cannot exhaust memory or file descriptors.
+    pub max_connections: usize,
+    /// QoS 1/2 messages a connection may have unacknowledged at once. Advertised to MQTT 5
+    /// clients (exceeding it ends the connection with 0x93); a 3.1.1 connection simply is not
+    /// read while it is at the limit. Bounds per-connection memory while appends are pending.
+    pub receive_maximum: u16,
+    /// Longest keepalive the gateway honours. MQTT 5 clients asking for more (or for none)
+    /// are told this value as Server Keep Alive; 3.1.1 clients, which cannot be told, are held
+    /// to it anyway, so an idle or dead socket is always reclaimed.
+    pub max_keepalive: Duration,
+    /// Longest client id accepted (the spec only requires 23); longer ones are refused
+    /// (3.1.1 0x02, MQTT 5 0x85). Client ids become Kafka keys and headers.
+    pub max_client_id_len: usize,
+    /// MQTT 5 topic aliases per connection (0 disables them; using one then ends the
+    /// connection with 0x94). Aliases save bandwidth on metered uplinks.
+    pub topic_alias_maximum: u16,
+    /// User properties accepted in one MQTT 5 packet; each becomes a Kafka header, so the
+    /// count bounds per-message memory and header overhead. More end the connection (0x83).
+    pub max_user_properties: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: "127.0.0.1:1883".into(),
+            max_packet_size: ByteSize::kib(256),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            receive_maximum: 128,
+            max_keepalive: Duration::from_secs(600),
+            max_client_id_len: 128,
+            topic_alias_maximum: 16,
+            max_user_properties: 32,
+        }
+    }
+}
+
+impl MqttConfig {
+    pub fn validate(&self, path: &str, problems: &mut Problems) {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(
+                format!("{path}.listen"),
+                format!(
+                    "`{}` is not an address such as \"0.0.0.0:1883\"",
+                    self.listen
+                ),
+            );
+        }
+        // A CONNECT with a will and a client id must fit; below 1 KiB devices cannot connect.
+        if self.max_packet_size.get() < 1024 || self.max_packet_size.get() > MQTT_MAX_PACKET {
+            problems.push(
+                format!("{path}.max_packet_size"),
+                format!("must be between 1KiB and {MQTT_MAX_PACKET} bytes (MQTT's limit)"),
+            );
+        }
+        if self.connect_timeout.get().is_zero() {
+            problems.push(
+                format!("{path}.connect_timeout"),
+                "must be greater than zero",
+            );
+        }
+        if self.max_connections == 0 {
+            problems.push(format!("{path}.max_connections"), "must be at least 1");
+        }
+        if self.receive_maximum == 0 {
+            problems.push(
+                format!("{path}.receive_maximum"),
+                "must be between 1 and 65535",
+            );
+        }
+        let keepalive = self.max_keepalive.get();
+        if keepalive < std::time::Duration::from_secs(1)
+            || keepalive > std::time::Duration::from_secs(u16::MAX.into())
+        {
+            problems.push(
+                format!("{path}.max_keepalive"),
+                "must be between 1s and 65535s (MQTT's limit)",
+            );
+        }
+        if self.max_client_id_len < 23 || self.max_client_id_len > usize::from(u16::MAX) {
+            problems.push(
+                format!("{path}.max_client_id_len"),
+                "must be between 23 (MQTT's minimum) and 65535",
+            );
+        }
+    }
+
+    /// The packet limit as a `usize` for framing.
+    pub(crate) fn packet_limit(&self) -> usize {
+        usize::try_from(self.max_packet_size.get().min(MQTT_MAX_PACKET)).unwrap_or(usize::MAX)
+    }
+
+    /// The keepalive cap in whole seconds, as MQTT expresses it.
+    pub(crate) fn keepalive_cap(&self) -> u16 {
+        u16::try_from(self.max_keepalive.get().as_secs())
+            .unwrap_or(u16::MAX)
+            .max(1)
+    }
+}

@@ -1,0 +1,174 @@
+//! Framing: one MQTT packet at a time off a TCP stream, with the size limit applied to the
+//! fixed header *before* the body is buffered (a codec that reserves whatever a peer declares
+//! lets 5 bytes reserve 256 MiB), and buffered writes of the server's packets.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::packet::{self, Outgoing, Version};
+
+/// Initial read buffer: a few typical telemetry publishes.
+const READ_BUFFER: usize = 4096;
+
+/// One complete packet, fixed header included, not yet decoded.
+#[derive(Debug)]
+pub struct Frame {
+    raw: BytesMut,
+    /// Bytes of the fixed header (2..=5); always `<= raw.len()`.
+    header_len: usize,
+}
+
+impl Frame {
+    pub fn byte1(&self) -> u8 {
+        self.raw.first().copied().unwrap_or(0)
+    }
+
+    pub fn packet_type(&self) -> u8 {
+        self.byte1() >> 4
+    }
+
+    pub fn flags(&self) -> u8 {
+        self.byte1() & 0x0f
+    }
+
+    /// Variable header and payload.
+    pub fn body(&self) -> &[u8] {
+        self.raw.get(self.header_len..).unwrap_or(&[])
+    }
+
+    pub fn into_body(self) -> bytes::Bytes {
+        let mut raw = self.raw;
+        raw.advance(self.header_len.min(raw.len()));
+        raw.freeze()
+    }
+
+    /// The whole frame, for codecs that parse the fixed header themselves.
+    pub fn into_raw(self) -> BytesMut {
+        self.raw
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The fixed header declares a packet over the limit; nothing of it was buffered.
+    #[error("packet of {declared} bytes is over the {limit}-byte limit")]
+    TooLarge { declared: usize, limit: usize },
+    /// The remaining length is not a valid variable byte integer.
+    #[error("malformed remaining length")]
+    BadLength,
+    /// The peer closed the connection in the middle of a packet.
+    #[error("connection closed in the middle of a packet")]
+    Truncated,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Parses a fixed header at the start of `buf`: `Ok(None)` if more bytes are needed, else
+/// the header's length and the whole frame's length, refused if over `limit`.
+pub fn parse_header(buf: &[u8], limit: usize) -> Result<Option<(usize, usize)>, FrameError> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&byte) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let header_len = 2 + i;
+            let frame_len = header_len + remaining;
+            if frame_len > limit {
+                return Err(FrameError::TooLarge {
+                    declared: frame_len,
+                    limit,
+                });
+            }
+            return Ok(Some((header_len, frame_len)));
+        }
+    }
+    Err(FrameError::BadLength)
+}
+
+/// A client's TCP connection: frames in, encoded packets out.
+pub struct Connection {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    /// Bytes read but not yet framed; never grows past one frame plus one read.
+    read_buf: BytesMut,
+    /// Encoded packets waiting for [`Connection::flush`], so many acks share one write.
+    write_buf: BytesMut,
+    /// Largest frame accepted, fixed header included.
+    limit: usize,
+}
+
+impl Connection {
+    pub fn new(socket: TcpStream, limit: usize) -> Connection {
+        let (reader, writer) = socket.into_split();
+        Connection {
+            reader,
+            writer,
+            read_buf: BytesMut::with_capacity(READ_BUFFER),
+            write_buf: BytesMut::new(),
+            limit,
+        }
+    }
+
+    /// Reads one complete frame. `Ok(None)` is a clean end of stream between packets.
+    ///
+    /// Cancel safe: bytes read stay in the buffer for the next call.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        loop {
+            if let Some((header_len, frame_len)) = parse_header(&self.read_buf, self.limit)? {
+                if self.read_buf.len() >= frame_len {
+                    let raw = self.read_buf.split_to(frame_len);
+                    return Ok(Some(Frame { raw, header_len }));
+                }
+                // Room for exactly this frame, now known to be within the limit.
+                self.read_buf.reserve(frame_len - self.read_buf.len());
+            }
+            if self.reader.read_buf(&mut self.read_buf).await? == 0 {
+                return if self.read_buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Queues a packet; see [`packet::encode`] for when nothing is queued.
+    pub fn queue(&mut self, version: Version, packet: &Outgoing) -> bool {
+        packet::encode(version, packet, &mut self.write_buf)
+    }
+
+    /// Queues bytes encoded elsewhere (refusals sent before a version is known).
+    pub fn queue_raw(&mut self, encode: impl FnOnce(&mut BytesMut)) {
+        encode(&mut self.write_buf);
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.write_buf.is_empty()
+    }
+
+    /// Writes everything queued. Cancel safe: what was not written stays queued.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        while self.write_buf.has_remaining() {
+            if self.writer.write_buf(&mut self.write_buf).await? == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+        }
+        self.writer.flush().await
+    }
+
+    /// Flushes, then sends FIN so the client reads everything before the close.
+    pub async fn close(&mut self) -> std::io::Result<()> {
+        self.flush().await?;
+        self.writer.shutdown().await
+    }
+
+    /// Bytes the read buffer can hold without growing (for tests of the size limit).
+    #[cfg(test)]
+    pub fn read_capacity(&self) -> usize {
+        self.read_buf.capacity()
+    }
+}

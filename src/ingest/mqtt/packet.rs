@@ -1,0 +1,539 @@
+//! Packets as the session sees them, whatever the protocol version, and the glue to the
+//! codecs: MQTT 3.1.1 frames are decoded by rumqttc's v4 codec, MQTT 5 frames by `v5.rs`;
+//! acknowledgements are encoded by rumqttc's v4 and v5 codecs, DISCONNECT by `v5.rs`.
+//!
+//! Before any codec sees a frame, [`decode`] checks what the codecs do not: the fixed-header
+//! flags of every packet type, and (for 3.1.1) that publish topics are usable names.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes as v5b;
+
+use super::connection::Frame;
+use super::v5;
+
+/// The protocol a connection speaks, fixed by its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// MQTT 3.1.1 (protocol level 4).
+    V4,
+    /// MQTT 5 (protocol level 5).
+    V5,
+}
+
+/// What a client sent.
+#[derive(Debug)]
+pub enum Packet {
+    Connect(Box<Connect>),
+    Publish(Publish),
+    PubRel {
+        pkid: u16,
+    },
+    Subscribe {
+        pkid: u16,
+        filters: usize,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: usize,
+    },
+    PingReq,
+    /// 3.1.1 DISCONNECTs carry reason 0x00.
+    Disconnect {
+        reason: u8,
+    },
+    /// MQTT 5 AUTH (decoded so it is validated; the gateway offers no enhanced auth).
+    Auth,
+    /// A packet only a server sends, or an ack for a PUBLISH this server never sent.
+    Unexpected(&'static str),
+}
+
+#[derive(Debug)]
+pub struct Connect {
+    pub client_id: String,
+    pub clean_start: bool,
+    /// Seconds; 0 means the client asks for no keepalive.
+    pub keep_alive: u16,
+    pub will: Option<Will>,
+    /// MQTT 5 enhanced authentication was requested (the gateway does not offer it).
+    pub auth_method: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub struct Publish {
+    pub qos: u8,
+    /// Empty when an MQTT 5 client uses an established topic alias.
+    pub topic: String,
+    pub pkid: u16,
+    pub payload: Bytes,
+    pub topic_alias: Option<u16>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// Why a frame was refused. Small and allocation-free: decode is a hot path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not a well-formed packet (MQTT 5: 0x81).
+    Malformed(&'static str),
+    /// Well-formed but against the protocol's rules (MQTT 5: 0x82).
+    Protocol(&'static str),
+    /// A publish or will topic that is not a valid topic name (MQTT 5: 0x90).
+    TopicInvalid(&'static str),
+    /// Over one of the gateway's limits (MQTT 5: 0x83).
+    Limit(&'static str),
+}
+
+impl DecodeError {
+    /// The MQTT 5 reason code for a DISCONNECT or CONNACK.
+    pub fn reason_code(self) -> u8 {
+        match self {
+            DecodeError::Malformed(_) => 0x81,
+            DecodeError::Protocol(_) => 0x82,
+            DecodeError::TopicInvalid(_) => 0x90,
+            DecodeError::Limit(_) => 0x83,
+        }
+    }
+
+    /// The metrics label (`kind`).
+    pub fn kind(self) -> &'static str {
+        match self {
+            DecodeError::Malformed(_) => "malformed",
+            DecodeError::Protocol(_) => "protocol",
+            DecodeError::TopicInvalid(_) => "invalid_topic",
+            DecodeError::Limit(_) => "limit",
+        }
+    }
+
+    pub fn detail(self) -> &'static str {
+        match self {
+            DecodeError::Malformed(s)
+            | DecodeError::Protocol(s)
+            | DecodeError::TopicInvalid(s)
+            | DecodeError::Limit(s) => s,
+        }
+    }
+}
+
+/// Per-connection decode limits from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_user_properties: usize,
+}
+
+/// How to answer a first CONNECT whose protocol the gateway does not speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsupported {
+    /// MQTT 3.1 (`MQIsdp`, level 3) or a 3.x level of `MQTT`: a 3.1.1-format CONNACK 0x01.
+    LegacyConnack,
+    /// `MQTT` with a level above 5: an MQTT 5-format CONNACK 0x84.
+    V5Connack,
+    /// Not MQTT at all: close without a word.
+    Close,
+}
+
+/// Chooses the codec from the CONNECT's protocol name and level, before either codec reads
+/// it: rumqttc's v4 decoder would accept a level-5 CONNECT and return garbage.
+pub fn peek_version(frame: &Frame) -> Result<Version, Unsupported> {
+    if frame.packet_type() != 1 {
+        return Err(Unsupported::Close);
+    }
+    let body = frame.body();
+    let name_len = match body.get(..2) {
+        Some(b) => usize::from(u16::from_be_bytes([b[0], b[1]])),
+        None => return Err(Unsupported::Close),
+    };
+    let name = body.get(2..2 + name_len).ok_or(Unsupported::Close)?;
+    let level = *body.get(2 + name_len).ok_or(Unsupported::Close)?;
+    match (name, level) {
+        (b"MQTT", 4) => Ok(Version::V4),
+        (b"MQTT", 5) => Ok(Version::V5),
+        (b"MQTT", 6..) => Err(Unsupported::V5Connack),
+        (b"MQTT", _) | (b"MQIsdp", 3) => Err(Unsupported::LegacyConnack),
+        _ => Err(Unsupported::Close),
+    }
+}
+
+/// Checks the fixed-header flags (2.1.3) and the packets that must be empty.
+fn check_fixed_header(version: Version, frame: &Frame) -> Result<(), DecodeError> {
+    let flags = frame.flags();
+    let ok = match frame.packet_type() {
+        3 => {
+            let qos = (flags >> 1) & 0x03;
+            // QoS 3 is malformed; DUP must be 0 for QoS 0 (3.3.1.1).
+            qos != 3 && !(qos == 0 && flags & 0x08 != 0)
+        }
+        6 | 8 | 10 => flags == 0x02,
+        0 => false,
+        15 if version == Version::V4 => false,
+        _ => flags == 0,
+    };
+    if !ok {
+        return Err(DecodeError::Malformed("fixed-header flags"));
+    }
+    let must_be_empty = match frame.packet_type() {
+        12 => true,
+        14 => version == Version::V4,
+        _ => false,
+    };
+    if must_be_empty && !frame.body().is_empty() {
+        return Err(DecodeError::Malformed("packet must have no body"));
+    }
+    Ok(())
+}
+
+/// Decodes one complete frame.
+pub fn decode(version: Version, frame: Frame, limits: &Limits) -> Result<Packet, DecodeError> {
+    check_fixed_header(version, &frame)?;
+    match version {
+        Version::V4 => decode_v4(frame),
+        Version::V5 => decode_v5(frame, limits),
+    }
+}
+
+fn decode_v5(frame: Frame, limits: &Limits) -> Result<Packet, DecodeError> {
+    let byte1 = frame.byte1();
+    let kind = frame.packet_type();
+    let body = frame.into_body();
+    match kind {
+        1 => v5::connect(body, limits),
+        3 => v5::publish(byte1, body, limits),
+        6 => v5::pubrel(body, limits),
+        8 => v5::subscribe(body, limits),
+        10 => v5::unsubscribe(body, limits),
+        12 => Ok(Packet::PingReq),
+        14 => v5::disconnect(body, limits),
+        15 => v5::auth(body, limits),
+        _ => Ok(Packet::Unexpected(type_name(kind))),
+    }
+}
+
+fn decode_v4(frame: Frame) -> Result<Packet, DecodeError> {
+    let kind = frame.packet_type();
+    let mut raw = frame.into_raw();
+    // The frame is complete, so "need more bytes" from the codec means a length inside the
+    // packet points past its end: malformed.
+    let packet = v4::Packet::read(&mut raw, usize::MAX).map_err(|e| match e {
+        rumqttc::mqttbytes::Error::InsufficientBytes(_) => {
+            DecodeError::Malformed("packet ends early")
+        }
+        rumqttc::mqttbytes::Error::TopicNotUtf8 => DecodeError::Malformed("string is not UTF-8"),
+        rumqttc::mqttbytes::Error::PacketIdZero => DecodeError::Malformed("packet identifier 0"),
+        rumqttc::mqttbytes::Error::EmptySubscription => {
+            DecodeError::Malformed("SUBSCRIBE without a topic filter")
+        }
+        _ => DecodeError::Malformed("rejected by the 3.1.1 codec"),
+    })?;
+    if !raw.is_empty() {
+        return Err(DecodeError::Malformed("bytes after the end of the packet"));
+    }
+    Ok(match packet {
+        v4::Packet::Connect(c) => {
+            let will = match c.last_will {
+                Some(w) => {
+                    if !valid_topic_name(&w.topic) {
+                        return Err(DecodeError::TopicInvalid(
+                            "will topic is not a valid topic name",
+                        ));
+                    }
+                    Some(Will {
+                        topic: w.topic,
+                        payload: w.message,
+                        qos: w.qos as u8,
+                        content_type: None,
+                        user_properties: Vec::new(),
+                    })
+                }
+                None => None,
+            };
+            Packet::Connect(Box::new(Connect {
+                client_id: c.client_id,
+                clean_start: c.clean_session,
+                keep_alive: c.keep_alive,
+                will,
+                auth_method: false,
+            }))
+        }
+        v4::Packet::Publish(p) => {
+            if p.topic.contains('\0') {
+                return Err(DecodeError::Malformed("string contains U+0000"));
+            }
+            if !valid_topic_name(&p.topic) {
+                return Err(DecodeError::TopicInvalid(
+                    "PUBLISH topic is empty or has a wildcard",
+                ));
+            }
+            Packet::Publish(Publish {
+                qos: p.qos as u8,
+                topic: p.topic,
+                pkid: p.pkid,
+                payload: p.payload,
+                topic_alias: None,
+                content_type: None,
+                user_properties: Vec::new(),
+            })
+        }
+        v4::Packet::PubRel(p) => Packet::PubRel { pkid: p.pkid },
+        v4::Packet::Subscribe(s) => Packet::Subscribe {
+            pkid: s.pkid,
+            filters: s.filters.len(),
+        },
+        v4::Packet::Unsubscribe(u) => Packet::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.topics.len(),
+        },
+        v4::Packet::PingReq => Packet::PingReq,
+        v4::Packet::Disconnect => Packet::Disconnect { reason: 0 },
+        _ => Packet::Unexpected(type_name(kind)),
+    })
+}
+
+fn type_name(kind: u8) -> &'static str {
+    match kind {
+        2 => "CONNACK",
+        4 => "PUBACK",
+        5 => "PUBREC",
+        7 => "PUBCOMP",
+        9 => "SUBACK",
+        11 => "UNSUBACK",
+        13 => "PINGRESP",
+        _ => "reserved packet type",
+    }
+}
+
+/// A topic name a PUBLISH may carry (4.7): not empty, no wildcards. UTF-8 validity and the
+/// 65,535-byte limit are guaranteed by decoding it as a length-prefixed string.
+pub fn valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+/// The CONNACK answer, with the MQTT 5 properties the gateway advertises.
+#[derive(Debug, Clone, Default)]
+pub struct ConnAckProps {
+    pub assigned_client_id: Option<String>,
+    pub server_keep_alive: Option<u16>,
+    pub receive_maximum: u16,
+    pub topic_alias_maximum: u16,
+    pub max_packet_size: u32,
+}
+
+/// Why a CONNECT is refused, independent of the version that expresses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 3.1.1 0x02, MQTT 5 0x85.
+    ClientId,
+    /// Too many connections: 3.1.1 0x03, MQTT 5 0x89 (Server busy).
+    Busy,
+    /// MQTT 5 only: enhanced authentication is not offered (0x8C).
+    AuthMethod,
+    /// MQTT 5 only: a CONNECT that failed to decode; the reason code of the error.
+    Invalid(u8),
+}
+
+/// What the server sends.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    ConnAck(Result<ConnAckProps, Refusal>),
+    /// MQTT 5 reason code (0x00 = success); 3.1.1 ignores it.
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRec {
+        pkid: u16,
+        reason: u8,
+    },
+    PubComp {
+        pkid: u16,
+        found: bool,
+    },
+    /// Every filter refused (the gateway has no downlink yet).
+    SubAck {
+        pkid: u16,
+        filters: usize,
+    },
+    UnsubAck {
+        pkid: u16,
+        filters: usize,
+    },
+    PingResp,
+    /// MQTT 5 only; a 3.1.1 connection is just closed.
+    Disconnect {
+        reason: u8,
+    },
+}
+
+/// Encodes `packet` for `version` into `out`. Returns false for packets the version cannot
+/// express (a DISCONNECT or an MQTT 5-only refusal on 3.1.1); the caller just closes then.
+pub fn encode(version: Version, packet: &Outgoing, out: &mut BytesMut) -> bool {
+    match version {
+        Version::V4 => encode_v4(packet, out),
+        Version::V5 => {
+            encode_v5(packet, out);
+            true
+        }
+    }
+}
+
+fn encode_v4(packet: &Outgoing, out: &mut BytesMut) -> bool {
+    // Every write below is of a packet far smaller than the 256 MiB the codec can refuse.
+    let written = match packet {
+        Outgoing::ConnAck(answer) => {
+            let code = match answer {
+                Ok(_) => v4::ConnectReturnCode::Success,
+                Err(Refusal::ClientId) => v4::ConnectReturnCode::BadClientId,
+                Err(Refusal::Busy) => v4::ConnectReturnCode::ServiceUnavailable,
+                Err(Refusal::AuthMethod | Refusal::Invalid(_)) => return false,
+            };
+            v4::ConnAck::new(code, false).write(out)
+        }
+        Outgoing::PubAck { pkid, .. } => v4::PubAck::new(*pkid).write(out),
+        Outgoing::PubRec { pkid, .. } => v4::PubRec::new(*pkid).write(out),
+        Outgoing::PubComp { pkid, .. } => v4::PubComp::new(*pkid).write(out),
+        Outgoing::SubAck { pkid, filters } => {
+            v4::SubAck::new(*pkid, vec![v4::SubscribeReasonCode::Failure; *filters]).write(out)
+        }
+        Outgoing::UnsubAck { pkid, .. } => v4::UnsubAck::new(*pkid).write(out),
+        Outgoing::PingResp => v4::PingResp.write(out),
+        Outgoing::Disconnect { .. } => return false,
+    };
+    written.is_ok()
+}
+
+/// The legacy 3.1.1 CONNACK (`20 02 00 01`) for MQTT 3.1 and unknown 3.x levels. Written by
+/// hand: rumqttc's v5 enum has these codes but hits `unreachable!` encoding them.
+pub fn encode_legacy_refusal(out: &mut BytesMut) {
+    out.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+}
+
+/// An MQTT 5 CONNACK 0x84 (Unsupported Protocol Version) for levels above 5.
+pub fn encode_unsupported_v5(out: &mut BytesMut) {
+    encode_v5(&Outgoing::ConnAck(Err(Refusal::Invalid(0x84))), out);
+}
+
+fn encode_v5(packet: &Outgoing, out: &mut BytesMut) {
+    use v5b::v5 as p;
+    let result = match packet {
+        Outgoing::ConnAck(Ok(props)) => p::ConnAck {
+            session_present: false,
+            code: p::ConnectReturnCode::Success,
+            properties: Some(p::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: (props.receive_maximum != u16::MAX).then_some(props.receive_maximum),
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: Some(props.max_packet_size),
+                assigned_client_identifier: props.assigned_client_id.clone(),
+                topic_alias_max: Some(props.topic_alias_maximum),
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: props.server_keep_alive,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            }),
+        }
+        .write(out),
+        Outgoing::ConnAck(Err(refusal)) => p::ConnAck {
+            session_present: false,
+            code: connack_code(*refusal),
+            properties: None,
+        }
+        .write(out),
+        Outgoing::PubAck { pkid, reason } => p::PubAck {
+            pkid: *pkid,
+            reason: puback_reason(*reason),
+            properties: None,
+        }
+        .write(out),
+        Outgoing::PubRec { pkid, reason } => p::PubRec {
+            pkid: *pkid,
+            reason: pubrec_reason(*reason),
+            properties: None,
+        }
+        .write(out),
+        Outgoing::PubComp { pkid, found } => p::PubComp {
+            pkid: *pkid,
+            reason: if *found {
+                p::PubCompReason::Success
+            } else {
+                p::PubCompReason::PacketIdentifierNotFound
+            },
+            properties: None,
+        }
+        .write(out),
+        Outgoing::SubAck { pkid, filters } => p::SubAck {
+            pkid: *pkid,
+            return_codes: vec![p::SubscribeReasonCode::ImplementationSpecific; *filters],
+            properties: None,
+        }
+        .write(out),
+        Outgoing::UnsubAck { pkid, filters } => p::UnsubAck {
+            pkid: *pkid,
+            reasons: vec![p::UnsubAckReason::NoSubscriptionExisted; *filters],
+            properties: None,
+        }
+        .write(out),
+        Outgoing::PingResp => p::PingResp::write(out),
+        Outgoing::Disconnect { reason } => {
+            v5::encode_disconnect(*reason, out);
+            Ok(0)
+        }
+    };
+    // The codec only fails on packets over 256 MiB; none of these comes close.
+    debug_assert!(result.is_ok());
+}
+
+/// MQTT 5 CONNACK codes only: the 3.1.1 variants of rumqttc's enum are never built here.
+fn connack_code(refusal: Refusal) -> v5b::v5::ConnectReturnCode {
+    use v5b::v5::ConnectReturnCode as C;
+    match refusal {
+        Refusal::ClientId => C::ClientIdentifierNotValid,
+        Refusal::Busy => C::ServerBusy,
+        Refusal::AuthMethod => C::BadAuthenticationMethod,
+        Refusal::Invalid(0x81) => C::MalformedPacket,
+        Refusal::Invalid(0x82) => C::ProtocolError,
+        Refusal::Invalid(0x84) => C::UnsupportedProtocolVersion,
+        Refusal::Invalid(0x90) => C::TopicNameInvalid,
+        Refusal::Invalid(0x95) => C::PacketTooLarge,
+        Refusal::Invalid(0x83) => C::ImplementationSpecificError,
+        Refusal::Invalid(_) => C::UnspecifiedError,
+    }
+}
+
+fn puback_reason(code: u8) -> v5b::v5::PubAckReason {
+    use v5b::v5::PubAckReason as R;
+    match code {
+        0x00 => R::Success,
+        0x83 => R::ImplementationSpecificError,
+        0x90 => R::TopicNameInvalid,
+        0x91 => R::PacketIdentifierInUse,
+        0x97 => R::QuotaExceeded,
+        _ => R::UnspecifiedError,
+    }
+}
+
+fn pubrec_reason(code: u8) -> v5b::v5::PubRecReason {
+    use v5b::v5::PubRecReason as R;
+    match code {
+        0x00 => R::Success,
+        0x83 => R::ImplementationSpecificError,
+        0x90 => R::TopicNameInvalid,
+        0x91 => R::PacketIdentifierInUse,
+        0x97 => R::QuotaExceeded,
+        _ => R::UnspecifiedError,
+    }
+}

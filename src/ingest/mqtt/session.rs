@@ -1,0 +1,753 @@
+//! The per-connection state machine: CONNECT, then publishes until the connection ends.
+//!
+//! One task per connection owns its socket and its state; nothing is shared but the
+//! [`Registry`] of connected client ids (for takeover). The loop keeps reading while earlier
+//! appends are pending, so many publishes of one connection share a group commit, and sends
+//! each PUBACK/PUBREC only when its append has resolved as durable.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::config::MqttConfig;
+use super::connection::{Connection, Frame, FrameError};
+use super::packet::{
+    self, ConnAckProps, Connect, DecodeError, Limits, Outgoing, Packet, Publish, Refusal,
+    Unsupported, Version, Will,
+};
+use crate::buffer::{AppendError, Pressure, Source};
+use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
+
+/// Client ids currently connected, so a second connection with the same id takes over.
+#[derive(Clone, Default)]
+pub struct Registry {
+    clients: Arc<Mutex<HashMap<String, (u64, CancellationToken)>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Registry {
+    /// Registers `client_id`, telling the connection that held it (if any) to close.
+    fn register(&self, client_id: &str) -> (u64, CancellationToken) {
+        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, old)) = clients.insert(client_id.to_owned(), (conn_id, token.clone())) {
+            old.cancel();
+        }
+        (conn_id, token)
+    }
+
+    /// Forgets `client_id` unless a newer connection already took it over.
+    fn unregister(&self, client_id: &str, conn_id: u64) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if clients.get(client_id).is_some_and(|(id, _)| *id == conn_id) {
+            clients.remove(client_id);
+        }
+    }
+}
+
+/// Everything a connection task needs from the listener.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<MqttConfig>,
+    pub pipeline: Pipeline,
+    pub pressure: watch::Receiver<Pressure>,
+    pub registry: Registry,
+    pub shutdown: CancellationToken,
+}
+
+/// An append in flight and what to do when it resolves.
+struct Completion {
+    qos: u8,
+    pkid: u16,
+    result: Result<u64, AppendError>,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
+
+/// Why a connection ended, and what that means for the client.
+#[derive(Debug, Clone, Copy)]
+struct End {
+    /// MQTT 5 DISCONNECT reason to send, if any.
+    reason: Option<u8>,
+    /// Store the will (the client did not end the connection normally).
+    will: bool,
+    /// For the log line.
+    why: &'static str,
+}
+
+impl End {
+    const fn new(reason: Option<u8>, will: bool, why: &'static str) -> End {
+        End { reason, will, why }
+    }
+    const CLIENT: End = End::new(None, false, "client disconnected");
+    const CLIENT_WITH_WILL: End = End::new(None, true, "client disconnected with will");
+    const PEER_CLOSED: End = End::new(None, true, "connection closed without DISCONNECT");
+    const SHUTDOWN: End = End::new(Some(0x8b), false, "gateway shutting down");
+    const TAKEN_OVER: End = End::new(Some(0x8e), true, "session taken over");
+    const KEEPALIVE: End = End::new(Some(0x8d), true, "keepalive timeout");
+}
+
+/// Serves one accepted socket until it closes.
+pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Shared) {
+    let mut conn = Connection::new(socket, shared.config.packet_limit());
+    let Some((connect, version)) = handshake(&mut conn, peer, &shared).await else {
+        // Let the refusal reach the client; the socket closes when dropped either way.
+        let _ = tokio::time::timeout(shared.config.connect_timeout.get(), conn.close()).await;
+        return;
+    };
+    let Some(mut session) = Session::accept(conn, peer, shared, *connect, version) else {
+        return;
+    };
+    let end = session.serve().await;
+    session.finish(end).await;
+}
+
+/// Reads the CONNECT within the connect timeout and picks the codec. Answers and returns
+/// `None` for anything that is not a usable CONNECT.
+async fn handshake(
+    conn: &mut Connection,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(Box<Connect>, Version)> {
+    let timeout = shared.config.connect_timeout.get();
+    let frame = tokio::select! {
+        read = tokio::time::timeout(timeout, conn.read_frame()) => match read {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                frame_error(peer, None, &e);
+                return None;
+            }
+            Err(_) => {
+                timed_out(peer, None, "connect");
+                return None;
+            }
+        },
+        _ = shared.shutdown.cancelled() => return None,
+    };
+    let version = match packet::peek_version(&frame) {
+        Ok(version) => version,
+        Err(answer) => {
+            unsupported(peer, &frame, answer);
+            match answer {
+                Unsupported::LegacyConnack => conn.queue_raw(packet::encode_legacy_refusal),
+                Unsupported::V5Connack => conn.queue_raw(packet::encode_unsupported_v5),
+                Unsupported::Close => {}
+            }
+            return None;
+        }
+    };
+    match decode(version, frame, shared) {
+        Ok(Packet::Connect(connect)) => Some((connect, version)),
+        Ok(_) => None,
+        Err(e) => {
+            protocol_error(peer, None, e);
+            conn.queue(
+                version,
+                &Outgoing::ConnAck(Err(Refusal::Invalid(e.reason_code()))),
+            );
+            None
+        }
+    }
+}
+
+fn decode(version: Version, frame: Frame, shared: &Shared) -> Result<Packet, DecodeError> {
+    let limits = Limits {
+        max_user_properties: shared.config.max_user_properties,
+    };
+    packet::decode(version, frame, &limits)
+}
+
+/// One connected client.
+struct Session {
+    conn: Connection,
+    peer: SocketAddr,
+    shared: Shared,
+    version: Version,
+    client_id: String,
+    /// This connection's entry in the registry (a takeover replaces it).
+    conn_id: u64,
+    /// Cancelled when another connection takes this client id over.
+    taken_over: CancellationToken,
+    will: Option<Will>,
+    /// 1.5 × the keepalive in force; `None` never happens (the gateway caps keepalive) but
+    /// keeps the arithmetic honest.
+    keepalive: Option<Duration>,
+    /// Appends not yet durable, QoS 0 included (their failures are counted).
+    pending: FuturesUnordered<Pending>,
+    /// Packet ids of QoS 1/2 publishes whose append is pending: a retransmission of one is
+    /// not stored again, and they count against receive-maximum.
+    pending_ids: HashSet<u16>,
+    /// QoS 0 appends pending; capped like QoS 1/2 so a QoS 0 flood cannot queue without bound.
+    pending_qos0: usize,
+    /// QoS 2 packet ids stored and PUBREC'd, waiting for PUBREL: a retransmitted PUBLISH with
+    /// one of these ids gets its PUBREC again and is not stored twice.
+    awaiting_rel: HashSet<u16>,
+    /// MQTT 5 topic aliases set by the client.
+    aliases: HashMap<u16, String>,
+}
+
+impl Session {
+    /// Validates the CONNECT, takes over the client id, queues the CONNACK.
+    fn accept(
+        mut conn: Connection,
+        peer: SocketAddr,
+        shared: Shared,
+        connect: Connect,
+        version: Version,
+    ) -> Option<Session> {
+        let config = &shared.config;
+        let refusal = if connect.auth_method {
+            Some(Refusal::AuthMethod)
+        } else if connect.client_id.len() > config.max_client_id_len
+            || (connect.client_id.is_empty() && version == Version::V4 && !connect.clean_start)
+        {
+            Some(Refusal::ClientId)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            refused(peer, &connect.client_id, refusal);
+            conn.queue(version, &Outgoing::ConnAck(Err(refusal)));
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
+            });
+            return None;
+        }
+        let assigned = connect.client_id.is_empty();
+        let client_id = if assigned {
+            format!("edgegate-{:016x}", rand::random::<u64>())
+        } else {
+            connect.client_id
+        };
+        let cap = config.keepalive_cap();
+        let (keep_alive, server_keep_alive) = if connect.keep_alive == 0 || connect.keep_alive > cap
+        {
+            // 3.1.1 clients cannot be told; they are held to the cap all the same.
+            (cap, (version == Version::V5).then_some(cap))
+        } else {
+            (connect.keep_alive, None)
+        };
+        let (conn_id, taken_over) = shared.registry.register(&client_id);
+        conn.queue(
+            version,
+            &Outgoing::ConnAck(Ok(ConnAckProps {
+                assigned_client_id: (assigned && version == Version::V5).then(|| client_id.clone()),
+                server_keep_alive,
+                receive_maximum: config.receive_maximum,
+                topic_alias_maximum: config.topic_alias_maximum,
+                max_packet_size: u32::try_from(config.packet_limit()).unwrap_or(u32::MAX),
+            })),
+        );
+        connected(peer, &client_id, version, keep_alive);
+        Some(Session {
+            conn,
+            peer,
+            shared,
+            version,
+            client_id,
+            conn_id,
+            taken_over,
+            will: connect.will,
+            keepalive: Some(Duration::from_millis(u64::from(keep_alive) * 1500)),
+            pending: FuturesUnordered::new(),
+            pending_ids: HashSet::new(),
+            pending_qos0: 0,
+            awaiting_rel: HashSet::new(),
+            aliases: HashMap::new(),
+        })
+    }
+
+    /// The connection's main loop. Returns why it ended; pending appends are finished and
+    /// acknowledged before a server-side end (shutdown, takeover) returns.
+    async fn serve(&mut self) -> End {
+        let mut pressure = self.shared.pressure.clone();
+        let mut pressure_open = true;
+        let mut draining: Option<End> = None;
+        let window = self
+            .keepalive
+            .unwrap_or(Duration::from_secs(u64::from(u16::MAX)));
+        let keepalive = tokio::time::sleep(window);
+        tokio::pin!(keepalive);
+        let receive_maximum = usize::from(self.shared.config.receive_maximum);
+        loop {
+            if let Err(e) = self.flush().await {
+                io_error(self.peer, &self.client_id, &e);
+                return End::PEER_CLOSED;
+            }
+            if let Some(end) = draining {
+                if self.pending.is_empty() {
+                    return end;
+                }
+            }
+            let can_read = draining.is_none()
+                && *pressure.borrow() == Pressure::Normal
+                && self.pending_qos0 < receive_maximum
+                // 3.1.1 has no receive maximum: stop reading at the limit instead.
+                && (self.version == Version::V5 || self.pending_ids.len() < receive_maximum);
+            tokio::select! {
+                // Acknowledge first: a durable append frees a slot and unblocks the client.
+                biased;
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(end) = self.complete(done) {
+                        draining.get_or_insert(end);
+                    }
+                }
+                _ = self.shared.shutdown.cancelled(), if draining.is_none() => {
+                    draining = Some(End::SHUTDOWN);
+                }
+                _ = self.taken_over.cancelled(), if draining.is_none() => {
+                    taken_over(self.peer, &self.client_id);
+                    draining = Some(End::TAKEN_OVER);
+                }
+                changed = pressure.changed(), if pressure_open => {
+                    // The log is gone (shutting down): stop watching rather than spin.
+                    pressure_open = changed.is_ok();
+                }
+                read = self.conn.read_frame(), if can_read => {
+                    keepalive.as_mut().reset(Instant::now() + window);
+                    let frame = match read {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => return End::PEER_CLOSED,
+                        Err(e) => return self.framing_failed(&e),
+                    };
+                    let packet = match decode(self.version, frame, &self.shared) {
+                        Ok(packet) => packet,
+                        Err(e) => {
+                            protocol_error(self.peer, Some(&self.client_id), e);
+                            return End::new(Some(e.reason_code()), true, "protocol error");
+                        }
+                    };
+                    // On the client's side of an end, acks still pending are dropped: the
+                    // client resends what it did not see acknowledged.
+                    if let Err(end) = self.handle(packet) {
+                        return end;
+                    }
+                }
+                _ = &mut keepalive, if draining.is_none() => {
+                    timed_out(self.peer, Some(&self.client_id), "keepalive");
+                    return End::KEEPALIVE;
+                }
+            }
+        }
+    }
+
+    fn framing_failed(&self, e: &FrameError) -> End {
+        frame_error(self.peer, Some(&self.client_id), e);
+        match e {
+            FrameError::TooLarge { .. } => End::new(Some(0x95), true, "packet too large"),
+            FrameError::BadLength => End::new(Some(0x81), true, "malformed packet"),
+            FrameError::Truncated | FrameError::Io(_) => End::PEER_CLOSED,
+        }
+    }
+
+    /// Handles one packet; `Err` ends the connection.
+    fn handle(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish) => self.publish(publish),
+            Packet::PubRel { pkid } => {
+                if self.pending_ids.contains(&pkid) {
+                    // PUBREL before our PUBREC: the client skipped a step.
+                    return Err(self.violation("PUBREL before PUBREC"));
+                }
+                let found = self.awaiting_rel.remove(&pkid);
+                self.conn
+                    .queue(self.version, &Outgoing::PubComp { pkid, found });
+                Ok(())
+            }
+            Packet::Subscribe { pkid, filters } => {
+                subscribe_refused(self.peer, &self.client_id);
+                self.conn
+                    .queue(self.version, &Outgoing::SubAck { pkid, filters });
+                Ok(())
+            }
+            Packet::Unsubscribe { pkid, filters } => {
+                self.conn
+                    .queue(self.version, &Outgoing::UnsubAck { pkid, filters });
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.conn.queue(self.version, &Outgoing::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect { reason: 0x04 } => Err(End::CLIENT_WITH_WILL),
+            Packet::Disconnect { .. } => Err(End::CLIENT),
+            Packet::Connect(_) => Err(self.violation("second CONNECT")),
+            Packet::Auth => Err(self.violation("AUTH without enhanced authentication")),
+            Packet::Unexpected(name) => Err(self.violation(name)),
+        }
+    }
+
+    fn violation(&self, what: &'static str) -> End {
+        protocol_error(
+            self.peer,
+            Some(&self.client_id),
+            DecodeError::Protocol(what),
+        );
+        End::new(Some(0x82), true, "protocol error")
+    }
+
+    fn publish(&mut self, mut publish: Publish) -> Result<(), End> {
+        if self.version == Version::V5 {
+            self.resolve_alias(&mut publish)?;
+        }
+        let (qos, pkid) = (publish.qos, publish.pkid);
+        if qos > 0 {
+            if self.pending_ids.contains(&pkid) {
+                // A retransmission while the first copy is being stored: its ack will come.
+                return Ok(());
+            }
+            if qos == 2 && self.awaiting_rel.contains(&pkid) {
+                // Stored already; the client missed our PUBREC.
+                self.conn
+                    .queue(self.version, &Outgoing::PubRec { pkid, reason: 0 });
+                return Ok(());
+            }
+            let in_flight = self.pending_ids.len() + self.awaiting_rel.len();
+            if self.version == Version::V5
+                && in_flight >= usize::from(self.shared.config.receive_maximum)
+            {
+                protocol_error(
+                    self.peer,
+                    Some(&self.client_id),
+                    DecodeError::Protocol("receive maximum exceeded"),
+                );
+                return Err(End::new(Some(0x93), true, "receive maximum exceeded"));
+            }
+        }
+        metrics::counter!("edgegate_mqtt_messages_total", "qos" => qos_label(qos)).increment(1);
+        let inbound = self.inbound(
+            publish.topic,
+            publish.payload,
+            qos,
+            publish.content_type,
+            publish.user_properties,
+            false,
+        );
+        match self.shared.pipeline.submit(inbound) {
+            Ok(durable) => {
+                if qos == 0 {
+                    self.pending_qos0 += 1;
+                } else {
+                    self.pending_ids.insert(pkid);
+                }
+                self.pending.push(Box::pin(async move {
+                    Completion {
+                        qos,
+                        pkid,
+                        result: durable.await,
+                    }
+                }));
+                Ok(())
+            }
+            Err(rejected) => self.reject(qos, pkid, &rejected),
+        }
+    }
+
+    /// Applies MQTT 5 topic aliases (3.3.2.3.4) so `publish.topic` is the real topic.
+    fn resolve_alias(&mut self, publish: &mut Publish) -> Result<(), End> {
+        match publish.topic_alias {
+            None if publish.topic.is_empty() => {
+                Err(self.violation("empty topic without a topic alias"))
+            }
+            None => Ok(()),
+            Some(alias) if alias == 0 || alias > self.shared.config.topic_alias_maximum => {
+                protocol_error(
+                    self.peer,
+                    Some(&self.client_id),
+                    DecodeError::Protocol("topic alias out of range"),
+                );
+                Err(End::new(Some(0x94), true, "topic alias invalid"))
+            }
+            Some(alias) if publish.topic.is_empty() => match self.aliases.get(&alias) {
+                Some(topic) => {
+                    publish.topic = topic.clone();
+                    Ok(())
+                }
+                None => Err(self.violation("unknown topic alias")),
+            },
+            Some(alias) => {
+                self.aliases.insert(alias, publish.topic.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn inbound(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        content_type: Option<String>,
+        user_properties: Vec<(String, String)>,
+        will: bool,
+    ) -> Inbound {
+        let mut headers = Vec::with_capacity(2 + user_properties.len() + usize::from(will));
+        headers.push((
+            "mqtt-qos".to_owned(),
+            Bytes::from_static(qos_label(qos).as_bytes()),
+        ));
+        if let Some(content_type) = content_type {
+            headers.push(("content-type".to_owned(), Bytes::from(content_type)));
+        }
+        headers.extend(
+            user_properties
+                .into_iter()
+                .map(|(k, v)| (k, Bytes::from(v))),
+        );
+        if will {
+            headers.push(("edgegate-will".to_owned(), Bytes::from_static(b"true")));
+        }
+        Inbound {
+            source: Source::Mqtt,
+            device: self.client_id.clone(),
+            topic,
+            payload,
+            headers,
+            received_ms: now_ms(),
+        }
+    }
+
+    /// An append resolved: acknowledge it, or report why it was not stored.
+    fn complete(&mut self, done: Completion) -> Result<(), End> {
+        if done.qos == 0 {
+            self.pending_qos0 = self.pending_qos0.saturating_sub(1);
+            if let Err(e) = done.result {
+                self.reject(0, 0, &Rejected::from(e))?;
+            }
+            return Ok(());
+        }
+        self.pending_ids.remove(&done.pkid);
+        match done.result {
+            Ok(_seq) if done.qos == 1 => {
+                self.conn.queue(
+                    self.version,
+                    &Outgoing::PubAck {
+                        pkid: done.pkid,
+                        reason: 0,
+                    },
+                );
+                Ok(())
+            }
+            Ok(_seq) => {
+                self.awaiting_rel.insert(done.pkid);
+                self.conn.queue(
+                    self.version,
+                    &Outgoing::PubRec {
+                        pkid: done.pkid,
+                        reason: 0,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => self.reject(done.qos, done.pkid, &Rejected::from(e)),
+        }
+    }
+
+    /// A publish was not stored. MQTT 5 hears why in its PUBACK/PUBREC; 3.1.1 has no way to
+    /// say it, so it gets no ack and is disconnected (and will resend after reconnecting).
+    fn reject(&mut self, qos: u8, pkid: u16, rejected: &Rejected) -> Result<(), End> {
+        publish_rejected(self.peer, &self.client_id, qos, rejected);
+        if matches!(rejected, Rejected::Closed) {
+            return Err(End::SHUTDOWN);
+        }
+        if qos == 0 {
+            return Ok(());
+        }
+        if self.version == Version::V4 {
+            return Err(End::new(None, true, "publish rejected"));
+        }
+        let reason = match rejected {
+            Rejected::Route(_) => 0x90,
+            Rejected::Full => 0x97,
+            Rejected::TooLarge(_) => 0x83,
+            Rejected::Io(_) | Rejected::Closed => 0x80,
+        };
+        let ack = if qos == 1 {
+            Outgoing::PubAck { pkid, reason }
+        } else {
+            Outgoing::PubRec { pkid, reason }
+        };
+        self.conn.queue(self.version, &ack);
+        Ok(())
+    }
+
+    /// Writes queued packets, bounded in time: a client that stops reading is dropped.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.conn.has_queued() {
+            return Ok(());
+        }
+        let limit = self
+            .keepalive
+            .unwrap_or(self.shared.config.connect_timeout.get());
+        match tokio::time::timeout(limit, self.conn.flush()).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Says goodbye (MQTT 5 DISCONNECT with a reason), stores the will if the client did
+    /// not end normally, and leaves the registry.
+    async fn finish(mut self, end: End) {
+        if let Some(reason) = end.reason {
+            self.conn
+                .queue(self.version, &Outgoing::Disconnect { reason });
+        }
+        let limit = self.shared.config.connect_timeout.get();
+        let _ = tokio::time::timeout(limit, self.conn.close()).await;
+        self.shared
+            .registry
+            .unregister(&self.client_id, self.conn_id);
+        disconnected(self.peer, &self.client_id, end.why);
+        if let (true, Some(will)) = (end.will, self.will.take()) {
+            self.store_will(will).await;
+        }
+    }
+
+    async fn store_will(&mut self, will: Will) {
+        let inbound = self.inbound(
+            will.topic,
+            will.payload,
+            will.qos,
+            will.content_type,
+            will.user_properties,
+            true,
+        );
+        let result = match self.shared.pipeline.submit(inbound) {
+            Ok(durable) => durable.await.map_err(Rejected::from),
+            Err(e) => Err(e),
+        };
+        will_stored(self.peer, &self.client_id, result);
+    }
+}
+
+fn qos_label(qos: u8) -> &'static str {
+    match qos {
+        0 => "0",
+        1 => "1",
+        _ => "2",
+    }
+}
+
+// Telemetry: each function logs one kind of event and bumps its counter. Hostile or broken
+// clients must not flood the log, so their events are DEBUG; lifecycle events are DEBUG too
+// (one line per connection would drown a gateway with thousands of devices).
+
+fn connected(peer: SocketAddr, client_id: &str, version: Version, keep_alive: u16) {
+    tracing::debug!(%peer, client_id, ?version, keep_alive, "Client connected.");
+}
+
+fn disconnected(peer: SocketAddr, client_id: &str, why: &str) {
+    tracing::debug!(%peer, client_id, why, "Client disconnected.");
+}
+
+fn protocol_error(peer: SocketAddr, client_id: Option<&str>, e: DecodeError) {
+    metrics::counter!("edgegate_mqtt_protocol_errors_total", "kind" => e.kind()).increment(1);
+    tracing::debug!(%peer, client_id, kind = e.kind(), detail = e.detail(), "Closing a connection that broke the protocol.");
+}
+
+fn frame_error(peer: SocketAddr, client_id: Option<&str>, e: &FrameError) {
+    let kind = match e {
+        FrameError::TooLarge { .. } => "too_large",
+        FrameError::BadLength => "malformed",
+        // The peer went away mid-packet: its business, not a protocol error.
+        FrameError::Truncated | FrameError::Io(_) => {
+            tracing::debug!(%peer, client_id, error = %e, "Connection failed.");
+            return;
+        }
+    };
+    metrics::counter!("edgegate_mqtt_protocol_errors_total", "kind" => kind).increment(1);
+    tracing::debug!(%peer, client_id, kind, error = %e, "Closing a connection that sent a bad packet.");
+}
+
+fn io_error(peer: SocketAddr, client_id: &str, e: &std::io::Error) {
+    tracing::debug!(%peer, client_id, error = %e, "Could not write to the client.");
+}
+
+fn unsupported(peer: SocketAddr, frame: &Frame, answer: Unsupported) {
+    let kind = if frame.packet_type() == 1 {
+        "unsupported_version"
+    } else {
+        "protocol"
+    };
+    metrics::counter!("edgegate_mqtt_protocol_errors_total", "kind" => kind).increment(1);
+    tracing::debug!(%peer, kind, ?answer, "Refused a connection that does not speak MQTT 3.1.1 or 5.");
+}
+
+fn timed_out(peer: SocketAddr, client_id: Option<&str>, kind: &'static str) {
+    metrics::counter!("edgegate_mqtt_timeouts_total", "kind" => kind).increment(1);
+    tracing::debug!(%peer, client_id, kind, "Closing a connection that went silent.");
+}
+
+fn refused(peer: SocketAddr, client_id: &str, refusal: Refusal) {
+    let reason = match refusal {
+        Refusal::ClientId => "client_id",
+        Refusal::Busy => "busy",
+        Refusal::AuthMethod => "auth_method",
+        Refusal::Invalid(_) => "invalid",
+    };
+    metrics::counter!("edgegate_mqtt_connections_refused_total", "reason" => reason).increment(1);
+    tracing::debug!(%peer, client_id, reason, "Refused a CONNECT.");
+}
+
+fn taken_over(peer: SocketAddr, client_id: &str) {
+    metrics::counter!("edgegate_mqtt_takeovers_total").increment(1);
+    tracing::debug!(%peer, client_id, "Closing a connection whose client id connected again.");
+}
+
+fn subscribe_refused(peer: SocketAddr, client_id: &str) {
+    metrics::counter!("edgegate_mqtt_subscribes_refused_total").increment(1);
+    tracing::debug!(%peer, client_id, "Refused a SUBSCRIBE: the gateway has no downlink yet.");
+}
+
+fn publish_rejected(peer: SocketAddr, client_id: &str, qos: u8, rejected: &Rejected) {
+    metrics::counter!("edgegate_mqtt_rejected_total", "reason" => rejected.reason()).increment(1);
+    tracing::debug!(%peer, client_id, qos, reason = rejected.reason(), error = %rejected, "Did not store a publish.");
+}
+
+fn will_stored(peer: SocketAddr, client_id: &str, result: Result<u64, Rejected>) {
+    match result {
+        Ok(seq) => {
+            metrics::counter!("edgegate_mqtt_wills_total", "outcome" => "stored").increment(1);
+            tracing::debug!(%peer, client_id, seq, "Stored the will of a client that went away.");
+        }
+        Err(e) => {
+            metrics::counter!("edgegate_mqtt_wills_total", "outcome" => "rejected").increment(1);
+            tracing::debug!(%peer, client_id, reason = e.reason(), error = %e, "Could not store the will of a client that went away.");
+        }
+    }
+}
+
+/// Refuses a connection over `max_connections`: answers its CONNECT with "busy" in its own
+/// protocol (3.1.1 0x03, MQTT 5 0x89) and closes.
+pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Shared) {
+    let mut conn = Connection::new(socket, shared.config.packet_limit());
+    // Short: the client is not owed our patience, and each of these holds a socket.
+    let timeout = shared
+        .config
+        .connect_timeout
+        .get()
+        .min(Duration::from_secs(2));
+    let Ok(Ok(Some(frame))) = tokio::time::timeout(timeout, conn.read_frame()).await else {
+        return;
+    };
+    let Ok(version) = packet::peek_version(&frame) else {
+        return;
+    };
+    refused(peer, "", Refusal::Busy);
+    conn.queue(version, &Outgoing::ConnAck(Err(Refusal::Busy)));
+    let _ = tokio::time::timeout(timeout, conn.close()).await;
+}
