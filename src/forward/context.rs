@@ -1,0 +1,215 @@
+//! The glue between librdkafka's callbacks (on its own threads) and the forwarder task:
+//! delivery reports go into a channel, errors and statistics drive the link state, and
+//! librdkafka's log lines go to `tracing` at levels that do not flood the journal during an
+//! outage.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::ProducerContext;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::{mpsc, watch};
+
+use super::{LinkState, classify, metric};
+
+/// Travels with each message through librdkafka and comes back in its delivery report.
+#[derive(Debug)]
+pub struct Tag {
+    pub seq: u64,
+    /// Which send of the record this is; a report for an older send is stale.
+    pub attempt: u32,
+}
+
+/// One delivery report, as the forwarder task sees it.
+#[derive(Debug)]
+pub struct Delivery {
+    pub seq: u64,
+    pub attempt: u32,
+    pub result: Result<(), RDKafkaErrorCode>,
+}
+
+/// Shared by every producer instance the forwarder creates.
+pub struct ForwardContext {
+    /// Delivery reports for the forwarder task. Unbounded, but never holds more than the
+    /// window: one report per record in flight.
+    pub deliveries: mpsc::UnboundedSender<Delivery>,
+    pub link: Arc<LinkTracker>,
+}
+
+impl ClientContext for ForwardContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}");
+            }
+            // Connection failures are reported per attempt; the link state reports them
+            // once per transition instead.
+            RDKafkaLogLevel::Error if fac == "FAIL" || fac == "ERROR" => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+            }
+            RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+            }
+            _ => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && b.source != "internal" && b.source != "logical");
+        if up {
+            self.link.up();
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error
+            .rdkafka_error_code()
+            .unwrap_or(RDKafkaErrorCode::Unknown);
+        metric::client_error(classify::kind(code));
+        if code == RDKafkaErrorCode::Fatal {
+            self.link.fatal(reason);
+        } else if classify::is_link_error(code) {
+            tracing::debug!(error = %error, reason, "Kafka client error.");
+            self.link.down(reason);
+        } else {
+            tracing::debug!(error = %error, reason, "Kafka client error.");
+        }
+    }
+}
+
+impl ProducerContext for ForwardContext {
+    type DeliveryOpaque = Box<Tag>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: Box<Tag>) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown)),
+        };
+        // The receiver is gone only when the forwarder has stopped; the record stays in the
+        // log and is sent again after the restart.
+        let _ = self.deliveries.send(Delivery {
+            seq: tag.seq,
+            attempt: tag.attempt,
+            result,
+        });
+    }
+}
+
+/// The Kafka link state, logged once per transition (WARN down with the reason, INFO up).
+pub struct LinkTracker {
+    state: watch::Sender<LinkState>,
+    /// What was last logged (0 = nothing yet, 1 = up, 2 = down), so a gateway that never
+    /// reaches Kafka still says so once. Atomic: called from librdkafka's threads.
+    announced: AtomicU8,
+    /// librdkafka raised a fatal error; the forwarder rebuilds the producer.
+    fatal: AtomicBool,
+}
+
+impl LinkTracker {
+    pub fn new() -> LinkTracker {
+        let (state, _) = watch::channel(LinkState::Down);
+        LinkTracker {
+            state,
+            announced: AtomicU8::new(0),
+            fatal: AtomicBool::new(false),
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<LinkState> {
+        self.state.subscribe()
+    }
+
+    /// A broker answered or a record was delivered.
+    pub fn up(&self) {
+        if self.transition(LinkState::Up) {
+            metric::link(LinkState::Up);
+            tracing::info!("Kafka link is up.");
+        }
+    }
+
+    /// No broker can be reached (or authentication fails).
+    pub fn down(&self, reason: &str) {
+        if self.transition(LinkState::Down) {
+            metric::link(LinkState::Down);
+            tracing::warn!(
+                reason,
+                "Kafka link is down; records stay in the log until it returns."
+            );
+        }
+    }
+
+    pub fn fatal(&self, reason: &str) {
+        if !self.fatal.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                reason,
+                "The Kafka producer hit a fatal error; it will be rebuilt."
+            );
+        }
+    }
+
+    /// Takes the fatal flag (the forwarder is about to rebuild).
+    pub fn take_fatal(&self) -> bool {
+        self.fatal.swap(false, Ordering::AcqRel)
+    }
+
+    fn transition(&self, to: LinkState) -> bool {
+        let code = match to {
+            LinkState::Up => 1,
+            LinkState::Down => 2,
+        };
+        if self.announced.swap(code, Ordering::AcqRel) == code {
+            return false;
+        }
+        self.state.send_replace(to);
+        true
+    }
+}
+
+impl Default for LinkTracker {
+    fn default() -> Self {
+        LinkTracker::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_transitions_are_reported_once() {
+        let link = LinkTracker::new();
+        let rx = link.subscribe();
+        assert_eq!(*rx.borrow(), LinkState::Down);
+        assert!(
+            link.transition(LinkState::Down),
+            "the first down is announced"
+        );
+        assert!(!link.transition(LinkState::Down));
+        assert!(link.transition(LinkState::Up));
+        assert!(!link.transition(LinkState::Up));
+        assert_eq!(*rx.borrow(), LinkState::Up);
+        assert!(link.transition(LinkState::Down));
+        assert_eq!(*rx.borrow(), LinkState::Down);
+    }
+
+    #[test]
+    fn fatal_flag_is_taken_once() {
+        let link = LinkTracker::new();
+        assert!(!link.take_fatal());
+        link.fatal("test");
+        link.fatal("test again");
+        assert!(link.take_fatal());
+        assert!(!link.take_fatal());
+    }
+}

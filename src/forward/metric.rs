@@ -1,0 +1,71 @@
+//! The forwarder's metrics, one function per event. Label values are fixed strings (error
+//! kinds from [`super::classify::kind`], never topics or device ids).
+
+use std::time::Duration;
+
+use super::LinkState;
+use super::window::Change;
+
+pub const DELIVERED: &str = "edgegate_kafka_delivered_total";
+pub const DEAD_LETTER: &str = "edgegate_kafka_dead_letter_total";
+pub const ERRORS: &str = "edgegate_kafka_errors_total";
+pub const CLIENT_ERRORS: &str = "edgegate_kafka_client_errors_total";
+pub const IN_FLIGHT_RECORDS: &str = "edgegate_kafka_in_flight_records";
+pub const IN_FLIGHT_BYTES: &str = "edgegate_kafka_in_flight_bytes";
+pub const WINDOW_RECORDS: &str = "edgegate_kafka_window_records";
+pub const WINDOW_BYTES: &str = "edgegate_kafka_window_bytes";
+pub const LINK_UP: &str = "edgegate_kafka_link_up";
+pub const LATENCY: &str = "edgegate_kafka_produce_latency_seconds";
+pub const REBUILDS: &str = "edgegate_kafka_producer_rebuilds_total";
+
+pub fn delivered(n: u64) {
+    metrics::counter!(DELIVERED).increment(n);
+}
+
+pub fn latency(d: Duration) {
+    metrics::histogram!(LATENCY).record(d.as_secs_f64());
+}
+
+pub fn dead_lettered() {
+    metrics::counter!(DEAD_LETTER).increment(1);
+}
+
+/// A failed send or delivery, by kind.
+pub fn error(kind: &'static str) {
+    metrics::counter!(ERRORS, "kind" => kind).increment(1);
+}
+
+/// An error reported by librdkafka's error callback (connections, authentication).
+pub fn client_error(kind: &'static str) {
+    metrics::counter!(CLIENT_ERRORS, "kind" => kind).increment(1);
+}
+
+pub fn rebuilt() {
+    metrics::counter!(REBUILDS).increment(1);
+}
+
+pub fn in_flight(records: usize, bytes: usize) {
+    metrics::gauge!(IN_FLIGHT_RECORDS).set(records as f64);
+    metrics::gauge!(IN_FLIGHT_BYTES).set(bytes as f64);
+}
+
+pub fn window(records: usize, bytes: usize) {
+    metrics::gauge!(WINDOW_RECORDS).set(records as f64);
+    metrics::gauge!(WINDOW_BYTES).set(bytes as f64);
+}
+
+pub fn link(state: LinkState) {
+    metrics::gauge!(LINK_UP).set(if state == LinkState::Up { 1.0 } else { 0.0 });
+}
+
+/// The window changed materially: one log line and the gauges.
+pub fn window_changed(change: Change) {
+    window(change.records, change.bytes);
+    tracing::info!(
+        records = change.records,
+        bytes = change.bytes,
+        mode = change.mode.as_str(),
+        reason = change.reason,
+        "Kafka batch window changed."
+    );
+}

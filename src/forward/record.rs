@@ -1,0 +1,194 @@
+//! What a log record looks like in Kafka, and in the dead-letter log.
+
+use bytes::Bytes;
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::buffer::{Record, Source};
+
+/// The header carrying `<gateway id>:<log sequence>`: the same on every re-send, so a
+/// consumer can drop the duplicates a crash may cause (DESIGN.md, contract 4).
+pub const RECORD_ID: &str = "edgegate-record-id";
+pub const SOURCE: &str = "edgegate-source";
+pub const DEVICE: &str = "edgegate-device";
+pub const ORIGIN: &str = "edgegate-origin";
+pub const RECEIVED_MS: &str = "edgegate-received-ms";
+/// Added to a dead-lettered record: why Kafka refused it.
+pub const ERROR: &str = "edgegate-error";
+/// Added to a dead-lettered record: its sequence number in the main log.
+pub const FAILED_SEQ: &str = "edgegate-failed-seq";
+
+pub fn record_id(gateway_id: &str, seq: u64) -> String {
+    format!("{gateway_id}:{seq}")
+}
+
+pub fn source_name(source: Source) -> &'static str {
+    match source {
+        Source::Mqtt => "mqtt",
+        Source::Coap => "coap",
+    }
+}
+
+/// The Kafka headers of a record, in their fixed order: ours first, then the record's own
+/// (QoS, content type, user properties, will marker) as ingest stored them. The readable
+/// form of [`kafka_headers`], which tests compare against.
+#[cfg(test)]
+pub fn headers(gateway_id: &str, seq: u64, record: &Record) -> Vec<(String, Bytes)> {
+    let mut out = Vec::with_capacity(5 + record.headers.len());
+    out.push((
+        RECORD_ID.to_owned(),
+        Bytes::from(record_id(gateway_id, seq)),
+    ));
+    out.push((
+        SOURCE.to_owned(),
+        Bytes::from_static(source_name(record.source).as_bytes()),
+    ));
+    out.push((DEVICE.to_owned(), Bytes::from(record.device.clone())));
+    out.push((ORIGIN.to_owned(), Bytes::from(record.origin.clone())));
+    out.push((
+        RECEIVED_MS.to_owned(),
+        Bytes::from(record.received_ms.to_string()),
+    ));
+    out.extend(record.headers.iter().cloned());
+    out
+}
+
+/// The same headers, built straight into librdkafka's structure (the hot path: no
+/// intermediate vector).
+pub fn kafka_headers(gateway_id: &str, seq: u64, record: &Record) -> OwnedHeaders {
+    let id = record_id(gateway_id, seq);
+    let received = record.received_ms.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(5 + record.headers.len())
+        .insert(Header {
+            key: RECORD_ID,
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: SOURCE,
+            value: Some(source_name(record.source).as_bytes()),
+        })
+        .insert(Header {
+            key: DEVICE,
+            value: Some(record.device.as_bytes()),
+        })
+        .insert(Header {
+            key: ORIGIN,
+            value: Some(record.origin.as_bytes()),
+        })
+        .insert(Header {
+            key: RECEIVED_MS,
+            value: Some(received.as_bytes()),
+        });
+    for (key, value) in &record.headers {
+        h = h.insert(Header {
+            key: key.as_str(),
+            value: Some(&value[..]),
+        });
+    }
+    h
+}
+
+/// The record as it goes to the dead-letter log: unchanged, plus why and where it failed.
+pub fn dead_letter(record: &Record, seq: u64, error: &str) -> Record {
+    let mut r = record.clone();
+    r.headers
+        .push((ERROR.to_owned(), Bytes::from(error.to_owned())));
+    r.headers
+        .push((FAILED_SEQ.to_owned(), Bytes::from(seq.to_string())));
+    r
+}
+
+/// What a record costs while in flight: what librdkafka copies, roughly.
+pub fn weight(record: &Record) -> usize {
+    let headers: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    record.payload.len()
+        + record.key.as_ref().map_or(0, Bytes::len)
+        + record.device.len()
+        + record.origin.len()
+        + headers
+        + 128
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::Headers;
+
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            source: Source::Mqtt,
+            received_ms: 1_700_000_000_123,
+            device: "dev-7".into(),
+            origin: "plant/a/dev-7/telemetry".into(),
+            kafka_topic: "iot.a.telemetry".into(),
+            key: Some(Bytes::from_static(b"dev-7")),
+            headers: vec![
+                ("mqtt-qos".into(), Bytes::from_static(b"1")),
+                (
+                    "content-type".into(),
+                    Bytes::from_static(b"application/json"),
+                ),
+                ("unit".into(), Bytes::from_static(b"C")),
+            ],
+            payload: Bytes::from_static(b"{\"t\":21.5}"),
+        }
+    }
+
+    #[test]
+    fn headers_in_contract_order() {
+        let h = headers("gw-1", 42, &sample());
+        let keys: Vec<&str> = h.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "edgegate-record-id",
+                "edgegate-source",
+                "edgegate-device",
+                "edgegate-origin",
+                "edgegate-received-ms",
+                "mqtt-qos",
+                "content-type",
+                "unit"
+            ]
+        );
+        assert_eq!(h[0].1, "gw-1:42");
+        assert_eq!(h[1].1, "mqtt");
+        assert_eq!(h[2].1, "dev-7");
+        assert_eq!(h[3].1, "plant/a/dev-7/telemetry");
+        assert_eq!(h[4].1, "1700000000123");
+    }
+
+    #[test]
+    fn librdkafka_headers_match_the_list() {
+        let record = sample();
+        let list = headers("gw-1", 42, &record);
+        let owned = kafka_headers("gw-1", 42, &record);
+        assert_eq!(owned.count(), list.len());
+        for (i, (key, value)) in list.iter().enumerate() {
+            let h = owned.get(i);
+            assert_eq!(h.key, key);
+            assert_eq!(h.value, Some(&value[..]));
+        }
+    }
+
+    #[test]
+    fn coap_source_and_dead_letter_headers() {
+        let mut record = sample();
+        record.source = Source::Coap;
+        assert_eq!(headers("g", 1, &record)[1].1, "coap");
+        let dl = dead_letter(&record, 99, "Broker: Message size too large");
+        assert_eq!(dl.payload, record.payload);
+        assert_eq!(dl.headers.len(), record.headers.len() + 2);
+        assert_eq!(
+            dl.headers[3],
+            (
+                ERROR.to_owned(),
+                Bytes::from_static(b"Broker: Message size too large")
+            )
+        );
+        assert_eq!(
+            dl.headers[4],
+            (FAILED_SEQ.to_owned(), Bytes::from_static(b"99"))
+        );
+    }
+}

@@ -1,0 +1,631 @@
+//! The forwarder task: read the log, hand records to librdkafka within the window, turn
+//! delivery reports into log acks, dead-letter what can never be delivered.
+//!
+//! Every record read is held in `in_flight` until it is finished (delivered or
+//! dead-lettered); only then is it acknowledged in the log. The map is what makes the rest
+//! possible: re-sending after a rebuilt producer, isolating a record, dead-lettering the
+//! original record, and shutting down knowing exactly what is left.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::classify::{self, Disposition};
+use super::context::{Delivery, ForwardContext, LinkTracker, Tag};
+use super::window::{Backoff, Window};
+use super::{ForwardError, Progress, metric, record};
+use crate::buffer::{AppendError, Log, LogError, LogReader, Record, StoredRecord};
+
+/// Where the forwarder reads records from: the log's reader (or an in-memory stand-in in
+/// unit tests).
+pub trait RecordSource: Send + 'static {
+    /// Waits for at least one record. Must be cancel-safe: the forwarder drops a pending
+    /// read whenever a delivery report arrives, and nothing may be lost by that.
+    fn read_batch(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<StoredRecord>, LogError>> + Send;
+    fn ack(&self, seq: u64);
+}
+
+impl RecordSource for LogReader {
+    fn read_batch(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<StoredRecord>, LogError>> + Send {
+        LogReader::read_batch(self, max_records, max_bytes)
+    }
+
+    fn ack(&self, seq: u64) {
+        LogReader::ack(self, seq);
+    }
+}
+
+/// Where records Kafka refuses for good are kept: the dead-letter log.
+pub trait DeadLetterSink: Clone + Send + Sync + 'static {
+    /// Resolves once the record is durable.
+    fn store(&self, record: Record) -> impl Future<Output = Result<(), AppendError>> + Send;
+}
+
+impl DeadLetterSink for Log {
+    fn store(&self, record: Record) -> impl Future<Output = Result<(), AppendError>> + Send {
+        let durable = self.append(&record);
+        async move { durable?.await.map(|_| ()) }
+    }
+}
+
+type KafkaProducer = ThreadedProducer<ForwardContext>;
+
+/// Numbers fixed at construction.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub grace: Duration,
+    pub delivery_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub max_in_flight_records: usize,
+    pub max_in_flight_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Handed to librdkafka; a delivery report for `attempt` will come.
+    Sending,
+    /// Waiting in `resend` for its turn.
+    Queued,
+    /// Being appended to the dead-letter log.
+    DeadLettering,
+}
+
+struct Pending {
+    record: Record,
+    weight: usize,
+    attempt: u32,
+    /// Sent on its own (after its batch was rejected as a whole).
+    alone: bool,
+    state: State,
+    sent_at: Instant,
+}
+
+pub struct Worker<S, D> {
+    settings: Settings,
+    gateway_id: Arc<str>,
+    source: S,
+    dead_letter: D,
+    client_config: ClientConfig,
+    /// The same configuration with one record per batch, for isolating a record whose
+    /// batch the broker rejected.
+    alone_config: ClientConfig,
+    producer: Option<KafkaProducer>,
+    alone_producer: Option<KafkaProducer>,
+    link: Arc<LinkTracker>,
+    deliveries_tx: mpsc::UnboundedSender<Delivery>,
+    deliveries_rx: mpsc::UnboundedReceiver<Delivery>,
+    /// Sequence numbers whose dead-letter append is durable.
+    dead_lettered_tx: mpsc::UnboundedSender<u64>,
+    dead_lettered_rx: mpsc::UnboundedReceiver<u64>,
+    dead_letter_tasks: TaskTracker,
+    in_flight: BTreeMap<u64, Pending>,
+    in_flight_bytes: usize,
+    /// Records to send again, in sequence order. While it is not empty nothing new is
+    /// read, so a re-sent record is never overtaken by a newer one from this side.
+    resend: BTreeSet<u64>,
+    resend_at: Option<Instant>,
+    /// A rebuild of the producer is due at this time.
+    rebuild_at: Option<Instant>,
+    window: Window,
+    backoff: Backoff,
+    /// A stall was reported and no delivery has happened since.
+    stalled: bool,
+    /// Records delivered since start (mirrored into `progress` once per batch of reports).
+    delivered: u64,
+    progress: watch::Sender<Progress>,
+}
+
+enum Sent {
+    Ok,
+    /// librdkafka did not take it; later records must wait behind it.
+    Blocked,
+    /// Finished without Kafka (dead-lettered), or scheduled for a rebuild.
+    Handled,
+}
+
+impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
+    pub fn new(
+        settings: Settings,
+        gateway_id: &str,
+        source: S,
+        dead_letter: D,
+        client_config: ClientConfig,
+        link: Arc<LinkTracker>,
+        progress: watch::Sender<Progress>,
+    ) -> Worker<S, D> {
+        let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
+        let (dead_lettered_tx, dead_lettered_rx) = mpsc::unbounded_channel();
+        let mut alone_config = client_config.clone();
+        alone_config
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0");
+        let window = Window::new(settings.max_in_flight_records, settings.max_in_flight_bytes);
+        let backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+        Worker {
+            settings,
+            gateway_id: Arc::from(gateway_id),
+            source,
+            dead_letter,
+            client_config,
+            alone_config,
+            producer: None,
+            alone_producer: None,
+            link,
+            deliveries_tx,
+            deliveries_rx,
+            dead_lettered_tx,
+            dead_lettered_rx,
+            dead_letter_tasks: TaskTracker::new(),
+            in_flight: BTreeMap::new(),
+            in_flight_bytes: 0,
+            resend: BTreeSet::new(),
+            resend_at: None,
+            rebuild_at: None,
+            window,
+            backoff,
+            stalled: false,
+            delivered: 0,
+            progress,
+        }
+    }
+
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.settings.grace = grace;
+    }
+
+    fn create_producer(&self, alone: bool) -> Result<KafkaProducer, ForwardError> {
+        let context = ForwardContext {
+            deliveries: self.deliveries_tx.clone(),
+            link: self.link.clone(),
+        };
+        let config = if alone {
+            &self.alone_config
+        } else {
+            &self.client_config
+        };
+        KafkaProducer::from_config_and_context(config, context).map_err(ForwardError::Client)
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ForwardError> {
+        self.producer = Some(self.create_producer(false)?);
+        let (records, bytes) = self.window.limits();
+        metric::window(records, bytes);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline: Option<Instant> = None;
+        let mut source_closed = false;
+        let mut reports = Vec::with_capacity(1024);
+        let mut read_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        let mut read_after: Option<Instant> = None;
+
+        loop {
+            let now = Instant::now();
+            if self.rebuild_at.is_some_and(|at| at <= now) {
+                self.rebuild().await?;
+            }
+            if self.rebuild_at.is_none() && self.resend_at.is_none_or(|at| at <= now) {
+                self.pump_resends();
+            }
+            if read_after.is_some_and(|at| at <= now) {
+                read_after = None;
+            }
+            let (want_records, want_bytes) = self.room();
+            let can_read = deadline.is_none()
+                && !source_closed
+                && read_after.is_none()
+                && self.resend.is_empty()
+                && self.rebuild_at.is_none()
+                && want_records > 0;
+            let wake = [self.resend_at, self.rebuild_at, read_after]
+                .into_iter()
+                .flatten()
+                .min();
+
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    tracing::info!(in_flight = self.in_flight.len(), grace = ?self.settings.grace, "Forwarder stopping: no more reads, waiting for in-flight deliveries.");
+                    deadline = Some(Instant::now() + self.settings.grace);
+                }
+                n = self.deliveries_rx.recv_many(&mut reports, 4096) => {
+                    if n > 0 {
+                        let before = self.delivered;
+                        for report in reports.drain(..) {
+                            self.on_delivery(report);
+                        }
+                        if self.delivered != before {
+                            let delivered = self.delivered;
+                            self.progress.send_modify(|pr| {
+                                pr.delivered = delivered;
+                                pr.last_delivery = Some(std::time::Instant::now());
+                            });
+                        }
+                    }
+                }
+                Some(seq) = self.dead_lettered_rx.recv() => self.finish(seq),
+                read = self.source.read_batch(want_records, want_bytes), if can_read => match read {
+                    Ok(batch) => {
+                        read_backoff.reset();
+                        self.admit(batch, want_records, want_bytes);
+                    }
+                    Err(LogError::Closed) => {
+                        tracing::info!(in_flight = self.in_flight.len(), "The log is closed; forwarding what is in flight.");
+                        source_closed = true;
+                        if deadline.is_none() {
+                            deadline = Some(Instant::now() + self.settings.grace);
+                        }
+                    }
+                    Err(e) => {
+                        let wait = read_backoff.next_delay();
+                        tracing::error!(error = %e, retry_in = ?wait, "Cannot read the log.");
+                        metric::error("log_read");
+                        read_after = Some(Instant::now() + wait);
+                    }
+                },
+                _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
+                _ = tokio::time::sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => break,
+                _ = tick.tick() => self.housekeeping(),
+            }
+
+            if deadline.is_some() && self.in_flight.is_empty() {
+                break;
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    /// Room left in the window, or zero when less than an eighth is free (so a backlog is
+    /// read in chunks, not one record per delivery report).
+    fn room(&self) -> (usize, usize) {
+        let (records, bytes) = self.window.limits();
+        let free_records = records.saturating_sub(self.in_flight.len());
+        let free_bytes = bytes.saturating_sub(self.in_flight_bytes);
+        if free_records < (records / 8).max(1) || free_bytes < (bytes / 8).max(1) {
+            return (0, 0);
+        }
+        (free_records, free_bytes)
+    }
+
+    fn admit(&mut self, batch: Vec<StoredRecord>, want_records: usize, want_bytes: usize) {
+        let mut bytes = 0;
+        let count = batch.len();
+        for stored in batch {
+            let weight = record::weight(&stored.record);
+            bytes += stored.record.payload.len();
+            self.in_flight_bytes += weight;
+            self.in_flight.insert(
+                stored.seq,
+                Pending {
+                    record: stored.record,
+                    weight,
+                    attempt: 0,
+                    alone: false,
+                    state: State::Queued,
+                    sent_at: Instant::now(),
+                },
+            );
+            if self.resend.is_empty() && self.rebuild_at.is_none() {
+                match self.send(stored.seq) {
+                    Sent::Ok | Sent::Handled => {}
+                    Sent::Blocked => {
+                        self.resend.insert(stored.seq);
+                    }
+                }
+            } else {
+                self.resend.insert(stored.seq);
+            }
+        }
+        if let Some(change) = self
+            .window
+            .on_read(count >= want_records || bytes >= want_bytes)
+        {
+            metric::window_changed(change);
+        }
+    }
+
+    /// Hands one record to librdkafka.
+    fn send(&mut self, seq: u64) -> Sent {
+        let alone = match self.in_flight.get(&seq) {
+            Some(p) => p.alone,
+            None => return Sent::Handled,
+        };
+        if alone && self.alone_producer.is_none() {
+            match self.create_producer(true) {
+                Ok(p) => self.alone_producer = Some(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot create the producer for isolated re-sends.");
+                    return Sent::Blocked;
+                }
+            }
+        }
+        let producer = if alone {
+            &self.alone_producer
+        } else {
+            &self.producer
+        };
+        let Some(producer) = producer else {
+            return Sent::Blocked;
+        };
+        let Some(p) = self.in_flight.get_mut(&seq) else {
+            return Sent::Handled;
+        };
+        p.attempt = p.attempt.wrapping_add(1);
+        let headers = record::kafka_headers(&self.gateway_id, seq, &p.record);
+        let tag = Box::new(Tag {
+            seq,
+            attempt: p.attempt,
+        });
+        let mut base =
+            BaseRecord::<[u8], [u8], Box<Tag>>::with_opaque_to(&p.record.kafka_topic, tag)
+                .payload(&p.record.payload[..])
+                .timestamp(p.record.received_ms)
+                .headers(headers);
+        if let Some(key) = &p.record.key {
+            base = base.key(&key[..]);
+        }
+        let sent = producer.send(base).map_err(|(e, _)| e);
+        match sent {
+            Ok(()) => {
+                p.state = State::Sending;
+                p.sent_at = Instant::now();
+                Sent::Ok
+            }
+            Err(e) => {
+                p.state = State::Queued;
+                let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown);
+                metric::error(classify::kind(code));
+                match classify::enqueue(code) {
+                    Disposition::DeadLetter | Disposition::Isolate => {
+                        self.dead_letter(seq, &e.to_string());
+                        Sent::Handled
+                    }
+                    Disposition::Rebuild => {
+                        self.resend.insert(seq);
+                        self.schedule_rebuild(&e.to_string());
+                        Sent::Handled
+                    }
+                    Disposition::Retry => {
+                        let wait = self.backoff.next_delay();
+                        tracing::debug!(seq, error = %e, retry_in = ?wait, "librdkafka did not take a record; sending it again.");
+                        if let Some(change) = self.window.on_trouble("librdkafka refused a record")
+                        {
+                            metric::window_changed(change);
+                        }
+                        self.resend_at = Some(Instant::now() + wait);
+                        Sent::Blocked
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends queued records in sequence order until librdkafka pushes back.
+    fn pump_resends(&mut self) {
+        self.resend_at = None;
+        while let Some(seq) = self.resend.pop_first() {
+            match self.send(seq) {
+                Sent::Ok | Sent::Handled => {}
+                Sent::Blocked => {
+                    self.resend.insert(seq);
+                    if self.resend_at.is_none() {
+                        self.resend_at = Some(Instant::now() + self.backoff.next_delay());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_delivery(&mut self, report: Delivery) {
+        let Some(p) = self.in_flight.get_mut(&report.seq) else {
+            return;
+        };
+        // Reports for an earlier send (purged by a rebuild, or superseded) are stale.
+        if p.attempt != report.attempt || p.state != State::Sending {
+            return;
+        }
+        match report.result {
+            Ok(()) => {
+                metric::latency(p.sent_at.elapsed());
+                self.link.up();
+                self.stalled = false;
+                self.backoff.reset();
+                self.finish(report.seq);
+                metric::delivered(1);
+                self.delivered += 1;
+                if let Some(change) = self.window.on_delivered(1) {
+                    metric::window_changed(change);
+                }
+            }
+            Err(code) => {
+                metric::error(classify::kind(code));
+                match classify::delivery(code, p.alone) {
+                    Disposition::Isolate => {
+                        tracing::debug!(seq = report.seq, error = %code, "Kafka rejected a batch; sending this record alone.");
+                        p.alone = true;
+                        p.state = State::Queued;
+                        self.resend.insert(report.seq);
+                    }
+                    Disposition::DeadLetter => self.dead_letter(report.seq, &code.to_string()),
+                    Disposition::Rebuild => {
+                        p.state = State::Queued;
+                        self.resend.insert(report.seq);
+                        self.schedule_rebuild(&code.to_string());
+                    }
+                    Disposition::Retry => {
+                        p.state = State::Queued;
+                        self.resend.insert(report.seq);
+                        if self.resend_at.is_none() {
+                            self.resend_at = Some(Instant::now() + self.backoff.next_delay());
+                        }
+                        if let Some(change) = self.window.on_trouble("a delivery failed") {
+                            metric::window_changed(change);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The record is done with (delivered or dead-lettered): it may leave the log.
+    fn finish(&mut self, seq: u64) {
+        if let Some(p) = self.in_flight.remove(&seq) {
+            self.in_flight_bytes -= p.weight;
+            self.source.ack(seq);
+        }
+    }
+
+    /// Moves a record Kafka will never take to the dead-letter log; it is acknowledged in
+    /// the main log once the dead-letter copy is durable. Counted and logged here.
+    fn dead_letter(&mut self, seq: u64, error: &str) {
+        let Some(p) = self.in_flight.get_mut(&seq) else {
+            return;
+        };
+        p.state = State::DeadLettering;
+        metric::dead_lettered();
+        self.progress.send_modify(|pr| pr.dead_lettered += 1);
+        tracing::warn!(seq, topic = %p.record.kafka_topic, error, "Kafka refused a record for good; moving it to the dead-letter log.");
+        let dead = record::dead_letter(&p.record, seq, error);
+        let sink = self.dead_letter.clone();
+        let done = self.dead_lettered_tx.clone();
+        let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        self.dead_letter_tasks.spawn(async move {
+            loop {
+                match sink.store(dead.clone()).await {
+                    Ok(()) => break,
+                    Err(AppendError::Closed) => return,
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::error!(seq, error = %e, retry_in = ?wait, "Cannot write to the dead-letter log; the record stays in the main log.");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            let _ = done.send(seq);
+        });
+    }
+
+    fn schedule_rebuild(&mut self, reason: &str) {
+        if self.rebuild_at.is_none() {
+            let wait = self.backoff.next_delay();
+            tracing::error!(reason, rebuild_in = ?wait, in_flight = self.in_flight.len(), "The Kafka producer is unusable; rebuilding it and sending in-flight records again.");
+            metric::rebuilt();
+            if let Some(change) = self.window.on_trouble("producer rebuilt") {
+                metric::window_changed(change);
+            }
+            self.rebuild_at = Some(Instant::now() + wait);
+        }
+    }
+
+    /// Replaces the producer; everything it had is sent again in sequence order. Some of
+    /// it may already be in Kafka: those are duplicates with the same record id.
+    async fn rebuild(&mut self) -> Result<(), ForwardError> {
+        let old: Vec<KafkaProducer> = self
+            .producer
+            .take()
+            .into_iter()
+            .chain(self.alone_producer.take())
+            .collect();
+        for (seq, p) in self.in_flight.iter_mut() {
+            if p.state == State::Sending {
+                p.state = State::Queued;
+                self.resend.insert(*seq);
+            }
+        }
+        // Dropping a producer purges and joins its threads: blocking.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        self.link.take_fatal();
+        self.producer = Some(self.create_producer(false)?);
+        self.rebuild_at = None;
+        self.resend_at = None;
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) {
+        if self.link.take_fatal() {
+            self.schedule_rebuild("fatal error reported by librdkafka");
+        }
+        let (records, bytes) = self.window.limits();
+        metric::window(records, bytes);
+        metric::in_flight(self.in_flight.len(), self.in_flight_bytes);
+        let oldest = self
+            .in_flight
+            .iter()
+            .find(|(_, p)| p.state == State::Sending);
+        if let Some((seq, p)) = oldest {
+            let waited = p.sent_at.elapsed();
+            if waited > self.settings.delivery_timeout && !self.stalled {
+                self.stalled = true;
+                metric::error("timeout");
+                tracing::warn!(seq = *seq, waited = ?waited, in_flight = self.in_flight.len(), "Kafka deliveries are stalled; retrying without limit.");
+                if let Some(change) = self.window.on_trouble("deliveries stalled") {
+                    metric::window_changed(change);
+                }
+            }
+        }
+        let in_flight = self.in_flight.len();
+        self.progress.send_modify(|pr| {
+            pr.in_flight = in_flight;
+            pr.heartbeat = Some(std::time::Instant::now());
+        });
+    }
+
+    /// After the loop: give librdkafka a last moment, then drop the producers (which purges
+    /// what is left; those records stay in the log and are sent after the restart).
+    async fn stop(mut self) {
+        let producers: Vec<KafkaProducer> = self
+            .producer
+            .take()
+            .into_iter()
+            .chain(self.alone_producer.take())
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in &producers {
+                let _ = p.flush(Duration::from_millis(100));
+            }
+            drop(producers);
+        })
+        .await;
+        // Reports that arrived during the flush still count.
+        while let Ok(report) = self.deliveries_rx.try_recv() {
+            self.on_delivery(report);
+        }
+        while let Ok(seq) = self.dead_lettered_rx.try_recv() {
+            self.finish(seq);
+        }
+        self.dead_letter_tasks.close();
+        metric::in_flight(self.in_flight.len(), self.in_flight_bytes);
+        let in_flight = self.in_flight.len();
+        self.progress.send_modify(|pr| pr.in_flight = in_flight);
+        match self.in_flight.keys().next() {
+            None => {
+                tracing::info!("Forwarder stopped; every record read from the log was delivered.")
+            }
+            Some(first) => tracing::warn!(
+                undelivered = self.in_flight.len(),
+                first_seq = *first,
+                "Forwarder stopped before every delivery finished; the rest stays in the log and is sent after the restart."
+            ),
+        }
+    }
+}
