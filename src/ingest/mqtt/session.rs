@@ -188,14 +188,10 @@ struct Session {
     keepalive: Option<Duration>,
     /// Appends not yet durable, QoS 0 included (their failures are counted).
     pending: FuturesUnordered<Pending>,
-    /// Packet ids of QoS 1/2 publishes whose append is pending: a retransmission of one is
-    /// not stored again, and they count against receive-maximum.
-    pending_ids: HashSet<u16>,
+    /// QoS 1/2 packet-id state: what is being stored, what awaits PUBREL.
+    inflight: Inflight,
     /// QoS 0 appends pending; capped like QoS 1/2 so a QoS 0 flood cannot queue without bound.
     pending_qos0: usize,
-    /// QoS 2 packet ids stored and PUBREC'd, waiting for PUBREL: a retransmitted PUBLISH with
-    /// one of these ids gets its PUBREC again and is not stored twice.
-    awaiting_rel: HashSet<u16>,
     /// MQTT 5 topic aliases set by the client.
     aliases: HashMap<u16, String>,
 }
@@ -264,9 +260,8 @@ impl Session {
             will: connect.will,
             keepalive: Some(Duration::from_millis(u64::from(keep_alive) * 1500)),
             pending: FuturesUnordered::new(),
-            pending_ids: HashSet::new(),
+            inflight: Inflight::default(),
             pending_qos0: 0,
-            awaiting_rel: HashSet::new(),
             aliases: HashMap::new(),
         })
     }
@@ -297,7 +292,7 @@ impl Session {
                 && *pressure.borrow() == Pressure::Normal
                 && self.pending_qos0 < receive_maximum
                 // 3.1.1 has no receive maximum: stop reading at the limit instead.
-                && (self.version == Version::V5 || self.pending_ids.len() < receive_maximum);
+                && (self.version == Version::V5 || self.inflight.storing() < receive_maximum);
             tokio::select! {
                 // Acknowledge first: a durable append frees a slot and unblocks the client.
                 biased;
@@ -359,11 +354,9 @@ impl Session {
         match packet {
             Packet::Publish(publish) => self.publish(publish),
             Packet::PubRel { pkid } => {
-                if self.pending_ids.contains(&pkid) {
-                    // PUBREL before our PUBREC: the client skipped a step.
+                let Ok(found) = self.inflight.release(pkid) else {
                     return Err(self.violation("PUBREL before PUBREC"));
-                }
-                let found = self.awaiting_rel.remove(&pkid);
+                };
                 self.conn
                     .queue(self.version, &Outgoing::PubComp { pkid, found });
                 Ok(())
@@ -405,21 +398,18 @@ impl Session {
             self.resolve_alias(&mut publish)?;
         }
         let (qos, pkid) = (publish.qos, publish.pkid);
-        if qos > 0 {
-            if self.pending_ids.contains(&pkid) {
-                // A retransmission while the first copy is being stored: its ack will come.
-                return Ok(());
-            }
-            if qos == 2 && self.awaiting_rel.contains(&pkid) {
-                // Stored already; the client missed our PUBREC.
+        // 3.1.1 has no receive maximum; its connection is simply not read at the limit.
+        let limit = (self.version == Version::V5)
+            .then_some(usize::from(self.shared.config.receive_maximum));
+        match self.inflight.publish(qos, pkid, limit) {
+            OnPublish::Store => {}
+            OnPublish::Duplicate => return Ok(()),
+            OnPublish::ResendPubRec => {
                 self.conn
                     .queue(self.version, &Outgoing::PubRec { pkid, reason: 0 });
                 return Ok(());
             }
-            let in_flight = self.pending_ids.len() + self.awaiting_rel.len();
-            if self.version == Version::V5
-                && in_flight >= usize::from(self.shared.config.receive_maximum)
-            {
+            OnPublish::OverLimit => {
                 protocol_error(
                     self.peer,
                     Some(&self.client_id),
@@ -441,8 +431,6 @@ impl Session {
             Ok(durable) => {
                 if qos == 0 {
                     self.pending_qos0 += 1;
-                } else {
-                    self.pending_ids.insert(pkid);
                 }
                 self.pending.push(Box::pin(async move {
                     Completion {
@@ -453,7 +441,10 @@ impl Session {
                 }));
                 Ok(())
             }
-            Err(rejected) => self.reject(qos, pkid, &rejected),
+            Err(rejected) => {
+                self.inflight.stored(qos, pkid, false);
+                self.reject(qos, pkid, &rejected)
+            }
         }
     }
 
@@ -530,7 +521,8 @@ impl Session {
             }
             return Ok(());
         }
-        self.pending_ids.remove(&done.pkid);
+        self.inflight
+            .stored(done.qos, done.pkid, done.result.is_ok());
         match done.result {
             Ok(_seq) if done.qos == 1 => {
                 self.conn.queue(
@@ -543,7 +535,6 @@ impl Session {
                 Ok(())
             }
             Ok(_seq) => {
-                self.awaiting_rel.insert(done.pkid);
                 self.conn.queue(
                     self.version,
                     &Outgoing::PubRec {
@@ -631,6 +622,76 @@ impl Session {
             Err(e) => Err(e),
         };
         will_stored(self.peer, &self.client_id, result);
+    }
+}
+
+/// The QoS 1/2 packet-id state of one connection, apart from I/O so it can be tested alone.
+///
+/// A packet id is *storing* from its PUBLISH until its append resolves, then (QoS 2 only)
+/// *awaiting release* until PUBREL. A PUBLISH reusing an id in either state is a
+/// retransmission and is not stored again, whatever its DUP flag says (an id stays in use
+/// until its flow completes).
+#[derive(Debug, Default)]
+pub(super) struct Inflight {
+    storing: HashSet<u16>,
+    awaiting_rel: HashSet<u16>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum OnPublish {
+    /// New: store it (the id is now storing).
+    Store,
+    /// Being stored already: its ack will come when the append resolves.
+    Duplicate,
+    /// QoS 2 stored already; the client missed our PUBREC.
+    ResendPubRec,
+    /// More QoS 1/2 in flight than the receive maximum (MQTT 5: 0x93).
+    OverLimit,
+}
+
+impl Inflight {
+    /// A PUBLISH arrived. `limit` is the receive maximum to enforce, if any.
+    pub(super) fn publish(&mut self, qos: u8, pkid: u16, limit: Option<usize>) -> OnPublish {
+        if qos == 0 {
+            return OnPublish::Store;
+        }
+        if self.storing.contains(&pkid) {
+            return OnPublish::Duplicate;
+        }
+        if qos == 2 && self.awaiting_rel.contains(&pkid) {
+            return OnPublish::ResendPubRec;
+        }
+        let in_flight = self.storing.len() + self.awaiting_rel.len();
+        if limit.is_some_and(|limit| in_flight >= limit) {
+            return OnPublish::OverLimit;
+        }
+        self.storing.insert(pkid);
+        OnPublish::Store
+    }
+
+    /// The append of `pkid` resolved, or was refused at once.
+    pub(super) fn stored(&mut self, qos: u8, pkid: u16, ok: bool) {
+        if qos == 0 {
+            return;
+        }
+        self.storing.remove(&pkid);
+        if qos == 2 && ok {
+            self.awaiting_rel.insert(pkid);
+        }
+    }
+
+    /// PUBREL: `Ok(found)`, or `Err` if the id is still being stored (no PUBREC was sent
+    /// yet, so the client skipped a step).
+    pub(super) fn release(&mut self, pkid: u16) -> Result<bool, ()> {
+        if self.storing.contains(&pkid) {
+            return Err(());
+        }
+        Ok(self.awaiting_rel.remove(&pkid))
+    }
+
+    /// QoS 1/2 appends pending.
+    pub(super) fn storing(&self) -> usize {
+        self.storing.len()
     }
 }
 

@@ -1,1 +1,531 @@
-//! Unit tests: framing, version choice, the MQTT 5 decoder, QoS 2 deduplication.
+//! Unit tests: framing, version choice, the MQTT 5 decoder and DISCONNECT encoder, topic
+//! checks, QoS 2 deduplication. None needs the log; `tests/mqtt.rs` runs the whole server.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::connection::{Connection, Frame, FrameError, parse_header};
+use super::packet::{
+    self, DecodeError, Limits, Outgoing, Packet, Refusal, Unsupported, Version, peek_version,
+    valid_topic_name,
+};
+use super::session::{Inflight, OnPublish};
+use super::v5;
+
+const LIMITS: Limits = Limits {
+    max_user_properties: 4,
+};
+
+/// Frames `byte1` + remaining length + `body` and reads it back through a real socket.
+async fn frame(byte1: u8, body: &[u8]) -> Frame {
+    let mut raw = vec![byte1];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        raw.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    raw.extend_from_slice(body);
+    let (mut client, mut conn) = pair(1 << 20).await;
+    client.write_all(&raw).await.expect("write");
+    conn.read_frame().await.expect("frame").expect("not eof")
+}
+
+async fn pair(limit: usize) -> (TcpStream, Connection) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let client = TcpStream::connect(addr).await.expect("connect");
+    let (server, _) = listener.accept().await.expect("accept");
+    (client, Connection::new(server, limit))
+}
+
+fn string(out: &mut Vec<u8>, s: &str) {
+    out.put_u16(s.len() as u16);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// An MQTT 5 PUBLISH body: topic, packet id (QoS > 0), the given property bytes, payload.
+fn v5_publish_body(topic: &str, pkid: Option<u16>, props: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, topic);
+    if let Some(pkid) = pkid {
+        body.put_u16(pkid);
+    }
+    body.push(props.len() as u8);
+    body.extend_from_slice(props);
+    body.extend_from_slice(payload);
+    body
+}
+
+fn connect_body(name: &str, level: u8) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, name);
+    body.push(level);
+    body.push(0x02); // clean start
+    body.put_u16(30);
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    string(&mut body, "dev-1");
+    body
+}
+
+#[test]
+fn header_over_the_limit_is_refused_from_the_fixed_header_alone() {
+    // 0x30, then 200 MB as a remaining length: five bytes in all.
+    let declared = 200_000_000usize;
+    let mut raw = vec![0x30];
+    let mut len = declared;
+    while len > 0 {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        raw.push(b);
+    }
+    assert_eq!(raw.len(), 5);
+    match parse_header(&raw, 256 * 1024) {
+        Err(FrameError::TooLarge { declared: d, .. }) => assert_eq!(d, declared + 5),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // Incomplete headers ask for more; a fifth length byte is malformed.
+    assert!(matches!(parse_header(&[0x30], 10), Ok(None)));
+    assert!(matches!(parse_header(&[0x30, 0x80, 0x80], 10), Ok(None)));
+    assert!(matches!(
+        parse_header(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], usize::MAX),
+        Err(FrameError::BadLength)
+    ));
+    // The limit covers the whole frame, fixed header included.
+    assert!(matches!(parse_header(&[0x30, 8], 10), Ok(Some((2, 10)))));
+    assert!(matches!(
+        parse_header(&[0x30, 9], 10),
+        Err(FrameError::TooLarge { .. })
+    ));
+}
+
+#[tokio::test]
+async fn oversize_declaration_does_not_allocate() {
+    let (mut client, mut conn) = pair(256 * 1024).await;
+    let before = conn.read_capacity();
+    // 5 bytes declaring ~200 MB, then a little of the body.
+    client
+        .write_all(&[0x30, 0x80, 0xd8, 0xaf, 0x5f, 0, 1, b'a'])
+        .await
+        .expect("write");
+    let result = conn.read_frame().await;
+    assert!(
+        matches!(result, Err(FrameError::TooLarge { .. })),
+        "{result:?}"
+    );
+    assert_eq!(
+        conn.read_capacity(),
+        before,
+        "the read buffer must not grow"
+    );
+}
+
+#[tokio::test]
+async fn frames_split_across_reads_are_reassembled_and_eof_mid_frame_is_truncation() {
+    let (mut client, mut conn) = pair(1024).await;
+    client.write_all(&[0xc0]).await.expect("write");
+    client.flush().await.expect("flush");
+    let read = tokio::spawn(async move {
+        let first = conn.read_frame().await.map(|f| f.map(|f| f.packet_type()));
+        let second = conn.read_frame().await.map(|f| f.is_some());
+        (first, second)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    client
+        .write_all(&[0x00, 0x30, 0x05, 0x00])
+        .await
+        .expect("write");
+    drop(client);
+    let (first, second) = read.await.expect("join");
+    assert_eq!(first.expect("pingreq"), Some(12));
+    assert!(matches!(second, Err(FrameError::Truncated)));
+}
+
+#[tokio::test]
+async fn version_is_chosen_by_peeking_the_connect() {
+    assert_eq!(
+        peek_version(&frame(0x10, &connect_body("MQTT", 4)).await),
+        Ok(Version::V4)
+    );
+    assert_eq!(
+        peek_version(&frame(0x10, &connect_body("MQTT", 5)).await),
+        Ok(Version::V5)
+    );
+    assert_eq!(
+        peek_version(&frame(0x10, &connect_body("MQIsdp", 3)).await),
+        Err(Unsupported::LegacyConnack)
+    );
+    assert_eq!(
+        peek_version(&frame(0x10, &connect_body("MQTT", 3)).await),
+        Err(Unsupported::LegacyConnack)
+    );
+    assert_eq!(
+        peek_version(&frame(0x10, &connect_body("MQTT", 6)).await),
+        Err(Unsupported::V5Connack)
+    );
+    assert_eq!(
+        peek_version(&frame(0x10, &connect_body("HTTP", 4)).await),
+        Err(Unsupported::Close)
+    );
+    assert_eq!(
+        peek_version(&frame(0x10, &[0, 9, b'M']).await),
+        Err(Unsupported::Close)
+    );
+    // Not a CONNECT at all.
+    assert_eq!(
+        peek_version(&frame(0xc0, &[]).await),
+        Err(Unsupported::Close)
+    );
+}
+
+#[tokio::test]
+async fn level_5_connect_decodes_with_the_v5_decoder_only() {
+    let connect = packet::decode(
+        Version::V5,
+        frame(0x10, &connect_body("MQTT", 5)).await,
+        &LIMITS,
+    );
+    match connect {
+        Ok(Packet::Connect(c)) => {
+            assert_eq!(c.client_id, "dev-1");
+            assert!(c.clean_start);
+            assert_eq!(c.keep_alive, 30);
+        }
+        other => panic!("{other:?}"),
+    }
+    let v4 = packet::decode(
+        Version::V4,
+        frame(0x10, &connect_body("MQTT", 4)).await,
+        &LIMITS,
+    );
+    assert!(matches!(v4, Ok(Packet::Connect(_))), "{v4:?}");
+    // Reserved flag set.
+    let mut body = connect_body("MQTT", 5);
+    body[7] |= 0x01;
+    let bad = packet::decode(Version::V5, frame(0x10, &body).await, &LIMITS);
+    assert!(matches!(bad, Err(DecodeError::Malformed(_))), "{bad:?}");
+}
+
+#[tokio::test]
+async fn v5_disconnect_forms_parse() {
+    let cases: [(&[u8], u8); 4] = [
+        (&[], 0x00),                             // mosquitto's `e0 00`
+        (&[0x04], 0x04),                         // reason only
+        (&[0x8e, 0x00], 0x8e),                   // reason, empty properties
+        (&[0x00, 0x05, 0x11, 0, 0, 0, 0], 0x00), // session expiry property
+    ];
+    for (body, reason) in cases {
+        let got = packet::decode(Version::V5, frame(0xe0, body).await, &LIMITS);
+        assert!(
+            matches!(got, Ok(Packet::Disconnect { reason: r }) if r == reason),
+            "{body:?}: {got:?}"
+        );
+    }
+    // Server Reference is server-to-client only; a property overrunning its section.
+    for body in [&[0x00, 0x03, 0x1c, 0, 0][..], &[0x00, 0x09, 0x11, 0, 0][..]] {
+        let got = packet::decode(Version::V5, frame(0xe0, body).await, &LIMITS);
+        assert!(
+            matches!(got, Err(DecodeError::Malformed(_))),
+            "{body:?}: {got:?}"
+        );
+    }
+    // DISCONNECT flags must be 0; a 3.1.1 DISCONNECT has no body.
+    let got = packet::decode(Version::V5, frame(0xe1, &[]).await, &LIMITS);
+    assert!(matches!(got, Err(DecodeError::Malformed(_))));
+    let got = packet::decode(Version::V4, frame(0xe0, &[0]).await, &LIMITS);
+    assert!(matches!(got, Err(DecodeError::Malformed(_))));
+}
+
+#[test]
+fn reason_only_disconnect_keeps_its_reason() {
+    let mut out = BytesMut::new();
+    v5::encode_disconnect(0x8e, &mut out);
+    assert_eq!(&out[..], &[0xe0, 0x02, 0x8e, 0x00]);
+    // A real client decoder reads the reason back.
+    use rumqttc::v5::mqttbytes::v5 as client;
+    match client::Packet::read(&mut out, None) {
+        Ok(client::Packet::Disconnect(d)) => {
+            assert_eq!(
+                d.reason_code,
+                client::DisconnectReasonCode::SessionTakenOver
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut out = BytesMut::new();
+    v5::encode_disconnect(0x00, &mut out);
+    assert_eq!(&out[..], &[0xe0, 0x00]);
+}
+
+#[test]
+fn every_connack_encodes_without_panicking() {
+    let refusals = [
+        Refusal::ClientId,
+        Refusal::Busy,
+        Refusal::AuthMethod,
+        Refusal::Invalid(0x81),
+        Refusal::Invalid(0x82),
+        Refusal::Invalid(0x83),
+        Refusal::Invalid(0x84),
+        Refusal::Invalid(0x90),
+        Refusal::Invalid(0x95),
+        Refusal::Invalid(0x01),
+        Refusal::Invalid(0x03),
+    ];
+    for refusal in refusals {
+        for version in [Version::V4, Version::V5] {
+            let mut out = BytesMut::new();
+            let sent = packet::encode(version, &Outgoing::ConnAck(Err(refusal)), &mut out);
+            assert_eq!(sent, !out.is_empty());
+        }
+    }
+    let mut out = BytesMut::new();
+    packet::encode_legacy_refusal(&mut out);
+    assert_eq!(&out[..], &[0x20, 0x02, 0x00, 0x01]);
+    let mut out = BytesMut::new();
+    packet::encode_unsupported_v5(&mut out);
+    assert_eq!(&out[..4], &[0x20, 0x03, 0x00, 0x84]);
+}
+
+#[test]
+fn topic_names() {
+    assert!(valid_topic_name("plant/north/pump7"));
+    assert!(valid_topic_name("/"));
+    assert!(!valid_topic_name(""));
+    assert!(!valid_topic_name("a/+/b"));
+    assert!(!valid_topic_name("a/#"));
+    assert!(!valid_topic_name("a\0b"));
+}
+
+#[tokio::test]
+async fn publish_topics_are_checked_in_both_versions() {
+    for topic in ["a/+/b", "a/#"] {
+        let v5 = packet::decode(
+            Version::V5,
+            frame(0x32, &v5_publish_body(topic, Some(1), &[], b"x")).await,
+            &LIMITS,
+        );
+        assert!(
+            matches!(v5, Err(DecodeError::TopicInvalid(_))),
+            "{topic}: {v5:?}"
+        );
+        let mut v4_body = Vec::new();
+        string(&mut v4_body, topic);
+        v4_body.extend_from_slice(&[0, 1, b'x']);
+        let v4 = packet::decode(Version::V4, frame(0x32, &v4_body).await, &LIMITS);
+        assert!(
+            matches!(v4, Err(DecodeError::TopicInvalid(_))),
+            "{topic}: {v4:?}"
+        );
+    }
+    // Empty: invalid in 3.1.1; in MQTT 5 left to the session (topic aliases).
+    let v4 = packet::decode(Version::V4, frame(0x30, &[0, 0, b'x']).await, &LIMITS);
+    assert!(matches!(v4, Err(DecodeError::TopicInvalid(_))), "{v4:?}");
+    let v5 = packet::decode(
+        Version::V5,
+        frame(0x30, &v5_publish_body("", None, &[], b"x")).await,
+        &LIMITS,
+    );
+    assert!(matches!(v5, Ok(Packet::Publish(_))), "{v5:?}");
+    // Invalid UTF-8 and U+0000.
+    let v5 = packet::decode(
+        Version::V5,
+        frame(0x30, &[0, 2, 0xc3, 0x28, 0]).await,
+        &LIMITS,
+    );
+    assert!(matches!(v5, Err(DecodeError::Malformed(_))), "{v5:?}");
+    let v5 = packet::decode(
+        Version::V5,
+        frame(0x30, &v5_publish_body("a\0", None, &[], b"")).await,
+        &LIMITS,
+    );
+    assert!(matches!(v5, Err(DecodeError::Malformed(_))), "{v5:?}");
+}
+
+#[tokio::test]
+async fn v5_publish_properties_are_checked() {
+    let decode = |props: Vec<u8>| async move {
+        packet::decode(
+            Version::V5,
+            frame(0x32, &v5_publish_body("t", Some(7), &props, b"payload")).await,
+            &LIMITS,
+        )
+    };
+    // Content type and user properties come through, in order.
+    let mut props = vec![0x03];
+    string(&mut props, "application/json");
+    for (k, v) in [("b", "1"), ("a", "2")] {
+        props.push(0x26);
+        string(&mut props, k);
+        string(&mut props, v);
+    }
+    match decode(props).await {
+        Ok(Packet::Publish(p)) => {
+            assert_eq!(p.content_type.as_deref(), Some("application/json"));
+            assert_eq!(
+                p.user_properties,
+                vec![("b".into(), "1".into()), ("a".into(), "2".into())]
+            );
+            assert_eq!(p.payload, Bytes::from_static(b"payload"));
+            assert_eq!((p.qos, p.pkid), (1, 7));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Duplicate content type: protocol error.
+    let mut props = vec![0x03];
+    string(&mut props, "a");
+    props.push(0x03);
+    string(&mut props, "b");
+    assert!(matches!(decode(props).await, Err(DecodeError::Protocol(_))));
+    // Session expiry is not a PUBLISH property; nor is a client's subscription id.
+    assert!(matches!(
+        decode(vec![0x11, 0, 0, 0, 1]).await,
+        Err(DecodeError::Malformed(_))
+    ));
+    assert!(matches!(
+        decode(vec![0x0b, 1]).await,
+        Err(DecodeError::Malformed(_))
+    ));
+    // Too many user properties.
+    let mut props = Vec::new();
+    for _ in 0..5 {
+        props.extend_from_slice(&[0x26, 0, 0, 0, 0]);
+    }
+    assert!(matches!(decode(props).await, Err(DecodeError::Limit(_))));
+    // A string running past the property section.
+    assert!(matches!(
+        decode(vec![0x03, 0, 9]).await,
+        Err(DecodeError::Malformed(_))
+    ));
+    // Payload format indicator must be 0 or 1.
+    assert!(matches!(
+        decode(vec![0x01, 2]).await,
+        Err(DecodeError::Protocol(_))
+    ));
+    // Topic alias comes through for the session.
+    match decode(vec![0x23, 0, 3]).await {
+        Ok(Packet::Publish(p)) => assert_eq!(p.topic_alias, Some(3)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn fixed_header_flags_are_checked() {
+    // PUBREL, SUBSCRIBE, UNSUBSCRIBE need flags 0b0010.
+    for version in [Version::V4, Version::V5] {
+        let got = packet::decode(version, frame(0x60, &[0, 1]).await, &LIMITS);
+        assert!(matches!(got, Err(DecodeError::Malformed(_))), "{got:?}");
+        let got = packet::decode(version, frame(0x62, &[0, 1]).await, &LIMITS);
+        assert!(matches!(got, Ok(Packet::PubRel { pkid: 1 })), "{got:?}");
+        // QoS 3, and DUP on QoS 0.
+        let got = packet::decode(version, frame(0x36, &[0, 1, b't', 0, 1, 0]).await, &LIMITS);
+        assert!(matches!(got, Err(DecodeError::Malformed(_))), "{got:?}");
+        let got = packet::decode(version, frame(0x38, &[0, 1, b't', 0]).await, &LIMITS);
+        assert!(matches!(got, Err(DecodeError::Malformed(_))), "{got:?}");
+        // PINGREQ with a body.
+        let got = packet::decode(version, frame(0xc0, &[0]).await, &LIMITS);
+        assert!(matches!(got, Err(DecodeError::Malformed(_))), "{got:?}");
+        // Packet type 0 is reserved.
+        let got = packet::decode(version, frame(0x00, &[]).await, &LIMITS);
+        assert!(matches!(got, Err(DecodeError::Malformed(_))), "{got:?}");
+    }
+    // A complete 3.1.1 frame whose topic length points past its end is malformed.
+    let got = packet::decode(Version::V4, frame(0x32, &[0, 9, b't']).await, &LIMITS);
+    assert!(matches!(got, Err(DecodeError::Malformed(_))), "{got:?}");
+}
+
+#[tokio::test]
+async fn subscribe_and_auth_decode() {
+    let mut body = vec![0, 5, 0];
+    string(&mut body, "a/#");
+    body.push(0x01);
+    string(&mut body, "b");
+    body.push(0x02);
+    let got = packet::decode(Version::V5, frame(0x82, &body).await, &LIMITS);
+    assert!(
+        matches!(
+            got,
+            Ok(Packet::Subscribe {
+                pkid: 5,
+                filters: 2
+            })
+        ),
+        "{got:?}"
+    );
+    // Reserved option bits.
+    let mut body = vec![0, 5, 0];
+    string(&mut body, "a");
+    body.push(0xc0);
+    let got = packet::decode(Version::V5, frame(0x82, &body).await, &LIMITS);
+    assert!(matches!(got, Err(DecodeError::Malformed(_))), "{got:?}");
+    // AUTH: empty, and with a method; a bad reason code.
+    assert!(matches!(
+        packet::decode(Version::V5, frame(0xf0, &[]).await, &LIMITS),
+        Ok(Packet::Auth)
+    ));
+    let mut body = vec![0x18, 0];
+    let mut props = vec![0x15];
+    string(&mut props, "SCRAM");
+    body[1] = props.len() as u8;
+    body.extend_from_slice(&props);
+    assert!(matches!(
+        packet::decode(Version::V5, frame(0xf0, &body).await, &LIMITS),
+        Ok(Packet::Auth)
+    ));
+    let got = packet::decode(Version::V5, frame(0xf0, &[0x77, 0]).await, &LIMITS);
+    assert!(matches!(got, Err(DecodeError::Malformed(_))));
+    // AUTH does not exist in 3.1.1.
+    let got = packet::decode(Version::V4, frame(0xf0, &[]).await, &LIMITS);
+    assert!(matches!(got, Err(DecodeError::Malformed(_))));
+}
+
+#[test]
+fn qos2_retransmission_is_not_stored_twice() {
+    let mut inflight = Inflight::default();
+    assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::Store);
+    // DUP while the first append is pending: not stored, no ack yet.
+    assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::Duplicate);
+    inflight.stored(2, 9, true);
+    // DUP after PUBREC: PUBREC again, not stored.
+    assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::ResendPubRec);
+    assert_eq!(inflight.release(9), Ok(true));
+    // PUBREL again: PUBCOMP "not found"; the id is free for a new message.
+    assert_eq!(inflight.release(9), Ok(false));
+    assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::Store);
+    // PUBREL before PUBREC is a protocol error.
+    assert_eq!(inflight.release(9), Err(()));
+    // A failed append frees the id without waiting for PUBREL.
+    inflight.stored(2, 9, false);
+    assert_eq!(inflight.release(9), Ok(false));
+}
+
+#[test]
+fn receive_maximum_counts_qos2_until_pubrel() {
+    let mut inflight = Inflight::default();
+    assert_eq!(inflight.publish(1, 1, Some(2)), OnPublish::Store);
+    assert_eq!(inflight.publish(2, 2, Some(2)), OnPublish::Store);
+    assert_eq!(inflight.publish(1, 3, Some(2)), OnPublish::OverLimit);
+    assert_eq!(inflight.publish(0, 0, Some(2)), OnPublish::Store);
+    inflight.stored(1, 1, true);
+    inflight.stored(2, 2, true);
+    assert_eq!(inflight.storing(), 0);
+    // The QoS 2 message still counts until its PUBREL.
+    assert_eq!(inflight.publish(1, 4, Some(2)), OnPublish::Store);
+    assert_eq!(inflight.publish(1, 5, Some(2)), OnPublish::OverLimit);
+    assert_eq!(inflight.release(2), Ok(true));
+    assert_eq!(inflight.publish(1, 5, Some(2)), OnPublish::Store);
+    // 3.1.1: no limit enforced here (the connection is not read instead).
+    assert_eq!(inflight.publish(1, 6, None), OnPublish::Store);
+}
