@@ -90,3 +90,48 @@ fn line_col_counts_characters() {
     assert_eq!(line_col("ab\ncdé\nx", 3), (2, 1));
     assert_eq!(line_col("ab\ncdé\nx", 8), (3, 1));
 }
+
+/// The shipped gateway.toml is the reference: it is valid, its values are the defaults, and
+/// it shows every key of every section (set, or commented out when it has no default).
+#[test]
+fn shipped_gateway_toml_documents_every_key_with_its_default() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+    let text = std::fs::read_to_string(&path).expect("gateway.toml");
+    let config = Config::parse(&text, &path).expect("the shipped gateway.toml is valid");
+    let defaults = Config::default();
+    assert_eq!(
+        format!("{:?}", config.gateway),
+        format!("{:?}", defaults.gateway)
+    );
+    assert_eq!(format!("{:?}", config.mqtt), format!("{:?}", defaults.mqtt));
+    assert_eq!(
+        format!("{:?}", config.kafka),
+        format!("{:?}", defaults.kafka)
+    );
+    let buffer = BufferConfig {
+        dir: defaults.buffer.dir.clone(),
+        ..config.buffer.clone()
+    };
+    assert_eq!(format!("{buffer:?}"), format!("{:?}", defaults.buffer));
+    let sections = [
+        format!("{:?}", defaults.gateway),
+        format!("{:?}", defaults.buffer),
+        format!("{:?}", defaults.mqtt),
+        format!("{:?}", defaults.kafka),
+    ];
+    for debug in sections {
+        // `Name { field: value, other: value }`: every field name followed by ": ".
+        for key in debug
+            .split([',', '{'])
+            .filter_map(|part| part.trim().split_once(": ").map(|(k, _)| k.trim()))
+            .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        {
+            let shown = text.lines().any(|line| {
+                line.trim_start_matches(['#', ' '])
+                    .starts_with(&format!("{key} ="))
+            });
+            let table = text.contains(&format!("[kafka.{key}]"));
+            assert!(shown || table, "gateway.toml does not show `{key}`");
+        }
+    }
+}

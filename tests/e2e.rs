@@ -1,0 +1,985 @@
+//! End to end, black box: the real `edgegate` binary, real MQTT clients (`mosquitto_pub`
+//! and rumqttc), a real Kafka broker (the shared fixture), real faults (the broker stopped,
+//! the gateway SIGKILLed). Records are read back from Kafka and checked one by one.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Consumed;
+use rumqttc::{Event, Packet, QoS};
+
+const GATEWAY_ID: &str = "e2e-gw";
+
+/// The gateway binary running on a config written for one test.
+struct Gateway {
+    child: Option<Child>,
+    config: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Writes a config (buffer in a fresh directory, MQTT on a free port, the test broker,
+    /// `routes` appended) and starts the binary.
+    fn start(routes: &str, extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = dir.path().join("gateway.toml");
+        let text = format!(
+            "[gateway]\nid = \"{GATEWAY_ID}\"\nshutdown_grace = \"5s\"\n\n\
+             [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"256MiB\"\n\n\
+             [mqtt]\nlisten = \"127.0.0.1:{port}\"\nconnect_timeout = \"1s\"\n{extra}\n\
+             [kafka]\nbrokers = [\"{}\"]\n\n{routes}",
+            common::bootstrap()
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut gateway = Gateway {
+            child: None,
+            config,
+            port,
+            _dir: dir,
+        };
+        gateway.restart();
+        gateway
+    }
+
+    /// Starts the binary on the same config and log (after a kill or a stop).
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "the gateway is still running");
+        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,edgegate=debug")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn edgegate");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("edgegate exited at startup: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edgegate did not listen within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status of the graceful shutdown.
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("edgegate did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Two routes: plant telemetry keyed by device into one topic per site, and fleet data
+/// keyed by client id.
+fn two_routes(prefix: &str) -> String {
+    format!(
+        "[[routes]]\nmatch = \"plant/+site/+device/telemetry/#\"\ntopic = \"{prefix}.{{site}}.telemetry\"\nkey = \"{{device}}\"\n\n\
+         [[routes]]\nmatch = \"fleet/#\"\ntopic = \"{prefix}-fleet\"\n"
+    )
+}
+
+fn one_route(topic: &str) -> String {
+    format!("[[routes]]\nmatch = \"#\"\ntopic = \"{topic}\"\n")
+}
+
+/// Publishes `payloads` with rumqttc and returns the indexes the gateway acknowledged
+/// (PUBACK / PUBREC for QoS 1 / 2, sent for QoS 0). Stops at the first connection error.
+async fn rumqttc_publish(
+    addr: &str,
+    client_id: &str,
+    v5: bool,
+    qos: u8,
+    topic: &str,
+    payloads: Vec<Vec<u8>>,
+    properties: bool,
+) -> Vec<usize> {
+    let (host, port) = addr.split_once(':').expect("addr");
+    let port: u16 = port.parse().expect("port");
+    if v5 {
+        return v5_publish(host, port, client_id, qos, topic, payloads, properties).await;
+    }
+    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(qos)];
+    let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+    options
+        .set_inflight(20)
+        .set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let total = payloads.len();
+    let topic = topic.to_owned();
+    let publisher = tokio::spawn(async move {
+        for payload in payloads {
+            if client
+                .publish(topic.as_str(), qos, false, payload)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        client
+    });
+    let mut sent = 0usize;
+    let mut pending: HashMap<u16, usize> = HashMap::new();
+    let mut acked = Vec::new();
+    while acked.len() < total {
+        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                if qos == QoS::AtMostOnce {
+                    acked.push(sent);
+                } else {
+                    pending.insert(pkid, sent);
+                }
+                sent += 1;
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => acked.extend(pending.remove(&a.pkid)),
+            Ok(Ok(Event::Incoming(Packet::PubRec(r)))) => acked.extend(pending.remove(&r.pkid)),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    if let Ok(client) = publisher.await {
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(event) = eventloop.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    acked
+}
+
+async fn v5_publish(
+    host: &str,
+    port: u16,
+    client_id: &str,
+    qos: u8,
+    topic: &str,
+    payloads: Vec<Vec<u8>>,
+    properties: bool,
+) -> Vec<usize> {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason, PublishProperties};
+    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions};
+    let qos = [Q5::AtMostOnce, Q5::AtLeastOnce, Q5::ExactlyOnce][usize::from(qos)];
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let total = payloads.len();
+    let topic = topic.to_owned();
+    let publisher = tokio::spawn(async move {
+        for payload in payloads {
+            let result = if properties {
+                let props = PublishProperties {
+                    content_type: Some("application/json".into()),
+                    user_properties: vec![("unit".into(), "C".into()), ("line".into(), "4".into())],
+                    ..Default::default()
+                };
+                client
+                    .publish_with_properties(topic.as_str(), qos, false, payload, props)
+                    .await
+            } else {
+                client.publish(topic.as_str(), qos, false, payload).await
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        client
+    });
+    let mut sent = 0usize;
+    let mut pending: HashMap<u16, usize> = HashMap::new();
+    let mut acked = Vec::new();
+    while acked.len() < total {
+        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
+            Ok(Ok(E5::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                if qos == Q5::AtMostOnce {
+                    acked.push(sent);
+                } else {
+                    pending.insert(pkid, sent);
+                }
+                sent += 1;
+            }
+            Ok(Ok(E5::Incoming(P5::PubAck(a)))) => {
+                let index = pending.remove(&a.pkid);
+                if a.reason == PubAckReason::Success {
+                    acked.extend(index);
+                }
+            }
+            Ok(Ok(E5::Incoming(P5::PubRec(r)))) => acked.extend(pending.remove(&r.pkid)),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    if let Ok(client) = publisher.await {
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+    }
+    acked
+}
+
+/// Publishes every line with `mosquitto_pub -l`; a zero exit means every QoS ≥ 1 message
+/// was acknowledged.
+fn mosquitto_publish(
+    addr: &str,
+    client_id: &str,
+    v5: bool,
+    qos: u8,
+    topic: &str,
+    lines: &[String],
+) -> std::io::Result<ExitStatus> {
+    let (host, port) = addr.split_once(':').expect("addr");
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-i",
+            client_id,
+            "-t",
+            topic,
+            "-q",
+            &qos.to_string(),
+            "-l",
+        ])
+        .args(["-V", if v5 { "5" } else { "mqttv311" }])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("stdin");
+    for line in lines {
+        writeln!(stdin, "{line}")?;
+    }
+    drop(stdin);
+    child.wait()
+}
+
+fn payloads(device: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{device}:{i:06}").into_bytes())
+        .collect()
+}
+
+/// `device:seq` of a payload written by `payloads`.
+fn parse(payload: &[u8]) -> (String, usize) {
+    let text = std::str::from_utf8(payload).expect("utf8 payload");
+    let (device, seq) = text.rsplit_once(':').expect("device:seq");
+    (device.to_owned(), seq.parse().expect("seq"))
+}
+
+/// Drops re-sends (same record id), keeping the first copy, and checks that what remains
+/// is in publish order per device.
+fn dedup_and_check_order(records: &[Consumed]) -> Vec<Consumed> {
+    let mut ids = HashSet::new();
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut unique = Vec::new();
+    let mut by_partition: BTreeMap<(String, i32), Vec<&Consumed>> = BTreeMap::new();
+    for record in records {
+        by_partition
+            .entry((record.topic.clone(), record.partition))
+            .or_default()
+            .push(record);
+    }
+    for records in by_partition.values_mut() {
+        records.sort_by_key(|r| r.offset);
+        for record in records.iter() {
+            let id = record
+                .header("edgegate-record-id")
+                .expect("record id header")
+                .to_vec();
+            if !ids.insert(id) {
+                continue;
+            }
+            let (device, seq) = parse(record.payload.as_deref().expect("payload"));
+            if let Some(previous) = last.insert(device.clone(), seq) {
+                assert!(seq > previous, "{device}: {seq} arrived after {previous}");
+            }
+            unique.push((*record).clone());
+        }
+    }
+    unique
+}
+
+fn header_str<'a>(record: &'a Consumed, name: &str) -> &'a str {
+    std::str::from_utf8(
+        record
+            .header(name)
+            .unwrap_or_else(|| panic!("header {name} missing")),
+    )
+    .expect("utf8 header")
+}
+
+/// Test 1: ten concurrent publishers of three kinds, QoS 0, 1 and 2, two routes; every
+/// QoS ≥ 1 record is checked: topic, key, payload, headers, per-device order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_publishers_reach_kafka_with_keys_headers_and_order() {
+    let _kafka = common::shared();
+    let prefix = common::unique_topic("e2e-mixed");
+    let gateway = Gateway::start(&two_routes(&prefix), "");
+    let addr = gateway.addr();
+    const PER_PUBLISHER: usize = 1000;
+
+    // (name, kind, v5, qos); even publishers use the plant route, odd ones the fleet route.
+    let publishers: Vec<(&str, &str, bool, u8)> = vec![
+        ("p0", "mosquitto", false, 1),
+        ("p1", "mosquitto", true, 2),
+        ("p2", "mosquitto", true, 1),
+        ("p3", "mosquitto", false, 2),
+        ("p4", "rumqttc", false, 1),
+        ("p5", "rumqttc", true, 1),
+        ("p6", "rumqttc", true, 2),
+        ("p7", "rumqttc", false, 2),
+        ("p8", "rumqttc", false, 0),
+        ("p9", "mosquitto", true, 0),
+    ];
+    let topic_of = |i: usize, name: &str| {
+        if i % 2 == 0 {
+            format!("plant/site{}/{name}/telemetry/temp", i % 4 / 2)
+        } else {
+            format!("fleet/{name}/gps")
+        }
+    };
+    let mut tasks = Vec::new();
+    for (i, (name, kind, v5, qos)) in publishers.iter().copied().enumerate() {
+        let (addr, topic) = (addr.clone(), topic_of(i, name));
+        let client_id = format!("{name}-client");
+        tasks.push(tokio::spawn(async move {
+            let data = payloads(name, PER_PUBLISHER);
+            if kind == "mosquitto" {
+                let lines: Vec<String> = data
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                let status = tokio::task::spawn_blocking(move || {
+                    mosquitto_publish(&addr, &client_id, v5, qos, &topic, &lines)
+                })
+                .await
+                .expect("join")
+                .expect("mosquitto_pub runs");
+                assert!(status.success(), "mosquitto_pub {name}: {status}");
+                PER_PUBLISHER
+            } else {
+                let acked = rumqttc_publish(&addr, &client_id, v5, qos, &topic, data, v5).await;
+                acked.len()
+            }
+        }));
+    }
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.push(task.await.expect("publisher"));
+    }
+    for (i, (name, _, _, qos)) in publishers.iter().enumerate() {
+        if *qos > 0 {
+            assert_eq!(
+                acked[i], PER_PUBLISHER,
+                "{name} got every QoS {qos} message acknowledged"
+            );
+        }
+    }
+
+    // QoS >= 1 records per Kafka topic: site0 has p0 and p4, site1 p2 and p6, fleet p1, p3,
+    // p5 and p7 (QoS 0 publishers p8 and p9 add at most their own).
+    let mut records = Vec::new();
+    for (topic, expected) in [
+        ("site0.telemetry", 2000),
+        ("site1.telemetry", 2000),
+        ("fleet", 4000),
+    ] {
+        let topic = if topic == "fleet" {
+            format!("{prefix}-fleet")
+        } else {
+            format!("{prefix}.{topic}")
+        };
+        records.extend(common::consume_all(&topic, expected, Duration::from_secs(60)).await);
+    }
+    let records = dedup_and_check_order(&records);
+    let mut per_device: HashMap<String, Vec<usize>> = HashMap::new();
+    for record in &records {
+        let payload = record.payload.as_deref().expect("payload");
+        let (device, seq) = parse(payload);
+        let i: usize = device[1..].parse().expect("publisher index");
+        let (name, _, v5, qos) = publishers[i];
+        let mqtt_topic = topic_of(i, name);
+        let client_id = format!("{name}-client");
+        // Topic and key from the route.
+        if i % 2 == 0 {
+            assert_eq!(
+                record.topic,
+                format!("{prefix}.site{}.telemetry", i % 4 / 2)
+            );
+            assert_eq!(
+                record.key.as_deref(),
+                Some(name.as_bytes()),
+                "key is the {{device}} wildcard"
+            );
+        } else {
+            assert_eq!(record.topic, format!("{prefix}-fleet"));
+            assert_eq!(
+                record.key.as_deref(),
+                Some(client_id.as_bytes()),
+                "default key is the client id"
+            );
+        }
+        // Headers.
+        let id = header_str(record, "edgegate-record-id");
+        assert!(
+            id.starts_with(&format!("{GATEWAY_ID}:"))
+                && id[GATEWAY_ID.len() + 1..].parse::<u64>().is_ok(),
+            "{id}"
+        );
+        assert_eq!(header_str(record, "edgegate-source"), "mqtt");
+        assert_eq!(header_str(record, "edgegate-device"), client_id);
+        assert_eq!(header_str(record, "edgegate-origin"), mqtt_topic);
+        assert_eq!(header_str(record, "mqtt-qos"), qos.to_string());
+        let received: i64 = header_str(record, "edgegate-received-ms")
+            .parse()
+            .expect("ms");
+        assert_eq!(
+            record.timestamp_ms,
+            Some(received),
+            "Kafka timestamp is the receive time"
+        );
+        if v5 && publishers[i].1 == "rumqttc" {
+            assert_eq!(header_str(record, "content-type"), "application/json");
+            assert_eq!(header_str(record, "unit"), "C");
+            assert_eq!(header_str(record, "line"), "4");
+        }
+        per_device.entry(device).or_default().push(seq);
+    }
+    for (name, _, _, qos) in &publishers {
+        let seqs = per_device.get(*name).cloned().unwrap_or_default();
+        if *qos > 0 {
+            assert_eq!(
+                seqs,
+                (0..PER_PUBLISHER).collect::<Vec<_>>(),
+                "{name}: every message exactly once, in order"
+            );
+        } else {
+            assert!(seqs.len() <= PER_PUBLISHER, "{name}: QoS 0 at most once");
+        }
+    }
+}
+
+/// Test 2: the broker is stopped mid-stream; publishes keep being acknowledged; after the
+/// restart everything arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_outage_mid_stream_loses_nothing() {
+    let kafka = common::exclusive();
+    let topic = common::unique_topic("e2e-outage");
+    let gateway = Gateway::start(&one_route(&topic), "");
+    let addr = gateway.addr();
+    let first = rumqttc_publish(
+        &addr,
+        "dev-a",
+        false,
+        1,
+        "a/1",
+        payloads("dev-a", 1000)[..500].to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(first.len(), 500);
+    kafka.stop_broker_async().await;
+    let during = rumqttc_publish(
+        &addr,
+        "dev-a",
+        true,
+        1,
+        "a/1",
+        payloads("dev-a", 1000)[500..].to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(
+        during.len(),
+        500,
+        "the gateway keeps acknowledging while Kafka is down"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka.start_broker_async().await;
+    let records = common::consume_all(&topic, 1000, Duration::from_secs(90)).await;
+    let unique = dedup_and_check_order(&records);
+    let seqs: Vec<usize> = unique
+        .iter()
+        .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
+        .collect();
+    assert_eq!(seqs, (0..1000).collect::<Vec<_>>());
+}
+
+/// Test 3: Kafka is absent when the gateway starts; it accepts and buffers, survives a
+/// graceful restart with the backlog, and delivers everything once Kafka appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_absent_at_start_then_arrives() {
+    let kafka = common::exclusive();
+    kafka.stop_broker_async().await;
+    let topic = common::unique_topic("e2e-absent");
+    let mut gateway = Gateway::start(&one_route(&topic), "");
+    let addr = gateway.addr();
+    let acked = rumqttc_publish(
+        &addr,
+        "dev-b",
+        false,
+        1,
+        "b/1",
+        payloads("dev-b", 800),
+        false,
+    )
+    .await;
+    assert_eq!(
+        acked.len(),
+        800,
+        "accepted and buffered with no Kafka at all"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.terminate();
+        (gateway, status)
+    })
+    .await
+    .expect("join");
+    let (mut gateway, status) = status;
+    assert!(
+        status.success(),
+        "graceful shutdown with a backlog and no Kafka exits 0: {status}"
+    );
+    gateway.restart();
+    let more = rumqttc_publish(
+        &addr,
+        "dev-b",
+        true,
+        2,
+        "b/1",
+        payloads("dev-b", 1000)[800..].to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(more.len(), 200);
+    kafka.start_broker_async().await;
+    let records = common::consume_all(&topic, 1000, Duration::from_secs(90)).await;
+    let unique = dedup_and_check_order(&records);
+    let seqs: Vec<usize> = unique
+        .iter()
+        .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
+        .collect();
+    assert_eq!(seqs, (0..1000).collect::<Vec<_>>());
+}
+
+/// Test 4: the gateway is SIGKILLed mid-stream, several times; every PUBACKed message is in
+/// Kafka, and a re-sent record carries the same record id as its first copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_stream_loses_no_acknowledged_message() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("e2e-crash");
+    let mut gateway = Gateway::start(&one_route(&topic), "");
+    let addr = gateway.addr();
+    let mut acked_payloads: Vec<Vec<u8>> = Vec::new();
+    let mut next = 0usize;
+    for round in 0..4 {
+        let batch: Vec<Vec<u8>> = (next..next + 3000)
+            .map(|i| format!("dev-c:{i:06}").into_bytes())
+            .collect();
+        let publish = {
+            let (addr, batch) = (addr.clone(), batch.clone());
+            tokio::spawn(async move {
+                rumqttc_publish(&addr, "dev-c", round % 2 == 1, 1, "c/1", batch, false).await
+            })
+        };
+        if round < 3 {
+            tokio::time::sleep(Duration::from_millis(300 + 200 * round as u64)).await;
+            gateway.kill();
+        }
+        let acked = publish.await.expect("publisher");
+        acked_payloads.extend(acked.iter().map(|&i| batch[i].clone()));
+        next += 3000;
+        if round < 3 {
+            gateway.restart();
+        }
+    }
+    assert!(
+        acked_payloads.len() > 3000,
+        "enough was acknowledged to mean something: {}",
+        acked_payloads.len()
+    );
+    let records = common::consume_all(&topic, acked_payloads.len(), Duration::from_secs(90)).await;
+    // A payload seen twice is a re-send by the forwarder: both copies share the record id.
+    let mut ids: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    for record in &records {
+        let payload = record.payload.clone().unwrap_or_default();
+        let id = record.header("edgegate-record-id").expect("id").to_vec();
+        if let Some(previous) = ids.insert(payload.clone(), id.clone()) {
+            assert_eq!(
+                previous,
+                id,
+                "a re-send of {} kept its record id",
+                String::from_utf8_lossy(&payload)
+            );
+        }
+    }
+    let missing: Vec<String> = acked_payloads
+        .iter()
+        .filter(|p| !ids.contains_key(*p))
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    dedup_and_check_order(&records);
+}
+
+/// Test 5: hostile and broken connections each end with the right answer, while a
+/// well-behaved client on the same gateway gets everything through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_costs_only_the_sender() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("e2e-bad");
+    let gateway = Gateway::start(&one_route(&topic), "max_packet_size = \"4KiB\"\n");
+    let addr = gateway.addr();
+    let good = {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            rumqttc_publish(
+                &addr,
+                "dev-good",
+                false,
+                1,
+                "good/1",
+                payloads("dev-good", 2000),
+                false,
+            )
+            .await
+        })
+    };
+    let bad = tokio::task::spawn_blocking(move || {
+        // Garbage: not even a CONNECT.
+        let reply = raw_exchange(&addr, &[b"\xff\xfe\xfd\xfc garbage \x00\x01".as_slice()]);
+        assert!(reply.closed, "garbage closes the connection");
+        // A truncated CONNECT is dropped after connect_timeout (1 s here).
+        let started = Instant::now();
+        let reply = raw_exchange(&addr, &[&connect_v4("trunc")[..7]]);
+        assert!(
+            reply.closed && started.elapsed() < Duration::from_secs(5),
+            "a half CONNECT does not hold the socket"
+        );
+        // An unknown protocol level.
+        let mut level9 = connect_v4("lvl");
+        level9[8] = 9;
+        let reply = raw_exchange(&addr, &[&level9]);
+        assert!(reply.closed);
+        assert!(
+            reply.bytes.is_empty() || reply.bytes[..2] == [0x20, 0x02],
+            "only a CONNACK may answer: {:02x?}",
+            reply.bytes
+        );
+        // MQTT 5: a publish over max_packet_size gets DISCONNECT 0x95.
+        let big = publish_v5("big/1", 1, &vec![b'x'; 8 << 10]);
+        let reply = raw_exchange(&addr, &[&connect_v5("big"), &big]);
+        assert!(reply.closed);
+        assert_eq!(
+            reply.disconnect_reason(),
+            Some(0x95),
+            "{:02x?}",
+            &reply.bytes[..reply.bytes.len().min(32)]
+        );
+        // A publish to a wildcard topic: 3.1.1 is closed, 5 is told why.
+        let reply = raw_exchange(
+            &addr,
+            &[&connect_v4("wild4"), &publish_v4("a/+/b", 1, b"x")],
+        );
+        assert!(
+            reply.closed && !reply.has_puback(),
+            "3.1.1 wildcard publish: closed, never acknowledged"
+        );
+        let reply = raw_exchange(
+            &addr,
+            &[&connect_v5("wild5"), &publish_v5("a/+/b", 1, b"x")],
+        );
+        assert!(
+            !reply.has_puback_success(),
+            "5 wildcard publish is not acknowledged as a success"
+        );
+    });
+    bad.await.expect("bad-input checks");
+    let acked = good.await.expect("good publisher");
+    assert_eq!(acked.len(), 2000, "the good client was unaffected");
+    let records = common::consume_all(&topic, 2000, Duration::from_secs(60)).await;
+    let unique = dedup_and_check_order(&records);
+    assert_eq!(unique.len(), 2000);
+    assert!(
+        unique
+            .iter()
+            .all(|r| header_str(r, "edgegate-device") == "dev-good"),
+        "nothing of the bad clients was stored"
+    );
+}
+
+/// Test 6: a broken config yields every problem with file:line:col and exit code 64, for
+/// both `validate` and `run`.
+#[test]
+fn broken_config_reports_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        "[buffer]\nmax_size = \"lots\"\n\n[mqtt]\nlisten = \"127.0.0.1:1883\"\nlisen = \"typo\"\n\n[[routes]]\nmatch = \"a/#/b\"\ntopic = \"ok\"\n\n[kafka]\nbrokers = []\n",
+    )
+    .expect("write");
+    for command in ["validate", "run"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args([command, "--config"])
+            .arg(&path)
+            .output()
+            .expect("run edgegate");
+        assert_eq!(output.status.code(), Some(64), "{command}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let file = path.display().to_string();
+        for expected in [format!("{file}:2:12:"), format!("{file}:6:1:")] {
+            assert!(
+                stderr.contains(&expected),
+                "{command}: `{expected}` in\n{stderr}"
+            );
+        }
+        assert!(stderr.contains("lisen"), "{stderr}");
+    }
+    // Once the parse errors are fixed, the validation problems appear, all at once.
+    std::fs::write(
+        &path,
+        "[mqtt]\nlisten = \"nowhere\"\n\n[[routes]]\nmatch = \"a/#/b\"\ntopic = \"ok\"\n\n[kafka]\nbrokers = []\n",
+    )
+    .expect("write");
+    let output = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run edgegate");
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let file = path.display().to_string();
+    for expected in [
+        format!("{file}:2:10: mqtt.listen"),
+        format!("{file}:5:9: routes[0].match"),
+        format!("{file}:9:11: kafka.brokers"),
+    ] {
+        assert!(stderr.contains(&expected), "`{expected}` in\n{stderr}");
+    }
+    let valid = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["validate", "--config"])
+        .arg(&valid)
+        .output()
+        .expect("run edgegate");
+    assert!(
+        output.status.success(),
+        "the shipped gateway.toml is valid: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// What a raw connection got back.
+struct Reply {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+impl Reply {
+    /// Packets in the reply, as (first byte, body).
+    fn packets(&self) -> Vec<(u8, &[u8])> {
+        let mut out = Vec::new();
+        let mut rest = &self.bytes[..];
+        while rest.len() >= 2 {
+            let (mut len, mut shift, mut i) = (0usize, 0, 1);
+            while i < rest.len() {
+                len |= usize::from(rest[i] & 0x7f) << shift;
+                shift += 7;
+                i += 1;
+                if rest[i - 1] & 0x80 == 0 {
+                    break;
+                }
+            }
+            if rest.len() < i + len {
+                break;
+            }
+            out.push((rest[0], &rest[i..i + len]));
+            rest = &rest[i + len..];
+        }
+        out
+    }
+
+    fn disconnect_reason(&self) -> Option<u8> {
+        self.packets()
+            .iter()
+            .find(|(h, _)| *h == 0xe0)
+            .map(|(_, b)| b.first().copied().unwrap_or(0))
+    }
+
+    fn has_puback(&self) -> bool {
+        self.packets().iter().any(|(h, _)| *h == 0x40)
+    }
+
+    fn has_puback_success(&self) -> bool {
+        self.packets()
+            .iter()
+            .any(|(h, b)| *h == 0x40 && b.get(2).copied().unwrap_or(0) == 0)
+    }
+}
+
+/// Sends each chunk, then reads until the server closes (or 4 s pass).
+fn raw_exchange(addr: &str, chunks: &[&[u8]]) -> Reply {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut bytes = Vec::new();
+    for chunk in chunks {
+        if stream.write_all(chunk).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                return Reply {
+                    bytes,
+                    closed: true,
+                };
+            }
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                return Reply {
+                    bytes,
+                    closed: true,
+                };
+            }
+        }
+    }
+    Reply {
+        bytes,
+        closed: false,
+    }
+}
+
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![header];
+    remaining_length(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+fn string(s: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn connect_v4(client_id: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    string("MQTT", &mut body);
+    body.extend_from_slice(&[4, 0x02, 0, 60]);
+    string(client_id, &mut body);
+    packet(0x10, &body)
+}
+
+fn connect_v5(client_id: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    string("MQTT", &mut body);
+    body.extend_from_slice(&[5, 0x02, 0, 60, 0]);
+    string(client_id, &mut body);
+    packet(0x10, &body)
+}
+
+fn publish_v4(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic, &mut body);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    packet(0x32, &body)
+}
+
+fn publish_v5(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic, &mut body);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(payload);
+    packet(0x32, &body)
+}
