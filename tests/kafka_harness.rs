@@ -18,6 +18,8 @@ fn producer() -> FutureProducer {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
+        // librdkafka backs off reconnects up to 10 s by default; the restarts here take seconds.
+        .set("reconnect.backoff.max.ms", "1000")
         .create()
         .expect("producer")
 }
