@@ -227,15 +227,14 @@ impl KafkaConfig {
                     problems.push(at, *why);
                     raw_ok = false;
                 }
-            } else if key == "max.in.flight.requests.per.connection" || key == "max.in.flight" {
-                if value
+            } else if (key == "max.in.flight.requests.per.connection" || key == "max.in.flight")
+                && value
                     .trim()
                     .parse::<u32>()
                     .map_or(true, |n| !(1..=5).contains(&n))
-                {
-                    problems.push(at, "must be 1 to 5 with the idempotent producer");
-                    raw_ok = false;
-                }
+            {
+                problems.push(at, "must be 1 to 5 with the idempotent producer");
+                raw_ok = false;
             }
         }
         // librdkafka itself checks every name and value (no network, no client created),

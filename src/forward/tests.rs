@@ -92,6 +92,11 @@ fn sample(seq: u64, key: &str, size: usize) -> StoredRecord {
 }
 
 fn start(tweak: impl FnOnce(&mut KafkaConfig)) -> Harness {
+    // `RUST_LOG=edgegate=debug cargo test` shows what the forwarder did.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 1, 1).expect("topic");
     let mut cfg = KafkaConfig {

@@ -240,28 +240,19 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 .flatten()
                 .min();
 
+            // Biased, in this order: stopping first; timers next (rarely ready, must not
+            // starve); then reading, which the window bounds, before delivery reports, so a
+            // steady stream of reports cannot starve reads and turn the drain into
+            // stop-and-go.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if deadline.is_none() => {
                     tracing::info!(in_flight = self.in_flight.len(), grace = ?self.settings.grace, "Forwarder stopping: no more reads, waiting for in-flight deliveries.");
                     deadline = Some(Instant::now() + self.settings.grace);
                 }
-                n = self.deliveries_rx.recv_many(&mut reports, 4096) => {
-                    if n > 0 {
-                        let before = self.delivered;
-                        for report in reports.drain(..) {
-                            self.on_delivery(report);
-                        }
-                        if self.delivered != before {
-                            let delivered = self.delivered;
-                            self.progress.send_modify(|pr| {
-                                pr.delivered = delivered;
-                                pr.last_delivery = Some(std::time::Instant::now());
-                            });
-                        }
-                    }
-                }
-                Some(seq) = self.dead_lettered_rx.recv() => self.finish(seq),
+                _ = tokio::time::sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => break,
+                _ = tick.tick() => self.housekeeping(),
+                _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
                 read = self.source.read_batch(want_records, want_bytes), if can_read => match read {
                     Ok(batch) => {
                         read_backoff.reset();
@@ -281,9 +272,22 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                         read_after = Some(Instant::now() + wait);
                     }
                 },
-                _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
-                _ = tokio::time::sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => break,
-                _ = tick.tick() => self.housekeeping(),
+                Some(seq) = self.dead_lettered_rx.recv() => self.finish(seq),
+                n = self.deliveries_rx.recv_many(&mut reports, 4096) => {
+                    if n > 0 {
+                        let before = self.delivered;
+                        for report in reports.drain(..) {
+                            self.on_delivery(report);
+                        }
+                        if self.delivered != before {
+                            let delivered = self.delivered;
+                            self.progress.send_modify(|pr| {
+                                pr.delivered = delivered;
+                                pr.last_delivery = Some(std::time::Instant::now());
+                            });
+                        }
+                    }
+                }
             }
 
             if deadline.is_some() && self.in_flight.is_empty() {
