@@ -122,6 +122,13 @@ impl KafkaFixture {
 
     /// Runs `kafka-ci.sh <command>`; the error carries the script's output.
     fn ctl(&self, command: &str) -> Result<(), String> {
+        if self.ctl_env.is_empty() && std::env::var_os("KAFKA_RUN_DIR").is_none() {
+            return Err(format!(
+                "cannot `{command}` the broker at {}: EDGEGATE_TEST_KAFKA is set but \
+                 KAFKA_RUN_DIR is not, so it was not started by tools/test",
+                self.bootstrap
+            ));
+        }
         let output = Command::new(&self.ctl)
             .arg(command)
             .envs(self.ctl_env.iter().map(|(k, v)| (k, v)))
