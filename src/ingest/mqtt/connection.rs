@@ -166,6 +166,21 @@ impl Connection {
         self.writer.shutdown().await
     }
 
+    /// After the server's last packet: reads and discards what the client still sends, for
+    /// at most `wait` and 1 MiB. Closing a socket with unread input sends a reset, and a reset
+    /// can make the client drop our DISCONNECT (say, 0x95 after an oversize publish) unread.
+    pub async fn linger(&mut self, wait: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut scratch = [0u8; 2048];
+        let mut budget = 1usize << 20;
+        while budget > 0 {
+            match tokio::time::timeout_at(deadline, self.reader.read(&mut scratch)).await {
+                Ok(Ok(n)) if n > 0 => budget = budget.saturating_sub(n),
+                _ => break,
+            }
+        }
+    }
+
     /// Bytes the read buffer can hold without growing (for tests of the size limit).
     #[cfg(test)]
     pub fn read_capacity(&self) -> usize {

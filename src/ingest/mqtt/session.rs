@@ -104,8 +104,7 @@ impl End {
 pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Shared) {
     let mut conn = Connection::new(socket, shared.config.packet_limit());
     let Some((connect, version)) = handshake(&mut conn, peer, &shared).await else {
-        // Let the refusal reach the client; the socket closes when dropped either way.
-        let _ = tokio::time::timeout(shared.config.connect_timeout.get(), conn.close()).await;
+        goodbye(&mut conn, shared.config.connect_timeout.get()).await;
         return;
     };
     let Some(mut session) = Session::accept(conn, peer, shared, *connect, version) else {
@@ -219,7 +218,7 @@ impl Session {
             refused(peer, &connect.client_id, refusal);
             conn.queue(version, &Outgoing::ConnAck(Err(refusal)));
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
+                goodbye(&mut conn, Duration::from_secs(1)).await;
             });
             return None;
         }
@@ -278,6 +277,9 @@ impl Session {
         let keepalive = tokio::time::sleep(window);
         tokio::pin!(keepalive);
         let receive_maximum = usize::from(self.shared.config.receive_maximum);
+        // While the gateway is not reading, the client's PINGREQs wait unread: the keepalive
+        // clock restarts when reading resumes instead of punishing the client for our pause.
+        let mut paused = false;
         loop {
             if let Err(e) = self.flush().await {
                 io_error(self.peer, &self.client_id, &e);
@@ -293,6 +295,10 @@ impl Session {
                 && self.pending_qos0 < receive_maximum
                 // 3.1.1 has no receive maximum: stop reading at the limit instead.
                 && (self.version == Version::V5 || self.inflight.storing() < receive_maximum);
+            if paused && can_read {
+                keepalive.as_mut().reset(Instant::now() + window);
+            }
+            paused = !can_read;
             tokio::select! {
                 // Acknowledge first: a durable append frees a slot and unblocks the client.
                 biased;
@@ -332,7 +338,7 @@ impl Session {
                         return end;
                     }
                 }
-                _ = &mut keepalive, if draining.is_none() => {
+                _ = &mut keepalive, if can_read => {
                     timed_out(self.peer, Some(&self.client_id), "keepalive");
                     return End::KEEPALIVE;
                 }
@@ -598,7 +604,7 @@ impl Session {
                 .queue(self.version, &Outgoing::Disconnect { reason });
         }
         let limit = self.shared.config.connect_timeout.get();
-        let _ = tokio::time::timeout(limit, self.conn.close()).await;
+        goodbye(&mut self.conn, limit).await;
         self.shared
             .registry
             .unregister(&self.client_id, self.conn_id);
@@ -692,6 +698,18 @@ impl Inflight {
     /// QoS 1/2 appends pending.
     pub(super) fn storing(&self) -> usize {
         self.storing.len()
+    }
+}
+
+/// How long a closing connection's input is drained after our last packet.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Sends what is queued (a refusal, a DISCONNECT), closes our side, and drains the client's
+/// input briefly so the close does not turn into a reset that hides our reason code.
+async fn goodbye(conn: &mut Connection, timeout: Duration) {
+    let said_something = conn.has_queued();
+    if tokio::time::timeout(timeout, conn.close()).await.is_ok() && said_something {
+        conn.linger(LINGER).await;
     }
 }
 
@@ -810,5 +828,5 @@ pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Shared) {
     };
     refused(peer, "", Refusal::Busy);
     conn.queue(version, &Outgoing::ConnAck(Err(Refusal::Busy)));
-    let _ = tokio::time::timeout(timeout, conn.close()).await;
+    goodbye(&mut conn, timeout).await;
 }

@@ -1,0 +1,839 @@
+//! The MQTT listener end to end, without Kafka: the real server on 127.0.0.1:0 over a real
+//! log in a temporary directory, driven by real clients (`mosquitto_pub` 3.1.1 and 5,
+//! rumqttc v4 and v5) and by a raw socket for what well-behaved clients never send. Records
+//! are read back from the log.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use edgegate::buffer::{Log, LogConfig, LogReader, Overflow, StoredRecord};
+use edgegate::config::Problems;
+use edgegate::ingest::Pipeline;
+use edgegate::ingest::mqtt::config::MqttConfig;
+use edgegate::route::{RouteConfig, Router};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Long enough for anything that should happen; tests fail rather than hang.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct Gateway {
+    addr: SocketAddr,
+    log: Log,
+    reader: LogReader,
+    shutdown: CancellationToken,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The log's next sequence number at start, to count what was appended since.
+    first_seq: u64,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the listener with one route, `dev/#` → Kafka topic `telemetry`; anything else has
+/// no route.
+async fn start(mqtt: MqttConfig, tune: impl FnOnce(&mut LogConfig)) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log_config = LogConfig::new(dir.path().join("log"));
+    log_config.commit_delay = Duration::from_millis(1);
+    tune(&mut log_config);
+    let (log, _) = tokio::task::spawn_blocking(move || Log::open(log_config))
+        .await
+        .expect("join")
+        .expect("open the log");
+    let mut problems = Problems::default();
+    let routes = [RouteConfig {
+        filter: "dev/#".into(),
+        topic: "telemetry".into(),
+        key: None,
+    }];
+    let router = Router::new(&routes, None, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    let pipeline = Pipeline::new(log.clone(), router);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(edgegate::ingest::mqtt::serve(
+        listener,
+        Arc::new(mqtt),
+        pipeline,
+        shutdown.clone(),
+    ));
+    let reader = log.reader().expect("the reader");
+    let first_seq = log.stats().next_seq;
+    Gateway {
+        first_seq,
+        addr,
+        log,
+        reader,
+        shutdown,
+        served,
+        _dir: dir,
+    }
+}
+
+async fn start_default() -> Gateway {
+    start(MqttConfig::default(), |_| {}).await
+}
+
+impl Gateway {
+    /// Reads exactly `n` records, failing after `PATIENCE`.
+    async fn records(&mut self, n: usize) -> Vec<StoredRecord> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let batch =
+                tokio::time::timeout(PATIENCE, self.reader.read_batch(n - out.len(), 1 << 30))
+                    .await
+                    .unwrap_or_else(|_| panic!("only {} of {n} records arrived", out.len()))
+                    .expect("read the log");
+            for r in &batch {
+                self.reader.ack(r.seq);
+            }
+            out.extend(batch);
+        }
+        out
+    }
+
+    /// Records appended so far (durable or not).
+    fn appended(&self) -> u64 {
+        self.log.stats().next_seq - self.first_seq
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.served)
+            .await
+            .expect("serve drains in time")
+            .expect("join")
+            .expect("serve");
+        self.log.close().await.expect("close the log");
+    }
+}
+
+fn header<'a>(record: &'a StoredRecord, name: &str) -> Option<&'a [u8]> {
+    record
+        .record
+        .headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_ref())
+}
+
+fn payloads(records: &[StoredRecord]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.record.payload).into_owned())
+        .collect()
+}
+
+// ---- raw MQTT, for what well-behaved clients never send ---------------------------------
+
+fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![byte1];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn string(out: &mut Vec<u8>, s: &[u8]) {
+    out.put_u16(s.len() as u16);
+    out.extend_from_slice(s);
+}
+
+/// A CONNECT: `level` 4 or 5, clean start, optional will (topic, payload, QoS 1).
+fn connect(level: u8, client_id: &str, keep_alive: u16, will: Option<(&str, &str)>) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, b"MQTT");
+    body.push(level);
+    body.push(0x02 | if will.is_some() { 0x04 | 0x08 } else { 0 });
+    body.put_u16(keep_alive);
+    if level == 5 {
+        body.push(0);
+    }
+    string(&mut body, client_id.as_bytes());
+    if let Some((topic, payload)) = will {
+        if level == 5 {
+            body.push(0);
+        }
+        string(&mut body, topic.as_bytes());
+        string(&mut body, payload.as_bytes());
+    }
+    frame(0x10, &body)
+}
+
+fn publish(level: u8, qos: u8, dup: bool, pkid: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, topic.as_bytes());
+    if qos > 0 {
+        body.put_u16(pkid);
+    }
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    frame(0x30 | (qos << 1) | if dup { 0x08 } else { 0 }, &body)
+}
+
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn open(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and checks the CONNACK says success.
+    async fn connected(addr: SocketAddr, level: u8, client_id: &str) -> Raw {
+        let mut raw = Raw::open(addr).await;
+        raw.send(&connect(level, client_id, 60, None)).await;
+        let (byte1, body) = raw.recv().await.expect("CONNACK");
+        assert_eq!(byte1, 0x20);
+        assert_eq!(body.get(1), Some(&0), "CONNACK code");
+        raw
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// The next packet as (first byte, body), or `None` once the server closed.
+    async fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
+        tokio::time::timeout(PATIENCE, self.recv_inner())
+            .await
+            .expect("the server answers or closes in time")
+    }
+
+    async fn recv_inner(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let mut len = 0usize;
+                let mut i = 1;
+                let complete = loop {
+                    let Some(&b) = self.buf.get(i) else {
+                        break None;
+                    };
+                    len |= usize::from(b & 0x7f) << (7 * (i - 1));
+                    i += 1;
+                    if b & 0x80 == 0 {
+                        break Some((i, len));
+                    }
+                };
+                if let Some((header, len)) = complete {
+                    if self.buf.len() >= header + len {
+                        let packet = self.buf.split_to(header + len);
+                        return Some((packet[0], packet[header..].to_vec()));
+                    }
+                }
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Packets until the server closes the connection.
+    async fn until_closed(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut packets = Vec::new();
+        while let Some(p) = self.recv().await {
+            packets.push(p);
+        }
+        packets
+    }
+}
+
+// ---- real clients ------------------------------------------------------------------------
+
+/// Runs `mosquitto_pub`, one message per line of `lines`.
+async fn mosquitto_pub(
+    addr: SocketAddr,
+    version: &str,
+    qos: u8,
+    id: &str,
+    topic: &str,
+    lines: &[String],
+    extra: &[&str],
+) {
+    let mut child = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &addr.port().to_string(),
+            "-V",
+            version,
+        ])
+        .args(["-q", &qos.to_string(), "-i", id, "-t", topic, "-l"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed (Debian: mosquitto-clients)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .await
+        .expect("write");
+    drop(stdin);
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("mosquitto_pub finishes")
+        .expect("mosquitto_pub runs");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Publishes with rumqttc's 3.1.1 client; returns once every QoS 1/2 message is acknowledged
+/// and the client has disconnected.
+async fn rumqttc_v4(addr: SocketAddr, id: &str, qos: u8, topic: &str, payloads: &[String]) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    let mut options = MqttOptions::new(id, "127.0.0.1", addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(options, 100);
+    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(qos)];
+    let n = payloads.len();
+    let payloads = payloads.to_vec();
+    let topic = topic.to_owned();
+    let sender = client.clone();
+    tokio::spawn(async move {
+        for p in payloads {
+            sender
+                .publish(&topic, qos, false, p.into_bytes())
+                .await
+                .expect("publish");
+        }
+    });
+    let mut acked = 0;
+    tokio::time::timeout(PATIENCE, async {
+        let mut disconnecting = false;
+        loop {
+            match events.poll().await.expect("rumqttc v4 event loop") {
+                Event::Incoming(Packet::PubAck(_)) | Event::Incoming(Packet::PubComp(_)) => {
+                    acked += 1
+                }
+                Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => acked += 1,
+                Event::Outgoing(Outgoing::Disconnect) => break,
+                _ => {}
+            }
+            if acked == n && !disconnecting {
+                disconnecting = true;
+                client.disconnect().await.expect("disconnect");
+            }
+        }
+    })
+    .await
+    .expect("rumqttc v4 finishes");
+}
+
+/// Publishes with rumqttc's MQTT 5 client, with a content type and two user properties.
+async fn rumqttc_v5(addr: SocketAddr, id: &str, qos: u8, topic: &str, payloads: &[String]) {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut options = MqttOptions::new(id, "127.0.0.1", addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(options, 100);
+    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(qos)];
+    let n = payloads.len();
+    let payloads = payloads.to_vec();
+    let topic = topic.to_owned();
+    let sender = client.clone();
+    tokio::spawn(async move {
+        for p in payloads {
+            let properties = PublishProperties {
+                content_type: Some("text/plain".into()),
+                user_properties: vec![("site".into(), "north".into()), ("line".into(), "7".into())],
+                ..Default::default()
+            };
+            sender
+                .publish_with_properties(&topic, qos, false, p.into_bytes(), properties)
+                .await
+                .expect("publish");
+        }
+    });
+    let mut done = 0;
+    tokio::time::timeout(PATIENCE, async {
+        let mut disconnecting = false;
+        loop {
+            match events.poll().await.expect("rumqttc v5 event loop") {
+                Event::Incoming(Packet::PubAck(ack)) => {
+                    assert_eq!(
+                        ack.reason,
+                        rumqttc::v5::mqttbytes::v5::PubAckReason::Success
+                    );
+                    done += 1;
+                }
+                Event::Incoming(Packet::PubComp(_)) => done += 1,
+                Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => done += 1,
+                Event::Outgoing(Outgoing::Disconnect) => break,
+                _ => {}
+            }
+            if done == n && !disconnecting {
+                disconnecting = true;
+                client.disconnect().await.expect("disconnect");
+            }
+        }
+    })
+    .await
+    .expect("rumqttc v5 finishes");
+}
+
+fn lines(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+// ---- tests --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_and_qos_is_stored_exactly_once_with_its_headers() {
+    let mut gw = start_default().await;
+    let mut expected: HashMap<String, (u8, &str)> = HashMap::new();
+    let mut jobs = Vec::new();
+    for qos in 0..=2u8 {
+        for (client, version) in [("mosq311", "mqttv311"), ("mosq5", "mqttv5")] {
+            let batch = lines(&format!("{client}-q{qos}"), 20);
+            for l in &batch {
+                expected.insert(l.clone(), (qos, client));
+            }
+            let extra: &[&str] = if version == "mqttv5" {
+                &[
+                    "-D",
+                    "publish",
+                    "content-type",
+                    "text/plain",
+                    "-D",
+                    "publish",
+                    "user-property",
+                    "site",
+                    "north",
+                ]
+            } else {
+                &[]
+            };
+            let addr = gw.addr;
+            let id = format!("{client}-q{qos}");
+            jobs.push(tokio::spawn(async move {
+                mosquitto_pub(addr, version, qos, &id, &format!("dev/{id}"), &batch, extra).await
+            }));
+        }
+        for client in ["rumq4", "rumq5"] {
+            let batch = lines(&format!("{client}-q{qos}"), 20);
+            for l in &batch {
+                expected.insert(l.clone(), (qos, client));
+            }
+            let addr = gw.addr;
+            let id = format!("{client}-q{qos}");
+            jobs.push(tokio::spawn(async move {
+                if client == "rumq4" {
+                    rumqttc_v4(addr, &id, qos, &format!("dev/{id}"), &batch).await
+                } else {
+                    rumqttc_v5(addr, &id, qos, &format!("dev/{id}"), &batch).await
+                }
+            }));
+        }
+    }
+    for job in jobs {
+        job.await.expect("client");
+    }
+    let records = gw.records(expected.len()).await;
+    let mut seen = HashMap::new();
+    for record in &records {
+        let payload = String::from_utf8_lossy(&record.record.payload).into_owned();
+        let (qos, client) = *expected
+            .get(&payload)
+            .unwrap_or_else(|| panic!("unexpected record {payload}"));
+        assert!(
+            seen.insert(payload.clone(), record.seq).is_none(),
+            "{payload} stored twice"
+        );
+        let r = &record.record;
+        assert_eq!(r.kafka_topic, "telemetry");
+        assert_eq!(r.device, format!("{client}-q{qos}"));
+        assert_eq!(r.origin, format!("dev/{client}-q{qos}"));
+        assert_eq!(
+            header(record, "mqtt-qos"),
+            Some(qos.to_string().as_bytes()),
+            "{payload}"
+        );
+        assert_eq!(header(record, "edgegate-will"), None);
+        match client {
+            "mosq5" => {
+                assert_eq!(header(record, "content-type"), Some(&b"text/plain"[..]));
+                assert_eq!(header(record, "site"), Some(&b"north"[..]));
+            }
+            "rumq5" => {
+                let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+                assert_eq!(names, ["mqtt-qos", "content-type", "site", "line"]);
+            }
+            _ => assert_eq!(r.headers.len(), 1, "{:?}", r.headers),
+        }
+    }
+    // Nothing beyond what was sent.
+    assert_eq!(gw.appended(), expected.len() as u64);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puback_and_pubrec_come_after_an_fsync() {
+    // The log commits as soon as appends pause, so timing cannot show the order; the fsync
+    // counter can: it must have moved, and the record must be readable (the reader sees only
+    // durable records), by the time the ack arrives.
+    let mut gw = start_default().await;
+    for (level, qos, ack) in [(4, 1, 0x40), (5, 1, 0x40), (4, 2, 0x50), (5, 2, 0x50)] {
+        let mut raw = Raw::connected(gw.addr, level, &format!("durable-{level}")).await;
+        let fsyncs = gw.log.stats().fsyncs;
+        raw.send(&publish(level, qos, false, 1, "dev/durable", b"durable"))
+            .await;
+        let (byte1, body) = raw.recv().await.expect("ack");
+        assert_eq!((byte1, &body[..2]), (ack, &[0, 1][..]));
+        assert!(gw.log.stats().fsyncs > fsyncs, "acked before any fsync");
+        let records = gw.records(1).await;
+        assert_eq!(payloads(&records), ["durable"]);
+    }
+    gw.stop().await;
+}
+
+/// A rumqttc client that keeps publishing QoS 1 while bad clients come and go; returns how
+/// many of its publishes were acknowledged.
+fn bystander(addr: SocketAddr, stop: CancellationToken) -> tokio::task::JoinHandle<usize> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    tokio::spawn(async move {
+        let (client, mut events) =
+            AsyncClient::new(MqttOptions::new("bystander", "127.0.0.1", addr.port()), 10);
+        let mut acked = 0;
+        let mut sent = 0;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                event = events.poll() => match event.expect("the bystander is never disconnected") {
+                    Event::Incoming(Packet::PubAck(_)) => acked += 1,
+                    Event::Incoming(Packet::ConnAck(_)) | Event::Incoming(Packet::PingResp) => {}
+                    _ => {}
+                },
+                _ = tokio::time::sleep(Duration::from_millis(5)), if sent - acked < 5 => {
+                    client.publish("dev/bystander", QoS::AtLeastOnce, false, format!("b{sent}")).await.expect("publish");
+                    sent += 1;
+                }
+            }
+        }
+        acked
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_ends_only_its_own_connection() {
+    let config = MqttConfig {
+        connect_timeout: edgegate::config::Duration::from_millis(300),
+        max_packet_size: edgegate::config::ByteSize::kib(4),
+        ..MqttConfig::default()
+    };
+    let gw = start(config, |_| {}).await;
+    let stop = CancellationToken::new();
+    let bystander = bystander(gw.addr, stop.clone());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Garbage bytes: closed without a word.
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(raw.until_closed().await.is_empty());
+
+    // A truncated CONNECT: closed after the connect timeout.
+    let mut raw = Raw::open(gw.addr).await;
+    let started = tokio::time::Instant::now();
+    raw.send(&connect(4, "half", 60, None)[..8]).await;
+    assert!(raw.until_closed().await.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // Oversize publish: MQTT 5 hears 0x95; 3.1.1 is just closed.
+    let mut raw = Raw::connected(gw.addr, 5, "big5").await;
+    raw.send(&publish(5, 1, false, 1, "dev/big", &[0u8; 8192]))
+        .await;
+    assert_eq!(raw.until_closed().await, [(0xe0, vec![0x95, 0])]);
+    let mut raw = Raw::connected(gw.addr, 4, "big4").await;
+    raw.send(&publish(4, 1, false, 1, "dev/big", &[0u8; 8192]))
+        .await;
+    assert!(raw.until_closed().await.is_empty());
+
+    // A wildcard publish topic: MQTT 5 hears 0x90 (Topic Name invalid).
+    let mut raw = Raw::connected(gw.addr, 5, "wild5").await;
+    raw.send(&publish(5, 1, false, 1, "a/+/b", b"x")).await;
+    assert_eq!(raw.until_closed().await, [(0xe0, vec![0x90, 0])]);
+    let mut raw = Raw::connected(gw.addr, 4, "wild4").await;
+    raw.send(&publish(4, 0, false, 0, "a/#", b"x")).await;
+    assert!(raw.until_closed().await.is_empty());
+
+    // Unknown protocol levels: above 5 gets an MQTT 5 CONNACK 0x84, MQTT 3.1 a 3.1.1 CONNACK 0x01.
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&connect(7, "future", 60, None)).await;
+    assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x84, 0])]);
+    let mut raw = Raw::open(gw.addr).await;
+    let mut body = Vec::new();
+    string(&mut body, b"MQIsdp");
+    body.extend_from_slice(&[3, 0x02, 0, 60]);
+    string(&mut body, b"old");
+    raw.send(&frame(0x10, &body)).await;
+    assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x01])]);
+
+    // A malformed packet after CONNECT: MQTT 5 hears 0x81.
+    let mut raw = Raw::connected(gw.addr, 5, "mal5").await;
+    raw.send(&frame(0x62, &[0, 1, 0x00, 9, 1])).await; // PUBREL with an overrunning property
+    assert_eq!(raw.until_closed().await, [(0xe0, vec![0x81, 0])]);
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let acked = bystander.await.expect("bystander");
+    assert!(acked > 10, "the bystander got only {acked} acks");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn takeover_second_connect_and_keepalive() {
+    let gw = start_default().await;
+    // Takeover: the first connection hears 0x8E.
+    let mut first = Raw::connected(gw.addr, 5, "same").await;
+    let mut second = Raw::connected(gw.addr, 5, "same").await;
+    assert_eq!(first.until_closed().await, [(0xe0, vec![0x8e, 0])]);
+    // 3.1.1 takeover: just closed.
+    let mut first4 = Raw::connected(gw.addr, 4, "same4").await;
+    let _second4 = Raw::connected(gw.addr, 4, "same4").await;
+    assert!(first4.until_closed().await.is_empty());
+    // A second CONNECT on one connection: protocol error.
+    second.send(&connect(5, "same", 60, None)).await;
+    assert_eq!(second.until_closed().await, [(0xe0, vec![0x82, 0])]);
+    // Keepalive of 1 s: closed with 0x8D after 1.5 s of silence, not before.
+    let mut idle = Raw::open(gw.addr).await;
+    idle.send(&connect(5, "idle", 1, None)).await;
+    assert_eq!(idle.recv().await.map(|p| p.0), Some(0x20));
+    let started = tokio::time::Instant::now();
+    // PINGREQ keeps it alive for a while.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    idle.send(&[0xc0, 0x00]).await;
+    assert_eq!(idle.recv().await, Some((0xd0, vec![])));
+    assert_eq!(idle.until_closed().await, [(0xe0, vec![0x8d, 0])]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(2200),
+        "{:?}",
+        started.elapsed()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn will_is_stored_when_a_connection_dies_without_disconnect() {
+    let mut gw = start_default().await;
+    // Dies abruptly: the will is stored.
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&connect(
+        4,
+        "mortal",
+        60,
+        Some(("dev/mortal/status", "gone")),
+    ))
+    .await;
+    assert_eq!(raw.recv().await.map(|p| p.0), Some(0x20));
+    drop(raw);
+    let records = gw.records(1).await;
+    let will = &records[0];
+    assert_eq!(payloads(&records), ["gone"]);
+    assert_eq!(will.record.origin, "dev/mortal/status");
+    assert_eq!(will.record.device, "mortal");
+    assert_eq!(header(will, "edgegate-will"), Some(&b"true"[..]));
+    assert_eq!(header(will, "mqtt-qos"), Some(&b"1"[..]));
+    // A normal DISCONNECT discards it; MQTT 5's 0x04 asks for it.
+    for (level, disconnect, stored) in [
+        (4, vec![0xe0, 0], false),
+        (5, vec![0xe0, 0], false),
+        (5, vec![0xe0, 1, 0x04], true),
+    ] {
+        let mut raw = Raw::open(gw.addr).await;
+        raw.send(&connect(level, "polite", 60, Some(("dev/polite", "will"))))
+            .await;
+        assert_eq!(raw.recv().await.map(|p| p.0), Some(0x20));
+        raw.send(&publish(level, 1, false, 1, "dev/polite", b"last"))
+            .await;
+        assert_eq!(raw.recv().await.map(|p| p.0), Some(0x40));
+        raw.send(&disconnect).await;
+        assert!(raw.until_closed().await.is_empty());
+        // A marker after it, so "no will" is not just "not yet".
+        let mut marker = Raw::connected(gw.addr, 4, "marker").await;
+        marker
+            .send(&publish(4, 1, false, 1, "dev/marker", b"marker"))
+            .await;
+        assert_eq!(marker.recv().await.map(|p| p.0), Some(0x40));
+        let got = payloads(&gw.records(if stored { 3 } else { 2 }).await);
+        let mut want = vec!["last", "marker"];
+        if stored {
+            want.insert(1, "will");
+        }
+        let mut got_sorted = got.clone();
+        got_sorted.sort();
+        want.sort();
+        assert_eq!(got_sorted, want, "level {level}, {disconnect:?}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn qos2_retransmission_is_stored_once() {
+    let mut gw = start_default().await;
+    for level in [4, 5] {
+        let mut raw = Raw::connected(gw.addr, level, &format!("exactly-{level}")).await;
+        raw.send(&publish(level, 2, false, 7, "dev/once", b"once"))
+            .await;
+        assert_eq!(
+            raw.recv().await.map(|p| (p.0, p.1[..2].to_vec())),
+            Some((0x50, vec![0, 7]))
+        );
+        // The PUBREC was "lost": the client resends with DUP.
+        raw.send(&publish(level, 2, true, 7, "dev/once", b"once"))
+            .await;
+        assert_eq!(
+            raw.recv().await.map(|p| (p.0, p.1[..2].to_vec())),
+            Some((0x50, vec![0, 7]))
+        );
+        raw.send(&[0x62, 0x02, 0, 7]).await;
+        assert_eq!(
+            raw.recv().await.map(|p| (p.0, p.1[..2].to_vec())),
+            Some((0x70, vec![0, 7]))
+        );
+        assert_eq!(payloads(&gw.records(1).await), ["once"]);
+    }
+    assert_eq!(gw.appended(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn unroutable_topic_gets_0x90_on_v5_and_a_disconnect_on_311() {
+    let mut gw = start_default().await;
+    let mut raw = Raw::connected(gw.addr, 5, "lost5").await;
+    raw.send(&publish(5, 1, false, 3, "nowhere/x", b"x")).await;
+    assert_eq!(raw.recv().await, Some((0x40, vec![0, 3, 0x90, 0])));
+    // The connection stays usable.
+    raw.send(&publish(5, 1, false, 4, "dev/x", b"fine")).await;
+    assert_eq!(raw.recv().await, Some((0x40, vec![0, 4])));
+    let mut raw4 = Raw::connected(gw.addr, 4, "lost4").await;
+    raw4.send(&publish(4, 1, false, 3, "nowhere/x", b"x")).await;
+    assert!(raw4.until_closed().await.is_empty());
+    assert_eq!(payloads(&gw.records(1).await), ["fine"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn log_full_gets_0x97_on_v5_and_a_disconnect_on_311() {
+    let mut gw = start(MqttConfig::default(), |c| {
+        c.overflow = Overflow::RejectNew;
+        // Listeners stop reading above the high watermark, before the log is full; lift it
+        // so this test reaches "full".
+        c.high_watermark = 2.0;
+        c.low_watermark = 1.5;
+        c.segment_bytes = 64 * 1024;
+        c.max_bytes = 128 * 1024;
+    })
+    .await;
+    let payload = vec![b'x'; 4000];
+    let mut raw = Raw::connected(gw.addr, 5, "filler").await;
+    let mut stored = 0;
+    let mut full = false;
+    for pkid in 1..=200u16 {
+        raw.send(&publish(5, 1, false, pkid, "dev/fill", &payload))
+            .await;
+        let (byte1, body) = raw.recv().await.expect("PUBACK");
+        assert_eq!(byte1, 0x40);
+        match body.get(2) {
+            None | Some(0) => stored += 1,
+            Some(0x97) => {
+                full = true;
+                break;
+            }
+            Some(other) => panic!("unexpected reason {other:#x}"),
+        }
+    }
+    assert!(full, "the log never filled ({stored} stored)");
+    let mut raw4 = Raw::connected(gw.addr, 4, "filler4").await;
+    raw4.send(&publish(4, 1, false, 1, "dev/fill", &payload))
+        .await;
+    assert!(raw4.until_closed().await.is_empty());
+    assert_eq!(gw.records(stored).await.len(), stored);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn limits_max_connections_and_receive_maximum() {
+    let config = MqttConfig {
+        max_connections: 2,
+        receive_maximum: 2,
+        ..MqttConfig::default()
+    };
+    let gw = start(config, |_| {}).await;
+    let _a = Raw::connected(gw.addr, 4, "a").await;
+    let mut b = Raw::connected(gw.addr, 5, "b").await;
+    let mut c = Raw::open(gw.addr).await;
+    c.send(&connect(5, "c", 60, None)).await;
+    assert_eq!(c.until_closed().await, [(0x20, vec![0, 0x89, 0])]);
+    let mut d = Raw::open(gw.addr).await;
+    d.send(&connect(4, "d", 60, None)).await;
+    assert_eq!(d.until_closed().await, [(0x20, vec![0, 0x03])]);
+    // Three QoS 1 publishes in one segment: the third arrives while the first two are still
+    // being stored (a commit takes at least an fsync) and exceeds receive maximum 2.
+    let burst: Vec<u8> = (1..=3)
+        .flat_map(|pkid| publish(5, 1, false, pkid, "dev/b", b"x"))
+        .collect();
+    b.send(&burst).await;
+    let packets = b.until_closed().await;
+    assert_eq!(packets.last(), Some(&(0xe0, vec![0x93, 0])), "{packets:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_acks_pending_appends_then_says_goodbye() {
+    let gw = start_default().await;
+    let mut raw = Raw::connected(gw.addr, 5, "leaving").await;
+    raw.send(&publish(5, 1, false, 1, "dev/leaving", b"x"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gw.shutdown.cancel();
+    let packets = raw.until_closed().await;
+    assert_eq!(packets, [(0x40, vec![0, 1]), (0xe0, vec![0x8b, 0])]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn empty_client_id_is_assigned_on_v5_and_refused_without_clean_session_on_311() {
+    let gw = start_default().await;
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&connect(5, "", 60, None)).await;
+    let (byte1, body) = raw.recv().await.expect("CONNACK");
+    assert_eq!((byte1, body[1]), (0x20, 0));
+    // Assigned Client Identifier (0x12) is among the properties.
+    let needle = b"edgegate-";
+    assert!(body.windows(needle.len()).any(|w| w == needle), "{body:?}");
+    let mut raw = Raw::open(gw.addr).await;
+    let mut bytes = connect(4, "", 60, None);
+    bytes[9] = 0x00; // clear clean session
+    raw.send(&bytes).await;
+    assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x02])]);
+    gw.stop().await;
+}
