@@ -1,7 +1,7 @@
-//! The durable log. (Module header with the on-disk format and guarantees: to be written by
-//! the implementation.)
+//! The durable log: every record a device was told "accepted" is here until Kafka has
+//! acknowledged it.
 //!
-//! API CONTRACT (fixed; the rest of the gateway is written against it):
+//! # API contract (fixed; the rest of the gateway is written against it)
 //!
 //! * `Log::open(LogConfig)` recovers the directory and returns the log plus a report.
 //! * `Log::append(&Record)` assigns the next sequence number and returns at once:
@@ -12,9 +12,95 @@
 //! * `Log::pressure()` is a watch of the high/low watermark state for listeners.
 //! * `Log::stats()` is a snapshot for metrics and status.
 //! * `Log::close()` flushes, persists the cursor and stops the background thread.
+//!
+//! # On-disk format (all integers little-endian)
+//!
+//! The directory holds segment files `<first_seq, 20 digits>.seg` and one `cursor` file.
+//!
+//! ```text
+//! segment  = header(32) frame*
+//! header   = magic "EGLOGSEG"(8) version:u16 (=1) reserved:u16 crc32c:u32
+//!            first_seq:u64 created_ms:i64      crc over bytes 0..12 and 16..32
+//! frame    = len:u32 crc32c:u32 seq:u64 body[len]   crc over len, seq and body
+//! body v1  = version:u8 (=1) flags:u8 received_ms:zigzag-varint
+//!            device origin kafka_topic (varint length + UTF-8 each)
+//!            [key: varint length + bytes]                 if flags & 0x04
+//!            [headers: varint count, (name, value)*]      if flags & 0x08
+//!            payload (the rest of the body)
+//!            flags & 0x03 = source (1 MQTT, 2 CoAP); other flag bits are reserved for
+//!            later fields, and a new layout gets a new version byte: old segments stay
+//!            readable, a body this code cannot read is skipped and counted as corrupt.
+//! cursor   = two 44-byte slots at offsets 0 and 512, written alternately and synced:
+//!            magic "EGLOGCUR"(8) generation:u64 head_seq:u64 head_segment:u64
+//!            head_offset:u64 crc32c:u32; the valid slot with the higher generation wins.
+//! ```
+//!
+//! # Guarantees
+//!
+//! * A [`Durable`] resolves `Ok(seq)` only after the record's bytes were `sync_data`'d (and,
+//!   if it opened a new segment, the directory fsync'd). Many appenders share one fsync: the
+//!   commit thread syncs when `commit_delay` has passed since the first pending record, when
+//!   `commit_bytes` are pending, or as soon as appends stop arriving for a moment (≤ 200 µs),
+//!   whichever is first. `Durability::None` resolves after the write, without fsync.
+//! * Sequence numbers increase strictly and are never reused for a durable record, also
+//!   across restarts: the tail segment is never deleted, so its name and records (or the
+//!   cursor's head) always give the next number. Failed appends leave gaps.
+//! * The reader sees only durable records (written ones under `Durability::None`), in
+//!   sequence order. Acks may arrive in any order; the head is the oldest record read but
+//!   not acknowledged. It is persisted at most every 500 ms, at once when it enters another
+//!   segment, and on close; after a crash the records between the persisted and the real
+//!   head are delivered again (at least once), nothing behind the persisted head is.
+//! * A segment is synced before its successor is created, so only the tail can be torn.
+//!   Recovery reads only the tail: it truncates a torn last record, skips and counts corrupt
+//!   records (resynchronising on the next valid frame), logs one line describing the repair
+//!   and never refuses to start because of damaged data. Earlier segments are trusted by name
+//!   and size; damage inside them is skipped and counted when the reader reaches it. Open
+//!   time therefore grows with the number of segments, not with the backlog.
+//! * Segments wholly behind the persisted head are deleted. `max_bytes` counts segment files
+//!   plus pending bytes: `reject_new` fails appends with [`AppendError::Full`],
+//!   `drop_oldest` deletes the oldest segment and counts its unacknowledged records as
+//!   dropped (one WARN line with the sequence range). `max_age` works per segment: a
+//!   segment goes once its successor was started more than `max_age` ago, and the tail is
+//!   rolled every `max_age / 2`, so a record lives between `max_age` and about 1.5 ×
+//!   `max_age` after it was appended.
+//! * A failed write or fsync fails the records of that commit with [`AppendError::Io`], cuts
+//!   the tail back to its last synced length and leaves everything stored intact; the next
+//!   commit simply tries again, so writing resumes when space returns.
+//! * Under `Durability::None` a power cut loses unsynced records, and their sequence
+//!   numbers may be handed out again (a kill -9 loses nothing: the page cache survives).
+//!
+//! Memory is bounded by the pending buffer (about `commit_bytes`, twice), the reader's
+//! 256 KiB chunks still referenced by records in flight, and a few words per segment.
 
+mod cursor;
+mod format;
+mod io;
+mod reader;
+mod recovery;
+mod segment;
+mod shared;
+mod writer;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use self::format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
+use self::io::{OsStorage, Storage};
+use self::reader::ReaderCore;
+use self::shared::{Acks, Shared, State, lock};
+use self::writer::Writer;
 
 use bytes::Bytes;
 
@@ -122,6 +208,8 @@ pub enum LogError {
     },
     #[error("the log is closed")]
     Closed,
+    #[error("could not start the log's commit thread: {0}")]
+    Spawn(#[source] std::io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,58 +261,316 @@ pub struct LogStats {
 /// The durable log. Cheap to clone; all clones share one log.
 #[derive(Clone)]
 pub struct Log {
-    _todo: (),
+    handle: Arc<Handle>,
+}
+
+/// Dropping the last `Log` clone shuts the commit thread down (committing what is pending),
+/// like `close` without waiting.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        lock(&self.shared.state).closing = true;
+        self.shared.wake_writer.notify_one();
+    }
 }
 
 /// Resolves to the record's sequence number once the record is durable.
 pub struct Durable {
-    _todo: (),
+    shared: Arc<Shared>,
+    seq: u64,
+}
+
+impl Durable {
+    /// The sequence number the record was given (known before it is durable).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 }
 
 impl std::future::Future for Durable {
     type Output = Result<u64, AppendError>;
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        todo!()
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let shared = &self.shared;
+        if self.seq < shared.resolved.load(Ordering::Acquire) {
+            return Poll::Ready(shared.outcome(self.seq));
+        }
+        lock(&shared.waiters).push(cx.waker().clone());
+        // Re-check: the commit thread may have resolved between the load and the push.
+        if self.seq < shared.resolved.load(Ordering::Acquire) {
+            return Poll::Ready(shared.outcome(self.seq));
+        }
+        Poll::Pending
     }
 }
 
 /// The single reader (the forwarder's handle).
 pub struct LogReader {
-    _todo: (),
+    core: ReaderCore,
 }
 
 impl Log {
     /// Opens (creating if needed) and recovers the log in `config.dir`. Blocking I/O: call it
     /// at startup or from `spawn_blocking`.
-    pub fn open(_config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
-        todo!()
+    pub fn open(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
+        Log::open_with(config, Arc::new(OsStorage))
+    }
+
+    pub(crate) fn open_with(
+        config: LogConfig,
+        storage: Arc<dyn Storage>,
+    ) -> Result<(Log, RecoveryReport), LogError> {
+        let started = Instant::now();
+        let cfg = effective_config(config);
+        let max_body = (cfg.segment_bytes as usize - SEGMENT_HEADER_LEN - FRAME_HEADER_LEN)
+            .min(u32::MAX as usize);
+        let sync = cfg.durability == Durability::Fsync;
+        let rec = recovery::recover(storage.as_ref(), &cfg.dir, max_body, sync)?;
+        let report = rec.report.clone();
+        check_capacity(
+            storage.as_ref(),
+            &cfg,
+            rec.segments.iter().map(|s| s.len).sum(),
+        );
+
+        let tail = rec
+            .segments
+            .back()
+            .map_or((rec.next_seq, SEGMENT_HEADER_LEN as u64), |s| {
+                (s.first_seq, s.len)
+            });
+        let mut state = State {
+            pending: Vec::with_capacity(cfg.commit_bytes.min(1 << 20)),
+            pending_first: rec.next_seq,
+            pending_records: 0,
+            first_pending_at: None,
+            next_seq: rec.next_seq,
+            used_bytes: 0,
+            segments: rec.segments,
+            closing: false,
+            closed: false,
+            high: false,
+            maintenance: false,
+            known_corrupt: rec.known_corrupt,
+        };
+        state.recount();
+        let high_bytes = (cfg.max_bytes as f64 * cfg.high_watermark) as u64;
+        let low_bytes = (cfg.max_bytes as f64 * cfg.low_watermark) as u64;
+        let (pressure, _) = watch::channel(Pressure::Normal);
+        let shared = Arc::new(Shared {
+            max_body,
+            storage,
+            state: Mutex::new(state),
+            wake_writer: Condvar::new(),
+            resolved: AtomicU64::new(rec.next_seq),
+            waiters: Mutex::new(Vec::new()),
+            failures: Mutex::new(VecDeque::new()),
+            visible: watch::channel(0).0,
+            pressure,
+            acks: Mutex::new(Acks {
+                inflight: VecDeque::new(),
+                read_pos: rec.head,
+            }),
+            reader_taken: AtomicBool::new(false),
+            stopped: watch::channel(false).0,
+            dropped: AtomicU64::new(0),
+            corrupt: AtomicU64::new(report.corrupt_records),
+            fsyncs: AtomicU64::new(0),
+            high_bytes,
+            low_bytes,
+            cfg,
+        });
+        {
+            let mut st = lock(&shared.state);
+            shared.update_pressure(&mut st);
+        }
+        if report.corrupt_records > 0 {
+            metrics::counter!("edgegate_log_corrupt_records_total")
+                .increment(report.corrupt_records);
+        }
+        let writer = Writer {
+            shared: shared.clone(),
+            tail: rec.tail,
+            tail_first: tail.0,
+            tail_len: tail.1,
+            good_len: tail.1,
+            cursor: rec.cursor,
+            persisted: rec.head,
+            last_persist: Instant::now(),
+            spare: Vec::new(),
+            failing_since: None,
+            last_failure_log: None,
+        };
+        std::thread::Builder::new()
+            .name("edgegate-log".into())
+            .spawn(move || writer.run())
+            .map_err(LogError::Spawn)?;
+
+        let dir = shared.cfg.dir.display().to_string();
+        let elapsed = started.elapsed();
+        if rec.repairs.is_empty() {
+            tracing::info!(
+                dir,
+                segments = report.segments,
+                records = report.records,
+                next_seq = rec.next_seq,
+                ?elapsed,
+                "Opened the log"
+            );
+        } else {
+            tracing::warn!(
+                dir,
+                segments = report.segments,
+                records = report.records,
+                next_seq = rec.next_seq,
+                torn_tail_bytes = report.torn_tail_bytes,
+                corrupt_records = report.corrupt_records,
+                cursor_repaired = report.cursor_repaired,
+                repairs = %rec.repairs.join("; "),
+                ?elapsed,
+                "Opened the log after repairing damage"
+            );
+        }
+        Ok((
+            Log {
+                handle: Arc::new(Handle { shared }),
+            },
+            report,
+        ))
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// The directory the log lives in.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.shared().cfg.dir
     }
 
     /// Assigns the next sequence number and queues the record for the next group commit.
     /// Fails fast with `Full` under `reject_new`.
-    pub fn append(&self, _record: &Record) -> Result<Durable, AppendError> {
-        todo!()
+    pub fn append(&self, record: &Record) -> Result<Durable, AppendError> {
+        let shared = self.shared();
+        let body_len = format::body_len(record);
+        if body_len > shared.max_body {
+            return Err(AppendError::TooLarge(body_len + FRAME_HEADER_LEN));
+        }
+        let frame_len = (FRAME_HEADER_LEN + body_len) as u64;
+        let mut st = lock(&shared.state);
+        if st.closing {
+            return Err(AppendError::Closed);
+        }
+        let mut wake = false;
+        if st.used_bytes + frame_len > shared.cfg.max_bytes {
+            match shared.cfg.overflow {
+                Overflow::RejectNew => {
+                    drop(st);
+                    metrics::counter!("edgegate_log_rejected_total").increment(1);
+                    return Err(AppendError::Full);
+                }
+                Overflow::DropOldest => {
+                    wake |= !st.maintenance;
+                    st.maintenance = true;
+                }
+            }
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        if st.pending_records == 0 {
+            st.pending_first = seq;
+            st.first_pending_at = Some(Instant::now());
+            wake = true;
+        }
+        let before = st.pending.len();
+        format::encode_frame(&mut st.pending, seq, record, body_len);
+        st.pending_records += 1;
+        st.used_bytes += frame_len;
+        let threshold = shared.cfg.commit_bytes;
+        wake |= before < threshold && st.pending.len() >= threshold;
+        if !st.high && st.used_bytes > shared.high_bytes {
+            shared.update_pressure(&mut st);
+        }
+        drop(st);
+        if wake {
+            shared.wake_writer.notify_one();
+        }
+        Ok(Durable {
+            shared: shared.clone(),
+            seq,
+        })
     }
 
     /// The single reader; `None` if it was already taken.
     pub fn reader(&self) -> Option<LogReader> {
-        todo!()
+        let shared = self.shared();
+        if shared.reader_taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(LogReader {
+            core: ReaderCore {
+                shared: shared.clone(),
+                walker: None,
+                visible: shared.visible.subscribe(),
+            },
+        })
     }
 
-    pub fn pressure(&self) -> tokio::sync::watch::Receiver<Pressure> {
-        todo!()
+    pub fn pressure(&self) -> watch::Receiver<Pressure> {
+        self.shared().pressure.subscribe()
     }
 
     pub fn stats(&self) -> LogStats {
-        todo!()
+        let shared = self.shared();
+        let (bytes, segments, next_seq, head_segment_ms) = {
+            let st = lock(&shared.state);
+            (
+                st.used_bytes,
+                st.segments.len(),
+                st.next_seq,
+                st.segments.front().map(|s| s.created_ms),
+            )
+        };
+        let (head, oldest_ms) = {
+            let acks = lock(&shared.acks);
+            let head = acks.head();
+            (head, acks.inflight.front().map(|f| f.received_ms))
+        };
+        let records = next_seq.saturating_sub(head.head_seq);
+        let now = recovery::now_ms();
+        // The oldest unacknowledged record's receive time if it is in flight, else (at
+        // segment granularity) when its segment was started.
+        let oldest_age = if records == 0 {
+            None
+        } else {
+            oldest_ms
+                .or(head_segment_ms)
+                .map(|ms| Duration::from_millis(now.saturating_sub(ms).max(0) as u64))
+        };
+        LogStats {
+            records,
+            bytes,
+            oldest_age,
+            segments,
+            next_seq,
+            head_seq: head.head_seq,
+            dropped_records: shared.dropped.load(Ordering::Relaxed),
+            corrupt_records: shared.corrupt.load(Ordering::Relaxed),
+            fsyncs: shared.fsyncs.load(Ordering::Relaxed),
+        }
     }
 
     /// Commits everything pending, persists the cursor, stops the background thread.
     pub async fn close(&self) -> Result<(), LogError> {
-        todo!()
+        let shared = self.shared();
+        lock(&shared.state).closing = true;
+        shared.wake_writer.notify_one();
+        let mut stopped = shared.stopped.subscribe();
+        // The sender lives in `shared`, which we hold: this only ends when the thread stops.
+        let _ = stopped.wait_for(|s| *s).await;
+        Ok(())
     }
 }
 
@@ -234,15 +580,81 @@ impl LogReader {
     /// Returns `Err(LogError::Closed)` once the log is closed and everything was read.
     pub async fn read_batch(
         &mut self,
-        _max_records: usize,
-        _max_bytes: usize,
+        max_records: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
-        todo!()
+        self.core.read_batch(max_records, max_bytes).await
     }
 
     /// Marks one record as delivered. Acks may come in any order; the head advances over
     /// the contiguous acknowledged prefix and is persisted in the cursor file.
-    pub fn ack(&self, _seq: u64) {
-        todo!()
+    pub fn ack(&self, seq: u64) {
+        self.ack_range(seq, seq + 1);
+    }
+
+    /// Marks every record read so far with `start <= seq < end` as delivered (one Kafka
+    /// batch at once).
+    pub fn ack_range(&self, start: u64, end: u64) {
+        let shared = &self.core.shared;
+        let crossed = {
+            let mut acks = lock(&shared.acks);
+            let before = acks.head().seg_first;
+            let from = acks.inflight.partition_point(|f| f.seq < start);
+            for f in acks.inflight.range_mut(from..) {
+                if f.seq >= end {
+                    break;
+                }
+                f.acked = true;
+            }
+            while acks.inflight.front().is_some_and(|f| f.acked) {
+                acks.inflight.pop_front();
+            }
+            acks.head().seg_first != before
+        };
+        if crossed {
+            lock(&shared.state).maintenance = true;
+            shared.wake_writer.notify_one();
+        }
+    }
+}
+
+/// Clamps settings that cannot work together, with a warning.
+fn effective_config(mut cfg: LogConfig) -> LogConfig {
+    // drop_oldest and max_age delete whole segments and the tail is never deleted, so
+    // max_bytes must span several segments.
+    let limit = (cfg.max_bytes / 4).max(MIN_SEGMENT_BYTES);
+    let wanted = cfg.segment_bytes.max(MIN_SEGMENT_BYTES);
+    let segment_bytes = wanted.min(limit).min(u64::from(u32::MAX));
+    if segment_bytes != cfg.segment_bytes {
+        tracing::warn!(
+            configured = cfg.segment_bytes,
+            used = segment_bytes,
+            max_bytes = cfg.max_bytes,
+            "Adjusted the log segment size to a quarter of max_bytes or less"
+        );
+        cfg.segment_bytes = segment_bytes;
+    }
+    if !(cfg.low_watermark <= cfg.high_watermark) {
+        cfg.low_watermark = cfg.high_watermark;
+    }
+    cfg
+}
+
+const MIN_SEGMENT_BYTES: u64 = 4096;
+
+/// STYLE.md 8: say at startup if the file system cannot hold `max_bytes`.
+fn check_capacity(storage: &dyn Storage, cfg: &LogConfig, used: u64) {
+    let Some(cap) = storage.capacity(&cfg.dir) else {
+        return;
+    };
+    let room = cap.available.saturating_add(used);
+    if room < cfg.max_bytes {
+        tracing::warn!(
+            dir = %cfg.dir.display(),
+            max_bytes = cfg.max_bytes,
+            available_bytes = room,
+            filesystem_bytes = cap.total,
+            "The log's file system cannot hold max_bytes; appends will fail when the disk fills"
+        );
     }
 }
