@@ -837,3 +837,41 @@ async fn empty_client_id_is_assigned_on_v5_and_refused_without_clean_session_on_
     assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x02])]);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_high_watermark_the_socket_is_not_read_until_the_log_drains() {
+    let mut gw = start(MqttConfig::default(), |c| {
+        c.segment_bytes = 32 * 1024;
+        c.max_bytes = 1 << 20;
+        // High above ~100 KiB, normal again below ~50 KiB.
+        c.high_watermark = 0.1;
+        c.low_watermark = 0.05;
+    })
+    .await;
+    let mut raw = Raw::connected(gw.addr, 5, "pressed").await;
+    let payload = vec![b'p'; 4000];
+    let mut acked = 0u16;
+    loop {
+        raw.send(&publish(5, 1, false, acked + 1, "dev/pressed", &payload))
+            .await;
+        match tokio::time::timeout(Duration::from_millis(500), raw.recv_inner()).await {
+            Ok(Some((0x40, body))) => {
+                assert_eq!(body, (acked + 1).to_be_bytes());
+                acked += 1;
+            }
+            Err(_) => break,
+            other => panic!("{other:?}"),
+        }
+        assert!(acked < 100, "the listener never paused");
+    }
+    assert!(acked >= 20, "paused after only {acked} publishes");
+    // Paused: the last publish waits unread. Draining the log (the forwarder's job) lets the
+    // log delete acknowledged segments; pressure falls and the publish is read and acked.
+    assert_eq!(
+        gw.records(usize::from(acked)).await.len(),
+        usize::from(acked)
+    );
+    let (byte1, body) = raw.recv().await.expect("the paused publish is acked");
+    assert_eq!((byte1, body), (0x40, (acked + 1).to_be_bytes().to_vec()));
+    gw.stop().await;
+}
