@@ -821,7 +821,7 @@ async fn shutdown_acks_pending_appends_then_says_goodbye() {
 }
 
 #[tokio::test]
-async fn empty_client_id_is_assigned_on_v5_and_refused_without_clean_session_on_311() {
+async fn client_ids_are_assigned_or_refused_per_spec() {
     let gw = start_default().await;
     let mut raw = Raw::open(gw.addr).await;
     raw.send(&connect(5, "", 60, None)).await;
@@ -835,6 +835,24 @@ async fn empty_client_id_is_assigned_on_v5_and_refused_without_clean_session_on_
     bytes[9] = 0x00; // clear clean session
     raw.send(&bytes).await;
     assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x02])]);
+    // Over max_client_id_len (128): 0x85, or 0x02 on 3.1.1.
+    let long = "x".repeat(200);
+    for (level, answer) in [(5, vec![0, 0x85, 0]), (4, vec![0, 0x02])] {
+        let mut raw = Raw::open(gw.addr).await;
+        raw.send(&connect(level, &long, 60, None)).await;
+        assert_eq!(raw.until_closed().await, [(0x20, answer)]);
+    }
+    // Enhanced authentication is not offered: 0x8C.
+    let mut body = Vec::new();
+    string(&mut body, b"MQTT");
+    body.extend_from_slice(&[5, 0x02, 0, 60]);
+    body.push(8);
+    body.push(0x15);
+    string(&mut body, b"SCRAM");
+    string(&mut body, b"authn");
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&frame(0x10, &body)).await;
+    assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x8c, 0])]);
     gw.stop().await;
 }
 

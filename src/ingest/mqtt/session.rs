@@ -107,8 +107,13 @@ pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Shared) {
         goodbye(&mut conn, shared.config.connect_timeout.get()).await;
         return;
     };
-    let Some(mut session) = Session::accept(conn, peer, shared, *connect, version) else {
-        return;
+    let timeout = shared.config.connect_timeout.get();
+    let mut session = match Session::accept(conn, peer, shared, *connect, version) {
+        Ok(session) => session,
+        Err(mut refused) => {
+            goodbye(&mut refused, timeout).await;
+            return;
+        }
     };
     let end = session.serve().await;
     session.finish(end).await;
@@ -182,9 +187,8 @@ struct Session {
     /// Cancelled when another connection takes this client id over.
     taken_over: CancellationToken,
     will: Option<Will>,
-    /// 1.5 × the keepalive in force; `None` never happens (the gateway caps keepalive) but
-    /// keeps the arithmetic honest.
-    keepalive: Option<Duration>,
+    /// 1.5 × the keepalive in force (never unlimited: the gateway caps it).
+    keepalive: Duration,
     /// Appends not yet durable, QoS 0 included (their failures are counted).
     pending: FuturesUnordered<Pending>,
     /// QoS 1/2 packet-id state: what is being stored, what awaits PUBREL.
@@ -196,14 +200,15 @@ struct Session {
 }
 
 impl Session {
-    /// Validates the CONNECT, takes over the client id, queues the CONNACK.
+    /// Validates the CONNECT, takes over the client id, queues the CONNACK. A refused
+    /// CONNECT gives the connection back with the refusal queued.
     fn accept(
         mut conn: Connection,
         peer: SocketAddr,
         shared: Shared,
         connect: Connect,
         version: Version,
-    ) -> Option<Session> {
+    ) -> Result<Session, Connection> {
         let config = &shared.config;
         let refusal = if connect.auth_method {
             Some(Refusal::AuthMethod)
@@ -217,10 +222,7 @@ impl Session {
         if let Some(refusal) = refusal {
             refused(peer, &connect.client_id, refusal);
             conn.queue(version, &Outgoing::ConnAck(Err(refusal)));
-            tokio::spawn(async move {
-                goodbye(&mut conn, Duration::from_secs(1)).await;
-            });
-            return None;
+            return Err(conn);
         }
         let assigned = connect.client_id.is_empty();
         let client_id = if assigned {
@@ -248,7 +250,7 @@ impl Session {
             })),
         );
         connected(peer, &client_id, version, keep_alive);
-        Some(Session {
+        Ok(Session {
             conn,
             peer,
             shared,
@@ -257,7 +259,7 @@ impl Session {
             conn_id,
             taken_over,
             will: connect.will,
-            keepalive: Some(Duration::from_millis(u64::from(keep_alive) * 1500)),
+            keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
             pending: FuturesUnordered::new(),
             inflight: Inflight::default(),
             pending_qos0: 0,
@@ -271,9 +273,7 @@ impl Session {
         let mut pressure = self.shared.pressure.clone();
         let mut pressure_open = true;
         let mut draining: Option<End> = None;
-        let window = self
-            .keepalive
-            .unwrap_or(Duration::from_secs(u64::from(u16::MAX)));
+        let window = self.keepalive;
         let keepalive = tokio::time::sleep(window);
         tokio::pin!(keepalive);
         let receive_maximum = usize::from(self.shared.config.receive_maximum);
@@ -587,10 +587,7 @@ impl Session {
         if !self.conn.has_queued() {
             return Ok(());
         }
-        let limit = self
-            .keepalive
-            .unwrap_or(self.shared.config.connect_timeout.get());
-        match tokio::time::timeout(limit, self.conn.flush()).await {
+        match tokio::time::timeout(self.keepalive, self.conn.flush()).await {
             Ok(result) => result,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
