@@ -44,6 +44,17 @@ impl Frame {
         raw.freeze()
     }
 
+    /// Frames bytes already in memory (tests): exactly one complete frame.
+    #[cfg(test)]
+    pub fn parse(raw: BytesMut, limit: usize) -> Option<Frame> {
+        match parse_header(&raw, limit) {
+            Ok(Some((header_len, frame_len))) if frame_len == raw.len() => {
+                Some(Frame { raw, header_len })
+            }
+            _ => None,
+        }
+    }
+
     /// The whole frame, for codecs that parse the fixed header themselves.
     pub fn into_raw(self) -> BytesMut {
         self.raw

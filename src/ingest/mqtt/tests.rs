@@ -529,3 +529,88 @@ fn receive_maximum_counts_qos2_until_pubrel() {
     // 3.1.1: no limit enforced here (the connection is not read instead).
     assert_eq!(inflight.publish(1, 6, None), OnPublish::Store);
 }
+
+mod robustness {
+    //! Decoding never panics, whatever the bytes (the fuzz target of a later issue goes
+    //! further; this keeps the property in every `cargo test`).
+
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    use super::super::connection::parse_header;
+    use super::super::packet::{self, Limits, Version};
+    use super::frame_from_raw;
+
+    const LIMITS: Limits = Limits {
+        max_user_properties: 8,
+    };
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_frames_decode_or_fail_cleanly(byte1 in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            for version in [Version::V4, Version::V5] {
+                let _ = packet::decode(version, frame_from_raw(byte1, &body), &LIMITS);
+            }
+            let _ = packet::peek_version(&frame_from_raw(byte1, &body));
+        }
+
+        #[test]
+        fn mutated_valid_packets_decode_or_fail_cleanly(
+            which in 0usize..4,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            cut in any::<usize>(),
+        ) {
+            let samples: [(u8, &[u8]); 4] = [
+                // MQTT 5 CONNECT with a will and user properties.
+                (0x10, &[0, 4, b'M', b'Q', b'T', b'T', 5, 0x0e, 0, 30, 5, 0x26, 0, 1, b'k', 0, 0,
+                    0, 1, b'c', 3, 0x03, 0, 0, 0, 1, b't', 0, 1, b'w']),
+                // MQTT 5 PUBLISH QoS 1 with content type and topic alias.
+                (0x32, &[0, 3, b'a', b'/', b'b', 0, 9, 8, 0x03, 0, 2, b'j', b's', 0x23, 0, 1, b'x']),
+                // MQTT 5 SUBSCRIBE.
+                (0x82, &[0, 1, 2, 0x0b, 1, 0, 1, b'#', 1]),
+                // MQTT 5 DISCONNECT with a reason string.
+                (0xe0, &[0x04, 4, 0x1f, 0, 1, b'r']),
+            ];
+            let (byte1, body) = samples[which];
+            let mut body = body.to_vec();
+            for (at, xor) in flips {
+                let len = body.len();
+                body[at % len] ^= xor;
+            }
+            body.truncate(cut % (body.len() + 1));
+            for version in [Version::V4, Version::V5] {
+                let _ = packet::decode(version, frame_from_raw(byte1, &body), &LIMITS);
+            }
+        }
+
+        #[test]
+        fn arbitrary_headers_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..8), limit in any::<usize>()) {
+            let buf = BytesMut::from(&bytes[..]);
+            if let Ok(Some((header, frame))) = parse_header(&buf, limit) {
+                prop_assert!(header <= 5 && header <= frame && frame <= limit);
+            }
+        }
+    }
+}
+
+/// Builds a [`Frame`] without a socket, for property tests.
+fn frame_from_raw(byte1: u8, body: &[u8]) -> Frame {
+    let mut raw = BytesMut::new();
+    raw.put_u8(byte1);
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        raw.put_u8(b);
+        if len == 0 {
+            break;
+        }
+    }
+    raw.extend_from_slice(body);
+    Frame::parse(raw, usize::MAX).expect("a well-framed test packet")
+}
