@@ -893,3 +893,62 @@ async fn above_the_high_watermark_the_socket_is_not_read_until_the_log_drains() 
     assert_eq!((byte1, body), (0x40, (acked + 1).to_be_bytes().to_vec()));
     gw.stop().await;
 }
+
+/// A CONNECT without clean start: 3.1.1 keeps the session until a clean one; MQTT 5 asks
+/// for a 60 s session expiry.
+fn connect_persistent(level: u8, client_id: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, b"MQTT");
+    body.extend_from_slice(&[level, 0x00, 0, 60]);
+    if level == 5 {
+        body.extend_from_slice(&[5, 0x11, 0, 0, 0, 60]);
+    }
+    string(&mut body, client_id.as_bytes());
+    frame(0x10, &body)
+}
+
+#[tokio::test]
+async fn qos2_state_survives_a_reconnect_and_a_takeover() {
+    let mut gw = start_default().await;
+    for level in [4, 5] {
+        let id = format!("persistent-{level}");
+        let mut first = Raw::open(gw.addr).await;
+        first.send(&connect_persistent(level, &id)).await;
+        let (byte1, body) = first.recv().await.expect("CONNACK");
+        assert_eq!((byte1, body[0], body[1]), (0x20, 0, 0), "no session yet");
+        first
+            .send(&publish(level, 2, false, 5, "dev/p", b"kept"))
+            .await;
+        assert_eq!(first.recv().await.map(|p| p.0), Some(0x50));
+        // The connection dies before PUBREL; the client reconnects and resends.
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut second = Raw::open(gw.addr).await;
+        second.send(&connect_persistent(level, &id)).await;
+        let (_, body) = second.recv().await.expect("CONNACK");
+        assert_eq!((body[0], body[1]), (1, 0), "session present");
+        second
+            .send(&publish(level, 2, true, 5, "dev/p", b"kept"))
+            .await;
+        assert_eq!(second.recv().await.map(|p| p.0), Some(0x50));
+        // A third connection takes over the live second one and resends again.
+        let mut third = Raw::open(gw.addr).await;
+        third.send(&connect_persistent(level, &id)).await;
+        let (_, body) = third.recv().await.expect("CONNACK");
+        assert_eq!((body[0], body[1]), (1, 0), "session present after takeover");
+        third
+            .send(&publish(level, 2, true, 5, "dev/p", b"kept"))
+            .await;
+        assert_eq!(third.recv().await.map(|p| p.0), Some(0x50));
+        third.send(&[0x62, 0x02, 0, 5]).await;
+        assert_eq!(third.recv().await, Some((0x70, vec![0, 5])));
+        assert_eq!(payloads(&gw.records(1).await), ["kept"]);
+        // A clean start forgets the session.
+        let mut clean = Raw::open(gw.addr).await;
+        clean.send(&connect(level, &id, 60, None)).await;
+        let (_, body) = clean.recv().await.expect("CONNACK");
+        assert_eq!((body[0], body[1]), (0, 0), "clean start: no session");
+    }
+    assert_eq!(gw.appended(), 2);
+    gw.stop().await;
+}

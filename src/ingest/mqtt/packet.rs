@@ -55,6 +55,8 @@ pub struct Connect {
     /// Seconds; 0 means the client asks for no keepalive.
     pub keep_alive: u16,
     pub will: Option<Will>,
+    /// MQTT 5 Session Expiry Interval in seconds (0 when absent; unused by 3.1.1).
+    pub session_expiry: u32,
     /// MQTT 5 enhanced authentication was requested (the gateway does not offer it).
     pub auth_method: bool,
 }
@@ -260,6 +262,7 @@ fn decode_v4(frame: Frame) -> Result<Packet, DecodeError> {
                 clean_start: c.clean_session,
                 keep_alive: c.keep_alive,
                 will,
+                session_expiry: 0,
                 auth_method: false,
             }))
         }
@@ -319,6 +322,8 @@ pub fn valid_topic_name(topic: &str) -> bool {
 /// The CONNACK answer, with the MQTT 5 properties the gateway advertises.
 #[derive(Debug, Clone, Default)]
 pub struct ConnAckProps {
+    /// A persistent session was found (its QoS 2 state carries over).
+    pub session_present: bool,
     pub assigned_client_id: Option<String>,
     pub server_keep_alive: Option<u16>,
     pub receive_maximum: u16,
@@ -389,7 +394,11 @@ fn encode_v4(packet: &Outgoing, out: &mut BytesMut) -> bool {
     let written = match packet {
         Outgoing::ConnAck(answer) => {
             let code = match answer {
-                Ok(_) => v4::ConnectReturnCode::Success,
+                Ok(props) => {
+                    return v4::ConnAck::new(v4::ConnectReturnCode::Success, props.session_present)
+                        .write(out)
+                        .is_ok();
+                }
                 Err(Refusal::ClientId) => v4::ConnectReturnCode::BadClientId,
                 Err(Refusal::Busy) => v4::ConnectReturnCode::ServiceUnavailable,
                 Err(Refusal::AuthMethod | Refusal::Invalid(_)) => return false,
@@ -424,7 +433,7 @@ fn encode_v5(packet: &Outgoing, out: &mut BytesMut) {
     use v5b::v5 as p;
     let result = match packet {
         Outgoing::ConnAck(Ok(props)) => p::ConnAck {
-            session_present: false,
+            session_present: props.session_present,
             code: p::ConnectReturnCode::Success,
             properties: Some(p::ConnAckProperties {
                 session_expiry_interval: None,

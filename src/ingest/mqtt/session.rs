@@ -1,7 +1,8 @@
 //! The per-connection state machine: CONNECT, then publishes until the connection ends.
 //!
 //! One task per connection owns its socket and its state; nothing is shared but the
-//! [`Registry`] of connected client ids (for takeover). The loop keeps reading while earlier
+//! [`Registry`] of client ids (for takeover, and for the QoS 2 state of persistent sessions,
+//! so a PUBLISH resent after a reconnect is not stored twice). The loop keeps reading while earlier
 //! appends are pending, so many publishes of one connection share a group commit, and sends
 //! each PUBACK/PUBREC only when its append has resolved as durable.
 
@@ -30,31 +31,111 @@ use super::packet::{
 use crate::buffer::{AppendError, Pressure, Source};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
 
-/// Client ids currently connected, so a second connection with the same id takes over.
+/// Disconnected persistent sessions remembered at most; beyond this the one closest to
+/// expiry is forgotten (its client then hears "no session" and starts afresh).
+const SAVED_SESSIONS: usize = 16_384;
+
+/// QoS 2 packet ids stored and PUBREC'd, awaiting PUBREL. Shared by every connection of one
+/// persistent session, so a client that reconnects (or takes over its own half-dead
+/// connection) and resends an unreleased QoS 2 PUBLISH does not get it stored twice.
+pub(super) type Released = Arc<Mutex<HashSet<u16>>>;
+
+/// Client ids the gateway knows: connected ones (for takeover) and disconnected persistent
+/// sessions (for their QoS 2 state). In memory only: a restart forgets them.
 #[derive(Clone, Default)]
 pub struct Registry {
-    clients: Arc<Mutex<HashMap<String, (u64, CancellationToken)>>>,
+    clients: Arc<Mutex<HashMap<String, Entry>>>,
     next_id: Arc<AtomicU64>,
 }
 
+struct Entry {
+    /// The connection holding the client id, with the token that closes it on takeover.
+    conn: Option<(u64, CancellationToken)>,
+    awaiting_rel: Released,
+    /// When a disconnected session is forgotten; `None` while connected, or never (3.1.1).
+    expires: Option<Instant>,
+}
+
+/// What a CONNECT gets from the registry.
+struct Registered {
+    conn_id: u64,
+    taken_over: CancellationToken,
+    awaiting_rel: Released,
+    session_present: bool,
+}
+
 impl Registry {
-    /// Registers `client_id`, telling the connection that held it (if any) to close.
-    fn register(&self, client_id: &str) -> (u64, CancellationToken) {
+    /// Registers `client_id`, telling the connection that held it (if any) to close. Without
+    /// `clean_start` the previous session's QoS 2 state carries over.
+    fn register(&self, client_id: &str, clean_start: bool) -> Registered {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
+        let taken_over = CancellationToken::new();
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, old)) = clients.insert(client_id.to_owned(), (conn_id, token.clone())) {
+        let previous = clients.remove(client_id);
+        if let Some((_, old)) = previous.as_ref().and_then(|e| e.conn.as_ref()) {
             old.cancel();
         }
-        (conn_id, token)
+        let alive = previous.filter(|e| e.expires.is_none_or(|t| t > Instant::now()));
+        let (awaiting_rel, session_present) = match alive {
+            Some(entry) if !clean_start => (entry.awaiting_rel, true),
+            _ => (Released::default(), false),
+        };
+        clients.insert(
+            client_id.to_owned(),
+            Entry {
+                conn: Some((conn_id, taken_over.clone())),
+                awaiting_rel: awaiting_rel.clone(),
+                expires: None,
+            },
+        );
+        Registered {
+            conn_id,
+            taken_over,
+            awaiting_rel,
+            session_present,
+        }
     }
 
-    /// Forgets `client_id` unless a newer connection already took it over.
-    fn unregister(&self, client_id: &str, conn_id: u64) {
+    /// The connection ended. Unless a newer connection took the client id over, the
+    /// session is forgotten, or kept for `keep` (`Some(None)`: until a clean start).
+    fn unregister(&self, client_id: &str, conn_id: u64, keep: Option<Option<Duration>>) {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if clients.get(client_id).is_some_and(|(id, _)| *id == conn_id) {
-            clients.remove(client_id);
+        let Some(entry) = clients.get_mut(client_id) else {
+            return;
+        };
+        if entry.conn.as_ref().is_none_or(|(id, _)| *id != conn_id) {
+            return;
         }
+        match keep {
+            Some(keep) => {
+                entry.conn = None;
+                entry.expires = keep.and_then(|d| Instant::now().checked_add(d));
+                if clients.len() > SAVED_SESSIONS {
+                    forget_one_saved(&mut clients);
+                }
+            }
+            None => {
+                clients.remove(client_id);
+            }
+        }
+    }
+}
+
+/// Drops expired saved sessions, or failing that the one closest to expiry.
+fn forget_one_saved(clients: &mut HashMap<String, Entry>) {
+    let now = Instant::now();
+    let before = clients.len();
+    clients.retain(|_, e| e.conn.is_some() || e.expires.is_none_or(|t| t > now));
+    if clients.len() < before {
+        return;
+    }
+    let victim = clients
+        .iter()
+        .filter(|(_, e)| e.conn.is_none())
+        .min_by_key(|(_, e)| (e.expires.is_none(), e.expires))
+        .map(|(id, _)| id.clone());
+    if let Some(id) = victim {
+        clients.remove(&id);
     }
 }
 
@@ -184,6 +265,9 @@ struct Session {
     client_id: String,
     /// This connection's entry in the registry (a takeover replaces it).
     conn_id: u64,
+    /// How long the registry keeps this session's QoS 2 state after the connection ends:
+    /// `None` not at all (clean start), `Some(None)` until the next clean start.
+    keep_session: Option<Option<Duration>>,
     /// Cancelled when another connection takes this client id over.
     taken_over: CancellationToken,
     will: Option<Will>,
@@ -238,10 +322,11 @@ impl Session {
         } else {
             (connect.keep_alive, None)
         };
-        let (conn_id, taken_over) = shared.registry.register(&client_id);
+        let registered = shared.registry.register(&client_id, connect.clean_start);
         conn.queue(
             version,
             &Outgoing::ConnAck(Ok(ConnAckProps {
+                session_present: registered.session_present,
                 assigned_client_id: (assigned && version == Version::V5).then(|| client_id.clone()),
                 server_keep_alive,
                 receive_maximum: config.receive_maximum,
@@ -256,12 +341,18 @@ impl Session {
             shared,
             version,
             client_id,
-            conn_id,
-            taken_over,
+            conn_id: registered.conn_id,
+            taken_over: registered.taken_over,
+            keep_session: match (connect.clean_start, version, connect.session_expiry) {
+                (true, _, _) | (false, Version::V5, 0) => None,
+                // 3.1.1: kept until a clean session; MQTT 5 0xFFFFFFFF: never expires.
+                (false, Version::V4, _) | (false, Version::V5, u32::MAX) => Some(None),
+                (false, Version::V5, secs) => Some(Some(Duration::from_secs(secs.into()))),
+            },
             will: connect.will,
             keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
             pending: FuturesUnordered::new(),
-            inflight: Inflight::default(),
+            inflight: Inflight::new(registered.awaiting_rel),
             pending_qos0: 0,
             aliases: HashMap::new(),
         })
@@ -602,9 +693,18 @@ impl Session {
         }
         let limit = self.shared.config.connect_timeout.get();
         goodbye(&mut self.conn, limit).await;
+        // Appends still pending finish in the log regardless; wait for them (briefly) so a
+        // persistent session remembers which QoS 2 messages are stored.
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(done) = self.pending.next().await {
+                self.inflight
+                    .stored(done.qos, done.pkid, done.result.is_ok());
+            }
+        })
+        .await;
         self.shared
             .registry
-            .unregister(&self.client_id, self.conn_id);
+            .unregister(&self.client_id, self.conn_id, self.keep_session);
         disconnected(self.peer, &self.client_id, end.why);
         if let (true, Some(will)) = (end.will, self.will.take()) {
             self.store_will(will).await;
@@ -637,7 +737,7 @@ impl Session {
 #[derive(Debug, Default)]
 pub(super) struct Inflight {
     storing: HashSet<u16>,
-    awaiting_rel: HashSet<u16>,
+    awaiting_rel: Released,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -653,6 +753,18 @@ pub(super) enum OnPublish {
 }
 
 impl Inflight {
+    /// `awaiting_rel` is the session's, shared with its other connections.
+    pub(super) fn new(awaiting_rel: Released) -> Inflight {
+        Inflight {
+            storing: HashSet::new(),
+            awaiting_rel,
+        }
+    }
+
+    fn released(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        self.awaiting_rel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A PUBLISH arrived. `limit` is the receive maximum to enforce, if any.
     pub(super) fn publish(&mut self, qos: u8, pkid: u16, limit: Option<usize>) -> OnPublish {
         if qos == 0 {
@@ -661,10 +773,12 @@ impl Inflight {
         if self.storing.contains(&pkid) {
             return OnPublish::Duplicate;
         }
-        if qos == 2 && self.awaiting_rel.contains(&pkid) {
+        let awaiting_rel = self.released();
+        if qos == 2 && awaiting_rel.contains(&pkid) {
             return OnPublish::ResendPubRec;
         }
-        let in_flight = self.storing.len() + self.awaiting_rel.len();
+        let in_flight = self.storing.len() + awaiting_rel.len();
+        drop(awaiting_rel);
         if limit.is_some_and(|limit| in_flight >= limit) {
             return OnPublish::OverLimit;
         }
@@ -679,7 +793,7 @@ impl Inflight {
         }
         self.storing.remove(&pkid);
         if qos == 2 && ok {
-            self.awaiting_rel.insert(pkid);
+            self.released().insert(pkid);
         }
     }
 
@@ -689,7 +803,7 @@ impl Inflight {
         if self.storing.contains(&pkid) {
             return Err(());
         }
-        Ok(self.awaiting_rel.remove(&pkid))
+        Ok(self.released().remove(&pkid))
     }
 
     /// QoS 1/2 appends pending.

@@ -101,6 +101,7 @@ struct Properties {
     content_type: Option<String>,
     topic_alias: Option<u16>,
     auth_method: bool,
+    session_expiry: Option<u32>,
     user: Vec<(String, String)>,
 }
 
@@ -224,7 +225,8 @@ fn properties(
                     ));
                 }
             }
-            id::MESSAGE_EXPIRY | id::SESSION_EXPIRY | id::WILL_DELAY => {
+            id::SESSION_EXPIRY => props.session_expiry = Some(section.u32()?),
+            id::MESSAGE_EXPIRY | id::WILL_DELAY => {
                 section.u32()?;
             }
             id::MAXIMUM_PACKET_SIZE => {
@@ -334,6 +336,7 @@ pub(crate) fn connect(body: Bytes, limits: &Limits) -> Result<Packet, DecodeErro
         clean_start: flags & 0x02 != 0,
         keep_alive,
         will,
+        session_expiry: props.session_expiry.unwrap_or(0),
         auth_method: props.auth_method,
     })))
 }
