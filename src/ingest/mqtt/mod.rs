@@ -18,7 +18,7 @@
 //!
 //! | situation | answer |
 //! |---|---|
-//! | protocol level above 5 / MQTT 3.1 | CONNACK 0x84 / 3.1.1-format CONNACK 0x01 |
+//! | `MQTT` with a level other than 4 or 5, or MQTT 3.1 (`MQIsdp`) | 3.1.1-format CONNACK 0x01 (as mosquitto) |
 //! | client id too long (or empty without clean session on 3.1.1) | CONNACK 0x85 (3.1.1: 0x02) |
 //! | `max_connections` reached | CONNACK 0x89 Server busy (3.1.1: 0x03) |
 //! | enhanced authentication requested | CONNACK 0x8C |

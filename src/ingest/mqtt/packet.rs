@@ -135,10 +135,10 @@ pub struct Limits {
 /// How to answer a first CONNECT whose protocol the gateway does not speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsupported {
-    /// MQTT 3.1 (`MQIsdp`, level 3) or a 3.x level of `MQTT`: a 3.1.1-format CONNACK 0x01.
+    /// MQTT 3.1 (`MQIsdp`, level 3) or `MQTT` with another level than 4 or 5: a
+    /// 3.1.1-format CONNACK 0x01, the one answer every version's client can read (an
+    /// MQTT 5-format 0x84 would be garbage to anything older, and a newer client is unknown).
     LegacyConnack,
-    /// `MQTT` with a level above 5: an MQTT 5-format CONNACK 0x84.
-    V5Connack,
     /// Not MQTT at all: close without a word.
     Close,
 }
@@ -159,7 +159,6 @@ pub fn peek_version(frame: &Frame) -> Result<Version, Unsupported> {
     match (name, level) {
         (b"MQTT", 4) => Ok(Version::V4),
         (b"MQTT", 5) => Ok(Version::V5),
-        (b"MQTT", 6..) => Err(Unsupported::V5Connack),
         (b"MQTT", _) | (b"MQIsdp", 3) => Err(Unsupported::LegacyConnack),
         _ => Err(Unsupported::Close),
     }
@@ -422,11 +421,6 @@ fn encode_v4(packet: &Outgoing, out: &mut BytesMut) -> bool {
 /// hand: rumqttc's v5 enum has these codes but hits `unreachable!` encoding them.
 pub fn encode_legacy_refusal(out: &mut BytesMut) {
     out.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
-}
-
-/// An MQTT 5 CONNACK 0x84 (Unsupported Protocol Version) for levels above 5.
-pub fn encode_unsupported_v5(out: &mut BytesMut) {
-    encode_v5(&Outgoing::ConnAck(Err(Refusal::Invalid(0x84))), out);
 }
 
 fn encode_v5(packet: &Outgoing, out: &mut BytesMut) {

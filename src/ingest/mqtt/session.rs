@@ -1,10 +1,10 @@
 //! The per-connection state machine: CONNECT, then publishes until the connection ends.
 //!
 //! One task per connection owns its socket and its state; nothing is shared but the
-//! [`Registry`] of client ids (for takeover, and for the QoS 2 state of persistent sessions,
-//! so a PUBLISH resent after a reconnect is not stored twice). The loop keeps reading while earlier
-//! appends are pending, so many publishes of one connection share a group commit, and sends
-//! each PUBACK/PUBREC only when its append has resolved as durable.
+//! [`Registry`] of client ids (for takeover, and for the QoS 2 state of persistent
+//! sessions, so a PUBLISH resent after a reconnect is not stored twice). The loop keeps
+//! reading while earlier appends are pending, so many publishes of one connection share a
+//! group commit, and sends each PUBACK/PUBREC only when its append has resolved as durable.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -229,7 +229,6 @@ async fn handshake(
             unsupported(peer, &frame, answer);
             match answer {
                 Unsupported::LegacyConnack => conn.queue_raw(packet::encode_legacy_refusal),
-                Unsupported::V5Connack => conn.queue_raw(packet::encode_unsupported_v5),
                 Unsupported::Close => {}
             }
             return None;

@@ -173,7 +173,7 @@ async fn version_is_chosen_by_peeking_the_connect() {
     );
     assert_eq!(
         peek_version(&frame(0x10, &connect_body("MQTT", 6)).await),
-        Err(Unsupported::V5Connack)
+        Err(Unsupported::LegacyConnack)
     );
     assert_eq!(
         peek_version(&frame(0x10, &connect_body("HTTP", 4)).await),
@@ -294,9 +294,6 @@ fn every_connack_encodes_without_panicking() {
     let mut out = BytesMut::new();
     packet::encode_legacy_refusal(&mut out);
     assert_eq!(&out[..], &[0x20, 0x02, 0x00, 0x01]);
-    let mut out = BytesMut::new();
-    packet::encode_unsupported_v5(&mut out);
-    assert_eq!(&out[..4], &[0x20, 0x03, 0x00, 0x84]);
 }
 
 #[test]
