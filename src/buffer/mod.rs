@@ -399,6 +399,7 @@ impl Log {
             cursor: rec.cursor,
             persisted: rec.head,
             last_persist: Instant::now(),
+            last_maintain: Instant::now(),
             spare: Vec::new(),
             failing_since: None,
             last_failure_log: None,
@@ -634,8 +635,11 @@ fn effective_config(mut cfg: LogConfig) -> LogConfig {
         );
         cfg.segment_bytes = segment_bytes;
     }
-    if !(cfg.low_watermark <= cfg.high_watermark) {
-        cfg.low_watermark = cfg.high_watermark;
+    let (low, high) = (cfg.low_watermark, cfg.high_watermark);
+    if !(low.is_finite() && high.is_finite() && low <= high) {
+        tracing::warn!(low, high, "Unusable log watermarks, using 0.8 and 0.9");
+        cfg.low_watermark = 0.8;
+        cfg.high_watermark = 0.9;
     }
     cfg
 }

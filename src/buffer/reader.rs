@@ -5,7 +5,6 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::cursor::CursorPos;
@@ -39,6 +38,7 @@ impl ReaderCore {
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
         let max_records = max_records.max(1);
+        let max_bytes = max_bytes.max(1);
         loop {
             self.visible.borrow_and_update();
             let (batch, closed) = self.try_read(max_records, max_bytes)?;
@@ -263,7 +263,7 @@ fn read_segment(
                 let body = walker.slice(at + FRAME_HEADER_LEN as u64, len - FRAME_HEADER_LEN)?;
                 pos.offset += len as u64;
                 pos.head_seq = seq + 1;
-                match decode_body(&Bytes::clone(&body)) {
+                match decode_body(&body) {
                     Some(record) => {
                         bytes += record.payload.len();
                         found.records.push((StoredRecord { seq, record }, at));

@@ -116,7 +116,15 @@ impl Walker {
         while pos + (FRAME_HEADER_LEN + MIN_BODY_LEN) as u64 <= self.limit {
             let w = self.window(pos, FRAME_HEADER_LEN)?;
             let len = u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize;
-            if (MIN_BODY_LEN..=self.max_body).contains(&len)
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&w[8..16]);
+            let seq = u64::from_le_bytes(seq);
+            // Cheap filters before the checksum, so that skipping a long stretch of garbage
+            // does not checksum megabytes at every byte: a plausible length, and a sequence
+            // number a little above the last good one.
+            let plausible_seq = after.is_none_or(|a| seq > a && seq - a < 1 << 32);
+            if plausible_seq
+                && (MIN_BODY_LEN..=self.max_body).contains(&len)
                 && pos + (FRAME_HEADER_LEN + len) as u64 <= self.limit
             {
                 if let Frame::Valid { seq, .. } = self.frame_at(pos)? {

@@ -64,10 +64,6 @@ impl MemFs {
         }
     }
 
-    pub(crate) fn freeze(&self) {
-        self.freeze_after(0);
-    }
-
     pub(crate) fn set_capacity(&self, bytes: Option<u64>) {
         lock(&self.state).capacity = bytes;
     }

@@ -635,7 +635,10 @@ fn run_model(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         .collect();
                     for (seq, r, res) in append_many(&log, recs).await {
                         prop_assert!(res.is_ok());
-                        prop_assert!(m.max_seq.is_none_or(|x| seq > x), "sequence of a stored record reused");
+                        prop_assert!(
+                            m.max_seq.is_none_or(|x| seq > x),
+                            "sequence of a stored record reused"
+                        );
                         m.max_seq = Some(seq);
                         m.records.insert(seq, (r, true));
                     }
@@ -707,7 +710,10 @@ fn run_model(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         })
                         .collect();
                     for (seq, r, res) in append_many(&log, recs).await {
-                        prop_assert!(m.max_seq.is_none_or(|x| seq > x), "sequence of a stored record reused");
+                        prop_assert!(
+                            m.max_seq.is_none_or(|x| seq > x),
+                            "sequence of a stored record reused"
+                        );
                         if res.is_ok() {
                             m.max_seq = Some(seq);
                         }

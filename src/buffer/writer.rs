@@ -44,6 +44,8 @@ pub(crate) struct Writer {
     pub cursor: CursorFile,
     pub persisted: CursorPos,
     pub last_persist: Instant,
+    /// When housekeeping last ran (it runs at least every `CURSOR_INTERVAL`).
+    pub last_maintain: Instant,
     /// Spare buffer swapped with `State::pending` so neither side allocates per commit.
     pub spare: Vec<u8>,
     /// Failed commits since the last success, for log throttling.
@@ -70,7 +72,7 @@ impl Writer {
             if let Some(batch) = batch {
                 self.commit(batch);
             }
-            if closing || housekeeping || self.last_persist.elapsed() >= CURSOR_INTERVAL {
+            if closing || housekeeping || self.last_maintain.elapsed() >= CURSOR_INTERVAL {
                 self.maintain(closing);
             }
             if closing {
@@ -128,7 +130,7 @@ impl Writer {
                     .0;
                 continue;
             }
-            let next_maintenance = self.last_persist + CURSOR_INTERVAL;
+            let next_maintenance = self.last_maintain + CURSOR_INTERVAL;
             if st.closing || st.maintenance || now >= next_maintenance {
                 st.maintenance = false;
                 return (None, st.closing, true);
@@ -355,11 +357,14 @@ impl Writer {
                 || self.last_persist.elapsed() >= CURSOR_INTERVAL);
         if due {
             match self.cursor.store(head) {
-                Ok(()) => self.persisted = head,
+                Ok(()) => {
+                    self.persisted = head;
+                    self.last_persist = Instant::now();
+                }
                 Err(e) => tracing::warn!(error = %e, "Could not persist the log cursor"),
             }
         }
-        self.last_persist = Instant::now();
+        self.last_maintain = Instant::now();
         self.remove_acknowledged();
         self.publish_gauges();
     }
