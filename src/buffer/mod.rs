@@ -335,12 +335,10 @@ impl Log {
             rec.segments.iter().map(|s| s.len).sum(),
         );
 
-        let tail = rec
+        let tail_len = rec
             .segments
             .back()
-            .map_or((rec.next_seq, SEGMENT_HEADER_LEN as u64), |s| {
-                (s.first_seq, s.len)
-            });
+            .map_or(SEGMENT_HEADER_LEN as u64, |s| s.len);
         let mut state = State {
             pending: Vec::with_capacity(cfg.commit_bytes.min(1 << 20)),
             pending_first: rec.next_seq,
@@ -393,9 +391,8 @@ impl Log {
         let writer = Writer {
             shared: shared.clone(),
             tail: rec.tail,
-            tail_first: tail.0,
-            tail_len: tail.1,
-            good_len: tail.1,
+            tail_len,
+            good_len: tail_len,
             cursor: rec.cursor,
             persisted: rec.head,
             last_persist: Instant::now(),
@@ -621,9 +618,9 @@ impl LogReader {
 
 /// Clamps settings that cannot work together, with a warning.
 fn effective_config(mut cfg: LogConfig) -> LogConfig {
-    // drop_oldest and max_age delete whole segments and the tail is never deleted, so
-    // max_bytes must span several segments.
-    let limit = (cfg.max_bytes / 4).max(MIN_SEGMENT_BYTES);
+    // drop_oldest, max_age and acknowledged-segment removal work on whole segments and the
+    // tail is never deleted, so max_bytes must span at least two segments.
+    let limit = (cfg.max_bytes / 2).max(MIN_SEGMENT_BYTES);
     let wanted = cfg.segment_bytes.max(MIN_SEGMENT_BYTES);
     let segment_bytes = wanted.min(limit).min(u64::from(u32::MAX));
     if segment_bytes != cfg.segment_bytes {
@@ -631,7 +628,7 @@ fn effective_config(mut cfg: LogConfig) -> LogConfig {
             configured = cfg.segment_bytes,
             used = segment_bytes,
             max_bytes = cfg.max_bytes,
-            "Adjusted the log segment size to a quarter of max_bytes or less"
+            "Adjusted the log segment size to half of max_bytes or less"
         );
         cfg.segment_bytes = segment_bytes;
     }

@@ -36,7 +36,6 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) struct Writer {
     pub shared: Arc<Shared>,
     pub tail: Box<dyn StorageFile>,
-    pub tail_first: u64,
     /// Bytes written to the tail.
     pub tail_len: u64,
     /// Bytes of the tail known to be safe: synced (or written, without fsync).
@@ -291,7 +290,6 @@ impl Writer {
             }
         };
         self.tail = file;
-        self.tail_first = first_seq;
         self.tail_len = SEGMENT_HEADER_LEN as u64;
         let mut st = lock(&shared.state);
         if let Some(sealed) = st.segments.back_mut() {
