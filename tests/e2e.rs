@@ -193,6 +193,13 @@ async fn rumqttc_publish(
             Ok(Err(_)) | Err(_) => break,
         }
     }
+    if acked.len() < total {
+        // The connection died: without its event loop, a publish blocked on the full request
+        // channel fails and the publisher ends.
+        drop(eventloop);
+        publisher.abort();
+        return acked;
+    }
     if let Ok(client) = publisher.await {
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -268,6 +275,11 @@ async fn v5_publish(
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => break,
         }
+    }
+    if acked.len() < total {
+        drop(eventloop);
+        publisher.abort();
+        return acked;
     }
     if let Ok(client) = publisher.await {
         let _ = client.disconnect().await;
