@@ -93,7 +93,12 @@ impl ProducerContext for ForwardContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, tag: Box<Tag>) {
         let result = match result {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                // Here, not in the forwarder task: on librdkafka's thread, in order with
+                // its error events, so a late report cannot flip a fresh "down" back up.
+                self.link.up();
+                Ok(())
+            }
             Err((e, _)) => Err(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown)),
         };
         // The receiver is gone only when the forwarder has stopped; the record stays in the

@@ -451,7 +451,6 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         match report.result {
             Ok(()) => {
                 metric::latency(p.sent_at.elapsed());
-                self.link.up();
                 self.stalled = false;
                 self.backoff.reset();
                 self.finish(report.seq);
