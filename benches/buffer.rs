@@ -179,13 +179,12 @@ fn no_fsync() {
     rt.block_on(log.close()).expect("close");
 }
 
-/// Write amplification with ~100 appenders sharing each fsync.
-fn write_amplification() {
+/// Write amplification with `appenders` sharing each fsync (100 gives ~100 records/fsync).
+fn write_amplification(appenders: u64) {
     let tmp = tempfile::tempdir_in(base_dir()).expect("tempdir");
     let (log, _) = Log::open(LogConfig::new(tmp.path())).expect("open");
     let rt = runtime();
-    let appenders = 100;
-    let per_task = 3000;
+    let per_task = 300_000 / appenders;
     let fsyncs0 = log.stats().fsyncs;
     let w0 = proc_io_write_bytes();
     let start = Instant::now();
@@ -214,7 +213,7 @@ fn write_amplification() {
     let payload = n * PAYLOAD as u64;
     let framed = log.stats().bytes;
     println!(
-        "write amplification at {:.0} records/fsync ({n} records, {:.0} appends/s): {:.3} (write_bytes {written} / payload {payload}); framing alone {:.3} ({} B per record on disk, {} B logical)",
+        "write amplification at {:.0} records/fsync ({n} records, {:.0} appends/s): {:.3} (write_bytes {written} / payload {payload}); on disk {:.3} x payload ({} B per record incl. framing and padding, {} B logical)",
         n as f64 / fsyncs.max(1) as f64,
         n as f64 / secs,
         written as f64 / payload as f64,
@@ -380,7 +379,8 @@ fn main() {
         no_fsync();
     }
     if run("wa") {
-        write_amplification();
+        write_amplification(100);
+        write_amplification(1000);
     }
     if run("backlog") {
         big_backlog();

@@ -13,6 +13,9 @@ pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
 /// `len: u32 | crc32c: u32 | seq: u64`, then `len` body bytes.
 pub(crate) const FRAME_HEADER_LEN: usize = 16;
 
+/// Commits end on multiples of this (see `Frame::Padding`).
+pub(crate) const PAGE: u64 = 4096;
+
 /// Version byte at the start of every body; bump it when the body layout changes.
 pub(crate) const BODY_VERSION: u8 = 1;
 const FLAG_SOURCE_MASK: u8 = 0x03;
@@ -133,6 +136,10 @@ pub(crate) enum Frame {
     Valid { seq: u64, len: usize },
     /// The buffer ends before the frame does (a torn tail, or read more).
     Incomplete { needed: usize },
+    /// Zeros from a zero length field up to the next `PAGE` boundary of the file: the
+    /// commit thread pads large commits so the next commit starts on a fresh page instead
+    /// of rewriting the partly filled one (see `writer::PAD_MIN_COMMIT`).
+    Padding { len: usize },
     /// Not a frame: bad length or checksum.
     Invalid,
 }

@@ -18,10 +18,13 @@
 //! The directory holds segment files `<first_seq, 20 digits>.seg` and one `cursor` file.
 //!
 //! ```text
-//! segment  = header(32) frame*
+//! segment  = header(32) (frame | padding)*
 //! header   = magic "EGLOGSEG"(8) version:u16 (=1) reserved:u16 crc32c:u32
 //!            first_seq:u64 created_ms:i64      crc over bytes 0..12 and 16..32
 //! frame    = len:u32 crc32c:u32 seq:u64 body[len]   crc over len, seq and body
+//! padding  = zero bytes up to the next 4096-byte file offset, starting with a zero len;
+//!            written after commits of 16 KiB or more so the next fsync'd commit starts
+//!            on a fresh page (the partly filled page is not rewritten: less wear)
 //! body v1  = version:u8 (=1) flags:u8 received_ms:zigzag-varint
 //!            device origin kafka_topic (varint length + UTF-8 each)
 //!            [key: varint length + bytes]                 if flags & 0x04

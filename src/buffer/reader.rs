@@ -271,8 +271,8 @@ fn read_segment(
                     None => found.corrupt.push((at, pos.offset, "undecodable body")),
                 }
             }
-            Frame::Valid { len, .. } => {
-                // Below the head: acknowledged before a restart.
+            Frame::Valid { len, .. } | Frame::Padding { len } => {
+                // Padding, or below the head (acknowledged before a restart).
                 pos.offset += len as u64;
             }
             _ => {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::format::{FRAME_HEADER_LEN, Frame, MIN_BODY_LEN, SEGMENT_HEADER_LEN, check_frame};
+use super::format::{FRAME_HEADER_LEN, Frame, MIN_BODY_LEN, PAGE, SEGMENT_HEADER_LEN, check_frame};
 use super::io::{StorageFile, read_full_at};
 
 const SUFFIX: &str = ".seg";
@@ -91,6 +91,19 @@ impl Walker {
     /// makes whole frames visible, so it can only be damage (or a torn tail on recovery).
     pub(crate) fn frame_at(&mut self, pos: u64) -> io::Result<Frame> {
         let max_body = self.max_body;
+        let to_page = (PAGE - pos % PAGE) as usize;
+        if to_page >= 4 && pos + to_page as u64 <= self.limit {
+            let w = self.window(pos, to_page)?;
+            if w[..4] == [0; 4] {
+                // Padding only if every byte of it is zero: a zeroed length field alone
+                // must not hide the records after it.
+                return Ok(if w.len() == to_page && w.iter().all(|b| *b == 0) {
+                    Frame::Padding { len: to_page }
+                } else {
+                    Frame::Invalid
+                });
+            }
+        }
         let mut need = FRAME_HEADER_LEN;
         loop {
             let w = self.window(pos, need)?;
@@ -168,6 +181,10 @@ pub(crate) fn scan(walker: &mut Walker, first_seq: u64) -> io::Result<Scan> {
             Frame::Valid { seq, len } if after.is_none_or(|a| seq > a) => {
                 s.records += 1;
                 s.last_seq = Some(seq);
+                pos += len as u64;
+                s.valid_end = pos;
+            }
+            Frame::Padding { len } => {
                 pos += len as u64;
                 s.valid_end = pos;
             }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::cursor::{CursorFile, CursorPos};
-use super::format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader};
+use super::format::{FRAME_HEADER_LEN, PAGE, SEGMENT_HEADER_LEN, SegmentHeader};
 use super::io::StorageFile;
 use super::recovery::now_ms;
 use super::segment::{SegMeta, segment_path};
@@ -28,6 +28,17 @@ pub(crate) const CURSOR_INTERVAL: Duration = Duration::from_millis(500);
 /// While a commit is pending and appends have stopped arriving for this long, commit
 /// without waiting out `commit_delay`: nobody else is coming to share the fsync.
 const MAX_QUIET: Duration = Duration::from_micros(200);
+
+/// A commit that wrote at least this much is padded with zeros to the next page boundary
+/// (`Frame::Padding`). Without it every fsync rewrites the partly filled last page along
+/// with the new data (one extra 4 KiB page per commit: +13 % device writes at ~100 records
+/// of 300 B per fsync); with it a commit dirties only fresh pages, for a space cost of half
+/// a page per commit on average. Small commits (low rates) are not padded: there the space
+/// would matter and every commit rewrites a page either way.
+pub(crate) const PAD_MIN_COMMIT: u64 = 16 << 10;
+
+/// Zeros for padding.
+const ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
 
 /// One failure message per this interval while writes keep failing (disk full).
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -206,6 +217,8 @@ impl Writer {
         let data = &batch.data;
         let mut pos = 0usize;
         let mut durable_upto = batch.first_seq;
+        // Where this commit started writing in the current tail.
+        let mut start_len = self.tail_len;
         while pos < data.len() {
             let room = seg_bytes.saturating_sub(self.tail_len) as usize;
             let end = fitting_prefix(&data[pos..], room) + pos;
@@ -230,7 +243,11 @@ impl Writer {
                 if let Err(e) = self.roll(durable_upto) {
                     return Err((durable_upto, e));
                 }
+                start_len = self.tail_len;
             }
+        }
+        if self.fsync() && self.tail_len - start_len >= PAD_MIN_COMMIT {
+            self.pad_to_page();
         }
         if self.fsync() {
             if let Err(e) = self.sync_tail() {
@@ -238,6 +255,24 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Best effort: without room or on error the commit simply stays unpadded.
+    fn pad_to_page(&mut self) {
+        let pad = (PAGE - self.tail_len % PAGE) % PAGE;
+        if pad < 4 || self.tail_len + pad > self.shared.cfg.segment_bytes {
+            return;
+        }
+        match self
+            .tail
+            .write_all_at(&ZEROS[..pad as usize], self.tail_len)
+        {
+            Ok(()) => self.tail_len += pad,
+            Err(_) => {
+                // Whatever part was written is zeros the next commit overwrites.
+                let _ = self.tail.set_len(self.tail_len);
+            }
+        }
     }
 
     fn sync_tail(&mut self) -> io::Result<()> {
