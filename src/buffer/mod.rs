@@ -45,9 +45,12 @@
 //!   commit thread syncs when `commit_delay` has passed since the first pending record, when
 //!   `commit_bytes` are pending, or as soon as appends stop arriving for a moment (≤ 200 µs),
 //!   whichever is first. `Durability::None` resolves after the write, without fsync.
-//! * Sequence numbers increase strictly and are never reused for a durable record, also
-//!   across restarts: the tail segment is never deleted, so its name and records (or the
-//!   cursor's head) always give the next number. Failed appends leave gaps.
+//! * Sequence numbers increase strictly and are never reused for a record that became
+//!   durable (or was read), also across restarts: the tail segment is never deleted, so its
+//!   name and records (or the cursor's head) always give the next number. Failed appends
+//!   leave gaps; the number of an append that failed or never resolved before a crash may
+//!   be given out again (no record ever carried it). `LogStats::records` is computed from
+//!   sequence numbers and counts such gaps until the head passes them.
 //! * The reader sees only durable records (written ones under `Durability::None`), in
 //!   sequence order. Acks may arrive in any order; the head is the oldest record read but
 //!   not acknowledged. It is persisted at most every 500 ms, at once when it enters another
@@ -73,7 +76,10 @@
 //!   numbers may be handed out again (a kill -9 loses nothing: the page cache survives).
 //!
 //! Memory is bounded by the pending buffer (about `commit_bytes`, twice), the reader's
-//! 256 KiB chunks still referenced by records in flight, and a few words per segment.
+//! 256 KiB chunks still referenced by records in flight, 40 bytes per record read and not
+//! yet acknowledged (the forwarder's window bounds that), and a few words per segment; not
+//! by the backlog. The reader reads files synchronously in 256 KiB chunks (normally from
+//! the page cache) inside `read_batch`.
 
 mod cursor;
 mod format;
