@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,6 +36,12 @@ pub enum RunError {
     Log(#[from] LogError),
     #[error("cannot listen for MQTT on {addr}: {source}")]
     Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for CoAP on {addr}: {source}")]
+    BindUdp {
         addr: String,
         #[source]
         source: std::io::Error,
@@ -58,6 +64,7 @@ pub enum Control {
 /// A started gateway: listeners bound, log recovered, forwarder running.
 pub struct Gateway {
     mqtt_addr: SocketAddr,
+    coap_addr: Option<SocketAddr>,
     log: Log,
     pipeline: Pipeline,
     shutdown: CancellationToken,
@@ -105,6 +112,21 @@ pub async fn start(
         source,
     })?;
 
+    let coap_socket = if config.coap.enabled {
+        let bind_error = |source| RunError::BindUdp {
+            addr: config.coap.listen.clone(),
+            source,
+        };
+        let socket = UdpSocket::bind(&config.coap.listen)
+            .await
+            .map_err(bind_error)?;
+        let addr = socket.local_addr().map_err(bind_error)?;
+        Some((socket, addr))
+    } else {
+        None
+    };
+    let coap_addr = coap_socket.as_ref().map(|(_, addr)| *addr);
+
     let reader = log
         .reader()
         .ok_or_else(|| RunError::Task("the log's reader was already taken".into()))?;
@@ -119,11 +141,21 @@ pub async fn start(
         pipeline.clone(),
         shutdown.clone(),
     ));
+    if let Some((socket, coap_addr)) = coap_socket {
+        listeners.spawn(ingest::coap::serve(
+            socket,
+            std::sync::Arc::new(config.coap.clone()),
+            pipeline.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(%coap_addr, "Listening for CoAP.");
+    }
     listeners.close();
     tracing::info!(%mqtt_addr, gateway_id = %gateway_id, "Listening for MQTT.");
 
     Ok(Gateway {
         mqtt_addr,
+        coap_addr,
         log,
         pipeline,
         shutdown,
@@ -136,6 +168,11 @@ pub async fn start(
 impl Gateway {
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The bound CoAP address, when `[coap] enabled`.
+    pub fn coap_addr(&self) -> Option<SocketAddr> {
+        self.coap_addr
     }
 
     pub fn log(&self) -> &Log {

@@ -21,6 +21,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::buffer::{Durability, LogConfig, Overflow};
 use crate::forward::config::KafkaConfig;
+use crate::ingest::coap::config::CoapConfig;
 use crate::ingest::mqtt::config::MqttConfig;
 use crate::route::{DefaultRoute, RouteConfig};
 pub use problems::{Problem, Problems};
@@ -32,6 +33,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub buffer: BufferConfig,
     pub mqtt: MqttConfig,
+    pub coap: CoapConfig,
     pub kafka: KafkaConfig,
     pub routes: Vec<RouteConfig>,
     pub default_route: Option<DefaultRoute>,
@@ -236,6 +238,7 @@ impl Config {
                 "gateway" => config.gateway = section_of(value, &mut errors).unwrap_or_default(),
                 "buffer" => config.buffer = section_of(value, &mut errors).unwrap_or_default(),
                 "mqtt" => config.mqtt = section_of(value, &mut errors).unwrap_or_default(),
+                "coap" => config.coap = section_of(value, &mut errors).unwrap_or_default(),
                 "kafka" => config.kafka = section_of(value, &mut errors).unwrap_or_default(),
                 "default_route" => config.default_route = section_of(value, &mut errors),
                 "routes" => match value.get_ref().as_array() {
@@ -245,7 +248,7 @@ impl Config {
                 },
                 other => found.push(at(
                     key.span(),
-                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, kafka, routes or default_route)"),
+                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, routes or default_route)"),
                 )),
             }
             found.extend(errors.into_iter().map(|e| {
@@ -278,6 +281,7 @@ impl Config {
         self.gateway.validate(&mut problems);
         self.buffer.validate(&mut problems);
         self.mqtt.validate("mqtt", &mut problems);
+        self.coap.validate("coap", &mut problems);
         self.kafka.validate("kafka", &mut problems);
         crate::route::Router::new(&self.routes, self.default_route.as_ref(), &mut problems);
         if self.routes.is_empty() && self.default_route.is_none() {

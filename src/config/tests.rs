@@ -104,6 +104,7 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", defaults.gateway)
     );
     assert_eq!(format!("{:?}", config.mqtt), format!("{:?}", defaults.mqtt));
+    assert_eq!(format!("{:?}", config.coap), format!("{:?}", defaults.coap));
     assert_eq!(
         format!("{:?}", config.kafka),
         format!("{:?}", defaults.kafka)
@@ -117,6 +118,7 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", defaults.gateway),
         format!("{:?}", defaults.buffer),
         format!("{:?}", defaults.mqtt),
+        format!("{:?}", defaults.coap),
         format!("{:?}", defaults.kafka),
     ];
     for debug in sections {

@@ -2,6 +2,7 @@
 //! the log: route it, then append it. A listener acknowledges its device only when the
 //! [`Durable`] future returned by [`Pipeline::submit`] resolves.
 
+pub mod coap;
 pub mod mqtt;
 
 use std::sync::{Arc, RwLock};

@@ -1,0 +1,106 @@
+//! The CoAP listener: RFC 7252 over UDP, with block-wise uploads (RFC 7959), into the same
+//! log, routes and Kafka forwarder as MQTT.
+//!
+//! Read top to bottom: [`serve`] hands the socket to `server.rs`, the endpoint loop that owns
+//! every piece of message-layer state → `message.rs` checks a datagram's framing and parses it
+//! with coap-lite (packets and options only; DESIGN.md says why nothing else of it is used)
+//! and encodes answers → `dedup.rs` remembers answers by (peer, message id) →
+//! `block.rs` assembles Block1 uploads → `outbox.rs` retransmits separate responses.
+//!
+//! # Resource
+//!
+//! `POST` or `PUT /{resource}/{device}[/{stream}...]` (resource `t` by default) stores the
+//! payload, untouched, as one record of device `{device}`, routed by the topic
+//! `{topic_prefix}/{device}[/{stream}...]` (`coap/pump7/temp`) through `[[routes]]`, exactly
+//! like an MQTT topic. The record carries the headers `coap-uri-path` (`/t/pump7/temp`),
+//! `coap-type` (`CON`/`NON`), `coap-method` (`POST`/`PUT`) and, when the request has one,
+//! `coap-content-format` (the number, in decimal); the forwarder adds the gateway's own.
+//!
+//! # The contract
+//!
+//! A confirmable request is answered 2.04 only after its record is durable
+//! ([`crate::ingest::Pipeline::submit`]): piggybacked on the ACK if the append resolves
+//! within `separate_response_after`, else an empty ACK at that moment and the 2.04 later as
+//! a confirmable separate response, retransmitted with exponential backoff until the device
+//! ACKs or Resets it (at most one outstanding per device, NSTART = 1). A non-confirmable
+//! request is stored at most once and answered with a non-confirmable 2.04 once durable,
+//! unless its No-Response option (RFC 7967) declines the answer.
+//!
+//! Every request is deduplicated by (peer, message id): a retransmission is answered from the
+//! cache (or ignored while its append is in progress) and never stored again, for
+//! `exchange_lifetime` (CON) / `non_lifetime` (NON), in at most `dedup_capacity` entries.
+//! Refusals are not cached: nothing of the request was stored, so a retransmission is judged
+//! afresh. Kafka being unreachable is not a reason to refuse: only the log's state is.
+//!
+//! # Answers
+//!
+//! | situation | answer |
+//! |---|---|
+//! | stored (durable) | 2.04 Changed (with the final Block1 for a block-wise upload) |
+//! | non-final Block1 block accepted | 2.31 Continue with Block1 |
+//! | final block of an upload already stored, sent again | 2.04 again, no second record |
+//! | empty CON (ping) | RST |
+//! | unparseable CON (header readable) / a response or reserved code sent as CON | RST |
+//! | unparseable NON, ACK or RST, unknown version, under 4 bytes | ignored (counted) |
+//! | ACK/RST from a device | ends the retransmission of our separate response |
+//! | unknown critical option, malformed Block1 | 4.02 Bad Option |
+//! | path other than `/{resource}/{device}[/...]` | 4.04 Not Found |
+//! | method other than POST or PUT | 4.05 Method Not Allowed |
+//! | path segment not UTF-8 or with `/ + #` or control characters, device id too long, bad Content-Format | 4.00 Bad Request |
+//! | no route for the topic | 4.04 Not Found (the device's path names nothing the gateway forwards) |
+//! | route renders an invalid Kafka topic | 4.00 Bad Request (the path is at fault) |
+//! | body over `max_body_size`, or too large for the log | 4.13 with Size1 = `max_body_size` |
+//! | datagram over `max_datagram_size` | 4.13 with Size1 and Block1 (the block size to use) |
+//! | Block1 out of order, block size changed, or upload expired | 4.08 Request Entity Incomplete |
+//! | non-final block not exactly one block long | 4.00 Bad Request |
+//! | log full (`reject_new`) or above its high watermark; exchange or upload limits; shutting down | 5.03 with Max-Age = `busy_max_age` |
+//! | the disk refused the write | 5.00 |
+//! | Proxy-Uri or Proxy-Scheme | 5.05 Proxying Not Supported |
+//!
+//! Error answers carry a short fixed diagnostic text, never an echo of the request, so an
+//! answer is never bigger than what provoked it by more than a few bytes (no amplification).
+//!
+//! # Bounds
+//!
+//! The receive buffer is `max_datagram_size`; bodies `max_body_size`; partial uploads
+//! `max_block_transfers`; exchanges being stored or awaiting the ACK of their separate
+//! response `max_exchanges_per_peer` and `max_exchanges`; the dedup cache `dedup_capacity`.
+//!
+//! # Telemetry
+//!
+//! Counters `edgegate_coap_*`: `datagrams`, `requests{type}`, `responses{code}`,
+//! `malformed{kind}`, `duplicates{state}`, `pings`, `resets{matched}`, `stored`,
+//! `rejected{reason}`, `busy{limit}`, `separate_responses`, `retransmissions`,
+//! `separate_unacknowledged`, `block_transfers{outcome}`, `dedup_evictions`, `send_errors`,
+//! `receive_errors` (each `_total`); gauges `exchanges`, `dedup_entries`, `block_transfers`,
+//! `separate_pending`. Hostile input is logged at DEBUG.
+
+mod block;
+pub mod config;
+mod dedup;
+mod message;
+mod outbox;
+mod server;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::Pipeline;
+use config::CoapConfig;
+
+/// Serves CoAP on `socket` until `shutdown`; then stops taking requests (answering 5.03),
+/// finishes the appends in progress, sends their answers and returns. The caller bounds
+/// that wait with its grace period.
+pub async fn serve(
+    socket: UdpSocket,
+    config: Arc<CoapConfig>,
+    pipeline: Pipeline,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    server::run(socket, config, pipeline, shutdown).await
+}
