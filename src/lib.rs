@@ -84,8 +84,7 @@ pub async fn start(
     let log_config = config.buffer.log_config(base);
     check_buffer_dir(&log_config)?;
 
-    let (log, report) = open_log(log_config.clone()).await?;
-    tracing::info!(dir = %log_config.dir.display(), segments = report.segments, records = report.records, "Opened the log.");
+    let (log, _report) = open_log(log_config.clone()).await?;
     let dead_letter_config = LogConfig {
         dir: log_config.dir.join("dead-letter"),
         overflow: buffer::Overflow::DropOldest,

@@ -92,7 +92,7 @@ impl Storage for OsStorage {
     }
 
     fn capacity(&self, dir: &Path) -> Option<FsCapacity> {
-        df_capacity(dir)
+        fs_capacity(dir)
     }
 }
 
@@ -120,45 +120,21 @@ impl StorageFile for OsFile {
     }
 }
 
-/// Free space of the file system holding `dir`, from POSIX `df -P -k` (busybox has it too).
-/// The standard library has no statvfs and the crate forbids `unsafe`; this runs once at
-/// startup, so a child process is cheap enough.
-fn df_capacity(dir: &Path) -> Option<FsCapacity> {
-    let out = std::process::Command::new("df")
-        .args(["-P", "-k"])
-        .arg(dir)
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    parse_df(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// `Filesystem 1024-blocks Used Available Capacity Mounted-on`, one data line (a long
-/// device name may wrap it onto the next line, hence the split on all whitespace).
-fn parse_df(text: &str) -> Option<FsCapacity> {
-    let mut lines = text.lines();
-    lines.next()?;
-    let rest: Vec<&str> = lines.flat_map(str::split_whitespace).collect();
-    let total: u64 = rest.get(1)?.parse().ok()?;
-    let available: u64 = rest.get(3)?.parse().ok()?;
+/// Size and free space of the file system holding `dir` (statvfs; the space an
+/// unprivileged process may use, like `df`'s "Available").
+fn fs_capacity(dir: &Path) -> Option<FsCapacity> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
     Some(FsCapacity {
-        total: total.saturating_mul(1024),
-        available: available.saturating_mul(1024),
+        total: stat.f_blocks.saturating_mul(stat.f_frsize),
+        available: stat.f_bavail.saturating_mul(stat.f_frsize),
     })
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn parses_df_output() {
-        let text = "Filesystem     1024-blocks     Used Available Capacity Mounted on\n\
-                    /dev/vda         264212084 15212956  80288308      16% /\n";
-        let cap = super::parse_df(text).expect("parses");
-        assert_eq!(cap.total, 264212084 * 1024);
-        assert_eq!(cap.available, 80288308 * 1024);
-        assert!(super::df_capacity(std::path::Path::new("/")).is_some());
+    fn reads_the_capacity_of_a_real_file_system() {
+        let cap = super::fs_capacity(std::path::Path::new("/")).expect("statvfs of /");
+        assert!(cap.total > 0 && cap.available <= cap.total, "{cap:?}");
     }
 }

@@ -219,6 +219,8 @@ pub enum LogError {
     Closed,
     #[error("could not start the log's commit thread: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("the log in {path} is in use by another process (or another open Log)")]
+    Locked { path: PathBuf },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +279,11 @@ pub struct Log {
 /// like `close` without waiting.
 struct Handle {
     shared: Arc<Shared>,
+    /// An exclusive lock on `<dir>/lock`, held while the log is open, so a second gateway
+    /// (or a second `Log::open`) on the same directory fails instead of interleaving
+    /// writes. Released by `close` once the commit thread has stopped, and by the kernel
+    /// when the process dies, however it dies.
+    dir_lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Drop for Handle {
@@ -320,11 +327,39 @@ pub struct LogReader {
     core: ReaderCore,
 }
 
+/// Takes the directory's lock file, creating the directory if needed.
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LogError> {
+    let dir_error = |source| LogError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(dir_error)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("lock"))
+        .map_err(dir_error)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(LogError::Locked {
+            path: dir.to_owned(),
+        }),
+        Err(errno) => Err(dir_error(errno.into())),
+    }
+}
+
 impl Log {
     /// Opens (creating if needed) and recovers the log in `config.dir`. Blocking I/O: call it
     /// at startup or from `spawn_blocking`.
     pub fn open(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
-        Log::open_with(config, Arc::new(OsStorage))
+        let lock = lock_dir(&config.dir)?;
+        let (mut log, report) = Log::open_with(config, Arc::new(OsStorage))?;
+        if let Some(handle) = Arc::get_mut(&mut log.handle) {
+            handle.dir_lock = Mutex::new(Some(lock));
+        }
+        Ok((log, report))
     }
 
     pub(crate) fn open_with(
@@ -442,7 +477,10 @@ impl Log {
         }
         Ok((
             Log {
-                handle: Arc::new(Handle { shared }),
+                handle: Arc::new(Handle {
+                    shared,
+                    dir_lock: Mutex::new(None),
+                }),
             },
             report,
         ))
@@ -577,6 +615,7 @@ impl Log {
         let mut stopped = shared.stopped.subscribe();
         // The sender lives in `shared`, which we hold: this only ends when the thread stops.
         let _ = stopped.wait_for(|s| *s).await;
+        lock(&self.handle.dir_lock).take();
         Ok(())
     }
 }

@@ -825,3 +825,18 @@ proptest! {
         run_model(actions)?;
     }
 }
+
+/// A second open of the same directory (another gateway, or a stale unit) fails with
+/// `Locked` instead of interleaving writes; the lock goes with the first log.
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = Log::open(LogConfig::new(dir.path())).expect("first open");
+    match Log::open(LogConfig::new(dir.path())) {
+        Err(LogError::Locked { path }) => assert_eq!(path, dir.path()),
+        Err(e) => panic!("expected Locked, got {e}"),
+        Ok(_) => panic!("a second open of a locked log succeeded"),
+    }
+    drop(log);
+    Log::open(LogConfig::new(dir.path())).expect("open again once the first log is gone");
+}
