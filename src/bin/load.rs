@@ -218,7 +218,7 @@ async fn connection(
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) =
         rumqttc::AsyncClient::new(options, usize::from(args.inflight).max(10));
-    let publisher = {
+    let mut publisher = {
         let (client, run, topic, size) =
             (client.clone(), run.to_owned(), topic.clone(), args.payload);
         let stop = Arc::new(AtomicBool::new(false));
@@ -247,8 +247,9 @@ async fn connection(
         if stop.load(Ordering::Relaxed) {
             publisher.1.store(true, Ordering::Relaxed);
         }
-        if publisher.0.is_finished() && published.is_none() {
-            published = Some(next_out);
+        if published.is_none() && publisher.0.is_finished() {
+            // Everything the publisher queued is still to go out: wait for all of it.
+            published = Some((&mut publisher.0).await.unwrap_or(next_out));
         }
         if let Some(total) = published {
             if pending.is_empty() && next_out >= total {
@@ -280,7 +281,8 @@ async fn connection(
             Ok(Ok(_)) => {}
         }
     }
-    let _ = client.disconnect().await;
+    publisher.0.abort();
+    let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     result
 }
@@ -324,7 +326,7 @@ mod v5 {
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(options, usize::from(args.inflight).max(10));
         let flag = Arc::new(AtomicBool::new(false));
-        let publisher = {
+        let mut publisher = {
             let (client, run, topic, size, flag) = (
                 client.clone(),
                 run.to_owned(),
@@ -344,6 +346,7 @@ mod v5 {
                     }
                     seq += 1;
                 }
+                seq
             })
         };
         let mut next_out = 0u64;
@@ -353,8 +356,8 @@ mod v5 {
             if stop.load(Ordering::Relaxed) {
                 flag.store(true, Ordering::Relaxed);
             }
-            if publisher.is_finished() && published.is_none() {
-                published = Some(next_out);
+            if published.is_none() && publisher.is_finished() {
+                published = Some((&mut publisher).await.unwrap_or(next_out));
             }
             if let Some(total) = published {
                 if pending.is_empty() && next_out >= total {
@@ -390,7 +393,8 @@ mod v5 {
                 Ok(Ok(_)) => {}
             }
         }
-        let _ = client.disconnect().await;
+        publisher.abort();
+        let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     }
 }
