@@ -106,6 +106,11 @@ struct Running {
 }
 
 fn start(log: &Log, dead: &Log, cfg: &KafkaConfig) -> Running {
+    // `RUST_LOG=edgegate=info` shows what the forwarder did.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
     let reader = log.reader().expect("the log's reader");
     let forwarder = Forwarder::new(cfg, GATEWAY, reader, dead.clone())
         .expect("forwarder")
@@ -482,28 +487,44 @@ async fn drain_benchmark() {
     append_all(&log, (0..n).map(|i| record(&topic, i, 100))).await;
     eprintln!("backlog of {n} records written in {:?}", started.elapsed());
 
+    // Peak RSS from here on is the drain's (Linux: "5" resets VmHWM).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = rss("VmRSS:");
     let started = Instant::now();
-    let mut running = start(&log, &dead, &kafka_config());
+    let mut cfg = kafka_config();
+    if let Some(window) = std::env::var("EDGEGATE_BENCH_WINDOW")
+        .ok()
+        .and_then(|v| edgegate::config::parse_size(&v).ok())
+    {
+        cfg.max_in_flight_bytes = edgegate::config::ByteSize(window);
+    }
+    if let Some(batch) = std::env::var("EDGEGATE_BENCH_BATCH")
+        .ok()
+        .and_then(|v| edgegate::config::parse_size(&v).ok())
+    {
+        cfg.batch_max_bytes = edgegate::config::ByteSize(batch);
+    }
+    let mut running = start(&log, &dead, &cfg);
     running
         .delivered_at_least(n, Duration::from_secs(1800))
         .await;
     let took = started.elapsed();
     eprintln!(
-        "drained {n} records (100-byte payloads) in {took:?}: {:.0} records/s; peak RSS {}",
+        "drained {n} records (100-byte payloads) in {took:?}: {:.0} records/s; RSS {before} before the drain, peak {} during it",
         n as f64 / took.as_secs_f64(),
-        peak_rss()
+        rss("VmHWM:")
     );
     running.stop().await;
     log.close().await.expect("close");
 }
 
-fn peak_rss() -> String {
+fn rss(field: &str) -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l.trim_start_matches("VmHWM:").trim().to_owned())
+                .find(|l| l.starts_with(field))
+                .map(|l| l.trim_start_matches(field).trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".into())
 }

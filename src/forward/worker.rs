@@ -298,8 +298,10 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         Ok(())
     }
 
-    /// Room left in the window, or zero when less than an eighth is free (so a backlog is
-    /// read in chunks, not one record per delivery report).
+    /// Room left in the window as (records, bytes), or zero when less than an eighth is
+    /// free (so a backlog is read in chunks, not one record per delivery report). The log
+    /// counts only payload bytes, so the record count is also capped by what the free bytes
+    /// can hold at the smallest record weight: in-flight memory stays within the window.
     fn room(&self) -> (usize, usize) {
         let (records, bytes) = self.window.limits();
         let free_records = records.saturating_sub(self.in_flight.len());
@@ -307,7 +309,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         if free_records < (records / 8).max(1) || free_bytes < (bytes / 8).max(1) {
             return (0, 0);
         }
-        (free_records, free_bytes)
+        let fit = (free_bytes / record::MIN_WEIGHT).max(1);
+        (free_records.min(fit), free_bytes)
     }
 
     fn admit(&mut self, batch: Vec<StoredRecord>, want_records: usize, want_bytes: usize) {
