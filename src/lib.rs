@@ -129,7 +129,10 @@ pub async fn start(
     let reader = log
         .reader()
         .ok_or_else(|| RunError::Task("the log's reader was already taken".into()))?;
-    let forwarder = Forwarder::new(&config.kafka, &gateway_id, reader, dead_letter.clone())?;
+    // The forwarder's own drain ends a little before the whole shutdown's, so it can log what
+    // it left behind before `wait` gives up on it.
+    let forwarder = Forwarder::new(&config.kafka, &gateway_id, reader, dead_letter.clone())?
+        .with_shutdown_grace(config.gateway.shutdown_grace.get().mul_f64(0.9));
     let forwarder = tokio::spawn(forwarder.run(shutdown.clone()));
 
     let listeners = TaskTracker::new();
