@@ -164,6 +164,12 @@ impl Server {
             (MessageType::Confirmable | MessageType::NonConfirmable, MessageClass::Request(_)) => {
                 self.on_request(packet, peer).await;
             }
+            // An unknown method code (class 0): 4.05, like any method the resource lacks.
+            (MessageType::Confirmable | MessageType::NonConfirmable, MessageClass::Reserved(c))
+                if c >> 5 == 0 =>
+            {
+                self.on_request(packet, peer).await;
+            }
             // A response or reserved code sent to a server: reject a CON, ignore a NON.
             (kind, _) => {
                 let reset = (kind == MessageType::Confirmable).then_some(mid);
@@ -289,13 +295,30 @@ impl Server {
         })
     }
 
+    /// A request that can complete a record (unless block-wise or its final block) takes its
+    /// exchange slot first, so a full house refuses it before an assembled body would be
+    /// thrown away.
     async fn accept(&mut self, packet: Packet, peer: SocketAddr, accepted: Accepted) {
+        let completes = accepted.block.is_none_or(|b| !b.more);
+        if completes && !self.take_slot(peer) {
+            let reply = Refusal::busy("too many requests in progress");
+            return self.reply(&packet, peer, reply, false).await;
+        }
+        if !self.store(packet, peer, accepted).await && completes {
+            self.give_slot(peer);
+        }
+    }
+
+    /// Assembles and submits; true when an exchange now awaits its append (and holds the
+    /// slot taken in `accept`).
+    async fn store(&mut self, packet: Packet, peer: SocketAddr, accepted: Accepted) -> bool {
         let now = Instant::now();
         let (body, block) = match accepted.block {
             None => {
                 if packet.payload.len() > self.config.body_limit() {
                     let reply = Refusal::too_large(self.size1(), None);
-                    return self.reply(&packet, peer, reply, false).await;
+                    self.reply(&packet, peer, reply, false).await;
+                    return false;
                 }
                 (packet.payload.clone(), None)
             }
@@ -309,7 +332,8 @@ impl Server {
                             options: vec![(opt::BLOCK1, echo.encode())],
                             diagnostic: "",
                         };
-                        return self.reply(&packet, peer, reply, true).await;
+                        self.reply(&packet, peer, reply, true).await;
+                        return false;
                     }
                     Outcome::Repeat(echo) => {
                         duplicate(peer, "final_block");
@@ -318,7 +342,8 @@ impl Server {
                             options: vec![(opt::BLOCK1, echo.encode())],
                             diagnostic: "",
                         };
-                        return self.reply(&packet, peer, reply, true).await;
+                        self.reply(&packet, peer, reply, true).await;
+                        return false;
                     }
                     Outcome::Complete { body, block } => {
                         block_transfer("completed");
@@ -327,30 +352,30 @@ impl Server {
                     Outcome::Incomplete => {
                         block_transfer("incomplete");
                         let reply = Refusal::new(code::INCOMPLETE, "blocks out of order");
-                        return self.reply(&packet, peer, reply, false).await;
+                        self.reply(&packet, peer, reply, false).await;
+                        return false;
                     }
                     Outcome::TooLarge => {
                         block_transfer("too_large");
                         let reply = Refusal::too_large(self.size1(), None);
-                        return self.reply(&packet, peer, reply, false).await;
+                        self.reply(&packet, peer, reply, false).await;
+                        return false;
                     }
                     Outcome::BadBlock => {
                         block_transfer("bad_block");
                         let reply = Refusal::new(code::BAD_REQUEST, "block of the wrong size");
-                        return self.reply(&packet, peer, reply, false).await;
+                        self.reply(&packet, peer, reply, false).await;
+                        return false;
                     }
                     Outcome::Busy => {
                         block_transfer("busy");
                         let reply = Refusal::busy("too many block-wise uploads");
-                        return self.reply(&packet, peer, reply, false).await;
+                        self.reply(&packet, peer, reply, false).await;
+                        return false;
                     }
                 }
             }
         };
-        if !self.take_slot(peer) {
-            let reply = Refusal::busy("too many requests in progress");
-            return self.reply(&packet, peer, reply, false).await;
-        }
         let confirmable = packet.header.get_type() == MessageType::Confirmable;
         let mut headers = Vec::with_capacity(4);
         if let Some(cf) = accepted.content_format {
@@ -374,9 +399,9 @@ impl Server {
         let durable = match self.pipeline.submit(inbound) {
             Ok(durable) => durable,
             Err(rejected) => {
-                self.give_slot(peer);
                 let reply = rejection(&rejected, peer, self);
-                return self.reply(&packet, peer, reply, false).await;
+                self.reply(&packet, peer, reply, false).await;
+                return false;
             }
         };
         let id = self.next_exchange;
@@ -414,6 +439,7 @@ impl Server {
             let result = durable.await;
             let _ = events.send(Event::Done(id, result));
         });
+        true
     }
 
     async fn on_event(&mut self, event: Event) {

@@ -839,3 +839,92 @@ async fn shutdown_answers_what_is_being_stored_then_returns() {
         .expect("join")
         .expect("serve");
 }
+
+#[tokio::test]
+async fn a_flood_from_one_peer_is_refused_beyond_its_share_and_others_are_served() {
+    let config = CoapConfig {
+        max_exchanges_per_peer: 4,
+        separate_response_after: crate::config::Duration::from_millis(0),
+        ..CoapConfig::default()
+    };
+    let h = start(config, |_| {}).await;
+    // Separate responses hold their slot until ACKed, and this flooder never ACKs.
+    for mid in 0..10u16 {
+        h.send(&post(mid, "/t/flood", b"x")).await;
+    }
+    let mut busy = 0;
+    while let Ok(Ok((n, _))) = tokio::time::timeout(
+        Duration::from_millis(300),
+        h.client.recv_from(&mut [0; 256]),
+    )
+    .await
+    {
+        assert!(n >= 4);
+        busy += 1;
+    }
+    assert!(busy >= 10, "every request was answered somehow ({busy})");
+    assert_eq!(h.appended(), 4, "only the peer's share was stored");
+    // Another peer is served.
+    let other = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    other
+        .send_to(&post(1, "/t/other", b"y"), h.addr)
+        .await
+        .expect("send");
+    let mut buf = [0; 256];
+    let (n, _) = tokio::time::timeout(PATIENCE, other.recv_from(&mut buf))
+        .await
+        .expect("answered")
+        .expect("recv");
+    let empty = Packet::from_bytes(&buf[..n]).expect("parse");
+    assert_eq!(empty.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(h.appended(), 5);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_method_code_is_method_not_allowed() {
+    let h = start(CoapConfig::default(), |_| {}).await;
+    let mut datagram = post(3, "/t/dev", b"x");
+    datagram[1] = 0x08; // 0.08: no such method
+    let answer = h.exchange(&datagram).await;
+    assert_eq!(code_of(&answer), code::METHOD_NOT_ALLOWED);
+    assert_eq!(h.appended(), 0);
+    h.stop().await;
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::super::message::{self, Block};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// The datagram path's parsing never panics, and what it accepts re-encodes.
+        #[test]
+        fn parse_never_panics(datagram in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(packet) = message::parse(&datagram) {
+                prop_assert!(packet.get_token().len() <= 8);
+                let _ = packet.to_bytes_unlimited();
+            }
+        }
+
+        #[test]
+        fn coap_shaped_datagrams_never_panic(
+            header in proptest::collection::vec(any::<u8>(), 4..5),
+            rest in proptest::collection::vec(prop_oneof![Just(0xFFu8), 0x0Du8..0x0F, any::<u8>()], 0..64),
+        ) {
+            let mut datagram = header;
+            datagram[0] = 0x40 | (datagram[0] & 0x3F);
+            datagram.extend(rest);
+            let _ = message::parse(&datagram);
+        }
+
+        #[test]
+        fn block_values_decode_or_refuse(value in proptest::collection::vec(any::<u8>(), 0..5)) {
+            if let Some(b) = Block::decode(&value) {
+                prop_assert_eq!(Block::decode(&b.encode()), Some(b));
+            }
+        }
+    }
+}
