@@ -267,6 +267,9 @@ pub struct LogStats {
     pub dropped_records: u64,
     pub corrupt_records: u64,
     pub fsyncs: u64,
+    /// Turns of the commit thread's loop since open: it moves at least twice a second while
+    /// the thread is alive and not stuck in a write or fsync.
+    pub commit_loops: u64,
 }
 
 /// The durable log. Cheap to clone; all clones share one log.
@@ -420,6 +423,7 @@ impl Log {
             dropped: AtomicU64::new(0),
             corrupt: AtomicU64::new(report.corrupt_records),
             fsyncs: AtomicU64::new(0),
+            commit_loops: AtomicU64::new(0),
             high_bytes,
             low_bytes,
             cfg,
@@ -604,7 +608,14 @@ impl Log {
             dropped_records: shared.dropped.load(Ordering::Relaxed),
             corrupt_records: shared.corrupt.load(Ordering::Relaxed),
             fsyncs: shared.fsyncs.load(Ordering::Relaxed),
+            commit_loops: shared.commit_loops.load(Ordering::Relaxed),
         }
+    }
+
+    /// The log accepts appends: not closing, and the commit thread has not stopped.
+    pub fn is_open(&self) -> bool {
+        let st = lock(&self.shared().state);
+        !st.closing && !st.closed
     }
 
     /// Commits everything pending, persists the cursor, stops the background thread.

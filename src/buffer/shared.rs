@@ -47,6 +47,9 @@ pub(crate) struct Shared {
     pub dropped: AtomicU64,
     pub corrupt: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// Bumped on every turn of the commit thread's loop (at least every `CURSOR_INTERVAL`,
+    /// idle or not): the systemd watchdog pings only while it moves.
+    pub commit_loops: AtomicU64,
     /// `high_watermark * max_bytes` and `low_watermark * max_bytes`.
     pub high_bytes: u64,
     pub low_bytes: u64,

@@ -78,6 +78,7 @@ impl Writer {
     pub(crate) fn run(mut self) {
         let quiet = (self.shared.cfg.commit_delay / 4).min(MAX_QUIET);
         loop {
+            self.shared.commit_loops.fetch_add(1, Ordering::Relaxed);
             let (batch, closing, housekeeping) = self.wait_for_work(quiet);
             if let Some(batch) = batch {
                 self.commit(batch);
@@ -399,7 +400,6 @@ impl Writer {
         }
         self.last_maintain = Instant::now();
         self.remove_acknowledged();
-        self.publish_gauges();
     }
 
     /// Removes segments wholly behind the persisted head (never the tail).
@@ -478,17 +478,6 @@ impl Writer {
         if let Err(e) = self.shared.storage.sync_dir(&self.shared.cfg.dir) {
             tracing::warn!(error = %e, "Could not sync the log directory");
         }
-    }
-
-    fn publish_gauges(&self) {
-        let (bytes, segments, records) = {
-            let st = lock(&self.shared.state);
-            (st.used_bytes, st.segments.len(), st.next_seq)
-        };
-        let head = lock(&self.shared.acks).head().head_seq;
-        metrics::gauge!("edgegate_log_bytes").set(bytes as f64);
-        metrics::gauge!("edgegate_log_segments").set(segments as f64);
-        metrics::gauge!("edgegate_log_records").set(records.saturating_sub(head) as f64);
     }
 }
 

@@ -3,8 +3,8 @@
 //! librdkafka's log lines go to `tracing` at levels that do not flood the journal during an
 //! outage.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -119,6 +119,8 @@ pub struct LinkTracker {
     announced: AtomicU8,
     /// librdkafka raised a fatal error; the forwarder rebuilds the producer.
     fatal: AtomicBool,
+    /// The reason of the last outage or fatal error, for `/readyz` and `edgegate status`.
+    last_error: Mutex<Option<String>>,
 }
 
 impl LinkTracker {
@@ -128,6 +130,7 @@ impl LinkTracker {
             state,
             announced: AtomicU8::new(0),
             fatal: AtomicBool::new(false),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -146,6 +149,7 @@ impl LinkTracker {
     /// No broker can be reached (or authentication fails).
     pub fn down(&self, reason: &str) {
         if self.transition(LinkState::Down) {
+            self.set_last_error(reason);
             metric::link(LinkState::Down);
             tracing::warn!(
                 reason,
@@ -156,11 +160,24 @@ impl LinkTracker {
 
     pub fn fatal(&self, reason: &str) {
         if !self.fatal.swap(true, Ordering::AcqRel) {
+            self.set_last_error(reason);
             tracing::error!(
                 reason,
                 "The Kafka producer hit a fatal error; it will be rebuilt."
             );
         }
+    }
+
+    /// The reason of the last outage or fatal error since start, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, reason: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
     }
 
     /// Takes the fatal flag (the forwarder is about to rebuild).

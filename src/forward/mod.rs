@@ -137,6 +137,16 @@ pub struct Progress {
     pub heartbeat: Option<std::time::Instant>,
 }
 
+/// A handle on the reason of the forwarder's last outage or fatal error.
+#[derive(Clone)]
+pub struct LastError(Arc<context::LinkTracker>);
+
+impl LastError {
+    pub fn get(&self) -> Option<String> {
+        self.0.last_error()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("invalid [kafka] configuration: {0}")]
@@ -217,6 +227,11 @@ impl Forwarder {
 
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
+    }
+
+    /// The reason of the forwarder's last outage or fatal error, read when asked.
+    pub fn last_error(&self) -> LastError {
+        LastError(self.link.clone())
     }
 
     /// Forwards until `shutdown` is cancelled (or the log is closed), then stops reading,

@@ -94,6 +94,8 @@ impl Pipeline {
         let dest = router
             .route(&msg.topic, &msg.device)
             .inspect_err(|e| reject(&msg, e))?;
+        let (protocol, qos) = labels(&msg);
+        let bytes = msg.payload.len() as u64;
         let record = Record {
             source: msg.source,
             received_ms: msg.received_ms,
@@ -104,12 +106,17 @@ impl Pipeline {
             headers: msg.headers,
             payload: msg.payload,
         };
-        self.log.append(&record).map_err(|e| {
+        let durable = self.log.append(&record).map_err(|e| {
             let e = Rejected::from(e);
             metrics::counter!("edgegate_ingest_rejected_total", "reason" => e.reason())
                 .increment(1);
             e
-        })
+        })?;
+        metrics::counter!("edgegate_messages_received_total", "protocol" => protocol, "qos" => qos)
+            .increment(1);
+        metrics::counter!("edgegate_received_bytes_total", "protocol" => protocol, "qos" => qos)
+            .increment(bytes);
+        Ok(durable)
     }
 
     /// Above the log's high watermark listeners stop reading their sockets.
@@ -131,6 +138,36 @@ impl Pipeline {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+}
+
+/// Fixed label values for a stored message: the protocol, and its MQTT QoS (`0`, `1`, `2`)
+/// or CoAP message type (`con`, `non`), read from the headers the listener set.
+fn labels(msg: &Inbound) -> (&'static str, &'static str) {
+    let header = |name: &str| {
+        msg.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    };
+    match msg.source {
+        Source::Mqtt => (
+            "mqtt",
+            match header("mqtt-qos") {
+                Some(b"0") => "0",
+                Some(b"1") => "1",
+                Some(b"2") => "2",
+                _ => "unknown",
+            },
+        ),
+        Source::Coap => (
+            "coap",
+            match header("coap-type") {
+                Some(b"CON") => "con",
+                Some(b"NON") => "non",
+                _ => "unknown",
+            },
+        ),
     }
 }
 
