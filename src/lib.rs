@@ -4,10 +4,12 @@
 //!
 //! The data path reads top to bottom in the module names:
 //! [`ingest`] (listeners) → [`route`] → [`buffer`] (the durable log) → [`forward`] (Kafka).
-//! [`run`] wires them together; `main.rs` and the integration tests both call it.
+//! [`run`] wires them together; `main.rs` and the integration tests both call it. [`admin`]
+//! observes the running gateway: metrics, health, systemd notifications, `edgegate status`.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod buffer;
 pub mod config;
 pub mod forward;
@@ -65,6 +67,11 @@ pub enum Control {
 pub struct Gateway {
     mqtt_addr: SocketAddr,
     coap_addr: Option<SocketAddr>,
+    /// The admin listener's address; `None` when disabled or its port could not be bound.
+    admin_addr: Option<SocketAddr>,
+    health: admin::Health,
+    /// The admin listener and the gauge refresher.
+    admin: TaskTracker,
     log: Log,
     pipeline: Pipeline,
     shutdown: CancellationToken,
@@ -81,6 +88,12 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Gateway, RunError> {
     let gateway_id = config.gateway.id();
+    // First, so what recovery counts while opening the log is recorded.
+    let metrics = if config.admin.enabled {
+        admin::metrics::install()
+    } else {
+        None
+    };
     let log_config = config.buffer.log_config(base);
     check_buffer_dir(&log_config)?;
 
@@ -133,6 +146,11 @@ pub async fn start(
     // it left behind before `wait` gives up on it.
     let forwarder = Forwarder::new(&config.kafka, &gateway_id, reader, dead_letter.clone())?
         .with_shutdown_grace(config.gateway.shutdown_grace.get().mul_f64(0.9));
+    let (link, progress, last_error) = (
+        forwarder.link_state(),
+        forwarder.progress(),
+        forwarder.last_error(),
+    );
     let forwarder = tokio::spawn(forwarder.run(shutdown.clone()));
 
     let listeners = TaskTracker::new();
@@ -155,9 +173,46 @@ pub async fn start(
     listeners.close();
     tracing::info!(%mqtt_addr, gateway_id = %gateway_id, "Listening for MQTT.");
 
+    let health = admin::Health::new(admin::Parts {
+        log: log.clone(),
+        dead_letter,
+        link,
+        progress,
+        last_error,
+        expected_listeners: listeners.len(),
+        listeners: listeners.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let admin = TaskTracker::new();
+    admin.spawn(admin::metrics::refresh(
+        health.clone(),
+        metrics,
+        shutdown.clone(),
+    ));
+    let admin_addr = if config.admin.enabled {
+        bind_admin(&config.admin.listen)
+            .await
+            .map(|(listener, addr)| {
+                admin.spawn(admin::server::serve(
+                    listener,
+                    health.clone(),
+                    metrics,
+                    shutdown.clone(),
+                ));
+                tracing::info!(%addr, "Serving /metrics, /healthz and /readyz.");
+                addr
+            })
+    } else {
+        None
+    };
+    admin.close();
+
     Ok(Gateway {
         mqtt_addr,
         coap_addr,
+        admin_addr,
+        health,
+        admin,
         log,
         pipeline,
         shutdown,
@@ -175,6 +230,16 @@ impl Gateway {
     /// The bound CoAP address, when `[coap] enabled`.
     pub fn coap_addr(&self) -> Option<SocketAddr> {
         self.coap_addr
+    }
+
+    /// The bound admin address, when `[admin] enabled` and its port could be bound.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// A handle for health reports (`/readyz`, systemd).
+    pub fn health(&self) -> admin::Health {
+        self.health.clone()
     }
 
     pub fn log(&self) -> &Log {
@@ -228,20 +293,47 @@ impl Gateway {
             }
         };
         let closed = self.log.close().await;
-        tracing::info!(listeners_done, "Shut down.");
+        let admin_done = tokio::time::timeout_at(deadline, self.admin.wait())
+            .await
+            .is_ok();
+        tracing::info!(listeners_done, admin_done, "Shut down.");
         forwarded?;
         closed.map_err(RunError::from)
     }
 }
 
-/// Starts the gateway and runs it until `shutdown`.
+/// Starts the gateway and runs it until `shutdown`, telling systemd (when it runs the
+/// gateway) when it is ready, how it is doing, and when it stops.
 pub async fn run(
     config: Config,
     base: &Path,
     shutdown: CancellationToken,
     control: mpsc::Receiver<Control>,
 ) -> Result<(), RunError> {
-    start(config, base, shutdown).await?.wait(control).await
+    let gateway = start(config, base, shutdown.clone()).await?;
+    let notifier = tokio::spawn(admin::notify::run(gateway.health(), shutdown));
+    let result = gateway.wait(control).await;
+    // It sent STOPPING when shutdown began; it has nothing left to do.
+    notifier.abort();
+    result
+}
+
+/// The admin listener is for observing the gateway: a port that cannot be bound (another
+/// exporter on 9100) is logged, and the data path runs on without it.
+async fn bind_admin(listen: &str) -> Option<(TcpListener, SocketAddr)> {
+    let bound = match TcpListener::bind(listen).await {
+        Ok(listener) => listener.local_addr().map(|addr| (listener, addr)),
+        Err(e) => Err(e),
+    };
+    bound
+        .inspect_err(|error| {
+            tracing::error!(
+                addr = listen,
+                %error,
+                "Cannot listen for the admin endpoints; running without /metrics, /healthz and /readyz. Set [admin] listen to a free port."
+            );
+        })
+        .ok()
 }
 
 async fn open_log(config: LogConfig) -> Result<(Log, buffer::RecoveryReport), RunError> {

@@ -1,10 +1,10 @@
 //! The `edgegate` command: parse the CLI, load and validate the config, set up logging, and
-//! hand over to [`edgegate::run`].
+//! hand over to [`edgegate::run`] (or to [`edgegate::admin::status`] for `edgegate status`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,18 @@ struct Cli {
     /// Log filter (`info`, `debug`, `edgegate=debug,rdkafka=warn`); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Log line format on stderr. Without it: the systemd journal with structured fields
+    /// when systemd runs the gateway, text on stderr otherwise.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -43,21 +55,76 @@ enum Command {
     Run,
     /// Check the configuration and exit: 0 when valid, 64 with every problem otherwise.
     Validate,
+    /// Summarise a running gateway from its admin endpoint ([admin] listen). Exit code 0
+    /// when ready (also while Kafka is down and it buffers), 1 when not ready, 2 when it
+    /// cannot be reached.
+    Status {
+        /// Ask this address instead of the configured one.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    init_tracing(&cli.log_level, cli.log_format);
+    let command = cli.command.unwrap_or(Command::Run);
+    // `status --admin ADDR` needs no config: it may run where the config is not readable.
+    if let Command::Status { admin: Some(addr) } = command {
+        return status(addr);
+    }
     let config = match load(&cli.config) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match command {
         Command::Validate => {
             println!("{}: valid", cli.config.display());
             ExitCode::SUCCESS
         }
         Command::Run => run(config, &cli.config),
+        Command::Status { .. } => {
+            match config
+                .admin
+                .enabled
+                .then(|| config.admin.client_addr())
+                .flatten()
+            {
+                Some(addr) => status(addr),
+                None => {
+                    eprintln!(
+                        "[admin] is disabled in {}: there is nothing to ask (or pass --admin ADDR)",
+                        cli.config.display()
+                    );
+                    ExitCode::from(edgegate::admin::status::EXIT_UNREACHABLE)
+                }
+            }
+        }
+    }
+}
+
+fn status(addr: std::net::SocketAddr) -> ExitCode {
+    use edgegate::admin::status;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(status::query(addr)) {
+        Ok(summary) => {
+            print!("{summary}");
+            ExitCode::from(summary.exit_code())
+        }
+        Err(e) => {
+            println!("edgegate at {addr}: UNREACHABLE");
+            eprintln!("{e}");
+            ExitCode::from(status::EXIT_UNREACHABLE)
+        }
     }
 }
 
@@ -140,12 +207,50 @@ async fn handle_signals(
     }
 }
 
-fn init_tracing(default: &str) {
+/// Logs go to the journal (with fields kept as journal fields) when systemd runs us and no
+/// format was asked for, else to stderr as text or JSON lines.
+fn init_tracing(default: &str, format: Option<LogFormat>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let registry = tracing_subscriber::registry().with(filter);
+    let journald = if format.is_none() && stderr_is_journal() {
+        tracing_journald::layer().ok()
+    } else {
+        None
+    };
+    let result = match (journald, format) {
+        (Some(journald), _) => registry.with(journald).try_init(),
+        (None, Some(LogFormat::Json)) => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        (None, _) => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("cannot set up logging: {e}");
+    }
+}
+
+/// systemd sets `JOURNAL_STREAM=<device>:<inode>` for a service whose stderr is the journal;
+/// comparing it with stderr itself (as sd_journal_stream_fd(3) advises) ignores a variable
+/// inherited by a child whose stderr was redirected elsewhere.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    // Compared as decimal text: the integer types of `st_dev` and `st_ino` differ by target.
+    rustix::fs::fstat(std::io::stderr())
+        .is_ok_and(|stat| stat.st_dev.to_string() == dev && stat.st_ino.to_string() == ino)
 }

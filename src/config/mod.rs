@@ -2,7 +2,8 @@
 //! with `file:line:col`.
 //!
 //! Each stage owns its section's struct (`[mqtt]` in `ingest::mqtt::config`, `[kafka]` in
-//! `forward::config`); this module owns `[gateway]` and `[buffer]`, and the loader. Loading
+//! `forward::config`, `[admin]` in `admin::config`); this module owns `[gateway]` and
+//! `[buffer]`, and the loader. Loading
 //! parses the document keeping spans, deserializes every section on its own (so a mistake in
 //! one section does not hide mistakes in another), runs every section's `validate`, and
 //! turns each problem's key path back into a position in the file.
@@ -19,6 +20,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use crate::admin::config::AdminConfig;
 use crate::buffer::{Durability, LogConfig, Overflow};
 use crate::forward::config::KafkaConfig;
 use crate::ingest::coap::config::CoapConfig;
@@ -35,6 +37,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub coap: CoapConfig,
     pub kafka: KafkaConfig,
+    pub admin: AdminConfig,
     pub routes: Vec<RouteConfig>,
     pub default_route: Option<DefaultRoute>,
 }
@@ -240,6 +243,7 @@ impl Config {
                 "mqtt" => config.mqtt = section_of(value, &mut errors).unwrap_or_default(),
                 "coap" => config.coap = section_of(value, &mut errors).unwrap_or_default(),
                 "kafka" => config.kafka = section_of(value, &mut errors).unwrap_or_default(),
+                "admin" => config.admin = section_of(value, &mut errors).unwrap_or_default(),
                 "default_route" => config.default_route = section_of(value, &mut errors),
                 "routes" => match value.get_ref().as_array() {
                     // Each route on its own, so one bad route does not hide the next.
@@ -248,7 +252,7 @@ impl Config {
                 },
                 other => found.push(at(
                     key.span(),
-                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, routes or default_route)"),
+                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, admin, routes or default_route)"),
                 )),
             }
             found.extend(errors.into_iter().map(|e| {
@@ -283,6 +287,7 @@ impl Config {
         self.mqtt.validate("mqtt", &mut problems);
         self.coap.validate("coap", &mut problems);
         self.kafka.validate("kafka", &mut problems);
+        self.admin.validate("admin", &mut problems);
         crate::route::Router::new(&self.routes, self.default_route.as_ref(), &mut problems);
         if self.routes.is_empty() && self.default_route.is_none() {
             problems.push(

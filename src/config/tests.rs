@@ -109,6 +109,10 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", config.kafka),
         format!("{:?}", defaults.kafka)
     );
+    assert_eq!(
+        format!("{:?}", config.admin),
+        format!("{:?}", defaults.admin)
+    );
     let buffer = BufferConfig {
         dir: defaults.buffer.dir.clone(),
         ..config.buffer.clone()
@@ -120,6 +124,7 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", defaults.mqtt),
         format!("{:?}", defaults.coap),
         format!("{:?}", defaults.kafka),
+        format!("{:?}", defaults.admin),
     ];
     for debug in sections {
         // `Name { field: value, other: value }`: every field name followed by ": ".
