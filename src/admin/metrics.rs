@@ -63,6 +63,18 @@ pub async fn refresh(
         .map_or(0.0, |d| d.as_secs_f64());
     metrics::gauge!("edgegate_start_time_seconds").set(started);
     metrics::gauge!("edgegate_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Counters that may stay at zero for months are shown from the start, so a dashboard's
+    // rate() has a series before the first drop or dead letter.
+    for name in [
+        "edgegate_log_dropped_records_total",
+        "edgegate_log_corrupt_records_total",
+        "edgegate_kafka_delivered_total",
+        "edgegate_kafka_dead_letter_total",
+        "edgegate_mqtt_connections_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!("edgegate_mqtt_connections").increment(0.0);
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
