@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use edgegate::buffer::{Log, LogConfig, LogReader, Overflow, StoredRecord};
+use edgegate::buffer::{Log, LogConfig, LogReader, Overflow, Pressure, StoredRecord};
 use edgegate::config::Problems;
 use edgegate::ingest::Pipeline;
 use edgegate::ingest::mqtt::config::MqttConfig;
@@ -744,11 +744,9 @@ async fn unroutable_topic_gets_0x90_on_v5_and_a_disconnect_on_311() {
 #[tokio::test]
 async fn log_full_gets_0x97_on_v5_and_a_disconnect_on_311() {
     let mut gw = start(MqttConfig::default(), |c| {
+        // Default watermarks: above the high one the connection is throttled, not frozen,
+        // so a device that keeps publishing still reaches "full" and hears why.
         c.overflow = Overflow::RejectNew;
-        // Listeners stop reading above the high watermark, before the log is full; lift it
-        // so this test reaches "full".
-        c.high_watermark = 2.0;
-        c.low_watermark = 1.5;
         c.segment_bytes = 64 * 1024;
         c.max_bytes = 128 * 1024;
     })
@@ -857,7 +855,7 @@ async fn client_ids_are_assigned_or_refused_per_spec() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn above_the_high_watermark_the_socket_is_not_read_until_the_log_drains() {
+async fn above_the_high_watermark_reads_are_throttled_until_the_log_drains() {
     let mut gw = start(MqttConfig::default(), |c| {
         c.segment_bytes = 32 * 1024;
         c.max_bytes = 1 << 20;
@@ -869,28 +867,40 @@ async fn above_the_high_watermark_the_socket_is_not_read_until_the_log_drains() 
     let mut raw = Raw::connected(gw.addr, 5, "pressed").await;
     let payload = vec![b'p'; 4000];
     let mut acked = 0u16;
-    loop {
-        raw.send(&publish(5, 1, false, acked + 1, "dev/pressed", &payload))
+    let mut send = async |raw: &mut Raw, pkid: u16| {
+        let sent = std::time::Instant::now();
+        raw.send(&publish(5, 1, false, pkid, "dev/pressed", &payload))
             .await;
-        match tokio::time::timeout(Duration::from_millis(500), raw.recv_inner()).await {
-            Ok(Some((0x40, body))) => {
-                assert_eq!(body, (acked + 1).to_be_bytes());
-                acked += 1;
-            }
-            Err(_) => break,
-            other => panic!("{other:?}"),
-        }
-        assert!(acked < 100, "the listener never paused");
+        let (byte1, body) = raw.recv().await.expect("PUBACK");
+        assert_eq!((byte1, body), (0x40, pkid.to_be_bytes().to_vec()));
+        sent.elapsed()
+    };
+    // Below the watermark every publish is read at once; above it, one read per interval.
+    let mut slow = 0;
+    while slow < 3 {
+        acked += 1;
+        let took = send(&mut raw, acked).await;
+        slow = if took >= Duration::from_millis(150) {
+            slow + 1
+        } else {
+            0
+        };
+        assert!(acked < 100, "the listener never throttled");
     }
-    assert!(acked >= 20, "paused after only {acked} publishes");
-    // Paused: the last publish waits unread. Draining the log (the forwarder's job) lets the
-    // log delete acknowledged segments; pressure falls and the publish is read and acked.
+    assert!(acked >= 20, "throttled after only {acked} publishes");
+    assert_eq!(*gw.log.pressure().borrow(), Pressure::High);
+    // Draining the log (the forwarder's job) deletes acknowledged segments; pressure falls
+    // and the connection is read freely again.
     assert_eq!(
         gw.records(usize::from(acked)).await.len(),
         usize::from(acked)
     );
-    let (byte1, body) = raw.recv().await.expect("the paused publish is acked");
-    assert_eq!((byte1, body), (0x40, (acked + 1).to_be_bytes().to_vec()));
+    let mut pressure = gw.log.pressure();
+    tokio::time::timeout(PATIENCE, pressure.wait_for(|p| *p == Pressure::Normal))
+        .await
+        .expect("pressure falls once the log drains")
+        .expect("log open");
+    send(&mut raw, acked + 1).await;
     gw.stop().await;
 }
 
@@ -950,5 +960,32 @@ async fn qos2_state_survives_a_reconnect_and_a_takeover() {
         assert_eq!((body[0], body[1]), (0, 0), "clean start: no session");
     }
     assert_eq!(gw.appended(), 2);
+    gw.stop().await;
+}
+
+/// Acks go out in the order the publishes arrived (MQTT 4.6), even when many are stored by
+/// one group commit: clients such as rumqttc lose track of QoS 2 flows otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_follow_the_order_of_the_publishes() {
+    let mut gw = start_default().await;
+    for (level, qos, ack) in [(4, 1, 0x40), (5, 1, 0x40), (4, 2, 0x50), (5, 2, 0x50)] {
+        let mut raw = Raw::connected(gw.addr, level, &format!("ordered-{level}-{qos}")).await;
+        let burst: Vec<u8> = (1..=100u16)
+            .flat_map(|pkid| publish(level, qos, false, pkid, "dev/ordered", b"x"))
+            .collect();
+        raw.send(&burst).await;
+        let mut order = Vec::new();
+        while order.len() < 100 {
+            let (byte1, body) = raw.recv().await.expect("an ack");
+            assert_eq!(byte1, ack);
+            order.push(u16::from_be_bytes([body[0], body[1]]));
+        }
+        assert_eq!(
+            order,
+            (1..=100).collect::<Vec<_>>(),
+            "MQTT {level} QoS {qos}"
+        );
+        gw.records(100).await;
+    }
     gw.stop().await;
 }

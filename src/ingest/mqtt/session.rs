@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use futures::stream::FuturesOrdered;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -30,6 +30,9 @@ use super::packet::{
 };
 use crate::buffer::{AppendError, Pressure, Source};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
+
+/// Above the log's high watermark, how often a connection may read one frame.
+const PRESSURE_READ_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Disconnected persistent sessions remembered at most; beyond this the one closest to
 /// expiry is forgotten (its client then hears "no session" and starts afresh).
@@ -273,7 +276,7 @@ struct Session {
     /// 1.5 × the keepalive in force (never unlimited: the gateway caps it).
     keepalive: Duration,
     /// Appends not yet durable, QoS 0 included (their failures are counted).
-    pending: FuturesUnordered<Pending>,
+    pending: FuturesOrdered<Pending>,
     /// QoS 1/2 packet-id state: what is being stored, what awaits PUBREL.
     inflight: Inflight,
     /// QoS 0 appends pending; capped like QoS 1/2 so a QoS 0 flood cannot queue without bound.
@@ -350,7 +353,7 @@ impl Session {
             },
             will: connect.will,
             keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
-            pending: FuturesUnordered::new(),
+            pending: FuturesOrdered::new(),
             inflight: Inflight::new(registered.awaiting_rel),
             pending_qos0: 0,
             aliases: HashMap::new(),
@@ -370,6 +373,13 @@ impl Session {
         // While the gateway is not reading, the client's PINGREQs wait unread: the keepalive
         // clock restarts when reading resumes instead of punishing the client for our pause.
         let mut paused = false;
+        // Above the high watermark the connection is throttled, not frozen: one read per
+        // `PRESSURE_READ_INTERVAL`. Memory stays flat either way (each read is one frame that
+        // goes to disk or is refused), and the log still reaches "full", so a device that
+        // keeps publishing hears 0x97 rather than stalling forever while Kafka is away.
+        let throttle = tokio::time::sleep(PRESSURE_READ_INTERVAL);
+        tokio::pin!(throttle);
+        let mut throttled_read = false;
         loop {
             if let Err(e) = self.flush().await {
                 io_error(self.peer, &self.client_id, &e);
@@ -380,11 +390,12 @@ impl Session {
                     return end;
                 }
             }
-            let can_read = draining.is_none()
-                && *pressure.borrow() == Pressure::Normal
+            let high = *pressure.borrow() == Pressure::High;
+            let slots_free = draining.is_none()
                 && self.pending_qos0 < receive_maximum
                 // 3.1.1 has no receive maximum: stop reading at the limit instead.
                 && (self.version == Version::V5 || self.inflight.storing() < receive_maximum);
+            let can_read = slots_free && (!high || throttled_read);
             if paused && can_read {
                 keepalive.as_mut().reset(Instant::now() + window);
             }
@@ -408,8 +419,15 @@ impl Session {
                     // The log is gone (shutting down): stop watching rather than spin.
                     pressure_open = changed.is_ok();
                 }
+                _ = &mut throttle, if slots_free && high && !throttled_read => {
+                    throttled_read = true;
+                }
                 read = self.conn.read_frame(), if can_read => {
                     keepalive.as_mut().reset(Instant::now() + window);
+                    if throttled_read {
+                        throttled_read = false;
+                        throttle.as_mut().reset(Instant::now() + PRESSURE_READ_INTERVAL);
+                    }
                     let frame = match read {
                         Ok(Some(frame)) => frame,
                         Ok(None) => return End::PEER_CLOSED,
@@ -528,7 +546,7 @@ impl Session {
                 if qos == 0 {
                     self.pending_qos0 += 1;
                 }
-                self.pending.push(Box::pin(async move {
+                self.pending.push_back(Box::pin(async move {
                     Completion {
                         qos,
                         pkid,
