@@ -867,7 +867,7 @@ async fn above_the_high_watermark_reads_are_throttled_until_the_log_drains() {
     let mut raw = Raw::connected(gw.addr, 5, "pressed").await;
     let payload = vec![b'p'; 4000];
     let mut acked = 0u16;
-    let mut send = async |raw: &mut Raw, pkid: u16| {
+    let send = async |raw: &mut Raw, pkid: u16| {
         let sent = std::time::Instant::now();
         raw.send(&publish(5, 1, false, pkid, "dev/pressed", &payload))
             .await;
