@@ -217,3 +217,59 @@ fn unit_file_passes_systemd_analyze_verify() {
         out.status
     );
 }
+
+/// `--log-format json` writes one JSON object per line on stderr; a `JOURNAL_STREAM`
+/// inherited from elsewhere (not this stderr) does not divert logs to the journal.
+#[test]
+fn json_log_lines_on_stderr() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[gateway]\nshutdown_grace = \"1s\"\n\n[buffer]\ndir = \"log\"\n\
+         segment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
+         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[coap]\nenabled = false\n\n\
+         [admin]\nenabled = false\n\n\
+         [kafka]\nbrokers = [\"127.0.0.1:1\"]\n\n[default_route]\ntopic = \"t\"\n",
+    )
+    .expect("config");
+    let run = |format: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_edgegate"));
+        command.arg("run");
+        if let Some(format) = format {
+            command.args(["--log-format", format]);
+        }
+        let child = command
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("JOURNAL_STREAM", "1:1")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn edgegate");
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "edgegate exited with {}", out.status);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let json = run(Some("json"));
+    let lines: Vec<&str> = json.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("Listening for MQTT.")),
+        "{json}"
+    );
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(value["fields"]["message"].is_string(), "{line}");
+        assert!(value["level"].is_string(), "{line}");
+    }
+    let text = run(None);
+    assert!(text.contains("Listening for MQTT."), "{text}");
+    assert!(!text.trim_start().starts_with('{'), "{text}");
+}
