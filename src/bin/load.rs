@@ -10,7 +10,7 @@
 //! Each payload starts with `<run>:<connection>:<sequence>|` and is padded to `--payload`
 //! bytes, so verification needs nothing but the topic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -87,6 +87,14 @@ async fn main() -> anyhow::Result<()> {
     let run = format!("{:08x}", rand::random::<u32>());
     let per_conn = args.count.div_ceil(args.connections.max(1));
     let stop = Arc::new(AtomicBool::new(false));
+    // The verifier starts reading Kafka before the first publish, from the topic's current
+    // end, so "end to end" is the moment the last record became readable, not how long it
+    // takes to read the topic's history afterwards.
+    let verifier = if args.verify {
+        Some(Verifier::start(&args, &run)?)
+    } else {
+        None
+    };
     let started = Instant::now();
     let mut tasks = Vec::new();
     for conn in 0..args.connections {
@@ -142,14 +150,16 @@ async fn main() -> anyhow::Result<()> {
     if errors > 0 {
         println!("connection errors: {errors}");
     }
-    if args.verify {
-        let expected: HashMap<usize, Vec<u64>> = results
+    if let Some(verifier) = verifier {
+        let expected: HashSet<(usize, u64)> = results
             .iter()
             .enumerate()
-            .map(|(i, r)| (i, r.acked.clone()))
+            .flat_map(|(c, r)| r.acked.iter().map(move |s| (c, *s)))
             .collect();
-        let (found, missing, duplicates, last_seen) = verify(&args, &run, &expected)?;
-        let e2e = last_seen.duration_since(started).as_secs_f64();
+        let deadline = Instant::now() + Duration::from_secs_f64(args.verify_timeout);
+        let (found, duplicates, last_seen) = verifier.finish(&expected, deadline);
+        let missing = expected.len() - found;
+        let e2e = last_seen.map_or(f64::NAN, |t| t.duration_since(started).as_secs_f64());
         println!(
             "kafka: {found} of {acked} acknowledged messages found, {missing} missing, {duplicates} duplicates; end to end {:.2} s = {:.0} msgs/s",
             e2e,
@@ -417,78 +427,131 @@ fn split_addr(addr: &str) -> (String, u16) {
     }
 }
 
-/// Reads the whole topic and matches payloads of this run against what was acknowledged.
-/// Returns (found, missing, duplicates, when the last expected record was read).
-fn verify(
-    args: &Args,
-    run: &str,
-    expected: &HashMap<usize, Vec<u64>>,
-) -> anyhow::Result<(usize, usize, usize, Instant)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.kafka)
-        .set("group.id", format!("edgegate-load-{run}"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.max.bytes", "52428800")
-        .create()
-        .context("creating the Kafka consumer")?;
-    let deadline = Instant::now() + Duration::from_secs_f64(args.verify_timeout);
-    let metadata = loop {
-        match consumer.fetch_metadata(Some(&args.kafka_topic), Duration::from_secs(5)) {
-            Ok(m)
-                if m.topics()
-                    .first()
-                    .is_some_and(|t| !t.partitions().is_empty()) =>
-            {
-                break m;
+/// Reads the Kafka topic from where it ended before the run, while the run publishes, and
+/// remembers when each of this run's messages was first readable.
+/// Per message of this run: when it was first read, and how many copies were read.
+type Seen = HashMap<(usize, u64), (Instant, u32)>;
+
+struct Verifier {
+    seen: Arc<std::sync::Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Verifier {
+    fn start(args: &Args, run: &str) -> anyhow::Result<Verifier> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &args.kafka)
+            .set("group.id", format!("edgegate-load-{run}"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .context("creating the Kafka consumer")?;
+        // Partitions that exist now start at their end; a topic that does not exist yet
+        // (auto-created by the gateway's first record) is read from its beginning.
+        let mut assignment = TopicPartitionList::new();
+        if let Ok(metadata) =
+            consumer.fetch_metadata(Some(&args.kafka_topic), Duration::from_secs(5))
+        {
+            for topic in metadata.topics() {
+                for partition in topic.partitions() {
+                    let (_, high) = consumer
+                        .fetch_watermarks(topic.name(), partition.id(), Duration::from_secs(5))
+                        .unwrap_or((0, 0));
+                    assignment.add_partition_offset(
+                        topic.name(),
+                        partition.id(),
+                        Offset::Offset(high),
+                    )?;
+                }
             }
-            _ if Instant::now() > deadline => {
-                bail!("topic {} not found in Kafka", args.kafka_topic)
-            }
-            _ => std::thread::sleep(Duration::from_millis(500)),
         }
-    };
-    let mut assignment = TopicPartitionList::new();
-    for topic in metadata.topics() {
-        for partition in topic.partitions() {
-            assignment.add_partition_offset(topic.name(), partition.id(), Offset::Beginning)?;
-        }
+        let seen = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (topic, prefix) = (args.kafka_topic.clone(), format!("{run}:"));
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                while assignment.count() == 0 && !stop.load(Ordering::Relaxed) {
+                    if let Ok(m) = consumer.fetch_metadata(Some(&topic), Duration::from_secs(1)) {
+                        for t in m.topics() {
+                            for p in t.partitions() {
+                                assignment.add_partition_offset(
+                                    t.name(),
+                                    p.id(),
+                                    Offset::Beginning,
+                                )?;
+                            }
+                        }
+                    }
+                }
+                consumer.assign(&assignment)?;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    let Some(value) = message?.payload().map(<[u8]>::to_vec) else {
+                        continue;
+                    };
+                    let Some(id) = parse_id(&value, &prefix) else {
+                        continue;
+                    };
+                    let mut seen = seen
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    seen.entry(id).or_insert((Instant::now(), 0)).1 += 1;
+                }
+                Ok(())
+            })
+        };
+        Ok(Verifier { seen, stop, thread })
     }
-    consumer.assign(&assignment)?;
-    let want: usize = expected.values().map(Vec::len).sum();
-    let mut seen: HashMap<(usize, u64), u32> = HashMap::with_capacity(want);
-    let expected_set: std::collections::HashSet<(usize, u64)> = expected
-        .iter()
-        .flat_map(|(c, seqs)| seqs.iter().map(move |s| (*c, *s)))
-        .collect();
-    let prefix = format!("{run}:");
-    let mut found = 0usize;
-    let mut last = Instant::now();
-    while found < want && Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
+
+    /// Waits until every acknowledged message was seen or `deadline`; returns (found,
+    /// duplicates, when the last acknowledged message became readable).
+    fn finish(
+        self,
+        expected: &HashSet<(usize, u64)>,
+        deadline: Instant,
+    ) -> (usize, usize, Option<Instant>) {
+        let count = || {
+            let seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            expected.iter().filter(|id| seen.contains_key(id)).count()
         };
-        let message = message?;
-        let Some(value) = message.payload() else {
-            continue;
-        };
-        let Some(rest) = value.strip_prefix(prefix.as_bytes()) else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(rest);
-        let mut parts = text.split(['|', ':']);
-        let (Some(Ok(conn)), Some(Ok(seq))) = (
-            parts.next().map(str::parse::<usize>),
-            parts.next().map(str::parse::<u64>),
-        ) else {
-            continue;
-        };
-        let count = seen.entry((conn, seq)).or_default();
-        *count += 1;
-        if *count == 1 && expected_set.contains(&(conn, seq)) {
-            found += 1;
-            last = Instant::now();
+        while count() < expected.len() && Instant::now() < deadline && !self.thread.is_finished() {
+            std::thread::sleep(Duration::from_millis(100));
         }
+        // A moment more to catch duplicates.
+        std::thread::sleep(Duration::from_secs(1));
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(Err(e)) = self.thread.join() {
+            eprintln!("verifier: {e}");
+        }
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let found = expected.iter().filter(|id| seen.contains_key(id)).count();
+        let duplicates = seen
+            .values()
+            .map(|(_, n)| n.saturating_sub(1) as usize)
+            .sum();
+        let last = expected
+            .iter()
+            .filter_map(|id| seen.get(id).map(|(t, _)| *t))
+            .max();
+        (found, duplicates, last)
     }
-    let duplicates = seen.values().map(|c| c.saturating_sub(1) as usize).sum();
-    Ok((found, want - found, duplicates, last))
+}
+
+/// `(connection, sequence)` of one of this run's payloads.
+fn parse_id(value: &[u8], prefix: &str) -> Option<(usize, u64)> {
+    let rest = value.strip_prefix(prefix.as_bytes())?;
+    let end = rest.iter().position(|b| *b == b'|')?;
+    let text = std::str::from_utf8(&rest[..end]).ok()?;
+    let (conn, seq) = text.split_once(':')?;
+    Some((conn.parse().ok()?, seq.parse().ok()?))
 }

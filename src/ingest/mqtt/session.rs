@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use tokio::net::TcpStream;
@@ -406,6 +407,14 @@ impl Session {
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     if let Err(end) = self.complete(done) {
                         draining.get_or_insert(end);
+                    }
+                    // One group commit makes many appends durable at once: take every ack
+                    // that is ready now so they leave in one write, not one syscall each.
+                    // (Polling without a waker loses nothing: the next turn polls again.)
+                    while let Some(Some(done)) = self.pending.next().now_or_never() {
+                        if let Err(end) = self.complete(done) {
+                            draining.get_or_insert(end);
+                        }
                     }
                 }
                 _ = self.shared.shutdown.cancelled(), if draining.is_none() => {
