@@ -202,6 +202,11 @@ fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
         "{text}"
     );
     assert_eq!(metric(&text, "edgegate_kafka_link_up"), Some(0.0));
+    assert_eq!(
+        metric(&text, "edgegate_mqtt_acks_total{packet=\"puback\"}"),
+        Some(2.0),
+        "both QoS 1 publishes were acknowledged once durable: {text}"
+    );
     assert_eq!(metric(&text, "edgegate_mqtt_connections_total"), Some(2.0));
     assert_eq!(
         metric(&text, "edgegate_backlog_drain_seconds"),

@@ -44,7 +44,7 @@ impl Gateway {
         let text = format!(
             "[gateway]\nid = \"{GATEWAY_ID}\"\nshutdown_grace = \"5s\"\n\n\
              [buffer]\ndir = \"log\"\n{buffer}\n\n\
-             [mqtt]\nlisten = \"127.0.0.1:0\"\n\n\
+             [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [coap]\nlisten = \"127.0.0.1:{port}\"\n{coap}\n\n\
              [kafka]\nbrokers = [\"{kafka}\"]\n\n{rest}"
         );

@@ -34,7 +34,7 @@ impl Gateway {
         let text = format!(
             "[gateway]\nid = \"{GATEWAY_ID}\"\nshutdown_grace = \"5s\"\n\n\
              [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"256MiB\"\n\n\
-             [coap]\nlisten = \"127.0.0.1:0\"\n\n\
+             [coap]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [mqtt]\nlisten = \"127.0.0.1:{port}\"\nconnect_timeout = \"1s\"\n{extra}\n\
              [kafka]\nbrokers = [\"{}\"]\n\n{routes}",
             common::bootstrap()

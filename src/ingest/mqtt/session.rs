@@ -655,6 +655,7 @@ impl Session {
                         reason: 0,
                     },
                 );
+                acknowledged("puback");
                 Ok(())
             }
             Ok(_seq) => {
@@ -665,6 +666,7 @@ impl Session {
                         reason: 0,
                     },
                 );
+                acknowledged("pubrec");
                 Ok(())
             }
             Err(e) => self.reject(done.qos, done.pkid, &Rejected::from(e)),
@@ -966,4 +968,9 @@ pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Shared) {
     refused(peer, "", Refusal::Busy);
     conn.queue(version, &Outgoing::ConnAck(Err(Refusal::Busy)));
     goodbye(&mut conn, timeout).await;
+}
+
+/// A durable message was acknowledged (PUBACK for QoS 1, PUBREC for QoS 2).
+fn acknowledged(packet: &'static str) {
+    metrics::counter!("edgegate_mqtt_acks_total", "packet" => packet).increment(1);
 }
