@@ -104,3 +104,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     server::run(socket, config, pipeline, shutdown).await
 }
+
+/// Runs one datagram through the server's parse → validation → request classification with
+/// the default `[coap]` config, no socket and no log; returns the answer it would send at
+/// once. For the cargo-fuzz target `coap_datagram` (see README, "Fuzzing"); not an API.
+#[doc(hidden)]
+pub fn fuzz_datagram(datagram: &[u8]) -> Option<Vec<u8>> {
+    static CONFIG: std::sync::OnceLock<CoapConfig> = std::sync::OnceLock::new();
+    server::classify(CONFIG.get_or_init(CoapConfig::default), datagram)
+}

@@ -210,89 +210,8 @@ impl Server {
 
     /// Everything that can refuse a request before its body is known.
     fn check(&self, packet: &Packet, peer: SocketAddr) -> Result<Accepted, Refusal> {
-        if self.closing {
-            return Err(Refusal::busy("shutting down"));
-        }
-        if let Some((&number, _)) = packet
-            .options()
-            .find(|(n, _)| **n % 2 == 1 && !opt::understood_critical(**n))
-        {
-            tracing::debug!(%peer, option = number, "Refused a CoAP request with an unknown critical option.");
-            return Err(Refusal::new(code::BAD_OPTION, "unknown critical option"));
-        }
-        if message::first(packet, opt::PROXY_URI).is_some()
-            || message::first(packet, opt::PROXY_SCHEME).is_some()
-        {
-            return Err(Refusal::new(code::PROXYING_NOT_SUPPORTED, "not a proxy"));
-        }
-        let segments: Vec<&[u8]> = packet
-            .get_option(coap_lite::CoapOption::UriPath)
-            .map(|l| l.iter().map(Vec::as_slice).collect())
-            .unwrap_or_default();
-        let Some((resource, rest)) = segments.split_first() else {
-            return Err(Refusal::new(code::NOT_FOUND, "no such resource"));
-        };
-        if *resource != self.config.resource.as_bytes() || rest.is_empty() {
-            return Err(Refusal::new(code::NOT_FOUND, "no such resource"));
-        }
-        let mut levels = Vec::with_capacity(rest.len());
-        for segment in rest {
-            match std::str::from_utf8(segment) {
-                Ok(s) if valid_segment(s) => levels.push(s),
-                _ => {
-                    return Err(Refusal::new(
-                        code::BAD_REQUEST,
-                        "path segments must be UTF-8 without / + # or control characters",
-                    ));
-                }
-            }
-        }
-        let device = levels[0];
-        if device.len() > self.config.max_device_len {
-            return Err(Refusal::new(code::BAD_REQUEST, "device id too long"));
-        }
-        let method = match packet.header.code {
-            MessageClass::Request(RequestType::Post) => "POST",
-            MessageClass::Request(RequestType::Put) => "PUT",
-            _ => {
-                return Err(Refusal::new(
-                    code::METHOD_NOT_ALLOWED,
-                    "POST or PUT telemetry",
-                ));
-            }
-        };
-        let block = match message::first(packet, opt::BLOCK1) {
-            None => None,
-            Some(value) => Some(
-                Block::decode(value)
-                    .ok_or_else(|| Refusal::new(code::BAD_OPTION, "bad Block1 value"))?,
-            ),
-        };
-        if *self.pressure.borrow() == Pressure::High {
-            return Err(Refusal::busy("the log is nearly full"));
-        }
-        let content_format = match message::first(packet, opt::CONTENT_FORMAT) {
-            None => None,
-            Some(value) => Some(
-                message::uint(value)
-                    .filter(|v| *v <= 0xFFFF)
-                    .ok_or_else(|| Refusal::new(code::BAD_REQUEST, "bad Content-Format value"))?,
-            ),
-        };
-        let topic = format!("{}/{}", self.config.topic_prefix, levels.join("/"));
-        let uri_path = format!("/{}", {
-            let mut all = vec![self.config.resource.as_str()];
-            all.extend(&levels);
-            all.join("/")
-        });
-        Ok(Accepted {
-            device: device.to_owned(),
-            topic,
-            uri_path,
-            method,
-            content_format,
-            block,
-        })
+        let high = *self.pressure.borrow() == Pressure::High;
+        check(&self.config, packet, peer, self.closing, high)
     }
 
     /// A request that can complete a record (unless block-wise or its final block) takes its
@@ -784,6 +703,100 @@ impl Server {
     }
 }
 
+/// Everything that can refuse a request before its body is known: options, path, method,
+/// Block1, the log's pressure. A free function so the fuzz entry runs exactly this.
+fn check(
+    config: &CoapConfig,
+    packet: &Packet,
+    peer: SocketAddr,
+    closing: bool,
+    high: bool,
+) -> Result<Accepted, Refusal> {
+    if closing {
+        return Err(Refusal::busy("shutting down"));
+    }
+    if let Some((&number, _)) = packet
+        .options()
+        .find(|(n, _)| **n % 2 == 1 && !opt::understood_critical(**n))
+    {
+        tracing::debug!(%peer, option = number, "Refused a CoAP request with an unknown critical option.");
+        return Err(Refusal::new(code::BAD_OPTION, "unknown critical option"));
+    }
+    if message::first(packet, opt::PROXY_URI).is_some()
+        || message::first(packet, opt::PROXY_SCHEME).is_some()
+    {
+        return Err(Refusal::new(code::PROXYING_NOT_SUPPORTED, "not a proxy"));
+    }
+    let segments: Vec<&[u8]> = packet
+        .get_option(coap_lite::CoapOption::UriPath)
+        .map(|l| l.iter().map(Vec::as_slice).collect())
+        .unwrap_or_default();
+    let Some((resource, rest)) = segments.split_first() else {
+        return Err(Refusal::new(code::NOT_FOUND, "no such resource"));
+    };
+    if *resource != config.resource.as_bytes() || rest.is_empty() {
+        return Err(Refusal::new(code::NOT_FOUND, "no such resource"));
+    }
+    let mut levels = Vec::with_capacity(rest.len());
+    for segment in rest {
+        match std::str::from_utf8(segment) {
+            Ok(s) if valid_segment(s) => levels.push(s),
+            _ => {
+                return Err(Refusal::new(
+                    code::BAD_REQUEST,
+                    "path segments must be UTF-8 without / + # or control characters",
+                ));
+            }
+        }
+    }
+    let device = levels[0];
+    if device.len() > config.max_device_len {
+        return Err(Refusal::new(code::BAD_REQUEST, "device id too long"));
+    }
+    let method = match packet.header.code {
+        MessageClass::Request(RequestType::Post) => "POST",
+        MessageClass::Request(RequestType::Put) => "PUT",
+        _ => {
+            return Err(Refusal::new(
+                code::METHOD_NOT_ALLOWED,
+                "POST or PUT telemetry",
+            ));
+        }
+    };
+    let block = match message::first(packet, opt::BLOCK1) {
+        None => None,
+        Some(value) => Some(
+            Block::decode(value)
+                .ok_or_else(|| Refusal::new(code::BAD_OPTION, "bad Block1 value"))?,
+        ),
+    };
+    if high {
+        return Err(Refusal::busy("the log is nearly full"));
+    }
+    let content_format = match message::first(packet, opt::CONTENT_FORMAT) {
+        None => None,
+        Some(value) => Some(
+            message::uint(value)
+                .filter(|v| *v <= 0xFFFF)
+                .ok_or_else(|| Refusal::new(code::BAD_REQUEST, "bad Content-Format value"))?,
+        ),
+    };
+    let topic = format!("{}/{}", config.topic_prefix, levels.join("/"));
+    let uri_path = format!("/{}", {
+        let mut all = vec![config.resource.as_str()];
+        all.extend(&levels);
+        all.join("/")
+    });
+    Ok(Accepted {
+        device: device.to_owned(),
+        topic,
+        uri_path,
+        method,
+        content_format,
+        block,
+    })
+}
+
 /// What `check` learned about an acceptable request.
 struct Accepted {
     device: String,
@@ -923,4 +936,70 @@ fn busy(peer: SocketAddr, per_peer: bool) {
 fn receive_failed(e: &std::io::Error) {
     metrics::counter!("edgegate_coap_receive_errors_total").increment(1);
     tracing::debug!(error = %e, "Could not receive a CoAP datagram.");
+}
+
+/// The datagram → request path of [`Server::on_datagram`] without a socket or a log, for the
+/// fuzz target: framing and parse, classification by type and code, [`check`], the Block1
+/// transfer key, and the encoding of the answer sent at once (a Reset, a refusal, or the 2.04
+/// an accepted request would get). Returns that answer, `None` when nothing would be sent.
+/// Oversized datagrams are out of scope: the receive buffer never holds one.
+///
+/// # Panics
+///
+/// When an answer does not parse back: the gateway must never send what it would refuse.
+pub(super) fn classify(config: &CoapConfig, datagram: &[u8]) -> Option<Vec<u8>> {
+    let peer = SocketAddr::from(([127, 0, 0, 1], 5683));
+    let reset = |mid| Reply::empty(MessageType::Reset, mid).encode();
+    let packet = match message::parse(datagram) {
+        Ok(packet) => packet,
+        Err(malformed) => return malformed.reset.and_then(reset),
+    };
+    let mid = packet.header.message_id;
+    match (packet.header.get_type(), packet.header.code) {
+        (MessageType::Acknowledgement | MessageType::Reset, _) => return None,
+        (MessageType::Confirmable, MessageClass::Empty) => return reset(mid),
+        (MessageType::Confirmable | MessageType::NonConfirmable, MessageClass::Request(_)) => {}
+        (MessageType::Confirmable | MessageType::NonConfirmable, MessageClass::Reserved(c))
+            if c >> 5 == 0 => {}
+        (kind, _) => {
+            return (kind == MessageType::Confirmable)
+                .then_some(mid)
+                .and_then(reset);
+        }
+    }
+    let (code, options, diagnostic) = match check(config, &packet, peer, false, false) {
+        Err(refusal) => (refusal.code, refusal.options, refusal.diagnostic),
+        Ok(accepted) => {
+            if accepted.block.is_some() {
+                let _ = transfer_key(&packet, peer);
+            }
+            let options = accepted
+                .block
+                .map(|b| vec![(opt::BLOCK1, b.encode())])
+                .unwrap_or_default();
+            (code::CHANGED, options, "")
+        }
+    };
+    if message::suppresses(message::no_response(&packet), code) {
+        return None;
+    }
+    let confirmable = packet.header.get_type() == MessageType::Confirmable;
+    let answer = Reply {
+        kind: if confirmable {
+            MessageType::Acknowledgement
+        } else {
+            MessageType::NonConfirmable
+        },
+        code,
+        mid,
+        token: packet.get_token().to_vec(),
+        options,
+        payload: diagnostic,
+    }
+    .encode()?;
+    assert!(
+        message::parse(&answer).is_ok(),
+        "the answer to {datagram:02x?} does not parse: {answer:02x?}"
+    );
+    Some(answer)
 }
