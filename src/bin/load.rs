@@ -1,4 +1,4 @@
-//! `edgegate-load`: an MQTT load generator for the gateway.
+//! `edgegate-load`: an MQTT and CoAP load generator for the gateway.
 //!
 //! Opens N connections (rumqttc, MQTT 3.1.1 or 5), publishes a fixed number of messages or
 //! for a fixed time with an in-flight window per connection, and reports acknowledged
@@ -6,6 +6,11 @@
 //! moment the gateway says the message is durable). With `--verify` it then reads the Kafka
 //! topic back and checks that every acknowledged message arrived, reporting the end-to-end
 //! rate (first publish to last record readable in Kafka).
+//!
+//! With `--coap ADDR` it simulates CoAP devices instead (see [`coap`]): each connection is a
+//! device with its own UDP socket sending confirmable POSTs to `/t/dev<connection>`, with a
+//! window of `--inflight` outstanding requests; "acknowledged" is the 2.04 Changed, piggybacked
+//! or separate. The counting, latency percentiles, verification and report are shared.
 //!
 //! Each payload starts with `<run>:<connection>:<sequence>|` and is padded to `--payload`
 //! bytes, so verification needs nothing but the topic.
@@ -25,16 +30,20 @@ use rumqttc::{Event, Outgoing, Packet, QoS};
 #[command(
     name = "edgegate-load",
     version,
-    about = "MQTT load generator for edgegate"
+    about = "MQTT and CoAP load generator for edgegate"
 )]
 struct Args {
     /// Gateway MQTT address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt: String,
-    /// Number of concurrent connections.
+    /// Gateway CoAP address: simulate CoAP devices sending CON POSTs instead of MQTT.
+    #[arg(long, value_name = "ADDR")]
+    coap: Option<String>,
+    /// Number of concurrent connections (CoAP: devices, each with its own UDP socket).
     #[arg(long, default_value_t = 100)]
     connections: usize,
-    /// Unacknowledged publishes allowed per connection.
+    /// Unacknowledged publishes allowed per connection (CoAP: outstanding CON requests per
+    /// device; keep it within the gateway's `max_exchanges_per_peer`, 16 by default).
     #[arg(long, default_value_t = 32)]
     inflight: u16,
     /// Payload size in bytes (at least the 30-odd byte id prefix).
@@ -76,6 +85,11 @@ struct ConnResult {
     acked: Vec<u64>,
     latencies_us: Vec<u32>,
     errors: u64,
+    /// Requests that ended without acknowledgement, by why (CoAP response code, "timeout",
+    /// "reset"): never counted as acknowledged, so never expected in Kafka.
+    failed: HashMap<String, u64>,
+    /// CoAP requests sent again after their ACK timeout.
+    retransmissions: u64,
 }
 
 #[tokio::main]
@@ -83,6 +97,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.qos > 2 || !(args.protocol == 4 || args.protocol == 5) {
         bail!("--qos must be 0..=2 and --protocol 4 or 5");
+    }
+    if args.coap.is_some() && args.inflight > coap::GATEWAY_PER_PEER {
+        eprintln!(
+            "note: --inflight {} is above the gateway's default max_exchanges_per_peer ({}); the excess is answered 5.03",
+            args.inflight,
+            coap::GATEWAY_PER_PEER
+        );
     }
     let run = format!("{:08x}", rand::random::<u32>());
     let per_conn = args.count.div_ceil(args.connections.max(1));
@@ -100,7 +121,11 @@ async fn main() -> anyhow::Result<()> {
     for conn in 0..args.connections {
         let (args, run, stop) = (args.clone(), run.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            connection(&args, &run, conn, per_conn, &stop).await
+            if args.coap.is_some() {
+                coap::device(&args, &run, conn, per_conn, &stop).await
+            } else {
+                connection(&args, &run, conn, per_conn, &stop).await
+            }
         }));
     }
     if let Some(secs) = args.duration {
@@ -129,17 +154,34 @@ async fn main() -> anyhow::Result<()> {
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
         f64::from(latencies[i]) / 1000.0
     };
-    println!(
-        "published: {acked} acknowledged in {:.2} s = {:.0} msgs/s ({} connections, inflight {}, {} B, QoS {}, MQTT {})",
-        elapsed.as_secs_f64(),
-        acked as f64 / elapsed.as_secs_f64(),
-        args.connections,
-        args.inflight,
-        args.payload,
-        args.qos,
-        if args.protocol == 5 { "5" } else { "3.1.1" },
-    );
-    if args.qos > 0 {
+    if args.coap.is_some() {
+        println!(
+            "requests: {acked} acknowledged (2.04) in {:.2} s = {:.0} req/s ({} devices, window {}, {} B, CoAP CON)",
+            elapsed.as_secs_f64(),
+            acked as f64 / elapsed.as_secs_f64(),
+            args.connections,
+            args.inflight,
+            args.payload,
+        );
+        let retransmissions: u64 = results.iter().map(|r| r.retransmissions).sum();
+        let mut failed: std::collections::BTreeMap<&str, u64> = Default::default();
+        for (why, n) in results.iter().flat_map(|r| r.failed.iter()) {
+            *failed.entry(why).or_default() += n;
+        }
+        println!("retransmissions: {retransmissions}; not acknowledged: {failed:?}");
+    } else {
+        println!(
+            "published: {acked} acknowledged in {:.2} s = {:.0} msgs/s ({} connections, inflight {}, {} B, QoS {}, MQTT {})",
+            elapsed.as_secs_f64(),
+            acked as f64 / elapsed.as_secs_f64(),
+            args.connections,
+            args.inflight,
+            args.payload,
+            args.qos,
+            if args.protocol == 5 { "5" } else { "3.1.1" },
+        );
+    }
+    if args.qos > 0 || args.coap.is_some() {
         println!(
             "ack latency ms: p50 {:.2}  p99 {:.2}  max {:.2}",
             pct(0.50),
@@ -299,10 +341,20 @@ async fn connection(
 
 fn ack_one(pending: &mut HashMap<u16, (u64, Instant)>, pkid: u16, result: &mut ConnResult) {
     if let Some((seq, sent)) = pending.remove(&pkid) {
-        result.acked.push(seq);
-        result
-            .latencies_us
+        result.acknowledged(seq, sent);
+    }
+}
+
+impl ConnResult {
+    /// Message `seq`, first sent at `sent`, is acknowledged now.
+    fn acknowledged(&mut self, seq: u64, sent: Instant) {
+        self.acked.push(seq);
+        self.latencies_us
             .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+
+    fn fail(&mut self, why: impl Into<String>) {
+        *self.failed.entry(why.into()).or_default() += 1;
     }
 }
 
@@ -554,4 +606,259 @@ fn parse_id(value: &[u8], prefix: &str) -> Option<(usize, u64)> {
     let text = std::str::from_utf8(&rest[..end]).ok()?;
     let (conn, seq) = text.split_once(':')?;
     Some((conn.parse().ok()?, seq.parse().ok()?))
+}
+
+/// CoAP mode: simulated devices sending confirmable POSTs (RFC 7252), encoded and decoded
+/// with coap-lite.
+mod coap {
+    use std::net::SocketAddr;
+
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use tokio::net::UdpSocket;
+
+    use super::*;
+
+    /// The gateway's default `[coap] max_exchanges_per_peer`: a larger window is refused 5.03.
+    pub const GATEWAY_PER_PEER: u16 = 16;
+    /// RFC 7252 ACK_TIMEOUT and MAX_RETRANSMIT.
+    const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+    const MAX_RETRANSMIT: u8 = 4;
+    /// After an empty ACK the device waits this long for the separate 2.04 (the gateway
+    /// retransmits it for up to about 45 s with its defaults) before counting it as failed.
+    const SEPARATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// One outstanding request.
+    struct Pending {
+        seq: u64,
+        mid: u16,
+        /// The encoded CON, sent again on timeout.
+        datagram: Vec<u8>,
+        first_sent: Instant,
+        /// When to retransmit (or, once `separate`, give up).
+        deadline: Instant,
+        timeout: Duration,
+        retransmissions: u8,
+        /// The empty ACK came: the 2.04 follows as a separate response; stop retransmitting.
+        separate: bool,
+    }
+
+    /// One device: its own UDP socket (the gateway's per-peer limits and dedup key are the
+    /// source address), `count` CON POSTs to `/t/dev<conn>` (or until `stop`) with at most
+    /// `--inflight` outstanding, matched by message id (ACK, RST) and token (the sequence
+    /// number: separate responses).
+    pub async fn device(
+        args: &Args,
+        run: &str,
+        conn: usize,
+        count: usize,
+        stop: &AtomicBool,
+    ) -> ConnResult {
+        let mut result = ConnResult::default();
+        let limit = if args.duration.is_some() {
+            u64::MAX
+        } else {
+            count as u64
+        };
+        let socket = match connect(args.coap.as_deref().unwrap_or_default()).await {
+            Ok(socket) => socket,
+            Err(e) => {
+                eprintln!("device {conn}: {e:#}");
+                result.errors += 1;
+                return result;
+            }
+        };
+        let device = format!("dev{conn}");
+        let window = usize::from(args.inflight.max(1));
+        let mut next_mid: u16 = rand::random();
+        let mut next_seq = 0u64;
+        // By sequence number (= token); `mids` finds them by message id.
+        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        let mut mids: HashMap<u16, u64> = HashMap::new();
+        let mut buf = vec![0u8; 2048];
+        loop {
+            while pending.len() < window && next_seq < limit && !stop.load(Ordering::Relaxed) {
+                next_mid = next_mid.wrapping_add(1);
+                let seq = next_seq;
+                next_seq += 1;
+                let Some(datagram) = request(
+                    next_mid,
+                    seq,
+                    &device,
+                    payload(run, conn, seq, args.payload),
+                ) else {
+                    result.fail("encode");
+                    continue;
+                };
+                if socket.send(&datagram).await.is_err() {
+                    result.errors += 1;
+                }
+                let now = Instant::now();
+                let timeout = ACK_TIMEOUT.mul_f64(1.0 + rand::random::<f64>() * 0.5);
+                mids.insert(next_mid, seq);
+                pending.insert(
+                    seq,
+                    Pending {
+                        seq,
+                        mid: next_mid,
+                        datagram,
+                        first_sent: now,
+                        deadline: now + timeout,
+                        timeout,
+                        retransmissions: 0,
+                        separate: false,
+                    },
+                );
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let deadline = pending
+                .values()
+                .map(|p| p.deadline)
+                .min()
+                .unwrap_or_else(Instant::now);
+            match tokio::time::timeout_at(deadline.into(), socket.recv(&mut buf)).await {
+                Ok(Ok(len)) => {
+                    on_datagram(&socket, &buf[..len], &mut pending, &mut mids, &mut result).await;
+                }
+                Ok(Err(e)) => {
+                    // ICMP port unreachable surfaces here; the retransmission timer copes.
+                    result.errors += 1;
+                    if result.errors == 1 {
+                        eprintln!("device {conn}: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(_) => expire(&socket, &mut pending, &mut mids, &mut result).await,
+            }
+        }
+        result
+    }
+
+    async fn connect(addr: &str) -> anyhow::Result<UdpSocket> {
+        let peer: SocketAddr = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .with_context(|| format!("{addr} resolves to nothing"))?;
+        let local: SocketAddr = if peer.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let socket = UdpSocket::bind(local).await?;
+        socket.connect(peer).await?;
+        Ok(socket)
+    }
+
+    /// CON POST /t/{device} with the sequence number as its 4-byte token.
+    fn request(mid: u16, seq: u64, device: &str, payload: Vec<u8>) -> Option<Vec<u8>> {
+        let mut packet = Packet::new();
+        packet.header.set_type(MessageType::Confirmable);
+        packet.header.code = MessageClass::Request(RequestType::Post);
+        packet.header.message_id = mid;
+        packet.set_token((seq as u32).to_be_bytes().to_vec());
+        packet.add_option(CoapOption::UriPath, b"t".to_vec());
+        packet.add_option(CoapOption::UriPath, device.as_bytes().to_vec());
+        packet.payload = payload;
+        packet.to_bytes().ok()
+    }
+
+    async fn on_datagram(
+        socket: &UdpSocket,
+        datagram: &[u8],
+        pending: &mut HashMap<u64, Pending>,
+        mids: &mut HashMap<u16, u64>,
+        result: &mut ConnResult,
+    ) {
+        let Ok(packet) = Packet::from_bytes(datagram) else {
+            result.fail("unparseable answer");
+            return;
+        };
+        let mid = packet.header.message_id;
+        let seq = match packet.header.get_type() {
+            MessageType::Acknowledgement | MessageType::Reset => mids.get(&mid).copied(),
+            // A separate response (CON, which we must ACK) or a NON one: matched by token.
+            kind => {
+                if kind == MessageType::Confirmable {
+                    let mut ack = Packet::new();
+                    ack.header.set_type(MessageType::Acknowledgement);
+                    ack.header.message_id = mid;
+                    if let Ok(bytes) = ack.to_bytes() {
+                        let _ = socket.send(&bytes).await;
+                    }
+                }
+                <[u8; 4]>::try_from(packet.get_token())
+                    .ok()
+                    .map(|t| u64::from(u32::from_be_bytes(t)))
+                    .and_then(|low| pending.keys().copied().find(|s| *s as u32 as u64 == low))
+            }
+        };
+        // Late duplicates of answers already handled are ignored.
+        let Some(seq) = seq else { return };
+        if packet.header.get_type() == MessageType::Reset {
+            finish(seq, pending, mids);
+            return result.fail("reset");
+        }
+        match packet.header.code {
+            MessageClass::Empty => {
+                if let Some(p) = pending.get_mut(&seq) {
+                    p.separate = true;
+                    p.deadline = Instant::now() + SEPARATE_TIMEOUT;
+                }
+            }
+            MessageClass::Response(ResponseType::Changed) => {
+                if let Some(p) = finish(seq, pending, mids) {
+                    result.acknowledged(p.seq, p.first_sent);
+                }
+            }
+            code => {
+                finish(seq, pending, mids);
+                let code = u8::from(code);
+                result.fail(format!("{}.{:02}", code >> 5, code & 0x1F));
+            }
+        }
+    }
+
+    fn finish(
+        seq: u64,
+        pending: &mut HashMap<u64, Pending>,
+        mids: &mut HashMap<u16, u64>,
+    ) -> Option<Pending> {
+        let p = pending.remove(&seq)?;
+        mids.remove(&p.mid);
+        Some(p)
+    }
+
+    /// Retransmits what timed out with the timeout doubled; gives up after MAX_RETRANSMIT.
+    async fn expire(
+        socket: &UdpSocket,
+        pending: &mut HashMap<u64, Pending>,
+        mids: &mut HashMap<u16, u64>,
+        result: &mut ConnResult,
+    ) {
+        let now = Instant::now();
+        let due: Vec<u64> = pending
+            .values()
+            .filter(|p| p.deadline <= now)
+            .map(|p| p.seq)
+            .collect();
+        for seq in due {
+            let Some(p) = pending.get_mut(&seq) else {
+                continue;
+            };
+            if p.separate {
+                finish(seq, pending, mids);
+                result.fail("no separate response");
+            } else if p.retransmissions >= MAX_RETRANSMIT {
+                finish(seq, pending, mids);
+                result.fail("timeout");
+            } else {
+                p.retransmissions += 1;
+                p.timeout *= 2;
+                p.deadline = now + p.timeout;
+                result.retransmissions += 1;
+                let _ = socket.send(&p.datagram).await;
+            }
+        }
+    }
 }
