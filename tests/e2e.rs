@@ -90,6 +90,16 @@ impl Gateway {
         }
     }
 
+    /// Sends a signal (`-HUP`, ...) to the running gateway.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
     /// SIGTERM, and the exit status of the graceful shutdown.
     fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -995,4 +1005,94 @@ fn publish_v5(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
     body.push(0);
     body.extend_from_slice(payload);
     packet(0x32, &body)
+}
+
+/// SIGHUP reloads the routes from the config file: a topic refused with 0x90 (no route) is
+/// accepted after the route is added; a broken file on reload keeps the routes in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_routes() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("e2e-reload");
+    let mut gateway = Gateway::start(&one_route_for("a/#", &topic), "");
+    let addr = gateway.addr();
+    let publish_b = {
+        let addr = addr.clone();
+        move |pkid: u16| {
+            raw_exchange(
+                &addr,
+                &[
+                    &connect_v5(&format!("reload-{pkid}")),
+                    &publish_v5("b/1", pkid, b"x"),
+                ],
+            )
+        }
+    };
+    let reply = tokio::task::spawn_blocking({
+        let publish_b = publish_b.clone();
+        move || publish_b(1)
+    })
+    .await
+    .expect("join");
+    assert_eq!(
+        puback_reason(&reply),
+        Some(0x90),
+        "no route for b/1 yet: {:02x?}",
+        reply.bytes
+    );
+
+    let text = std::fs::read_to_string(&gateway.config).expect("read config");
+    std::fs::write(
+        &gateway.config,
+        format!("{text}\n{}", one_route_for("b/#", &topic)),
+    )
+    .expect("write config");
+    gateway.signal("-HUP");
+    let reloaded = tokio::task::spawn_blocking({
+        let publish_b = publish_b.clone();
+        move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let reply = publish_b(2);
+                if puback_reason(&reply) == Some(0) || Instant::now() > deadline {
+                    return puback_reason(&reply);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(reloaded, Some(0), "b/1 is routed after SIGHUP");
+
+    // A broken config on the next SIGHUP is refused and the current routes stay.
+    std::fs::write(&gateway.config, "[[routes]]\nmatch = \"a/#/b\"\n").expect("write config");
+    gateway.signal("-HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reply = tokio::task::spawn_blocking(move || publish_b(3))
+        .await
+        .expect("join");
+    assert_eq!(
+        puback_reason(&reply),
+        Some(0),
+        "the routes in force survive a broken reload"
+    );
+    let records = common::consume_all(&topic, 2, Duration::from_secs(30)).await;
+    assert!(
+        records.len() >= 2,
+        "the reloaded route delivers to Kafka: {}",
+        records.len()
+    );
+}
+
+fn one_route_for(filter: &str, topic: &str) -> String {
+    format!("[[routes]]\nmatch = \"{filter}\"\ntopic = \"{topic}\"\n")
+}
+
+/// The reason code of the first PUBACK in a reply (0 when the PUBACK has none).
+fn puback_reason(reply: &Reply) -> Option<u8> {
+    reply
+        .packets()
+        .iter()
+        .find(|(h, _)| *h == 0x40)
+        .map(|(_, b)| b.get(2).copied().unwrap_or(0))
 }
