@@ -1013,7 +1013,7 @@ fn publish_v5(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
 async fn sighup_reloads_the_routes() {
     let _kafka = common::shared();
     let topic = common::unique_topic("e2e-reload");
-    let mut gateway = Gateway::start(&one_route_for("a/#", &topic), "");
+    let gateway = Gateway::start(&one_route_for("a/#", &topic), "");
     let addr = gateway.addr();
     let publish_b = {
         let addr = addr.clone();
