@@ -185,31 +185,24 @@ async fn rumqttc_publish(
         }
         client
     });
-    let mut sent = 0usize;
-    let mut pending: HashMap<u16, usize> = HashMap::new();
-    let mut acked = Vec::new();
-    while acked.len() < total {
+    let mut acks = Acks::default();
+    while acks.acked.len() < total {
         match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
             Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
-                if qos == QoS::AtMostOnce {
-                    acked.push(sent);
-                } else {
-                    pending.insert(pkid, sent);
-                }
-                sent += 1;
+                acks.sent(pkid, qos == QoS::AtMostOnce)
             }
-            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => acked.extend(pending.remove(&a.pkid)),
-            Ok(Ok(Event::Incoming(Packet::PubRec(r)))) => acked.extend(pending.remove(&r.pkid)),
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => acks.answered(a.pkid, true),
+            Ok(Ok(Event::Incoming(Packet::PubRec(r)))) => acks.answered(r.pkid, true),
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => break,
         }
     }
-    if acked.len() < total {
+    if acks.acked.len() < total {
         // The connection died: without its event loop, a publish blocked on the full request
         // channel fails and the publisher ends.
         drop(eventloop);
         publisher.abort();
-        return acked;
+        return acks.acked;
     }
     if let Ok(client) = publisher.await {
         let _ = client.disconnect().await;
@@ -222,7 +215,39 @@ async fn rumqttc_publish(
         })
         .await;
     }
-    acked
+    acks.acked
+}
+
+/// Which publish each packet id carries, and which the gateway acknowledged (the same
+/// bookkeeping for rumqttc's 3.1.1 and 5 clients, whose event types differ).
+#[derive(Default)]
+struct Acks {
+    /// Publishes gone out so far: the next one's index.
+    sent: usize,
+    /// Packet id → index of the publish awaiting its PUBACK / PUBREC.
+    pending: HashMap<u16, usize>,
+    /// Indexes acknowledged (QoS 0: sent), in the order they were.
+    acked: Vec<usize>,
+}
+
+impl Acks {
+    /// A publish went out; QoS 0 counts as acknowledged when sent.
+    fn sent(&mut self, pkid: u16, qos0: bool) {
+        if qos0 {
+            self.acked.push(self.sent);
+        } else {
+            self.pending.insert(pkid, self.sent);
+        }
+        self.sent += 1;
+    }
+
+    /// The gateway answered `pkid`; only a success counts as acknowledged.
+    fn answered(&mut self, pkid: u16, success: bool) {
+        let index = self.pending.remove(&pkid);
+        if success {
+            self.acked.extend(index);
+        }
+    }
 }
 
 async fn v5_publish(
@@ -263,40 +288,30 @@ async fn v5_publish(
         }
         client
     });
-    let mut sent = 0usize;
-    let mut pending: HashMap<u16, usize> = HashMap::new();
-    let mut acked = Vec::new();
-    while acked.len() < total {
+    let mut acks = Acks::default();
+    while acks.acked.len() < total {
         match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
             Ok(Ok(E5::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
-                if qos == Q5::AtMostOnce {
-                    acked.push(sent);
-                } else {
-                    pending.insert(pkid, sent);
-                }
-                sent += 1;
+                acks.sent(pkid, qos == Q5::AtMostOnce)
             }
             Ok(Ok(E5::Incoming(P5::PubAck(a)))) => {
-                let index = pending.remove(&a.pkid);
-                if a.reason == PubAckReason::Success {
-                    acked.extend(index);
-                }
+                acks.answered(a.pkid, a.reason == PubAckReason::Success)
             }
-            Ok(Ok(E5::Incoming(P5::PubRec(r)))) => acked.extend(pending.remove(&r.pkid)),
+            Ok(Ok(E5::Incoming(P5::PubRec(r)))) => acks.answered(r.pkid, true),
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => break,
         }
     }
-    if acked.len() < total {
+    if acks.acked.len() < total {
         drop(eventloop);
         publisher.abort();
-        return acked;
+        return acks.acked;
     }
     if let Ok(client) = publisher.await {
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
     }
-    acked
+    acks.acked
 }
 
 /// Publishes every line with `mosquitto_pub -l`; a zero exit means every QoS ≥ 1 message
