@@ -120,6 +120,74 @@ impl StorageFile for OsFile {
     }
 }
 
+/// The real file system on a slow disk: every `sync_data` takes `delay` longer (an SD card
+/// under wear levelling). For tests of what callers do while an append is not yet durable.
+#[cfg(test)]
+pub(crate) struct SlowSync {
+    pub delay: std::time::Duration,
+}
+
+#[cfg(test)]
+impl Storage for SlowSync {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        OsStorage.create_dir_all(dir)
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        OsStorage.list_dir(dir)
+    }
+
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn StorageFile>> {
+        let file = OsStorage.open(path, create)?;
+        Ok(Box::new(SlowFile {
+            file,
+            delay: self.delay,
+        }))
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        OsStorage.remove(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        OsStorage.sync_dir(dir)
+    }
+
+    fn capacity(&self, dir: &Path) -> Option<FsCapacity> {
+        OsStorage.capacity(dir)
+    }
+}
+
+#[cfg(test)]
+struct SlowFile {
+    file: Box<dyn StorageFile>,
+    delay: std::time::Duration,
+}
+
+#[cfg(test)]
+impl StorageFile for SlowFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.file.read_at(buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.file.len()
+    }
+}
+
 /// Size and free space of the file system holding `dir` (statvfs; the space an
 /// unprivileged process may use, like `df`'s "Available").
 fn fs_capacity(dir: &Path) -> Option<FsCapacity> {

@@ -307,6 +307,14 @@ impl Durable {
     pub fn seq(&self) -> u64 {
         self.seq
     }
+
+    /// The outcome if the append has resolved, without registering a waker: for a caller
+    /// that holds many `Durable`s in sequence order and polls only the oldest (appends
+    /// resolve in sequence order, so once one is pending every later one is too).
+    pub fn try_result(&self) -> Option<Result<u64, AppendError>> {
+        (self.seq < self.shared.resolved.load(Ordering::Acquire))
+            .then(|| self.shared.outcome(self.seq))
+    }
 }
 
 impl std::future::Future for Durable {
@@ -363,6 +371,15 @@ impl Log {
             handle.dir_lock = Mutex::new(Some(lock));
         }
         Ok((log, report))
+    }
+
+    /// Opens on a disk whose every fsync takes `delay` longer ([`io::SlowSync`]).
+    #[cfg(test)]
+    pub(crate) fn open_slow(
+        config: LogConfig,
+        delay: Duration,
+    ) -> Result<(Log, RecoveryReport), LogError> {
+        Log::open_with(config, Arc::new(io::SlowSync { delay }))
     }
 
     pub(crate) fn open_with(

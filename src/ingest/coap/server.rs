@@ -1,11 +1,16 @@
-//! The endpoint: one task owns the socket's receive side and all message-layer state
-//! (dedup cache, Block1 assembler, separate responses, exchange slots), so nothing is
-//! locked. Each stored request's [`Durable`] is awaited in a small task of its own, which
-//! reports back through a channel: "slow" once `separate_response_after` has passed (the
-//! loop then sends the empty ACK) and "done" when the append resolved (the loop then sends
-//! the 2.04, piggybacked or separate). The loop never waits on the disk.
+//! The endpoint: one task owns the socket and all message-layer state (dedup cache, Block1
+//! assembler, separate responses, exchange slots), so nothing is locked and no task is
+//! spawned per request. The loop never waits on the disk: stored requests wait in a queue
+//! in append order, and since the log resolves appends in sequence order, only the oldest
+//! one's [`Durable`] is polled; when it resolves, every later one that has resolved too is
+//! answered in the same turn (a group commit answers its whole group at once). A second
+//! queue, in the same order, holds the moments `separate_response_after` passes, when the
+//! loop sends the empty ACK of a request still being stored.
+//!
+//! Datagrams are taken from the socket in bursts of up to [`BURST`] per wake-up, so a busy
+//! socket costs one readiness check per burst rather than per datagram.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,29 +18,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use coap_lite::{MessageClass, MessageType, Packet, RequestType};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::block::{Assembler, Outcome, TransferKey};
 use super::config::{CoapConfig, valid_segment};
 use super::dedup::{Dedup, Key, Seen};
 use super::message::{self, Block, Malformed, Reply, code, opt};
 use super::outbox::{Outbox, Outgoing};
-use crate::buffer::{AppendError, Pressure, Source};
+use crate::buffer::{AppendError, Durable, Pressure, Source};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
 use crate::route::RouteError;
 
 /// Housekeeping period: dedup and block expiry.
 const TICK: Duration = Duration::from_secs(1);
 
-/// A message from an append's waiting task to the loop.
-enum Event {
-    /// `separate_response_after` passed before the append resolved.
-    Slow(u64),
-    Done(u64, Result<u64, AppendError>),
-}
+/// Datagrams taken from the socket per wake-up before the loop looks at its other work
+/// (answers, retransmissions, timers) again.
+const BURST: usize = 64;
 
 /// A request whose record is being stored.
 struct Exchange {
@@ -61,13 +62,16 @@ pub(super) struct Server {
     outbox: Outbox,
     exchanges: HashMap<u64, Exchange>,
     next_exchange: u64,
+    /// Exchanges whose append has not resolved, in append (= sequence) order.
+    storing: VecDeque<(u64, Durable)>,
+    /// When each exchange in `storing` turns separate, in the same order; entries of
+    /// exchanges answered meanwhile are skipped when due.
+    turning_separate: VecDeque<(Instant, u64)>,
     /// Exchange slots held per peer (stored requests not yet answered, separate responses
     /// not yet acknowledged); bounded per peer and in total.
     slots: HashMap<SocketAddr, usize>,
     slots_total: usize,
     next_mid: u16,
-    events: mpsc::UnboundedSender<Event>,
-    waiters: TaskTracker,
     closing: bool,
 }
 
@@ -77,8 +81,6 @@ pub(super) async fn run(
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // At most two events per exchange and exchanges are bounded, so the channel is too.
-    let (events, mut inbox) = mpsc::unbounded_channel();
     let socket = Arc::new(socket);
     let mut server = Server {
         socket: socket.clone(),
@@ -93,11 +95,11 @@ pub(super) async fn run(
         outbox: Outbox::new(config.ack_timeout.get(), config.max_retransmit),
         exchanges: HashMap::new(),
         next_exchange: 0,
+        storing: VecDeque::new(),
+        turning_separate: VecDeque::new(),
         slots: HashMap::new(),
         slots_total: 0,
         next_mid: rand::random(),
-        events,
-        waiters: TaskTracker::new(),
         closing: false,
         config,
         pipeline,
@@ -108,12 +110,16 @@ pub(super) async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let retransmit_at = server.outbox.next_deadline();
+        let separate_at = server.turning_separate.front().map(|(at, _)| *at);
         tokio::select! {
             // Answers first: they free slots and must not wait behind a flood of requests.
             biased;
-            Some(event) = inbox.recv() => server.on_event(event).await,
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((len, peer)) => server.on_datagram(&buf[..len.min(buf.len())], peer).await,
+            result = oldest(&mut server.storing), if !server.storing.is_empty() => {
+                server.on_stored(result).await;
+            }
+            _ = sleep_until(separate_at) => server.turn_separate().await,
+            ready = socket.readable() => match ready {
+                Ok(()) => server.receive_burst(&socket, &mut buf).await,
                 Err(e) => receive_failed(&e),
             },
             _ = sleep_until(retransmit_at) => server.retransmit().await,
@@ -131,10 +137,15 @@ pub(super) async fn run(
     for (peer, datagram) in server.outbox.drain_unsent() {
         server.send(&datagram, peer).await;
     }
-    server.waiters.close();
-    server.waiters.wait().await;
     tracing::info!("Answered every CoAP request that was being stored.");
     Ok(())
+}
+
+/// Resolves with the outcome of the oldest append in `storing` (which must not be empty);
+/// the entry stays in the queue for [`Server::on_stored`] to take.
+async fn oldest(storing: &mut VecDeque<(u64, Durable)>) -> Result<u64, AppendError> {
+    let (_, durable) = storing.front_mut().expect("polled only when not empty");
+    durable.await
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -145,6 +156,17 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Server {
+    /// Takes up to [`BURST`] datagrams the socket holds, without waiting for more.
+    async fn receive_burst(&mut self, socket: &UdpSocket, buf: &mut [u8]) {
+        for _ in 0..BURST {
+            match socket.try_recv_from(buf) {
+                Ok((len, peer)) => self.on_datagram(&buf[..len.min(buf.len())], peer).await,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => return receive_failed(&e),
+            }
+        }
+    }
+
     async fn on_datagram(&mut self, datagram: &[u8], peer: SocketAddr) {
         metrics::counter!("edgegate_coap_datagrams_total").increment(1);
         if datagram.len() > self.config.datagram_limit() {
@@ -341,71 +363,95 @@ impl Server {
                 separate: false,
             },
         );
-        let events = self.events.clone();
+        self.storing.push_back((id, durable));
         let after = self.config.separate_response_after.get();
-        self.waiters.spawn(async move {
-            let mut durable = std::pin::pin!(durable);
-            if !after.is_zero() {
-                tokio::select! {
-                    result = &mut durable => {
-                        let _ = events.send(Event::Done(id, result));
-                        return;
-                    }
-                    _ = tokio::time::sleep(after) => {}
+        if after.is_zero() {
+            self.separate(id).await;
+        } else {
+            // Answers come in the same order, so the front is mostly answered already:
+            // dropping those keeps this queue about as long as `storing`.
+            while let Some((_, front)) = self.turning_separate.front() {
+                if self.exchanges.contains_key(front) {
+                    break;
                 }
+                self.turning_separate.pop_front();
             }
-            let _ = events.send(Event::Slow(id));
-            let result = durable.await;
-            let _ = events.send(Event::Done(id, result));
-        });
+            self.turning_separate.push_back((now + after, id));
+        }
         true
     }
 
-    async fn on_event(&mut self, event: Event) {
-        match event {
-            Event::Slow(id) => {
-                let Some(exchange) = self.exchanges.get_mut(&id) else {
-                    return;
-                };
-                if !exchange.confirmable {
-                    return;
-                }
-                exchange.separate = true;
-                let (peer, mid) = (exchange.peer, exchange.mid);
-                let ack = Reply::empty(MessageType::Acknowledgement, mid)
-                    .encode()
-                    .map(Bytes::from)
-                    .unwrap_or_default();
-                self.dedup.answer(&(peer, mid), ack.clone());
-                separate_started();
-                self.send(&ack, peer).await;
-            }
-            Event::Done(id, result) => {
-                let Some(exchange) = self.exchanges.remove(&id) else {
-                    return;
-                };
-                let reply = match result {
-                    Ok(seq) => {
-                        stored(exchange.peer, seq);
-                        let mut options = Vec::new();
-                        if let Some((block, key)) = exchange.block.clone() {
-                            self.blocks.stored(key, block, Instant::now());
-                            options.push((opt::BLOCK1, block.encode()));
-                        }
-                        Refusal {
-                            code: code::CHANGED,
-                            options,
-                            diagnostic: "",
-                        }
-                    }
-                    Err(e) => {
-                        let rejected = Rejected::from(e);
-                        rejection(&rejected, exchange.peer, self)
-                    }
-                };
-                self.finish(exchange, reply).await;
-            }
+    /// The oldest append resolved with `result`: answers it, and every later one that has
+    /// resolved as well.
+    async fn on_stored(&mut self, result: Result<u64, AppendError>) {
+        let Some((id, _)) = self.storing.pop_front() else {
+            return;
+        };
+        self.answer_stored(id, result).await;
+        while let Some(result) = self.storing.front().and_then(|(_, d)| d.try_result()) {
+            let Some((id, _)) = self.storing.pop_front() else {
+                break;
+            };
+            self.answer_stored(id, result).await;
         }
+    }
+
+    async fn answer_stored(&mut self, id: u64, result: Result<u64, AppendError>) {
+        let Some(exchange) = self.exchanges.remove(&id) else {
+            return;
+        };
+        let reply = match result {
+            Ok(seq) => {
+                stored(exchange.peer, seq);
+                let mut options = Vec::new();
+                if let Some((block, key)) = exchange.block.clone() {
+                    self.blocks.stored(key, block, Instant::now());
+                    options.push((opt::BLOCK1, block.encode()));
+                }
+                Refusal {
+                    code: code::CHANGED,
+                    options,
+                    diagnostic: "",
+                }
+            }
+            Err(e) => {
+                let rejected = Rejected::from(e);
+                rejection(&rejected, exchange.peer, self)
+            }
+        };
+        self.finish(exchange, reply).await;
+    }
+
+    /// `separate_response_after` passed for the oldest exchanges still being stored.
+    async fn turn_separate(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, id)) = self.turning_separate.front() {
+            if at > now {
+                break;
+            }
+            self.turning_separate.pop_front();
+            self.separate(id).await;
+        }
+    }
+
+    /// Sends the empty ACK of a confirmable request still being stored: its answer will be a
+    /// separate response. Nothing for an exchange already answered, or a NON.
+    async fn separate(&mut self, id: u64) {
+        let Some(exchange) = self.exchanges.get_mut(&id) else {
+            return;
+        };
+        if !exchange.confirmable || exchange.separate {
+            return;
+        }
+        exchange.separate = true;
+        let (peer, mid) = (exchange.peer, exchange.mid);
+        let ack = Reply::empty(MessageType::Acknowledgement, mid)
+            .encode()
+            .map(Bytes::from)
+            .unwrap_or_default();
+        self.dedup.answer(&(peer, mid), ack.clone());
+        separate_started();
+        self.send(&ack, peer).await;
     }
 
     /// Sends the answer of a stored (or failed) exchange.

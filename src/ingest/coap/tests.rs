@@ -410,14 +410,26 @@ struct Harness {
 }
 
 async fn start(config: CoapConfig, tune: impl FnOnce(&mut LogConfig)) -> Harness {
+    start_on(config, tune, None).await
+}
+
+/// `start`, on a disk whose every fsync takes `slow_sync` longer when given.
+async fn start_on(
+    config: CoapConfig,
+    tune: impl FnOnce(&mut LogConfig),
+    slow_sync: Option<Duration>,
+) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log_config = LogConfig::new(dir.path().join("log"));
     log_config.commit_delay = Duration::from_millis(1);
     tune(&mut log_config);
-    let (log, _) = tokio::task::spawn_blocking(move || Log::open(log_config))
-        .await
-        .expect("join")
-        .expect("open the log");
+    let (log, _) = tokio::task::spawn_blocking(move || match slow_sync {
+        Some(delay) => Log::open_slow(log_config, delay),
+        None => Log::open(log_config),
+    })
+    .await
+    .expect("join")
+    .expect("open the log");
     let mut problems = Problems::default();
     let routes = [RouteConfig {
         filter: "coap/+device/#".into(),
@@ -617,6 +629,50 @@ async fn a_slow_append_gets_an_empty_ack_then_a_separate_response_until_acked() 
     while !h.silent(Duration::from_millis(700)).await {}
     assert_eq!(h.records(1).await.len(), 1);
     assert_eq!(h.appended(), 1);
+    h.stop().await;
+}
+
+/// On a disk slower than `separate_response_after`, every request in flight gets its empty
+/// ACK when that time passes (not when the disk finishes), then its 2.04 as a separate CON
+/// once durable; each is stored once.
+#[tokio::test]
+async fn on_a_slow_disk_each_request_gets_an_empty_ack_in_time_then_a_separate_204() {
+    let config = CoapConfig {
+        separate_response_after: crate::config::Duration::from_millis(50),
+        ..CoapConfig::default()
+    };
+    let mut h = start_on(config, |_| {}, Some(Duration::from_millis(400))).await;
+    let mids = [7u16, 8, 9];
+    for mid in mids {
+        h.send(&post(mid, "/t/dev/s", &mid.to_be_bytes())).await;
+    }
+    let mut empty = Vec::new();
+    for _ in mids {
+        let ack = h.recv().await;
+        assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(ack.header.code, MessageClass::Empty, "{ack:?}");
+        empty.push(ack.header.message_id);
+    }
+    empty.sort_unstable();
+    assert_eq!(empty, mids);
+    let mut tokens = Vec::new();
+    for _ in mids {
+        let separate = h.recv().await;
+        assert_eq!(separate.header.get_type(), MessageType::Confirmable);
+        assert_eq!(code_of(&separate), code::CHANGED);
+        tokens.push(separate.get_token().to_vec());
+        let mut ack = Packet::new();
+        ack.header.set_type(MessageType::Acknowledgement);
+        ack.header.code = MessageClass::Empty;
+        ack.header.message_id = separate.header.message_id;
+        h.send(&ack.to_bytes().expect("encode")).await;
+    }
+    tokens.sort_unstable();
+    let expected: Vec<Vec<u8>> = mids.iter().map(|m| vec![0xAB, 0, *m as u8]).collect();
+    assert_eq!(tokens, expected);
+    assert!(h.silent(Duration::from_millis(700)).await);
+    assert_eq!(h.records(3).await.len(), 3);
+    assert_eq!(h.appended(), 3);
     h.stop().await;
 }
 
