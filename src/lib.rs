@@ -133,6 +133,7 @@ pub async fn start(
             .await
             .map_err(bind_error)?;
         let addr = socket.local_addr().map_err(bind_error)?;
+        ingest::coap::size_receive_buffer(&socket, &config.coap);
         Some((socket, addr))
     } else {
         None

@@ -29,6 +29,12 @@ pub struct CoapConfig {
     /// Largest datagram read; a bigger one is answered 4.13 with the Block1 size the gateway
     /// takes, so the device switches to block-wise transfer. Bounds the receive buffer.
     pub max_datagram_size: ByteSize,
+    /// Kernel receive buffer of the UDP socket (SO_RCVBUF): datagrams that arrive while the
+    /// listener is busy wait here; when it is full the kernel drops them and devices must
+    /// retransmit (after 2 s or more). Linux caps it at `net.core.rmem_max` (208 KiB on
+    /// many systems) unless the gateway may use SO_RCVBUFFORCE (root or CAP_NET_ADMIN); a
+    /// capped size is logged with a WARN. Each small datagram takes about 1–2 KiB of it.
+    pub receive_buffer: ByteSize,
     /// Largest request body, whole or assembled from Block1 blocks; more is refused with 4.13
     /// and this size in Size1. Bounds the memory of one upload.
     pub max_body_size: ByteSize,
@@ -78,6 +84,7 @@ impl Default for CoapConfig {
             topic_prefix: "coap".into(),
             separate_response_after: Duration::from_millis(500),
             max_datagram_size: ByteSize(1280),
+            receive_buffer: ByteSize::mib(4),
             max_body_size: ByteSize::kib(64),
             max_block_size: ByteSize(1024),
             max_block_transfers: 64,
@@ -137,6 +144,12 @@ impl CoapConfig {
             problems.push(
                 format!("{path}.max_block_size"),
                 "must be 16, 32, 64, 128, 256, 512 or 1024 bytes (RFC 7959)",
+            );
+        }
+        if !(4096..=1 << 30).contains(&self.receive_buffer.get()) {
+            problems.push(
+                format!("{path}.receive_buffer"),
+                "must be between 4KiB and 1GiB",
             );
         }
         if self.max_body_size.get() == 0 || self.max_body_size.get() > u64::from(u32::MAX) {

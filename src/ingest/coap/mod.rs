@@ -105,6 +105,32 @@ pub async fn serve(
     server::run(socket, config, pipeline, shutdown).await
 }
 
+/// Asks the kernel for `config.receive_buffer` bytes of receive buffer on the CoAP socket:
+/// with SO_RCVBUFFORCE when the process may (root or CAP_NET_ADMIN), else SO_RCVBUF, which
+/// Linux caps at `net.core.rmem_max`. Logs the size obtained, with a WARN when it is less
+/// than asked; never fails the start (a small buffer costs retransmissions, not data).
+pub fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
+    use rustix::net::sockopt;
+    let wanted = usize::try_from(config.receive_buffer.get()).unwrap_or(usize::MAX);
+    if sockopt::set_socket_recv_buffer_size_force(socket, wanted).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(socket, wanted);
+    }
+    // Linux reports twice the size set (the other half is its bookkeeping).
+    match sockopt::socket_recv_buffer_size(socket) {
+        Ok(got) if got / 2 >= wanted => {
+            tracing::debug!(bytes = got / 2, "Sized the CoAP receive buffer.");
+        }
+        Ok(got) => tracing::warn!(
+            wanted,
+            got = got / 2,
+            "The kernel capped the CoAP receive buffer (net.core.rmem_max): under bursts of \
+             requests datagrams are dropped and devices retransmit. Raise the cap \
+             (sysctl net.core.rmem_max) or give the gateway CAP_NET_ADMIN."
+        ),
+        Err(e) => tracing::warn!(error = %e, "Could not read the CoAP receive buffer size."),
+    }
+}
+
 /// Runs one datagram through the server's parse → validation → request classification with
 /// the default `[coap]` config, no socket and no log; returns the answer it would send at
 /// once. For the cargo-fuzz target `coap_datagram` (see README, "Fuzzing"); not an API.
