@@ -207,6 +207,13 @@ async fn handle_signals(
     }
 }
 
+/// Colours only for a person at a terminal: a file, a pipe or a log shipper gets plain
+/// `key=value` text. `NO_COLOR` (no-color.org) turns them off anywhere.
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Logs go to the journal (with fields kept as journal fields) when systemd runs us and no
 /// format was asked for, else to stderr as text or JSON lines.
 fn init_tracing(default: &str, format: Option<LogFormat>) {
@@ -232,7 +239,11 @@ fn init_tracing(default: &str, format: Option<LogFormat>) {
             )
             .try_init(),
         (None, _) => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(colour_on_stderr()),
+            )
             .try_init(),
     };
     if let Err(e) = result {
