@@ -23,39 +23,6 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// One GET over a fresh connection: status code and body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("headers");
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    (code, body.to_owned())
-}
-
-/// The value of one series (`name{labels}` exactly as rendered), if present.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
     while !check() {
@@ -169,10 +136,10 @@ fn status_of(config: &Path) -> Output {
 #[test]
 fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
     let mut gw = Gateway::start("127.0.0.1:1", "[default_route]\ntopic = \"iot.unrouted\"\n");
-    let (code, body) = http_get(gw.admin, "/healthz");
+    let (code, body) = common::http_get(gw.admin, "/healthz");
     assert_eq!((code, body.trim()), (200, "alive"));
 
-    let (code, body) = http_get(gw.admin, "/readyz");
+    let (code, body) = common::http_get(gw.admin, "/readyz");
     assert_eq!(code, 200, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON");
     assert_eq!(ready["status"], "degraded", "{body}");
@@ -184,12 +151,12 @@ fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
     publish(gw.mqtt, "plant/a/pump7/telemetry", "world!");
     let mut text = String::new();
     wait_for("the log gauges", Duration::from_secs(5), || {
-        text = http_get(gw.admin, "/metrics").1;
-        metric(&text, "edgegate_log_records") == Some(2.0)
+        text = common::http_get(gw.admin, "/metrics").1;
+        common::metric(&text, "edgegate_log_records") == Some(2.0)
     });
     let mqtt_qos1 = "{protocol=\"mqtt\",qos=\"1\"}";
     assert_eq!(
-        metric(
+        common::metric(
             &text,
             &format!("edgegate_messages_received_total{mqtt_qos1}")
         ),
@@ -197,24 +164,29 @@ fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
         "{text}"
     );
     assert_eq!(
-        metric(&text, &format!("edgegate_received_bytes_total{mqtt_qos1}")),
+        common::metric(&text, &format!("edgegate_received_bytes_total{mqtt_qos1}")),
         Some(11.0),
         "{text}"
     );
-    assert_eq!(metric(&text, "edgegate_kafka_link_up"), Some(0.0));
+    assert_eq!(common::metric(&text, "edgegate_kafka_link_up"), Some(0.0));
     assert_eq!(
-        metric(&text, "edgegate_mqtt_acks_total{packet=\"puback\"}"),
+        common::metric(&text, "edgegate_mqtt_acks_total{packet=\"puback\"}"),
         Some(2.0),
         "both QoS 1 publishes were acknowledged once durable: {text}"
     );
-    assert_eq!(metric(&text, "edgegate_mqtt_connections_total"), Some(2.0));
     assert_eq!(
-        metric(&text, "edgegate_backlog_drain_seconds"),
+        common::metric(&text, "edgegate_mqtt_connections_total"),
+        Some(2.0)
+    );
+    assert_eq!(
+        common::metric(&text, "edgegate_backlog_drain_seconds"),
         Some(f64::INFINITY),
         "the backlog cannot drain without Kafka: {text}"
     );
-    assert!(metric(&text, "edgegate_log_oldest_record_age_seconds").is_some_and(|a| a > 0.0));
-    assert!(metric(&text, "edgegate_log_fsync_seconds_count").is_some_and(|n| n >= 2.0));
+    assert!(
+        common::metric(&text, "edgegate_log_oldest_record_age_seconds").is_some_and(|a| a > 0.0)
+    );
+    assert!(common::metric(&text, "edgegate_log_fsync_seconds_count").is_some_and(|n| n >= 2.0));
     for series in [
         "edgegate_log_bytes",
         "edgegate_log_dropped_records_total",
@@ -227,7 +199,10 @@ fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
         "edgegate_dead_letter_records",
         "edgegate_start_time_seconds",
     ] {
-        assert!(metric(&text, series).is_some(), "no {series} in {text}");
+        assert!(
+            common::metric(&text, series).is_some(),
+            "no {series} in {text}"
+        );
     }
     assert!(
         text.contains("edgegate_kafka_client_errors_total{kind="),
@@ -283,24 +258,31 @@ fn kafka_reachable_is_ready_and_deliveries_are_counted() {
     publish(gw.mqtt, "x/y", "to kafka");
     let mut text = String::new();
     wait_for("a delivery", Duration::from_secs(60), || {
-        text = http_get(gw.admin, "/metrics").1;
-        metric(&text, "edgegate_kafka_delivered_total").is_some_and(|n| n >= 1.0)
+        text = common::http_get(gw.admin, "/metrics").1;
+        common::metric(&text, "edgegate_kafka_delivered_total").is_some_and(|n| n >= 1.0)
     });
     assert!(
-        metric(&text, "edgegate_kafka_produce_latency_seconds_count").is_some_and(|n| n >= 1.0),
+        common::metric(&text, "edgegate_kafka_produce_latency_seconds_count")
+            .is_some_and(|n| n >= 1.0),
         "{text}"
     );
     wait_for("the link gauge", Duration::from_secs(5), || {
-        metric(&http_get(gw.admin, "/metrics").1, "edgegate_kafka_link_up") == Some(1.0)
+        common::metric(
+            &common::http_get(gw.admin, "/metrics").1,
+            "edgegate_kafka_link_up",
+        ) == Some(1.0)
     });
-    let (code, body) = http_get(gw.admin, "/readyz");
+    let (code, body) = common::http_get(gw.admin, "/readyz");
     let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON");
     assert_eq!((code, &ready["status"]), (200, &"ready".into()), "{body}");
     assert_eq!(ready["kafka"], "up", "{body}");
     assert_eq!(ready["forwarder"]["delivered"], 1, "{body}");
 
     wait_for("the backlog to empty", Duration::from_secs(5), || {
-        metric(&http_get(gw.admin, "/metrics").1, "edgegate_log_records") == Some(0.0)
+        common::metric(
+            &common::http_get(gw.admin, "/metrics").1,
+            "edgegate_log_records",
+        ) == Some(0.0)
     });
     let out = gw.status();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -388,10 +370,10 @@ async fn gateways_in_one_process_share_the_recorder_and_keep_their_own_health() 
 
     let (ra, rb, ma, mb) = tokio::task::spawn_blocking(move || {
         (
-            http_get(admin_a, "/readyz"),
-            http_get(admin_b, "/readyz"),
-            http_get(admin_a, "/metrics"),
-            http_get(admin_b, "/metrics"),
+            common::http_get(admin_a, "/readyz"),
+            common::http_get(admin_b, "/readyz"),
+            common::http_get(admin_a, "/metrics"),
+            common::http_get(admin_b, "/metrics"),
         )
     })
     .await
