@@ -786,6 +786,40 @@ fn bad_input_gets_its_codes_while_good_clients_are_served_and_nothing_is_stored_
         assert_eq!(map[b].len(), 1);
     }
     assert!(gw.log().contains("CoAP"), "the gateway logged the refusals");
+
+    // The counters saw the same: every record stored once, the garbage, the 2.04s.
+    let admin = common::admin_addr(&gw.log()).expect("the admin address in the log");
+    let (status, metrics) = common::http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    let value = |series: &str| common::metric(&metrics, series).unwrap_or(0.0);
+    assert_eq!(
+        value("edgegate_coap_stored_total"),
+        expected as f64,
+        "{metrics}"
+    );
+    // 8 refused or continued, 5 final-block sends, 64 flooded, 1 good (+ libcoap's own).
+    assert!(
+        value("edgegate_coap_requests_total{type=\"con\"}") >= 78.0,
+        "{metrics}"
+    );
+    assert!(
+        value("edgegate_coap_responses_total{code=\"2.04\"}") >= expected as f64,
+        "{metrics}"
+    );
+    assert!(
+        value("edgegate_coap_responses_total{code=\"4.02\"}") >= 1.0,
+        "{metrics}"
+    );
+    let malformed: f64 = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("edgegate_coap_malformed_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        malformed >= 5.0,
+        "the garbage datagrams were counted: {metrics}"
+    );
+    assert!(value("edgegate_coap_datagrams_total") >= 80.0);
 }
 
 #[test]

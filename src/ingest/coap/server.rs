@@ -73,6 +73,38 @@ pub(super) struct Server {
     slots_total: usize,
     next_mid: u16,
     closing: bool,
+    hot: HotCounters,
+}
+
+/// Handles of the counters every request touches, registered once: `metrics::counter!`
+/// looks its key up in the registry on every call.
+struct HotCounters {
+    datagrams: metrics::Counter,
+    requests_con: metrics::Counter,
+    requests_non: metrics::Counter,
+    stored: metrics::Counter,
+    changed: metrics::Counter,
+}
+
+impl HotCounters {
+    fn new() -> HotCounters {
+        HotCounters {
+            datagrams: metrics::counter!("edgegate_coap_datagrams_total"),
+            requests_con: metrics::counter!("edgegate_coap_requests_total", "type" => type_label(true)),
+            requests_non: metrics::counter!("edgegate_coap_requests_total", "type" => type_label(false)),
+            stored: metrics::counter!("edgegate_coap_stored_total"),
+            changed: response_counter(code::CHANGED),
+        }
+    }
+
+    /// Counts an answer by its code.
+    fn response(&self, code: u8) {
+        if code == code::CHANGED {
+            self.changed.increment(1);
+        } else {
+            response_counter(code).increment(1);
+        }
+    }
 }
 
 pub(super) async fn run(
@@ -100,6 +132,7 @@ pub(super) async fn run(
         slots: HashMap::new(),
         slots_total: 0,
         next_mid: rand::random(),
+        hot: HotCounters::new(),
         closing: false,
         config,
         pipeline,
@@ -168,7 +201,7 @@ impl Server {
     }
 
     async fn on_datagram(&mut self, datagram: &[u8], peer: SocketAddr) {
-        metrics::counter!("edgegate_coap_datagrams_total").increment(1);
+        self.hot.datagrams.increment(1);
         if datagram.len() > self.config.datagram_limit() {
             return self.oversized(datagram, peer).await;
         }
@@ -209,8 +242,11 @@ impl Server {
 
     async fn on_request(&mut self, packet: Packet, peer: SocketAddr) {
         let confirmable = packet.header.get_type() == MessageType::Confirmable;
-        metrics::counter!("edgegate_coap_requests_total", "type" => type_label(confirmable))
-            .increment(1);
+        if confirmable {
+            self.hot.requests_con.increment(1);
+        } else {
+            self.hot.requests_non.increment(1);
+        }
         let key: Key = (peer, packet.header.message_id);
         match self.dedup.get(&key) {
             Some(Seen::Pending) => return duplicate(peer, "pending"),
@@ -402,7 +438,8 @@ impl Server {
         };
         let reply = match result {
             Ok(seq) => {
-                stored(exchange.peer, seq);
+                self.hot.stored.increment(1);
+                tracing::trace!(peer = %exchange.peer, seq, "Stored a CoAP request.");
                 let mut options = Vec::new();
                 if let Some((block, key)) = exchange.block.clone() {
                     self.blocks.stored(key, block, Instant::now());
@@ -473,7 +510,7 @@ impl Server {
             }
             .encode()
             .map(Bytes::from);
-            response(reply.code);
+            self.hot.response(reply.code);
             let Some(datagram) = datagram else {
                 return self.give_slot(peer);
             };
@@ -490,7 +527,7 @@ impl Server {
             let answer = if quiet {
                 Reply::empty(MessageType::Acknowledgement, exchange.mid)
             } else {
-                response(reply.code);
+                self.hot.response(reply.code);
                 Reply {
                     kind: MessageType::Acknowledgement,
                     code: reply.code,
@@ -504,7 +541,7 @@ impl Server {
         } else if quiet {
             None
         } else {
-            response(reply.code);
+            self.hot.response(reply.code);
             let mid = self.mid();
             Reply {
                 kind: MessageType::NonConfirmable,
@@ -558,7 +595,7 @@ impl Server {
             })
         };
         if !suppressed {
-            response(reply.code);
+            self.hot.response(reply.code);
         }
         let datagram = answer
             .and_then(|a| a.encode())
@@ -671,7 +708,7 @@ impl Server {
             },
             _ => return,
         };
-        response(reply.code);
+        self.hot.response(reply.code);
         if let Some(datagram) = answer.encode() {
             self.send(&datagram, peer).await;
         }
@@ -928,8 +965,8 @@ fn type_label(confirmable: bool) -> &'static str {
     if confirmable { "con" } else { "non" }
 }
 
-fn response(code: u8) {
-    metrics::counter!("edgegate_coap_responses_total", "code" => code::label(code)).increment(1);
+fn response_counter(code: u8) -> metrics::Counter {
+    metrics::counter!("edgegate_coap_responses_total", "code" => code::label(code))
 }
 
 fn duplicate(peer: SocketAddr, state: &'static str) {
@@ -950,11 +987,6 @@ fn forgotten(evicted: usize) {
 fn block_transfer(outcome: &'static str) {
     metrics::counter!("edgegate_coap_block_transfers_total", "outcome" => outcome).increment(1);
     tracing::debug!(outcome, "A block-wise upload ended.");
-}
-
-fn stored(peer: SocketAddr, seq: u64) {
-    metrics::counter!("edgegate_coap_stored_total").increment(1);
-    tracing::trace!(%peer, seq, "Stored a CoAP request.");
 }
 
 fn separate_started() {
