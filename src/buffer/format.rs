@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use super::seal::{FLAG_SEALED, LogKeys, Unsealed, sealed_key_id};
 use super::{Record, Source};
 
 /// First eight bytes of every segment file.
@@ -94,6 +95,31 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, seq: u64, record: &Record, body_le
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&seq.to_le_bytes());
+    put_body(out, record);
+    debug_assert_eq!(out.len() - start, FRAME_HEADER_LEN + body_len);
+    let crc = frame_crc(&out[start..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends one whole frame holding `body`, already encoded (a sealed body).
+pub(crate) fn encode_frame_of(out: &mut Vec<u8>, seq: u64, body: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(body);
+    let crc = frame_crc(&out[start..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The body of `record` alone, as `encode_frame` writes it.
+pub(crate) fn encode_body(record: &Record, body_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body_len);
+    put_body(&mut out, record);
+    out
+}
+
+fn put_body(out: &mut Vec<u8>, record: &Record) {
     let mut flags = record.source as u8;
     if record.key.is_some() {
         flags |= FLAG_KEY;
@@ -118,9 +144,6 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, seq: u64, record: &Record, body_le
         }
     }
     out.extend_from_slice(&record.payload);
-    debug_assert_eq!(out.len() - start, FRAME_HEADER_LEN + body_len);
-    let crc = frame_crc(&out[start..]);
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Covers the length, the sequence number and the body: a flipped length is caught too.
@@ -171,9 +194,26 @@ pub(crate) fn check_frame(buf: &[u8], max_body: usize) -> Frame {
     }
 }
 
-/// Decodes a checksummed body. `None` means a body this version cannot read (a newer
-/// writer or damage the checksum missed); the caller counts it as corrupt.
-pub(crate) fn decode_body(body: &Bytes) -> Option<Record> {
+/// Decodes a checksummed body, opening it first if it is sealed. `Corrupt` means a body
+/// this version cannot read (a newer writer or damage the checksum missed): the caller counts
+/// it as corrupt. `UnknownKey` means a sealed body whose key is not configured: the record is
+/// fine, and must wait for its key.
+pub(crate) fn decode_body(body: &Bytes, keys: Option<&LogKeys>) -> Result<Record, Unsealed> {
+    if body.get(1).is_some_and(|flags| flags & FLAG_SEALED != 0) {
+        let Some(keys) = keys else {
+            return Err(sealed_key_id(body).map_or(Unsealed::Corrupt, Unsealed::UnknownKey));
+        };
+        let plain = keys.open(body)?;
+        // A sealed body holds a plain one, never another sealed one.
+        if plain.get(1).is_some_and(|flags| flags & FLAG_SEALED != 0) {
+            return Err(Unsealed::Corrupt);
+        }
+        return decode_plain(&plain).ok_or(Unsealed::Corrupt);
+    }
+    decode_plain(body).ok_or(Unsealed::Corrupt)
+}
+
+fn decode_plain(body: &Bytes) -> Option<Record> {
     let mut r = Cursor { buf: body, pos: 0 };
     if r.u8()? != BODY_VERSION {
         return None;
@@ -324,7 +364,7 @@ mod tests {
                 }
             );
             let body = Bytes::from(out).slice(FRAME_HEADER_LEN..);
-            assert_eq!(decode_body(&body), Some(rec));
+            assert_eq!(decode_body(&body, None).ok(), Some(rec));
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 pub(crate) trait Storage: Send + Sync + 'static {
@@ -52,12 +52,26 @@ pub(crate) fn read_full_at(
     Ok(done)
 }
 
+/// Mode of the files the log creates: the records are the devices' data, for the gateway's
+/// user alone (whatever the umask says).
+pub(crate) const PRIVATE_FILE: u32 = 0o600;
+
+/// Creates `dir` and any missing parents with mode 0700 (before the umask); an existing
+/// directory keeps its mode.
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// The real file system.
 pub(crate) struct OsStorage;
 
 impl Storage for OsStorage {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        create_private_dir(dir)
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -76,6 +90,7 @@ impl Storage for OsStorage {
             .write(true)
             .create(create)
             .truncate(false)
+            .mode(PRIVATE_FILE)
             .open(path)?;
         Ok(Box::new(OsFile(file)))
     }

@@ -86,6 +86,7 @@ mod format;
 mod io;
 mod reader;
 mod recovery;
+pub mod seal;
 mod segment;
 mod shared;
 mod writer;
@@ -107,6 +108,10 @@ use tokio::sync::watch;
 
 use self::format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
 use self::io::{OsStorage, Storage};
+use self::seal::LogKeys;
+use std::os::unix::fs::OpenOptionsExt;
+
+pub(crate) use self::io::create_private_dir;
 use self::reader::ReaderCore;
 use self::shared::{Acks, Shared, State, lock};
 use self::writer::Writer;
@@ -182,6 +187,9 @@ pub struct LogConfig {
     /// below `low_watermark`.
     pub high_watermark: f64,
     pub low_watermark: f64,
+    /// Seal every new record with these keys (and open sealed records with them); plain
+    /// records are written when `None`. See `seal.rs`.
+    pub keys: Option<Arc<LogKeys>>,
 }
 
 impl LogConfig {
@@ -197,6 +205,7 @@ impl LogConfig {
             commit_bytes: 1 << 20,
             high_watermark: 0.9,
             low_watermark: 0.8,
+            keys: None,
         }
     }
 }
@@ -221,6 +230,12 @@ pub enum LogError {
     Spawn(#[source] std::io::Error),
     #[error("the log in {path} is in use by another process (or another open Log)")]
     Locked { path: PathBuf },
+    /// A record was sealed with a key that is not configured. It is not skipped: reading
+    /// resumes from it once its key file is listed again.
+    #[error(
+        "record {seq} is encrypted with key {key_id:08x}, which is not configured: add its key file to buffer.encryption.previous_key_files"
+    )]
+    MissingKey { seq: u64, key_id: u32 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,12 +359,13 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LogError> {
         path: dir.to_owned(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(dir_error)?;
+    io::create_private_dir(dir).map_err(dir_error)?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(io::PRIVATE_FILE)
         .open(dir.join("lock"))
         .map_err(dir_error)?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -520,7 +536,13 @@ impl Log {
     /// Fails fast with `Full` under `reject_new`.
     pub fn append(&self, record: &Record) -> Result<Durable, AppendError> {
         let shared = self.shared();
-        let body_len = format::body_len(record);
+        let mut body_len = format::body_len(record);
+        // Sealing happens before the lock, so appenders seal in parallel.
+        let sealed = shared.cfg.keys.as_ref().map(|keys| {
+            let sealed = keys.seal(&format::encode_body(record, body_len));
+            body_len = sealed.len();
+            sealed
+        });
         if body_len > shared.max_body {
             return Err(AppendError::TooLarge(body_len + FRAME_HEADER_LEN));
         }
@@ -551,7 +573,10 @@ impl Log {
             wake = true;
         }
         let before = st.pending.len();
-        format::encode_frame(&mut st.pending, seq, record, body_len);
+        match &sealed {
+            Some(body) => format::encode_frame_of(&mut st.pending, seq, body),
+            None => format::encode_frame(&mut st.pending, seq, record, body_len),
+        }
         st.pending_records += 1;
         st.used_bytes += frame_len;
         let threshold = shared.cfg.commit_bytes;

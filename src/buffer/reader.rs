@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::cursor::CursorPos;
 use super::format::{FRAME_HEADER_LEN, Frame, SEGMENT_HEADER_LEN, decode_body};
+use super::seal::{LogKeys, Unsealed};
 use super::segment::{Walker, segment_path};
 use super::shared::{InFlight, Shared, lock};
 use super::{LogError, StoredRecord};
@@ -70,6 +71,7 @@ impl ReaderCore {
                     break;
                 }
                 Step::Read { limit, sealed } => {
+                    let keys = self.shared.cfg.keys.clone();
                     let walker = match self.walker_for(pos.seg_first, limit) {
                         Ok(w) => w,
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -96,6 +98,7 @@ impl ReaderCore {
                     };
                     let found = read_segment(
                         walker,
+                        keys.as_deref(),
                         &mut pos,
                         limit,
                         max_records - out.len(),
@@ -118,6 +121,12 @@ impl ReaderCore {
                     }
                     for (s, e, why) in found.corrupt {
                         self.note_corrupt(pos.seg_first, s, e, why);
+                    }
+                    if let Some((seq, key_id)) = found.missing_key {
+                        if out.is_empty() {
+                            return Err(LogError::MissingKey { seq, key_id });
+                        }
+                        break;
                     }
                     // Stop when the batch is full or at the durable end of the tail; at the
                     // end of a sealed segment `locate` moves on to the next one.
@@ -241,11 +250,15 @@ struct Found {
     /// Records and the offsets they start at.
     records: Vec<(StoredRecord, u64)>,
     corrupt: Vec<(u64, u64, &'static str)>,
+    /// Reading stopped at this record (sequence number, key id): sealed with a key that is
+    /// not configured.
+    missing_key: Option<(u64, u32)>,
 }
 
 /// Reads frames from `pos` up to `limit`, within the batch limits, advancing `pos`.
 fn read_segment(
     walker: &mut Walker,
+    keys: Option<&LogKeys>,
     pos: &mut CursorPos,
     limit: u64,
     max_records: usize,
@@ -254,6 +267,7 @@ fn read_segment(
     let mut found = Found {
         records: Vec::new(),
         corrupt: Vec::new(),
+        missing_key: None,
     };
     let mut bytes = 0usize;
     while pos.offset < limit && found.records.len() < max_records && bytes < max_bytes {
@@ -261,14 +275,21 @@ fn read_segment(
         match walker.frame_at(at)? {
             Frame::Valid { seq, len } if seq >= pos.head_seq => {
                 let body = walker.slice(at + FRAME_HEADER_LEN as u64, len - FRAME_HEADER_LEN)?;
+                let decoded = decode_body(&body, keys);
+                if let Err(Unsealed::UnknownKey(key_id)) = decoded {
+                    // Not corrupt: its key is missing. Stop before it, so it is read again
+                    // once the key is configured.
+                    found.missing_key = Some((seq, key_id));
+                    break;
+                }
                 pos.offset += len as u64;
                 pos.head_seq = seq + 1;
-                match decode_body(&body) {
-                    Some(record) => {
+                match decoded {
+                    Ok(record) => {
                         bytes += record.payload.len();
                         found.records.push((StoredRecord { seq, record }, at));
                     }
-                    None => found.corrupt.push((at, pos.offset, "undecodable body")),
+                    Err(_) => found.corrupt.push((at, pos.offset, "undecodable body")),
                 }
             }
             Frame::Valid { len, .. } | Frame::Padding { len } => {

@@ -840,3 +840,124 @@ fn a_second_open_of_the_same_directory_is_refused() {
     drop(log);
     Log::open(LogConfig::new(dir.path())).expect("open again once the first log is gone");
 }
+
+/// Every file under `dir`, recursively, as one byte string per file.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).expect("read")));
+        }
+    }
+    out
+}
+
+fn secret_record(i: u64) -> Record {
+    Record {
+        payload: Bytes::from(format!("SECRET-PAYLOAD-{i:04}-temperature=21.5")),
+        device: "pump-SECRET-DEVICE".into(),
+        ..record(i, 0)
+    }
+}
+
+fn keys(current: u8, previous: &[u8]) -> Option<Arc<LogKeys>> {
+    let previous: Vec<[u8; 32]> = previous.iter().map(|b| [*b; 32]).collect();
+    Some(Arc::new(LogKeys::new(
+        seal::Cipher::Chacha20Poly1305,
+        &[current; 32],
+        &previous,
+    )))
+}
+
+/// With encryption on, no payload or device id is anywhere on the disk; the records read
+/// back whole; a log reopened without the key stops at the first sealed record (an error
+/// naming the key) instead of skipping it; after a rotation old and new records both read.
+#[tokio::test]
+async fn sealed_records_are_unreadable_on_disk_and_wait_for_their_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("log");
+    let config = |keys| LogConfig {
+        commit_delay: Duration::from_millis(1),
+        keys,
+        ..LogConfig::new(&dir)
+    };
+    let old_key = keys(1, &[]);
+    let old_id = old_key.as_ref().map(|k| k.current_id()).expect("keys");
+    let (log, _) = Log::open(config(old_key)).expect("open");
+    let first: Vec<Record> = (0..50).map(secret_record).collect();
+    for (_, _, outcome) in append_many(&log, first.clone()).await {
+        outcome.expect("durable");
+    }
+    log.close().await.expect("close");
+    drop(log);
+    let files = files_under(&dir);
+    assert!(!files.is_empty());
+    for (path, bytes) in &files {
+        for needle in [&b"SECRET-PAYLOAD"[..], b"SECRET-DEVICE", b"temperature"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} holds {:?} in the clear",
+                path.display(),
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+
+    // No key configured: reading stops with an error naming the key; nothing is skipped.
+    let (log, _) = Log::open(config(None)).expect("open without keys");
+    let mut reader = log.reader().expect("reader");
+    match reader.read_batch(100, 1 << 20).await {
+        Err(LogError::MissingKey { seq: 0, key_id }) => assert_eq!(key_id, old_id),
+        other => panic!("expected MissingKey for record 0, got {other:?}"),
+    }
+    assert_eq!(log.stats().corrupt_records, 0);
+    log.close().await.expect("close");
+    drop((reader, log));
+
+    // Rotated: a new key for new records, the old one kept to read the backlog.
+    let (log, _) = Log::open(config(keys(2, &[1]))).expect("open rotated");
+    let second: Vec<Record> = (50..60).map(secret_record).collect();
+    for (_, _, outcome) in append_many(&log, second.clone()).await {
+        outcome.expect("durable");
+    }
+    let mut reader = log.reader().expect("reader");
+    let read: Vec<Record> = drain(&mut reader)
+        .await
+        .into_iter()
+        .map(|r| r.record)
+        .collect();
+    let expected: Vec<Record> = first.into_iter().chain(second).collect();
+    assert_eq!(read, expected);
+    assert_eq!(log.stats().corrupt_records, 0);
+    log.close().await.expect("close");
+}
+
+/// The log's directory is the gateway user's alone, and so is every file in it, whatever
+/// the umask.
+#[tokio::test]
+async fn the_log_directory_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("state").join("log");
+    let (log, _) = Log::open(LogConfig {
+        commit_delay: Duration::from_millis(1),
+        ..LogConfig::new(&dir)
+    })
+    .expect("open");
+    append_many(&log, (0..3).map(|i| record(i, 10))).await;
+    log.close().await.expect("close");
+    let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    assert_eq!(mode(dir.parent().expect("parent")), 0o700);
+    let files = files_under(&dir);
+    assert!(
+        files.len() >= 3,
+        "segment, cursor and lock files: {files:?}"
+    );
+    for (path, _) in files {
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+}
