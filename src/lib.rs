@@ -94,7 +94,10 @@ pub async fn start(
     } else {
         None
     };
-    let log_config = config.buffer.log_config(base);
+    let log_config = config.buffer.log_config(base).map_err(RunError::Config)?;
+    if let Some(keys) = &log_config.keys {
+        tracing::info!(key_id = %format_args!("{:08x}", keys.current_id()), "Records are encrypted in the log.");
+    }
     check_buffer_dir(&log_config)?;
 
     let (log, _report) = open_log(log_config.clone()).await?;
@@ -348,7 +351,7 @@ async fn open_log(config: LogConfig) -> Result<(Log, buffer::RecoveryReport), Ru
 /// is writable.
 fn check_buffer_dir(config: &LogConfig) -> Result<(), RunError> {
     let dir: PathBuf = config.dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|source| LogError::Dir {
+    buffer::create_private_dir(&dir).map_err(|source| LogError::Dir {
         path: dir.clone(),
         source,
     })?;

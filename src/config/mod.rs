@@ -21,6 +21,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::admin::config::AdminConfig;
+use crate::buffer::seal::{Cipher, KeyFileError, LogKeys, read_key_file};
 use crate::buffer::{Durability, LogConfig, Overflow};
 use crate::forward::config::KafkaConfig;
 use crate::ingest::coap::config::CoapConfig;
@@ -110,6 +111,51 @@ pub struct BufferConfig {
     pub high_watermark: f64,
     /// ...until the log falls below this fraction again.
     pub low_watermark: f64,
+    /// `[buffer.encryption]`: records sealed at rest.
+    pub encryption: EncryptionConfig,
+}
+
+/// `[buffer.encryption]`: seal every record written to the log (and the dead-letter log)
+/// with an AEAD, so a stolen SD card or disk image does not give away the telemetry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    pub enabled: bool,
+    pub cipher: Cipher,
+    /// The key new records are sealed with: 64 hex digits, mode 0600 or stricter.
+    pub key_file: Option<PathBuf>,
+    /// Keys of records still buffered from before a rotation; they only open records.
+    pub previous_key_files: Vec<PathBuf>,
+}
+
+impl EncryptionConfig {
+    /// Reads the key files (relative paths against `base`); `None` when disabled. Each error
+    /// comes with the key path of the file at fault.
+    pub fn load(&self, base: &Path) -> Result<Option<LogKeys>, Vec<(String, KeyFileError)>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let mut errors = Vec::new();
+        let current = match &self.key_file {
+            Some(path) => read_key_file(&base.join(path))
+                .map_err(|e| errors.push(("buffer.encryption.key_file".to_owned(), e)))
+                .ok(),
+            None => None,
+        };
+        let mut previous = Vec::new();
+        for (i, path) in self.previous_key_files.iter().enumerate() {
+            match read_key_file(&base.join(path)) {
+                Ok(key) => previous.push(key),
+                Err(e) => errors.push((format!("buffer.encryption.previous_key_files[{i}]"), e)),
+            }
+        }
+        match current {
+            Some(current) if errors.is_empty() => {
+                Ok(Some(LogKeys::new(self.cipher, &current, &previous)))
+            }
+            _ => Err(errors),
+        }
+    }
 }
 
 impl Default for BufferConfig {
@@ -126,14 +172,24 @@ impl Default for BufferConfig {
             commit_size: ByteSize(log.commit_bytes as u64),
             high_watermark: log.high_watermark,
             low_watermark: log.low_watermark,
+            encryption: EncryptionConfig::default(),
         }
     }
 }
 
 impl BufferConfig {
-    /// The log's own config, with `dir` resolved against the config file's directory.
-    pub fn log_config(&self, base: &Path) -> LogConfig {
-        LogConfig {
+    /// The log's own config, with `dir` and key files resolved against the config file's
+    /// directory. Fails when a key file cannot be used (checked at load already; this is
+    /// the file changing in between).
+    pub fn log_config(&self, base: &Path) -> Result<LogConfig, String> {
+        let keys = self.encryption.load(base).map_err(|errors| {
+            errors
+                .iter()
+                .map(|(key, e)| format!("{key}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        Ok(LogConfig {
             dir: base.join(&self.dir),
             segment_bytes: self.segment_size.get(),
             max_bytes: self.max_size.get(),
@@ -144,7 +200,8 @@ impl BufferConfig {
             commit_bytes: usize::try_from(self.commit_size.get()).unwrap_or(usize::MAX),
             high_watermark: self.high_watermark,
             low_watermark: self.low_watermark,
-        }
+            keys: keys.map(std::sync::Arc::new),
+        })
     }
 
     fn validate(&self, problems: &mut Problems) {
@@ -177,6 +234,24 @@ impl BufferConfig {
                 "buffer.low_watermark",
                 "must be a fraction between 0 and high_watermark",
             );
+        }
+        if self.encryption.enabled && self.encryption.key_file.is_none() {
+            problems.push(
+                "buffer.encryption.key_file",
+                "must name the key file when encryption is enabled (64 hex digits, from `openssl rand -hex 32`, mode 0600)",
+            );
+        }
+    }
+
+    /// Problems with files the section names (key files), relative paths against `base`.
+    fn check_files(&self, base: &Path, problems: &mut Problems) {
+        if self.encryption.key_file.is_none() {
+            return;
+        }
+        if let Err(errors) = self.encryption.load(base) {
+            for (key, e) in errors {
+                problems.push(key, e.to_string());
+            }
         }
     }
 }
@@ -268,7 +343,10 @@ impl Config {
             // what is really wrong.
             return Err(ConfigError::Invalid(found));
         }
-        found.extend(config.validate().0.into_iter().map(|p| {
+        let mut problems = config.validate();
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.buffer.check_files(base, &mut problems);
+        found.extend(problems.0.into_iter().map(|p| {
             let span = span_of(document.get_ref(), &p.path).unwrap_or(0..0);
             at(span, format!("{}: {}", p.path, p.message))
         }));

@@ -137,8 +137,71 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
                 line.trim_start_matches(['#', ' '])
                     .starts_with(&format!("{key} ="))
             });
-            let table = text.contains(&format!("[kafka.{key}]"));
+            let table = ["kafka", "buffer"]
+                .iter()
+                .any(|section| text.contains(&format!("[{section}.{key}]")));
             assert!(shown || table, "gateway.toml does not show `{key}`");
         }
     }
+}
+
+/// Key files are checked at load, relative to the config file, and every problem points at
+/// the key naming the file: missing key file, a key others may read, a malformed previous key.
+#[test]
+fn encryption_key_files_are_checked_where_they_are_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    write("good.key", &"0f".repeat(32), 0o600);
+    write("open.key", &"0f".repeat(32), 0o644);
+    write("short.key", "0f0f", 0o600);
+    let config = dir.path().join("gw.toml");
+    let parse = |section: &str| {
+        let text = format!("[buffer.encryption]\n{section}\n{ROUTE}");
+        match Config::parse(&text, &config) {
+            Ok(c) => Ok(c),
+            Err(ConfigError::Invalid(found)) => {
+                Err(found.iter().map(ToString::to_string).collect::<Vec<_>>())
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let ok = parse("enabled = true\nkey_file = \"good.key\"").expect("a good key");
+    let keys = ok
+        .buffer
+        .log_config(dir.path())
+        .expect("keys load")
+        .keys
+        .expect("keys");
+    assert!(
+        !format!("{keys:?}").contains("0f0f"),
+        "keys are never printed"
+    );
+
+    let found = parse("enabled = true").expect_err("no key file");
+    assert!(
+        found[0].contains("gw.toml:1:1: buffer.encryption.key_file"),
+        "{found:?}"
+    );
+    let found = parse(
+        "enabled = true\nkey_file = \"open.key\"\nprevious_key_files = [\"good.key\", \"short.key\"]",
+    )
+    .expect_err("bad files");
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].contains(":3:12: buffer.encryption.key_file"),
+        "{found:?}"
+    );
+    assert!(found[0].contains("chmod 600"), "{found:?}");
+    assert!(
+        found[1].contains(":4:35: buffer.encryption.previous_key_files[1]")
+            && found[1].contains("64 hex digits"),
+        "{found:?}"
+    );
+    // Disabled: the files are not read at all.
+    parse("enabled = false\nkey_file = \"missing.key\"").expect("disabled");
 }
