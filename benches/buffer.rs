@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use edgegate::buffer::seal::{Cipher, LogKeys};
 use edgegate::buffer::{Durability, Log, LogConfig, Record, Source};
 
 const CHILD_ENV: &str = "EDGEGATE_BUFFER_BENCH_CHILD";
@@ -357,6 +358,51 @@ fn big_backlog() {
     }
 }
 
+/// The cost of `[buffer.encryption]`: appends without fsync (so the CPU is what is
+/// measured) and a full read back, plain and with each cipher, in one run.
+fn sealing() {
+    let total = 1_000_000u64;
+    let mut plain_rates = None;
+    for cipher in [None, Some(Cipher::Chacha20Poly1305), Some(Cipher::Aes256Gcm)] {
+        let tmp = tempfile::tempdir_in(base_dir()).expect("tempdir");
+        let cfg = LogConfig {
+            durability: Durability::None,
+            keys: cipher.map(|c| Arc::new(LogKeys::new(c, &[7; 32], &[]))),
+            ..LogConfig::new(tmp.path())
+        };
+        let (log, _) = Log::open(cfg).expect("open");
+        let rt = runtime();
+        let start = Instant::now();
+        rt.block_on(pipelined(&log, 4, 1024, total));
+        let append = total as f64 / start.elapsed().as_secs_f64();
+        let bytes = log.stats().bytes;
+        let mut reader = log.reader().expect("reader");
+        let start = Instant::now();
+        let mut read = 0u64;
+        rt.block_on(async {
+            while read < total {
+                let batch = reader.read_batch(10_000, 16 << 20).await.expect("read");
+                read += batch.len() as u64;
+                if let Some(last) = batch.last() {
+                    reader.ack_range(batch[0].seq, last.seq + 1);
+                }
+            }
+        });
+        let drain = total as f64 / start.elapsed().as_secs_f64();
+        let (base_append, base_drain) = *plain_rates.get_or_insert((append, drain));
+        println!(
+            "sealing {:<18} appends {:>9.0}/s ({:>3.0}%), reads {:>9.0}/s ({:>3.0}%), {:>5.1} B/record on disk",
+            cipher.map_or("off".to_owned(), |c| format!("{c:?}")),
+            append,
+            100.0 * append / base_append,
+            drain,
+            100.0 * drain / base_drain,
+            bytes as f64 / total as f64,
+        );
+        rt.block_on(log.close()).expect("close");
+    }
+}
+
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
         child_main(&spec);
@@ -377,6 +423,9 @@ fn main() {
     }
     if run("nofsync") {
         no_fsync();
+    }
+    if run("sealing") {
+        sealing();
     }
     if run("wa") {
         write_amplification(100);
