@@ -268,6 +268,10 @@ impl Config {
             // what is really wrong.
             return Err(ConfigError::Invalid(found));
         }
+        // Files named in the config are relative to it, wherever the gateway is started.
+        if let Some(base) = path.parent() {
+            config.kafka.resolve_paths(base);
+        }
         found.extend(config.validate().0.into_iter().map(|p| {
             let span = span_of(document.get_ref(), &p.path).unwrap_or(0..0);
             at(span, format!("{}: {}", p.path, p.message))
