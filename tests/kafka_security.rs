@@ -374,6 +374,166 @@ async fn the_mtls_listener_refuses_a_gateway_without_a_client_certificate() {
     .await;
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real `edgegate` binary on a config written for one test, its stderr in a file.
+struct Binary {
+    child: Option<std::process::Child>,
+    config: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+    mqtt_port: u16,
+    admin_port: u16,
+    env: Vec<(String, String)>,
+}
+
+impl Binary {
+    /// Writes gateway.toml into `dir` (MQTT, CoAP and admin on free ports, one route from
+    /// `plant/+device/#` to `topic` keyed by device, `kafka` as the Kafka part) and checks
+    /// it with `edgegate validate`.
+    fn new(dir: &Path, topic: &str, kafka: &str, env: &[(&str, &str)]) -> Binary {
+        let (mqtt_port, admin_port) = (free_port(), free_port());
+        let config = dir.join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[gateway]\nid = \"{GATEWAY}\"\nshutdown_grace = \"5s\"\n\n\
+                 [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
+                 [coap]\nlisten = \"127.0.0.1:0\"\n\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
+                 [mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\n{kafka}\n\
+                 [[routes]]\nmatch = \"plant/+device/#\"\ntopic = \"{topic}\"\nkey = \"{{device}}\"\n"
+            ),
+        )
+        .expect("write config");
+        let binary = Binary {
+            child: None,
+            config,
+            stderr: dir.join("stderr.log"),
+            mqtt_port,
+            admin_port,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let validate = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args(["validate", "--config"])
+            .arg(&binary.config)
+            .envs(binary.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run edgegate validate");
+        assert!(
+            validate.status.success(),
+            "{}",
+            String::from_utf8_lossy(&validate.stderr)
+        );
+        binary
+    }
+
+    /// Starts the binary (again) and waits for its MQTT port.
+    fn start(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr)
+            .expect("stderr file");
+        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn edgegate");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("edgegate exited at startup: {status}\n{}", self.printed());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edgegate did not listen within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Publishes `lines` at QoS 1 with mosquitto_pub; each is acknowledged once durable.
+    fn publish(&self, lines: &[String]) {
+        let mut publisher = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
+            .args([
+                "-i",
+                "ksec-pub",
+                "-t",
+                "plant/dev-1/telemetry",
+                "-q",
+                "1",
+                "-l",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_pub");
+        let mut stdin = publisher.stdin.take().expect("stdin");
+        for line in lines {
+            writeln!(stdin, "{line}").expect("publish");
+        }
+        drop(stdin);
+        assert!(publisher.wait().expect("mosquitto_pub").success());
+    }
+
+    /// SIGTERM and the exit status of the graceful stop.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().expect("wait")
+    }
+
+    /// One admin endpoint's body.
+    fn get(&self, path: &str) -> String {
+        use std::io::Read;
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        );
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    }
+
+    fn printed(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn payloads(got: &[common::Consumed]) -> Vec<String> {
+    got.iter()
+        .map(|c| String::from_utf8_lossy(c.payload.as_deref().unwrap_or_default()).into_owned())
+        .collect()
+}
+
 /// The real binary, an MQTT client, and the password only in the gateway's environment, as
 /// systemd's `Environment=`/`EnvironmentFile=` would give it. With librdkafka's debug output
 /// on (configuration included), the password appears nowhere in what the gateway prints.
@@ -384,91 +544,24 @@ fn the_binary_forwards_mqtt_over_sasl_ssl_with_the_password_from_its_environment
     let topic = common::unique_topic("ksec-binary");
     common::create_topic(&topic, 1);
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nid = \"{GATEWAY}\"\nshutdown_grace = \"5s\"\n\n\
-             [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
-             [admin]\nenabled = false\n\n[mqtt]\nlisten = \"127.0.0.1:{port}\"\n\n\
-             [kafka]\nbrokers = [\"{}\"]\n\n[kafka.tls]\nca_file = \"{}\"\n\n\
-             [kafka.sasl]\nmechanism = \"scram-sha-256\"\nusername = \"{}\"\n\
-             password_env = \"EDGEGATE_KSEC_TEST_PASSWORD\"\n\n\
-             [kafka.properties]\ndebug = \"conf,security,broker\"\n\n\
-             [[routes]]\nmatch = \"plant/+device/#\"\ntopic = \"{topic}\"\nkey = \"{{device}}\"\n",
-            s.sasl_ssl,
-            s.ca.display(),
-            s.sasl_user
-        ),
-    )
-    .expect("write config");
-
-    let stderr_path = dir.path().join("stderr.log");
-    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-    let validate = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["validate", "--config"])
-        .arg(&config)
-        .env("EDGEGATE_KSEC_TEST_PASSWORD", &s.sasl_password)
-        .output()
-        .expect("run edgegate validate");
-    assert!(
-        validate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&validate.stderr)
+    let kafka = format!(
+        "[kafka]\nbrokers = [\"{}\"]\n\n[kafka.tls]\nca_file = \"{}\"\n\n\
+         [kafka.sasl]\nmechanism = \"scram-sha-256\"\nusername = \"{}\"\n\
+         password_env = \"EDGEGATE_KSEC_TEST_PASSWORD\"\n\n\
+         [kafka.properties]\ndebug = \"conf,security,broker\"\n",
+        s.sasl_ssl,
+        s.ca.display(),
+        s.sasl_user
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("EDGEGATE_KSEC_TEST_PASSWORD", &s.sasl_password)
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn edgegate");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "edgegate exited at startup: {status}\n{}",
-                std::fs::read_to_string(&stderr_path).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "edgegate did not listen within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
+    let env = [("EDGEGATE_KSEC_TEST_PASSWORD", s.sasl_password.as_str())];
+    let mut gateway = Binary::new(dir.path(), &topic, &kafka, &env);
+    gateway.start();
     let lines: Vec<String> = (0..30).map(|n| format!("{{\"reading\":{n}}}")).collect();
-    let mut publisher = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", "ksec-pub"])
-        .args(["-t", "plant/dev-1/telemetry", "-q", "1", "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    let mut stdin = publisher.stdin.take().expect("stdin");
-    for line in &lines {
-        writeln!(stdin, "{line}").expect("publish");
-    }
-    drop(stdin);
-    assert!(publisher.wait().expect("mosquitto_pub").success());
-
+    gateway.publish(&lines);
     let got = common::consume_all_blocking(&topic, lines.len(), Duration::from_secs(60));
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().expect("wait");
-    let printed = std::fs::read_to_string(&stderr_path).expect("stderr");
-    let payloads: Vec<String> = got
-        .iter()
-        .map(|c| String::from_utf8_lossy(c.payload.as_deref().unwrap_or_default()).into_owned())
-        .collect();
-    assert_eq!(payloads, lines, "every publish, once, in order");
+    let status = gateway.stop();
+    let printed = gateway.printed();
+    assert_eq!(payloads(&got), lines, "every publish, once, in order");
     assert!(got.iter().all(|c| c.key.as_deref() == Some(&b"dev-1"[..])));
     assert!(status.success(), "graceful stop: {status}");
     // librdkafka dumps its configuration (`debug = "conf"`), with the password redacted.
@@ -480,4 +573,84 @@ fn the_binary_forwards_mqtt_over_sasl_ssl_with_the_password_from_its_environment
         !printed.contains(&s.sasl_password),
         "the SASL password appears in the gateway's output"
     );
+}
+
+/// A wrong password, seen from outside as an operator sees it: an ERROR line, `/readyz`
+/// degraded with the reason, `edgegate status` with it as the last error, the link-up gauge
+/// at 0 and the authentication error counter moving; the devices are still acknowledged.
+/// After the password file is fixed and the gateway restarted, every message arrives once,
+/// in order.
+#[test]
+fn the_binary_reports_a_wrong_password_everywhere_and_delivers_after_the_fix() {
+    let _kafka = common::shared();
+    let s = common::secured();
+    let topic = common::unique_topic("ksec-binary-wrong-pw");
+    common::create_topic(&topic, 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_secret(dir.path(), "kafka.password", "not-the-password");
+    let kafka = format!(
+        "[kafka]\nbrokers = [\"{}\"]\nretry_backoff_max = \"1s\"\n\n\
+         [kafka.tls]\nca_file = \"{}\"\n\n\
+         [kafka.sasl]\nmechanism = \"scram-sha-512\"\nusername = \"{}\"\n\
+         password_file = \"kafka.password\"\n",
+        s.sasl_ssl,
+        s.ca.display(),
+        s.sasl_user
+    );
+    let mut gateway = Binary::new(dir.path(), &topic, &kafka, &[]);
+    gateway.start();
+    let lines: Vec<String> = (0..20).map(|n| format!("{{\"reading\":{n}}}")).collect();
+    gateway.publish(&lines);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (readyz, metrics) = loop {
+        let readyz = gateway.get("/readyz");
+        let metrics = gateway.get("/metrics");
+        if readyz.contains("SASL authentication error")
+            && metrics.contains("edgegate_kafka_client_errors_total{kind=\"authentication\"}")
+        {
+            break (readyz, metrics);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no authentication error within 30 s:\n{readyz}\n{}",
+            gateway.printed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(readyz.contains("\"degraded\""), "{readyz}");
+    assert!(metrics.contains("edgegate_kafka_link_up 0"), "{metrics}");
+    let status = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args([
+            "status",
+            "--admin",
+            &format!("127.0.0.1:{}", gateway.admin_port),
+        ])
+        .output()
+        .expect("edgegate status");
+    let summary = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        summary.contains("last error") && summary.contains("SASL authentication error"),
+        "{summary}"
+    );
+    assert!(
+        gateway
+            .printed()
+            .contains("Kafka refused the gateway (TLS or SASL)")
+    );
+    assert!(gateway.stop().success());
+    assert!(
+        common::consume_all_blocking(&topic, 1, Duration::from_secs(2)).is_empty(),
+        "nothing reached Kafka with the wrong password"
+    );
+
+    write_secret(dir.path(), "kafka.password", &s.sasl_password);
+    gateway.start();
+    let got = common::consume_all_blocking(&topic, lines.len(), Duration::from_secs(60));
+    assert_eq!(
+        payloads(&got),
+        lines,
+        "every message, once, in order, after the fix"
+    );
+    assert!(gateway.stop().success());
 }
