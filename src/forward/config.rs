@@ -376,24 +376,31 @@ impl SecretSource<'_> {
     }
 }
 
-/// At most one of the three sources; `None` when none is set. Pushes a problem when several
-/// are.
-fn one_source<'a>(
-    at: &str,
-    name: &str,
+/// The sources set for one secret, in order of preference (a file, a variable, inline).
+/// Validation insists on exactly one.
+fn sources<'a>(
     file: Option<&'a PathBuf>,
     env: Option<&'a String>,
     inline: Option<&'a Secret>,
-    problems: &mut Problems,
-) -> Option<SecretSource<'a>> {
-    let sources: Vec<SecretSource<'a>> = [
+) -> Vec<SecretSource<'a>> {
+    [
         file.map(|p| SecretSource::File(p)),
         env.map(|n| SecretSource::Env(n)),
         inline.map(SecretSource::Inline),
     ]
     .into_iter()
     .flatten()
-    .collect();
+    .collect()
+}
+
+/// The one source of a secret (`None` when none is set); a problem at `at.name` when
+/// several are.
+fn one_source<'a>(
+    at: &str,
+    name: &str,
+    sources: Vec<SecretSource<'a>>,
+    problems: &mut Problems,
+) -> Option<SecretSource<'a>> {
     if sources.len() > 1 {
         problems.push(
             format!("{at}.{name}"),
@@ -401,6 +408,26 @@ fn one_source<'a>(
         );
     }
     sources.first().copied()
+}
+
+impl KafkaTls {
+    fn key_password_sources(&self) -> Vec<SecretSource<'_>> {
+        sources(
+            self.key_password_file.as_ref(),
+            self.key_password_env.as_ref(),
+            self.key_password.as_ref(),
+        )
+    }
+}
+
+impl KafkaSasl {
+    fn password_sources(&self) -> Vec<SecretSource<'_>> {
+        sources(
+            self.password_file.as_ref(),
+            self.password_env.as_ref(),
+            self.password.as_ref(),
+        )
+    }
 }
 
 /// How the group and other users may access a secret file.
@@ -716,14 +743,8 @@ impl KafkaConfig {
                 }
                 (None, None) => {}
             }
-            let key_password = one_source(
-                &at,
-                "key_password",
-                tls.key_password_file.as_ref(),
-                tls.key_password_env.as_ref(),
-                tls.key_password.as_ref(),
-                problems,
-            );
+            let key_password =
+                one_source(&at, "key_password", tls.key_password_sources(), problems);
             if let Some(source) = key_password {
                 if tls.key_file.is_none() {
                     problems.push(
@@ -762,14 +783,7 @@ impl KafkaConfig {
             {
                 problems.push(format!("{at}.password_file"), "must be a UTF-8 path");
             }
-            match one_source(
-                &at,
-                "password",
-                sasl.password_file.as_ref(),
-                sasl.password_env.as_ref(),
-                sasl.password.as_ref(),
-                problems,
-            ) {
+            match one_source(&at, "password", sasl.password_sources(), problems) {
                 Some(source) => {
                     check_secret(source, "password", format!("{at}.password"), problems)
                 }
@@ -831,15 +845,7 @@ impl KafkaConfig {
             if let Some(key) = &tls.key_file {
                 c.set("ssl.key.location", path(key));
             }
-            let mut ignored = Problems::default();
-            if let Some(source) = one_source(
-                "",
-                "key_password",
-                tls.key_password_file.as_ref(),
-                tls.key_password_env.as_ref(),
-                tls.key_password.as_ref(),
-                &mut ignored,
-            ) {
+            if let Some(source) = tls.key_password_sources().first() {
                 c.set("ssl.key.password", source.read("key_password")?);
             }
             c.set(
@@ -848,16 +854,10 @@ impl KafkaConfig {
             );
         }
         if let Some(sasl) = &self.sasl {
-            let mut ignored = Problems::default();
-            let source = one_source(
-                "",
-                "password",
-                sasl.password_file.as_ref(),
-                sasl.password_env.as_ref(),
-                sasl.password.as_ref(),
-                &mut ignored,
-            )
-            .ok_or(SecretError::Missing { what: "password" })?;
+            let sources = sasl.password_sources();
+            let source = sources
+                .first()
+                .ok_or(SecretError::Missing { what: "password" })?;
             c.set("sasl.mechanism", sasl.mechanism.as_str())
                 .set("sasl.username", &sasl.username)
                 .set("sasl.password", source.read("password")?);
