@@ -343,8 +343,10 @@ impl Config {
             // what is really wrong.
             return Err(ConfigError::Invalid(found));
         }
-        let mut problems = config.validate();
+        // Files named in the config are relative to it, wherever the gateway is started.
         let base = path.parent().unwrap_or(Path::new("."));
+        config.kafka.resolve_paths(base);
+        let mut problems = config.validate();
         config.buffer.check_files(base, &mut problems);
         found.extend(problems.0.into_iter().map(|p| {
             let span = span_of(document.get_ref(), &p.path).unwrap_or(0..0);
@@ -401,11 +403,7 @@ fn locate(text: &str, path: &Path, span: Range<usize>, message: String) -> Locat
 fn span_of(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
     let mut best = None;
     let mut current: Option<&Spanned<DeValue<'_>>> = None;
-    for part in path.split('.') {
-        let (name, index) = match part.split_once('[') {
-            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (part, None),
-        };
+    for (name, index) in path_parts(path) {
         let table = match current {
             None => Some(table),
             Some(v) => v.get_ref().as_table(),
@@ -428,6 +426,31 @@ fn span_of(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
         }
     }
     best
+}
+
+/// The parts of a key path with their array indexes: `routes[2].topic` → `routes` [2],
+/// `topic`; a quoted part may hold dots, as raw librdkafka property names do:
+/// `kafka.properties."sasl.password"` → `kafka`, `properties`, `sasl.password`.
+fn path_parts(path: &str) -> Vec<(&str, Option<usize>)> {
+    let mut parts = Vec::new();
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let end = quoted.find('"').unwrap_or(quoted.len());
+            parts.push((&quoted[..end], None));
+            rest = quoted.get(end + 1..).unwrap_or_default();
+        } else {
+            let end = rest.find('.').unwrap_or(rest.len());
+            let part = &rest[..end];
+            parts.push(match part.split_once('[') {
+                Some((name, index)) => (name, index.trim_end_matches(']').parse().ok()),
+                None => (part, None),
+            });
+            rest = &rest[end..];
+        }
+        rest = rest.strip_prefix('.').unwrap_or(rest);
+    }
+    parts
 }
 
 /// 1-based line and column (in characters) of a byte offset.

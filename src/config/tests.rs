@@ -71,6 +71,32 @@ fn validation_problems_point_at_their_keys() {
 }
 
 #[test]
+fn raw_property_problems_point_at_the_property() {
+    let text = format!(
+        "{ROUTE}\n[kafka.properties]\n\"socket.keepalive.enable\" = \"true\"\n\"acks\" = \"1\"\n"
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:7:10: kafka.properties.\"acks\""),
+        "{}",
+        found[0]
+    );
+    assert_eq!(
+        path_parts("routes[2].topic"),
+        [("routes", Some(2)), ("topic", None)]
+    );
+    assert_eq!(
+        path_parts("kafka.properties.\"sasl.password\""),
+        [
+            ("kafka", None),
+            ("properties", None),
+            ("sasl.password", None)
+        ]
+    );
+}
+
+#[test]
 fn syntax_errors_are_located() {
     let found = problems("[buffer\nmax_size = 3\n");
     assert!(!found.is_empty());

@@ -111,6 +111,17 @@ pub fn kind(code: Code) -> &'static str {
     }
 }
 
+/// Errors from librdkafka's error callback that mean the brokers refused the gateway itself:
+/// its TLS handshake or its SASL credentials. A missing client certificate is not among them:
+/// the broker then closes the connection, which librdkafka reports as a transport failure
+/// (with the TLS alert in the reason).
+pub fn is_refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Authentication | Code::SaslAuthenticationFailed | Code::SSL
+    )
+}
+
 /// Errors from librdkafka's error callback that mean "no usable connection to Kafka".
 pub fn is_link_error(code: Code) -> bool {
     matches!(

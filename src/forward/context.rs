@@ -79,6 +79,8 @@ impl ClientContext for ForwardContext {
         metric::client_error(classify::kind(code));
         if code == RDKafkaErrorCode::Fatal {
             self.link.fatal(reason);
+        } else if classify::is_refusal(code) {
+            self.link.refused(reason);
         } else if classify::is_link_error(code) {
             tracing::debug!(error = %error, reason, "Kafka client error.");
             self.link.down(reason);
@@ -119,6 +121,9 @@ pub struct LinkTracker {
     announced: AtomicU8,
     /// librdkafka raised a fatal error; the forwarder rebuilds the producer.
     fatal: AtomicBool,
+    /// The brokers refused the gateway (TLS or SASL) since the link was last up; already
+    /// logged as an ERROR.
+    refused: AtomicBool,
     /// The reason of the last outage or fatal error, for `/readyz` and `edgegate status`.
     last_error: Mutex<Option<String>>,
 }
@@ -130,6 +135,7 @@ impl LinkTracker {
             state,
             announced: AtomicU8::new(0),
             fatal: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
     }
@@ -141,6 +147,7 @@ impl LinkTracker {
     /// A broker answered or a record was delivered.
     pub fn up(&self) {
         if self.transition(LinkState::Up) {
+            self.refused.store(false, Ordering::Release);
             metric::link(LinkState::Up);
             tracing::info!("Kafka link is up.");
         }
@@ -156,6 +163,22 @@ impl LinkTracker {
                 "Kafka link is down; records stay in the log until it returns."
             );
         }
+    }
+
+    /// The brokers refused the gateway: a failed TLS handshake (unknown CA, bad or missing
+    /// client certificate) or SASL authentication. librdkafka keeps retrying, but only a
+    /// fixed `[kafka.tls]`/`[kafka.sasl]` (or broker) helps, so this is an ERROR, once per
+    /// outage, and the reason is kept for `/readyz` even when the link was already down for
+    /// another reason. Records stay in the log.
+    pub fn refused(&self, reason: &str) {
+        self.set_last_error(reason);
+        if !self.refused.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                reason,
+                "Kafka refused the gateway (TLS or SASL); records stay in the log until [kafka.tls] or [kafka.sasl] is fixed."
+            );
+        }
+        self.down(reason);
     }
 
     pub fn fatal(&self, reason: &str) {
@@ -223,6 +246,23 @@ mod tests {
         assert_eq!(*rx.borrow(), LinkState::Up);
         assert!(link.transition(LinkState::Down));
         assert_eq!(*rx.borrow(), LinkState::Down);
+    }
+
+    #[test]
+    fn a_refusal_is_kept_as_the_last_error_even_when_already_down() {
+        let link = LinkTracker::new();
+        link.down("connection refused");
+        link.refused("SASL authentication error: invalid credentials");
+        assert_eq!(
+            link.last_error().as_deref(),
+            Some("SASL authentication error: invalid credentials")
+        );
+        assert!(link.refused.load(Ordering::Acquire));
+        link.up();
+        assert!(
+            !link.refused.load(Ordering::Acquire),
+            "logged again after a recovery"
+        );
     }
 
     #[test]

@@ -184,7 +184,12 @@ impl Forwarder {
                 .collect();
             return Err(ForwardError::Config(text.join("; ")));
         }
-        let client_config = cfg.client_config(gateway_id);
+        for (key, warning) in cfg.warnings("kafka") {
+            tracing::warn!(setting = %key, "Unwise Kafka security setting: {key} {warning}.");
+        }
+        let client_config = cfg
+            .client_config(gateway_id)
+            .map_err(|e| ForwardError::Config(e.to_string()))?;
         client_config
             .create_native_config()
             .map_err(ForwardError::Client)?;

@@ -127,7 +127,7 @@ fn start(tweak: impl FnOnce(&mut KafkaConfig)) -> Harness {
             acks: acks.clone(),
         },
         dead.clone(),
-        cfg.client_config("gw"),
+        cfg.client_config("gw").expect("no secrets to read"),
         link.clone(),
         progress,
     );

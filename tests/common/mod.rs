@@ -4,8 +4,9 @@
 //! # Where the broker comes from
 //!
 //! `tools/test` starts one broker for the whole run and exports `EDGEGATE_TEST_KAFKA`
-//! (bootstrap address), `EDGEGATE_TEST_KAFKA_CTL` (the script) and `KAFKA_RUN_DIR`; every test
-//! binary then uses that broker. Under a plain `cargo test`, the first test that asks for Kafka
+//! (bootstrap address), `EDGEGATE_TEST_KAFKA_CTL` (the script) and `KAFKA_RUN_DIR`, and the
+//! broker's secured listeners with their credentials (`EDGEGATE_TEST_KAFKA_SASL_SSL`, ...; see
+//! [`secured`]); every test binary then uses that broker. Under a plain `cargo test`, the first test that asks for Kafka
 //! in each test binary starts a broker of its own with the same script, in
 //! `target/tmp/kafka-<pid>`; the script's watchdog stops it and deletes that directory when the
 //! test binary exits, however it exits.
@@ -124,6 +125,11 @@ impl KafkaFixture {
 
     /// Runs `kafka-ci.sh <command>`; the error carries the script's output.
     fn ctl(&self, command: &str) -> Result<(), String> {
+        self.ctl_output(command).map(drop)
+    }
+
+    /// Runs `kafka-ci.sh <command>` and returns what it printed on stdout.
+    fn ctl_output(&self, command: &str) -> Result<String, String> {
         if self.ctl_env.is_empty() && std::env::var_os("KAFKA_RUN_DIR").is_none() {
             return Err(format!(
                 "cannot `{command}` the broker at {}: EDGEGATE_TEST_KAFKA is set but \
@@ -138,7 +144,7 @@ impl KafkaFixture {
             .output()
             .map_err(|e| format!("cannot run {}: {e}", self.ctl.display()))?;
         if output.status.success() {
-            return Ok(());
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
         }
         Err(format!(
             "`{} {command}` failed ({}):\n{}{}\nInstall the prerequisites `tools/test` lists, \
@@ -149,6 +155,68 @@ impl KafkaFixture {
             String::from_utf8_lossy(&output.stderr),
         ))
     }
+}
+
+/// The same broker's secured listeners and the credentials they accept: see the header of
+/// `tools/kafka/kafka-ci.sh` for what each listener asks of a client.
+#[derive(Debug)]
+pub struct Secured {
+    /// `host:port` of the SASL_SSL listener (SCRAM-SHA-256, SCRAM-SHA-512, PLAIN).
+    pub sasl_ssl: String,
+    /// `host:port` of the SSL listener that requires a client certificate.
+    pub ssl: String,
+    /// The CA that signed the broker's certificate (and the client's).
+    pub ca: PathBuf,
+    /// A CA that signed neither.
+    pub other_ca: PathBuf,
+    pub client_cert: PathBuf,
+    /// Mode 0600, as the gateway wants a key.
+    pub client_key: PathBuf,
+    pub sasl_user: String,
+    pub sasl_password: String,
+}
+
+static SECURED: OnceLock<Secured> = OnceLock::new();
+
+/// The secured listeners, from the `EDGEGATE_TEST_KAFKA_*` variables `tools/test` exports,
+/// or from `kafka-ci.sh env` when this test binary started the broker itself.
+pub fn secured() -> &'static Secured {
+    SECURED.get_or_init(|| {
+        let fixture = kafka();
+        let from_script: HashMap<String, String> = if fixture.ctl_env.is_empty() {
+            HashMap::new()
+        } else {
+            fixture
+                .ctl_output("env")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        let get = |suffix: &str| -> String {
+            let name = format!("EDGEGATE_TEST_KAFKA_{suffix}");
+            std::env::var(&name)
+                .ok()
+                .or_else(|| from_script.get(&name).cloned())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{name} is not set: run the tests with tools/test, whose broker has the \
+                         secured listeners (`kafka-ci.sh env` lists them)"
+                    )
+                })
+        };
+        Secured {
+            sasl_ssl: get("SASL_SSL"),
+            ssl: get("SSL"),
+            ca: get("CA").into(),
+            other_ca: get("OTHER_CA").into(),
+            client_cert: get("CLIENT_CERT").into(),
+            client_key: get("CLIENT_KEY").into(),
+            sasl_user: get("SASL_USER"),
+            sasl_password: get("SASL_PASSWORD"),
+        }
+    })
 }
 
 /// Held by a test that needs the broker up; see the module docs.
