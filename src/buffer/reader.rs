@@ -53,7 +53,7 @@ impl ReaderCore {
     }
 
     /// Reads what is readable now; returns the batch and whether the log is closed.
-    fn try_read(
+    pub(crate) fn try_read(
         &mut self,
         max_records: usize,
         max_bytes: usize,
