@@ -1,0 +1,381 @@
+//! Hostile input against the running binary: while threads throw random bytes and mutated
+//! MQTT 3.1.1 / 5 packets at the TCP port and random and mutated CoAP datagrams at the UDP
+//! port, well-behaved clients (mosquitto_pub 3.1.1 and 5, a CoAP client) publish. The gateway
+//! must stay up and healthy, and every message the good clients had acknowledged must be in
+//! Kafka, exactly once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+use rand::Rng;
+
+const GOOD_MQTT: usize = 400;
+const GOOD_COAP: usize = 150;
+
+struct Gateway {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn start(mqtt: u16, coap: u16, topic: &str) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    let text = format!(
+        "[gateway]\nid = \"hostile-gw\"\n\n[buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"256MiB\"\n\n\
+         [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nconnect_timeout = \"1s\"\nmax_packet_size = \"64KiB\"\n\n\
+         [coap]\nlisten = \"127.0.0.1:{coap}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [kafka]\nbrokers = [\"{}\"]\n\n\
+         [[routes]]\nmatch = \"good/#\"\ntopic = \"{topic}\"\nkey = \"{{client_id}}\"\n\n\
+         [[routes]]\nmatch = \"coap/good/#\"\ntopic = \"{topic}\"\n",
+        common::bootstrap()
+    );
+    std::fs::write(&config, text).expect("config");
+    let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn edgegate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
+        assert!(Instant::now() < deadline, "edgegate did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Gateway { child, dir }
+}
+
+impl Gateway {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+}
+
+/// An MQTT packet: fixed header byte, remaining length, body.
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![header];
+    let mut n = body.len();
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn mqtt_string(s: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// Well-formed packets of a session, to be mutated: CONNECT (3.1.1 or 5), PUBLISH QoS 0/1/2,
+/// SUBSCRIBE, PINGREQ, DISCONNECT.
+fn valid_session(rng: &mut impl Rng, v5: bool) -> Vec<Vec<u8>> {
+    let mut connect = Vec::new();
+    mqtt_string(b"MQTT", &mut connect);
+    connect.push(if v5 { 5 } else { 4 });
+    connect.push(0x02);
+    connect.extend_from_slice(&30u16.to_be_bytes());
+    if v5 {
+        // Properties: session expiry 0x11, receive maximum 0x21, a user property 0x26.
+        let props = [0x11, 0, 0, 0, 10, 0x21, 0, 20, 0x26, 0, 1, b'k', 0, 1, b'v'];
+        connect.push(props.len() as u8);
+        connect.extend_from_slice(&props);
+    }
+    mqtt_string(
+        format!("evil-{}", rng.random::<u16>()).as_bytes(),
+        &mut connect,
+    );
+    let mut packets = vec![packet(0x10, &connect)];
+    for pkid in 1..4u16 {
+        let mut body = Vec::new();
+        mqtt_string(b"bad/topic", &mut body);
+        let qos = (pkid % 3) as u8;
+        if qos > 0 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if v5 {
+            body.extend_from_slice(&[3, 0x01, 1, 0x23]);
+        }
+        body.extend_from_slice(b"payload of a hostile client");
+        packets.push(packet(0x30 | (qos << 1), &body));
+    }
+    let mut subscribe = 7u16.to_be_bytes().to_vec();
+    if v5 {
+        subscribe.push(0);
+    }
+    mqtt_string(b"a/#", &mut subscribe);
+    subscribe.push(1);
+    packets.push(packet(0x82, &subscribe));
+    packets.push(vec![0xC0, 0]);
+    packets.push(vec![0xE0, 0]);
+    packets
+}
+
+/// Flips, inserts, deletes or overwrites a few bytes, or truncates.
+fn mutate(rng: &mut impl Rng, bytes: &mut Vec<u8>) {
+    for _ in 0..rng.random_range(1..4) {
+        if bytes.is_empty() {
+            bytes.push(rng.random());
+            continue;
+        }
+        let at = rng.random_range(0..bytes.len());
+        match rng.random_range(0..5) {
+            0 => bytes[at] ^= 1 << rng.random_range(0..8),
+            1 => bytes[at] = rng.random(),
+            2 => bytes.insert(at, rng.random()),
+            3 => {
+                bytes.remove(at);
+            }
+            _ => bytes.truncate(at),
+        }
+    }
+}
+
+/// One hostile TCP connection: random bytes, or a session with some packets mutated.
+fn tcp_attack(rng: &mut impl Rng, addr: SocketAddr) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let chunks: Vec<Vec<u8>> = match rng.random_range(0..4) {
+        0 => {
+            let len = rng.random_range(1..3000);
+            vec![(0..len).map(|_| rng.random()).collect()]
+        }
+        kind => {
+            let mut session = valid_session(rng, kind == 2);
+            for p in session.iter_mut() {
+                if rng.random_bool(0.5) {
+                    mutate(rng, p);
+                }
+            }
+            session
+        }
+    };
+    let mut sink = [0u8; 1024];
+    for chunk in chunks {
+        if stream.write_all(&chunk).is_err() {
+            return;
+        }
+        let _ = stream.read(&mut sink);
+    }
+}
+
+fn coap_post(mid: u16, path: &[&str], payload: &[u8]) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.header.message_id = mid;
+    p.set_token(mid.to_be_bytes().to_vec());
+    for segment in path {
+        p.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+    }
+    p.payload = payload.to_vec();
+    p
+}
+
+/// Random datagrams and mutated CON POSTs at the CoAP port.
+fn udp_attack(rng: &mut impl Rng, socket: &UdpSocket, addr: SocketAddr) {
+    let datagram = if rng.random_bool(0.3) {
+        let len = rng.random_range(0..1500);
+        (0..len).map(|_| rng.random()).collect()
+    } else {
+        let mut d = coap_post(rng.random(), &["t", "evil", "s"], b"hostile")
+            .to_bytes()
+            .expect("encode");
+        mutate(rng, &mut d);
+        d
+    };
+    let _ = socket.send_to(&datagram, addr);
+}
+
+/// Confirmable POSTs one at a time, retransmitted until the 2.04; returns the payloads
+/// acknowledged.
+fn good_coap(addr: SocketAddr) -> Vec<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut acked = Vec::new();
+    let mut buf = [0u8; 1500];
+    for i in 0..GOOD_COAP {
+        let payload = format!("good-coap:{i:05}").into_bytes();
+        let mid = i as u16 + 1;
+        let request = coap_post(mid, &["t", "good", "s"], &payload)
+            .to_bytes()
+            .expect("encode");
+        'tries: for _ in 0..6 {
+            socket.send_to(&request, addr).expect("send");
+            while let Ok((n, _)) = socket.recv_from(&mut buf) {
+                let Ok(answer) = Packet::from_bytes(&buf[..n]) else {
+                    continue;
+                };
+                if answer.header.message_id == mid
+                    && answer.header.code
+                        == MessageClass::Response(coap_lite::ResponseType::Changed)
+                {
+                    acked.push(payload.clone());
+                    break 'tries;
+                }
+            }
+        }
+    }
+    acked
+}
+
+/// `mosquitto_pub -q 1 -l`: exits 0 only once every line was acknowledged.
+fn good_mqtt(port: u16, client_id: &str, v5: bool) -> Vec<Vec<u8>> {
+    let lines: Vec<String> = (0..GOOD_MQTT)
+        .map(|i| format!("{client_id}:{i:05}"))
+        .collect();
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", client_id])
+        .args(["-t", &format!("good/{client_id}"), "-q", "1", "-l"])
+        .args(["-V", if v5 { "5" } else { "mqttv311" }])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for line in &lines {
+        writeln!(stdin, "{line}").expect("write");
+    }
+    drop(stdin);
+    let status = child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "{client_id}: mosquitto_pub failed: {status}"
+    );
+    lines.into_iter().map(String::into_bytes).collect()
+}
+
+#[test]
+fn random_and_mutated_packets_cost_the_good_clients_nothing() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("hostile");
+    let (mqtt, coap) = (free_tcp_port(), free_udp_port());
+    let mut gateway = start(mqtt, coap, &topic);
+    let mqtt_addr = SocketAddr::from(([127, 0, 0, 1], mqtt));
+    let coap_addr = SocketAddr::from(([127, 0, 0, 1], coap));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacks = Arc::new(AtomicU64::new(0));
+    let mut attackers = Vec::new();
+    for t in 0..3 {
+        let (stop, attacks) = (stop.clone(), attacks.clone());
+        attackers.push(std::thread::spawn(move || {
+            let mut rng = rand::rng();
+            let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            while !stop.load(Ordering::Relaxed) {
+                if t == 0 {
+                    for _ in 0..20 {
+                        udp_attack(&mut rng, &socket, coap_addr);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                } else {
+                    tcp_attack(&mut rng, mqtt_addr);
+                }
+                attacks.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // The attack runs alone for a while first, then alongside the good clients.
+    std::thread::sleep(Duration::from_secs(4));
+    let goods = [
+        std::thread::spawn(move || good_mqtt(mqtt, "good-v4", false)),
+        std::thread::spawn(move || good_mqtt(mqtt, "good-v5", true)),
+        std::thread::spawn(move || good_coap(coap_addr)),
+    ];
+    let mut acked: Vec<Vec<u8>> = Vec::new();
+    for good in goods {
+        acked.extend(good.join().expect("good client"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        a.join().expect("attacker");
+    }
+    assert_eq!(
+        acked.len(),
+        2 * GOOD_MQTT + GOOD_COAP,
+        "every good message acknowledged"
+    );
+    assert!(
+        gateway.child.try_wait().expect("try_wait").is_none(),
+        "the gateway is still running:\n{}",
+        gateway.log()
+    );
+    let admin = common::admin_addr(&gateway.log()).expect("admin address");
+    assert_eq!(common::http_get(admin, "/healthz").0, 200);
+    let (_, metrics) = common::http_get(admin, "/metrics");
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(sum("edgegate_coap_malformed_total") > 0.0, "{metrics}");
+    assert!(sum("edgegate_mqtt_") > 0.0, "{metrics}");
+    eprintln!(
+        "hostile: {} attacks (TCP connections and bursts of 20 datagrams)",
+        attacks.load(Ordering::Relaxed)
+    );
+
+    let records = common::consume_all_blocking(&topic, acked.len(), Duration::from_secs(90));
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    for r in &records {
+        *seen
+            .entry(r.payload.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    let missing: Vec<_> = acked.iter().filter(|p| !seen.contains_key(*p)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages missing",
+        missing.len()
+    );
+    let twice = seen.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "stored once each");
+    assert_eq!(records.len(), acked.len(), "nothing but the good messages");
+    let _ = gateway.child.kill();
+}
