@@ -363,7 +363,11 @@ fn big_backlog() {
 fn sealing() {
     let total = 1_000_000u64;
     let mut plain_rates = None;
-    for cipher in [None, Some(Cipher::Chacha20Poly1305), Some(Cipher::Aes256Gcm)] {
+    for cipher in [
+        None,
+        Some(Cipher::Chacha20Poly1305),
+        Some(Cipher::Aes256Gcm),
+    ] {
         let tmp = tempfile::tempdir_in(base_dir()).expect("tempdir");
         let cfg = LogConfig {
             durability: Durability::None,

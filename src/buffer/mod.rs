@@ -792,7 +792,11 @@ pub fn fuzz_frames(data: &[u8]) -> usize {
 /// it as the gateway does after a crash, reads every record it yields and appends one more.
 /// Returns the records read. Errors are fine; a panic or a hang is a bug. Not an API.
 #[doc(hidden)]
-pub fn fuzz_recovery(dir: &std::path::Path, segment: &[u8], cursor: &[u8]) -> Result<usize, LogError> {
+pub fn fuzz_recovery(
+    dir: &std::path::Path,
+    segment: &[u8],
+    cursor: &[u8],
+) -> Result<usize, LogError> {
     let io_error = |source| LogError::Dir {
         path: dir.to_owned(),
         source,
