@@ -1038,63 +1038,37 @@ fn raw_exchange(addr: &str, chunks: &[&[u8]]) -> Reply {
     }
 }
 
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    remaining_length(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
 fn connect_v4(client_id: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    string("MQTT", &mut body);
+    common::mqtt_string(&mut body, "MQTT".as_bytes());
     body.extend_from_slice(&[4, 0x02, 0, 60]);
-    string(client_id, &mut body);
-    packet(0x10, &body)
+    common::mqtt_string(&mut body, client_id.as_bytes());
+    common::mqtt_frame(0x10, &body)
 }
 
 fn connect_v5(client_id: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    string("MQTT", &mut body);
+    common::mqtt_string(&mut body, "MQTT".as_bytes());
     body.extend_from_slice(&[5, 0x02, 0, 60, 0]);
-    string(client_id, &mut body);
-    packet(0x10, &body)
+    common::mqtt_string(&mut body, client_id.as_bytes());
+    common::mqtt_frame(0x10, &body)
 }
 
 fn publish_v4(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
-    string(topic, &mut body);
+    common::mqtt_string(&mut body, topic.as_bytes());
     body.extend_from_slice(&pkid.to_be_bytes());
     body.extend_from_slice(payload);
-    packet(0x32, &body)
+    common::mqtt_frame(0x32, &body)
 }
 
 fn publish_v5(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
-    string(topic, &mut body);
+    common::mqtt_string(&mut body, topic.as_bytes());
     body.extend_from_slice(&pkid.to_be_bytes());
     body.push(0);
     body.extend_from_slice(payload);
-    packet(0x32, &body)
+    common::mqtt_frame(0x32, &body)
 }
 
 /// SIGHUP reloads the routes from the config file: a topic refused with 0x90 (no route) is

@@ -83,35 +83,11 @@ impl Gateway {
     }
 }
 
-/// An MQTT packet: fixed header byte, remaining length, body.
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    let mut n = body.len();
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn mqtt_string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
 /// Well-formed packets of a session, to be mutated: CONNECT (3.1.1 or 5), PUBLISH QoS 0/1/2,
 /// SUBSCRIBE, PINGREQ, DISCONNECT.
 fn valid_session(rng: &mut impl Rng, v5: bool) -> Vec<Vec<u8>> {
     let mut connect = Vec::new();
-    mqtt_string(b"MQTT", &mut connect);
+    common::mqtt_string(&mut connect, b"MQTT");
     connect.push(if v5 { 5 } else { 4 });
     connect.push(0x02);
     connect.extend_from_slice(&30u16.to_be_bytes());
@@ -121,14 +97,14 @@ fn valid_session(rng: &mut impl Rng, v5: bool) -> Vec<Vec<u8>> {
         connect.push(props.len() as u8);
         connect.extend_from_slice(&props);
     }
-    mqtt_string(
-        format!("evil-{}", rng.random::<u16>()).as_bytes(),
+    common::mqtt_string(
         &mut connect,
+        format!("evil-{}", rng.random::<u16>()).as_bytes(),
     );
-    let mut packets = vec![packet(0x10, &connect)];
+    let mut packets = vec![common::mqtt_frame(0x10, &connect)];
     for pkid in 1..4u16 {
         let mut body = Vec::new();
-        mqtt_string(b"bad/topic", &mut body);
+        common::mqtt_string(&mut body, b"bad/topic");
         let qos = (pkid % 3) as u8;
         if qos > 0 {
             body.extend_from_slice(&pkid.to_be_bytes());
@@ -137,15 +113,15 @@ fn valid_session(rng: &mut impl Rng, v5: bool) -> Vec<Vec<u8>> {
             body.extend_from_slice(&[3, 0x01, 1, 0x23]);
         }
         body.extend_from_slice(b"payload of a hostile client");
-        packets.push(packet(0x30 | (qos << 1), &body));
+        packets.push(common::mqtt_frame(0x30 | (qos << 1), &body));
     }
     let mut subscribe = 7u16.to_be_bytes().to_vec();
     if v5 {
         subscribe.push(0);
     }
-    mqtt_string(b"a/#", &mut subscribe);
+    common::mqtt_string(&mut subscribe, b"a/#");
     subscribe.push(1);
-    packets.push(packet(0x82, &subscribe));
+    packets.push(common::mqtt_frame(0x82, &subscribe));
     packets.push(vec![0xC0, 0]);
     packets.push(vec![0xE0, 0]);
     packets

@@ -3,6 +3,8 @@
 //! rumqttc v4 and v5) and by a raw socket for what well-behaved clients never send. Records
 //! are read back from the log.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -131,53 +133,30 @@ fn payloads(records: &[StoredRecord]) -> Vec<String> {
 
 // ---- raw MQTT, for what well-behaved clients never send ---------------------------------
 
-fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(out: &mut Vec<u8>, s: &[u8]) {
-    out.put_u16(s.len() as u16);
-    out.extend_from_slice(s);
-}
-
 /// A CONNECT: `level` 4 or 5, clean start, optional will (topic, payload, QoS 1).
 fn connect(level: u8, client_id: &str, keep_alive: u16, will: Option<(&str, &str)>) -> Vec<u8> {
     let mut body = Vec::new();
-    string(&mut body, b"MQTT");
+    common::mqtt_string(&mut body, b"MQTT");
     body.push(level);
     body.push(0x02 | if will.is_some() { 0x04 | 0x08 } else { 0 });
     body.put_u16(keep_alive);
     if level == 5 {
         body.push(0);
     }
-    string(&mut body, client_id.as_bytes());
+    common::mqtt_string(&mut body, client_id.as_bytes());
     if let Some((topic, payload)) = will {
         if level == 5 {
             body.push(0);
         }
-        string(&mut body, topic.as_bytes());
-        string(&mut body, payload.as_bytes());
+        common::mqtt_string(&mut body, topic.as_bytes());
+        common::mqtt_string(&mut body, payload.as_bytes());
     }
-    frame(0x10, &body)
+    common::mqtt_frame(0x10, &body)
 }
 
 fn publish(level: u8, qos: u8, dup: bool, pkid: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
-    string(&mut body, topic.as_bytes());
+    common::mqtt_string(&mut body, topic.as_bytes());
     if qos > 0 {
         body.put_u16(pkid);
     }
@@ -185,7 +164,7 @@ fn publish(level: u8, qos: u8, dup: bool, pkid: u16, topic: &str, payload: &[u8]
         body.push(0);
     }
     body.extend_from_slice(payload);
-    frame(0x30 | (qos << 1) | if dup { 0x08 } else { 0 }, &body)
+    common::mqtt_frame(0x30 | (qos << 1) | if dup { 0x08 } else { 0 }, &body)
 }
 
 struct Raw {
@@ -591,15 +570,16 @@ async fn bad_input_ends_only_its_own_connection() {
     assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x01])]);
     let mut raw = Raw::open(gw.addr).await;
     let mut body = Vec::new();
-    string(&mut body, b"MQIsdp");
+    common::mqtt_string(&mut body, b"MQIsdp");
     body.extend_from_slice(&[3, 0x02, 0, 60]);
-    string(&mut body, b"old");
-    raw.send(&frame(0x10, &body)).await;
+    common::mqtt_string(&mut body, b"old");
+    raw.send(&common::mqtt_frame(0x10, &body)).await;
     assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x01])]);
 
     // A malformed packet after CONNECT: MQTT 5 hears 0x81.
     let mut raw = Raw::connected(gw.addr, 5, "mal5").await;
-    raw.send(&frame(0x62, &[0, 1, 0x00, 9, 1])).await; // PUBREL with an overrunning property
+    raw.send(&common::mqtt_frame(0x62, &[0, 1, 0x00, 9, 1]))
+        .await; // PUBREL with an overrunning property
     assert_eq!(raw.until_closed().await, [(0xe0, vec![0x81, 0])]);
 
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -842,14 +822,14 @@ async fn client_ids_are_assigned_or_refused_per_spec() {
     }
     // Enhanced authentication is not offered: 0x8C.
     let mut body = Vec::new();
-    string(&mut body, b"MQTT");
+    common::mqtt_string(&mut body, b"MQTT");
     body.extend_from_slice(&[5, 0x02, 0, 60]);
     body.push(8);
     body.push(0x15);
-    string(&mut body, b"SCRAM");
-    string(&mut body, b"authn");
+    common::mqtt_string(&mut body, b"SCRAM");
+    common::mqtt_string(&mut body, b"authn");
     let mut raw = Raw::open(gw.addr).await;
-    raw.send(&frame(0x10, &body)).await;
+    raw.send(&common::mqtt_frame(0x10, &body)).await;
     assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x8c, 0])]);
     gw.stop().await;
 }
@@ -908,13 +888,13 @@ async fn above_the_high_watermark_reads_are_throttled_until_the_log_drains() {
 /// for a 60 s session expiry.
 fn connect_persistent(level: u8, client_id: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    string(&mut body, b"MQTT");
+    common::mqtt_string(&mut body, b"MQTT");
     body.extend_from_slice(&[level, 0x00, 0, 60]);
     if level == 5 {
         body.extend_from_slice(&[5, 0x11, 0, 0, 0, 60]);
     }
-    string(&mut body, client_id.as_bytes());
-    frame(0x10, &body)
+    common::mqtt_string(&mut body, client_id.as_bytes());
+    common::mqtt_frame(0x10, &body)
 }
 
 #[tokio::test]
