@@ -44,8 +44,7 @@ impl Frame {
         raw.freeze()
     }
 
-    /// Frames bytes already in memory (tests): exactly one complete frame.
-    #[cfg(test)]
+    /// Frames bytes already in memory (tests, fuzzing): exactly one complete frame.
     pub fn parse(raw: BytesMut, limit: usize) -> Option<Frame> {
         match parse_header(&raw, limit) {
             Ok(Some((header_len, frame_len))) if frame_len == raw.len() => {

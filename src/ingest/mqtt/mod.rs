@@ -140,3 +140,47 @@ fn accept_failed(e: &std::io::Error) {
     metrics::counter!("edgegate_mqtt_accept_errors_total").increment(1);
     tracing::warn!(error = %e, "Could not accept an MQTT connection.");
 }
+
+/// For the cargo-fuzz target `mqtt_stream`: `bytes` as a client's TCP stream, cut into frames
+/// as the connection cuts them (size limit on the fixed header); the first frame chooses the
+/// protocol as a CONNECT does, and every frame is decoded as both 3.1.1 and 5 (so both
+/// decoders see everything), with the reason codes and topic checks the session applies.
+/// Returns the frames decoded. Never panics; not an API.
+#[doc(hidden)]
+pub fn fuzz_stream(bytes: &[u8]) -> usize {
+    use bytes::BytesMut;
+    use packet::{Limits, Packet, Version};
+    let limits = Limits {
+        max_user_properties: 32,
+    };
+    let limit = 256 << 10;
+    let (mut at, mut decoded) = (0, 0);
+    let mut first = true;
+    while let Ok(Some((_, frame_len))) = connection::parse_header(&bytes[at..], limit) {
+        let Some(raw) = bytes.get(at..at + frame_len) else {
+            break;
+        };
+        at += frame_len;
+        let frame = || connection::Frame::parse(BytesMut::from(raw), limit);
+        if first {
+            first = false;
+            if let Some(f) = frame() {
+                let _ = packet::peek_version(&f);
+            }
+        }
+        for version in [Version::V4, Version::V5] {
+            let Some(f) = frame() else { continue };
+            match packet::decode(version, f, &limits) {
+                Ok(Packet::Publish(p)) => {
+                    decoded += 1;
+                    let _ = packet::valid_topic_name(&p.topic);
+                }
+                Ok(_) => decoded += 1,
+                Err(e) => {
+                    let _ = (e.reason_code(), e.kind(), e.detail());
+                }
+            }
+        }
+    }
+    decoded
+}
