@@ -63,6 +63,15 @@ enum Command {
         #[arg(long)]
         admin: Option<std::net::SocketAddr>,
     },
+    /// Print the records Kafka refused for good (the dead-letter log under the buffer
+    /// dir), oldest first, one JSON object per line: the error, the Kafka topic and key,
+    /// the device, the headers and the payload (text, or hex when not UTF-8). Reads the
+    /// files without locking them, so it is safe while the gateway runs.
+    DeadLetters {
+        /// Print at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +92,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config, &cli.config),
+        Command::DeadLetters { limit } => dead_letters(&config, &cli.config, limit),
         Command::Status { .. } => {
             match config
                 .admin
@@ -99,6 +109,85 @@ fn main() -> ExitCode {
                     ExitCode::from(edgegate::admin::status::EXIT_UNREACHABLE)
                 }
             }
+        }
+    }
+}
+
+fn dead_letters(config: &Config, path: &Path, limit: Option<usize>) -> ExitCode {
+    use std::io::Write;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let log = match config.buffer.log_config(&base) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let dir = log.dir.join("dead-letter");
+    if !dir.exists() {
+        eprintln!(
+            "{}: no dead-letter log (nothing was ever refused)",
+            dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut out = std::io::stdout().lock();
+    let (mut printed, mut unreadable) = (0usize, 0usize);
+    let result = edgegate::buffer::inspect(&dir, log.keys.as_deref(), |seq, record| {
+        let line = match record {
+            Ok(r) => {
+                let header = |name: &str| {
+                    r.headers
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| text(v))
+                };
+                let payload = match std::str::from_utf8(&r.payload) {
+                    Ok(s) => serde_json::json!({ "payload": s }),
+                    Err(_) => serde_json::json!({
+                        "payload_hex": r.payload.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    }),
+                };
+                let mut line = serde_json::json!({
+                    "seq": seq,
+                    "error": header("edgegate-error"),
+                    "failed_seq": header("edgegate-failed-seq"),
+                    "received_ms": r.received_ms,
+                    "source": format!("{:?}", r.source).to_lowercase(),
+                    "device": r.device,
+                    "origin": r.origin,
+                    "topic": r.kafka_topic,
+                    "key": r.key.as_deref().map(text),
+                    "headers": r.headers.iter().map(|(n, v)| (n.clone(), serde_json::Value::from(text(v)))).collect::<serde_json::Map<_, _>>(),
+                });
+                if let (Some(line), Some(payload)) = (line.as_object_mut(), payload.as_object()) {
+                    line.extend(payload.clone());
+                }
+                line
+            }
+            Err(why) => {
+                unreadable += 1;
+                serde_json::json!({ "seq": seq, "unreadable": why })
+            }
+        };
+        printed += 1;
+        writeln!(out, "{line}").is_ok() && limit.is_none_or(|l| printed < l)
+    });
+    match result {
+        Ok(()) => {
+            eprintln!(
+                "{printed} dead-lettered record(s) shown from {}",
+                dir.display()
+            );
+            if unreadable > 0 {
+                eprintln!("{unreadable} could not be read (see \"unreadable\")");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -399,3 +399,102 @@ async fn gateways_in_one_process_share_the_recorder_and_keep_their_own_health() 
     let (_tx, rx) = tokio::sync::mpsc::channel(1);
     b.wait(rx).await.expect("b stops");
 }
+
+/// `edgegate dead-letters` prints the dead-letter log as JSON lines (error, topic, key,
+/// device, headers, payload as text or hex, a sealed record opened with the configured key)
+/// while a live log holds the directory's lock, and says when there is none.
+#[tokio::test]
+async fn dead_letters_are_printed_as_json_lines_beside_a_running_log() {
+    use edgegate::buffer::seal::{Cipher, LogKeys};
+    use edgegate::buffer::{Log, LogConfig, Record, Source};
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("log.key"), "3c".repeat(32)).expect("key");
+    std::fs::set_permissions(
+        dir.path().join("log.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[buffer]\ndir = \"log\"\n\n[buffer.encryption]\nenabled = true\nkey_file = \"log.key\"\n\n\
+         [[routes]]\nmatch = \"#\"\ntopic = \"t\"\n",
+    )
+    .expect("config");
+    let dead_letters = || {
+        Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args(["dead-letters", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run edgegate dead-letters")
+    };
+    let none = dead_letters();
+    assert!(none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no dead-letter log"));
+
+    // The dead-letter log as the forwarder writes it: the record plus the error headers.
+    let keys = LogKeys::new(Cipher::Chacha20Poly1305, &[0x3c; 32], &[]);
+    let (log, _) = Log::open(LogConfig {
+        keys: Some(std::sync::Arc::new(keys)),
+        ..LogConfig::new(dir.path().join("log/dead-letter"))
+    })
+    .expect("open");
+    let refused = |payload: &'static [u8], error: &str| Record {
+        source: Source::Mqtt,
+        received_ms: 1_764_000_000_000,
+        device: "pump-7".into(),
+        origin: "plant/a/pump-7/telemetry".into(),
+        kafka_topic: "iot.a.telemetry".into(),
+        key: Some(bytes::Bytes::from_static(b"pump-7")),
+        headers: vec![
+            (
+                "edgegate-error".into(),
+                bytes::Bytes::from(error.to_owned()),
+            ),
+            (
+                "edgegate-failed-seq".into(),
+                bytes::Bytes::from_static(b"41"),
+            ),
+        ],
+        payload: bytes::Bytes::from_static(payload),
+    };
+    for record in [
+        refused(b"{\"t\":21.5}", "Broker: Message size too large"),
+        refused(&[0xff, 0x00, 0x10], "Broker: Topic authorization failed"),
+    ] {
+        log.append(&record).expect("append").await.expect("durable");
+    }
+    // The log stays open (and locked) while the command reads it.
+    let out = dead_letters();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["error"], "Broker: Message size too large");
+    assert_eq!(lines[0]["topic"], "iot.a.telemetry");
+    assert_eq!(lines[0]["key"], "pump-7");
+    assert_eq!(lines[0]["device"], "pump-7");
+    assert_eq!(lines[0]["failed_seq"], "41");
+    assert_eq!(lines[0]["payload"], "{\"t\":21.5}");
+    assert_eq!(lines[1]["payload_hex"], "ff0010");
+    assert_eq!(lines[1]["seq"], 1);
+    log.close().await.expect("close");
+
+    // Without the key the records are not readable, and the command says why.
+    std::fs::write(
+        &config,
+        "[buffer]\ndir = \"log\"\n\n[[routes]]\nmatch = \"#\"\ntopic = \"t\"\n",
+    )
+    .expect("config");
+    let out = dead_letters();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("which is not configured"), "{text}");
+}
