@@ -113,6 +113,7 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", config.admin),
         format!("{:?}", defaults.admin)
     );
+    assert_eq!(format!("{:?}", config.auth), format!("{:?}", defaults.auth));
     let buffer = BufferConfig {
         dir: defaults.buffer.dir.clone(),
         ..config.buffer.clone()
@@ -125,6 +126,7 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", defaults.coap),
         format!("{:?}", defaults.kafka),
         format!("{:?}", defaults.admin),
+        format!("{:?}", defaults.auth),
     ];
     for debug in sections {
         // `Name { field: value, other: value }`: every field name followed by ": ".
@@ -137,8 +139,49 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
                 line.trim_start_matches(['#', ' '])
                     .starts_with(&format!("{key} ="))
             });
-            let table = text.contains(&format!("[kafka.{key}]"));
+            let table = text.contains(&format!("[kafka.{key}]"))
+                || text.contains(&format!("[mqtt.{key}]"))
+                || text.contains(&format!("[[auth.{key}]]"));
             assert!(shown || table, "gateway.toml does not show `{key}`");
         }
     }
+}
+
+#[test]
+fn tls_and_auth_problems_point_at_their_keys() {
+    let text = format!(
+        "[mqtt.tls]\nenabled = true\nclient_certs = \"required\"\n\n[auth]\nmax_password_checks = 0\n\n[[auth.rules]]\npublish = [\"a/{{nope}}/#\"]\n\n{ROUTE}"
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 5, "{found:#?}");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("mqtt.tls.cert: is required")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("mqtt.tls.key: is required")),
+        "{found:#?}"
+    );
+    assert!(
+        found.iter().any(|p| p.contains("mqtt.tls.client_ca")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("gw.toml:6:23: auth.max_password_checks")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("gw.toml:9:") && p.contains("unknown placeholder")),
+        "{found:#?}"
+    );
+    let bad = problems("[auth]\nanonymous = \"sometimes\"\n");
+    assert!(bad[0].starts_with("gw.toml:2:13: [auth]"), "{bad:#?}");
 }
