@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod buffer;
 pub mod config;
 pub mod forward;
@@ -48,6 +49,16 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for MQTT over TLS on {addr}: {source}")]
+    BindTls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up MQTT over TLS: {0}")]
+    Tls(#[from] ingest::mqtt::tls::TlsError),
+    #[error("cannot set up [auth]: {0}")]
+    Auth(#[from] auth::AuthError),
     #[error("cannot start the Kafka forwarder: {0}")]
     Forward(#[from] forward::ForwardError),
     #[error("{0}")]
@@ -59,13 +70,21 @@ pub enum RunError {
 /// Messages from the signal handlers (or a test) to the running gateway.
 #[derive(Debug, Clone)]
 pub enum Control {
-    /// Re-read the reloadable parts of the configuration (routes).
+    /// Re-read the reloadable parts of the configuration: routes, the MQTT TLS certificate,
+    /// key and client CA, and `[auth]` (rules and the password file).
     Reload(Box<Config>),
 }
 
 /// A started gateway: listeners bound, log recovered, forwarder running.
 pub struct Gateway {
     mqtt_addr: SocketAddr,
+    /// The TLS listener's address, when `[mqtt.tls] enabled`.
+    mqtts_addr: Option<SocketAddr>,
+    /// The TLS configuration in force, swapped on reload.
+    tls: Option<ingest::mqtt::tls::TlsHandle>,
+    auth: auth::AuthHandle,
+    /// The config file's directory, for relative paths on reload.
+    base: PathBuf,
     coap_addr: Option<SocketAddr>,
     /// The admin listener's address; `None` when disabled or its port could not be bound.
     admin_addr: Option<SocketAddr>,
@@ -116,6 +135,15 @@ pub async fn start(
     }
     let pipeline = Pipeline::new(log.clone(), router);
 
+    // TLS files and the password file are checked before any port is bound.
+    let tls_handle = if config.mqtt.tls.enabled {
+        let server = ingest::mqtt::tls::server_config(&config.mqtt.tls, base)?;
+        Some(ingest::mqtt::tls::TlsHandle::new(server))
+    } else {
+        None
+    };
+    let auth = auth::AuthHandle::new(auth::Auth::new(&config.auth, base)?);
+
     let listener = TcpListener::bind(&config.mqtt.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -126,6 +154,23 @@ pub async fn start(
         addr: config.mqtt.listen.clone(),
         source,
     })?;
+
+    let tls_listener = match &tls_handle {
+        Some(handle) => {
+            let bind_error = |source| RunError::BindTls {
+                addr: config.mqtt.tls.listen.clone(),
+                source,
+            };
+            let listener = TcpListener::bind(&config.mqtt.tls.listen)
+                .await
+                .map_err(bind_error)?;
+            let addr = listener.local_addr().map_err(bind_error)?;
+            Some((listener, handle.clone(), addr))
+        }
+        None => None,
+    };
+    let mqtts_addr = tls_listener.as_ref().map(|(_, _, addr)| *addr);
+    warn_anonymous(&config, mqtt_addr, mqtts_addr);
 
     let coap_socket = if config.coap.enabled {
         let bind_error = |source| RunError::BindUdp {
@@ -159,12 +204,19 @@ pub async fn start(
 
     let listeners = TaskTracker::new();
     let mqtt_config = std::sync::Arc::new(config.mqtt.clone());
-    listeners.spawn(ingest::mqtt::serve(
-        listener,
+    listeners.spawn(ingest::mqtt::serve_listeners(
+        ingest::mqtt::Listeners {
+            plain: listener,
+            tls: tls_listener.map(|(listener, handle, _)| (listener, handle)),
+        },
         mqtt_config,
         pipeline.clone(),
+        auth.clone(),
         shutdown.clone(),
     ));
+    if let Some(mqtts_addr) = mqtts_addr {
+        tracing::info!(%mqtts_addr, client_certs = ?config.mqtt.tls.client_certs, "Listening for MQTT over TLS.");
+    }
     if let Some((socket, coap_addr)) = coap_socket {
         listeners.spawn(ingest::coap::serve(
             socket,
@@ -213,6 +265,10 @@ pub async fn start(
 
     Ok(Gateway {
         mqtt_addr,
+        mqtts_addr,
+        tls: tls_handle,
+        auth,
+        base: base.to_owned(),
         coap_addr,
         admin_addr,
         health,
@@ -229,6 +285,11 @@ pub async fn start(
 impl Gateway {
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The bound MQTT-over-TLS address, when `[mqtt.tls] enabled`.
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.mqtts_addr
     }
 
     /// The bound CoAP address, when `[coap] enabled`.
@@ -263,6 +324,11 @@ impl Gateway {
                 } else {
                     tracing::error!(problems = ?problems.0, "Kept the old routes: the new ones are invalid.");
                 }
+                if let Some(tls) = &self.tls {
+                    // Logs its own outcome; on failure the old certificate stays in force.
+                    let _ = tls.reload(&config.mqtt.tls, &self.base);
+                }
+                self.auth.reload(&config.auth, &self.base);
             }
         }
     }
@@ -320,6 +386,27 @@ pub async fn run(
     // It sent STOPPING when shutdown began; it has nothing left to do.
     notifier.abort();
     result
+}
+
+/// Anonymous access reachable from the network is worth a line at every start.
+fn warn_anonymous(config: &Config, plain: SocketAddr, tls: Option<SocketAddr>) {
+    use crate::auth::config::Anonymous;
+    let exposed = std::iter::once(plain)
+        .chain(tls)
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>();
+    match config.auth.anonymous {
+        Anonymous::Always if !exposed.is_empty() => tracing::warn!(
+            listeners = ?exposed,
+            "Anonymous MQTT clients are accepted on a non-loopback address ([auth] anonymous = \"always\"): any host that can reach it may publish."
+        ),
+        Anonymous::Loopback if !exposed.is_empty() => tracing::info!(
+            listeners = ?exposed,
+            "Anonymous MQTT clients are accepted from loopback only; devices on the network need a certificate or a password."
+        ),
+        _ => {}
+    }
 }
 
 /// The admin listener is for observing the gateway: a port that cannot be bound (another

@@ -72,6 +72,16 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Add or update a device's password in a password file ([auth] password_file). The
+    /// password is read from the terminal (twice), or as one line from stdin when it is not
+    /// a terminal. The file keeps only argon2id hashes and is written atomically with mode 0600.
+    Passwd {
+        /// The password file; created if absent.
+        #[arg(long)]
+        file: PathBuf,
+        /// The device's username.
+        username: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,17 +92,42 @@ fn main() -> ExitCode {
     if let Command::Status { admin: Some(addr) } = command {
         return status(addr);
     }
+    if let Command::Passwd { file, username } = &command {
+        return passwd(file, username);
+    }
     let config = match load(&cli.config) {
         Ok(config) => config,
         Err(code) => return code,
     };
     match command {
         Command::Validate => {
+            // The files the config names must load too: certificate, key, CA, passwords.
+            let base = cli
+                .config
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            let mut failed = false;
+            if config.mqtt.tls.enabled {
+                if let Err(e) = edgegate::ingest::mqtt::tls::server_config(&config.mqtt.tls, &base)
+                {
+                    eprintln!("{}: [mqtt.tls]: {e}", cli.config.display());
+                    failed = true;
+                }
+            }
+            if let Err(e) = edgegate::auth::Auth::new(&config.auth, &base) {
+                eprintln!("{}: [auth]: {e}", cli.config.display());
+                failed = true;
+            }
+            if failed {
+                return ExitCode::from(EXIT_CONFIG);
+            }
             println!("{}: valid", cli.config.display());
             ExitCode::SUCCESS
         }
         Command::Run => run(config, &cli.config),
         Command::DeadLetters { limit } => dead_letters(&config, &cli.config, limit),
+        Command::Passwd { .. } => ExitCode::SUCCESS,
         Command::Status { .. } => {
             match config
                 .admin
@@ -109,6 +144,47 @@ fn main() -> ExitCode {
                     ExitCode::from(edgegate::admin::status::EXIT_UNREACHABLE)
                 }
             }
+        }
+    }
+}
+
+fn passwd(file: &Path, username: &str) -> ExitCode {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("Password for {username}: "));
+        let second = rpassword::prompt_password("Again: ");
+        match (first, second) {
+            (Ok(a), Ok(b)) if a == b => a,
+            (Ok(_), Ok(_)) => {
+                eprintln!("the passwords differ; nothing was changed");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("cannot read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        let mut line = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut line) {
+            eprintln!("cannot read the password from stdin: {e}");
+            return ExitCode::FAILURE;
+        }
+        line.trim_end_matches(['\n', '\r']).to_owned()
+    };
+    match edgegate::auth::passwd::set(file, username, password.as_bytes()) {
+        Ok(existed) => {
+            let verb = if existed { "updated" } else { "added" };
+            eprintln!("{}: {verb} {username}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e @ edgegate::auth::PasswdError::Input(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

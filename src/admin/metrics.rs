@@ -71,6 +71,7 @@ pub async fn refresh(
         "edgegate_kafka_delivered_total",
         "edgegate_kafka_dead_letter_total",
         "edgegate_mqtt_connections_total",
+        "edgegate_auth_failures_total",
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -131,6 +132,18 @@ fn describe() {
     describe_counter!(
         "edgegate_mqtt_connections_refused_total",
         "MQTT CONNECTs refused, by reason (authentication, limits, protocol)."
+    );
+    describe_counter!(
+        "edgegate_auth_failures_total",
+        "Devices refused for authentication or authorization, by reason (bad password, certificate, topic rights...)."
+    );
+    describe_counter!(
+        "edgegate_mqtt_tls_handshakes_total",
+        "MQTT TLS handshakes completed."
+    );
+    describe_counter!(
+        "edgegate_mqtt_tls_handshake_failures_total",
+        "MQTT TLS handshakes that failed or timed out, by reason."
     );
     describe_gauge!(
         "edgegate_log_records",

@@ -77,6 +77,146 @@ struct Args {
     /// PID of the gateway, to report its peak RSS (VmHWM).
     #[arg(long)]
     gateway_pid: Option<u32>,
+    /// Connect over TLS (rustls, ring), trusting this CA bundle (PEM) for the gateway's
+    /// certificate. The host of `--mqtt` is the name checked (an IP needs an IP SAN).
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM) to present, with `--tls-key`.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Instead of publishing: open this many connections (at most `--connections` connecting
+    /// at once), report connections (TLS handshakes + CONNACK) per second, hold them idle for
+    /// `--hold` seconds and report the gateway's RSS per connection (with `--gateway-pid`).
+    #[arg(long, value_name = "N")]
+    idle: Option<usize>,
+    /// Seconds to hold idle connections open.
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+}
+
+/// The TLS client configuration built from `--tls-*`, shared by every connection.
+static TLS: std::sync::OnceLock<Option<Arc<tokio_rustls::rustls::ClientConfig>>> =
+    std::sync::OnceLock::new();
+
+fn tls_config(args: &Args) -> anyhow::Result<Option<Arc<tokio_rustls::rustls::ClientConfig>>> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(ca) = &args.tls_ca else {
+        return Ok(None);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).context("--tls-ca")? {
+        roots.add(cert.context("--tls-ca")?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let config = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .context("--tls-cert")?
+                .collect::<Result<Vec<_>, _>>()
+                .context("--tls-cert")?;
+            let key = PrivateKeyDer::from_pem_file(key).context("--tls-key")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+fn transport() -> Option<rumqttc::Transport> {
+    TLS.get()
+        .and_then(Option::as_ref)
+        .map(|c| rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c.clone())))
+}
+
+fn gateway_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `--idle N`: connection setup rate and memory per idle connection.
+async fn idle(args: &Args, n: usize) -> anyhow::Result<()> {
+    let (host, port) = split_addr(&args.mqtt);
+    let run = format!("{:08x}", rand::random::<u32>());
+    let before = args.gateway_pid.and_then(gateway_rss_kib);
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.connections.max(1)));
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(n);
+    let mut connecting = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = slots.clone().acquire_owned().await?;
+        let (host, run) = (host.clone(), run.clone());
+        let (connected_tx, connected_rx) = tokio::sync::oneshot::channel::<bool>();
+        connecting.push(connected_rx);
+        held.push(tokio::spawn(async move {
+            let mut options = rumqttc::MqttOptions::new(format!("idle-{run}-{i}"), host, port);
+            options.set_keep_alive(Duration::from_secs(300));
+            if let Some(t) = transport() {
+                options.set_transport(t);
+            }
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+            let mut connected_tx = Some(connected_tx);
+            let mut permit = Some(permit);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        drop(permit.take());
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(true);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(false);
+                        }
+                        drop(client);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    let mut ok = 0usize;
+    for rx in connecting {
+        if rx.await.unwrap_or(false) {
+            ok += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "idle: {ok} of {n} connections established in {elapsed:.2} s = {:.0} connections/s ({}, {} connecting at once)",
+        ok as f64 / elapsed,
+        if TLS.get().and_then(Option::as_ref).is_some() {
+            "TLS"
+        } else {
+            "plaintext"
+        },
+        args.connections
+    );
+    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    if let (Some(pid), Some(before)) = (args.gateway_pid, before) {
+        if let Some(after) = gateway_rss_kib(pid) {
+            println!(
+                "gateway RSS: {before} KiB before, {after} KiB with {ok} idle connections = {:.1} KiB per connection",
+                (after.saturating_sub(before)) as f64 / ok.max(1) as f64
+            );
+        }
+    }
+    for task in held {
+        task.abort();
+    }
+    Ok(())
 }
 
 /// What one connection did.
@@ -104,6 +244,10 @@ async fn main() -> anyhow::Result<()> {
             args.inflight,
             coap::GATEWAY_PER_PEER
         );
+    }
+    let _ = TLS.set(tls_config(&args)?);
+    if let Some(n) = args.idle {
+        return idle(&args, n).await;
     }
     let run = format!("{:08x}", rand::random::<u32>());
     let per_conn = args.count.div_ceil(args.connections.max(1));
@@ -289,6 +433,9 @@ async fn connection(
     options.set_inflight(args.inflight.max(1));
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(t) = transport() {
+        options.set_transport(t);
+    }
     let (client, mut eventloop) =
         rumqttc::AsyncClient::new(options, usize::from(args.inflight).max(10));
     let mut publisher = {
@@ -407,6 +554,9 @@ mod v5 {
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_outgoing_inflight_upper_limit(args.inflight.max(1));
         options.set_keep_alive(Duration::from_secs(30));
+        if let Some(t) = super::transport() {
+            options.set_transport(t);
+        }
         let (client, mut eventloop) = AsyncClient::new(options, usize::from(args.inflight).max(10));
         let flag = Arc::new(AtomicBool::new(false));
         let mut publisher = {

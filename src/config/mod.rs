@@ -21,6 +21,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::admin::config::AdminConfig;
+use crate::auth::config::AuthConfig;
 use crate::buffer::seal::{Cipher, KeyFileError, LogKeys, read_key_file};
 use crate::buffer::{Durability, LogConfig, Overflow};
 use crate::forward::config::KafkaConfig;
@@ -39,6 +40,7 @@ pub struct Config {
     pub coap: CoapConfig,
     pub kafka: KafkaConfig,
     pub admin: AdminConfig,
+    pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
     pub default_route: Option<DefaultRoute>,
 }
@@ -319,6 +321,7 @@ impl Config {
                 "coap" => config.coap = section_of(value, &mut errors).unwrap_or_default(),
                 "kafka" => config.kafka = section_of(value, &mut errors).unwrap_or_default(),
                 "admin" => config.admin = section_of(value, &mut errors).unwrap_or_default(),
+                "auth" => config.auth = section_of(value, &mut errors).unwrap_or_default(),
                 "default_route" => config.default_route = section_of(value, &mut errors),
                 "routes" => match value.get_ref().as_array() {
                     // Each route on its own, so one bad route does not hide the next.
@@ -327,7 +330,7 @@ impl Config {
                 },
                 other => found.push(at(
                     key.span(),
-                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, admin, routes or default_route)"),
+                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, admin, auth, routes or default_route)"),
                 )),
             }
             found.extend(errors.into_iter().map(|e| {
@@ -368,6 +371,7 @@ impl Config {
         self.coap.validate("coap", &mut problems);
         self.kafka.validate("kafka", &mut problems);
         self.admin.validate("admin", &mut problems);
+        self.auth.validate("auth", &mut problems);
         crate::route::Router::new(&self.routes, self.default_route.as_ref(), &mut problems);
         if self.routes.is_empty() && self.default_route.is_none() {
             problems.push(

@@ -139,6 +139,7 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", config.admin),
         format!("{:?}", defaults.admin)
     );
+    assert_eq!(format!("{:?}", config.auth), format!("{:?}", defaults.auth));
     let buffer = BufferConfig {
         dir: defaults.buffer.dir.clone(),
         ..config.buffer.clone()
@@ -151,6 +152,7 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", defaults.coap),
         format!("{:?}", defaults.kafka),
         format!("{:?}", defaults.admin),
+        format!("{:?}", defaults.auth),
     ];
     for debug in sections {
         // `Name { field: value, other: value }`: every field name followed by ": ".
@@ -163,9 +165,10 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
                 line.trim_start_matches(['#', ' '])
                     .starts_with(&format!("{key} ="))
             });
-            let table = ["kafka", "buffer"]
+            let table = ["kafka", "buffer", "mqtt"]
                 .iter()
-                .any(|section| text.contains(&format!("[{section}.{key}]")));
+                .any(|section| text.contains(&format!("[{section}.{key}]")))
+                || text.contains(&format!("[[auth.{key}]]"));
             assert!(shown || table, "gateway.toml does not show `{key}`");
         }
     }
@@ -230,4 +233,43 @@ fn encryption_key_files_are_checked_where_they_are_named() {
     );
     // Disabled: the files are not read at all.
     parse("enabled = false\nkey_file = \"missing.key\"").expect("disabled");
+}
+
+#[test]
+fn tls_and_auth_problems_point_at_their_keys() {
+    let text = format!(
+        "[mqtt.tls]\nenabled = true\nclient_certs = \"required\"\n\n[auth]\nmax_password_checks = 0\n\n[[auth.rules]]\npublish = [\"a/{{nope}}/#\"]\n\n{ROUTE}"
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 5, "{found:#?}");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("mqtt.tls.cert: is required")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("mqtt.tls.key: is required")),
+        "{found:#?}"
+    );
+    assert!(
+        found.iter().any(|p| p.contains("mqtt.tls.client_ca")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("gw.toml:6:23: auth.max_password_checks")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("gw.toml:9:") && p.contains("unknown placeholder")),
+        "{found:#?}"
+    );
+    let bad = problems("[auth]\nanonymous = \"sometimes\"\n");
+    assert!(bad[0].starts_with("gw.toml:2:13: [auth]"), "{bad:#?}");
 }

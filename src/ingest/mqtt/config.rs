@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use super::tls::TlsConfig;
 use crate::config::problems::Problems;
 use crate::config::{ByteSize, Duration};
 
@@ -39,6 +40,16 @@ pub struct MqttConfig {
     /// User properties accepted in one MQTT 5 packet; each becomes a Kafka header, so the
     /// count bounds per-message memory and header overhead. More end the connection (0x83).
     pub max_user_properties: usize,
+    /// Connections from one IP address at once, over both listeners; more are closed at
+    /// once, before anything is read, so one host cannot take every slot.
+    pub max_connections_per_address: usize,
+    /// New connections accepted per second (and in one burst) over both listeners; more are
+    /// closed at once, so a reconnect storm cannot queue thousands of TLS handshakes.
+    pub connection_rate: u32,
+    /// New connections accepted per second (and in one burst) from one IP address.
+    pub connection_rate_per_address: u32,
+    /// `[mqtt.tls]`: MQTT over TLS on its own port.
+    pub tls: TlsConfig,
 }
 
 impl Default for MqttConfig {
@@ -53,6 +64,10 @@ impl Default for MqttConfig {
             max_client_id_len: 128,
             topic_alias_maximum: 16,
             max_user_properties: 32,
+            max_connections_per_address: 256,
+            connection_rate: 1000,
+            connection_rate_per_address: 100,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -84,6 +99,22 @@ impl MqttConfig {
         if self.max_connections == 0 {
             problems.push(format!("{path}.max_connections"), "must be at least 1");
         }
+        if self.max_connections_per_address == 0 {
+            problems.push(
+                format!("{path}.max_connections_per_address"),
+                "must be at least 1",
+            );
+        }
+        if self.connection_rate == 0 {
+            problems.push(format!("{path}.connection_rate"), "must be at least 1");
+        }
+        if self.connection_rate_per_address == 0 {
+            problems.push(
+                format!("{path}.connection_rate_per_address"),
+                "must be at least 1",
+            );
+        }
+        self.tls.validate(&format!("{path}.tls"), problems);
         if self.receive_maximum == 0 {
             problems.push(
                 format!("{path}.receive_maximum"),

@@ -1,11 +1,11 @@
 //! Framing: one MQTT packet at a time off a TCP stream, with the size limit applied to the
 //! fixed header *before* the body is buffered (a codec that reserves whatever a peer declares
 //! lets 5 bytes reserve 256 MiB), and buffered writes of the server's packets.
+//!
+//! Generic over the stream, so plaintext TCP and TLS share every line above the socket.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::packet::{self, Outgoing, Version};
 
@@ -99,10 +99,10 @@ pub fn parse_header(buf: &[u8], limit: usize) -> Result<Option<(usize, usize)>, 
     Err(FrameError::BadLength)
 }
 
-/// A client's TCP connection: frames in, encoded packets out.
-pub struct Connection {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+/// A client's connection (TCP or TLS over TCP): frames in, encoded packets out. Reads and
+/// writes never overlap (the session flushes between reads), so one stream serves both.
+pub struct Connection<S> {
+    stream: S,
     /// Bytes read but not yet framed; never grows past one frame plus one read.
     read_buf: BytesMut,
     /// Encoded packets waiting for [`Connection::flush`], so many acks share one write.
@@ -111,12 +111,10 @@ pub struct Connection {
     limit: usize,
 }
 
-impl Connection {
-    pub fn new(socket: TcpStream, limit: usize) -> Connection {
-        let (reader, writer) = socket.into_split();
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, limit: usize) -> Connection<S> {
         Connection {
-            reader,
-            writer,
+            stream,
             read_buf: BytesMut::with_capacity(READ_BUFFER),
             write_buf: BytesMut::new(),
             limit,
@@ -136,7 +134,7 @@ impl Connection {
                 // Room for exactly this frame, now known to be within the limit.
                 self.read_buf.reserve(frame_len - self.read_buf.len());
             }
-            if self.reader.read_buf(&mut self.read_buf).await? == 0 {
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
                 } else {
@@ -163,17 +161,17 @@ impl Connection {
     /// Writes everything queued. Cancel safe: what was not written stays queued.
     pub async fn flush(&mut self) -> std::io::Result<()> {
         while self.write_buf.has_remaining() {
-            if self.writer.write_buf(&mut self.write_buf).await? == 0 {
+            if self.stream.write_buf(&mut self.write_buf).await? == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
         }
-        self.writer.flush().await
+        self.stream.flush().await
     }
 
     /// Flushes, then sends FIN so the client reads everything before the close.
     pub async fn close(&mut self) -> std::io::Result<()> {
         self.flush().await?;
-        self.writer.shutdown().await
+        self.stream.shutdown().await
     }
 
     /// After the server's last packet: reads and discards what the client still sends, for
@@ -184,7 +182,7 @@ impl Connection {
         let mut scratch = [0u8; 2048];
         let mut budget = 1usize << 20;
         while budget > 0 {
-            match tokio::time::timeout_at(deadline, self.reader.read(&mut scratch)).await {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
                 Ok(Ok(n)) if n > 0 => budget = budget.saturating_sub(n),
                 _ => break,
             }

@@ -36,36 +36,81 @@
 
 pub mod config;
 mod connection;
+pub mod limit;
 mod packet;
 mod session;
+pub mod tls;
 mod v5;
 
 #[cfg(test)]
 mod tests;
 
+use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{AuthHandle, CertClaim};
 use crate::ingest::Pipeline;
 use config::MqttConfig;
+use limit::Limiter;
 use session::{Registry, Shared};
+use tls::TlsHandle;
 
 /// Connections over the limit that may be answered "busy" at once; beyond that they are
 /// dropped unanswered, so a flood costs no more than this many tasks.
 const REFUSING_AT_ONCE: usize = 32;
 
-/// Accepts connections on `listener` until `shutdown`, then stops accepting and waits for
-/// every connection to finish its pending appends, send their acks and close. The caller
-/// bounds that wait with its grace period.
+/// The bound sockets: plaintext always, TLS when `[mqtt.tls] enabled`.
+pub struct Listeners {
+    pub plain: TcpListener,
+    pub tls: Option<(TcpListener, TlsHandle)>,
+}
+
+/// What every accept loop shares: one connection cap, one flood limiter and one registry
+/// across both listeners, so a client id taken over on one port is closed on the other.
+#[derive(Clone)]
+struct Accepting {
+    shared: Shared,
+    connections: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+    /// TLS handshakes in progress; waited for in the connection's own task, never in the
+    /// accept loop, so plaintext clients and established connections never wait on it.
+    handshakes: Arc<Semaphore>,
+    limiter: Arc<Limiter>,
+    tracker: TaskTracker,
+}
+
+/// [`serve_listeners`] on one plaintext listener with the default `[auth]` (anonymous from
+/// loopback, no rules).
 pub async fn serve(
     listener: TcpListener,
     config: Arc<MqttConfig>,
     pipeline: Pipeline,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listeners = Listeners {
+        plain: listener,
+        tls: None,
+    };
+    let auth = AuthHandle::new(crate::auth::Auth::default());
+    serve_listeners(listeners, config, pipeline, auth, shutdown).await
+}
+
+/// Accepts connections until `shutdown`, then stops accepting and waits for every connection
+/// to finish its pending appends, send their acks and close. The caller bounds that wait with
+/// its grace period.
+pub async fn serve_listeners(
+    listeners: Listeners,
+    config: Arc<MqttConfig>,
+    pipeline: Pipeline,
+    auth: AuthHandle,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let shared = Shared {
@@ -73,49 +118,30 @@ pub async fn serve(
         config: config.clone(),
         pipeline,
         registry: Registry::default(),
+        auth,
         shutdown: shutdown.clone(),
     };
-    // Permits, not a counter: a permit is returned even if its task panics.
-    let connections = Arc::new(Semaphore::new(config.max_connections));
-    let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
-    let tracker = TaskTracker::new();
-    loop {
-        let (socket, peer) = tokio::select! {
-            // Stop accepting; connections see the same token and drain.
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    accept_failed(&e);
-                    // Usually out of file descriptors: give connections a moment to close.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Acks are small and latency matters more than packing them.
-        let _ = socket.set_nodelay(true);
-        match connections.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let shared = shared.clone();
-                tracker.spawn(async move {
-                    connection_opened();
-                    session::run(socket, peer, shared).await;
-                    connection_closed();
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                if let Ok(permit) = refusing.clone().try_acquire_owned() {
-                    let shared = shared.clone();
-                    tracker.spawn(async move {
-                        session::refuse_busy(socket, peer, shared).await;
-                        drop(permit);
-                    });
-                }
-            }
-        }
+    let accepting = Accepting {
+        shared,
+        // Permits, not a counter: a permit is returned even if its task panics.
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
+        handshakes: Arc::new(Semaphore::new(config.tls.max_handshakes.max(1))),
+        limiter: Limiter::new(
+            config.connection_rate,
+            config.connection_rate_per_address,
+            config.max_connections_per_address,
+        ),
+        tracker: TaskTracker::new(),
+    };
+    let loops = TaskTracker::new();
+    loops.spawn(accept_loop(listeners.plain, None, accepting.clone()));
+    if let Some((listener, handle)) = listeners.tls {
+        loops.spawn(accept_loop(listener, Some(handle), accepting.clone()));
     }
+    loops.close();
+    loops.wait().await;
+    let tracker = accepting.tracker;
     tracker.close();
     let open = tracker.len();
     tracing::info!(
@@ -127,13 +153,166 @@ pub async fn serve(
     Ok(())
 }
 
-fn connection_opened() {
-    metrics::counter!("edgegate_mqtt_connections_total").increment(1);
-    metrics::gauge!("edgegate_mqtt_connections").increment(1.0);
+async fn accept_loop(listener: TcpListener, tls: Option<TlsHandle>, a: Accepting) {
+    let transport = if tls.is_some() { "tls" } else { "tcp" };
+    loop {
+        let (socket, peer) = tokio::select! {
+            // Stop accepting; connections see the same token and drain.
+            _ = a.shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(&e);
+                    // Usually out of file descriptors: give connections a moment to close.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Before reading a byte: a flood is refused at the cost of one accept.
+        let admitted = match a.limiter.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(over) => {
+                flood_refused(peer, transport, over.reason());
+                drop(socket);
+                continue;
+            }
+        };
+        // Acks are small and latency matters more than packing them.
+        let _ = socket.set_nodelay(true);
+        match a.connections.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let shared = a.shared.clone();
+                let tls = tls.clone();
+                let handshakes = a.handshakes.clone();
+                a.tracker.spawn(async move {
+                    connection_opened(transport);
+                    match tls {
+                        None => session::run(socket, peer, shared, None).await,
+                        Some(tls) => {
+                            if let Some((stream, cert)) =
+                                tls_handshake(socket, peer, &tls, &handshakes, &shared).await
+                            {
+                                session::run(stream, peer, shared, cert).await;
+                            }
+                        }
+                    }
+                    connection_closed(transport);
+                    drop(permit);
+                    drop(admitted);
+                });
+            }
+            // TLS clients cannot be told "busy" without a handshake; they are just closed.
+            Err(_) if tls.is_some() => flood_refused(peer, transport, "max_connections"),
+            Err(_) => {
+                if let Ok(permit) = a.refusing.clone().try_acquire_owned() {
+                    let shared = a.shared.clone();
+                    a.tracker.spawn(async move {
+                        session::refuse_busy(socket, peer, shared).await;
+                        drop(permit);
+                        drop(admitted);
+                    });
+                }
+            }
+        }
+    }
 }
 
-fn connection_closed() {
+/// The TLS handshake, in the connection's own task: waits for a handshake slot and completes
+/// the handshake within `handshake_timeout` of the accept. Returns the stream and what a
+/// verified client certificate says (`Some(None)` would be a certificate that does not parse:
+/// refused here).
+async fn tls_handshake(
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: &TlsHandle,
+    handshakes: &Arc<Semaphore>,
+    shared: &Shared,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<CertClaim>,
+)> {
+    let deadline = Instant::now() + shared.config.tls.handshake_timeout.get();
+    let _slot = tokio::select! {
+        slot = tokio::time::timeout_at(deadline, handshakes.clone().acquire_owned()) => match slot {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                handshake_failed(peer, "busy", None, false);
+                return None;
+            }
+        },
+        _ = shared.shutdown.cancelled() => return None,
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+    let (result, refused_subject) = tls::REFUSED_SUBJECT
+        .scope(RefCell::new(None), async {
+            let result = tokio::select! {
+                r = tokio::time::timeout_at(deadline, acceptor.accept(socket)) => Some(r),
+                _ = shared.shutdown.cancelled() => None,
+            };
+            let subject = tls::REFUSED_SUBJECT.with(|s| s.borrow_mut().take());
+            (result, subject)
+        })
+        .await;
+    let stream = match result? {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            let (reason, is_auth) = tls::classify(&e);
+            handshake_failed(peer, reason, refused_subject.as_deref(), is_auth);
+            return None;
+        }
+        Err(_) => {
+            handshake_failed(peer, "timeout", None, false);
+            return None;
+        }
+    };
+    let cert = match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
+        None => None,
+        Some(der) => match tls::cert_claim(der) {
+            Some(claim) => Some(claim),
+            None => {
+                handshake_failed(peer, "certificate_invalid", None, true);
+                return None;
+            }
+        },
+    };
+    metrics::counter!("edgegate_mqtt_tls_handshakes_total").increment(1);
+    Some((stream, cert))
+}
+
+fn handshake_failed(peer: SocketAddr, reason: &'static str, subject: Option<&str>, auth: bool) {
+    metrics::counter!("edgegate_mqtt_tls_handshake_failures_total", "reason" => reason)
+        .increment(1);
+    if auth {
+        crate::auth::failed(peer, &format!("cert_cn={}", subject.unwrap_or("-")), reason);
+    } else {
+        tracing::debug!(%peer, reason, "TLS handshake failed.");
+    }
+}
+
+fn flood_refused(peer: SocketAddr, transport: &'static str, reason: &'static str) {
+    metrics::counter!("edgegate_mqtt_connections_refused_total", "reason" => reason).increment(1);
+    tracing::debug!(%peer, transport, reason, "Refused a connection before reading it.");
+}
+
+fn connection_opened(transport: &'static str) {
+    metrics::counter!("edgegate_mqtt_connections_total").increment(1);
+    metrics::gauge!("edgegate_mqtt_connections").increment(1.0);
+    if transport == "tls" {
+        metrics::gauge!("edgegate_mqtt_tls_connections").increment(1.0);
+    }
+}
+
+fn connection_closed(transport: &'static str) {
     metrics::gauge!("edgegate_mqtt_connections").decrement(1.0);
+    if transport == "tls" {
+        metrics::gauge!("edgegate_mqtt_tls_connections").decrement(1.0);
+    }
 }
 
 fn accept_failed(e: &std::io::Error) {

@@ -59,6 +59,18 @@ pub struct Connect {
     pub session_expiry: u32,
     /// MQTT 5 enhanced authentication was requested (the gateway does not offer it).
     pub auth_method: bool,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+/// A password as sent: never shown by `Debug`, so no log line can carry it.
+#[derive(Clone)]
+pub struct Secret(pub Bytes);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -263,6 +275,10 @@ fn decode_v4(frame: Frame) -> Result<Packet, DecodeError> {
                 will,
                 session_expiry: 0,
                 auth_method: false,
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c
+                    .login
+                    .map(|l| Secret(Bytes::from(l.password.into_bytes()))),
             }))
         }
         v4::Packet::Publish(p) => {
@@ -341,6 +357,10 @@ pub enum Refusal {
     AuthMethod,
     /// MQTT 5 only: a CONNECT that failed to decode; the reason code of the error.
     Invalid(u8),
+    /// Bad username or password: 3.1.1 0x04, MQTT 5 0x86.
+    BadCredentials,
+    /// Not authorized: 3.1.1 0x05, MQTT 5 0x87.
+    NotAuthorized,
 }
 
 /// What the server sends.
@@ -400,6 +420,8 @@ fn encode_v4(packet: &Outgoing, out: &mut BytesMut) -> bool {
                 }
                 Err(Refusal::ClientId) => v4::ConnectReturnCode::BadClientId,
                 Err(Refusal::Busy) => v4::ConnectReturnCode::ServiceUnavailable,
+                Err(Refusal::BadCredentials) => v4::ConnectReturnCode::BadUserNamePassword,
+                Err(Refusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
                 Err(Refusal::AuthMethod | Refusal::Invalid(_)) => return false,
             };
             v4::ConnAck::new(code, false).write(out)
@@ -508,6 +530,8 @@ fn connack_code(refusal: Refusal) -> v5b::v5::ConnectReturnCode {
         Refusal::ClientId => C::ClientIdentifierNotValid,
         Refusal::Busy => C::ServerBusy,
         Refusal::AuthMethod => C::BadAuthenticationMethod,
+        Refusal::BadCredentials => C::BadUserNamePassword,
+        Refusal::NotAuthorized => C::NotAuthorized,
         Refusal::Invalid(0x81) => C::MalformedPacket,
         Refusal::Invalid(0x82) => C::ProtocolError,
         Refusal::Invalid(0x84) => C::UnsupportedProtocolVersion,
@@ -523,6 +547,7 @@ fn puback_reason(code: u8) -> v5b::v5::PubAckReason {
     match code {
         0x00 => R::Success,
         0x83 => R::ImplementationSpecificError,
+        0x87 => R::NotAuthorized,
         0x90 => R::TopicNameInvalid,
         0x91 => R::PacketIdentifierInUse,
         0x97 => R::QuotaExceeded,
@@ -535,6 +560,7 @@ fn pubrec_reason(code: u8) -> v5b::v5::PubRecReason {
     match code {
         0x00 => R::Success,
         0x83 => R::ImplementationSpecificError,
+        0x87 => R::NotAuthorized,
         0x90 => R::TopicNameInvalid,
         0x91 => R::PacketIdentifierInUse,
         0x97 => R::QuotaExceeded,

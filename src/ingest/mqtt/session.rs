@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -29,6 +30,7 @@ use super::packet::{
     self, ConnAckProps, Connect, DecodeError, Limits, Outgoing, Packet, Publish, Refusal,
     Unsupported, Version, Will,
 };
+use crate::auth::{self, Auth, AuthHandle, CertClaim, Claim, Failure, Identity};
 use crate::buffer::{AppendError, Pressure, Source};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
 
@@ -150,6 +152,8 @@ pub struct Shared {
     pub pipeline: Pipeline,
     pub pressure: watch::Receiver<Pressure>,
     pub registry: Registry,
+    /// Credentials and topic rights in force; each connection keeps the ones it connected with.
+    pub auth: AuthHandle,
     pub shutdown: CancellationToken,
 }
 
@@ -185,15 +189,53 @@ impl End {
     const KEEPALIVE: End = End::new(Some(0x8d), true, "keepalive timeout");
 }
 
-/// Serves one accepted socket until it closes.
-pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Shared) {
-    let mut conn = Connection::new(socket, shared.config.packet_limit());
+/// Publishes refused for lack of rights before the connection is closed: a device that keeps
+/// trying is misconfigured or hostile, and each refusal is a WARN line.
+const MAX_DENIED: u32 = 10;
+
+/// A connection's stream: TCP, or TLS over TCP.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+/// Serves one accepted connection until it closes. `cert` is what a client certificate
+/// verified during the TLS handshake says.
+pub async fn run<S: Stream>(stream: S, peer: SocketAddr, shared: Shared, cert: Option<CertClaim>) {
+    let mut conn = Connection::new(stream, shared.config.packet_limit());
     let Some((connect, version)) = handshake(&mut conn, peer, &shared).await else {
         goodbye(&mut conn, shared.config.connect_timeout.get()).await;
         return;
     };
     let timeout = shared.config.connect_timeout.get();
-    let mut session = match Session::accept(conn, peer, shared, *connect, version) {
+    let auth = shared.auth.current();
+    let claim = Claim {
+        peer,
+        client_id: &connect.client_id,
+        username: connect.username.as_deref(),
+        password: connect.password.as_ref().map(|p| p.0.as_ref()),
+        cert: cert.as_ref(),
+    };
+    let authenticated = tokio::select! {
+        r = tokio::time::timeout(timeout, auth.authenticate(&claim)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Credentials("timeout")),
+        },
+        _ = shared.shutdown.cancelled() => return,
+    };
+    let identity = match authenticated {
+        Ok(identity) => identity,
+        Err(failure) => {
+            auth::failed(peer, &claimed(&claim), failure.reason());
+            let refusal = match failure {
+                Failure::Credentials(_) => Refusal::BadCredentials,
+                Failure::NotAuthorized(_) => Refusal::NotAuthorized,
+            };
+            refused(peer, &connect.client_id, refusal);
+            conn.queue(version, &Outgoing::ConnAck(Err(refusal)));
+            goodbye(&mut conn, timeout).await;
+            return;
+        }
+    };
+    let mut session = match Session::accept(conn, peer, shared, *connect, version, identity, auth) {
         Ok(session) => session,
         Err(mut refused) => {
             goodbye(&mut refused, timeout).await;
@@ -204,10 +246,33 @@ pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Shared) {
     session.finish(end).await;
 }
 
+/// The identity a client claimed, for a log line: never the password.
+fn claimed(claim: &Claim<'_>) -> String {
+    let mut out = format!("client_id={}", claim.client_id);
+    if let Some(u) = claim.username {
+        out.push_str(&format!(" username={u}"));
+    }
+    if let Some(cn) = claim.cert.and_then(|c| c.cn.as_deref()) {
+        out.push_str(&format!(" cert_cn={cn}"));
+    }
+    out
+}
+
+fn identity_text(identity: &Identity) -> String {
+    let mut out = format!("client_id={}", identity.client_id);
+    if let Some(u) = &identity.username {
+        out.push_str(&format!(" username={u}"));
+    }
+    if let Some(cn) = &identity.cert_cn {
+        out.push_str(&format!(" cert_cn={cn}"));
+    }
+    out
+}
+
 /// Reads the CONNECT within the connect timeout and picks the codec. Answers and returns
 /// `None` for anything that is not a usable CONNECT.
-async fn handshake(
-    conn: &mut Connection,
+async fn handshake<S: Stream>(
+    conn: &mut Connection<S>,
     peer: SocketAddr,
     shared: &Shared,
 ) -> Option<(Box<Connect>, Version)> {
@@ -260,12 +325,18 @@ fn decode(version: Version, frame: Frame, shared: &Shared) -> Result<Packet, Dec
 }
 
 /// One connected client.
-struct Session {
-    conn: Connection,
+struct Session<S> {
+    conn: Connection<S>,
     peer: SocketAddr,
     shared: Shared,
     version: Version,
     client_id: String,
+    /// Who the client proved to be; topic rights are checked against it.
+    identity: Identity,
+    /// The rules and credentials in force when it connected.
+    auth: Arc<Auth>,
+    /// Publishes refused for lack of rights so far.
+    denied: u32,
     /// This connection's entry in the registry (a takeover replaces it).
     conn_id: u64,
     /// How long the registry keeps this session's QoS 2 state after the connection ends:
@@ -286,16 +357,21 @@ struct Session {
     aliases: HashMap<u16, String>,
 }
 
-impl Session {
+impl<S: Stream> Session<S> {
     /// Validates the CONNECT, takes over the client id, queues the CONNACK. A refused
     /// CONNECT gives the connection back with the refusal queued.
     fn accept(
-        mut conn: Connection,
+        mut conn: Connection<S>,
         peer: SocketAddr,
         shared: Shared,
-        connect: Connect,
+        mut connect: Connect,
         version: Version,
-    ) -> Result<Session, Connection> {
+        identity: Identity,
+        auth: Arc<Auth>,
+    ) -> Result<Session<S>, Connection<S>> {
+        // The certificate identity may have replaced (or filled in) the client id.
+        let replaced = identity.client_id != connect.client_id;
+        connect.client_id = identity.client_id.clone();
         let config = &shared.config;
         let refusal = if connect.auth_method {
             Some(Refusal::AuthMethod)
@@ -306,6 +382,17 @@ impl Session {
         } else {
             None
         };
+        // A will is a publish too: it must be within the client's rights.
+        let will_denied = connect
+            .will
+            .as_ref()
+            .is_some_and(|w| !auth.may_publish(&identity, &w.topic));
+        let refusal = refusal.or_else(|| {
+            will_denied.then(|| {
+                auth::failed(peer, &identity_text(&identity), "will_denied");
+                Refusal::NotAuthorized
+            })
+        });
         if let Some(refusal) = refusal {
             refused(peer, &connect.client_id, refusal);
             conn.queue(version, &Outgoing::ConnAck(Err(refusal)));
@@ -330,7 +417,8 @@ impl Session {
             version,
             &Outgoing::ConnAck(Ok(ConnAckProps {
                 session_present: registered.session_present,
-                assigned_client_id: (assigned && version == Version::V5).then(|| client_id.clone()),
+                assigned_client_id: ((assigned || replaced) && version == Version::V5)
+                    .then(|| client_id.clone()),
                 server_keep_alive,
                 receive_maximum: config.receive_maximum,
                 topic_alias_maximum: config.topic_alias_maximum,
@@ -344,6 +432,9 @@ impl Session {
             shared,
             version,
             client_id,
+            identity,
+            auth,
+            denied: 0,
             conn_id: registered.conn_id,
             taken_over: registered.taken_over,
             keep_session: match (connect.clean_start, version, connect.session_expiry) {
@@ -521,6 +612,9 @@ impl Session {
             self.resolve_alias(&mut publish)?;
         }
         let (qos, pkid) = (publish.qos, publish.pkid);
+        if !self.auth.may_publish(&self.identity, &publish.topic) {
+            return self.deny(qos, pkid, &publish.topic);
+        }
         // 3.1.1 has no receive maximum; its connection is simply not read at the limit.
         let limit = (self.version == Version::V5)
             .then_some(usize::from(self.shared.config.receive_maximum));
@@ -569,6 +663,32 @@ impl Session {
                 self.reject(qos, pkid, &rejected)
             }
         }
+    }
+
+    /// A publish outside the client's rights: not stored. MQTT 5 hears 0x87 in its
+    /// PUBACK/PUBREC (a QoS 0 publish, which has no ack, or too many refusals, end the
+    /// connection with DISCONNECT 0x87); 3.1.1 cannot be told and is disconnected.
+    fn deny(&mut self, qos: u8, pkid: u16, topic: &str) -> Result<(), End> {
+        auth::failed(
+            self.peer,
+            &format!("{} topic={topic}", identity_text(&self.identity)),
+            "topic_denied",
+        );
+        self.denied += 1;
+        if self.version == Version::V4 {
+            return Err(End::new(None, true, "publish not authorized"));
+        }
+        if qos == 0 || self.denied >= MAX_DENIED {
+            return Err(End::new(Some(0x87), true, "publish not authorized"));
+        }
+        let reason = 0x87;
+        let ack = if qos == 1 {
+            Outgoing::PubAck { pkid, reason }
+        } else {
+            Outgoing::PubRec { pkid, reason }
+        };
+        self.conn.queue(self.version, &ack);
+        Ok(())
     }
 
     /// Applies MQTT 5 topic aliases (3.3.2.3.4) so `publish.topic` is the real topic.
@@ -845,7 +965,7 @@ const LINGER: Duration = Duration::from_millis(500);
 
 /// Sends what is queued (a refusal, a DISCONNECT), closes our side, and drains the client's
 /// input briefly so the close does not turn into a reset that hides our reason code.
-async fn goodbye(conn: &mut Connection, timeout: Duration) {
+async fn goodbye<S: Stream>(conn: &mut Connection<S>, timeout: Duration) {
     let said_something = conn.has_queued();
     if tokio::time::timeout(timeout, conn.close()).await.is_ok() && said_something {
         conn.linger(LINGER).await;
@@ -916,6 +1036,8 @@ fn refused(peer: SocketAddr, client_id: &str, refusal: Refusal) {
         Refusal::Busy => "busy",
         Refusal::AuthMethod => "auth_method",
         Refusal::Invalid(_) => "invalid",
+        Refusal::BadCredentials => "bad_credentials",
+        Refusal::NotAuthorized => "not_authorized",
     };
     metrics::counter!("edgegate_mqtt_connections_refused_total", "reason" => reason).increment(1);
     tracing::debug!(%peer, client_id, reason, "Refused a CONNECT.");

@@ -38,7 +38,7 @@ async fn frame(byte1: u8, body: &[u8]) -> Frame {
     conn.read_frame().await.expect("frame").expect("not eof")
 }
 
-async fn pair(limit: usize) -> (TcpStream, Connection) {
+async fn pair(limit: usize) -> (TcpStream, Connection<TcpStream>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let client = TcpStream::connect(addr).await.expect("connect");

@@ -15,7 +15,9 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::packet::{Connect, DecodeError, Limits, Packet, Publish, Will, valid_topic_name};
+use super::packet::{
+    Connect, DecodeError, Limits, Packet, Publish, Secret, Will, valid_topic_name,
+};
 
 /// Property identifiers (MQTT 5, 2.2.2.2) the decoder knows.
 mod id {
@@ -322,12 +324,16 @@ pub(crate) fn connect(body: Bytes, limits: &Limits) -> Result<Packet, DecodeErro
     } else {
         None
     };
-    if flags & 0x80 != 0 {
-        r.string()?;
-    }
-    if flags & 0x40 != 0 {
-        r.binary()?;
-    }
+    let username = if flags & 0x80 != 0 {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let password = if flags & 0x40 != 0 {
+        Some(Secret(r.binary()?))
+    } else {
+        None
+    };
     if !r.is_empty() {
         return Err(DecodeError::Malformed("bytes after the end of CONNECT"));
     }
@@ -338,6 +344,8 @@ pub(crate) fn connect(body: Bytes, limits: &Limits) -> Result<Packet, DecodeErro
         will,
         session_expiry: props.session_expiry.unwrap_or(0),
         auth_method: props.auth_method,
+        username,
+        password,
     })))
 }
 
