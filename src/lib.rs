@@ -170,7 +170,6 @@ pub async fn start(
         None => None,
     };
     let mqtts_addr = tls_listener.as_ref().map(|(_, _, addr)| *addr);
-    warn_anonymous(&config, mqtt_addr, mqtts_addr);
 
     let coap_socket = if config.coap.enabled {
         let bind_error = |source| RunError::BindUdp {
@@ -187,6 +186,7 @@ pub async fn start(
         None
     };
     let coap_addr = coap_socket.as_ref().map(|(_, addr)| *addr);
+    warn_anonymous(&config, mqtt_addr, mqtts_addr, coap_addr);
 
     let reader = log
         .reader()
@@ -221,6 +221,7 @@ pub async fn start(
         listeners.spawn(ingest::coap::serve(
             socket,
             std::sync::Arc::new(config.coap.clone()),
+            config.auth.anonymous,
             pipeline.clone(),
             shutdown.clone(),
         ));
@@ -389,21 +390,27 @@ pub async fn run(
 }
 
 /// Anonymous access reachable from the network is worth a line at every start.
-fn warn_anonymous(config: &Config, plain: SocketAddr, tls: Option<SocketAddr>) {
+fn warn_anonymous(
+    config: &Config,
+    plain: SocketAddr,
+    tls: Option<SocketAddr>,
+    coap: Option<SocketAddr>,
+) {
     use crate::auth::config::Anonymous;
     let exposed = std::iter::once(plain)
         .chain(tls)
+        .chain(coap)
         .filter(|a| !a.ip().is_loopback())
         .map(|a| a.to_string())
         .collect::<Vec<_>>();
     match config.auth.anonymous {
         Anonymous::Always if !exposed.is_empty() => tracing::warn!(
             listeners = ?exposed,
-            "Anonymous MQTT clients are accepted on a non-loopback address ([auth] anonymous = \"always\"): any host that can reach it may publish."
+            "Anonymous MQTT and CoAP clients are accepted on a non-loopback address ([auth] anonymous = \"always\"): any host that can reach it may publish."
         ),
         Anonymous::Loopback if !exposed.is_empty() => tracing::info!(
             listeners = ?exposed,
-            "Anonymous MQTT clients are accepted from loopback only; devices on the network need a certificate or a password."
+            "Anonymous MQTT and CoAP clients are accepted from loopback only; MQTT devices on the network need a certificate or a password, and CoAP devices on the network are refused 4.01."
         ),
         _ => {}
     }

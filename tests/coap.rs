@@ -891,6 +891,7 @@ fn coap_con_throughput() {
         let served = tokio::spawn(edgegate::ingest::coap::serve(
             socket,
             Arc::new(config),
+            edgegate::auth::config::Anonymous::Always,
             pipeline,
             shutdown.clone(),
         ));

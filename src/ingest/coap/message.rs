@@ -14,6 +14,7 @@ pub(super) mod code {
     pub const CHANGED: u8 = 0x44; // 2.04
     pub const CONTINUE: u8 = 0x5F; // 2.31
     pub const BAD_REQUEST: u8 = 0x80; // 4.00
+    pub const UNAUTHORIZED: u8 = 0x81; // 4.01
     pub const BAD_OPTION: u8 = 0x82; // 4.02
     pub const NOT_FOUND: u8 = 0x84; // 4.04
     pub const METHOD_NOT_ALLOWED: u8 = 0x85; // 4.05
@@ -29,6 +30,7 @@ pub(super) mod code {
             CHANGED => "2.04",
             CONTINUE => "2.31",
             BAD_REQUEST => "4.00",
+            UNAUTHORIZED => "4.01",
             BAD_OPTION => "4.02",
             NOT_FOUND => "4.04",
             METHOD_NOT_ALLOWED => "4.05",

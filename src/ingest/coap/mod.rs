@@ -44,6 +44,7 @@
 //! | unparseable NON, ACK or RST, unknown version, under 4 bytes | ignored (counted) |
 //! | ACK/RST from a device | ends the retransmission of our separate response |
 //! | unknown critical option, malformed Block1 | 4.02 Bad Option |
+//! | from a peer `[auth] anonymous` does not admit (CoAP devices have no credentials: "loopback" admits 127.0.0.0/8 and ::1, "never" nobody) | 4.01 Unauthorized, logged and counted in `edgegate_auth_failures_total{reason="anonymous"}` |
 //! | path other than `/{resource}/{device}[/...]` | 4.04 Not Found |
 //! | method other than POST or PUT | 4.05 Method Not Allowed |
 //! | path segment not UTF-8 or with `/ + #` or control characters, device id too long, bad Content-Format | 4.00 Bad Request |
@@ -90,6 +91,7 @@ use std::sync::Arc;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::config::Anonymous;
 use crate::ingest::Pipeline;
 use config::CoapConfig;
 
@@ -99,10 +101,11 @@ use config::CoapConfig;
 pub async fn serve(
     socket: UdpSocket,
     config: Arc<CoapConfig>,
+    anonymous: Anonymous,
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    server::run(socket, config, pipeline, shutdown).await
+    server::run(socket, config, anonymous, pipeline, shutdown).await
 }
 
 /// Asks the kernel for `config.receive_buffer` bytes of receive buffer on the CoAP socket:

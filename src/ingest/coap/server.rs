@@ -27,6 +27,7 @@ use super::config::{CoapConfig, valid_segment};
 use super::dedup::{Dedup, Key, Seen};
 use super::message::{self, Block, Malformed, Reply, code, opt};
 use super::outbox::{Outbox, Outgoing};
+use crate::auth::config::Anonymous;
 use crate::buffer::{AppendError, Durable, Pressure, Source};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
 use crate::route::RouteError;
@@ -74,6 +75,8 @@ pub(super) struct Server {
     next_mid: u16,
     closing: bool,
     hot: HotCounters,
+    /// `[auth] anonymous`: CoAP devices have no credentials, so every one is anonymous.
+    anonymous: Anonymous,
 }
 
 /// Handles of the counters every request touches, registered once: `metrics::counter!`
@@ -110,6 +113,7 @@ impl HotCounters {
 pub(super) async fn run(
     socket: UdpSocket,
     config: Arc<CoapConfig>,
+    anonymous: Anonymous,
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -133,6 +137,7 @@ pub(super) async fn run(
         slots_total: 0,
         next_mid: rand::random(),
         hot: HotCounters::new(),
+        anonymous,
         closing: false,
         config,
         pipeline,
@@ -269,7 +274,14 @@ impl Server {
     /// Everything that can refuse a request before its body is known.
     fn check(&self, packet: &Packet, peer: SocketAddr) -> Result<Accepted, Refusal> {
         let high = *self.pressure.borrow() == Pressure::High;
-        check(&self.config, packet, peer, self.closing, high)
+        check(
+            &self.config,
+            self.anonymous,
+            packet,
+            peer,
+            self.closing,
+            high,
+        )
     }
 
     /// A request that can complete a record (unless block-wise or its final block) takes its
@@ -790,6 +802,7 @@ impl Server {
 /// Block1, the log's pressure. A free function so the fuzz entry runs exactly this.
 fn check(
     config: &CoapConfig,
+    anonymous: Anonymous,
     packet: &Packet,
     peer: SocketAddr,
     closing: bool,
@@ -797,6 +810,23 @@ fn check(
 ) -> Result<Accepted, Refusal> {
     if closing {
         return Err(Refusal::busy("shutting down"));
+    }
+    let allowed = match anonymous {
+        Anonymous::Always => true,
+        Anonymous::Loopback => peer.ip().is_loopback(),
+        Anonymous::Never => false,
+    };
+    if !allowed {
+        let device = packet
+            .get_option(coap_lite::CoapOption::UriPath)
+            .and_then(|l| l.iter().nth(1))
+            .map(|d| String::from_utf8_lossy(d).into_owned())
+            .unwrap_or_default();
+        crate::auth::failed(peer, &device, "anonymous");
+        return Err(Refusal::new(
+            code::UNAUTHORIZED,
+            "anonymous devices are not accepted from this address",
+        ));
     }
     if let Some((&number, _)) = packet
         .options()
@@ -1045,19 +1075,20 @@ pub(super) fn classify(config: &CoapConfig, datagram: &[u8]) -> Option<Vec<u8>> 
                 .and_then(reset);
         }
     }
-    let (code, options, diagnostic) = match check(config, &packet, peer, false, false) {
-        Err(refusal) => (refusal.code, refusal.options, refusal.diagnostic),
-        Ok(accepted) => {
-            if accepted.block.is_some() {
-                let _ = transfer_key(&packet, peer);
+    let (code, options, diagnostic) =
+        match check(config, Anonymous::Always, &packet, peer, false, false) {
+            Err(refusal) => (refusal.code, refusal.options, refusal.diagnostic),
+            Ok(accepted) => {
+                if accepted.block.is_some() {
+                    let _ = transfer_key(&packet, peer);
+                }
+                let options = accepted
+                    .block
+                    .map(|b| vec![(opt::BLOCK1, b.encode())])
+                    .unwrap_or_default();
+                (code::CHANGED, options, "")
             }
-            let options = accepted
-                .block
-                .map(|b| vec![(opt::BLOCK1, b.encode())])
-                .unwrap_or_default();
-            (code::CHANGED, options, "")
-        }
-    };
+        };
     if message::suppresses(message::no_response(&packet), code) {
         return None;
     }

@@ -17,6 +17,7 @@ use super::config::CoapConfig;
 use super::dedup::{Dedup, Seen};
 use super::message::{self, Block, code, opt};
 use super::outbox::{Outbox, Outgoing};
+use crate::auth::config::Anonymous;
 use crate::buffer::{Log, LogConfig, LogReader, StoredRecord};
 use crate::config::Problems;
 use crate::ingest::Pipeline;
@@ -419,6 +420,16 @@ async fn start_on(
     tune: impl FnOnce(&mut LogConfig),
     slow_sync: Option<Duration>,
 ) -> Harness {
+    start_as(config, tune, slow_sync, Anonymous::Loopback).await
+}
+
+/// `start_on` with the `[auth] anonymous` policy given.
+async fn start_as(
+    config: CoapConfig,
+    tune: impl FnOnce(&mut LogConfig),
+    slow_sync: Option<Duration>,
+    anonymous: Anonymous,
+) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log_config = LogConfig::new(dir.path().join("log"));
     log_config.commit_delay = Duration::from_millis(1);
@@ -444,6 +455,7 @@ async fn start_on(
     let served = tokio::spawn(super::serve(
         socket,
         Arc::new(config),
+        anonymous,
         Pipeline::new(log.clone(), router),
         shutdown.clone(),
     ));
@@ -673,6 +685,19 @@ async fn on_a_slow_disk_each_request_gets_an_empty_ack_in_time_then_a_separate_2
     assert!(h.silent(Duration::from_millis(700)).await);
     assert_eq!(h.records(3).await.len(), 3);
     assert_eq!(h.appended(), 3);
+    h.stop().await;
+}
+
+/// CoAP devices carry no credentials: under `[auth] anonymous = "never"` every request is
+/// refused 4.01 and nothing is stored; under the default "loopback" a loopback peer is served
+/// (every other test here).
+#[tokio::test]
+async fn without_anonymous_access_requests_are_unauthorized_and_not_stored() {
+    let h = start_as(CoapConfig::default(), |_| {}, None, Anonymous::Never).await;
+    let answer = h.exchange(&post(5, "/t/dev/s", b"x")).await;
+    assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(code_of(&answer), code::UNAUTHORIZED);
+    assert_eq!(h.appended(), 0);
     h.stop().await;
 }
 
