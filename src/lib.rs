@@ -75,6 +75,9 @@ pub enum Control {
     Reload(Box<Config>),
 }
 
+/// Size, modification time and inode of each TLS file (see `TlsConfig::files_state`).
+type TlsFilesState = Vec<Option<(u64, std::time::SystemTime, u64)>>;
+
 /// A started gateway: listeners bound, log recovered, forwarder running.
 pub struct Gateway {
     mqtt_addr: SocketAddr,
@@ -82,6 +85,8 @@ pub struct Gateway {
     mqtts_addr: Option<SocketAddr>,
     /// The TLS configuration in force, swapped on reload.
     tls: Option<ingest::mqtt::tls::TlsHandle>,
+    /// The `[mqtt.tls]` in force and its files' state when last loaded, for the file watch.
+    tls_files: std::sync::Mutex<(ingest::mqtt::tls::TlsConfig, TlsFilesState)>,
     auth: auth::AuthHandle,
     /// The config file's directory, for relative paths on reload.
     base: PathBuf,
@@ -268,6 +273,10 @@ pub async fn start(
         mqtt_addr,
         mqtts_addr,
         tls: tls_handle,
+        tls_files: std::sync::Mutex::new((
+            config.mqtt.tls.clone(),
+            config.mqtt.tls.files_state(base),
+        )),
         auth,
         base: base.to_owned(),
         coap_addr,
@@ -328,19 +337,49 @@ impl Gateway {
                 if let Some(tls) = &self.tls {
                     // Logs its own outcome; on failure the old certificate stays in force.
                     let _ = tls.reload(&config.mqtt.tls, &self.base);
+                    *self.tls_files.lock().unwrap_or_else(|p| p.into_inner()) = (
+                        config.mqtt.tls.clone(),
+                        config.mqtt.tls.files_state(&self.base),
+                    );
                 }
                 self.auth.reload(&config.auth, &self.base);
             }
         }
     }
 
+    /// The TLS files changed on disk since they were last loaded: reload them as SIGHUP
+    /// would. A set that does not load (a key written before its certificate) is logged and
+    /// the old one stays; the next change is tried again, an unchanged bad set is not.
+    fn reload_changed_tls_files(&self) {
+        let Some(tls) = &self.tls else { return };
+        let mut files = self.tls_files.lock().unwrap_or_else(|p| p.into_inner());
+        let now = files.0.files_state(&self.base);
+        if now == files.1 {
+            return;
+        }
+        tracing::info!("The MQTT TLS certificate files changed on disk; reloading them.");
+        let _ = tls.reload(&files.0, &self.base);
+        files.1 = now;
+    }
+
     /// Runs until shutdown, then drains: listeners stop accepting and finish their in-flight
     /// appends, the log commits, the forwarder delivers what it can within the grace period.
     pub async fn wait(self, mut control: mpsc::Receiver<Control>) -> Result<(), RunError> {
+        let every = self
+            .tls_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .watch_interval
+            .get();
+        let watching = self.tls.is_some() && !every.is_zero();
+        let mut watch = tokio::time::interval(every.max(Duration::from_millis(100)));
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(message) = control.recv() => self.control(message),
+                _ = watch.tick(), if watching => self.reload_changed_tls_files(),
             }
         }
         tracing::info!(grace = ?self.grace, "Shutting down.");

@@ -912,6 +912,57 @@ async fn sighup_rotates_the_certificate_under_load_and_refuses_a_bad_set() {
     );
 }
 
+/// Certificate files replaced on disk (as certbot or a config-management run would) are
+/// picked up without a signal: new connections get the new certificate, and a key that does
+/// not match is refused with an ERROR while the good set stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_certificate_files_are_reloaded_without_a_signal() {
+    let topic = common::unique_topic("tls-watch");
+    let gateway = Gateway::start(&topic, "", "watch_interval = \"200ms\"", "");
+    let pki = &gateway.pki;
+    let next = Ca::new("edgegate test server CA 3");
+    pki.write("server-ca-3.crt", &next.pem());
+    let (cert, key) = next.leaf("gateway-3", &["localhost", "127.0.0.1"], true, false);
+    pki.write("server.crt", &cert);
+    pki.write("server.key", &key);
+    gateway.wait_for_log(&["Reloaded the MQTT TLS certificate"]);
+    // The key may have been read before it was rewritten: wait for the set that loads.
+    let only_new = client_tls(pki, "server-ca-3.crt", Some(("pump8.crt", "pump8.key")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let published = rumqttc_publish(
+            rumqttc_options(gateway.tls, "pump8", only_new.clone()),
+            "devices/pump8/x",
+            vec!["watched".into()],
+        )
+        .await;
+        if published == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = gateway.mosquitto_tls(&["-t", "devices/x/y", "-m", "old-ca"]);
+    assert!(!out.status.success(), "the old certificate is still served");
+
+    let (_, other_key) = next.leaf("unrelated", &[], true, false);
+    pki.write("server.key", &other_key);
+    gateway.wait_for_log(&["ERROR", "Kept the MQTT TLS certificate in force"]);
+    assert_eq!(
+        rumqttc_publish(
+            rumqttc_options(gateway.tls, "pump8", only_new),
+            "devices/pump8/x",
+            vec!["still-watched".into()],
+        )
+        .await,
+        1,
+        "the good set stays in force"
+    );
+}
+
 /// True if the gateway has closed the socket without being sent anything. Called within a
 /// second of connecting: the connect timeout is 2 s, so only a flood limit closes this fast.
 fn closed_at_once(mut socket: &TcpStream) -> bool {

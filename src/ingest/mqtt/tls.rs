@@ -49,6 +49,9 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
     /// TLS handshakes in progress at once; more wait (within `handshake_timeout`).
     pub max_handshakes: usize,
+    /// How often the certificate, key and client CA files are checked for a change (size,
+    /// modification time, inode); a change reloads them as SIGHUP does. "0s": only SIGHUP.
+    pub watch_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -79,11 +82,27 @@ impl Default for TlsConfig {
             min_version: TlsVersion::Tls12,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 64,
+            watch_interval: Duration::from_secs(5),
         }
     }
 }
 
 impl TlsConfig {
+    /// What the watch compares: per file (certificate, key, client CA) its size, modification
+    /// time and inode, or `None` when it cannot be read. Certificate tools replace files by
+    /// renaming a new one over them, which changes the inode even within one second.
+    pub fn files_state(&self, base: &Path) -> Vec<Option<(u64, std::time::SystemTime, u64)>> {
+        use std::os::unix::fs::MetadataExt;
+        [&self.cert, &self.key, &self.client_ca]
+            .into_iter()
+            .flatten()
+            .map(|file| {
+                let meta = std::fs::metadata(base.join(file)).ok()?;
+                Some((meta.len(), meta.modified().ok()?, meta.ino()))
+            })
+            .collect()
+    }
+
     pub fn validate(&self, path: &str, problems: &mut Problems) {
         if !self.enabled {
             return;
