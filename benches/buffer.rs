@@ -412,6 +412,12 @@ fn main() {
         child_main(&spec);
         return;
     }
+    // `cargo test --all-targets` builds and runs this too (without `--bench`): building is
+    // the check there; the figures take minutes and belong to `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("edgegate buffer bench: built; run it with `cargo bench --bench buffer`");
+        return;
+    }
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let run = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
     println!(
