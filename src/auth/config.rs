@@ -36,6 +36,17 @@ pub enum Anonymous {
     Always,
 }
 
+impl Anonymous {
+    /// Whether an anonymous client at `ip` is let in.
+    pub fn admits(self, ip: std::net::IpAddr) -> bool {
+        match self {
+            Anonymous::Always => true,
+            Anonymous::Loopback => ip.is_loopback(),
+            Anonymous::Never => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CertField {

@@ -189,15 +189,8 @@ impl Auth {
             identity.kind = Kind::Certificate;
             identity.cert_cn = cert.cn.clone();
         }
-        if identity.kind == Kind::Anonymous {
-            let allowed = match self.config.anonymous {
-                Anonymous::Always => true,
-                Anonymous::Loopback => claim.peer.ip().is_loopback(),
-                Anonymous::Never => false,
-            };
-            if !allowed {
-                return Err(Failure::NotAuthorized("anonymous"));
-            }
+        if identity.kind == Kind::Anonymous && !self.config.anonymous.admits(claim.peer.ip()) {
+            return Err(Failure::NotAuthorized("anonymous"));
         }
         Ok(identity)
     }

@@ -811,12 +811,7 @@ fn check(
     if closing {
         return Err(Refusal::busy("shutting down"));
     }
-    let allowed = match anonymous {
-        Anonymous::Always => true,
-        Anonymous::Loopback => peer.ip().is_loopback(),
-        Anonymous::Never => false,
-    };
-    if !allowed {
+    if !anonymous.admits(peer.ip()) {
         let device = packet
             .get_option(coap_lite::CoapOption::UriPath)
             .and_then(|l| l.iter().nth(1))
