@@ -681,14 +681,18 @@ impl<S: Stream> Session<S> {
         if qos == 0 || self.denied >= MAX_DENIED {
             return Err(End::new(Some(0x87), true, "publish not authorized"));
         }
-        let reason = 0x87;
+        self.queue_refusal(qos, pkid, 0x87);
+        Ok(())
+    }
+
+    /// Answers a refused QoS 1 or 2 publish (MQTT 5) with its reason code.
+    fn queue_refusal(&mut self, qos: u8, pkid: u16, reason: u8) {
         let ack = if qos == 1 {
             Outgoing::PubAck { pkid, reason }
         } else {
             Outgoing::PubRec { pkid, reason }
         };
         self.conn.queue(self.version, &ack);
-        Ok(())
     }
 
     /// Applies MQTT 5 topic aliases (3.3.2.3.4) so `publish.topic` is the real topic.
@@ -812,12 +816,7 @@ impl<S: Stream> Session<S> {
             Rejected::TooLarge(_) => 0x83,
             Rejected::Io(_) | Rejected::Closed => 0x80,
         };
-        let ack = if qos == 1 {
-            Outgoing::PubAck { pkid, reason }
-        } else {
-            Outgoing::PubRec { pkid, reason }
-        };
-        self.conn.queue(self.version, &ack);
+        self.queue_refusal(qos, pkid, reason);
         Ok(())
     }
 
