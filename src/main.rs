@@ -191,7 +191,7 @@ fn passwd(file: &Path, username: &str) -> ExitCode {
 
 fn dead_letters(config: &Config, path: &Path, limit: Option<usize>) -> ExitCode {
     use std::io::Write;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = config_dir(path);
     let log = match config.buffer.log_config(&base) {
         Ok(log) => log,
         Err(e) => {
@@ -270,15 +270,9 @@ fn dead_letters(config: &Config, path: &Path, limit: Option<usize>) -> ExitCode 
 
 fn status(addr: std::net::SocketAddr) -> ExitCode {
     use edgegate::admin::status;
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(status::query(addr)) {
         Ok(summary) => {
@@ -291,6 +285,19 @@ fn status(addr: std::net::SocketAddr) -> ExitCode {
             ExitCode::from(status::EXIT_UNREACHABLE)
         }
     }
+}
+
+/// A tokio runtime with timers and I/O, or the exit code after saying why there is none.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// The directory relative paths in the config are resolved against.
+fn config_dir(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
@@ -313,17 +320,11 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 }
 
 fn run(config: Config, path: &Path) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = config_dir(path);
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let (control_tx, control_rx) = mpsc::channel(4);
