@@ -770,13 +770,30 @@ pub fn fuzz_frames(data: &[u8]) -> usize {
     static KEYS: OnceLock<LogKeys> = OnceLock::new();
     let keys = KEYS.get_or_init(|| LogKeys::new(seal::Cipher::Chacha20Poly1305, &[9; 32], &[]));
     let data = bytes::Bytes::copy_from_slice(data);
-    let (mut at, mut decoded) = (0, 0);
+    let mut decoded = 0;
+    walk_frames(&data, 0, 1 << 20, |_, body| {
+        decoded += usize::from(format::decode_body(&body, None).is_ok());
+        decoded += usize::from(format::decode_body(&body, Some(keys)).is_ok());
+        true
+    });
+    decoded
+}
+
+/// Steps over the frames of `data` from `at` as the reader checks them: every checksummed
+/// frame's sequence number and body to `each` (which returns `false` to stop), padding
+/// skipped, damage passed byte by byte, a torn tail the end. Returns whether it ran to the end.
+fn walk_frames(
+    data: &bytes::Bytes,
+    mut at: usize,
+    max_body: usize,
+    mut each: impl FnMut(u64, bytes::Bytes) -> bool,
+) -> bool {
     while at < data.len() {
-        match format::check_frame(&data[at..], 1 << 20) {
-            format::Frame::Valid { len, .. } => {
-                let body = data.slice(at + FRAME_HEADER_LEN..at + len);
-                decoded += usize::from(format::decode_body(&body, None).is_ok());
-                decoded += usize::from(format::decode_body(&body, Some(keys)).is_ok());
+        match format::check_frame(&data[at..], max_body) {
+            format::Frame::Valid { seq, len } => {
+                if !each(seq, data.slice(at + FRAME_HEADER_LEN..at + len)) {
+                    return false;
+                }
                 at += len;
             }
             format::Frame::Padding { len } => at += len.max(1),
@@ -784,7 +801,7 @@ pub fn fuzz_frames(data: &[u8]) -> usize {
             format::Frame::Incomplete { .. } => break,
         }
     }
-    decoded
+    true
 }
 
 /// For the cargo-fuzz target `log_recovery`: makes `dir` a log directory holding `segment`
@@ -870,26 +887,17 @@ pub fn inspect(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(source) => return Err(LogError::Io { path, source }),
         };
-        let mut at = SEGMENT_HEADER_LEN;
-        while at < data.len() {
-            match format::check_frame(&data[at..], data.len()) {
-                format::Frame::Valid { seq, len } => {
-                    let body = data.slice(at + FRAME_HEADER_LEN..at + len);
-                    let record = format::decode_body(&body, keys).map_err(|e| match e {
-                        seal::Unsealed::UnknownKey(id) => {
-                            format!("encrypted with key {id:08x}, which is not configured")
-                        }
-                        seal::Unsealed::Corrupt => "undecodable body".to_owned(),
-                    });
-                    if !each(seq, record) {
-                        return Ok(());
-                    }
-                    at += len;
+        let finished = walk_frames(&data, SEGMENT_HEADER_LEN, data.len(), |seq, body| {
+            let record = format::decode_body(&body, keys).map_err(|e| match e {
+                seal::Unsealed::UnknownKey(id) => {
+                    format!("encrypted with key {id:08x}, which is not configured")
                 }
-                format::Frame::Padding { len } => at += len.max(1),
-                format::Frame::Invalid => at += 1,
-                format::Frame::Incomplete { .. } => break,
-            }
+                seal::Unsealed::Corrupt => "undecodable body".to_owned(),
+            });
+            each(seq, record)
+        });
+        if !finished {
+            return Ok(());
         }
     }
     Ok(())
