@@ -112,13 +112,13 @@ impl Health {
         if let Some((at, appended, done)) = rates.last {
             let secs = now.duration_since(at).as_secs_f64();
             if secs > 0.0 {
-                let a = stats.next_seq.saturating_sub(appended) as f64 / secs;
+                let a = stored(stats).saturating_sub(appended) as f64 / secs;
                 let f = finished.saturating_sub(done) as f64 / secs;
                 rates.appended_per_sec += RATE_WEIGHT * (a - rates.appended_per_sec);
                 rates.finished_per_sec += RATE_WEIGHT * (f - rates.finished_per_sec);
             }
         }
-        rates.last = Some((now, stats.next_seq, finished));
+        rates.last = Some((now, stored(stats), finished));
     }
 
     /// Seconds until the backlog is gone at the current rates: zero when it is empty, `None`
@@ -185,6 +185,11 @@ impl Health {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
+}
+
+/// Appends that became records since the log was opened: refused ones are not arrivals.
+fn stored(stats: &LogStats) -> u64 {
+    stats.next_seq.saturating_sub(stats.failed_appends)
 }
 
 /// The body of `/readyz`, also what `edgegate status` reads.

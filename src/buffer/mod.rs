@@ -50,7 +50,8 @@
 //!   name and records (or the cursor's head) always give the next number. Failed appends
 //!   leave gaps; the number of an append that failed or never resolved before a crash may
 //!   be given out again (no record ever carried it). `LogStats::records` is computed from
-//!   sequence numbers and counts such gaps until the head passes them.
+//!   sequence numbers less the gaps of failed commits still ahead of the head, so refused
+//!   appends never show as a backlog.
 //! * The reader sees only durable records (written ones under `Durability::None`), in
 //!   sequence order. Acks may arrive in any order; the head is the oldest record read but
 //!   not acknowledged. It is persisted at most every 500 ms, at once when it enters another
@@ -280,6 +281,9 @@ pub struct LogStats {
     pub next_seq: u64,
     pub head_seq: u64,
     pub dropped_records: u64,
+    /// Appends refused because their commit failed (disk full, I/O error) since open. Their
+    /// sequence numbers are gaps: `records` does not count them.
+    pub failed_appends: u64,
     pub corrupt_records: u64,
     pub fsyncs: u64,
     /// Turns of the commit thread's loop since open: it moves at least twice a second while
@@ -445,6 +449,7 @@ impl Log {
             resolved: AtomicU64::new(rec.next_seq),
             waiters: Mutex::new(Vec::new()),
             failures: Mutex::new(VecDeque::new()),
+            gaps: Mutex::new(VecDeque::new()),
             visible: watch::channel(0).0,
             pressure,
             acks: Mutex::new(Acks {
@@ -454,6 +459,7 @@ impl Log {
             reader_taken: AtomicBool::new(false),
             stopped: watch::channel(false).0,
             dropped: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
             corrupt: AtomicU64::new(report.corrupt_records),
             fsyncs: AtomicU64::new(0),
             commit_loops: AtomicU64::new(0),
@@ -629,7 +635,9 @@ impl Log {
             let head = acks.head();
             (head, acks.inflight.front().map(|f| f.received_ms))
         };
-        let records = next_seq.saturating_sub(head.head_seq);
+        let records = next_seq
+            .saturating_sub(head.head_seq)
+            .saturating_sub(shared.gap_records(head.head_seq));
         let now = recovery::now_ms();
         // The oldest unacknowledged record's receive time if it is in flight, else (at
         // segment granularity) when its segment was started.
@@ -648,6 +656,7 @@ impl Log {
             next_seq,
             head_seq: head.head_seq,
             dropped_records: shared.dropped.load(Ordering::Relaxed),
+            failed_appends: shared.failed.load(Ordering::Relaxed),
             corrupt_records: shared.corrupt.load(Ordering::Relaxed),
             fsyncs: shared.fsyncs.load(Ordering::Relaxed),
             commit_loops: shared.commit_loops.load(Ordering::Relaxed),

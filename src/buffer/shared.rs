@@ -36,6 +36,11 @@ pub(crate) struct Shared {
     pub waiters: Mutex<Vec<Waker>>,
     /// Sequence ranges whose commit failed, newest last (bounded).
     pub failures: Mutex<VecDeque<Failure>>,
+    /// Sequence ranges `[start, end)` whose commit failed and that the head has not passed,
+    /// oldest first, adjacent ranges merged. No record carries these numbers, so the backlog
+    /// (`LogStats::records`) must not count them. Pruned as the head passes them: one entry
+    /// per run of failed commits still ahead of the head (a disk that stays full is one).
+    pub gaps: Mutex<VecDeque<(u64, u64)>>,
     /// Bumped whenever the reader may find something new (a commit, a drop, close).
     pub visible: watch::Sender<u64>,
     pub pressure: watch::Sender<Pressure>,
@@ -45,6 +50,8 @@ pub(crate) struct Shared {
     /// Set by the commit thread as it exits.
     pub stopped: watch::Sender<bool>,
     pub dropped: AtomicU64,
+    /// Appends whose commit failed (a write or fsync error) since open.
+    pub failed: AtomicU64,
     pub corrupt: AtomicU64,
     pub fsyncs: AtomicU64,
     /// Bumped on every turn of the commit thread's loop (at least every `CURSOR_INTERVAL`,
@@ -155,6 +162,14 @@ impl Shared {
         if start >= end {
             return;
         }
+        self.failed.fetch_add(end - start, Ordering::Relaxed);
+        {
+            let mut gaps = lock(&self.gaps);
+            match gaps.back_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => gaps.push_back((start, end)),
+            }
+        }
         let mut f = lock(&self.failures);
         if let Some(last) = f.back_mut() {
             if last.end == start && last.error == *error {
@@ -170,6 +185,16 @@ impl Shared {
             end,
             error: error.clone(),
         });
+    }
+
+    /// How many sequence numbers from `head` on belong to failed commits; forgets the gaps
+    /// the head has passed.
+    pub(crate) fn gap_records(&self, head: u64) -> u64 {
+        let mut gaps = lock(&self.gaps);
+        while gaps.front().is_some_and(|&(_, end)| end <= head) {
+            gaps.pop_front();
+        }
+        gaps.iter().map(|&(start, end)| end - start.max(head)).sum()
     }
 
     /// Everything below `upto` has its outcome: wake the appenders waiting for it.
