@@ -80,6 +80,11 @@ pub struct KafkaConfig {
     /// A delivery that takes longer than this counts as a timeout: the window shrinks and a
     /// warning is logged. The record itself is never given up on (the log is the buffer).
     pub delivery_timeout: Duration,
+    /// The forwarder's own liveness bound: records are in flight, nothing has been delivered
+    /// and no bytes have moved for this long, yet a broker answers a metadata request. Then
+    /// the producer is stuck (not Kafka away, not a slow link): it is logged as an ERROR and
+    /// rebuilt, and every unfinished record is sent again in order.
+    pub stall_timeout: Duration,
     /// TLS to the brokers (`SSL`, or `SASL_SSL` with `sasl`). Off when absent.
     pub tls: Option<KafkaTls>,
     /// SASL authentication (SCRAM or PLAIN), over TLS only. Off when absent.
@@ -102,6 +107,7 @@ impl Default for KafkaConfig {
             retry_backoff_min: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(10),
             delivery_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
             tls: None,
             sasl: None,
             properties: RawProperties::default(),
@@ -557,6 +563,10 @@ const FIXED_PROPERTIES: &[(&str, &str)] = &[
     ("queue.buffering.max.ms", "set kafka.linger instead"),
     ("batch.num.messages", "set kafka.batch_max_records instead"),
     ("batch.size", "set kafka.batch_max_bytes instead"),
+    (
+        "statistics.interval.ms",
+        "the forwarder's link state and liveness checks read librdkafka's statistics every 2s",
+    ),
     ("dr_cb", "the forwarder owns delivery reports"),
     ("dr_msg_cb", "the forwarder owns delivery reports"),
 ];
@@ -639,6 +649,11 @@ impl KafkaConfig {
         }
         if self.delivery_timeout.get() < std::time::Duration::from_secs(1) {
             problems.push(format!("{path}.delivery_timeout"), "must be at least 1s");
+        }
+        // Shorter than a produce request's own timeout, a stall could not be told from a
+        // request librdkafka is about to retry.
+        if self.stall_timeout.get() < std::time::Duration::from_secs(5) {
+            problems.push(format!("{path}.stall_timeout"), "must be at least 5s");
         }
 
         let mut raw_ok = true;

@@ -3,7 +3,7 @@
 //! librdkafka's log lines go to `tracing` at levels that do not flood the journal during an
 //! outage.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::ClientContext;
@@ -33,12 +33,74 @@ pub struct Delivery {
     pub result: Result<(), RDKafkaErrorCode>,
 }
 
-/// Shared by every producer instance the forwarder creates.
+/// The context of one producer instance.
 pub struct ForwardContext {
     /// Delivery reports for the forwarder task. Unbounded, but never holds more than the
     /// window: one report per record in flight.
     pub deliveries: mpsc::UnboundedSender<Delivery>,
+    /// Shared by every producer instance the forwarder creates.
     pub link: Arc<LinkTracker>,
+    /// This instance's own view of its brokers, from its statistics.
+    pub health: Arc<ClientHealth>,
+}
+
+/// What one librdkafka client's statistics say about it, for the forwarder's liveness
+/// checks. Written on librdkafka's polling thread, read by the forwarder task.
+#[derive(Debug, Default)]
+pub struct ClientHealth {
+    /// Statistics reports received: librdkafka's main thread is alive and serving timers.
+    reports: AtomicU64,
+    /// Brokers the client knows (bootstrap or learned), not counting its internal one. Zero
+    /// means it can never reach Kafka again by itself: see [`ClientHealth::orphaned`].
+    brokers: AtomicUsize,
+    /// Bytes written to and read from broker connections since the client was created.
+    tx_bytes: AtomicU64,
+    rx_bytes: AtomicU64,
+}
+
+impl ClientHealth {
+    fn update(&self, statistics: &Statistics) {
+        let real = statistics
+            .brokers
+            .values()
+            .filter(|b| b.source != "internal" && b.source != "logical");
+        let (mut brokers, mut tx, mut rx) = (0, 0, 0);
+        for b in real {
+            brokers += 1;
+            tx += b.txbytes;
+            rx += b.rxbytes;
+        }
+        self.brokers.store(brokers, Ordering::Relaxed);
+        self.tx_bytes.store(tx, Ordering::Relaxed);
+        self.rx_bytes.store(rx, Ordering::Relaxed);
+        self.reports.fetch_add(1, Ordering::Release);
+    }
+
+    /// Statistics reports so far.
+    pub fn reports(&self) -> u64 {
+        self.reports.load(Ordering::Acquire)
+    }
+
+    /// The client has forgotten every broker it knew. librdkafka 2.10 and later decommission
+    /// the brokers a Metadata response does not list, and a broker in controlled shutdown
+    /// answers with an empty broker list (librdkafka issue 5301): with one broker, or with
+    /// every broker restarting, nothing is left. No broker means no Metadata request, and
+    /// librdkafka re-bootstraps only after one failed or after "all brokers down", which a
+    /// client without brokers never reports, so it stays that way for good: no connection,
+    /// no delivery, no error, no link event.
+    pub fn orphaned(&self) -> bool {
+        self.reports() > 0 && self.brokers.load(Ordering::Relaxed) == 0
+    }
+
+    /// Bytes moved over broker connections (both directions) per the last report.
+    pub fn bytes_moved(&self) -> u64 {
+        self.tx_bytes.load(Ordering::Relaxed) + self.rx_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Brokers known per the last report.
+    pub fn brokers(&self) -> usize {
+        self.brokers.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientContext for ForwardContext {
@@ -63,6 +125,7 @@ impl ClientContext for ForwardContext {
     }
 
     fn stats(&self, statistics: Statistics) {
+        self.health.update(&statistics);
         let up = statistics
             .brokers
             .values()
@@ -142,6 +205,10 @@ impl LinkTracker {
 
     pub fn subscribe(&self) -> watch::Receiver<LinkState> {
         self.state.subscribe()
+    }
+
+    pub fn state(&self) -> LinkState {
+        *self.state.borrow()
     }
 
     /// A broker answered or a record was delivered.

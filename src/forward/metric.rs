@@ -17,6 +17,8 @@ pub const WINDOW_BYTES: &str = "edgegate_kafka_window_bytes";
 pub const LINK_UP: &str = "edgegate_kafka_link_up";
 pub const LATENCY: &str = "edgegate_kafka_produce_latency_seconds";
 pub const REBUILDS: &str = "edgegate_kafka_producer_rebuilds_total";
+pub const REBOOTSTRAPS: &str = "edgegate_kafka_rebootstraps_total";
+pub const STALLS: &str = "edgegate_kafka_stalls_total";
 
 pub fn delivered(n: u64) {
     metrics::counter!(DELIVERED).increment(n);
@@ -42,6 +44,16 @@ pub fn client_error(kind: &'static str) {
 
 pub fn rebuilt() {
     metrics::counter!(REBUILDS).increment(1);
+}
+
+/// A client that forgot every broker was given its bootstrap brokers again.
+pub fn rebootstrapped() {
+    metrics::counter!(REBOOTSTRAPS).increment(1);
+}
+
+/// The liveness probe found Kafka answering while the producer delivered nothing.
+pub fn stalled() {
+    metrics::counter!(STALLS).increment(1);
 }
 
 pub fn in_flight(records: usize, bytes: usize) {

@@ -92,7 +92,9 @@ pub mod config;
 
 mod classify;
 mod context;
+mod liveness;
 mod metric;
+mod rebootstrap;
 mod record;
 mod window;
 mod worker;
@@ -131,9 +133,13 @@ pub struct Progress {
     pub dead_lettered: u64,
     /// Records read from the log and not yet finished.
     pub in_flight: usize,
+    /// Kafka answers but the producer delivers nothing (see `liveness`); cleared by the next
+    /// delivery.
+    pub stalled: bool,
     pub last_delivery: Option<std::time::Instant>,
     /// Refreshed twice a second while the forwarder's loop runs, whatever Kafka does: the
-    /// watchdog pings on this, so an outage does not get the gateway restarted.
+    /// watchdog pings on this, so an outage does not get the gateway restarted. It stops
+    /// when a stall outlives the rebuild that was to cure it.
     pub heartbeat: Option<std::time::Instant>,
 }
 
@@ -203,6 +209,8 @@ impl Forwarder {
             max_in_flight_records: cfg.max_in_flight_records,
             max_in_flight_bytes: usize::try_from(cfg.max_in_flight_bytes.get())
                 .unwrap_or(usize::MAX),
+            stall_timeout: cfg.stall_timeout.get(),
+            brokers: cfg.brokers.join(","),
         };
         let worker = worker::Worker::new(
             settings,

@@ -118,6 +118,8 @@ fn start(tweak: impl FnOnce(&mut KafkaConfig)) -> Harness {
         backoff_max: cfg.retry_backoff_max.get(),
         max_in_flight_records: cfg.max_in_flight_records,
         max_in_flight_bytes: cfg.max_in_flight_bytes.get() as usize,
+        stall_timeout: cfg.stall_timeout.get(),
+        brokers: cfg.brokers.join(","),
     };
     let worker = Worker::new(
         settings,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::config::FromClientConfigAndContext;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::classify::{self, Disposition};
-use super::context::{Delivery, ForwardContext, LinkTracker, Tag};
+use super::context::{ClientHealth, Delivery, ForwardContext, LinkTracker, Tag};
+use super::liveness::{Liveness, Verdict};
 use super::window::{Backoff, Window};
 use super::{ForwardError, Progress, metric, record};
 use crate::buffer::{AppendError, Log, LogError, LogReader, Record, StoredRecord};
@@ -68,6 +69,65 @@ impl DeadLetterSink for Log {
 
 type KafkaProducer = ThreadedProducer<ForwardContext>;
 
+/// One producer instance and what its statistics say about it.
+struct Instance {
+    producer: KafkaProducer,
+    health: Arc<ClientHealth>,
+    /// The statistics report after which the bootstrap brokers were last added again.
+    rebootstrapped_at: u64,
+    /// Times the brokers were added again while the client stayed without any.
+    rebootstraps_in_a_row: u32,
+    /// Times the brokers were added again over the instance's life (librdkafka keeps a copy
+    /// of each list added, so this is bounded by a rebuild).
+    rebootstraps: u32,
+}
+
+/// Brokers added again this many times in a row without the client knowing one afterwards:
+/// rebuild instead.
+const MAX_REBOOTSTRAPS_IN_A_ROW: u32 = 3;
+/// Brokers added again this many times over one instance's life: rebuild instead.
+const MAX_REBOOTSTRAPS: u32 = 100;
+/// How long a probe waits for a Metadata answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a rebuild waits for the old producer's threads to finish.
+const DROP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to do about a client that forgot every broker.
+enum Orphan {
+    Rebootstrapped,
+    Rebuild,
+}
+
+impl Instance {
+    /// Adds the bootstrap brokers again if the client has forgotten every broker (see
+    /// [`ClientHealth::orphaned`]); once per statistics report, a few times in a row at
+    /// most.
+    fn heal_orphan(&mut self, brokers: &str) -> Option<Orphan> {
+        if !self.health.orphaned() {
+            self.rebootstraps_in_a_row = 0;
+            return None;
+        }
+        let report = self.health.reports();
+        if report <= self.rebootstrapped_at {
+            return None;
+        }
+        if self.rebootstraps_in_a_row >= MAX_REBOOTSTRAPS_IN_A_ROW
+            || self.rebootstraps >= MAX_REBOOTSTRAPS
+        {
+            return Some(Orphan::Rebuild);
+        }
+        self.rebootstrapped_at = report;
+        self.rebootstraps_in_a_row += 1;
+        self.rebootstraps += 1;
+        let added = super::rebootstrap::add_brokers(self.producer.client(), brokers);
+        Some(if added > 0 {
+            Orphan::Rebootstrapped
+        } else {
+            Orphan::Rebuild
+        })
+    }
+}
+
 /// Numbers fixed at construction.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -77,6 +137,10 @@ pub struct Settings {
     pub backoff_max: Duration,
     pub max_in_flight_records: usize,
     pub max_in_flight_bytes: usize,
+    /// See [`super::liveness`].
+    pub stall_timeout: Duration,
+    /// `bootstrap.servers`, to add again to a client that forgot every broker.
+    pub brokers: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,8 +172,14 @@ pub struct Worker<S, D> {
     /// The same configuration with one record per batch, for isolating a record whose
     /// batch the broker rejected.
     alone_config: ClientConfig,
-    producer: Option<KafkaProducer>,
-    alone_producer: Option<KafkaProducer>,
+    producer: Option<Instance>,
+    alone_producer: Option<Instance>,
+    /// The producer's configuration for a client of its own that asks the brokers for
+    /// metadata when the producer looks stuck.
+    probe_config: ClientConfig,
+    probe_tx: mpsc::UnboundedSender<Probed>,
+    probe_rx: mpsc::UnboundedReceiver<Probed>,
+    liveness: Liveness,
     link: Arc<LinkTracker>,
     deliveries_tx: mpsc::UnboundedSender<Delivery>,
     deliveries_rx: mpsc::UnboundedReceiver<Delivery>,
@@ -127,11 +197,19 @@ pub struct Worker<S, D> {
     rebuild_at: Option<Instant>,
     window: Window,
     backoff: Backoff,
-    /// A stall was reported and no delivery has happened since.
-    stalled: bool,
+    /// A slow delivery was reported and no delivery has happened since.
+    slow: bool,
     /// Records delivered since start (mirrored into `progress` once per batch of reports).
     delivered: u64,
     progress: watch::Sender<Progress>,
+}
+
+/// A probe's outcome: when it started, and the partitions the brokers listed with a leader
+/// for the topic asked about, or why they did not answer.
+struct Probed {
+    started: Instant,
+    topic: String,
+    result: Result<usize, String>,
 }
 
 enum Sent {
@@ -154,6 +232,19 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     ) -> Worker<S, D> {
         let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
         let (dead_lettered_tx, dead_lettered_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let mut probe_config = client_config.clone();
+        // A plain client: no producer id to acquire, no statistics, named as the probe in
+        // broker logs.
+        let probe_id = format!(
+            "{}-probe",
+            client_config.get("client.id").unwrap_or("edgegate")
+        );
+        probe_config
+            .set("enable.idempotence", "false")
+            .set("statistics.interval.ms", "0")
+            .set("client.id", probe_id);
+        let liveness = Liveness::new(settings.stall_timeout, Instant::now());
         let mut alone_config = client_config.clone();
         alone_config
             .set("batch.num.messages", "1")
@@ -169,6 +260,10 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             alone_config,
             producer: None,
             alone_producer: None,
+            probe_config,
+            probe_tx,
+            probe_rx,
+            liveness,
             link,
             deliveries_tx,
             deliveries_rx,
@@ -182,7 +277,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             rebuild_at: None,
             window,
             backoff,
-            stalled: false,
+            slow: false,
             delivered: 0,
             progress,
         }
@@ -192,21 +287,32 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         self.settings.grace = grace;
     }
 
-    fn create_producer(&self, alone: bool) -> Result<KafkaProducer, ForwardError> {
+    fn create_producer(&self, alone: bool) -> Result<Instance, ForwardError> {
+        let health = Arc::new(ClientHealth::default());
         let context = ForwardContext {
             deliveries: self.deliveries_tx.clone(),
             link: self.link.clone(),
+            health: health.clone(),
         };
         let config = if alone {
             &self.alone_config
         } else {
             &self.client_config
         };
-        KafkaProducer::from_config_and_context(config, context).map_err(ForwardError::Client)
+        let producer = KafkaProducer::from_config_and_context(config, context)
+            .map_err(ForwardError::Client)?;
+        Ok(Instance {
+            producer,
+            health,
+            rebootstrapped_at: 0,
+            rebootstraps_in_a_row: 0,
+            rebootstraps: 0,
+        })
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ForwardError> {
         self.producer = Some(self.create_producer(false)?);
+        self.liveness.new_producer(Instant::now());
         let (records, bytes) = self.window.limits();
         metric::window(records, bytes);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -273,6 +379,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                     }
                 },
                 Some(seq) = self.dead_lettered_rx.recv() => self.finish(seq),
+                Some(probed) = self.probe_rx.recv() => self.on_probe(probed),
                 n = self.deliveries_rx.recv_many(&mut reports, 4096) => {
                     if n > 0 {
                         let before = self.delivered;
@@ -370,7 +477,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         } else {
             &self.producer
         };
-        let Some(producer) = producer else {
+        let Some(Instance { producer, .. }) = producer else {
             return Sent::Blocked;
         };
         let Some(p) = self.in_flight.get_mut(&seq) else {
@@ -451,10 +558,11 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         if p.attempt != report.attempt || p.state != State::Sending {
             return;
         }
+        self.liveness.progress(Instant::now());
         match report.result {
             Ok(()) => {
                 metric::latency(p.sent_at.elapsed());
-                self.stalled = false;
+                self.slow = false;
                 self.backoff.reset();
                 self.finish(report.seq);
                 metric::delivered(1);
@@ -551,6 +659,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             .take()
             .into_iter()
             .chain(self.alone_producer.take())
+            .map(|i| i.producer)
             .collect();
         for (seq, p) in self.in_flight.iter_mut() {
             if p.state == State::Sending {
@@ -558,10 +667,16 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 self.resend.insert(*seq);
             }
         }
-        // Dropping a producer purges and joins its threads: blocking.
-        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        // Dropping a producer purges and joins its threads: blocking. A client wedged badly
+        // enough that its threads never finish is left behind rather than stopping the
+        // forwarder with it; its reports are stale and ignored.
+        let dropped = tokio::task::spawn_blocking(move || drop(old));
+        if tokio::time::timeout(DROP_TIMEOUT, dropped).await.is_err() {
+            tracing::error!(waited = ?DROP_TIMEOUT, "The old Kafka producer did not shut down; leaving it behind and going on with a new one.");
+        }
         self.link.take_fatal();
         self.producer = Some(self.create_producer(false)?);
+        self.liveness.new_producer(Instant::now());
         self.rebuild_at = None;
         self.resend_at = None;
         Ok(())
@@ -571,6 +686,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         if self.link.take_fatal() {
             self.schedule_rebuild("fatal error reported by librdkafka");
         }
+        self.heal_orphans();
         let (records, bytes) = self.window.limits();
         metric::window(records, bytes);
         metric::in_flight(self.in_flight.len(), self.in_flight_bytes);
@@ -580,20 +696,142 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             .find(|(_, p)| p.state == State::Sending);
         if let Some((seq, p)) = oldest {
             let waited = p.sent_at.elapsed();
-            if waited > self.settings.delivery_timeout && !self.stalled {
-                self.stalled = true;
+            if waited > self.settings.delivery_timeout && !self.slow {
+                self.slow = true;
                 metric::error("timeout");
-                tracing::warn!(seq = *seq, waited = ?waited, in_flight = self.in_flight.len(), "Kafka deliveries are stalled; retrying without limit.");
-                if let Some(change) = self.window.on_trouble("deliveries stalled") {
+                tracing::warn!(seq = *seq, waited = ?waited, in_flight = self.in_flight.len(), "Kafka deliveries are slow; retrying without limit.");
+                if let Some(change) = self.window.on_trouble("deliveries slow") {
                     metric::window_changed(change);
                 }
             }
         }
+        let now = Instant::now();
+        let bytes_moved = self
+            .producer
+            .iter()
+            .chain(&self.alone_producer)
+            .map(|i| i.health.bytes_moved())
+            .sum();
+        if let Some((_, p)) = oldest {
+            let topic = p.record.kafka_topic.clone();
+            if self.liveness.check(now, true, bytes_moved) {
+                self.start_probe(now, topic);
+            }
+        } else {
+            self.liveness.check(now, false, bytes_moved);
+        }
+        let stalled = self.liveness.stalled();
+        let stuck = self.liveness.stuck(now);
         let in_flight = self.in_flight.len();
         self.progress.send_modify(|pr| {
             pr.in_flight = in_flight;
-            pr.heartbeat = Some(std::time::Instant::now());
+            pr.stalled = stalled;
+            // The watchdog's food: withheld once a rebuild did not cure a stall, so systemd
+            // restarts the gateway as a last resort.
+            if !stuck {
+                pr.heartbeat = Some(std::time::Instant::now());
+            }
         });
+    }
+
+    /// Gives a client that forgot every broker its bootstrap brokers back (see
+    /// [`super::rebootstrap`]), or rebuilds it when that does not help.
+    fn heal_orphans(&mut self) {
+        let brokers = self.settings.brokers.clone();
+        let in_flight = self.in_flight.len();
+        let mut rebuild = false;
+        for instance in self
+            .producer
+            .iter_mut()
+            .chain(self.alone_producer.iter_mut())
+        {
+            match instance.heal_orphan(&brokers) {
+                None => {}
+                Some(Orphan::Rebootstrapped) => {
+                    metric::rebootstrapped();
+                    tracing::warn!(
+                        in_flight,
+                        brokers = %brokers,
+                        "The Kafka client forgot every broker (a broker in controlled shutdown listed none: librdkafka issue 5301); adding the bootstrap brokers again."
+                    );
+                }
+                Some(Orphan::Rebuild) => rebuild = true,
+            }
+        }
+        if rebuild {
+            self.schedule_rebuild("the Kafka client knows no broker, and adding the bootstrap brokers again did not help");
+        }
+    }
+
+    /// Asks the brokers, through a client of its own, for `topic`'s partitions.
+    fn start_probe(&mut self, started: Instant, topic: String) {
+        let config = self.probe_config.clone();
+        let done = self.probe_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = config
+                .create::<BaseProducer>()
+                .map_err(|e| e.to_string())
+                .and_then(|client| {
+                    let metadata = client
+                        .client()
+                        .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+                        .map_err(|e| e.to_string())?;
+                    Ok(metadata
+                        .topics()
+                        .iter()
+                        .flat_map(|t| t.partitions())
+                        .filter(|p| p.leader() >= 0)
+                        .count())
+                });
+            let _ = done.send(Probed {
+                started,
+                topic,
+                result,
+            });
+        });
+    }
+
+    /// A probe's answer: a stall (rebuild), an outage (the link is down, whatever the
+    /// producer says), or progress meanwhile (nothing to do).
+    fn on_probe(&mut self, probed: Probed) {
+        let now = Instant::now();
+        // A partition without a leader is Kafka's outage, not the producer's stall.
+        let answered = matches!(probed.result, Ok(leaders) if leaders > 0);
+        match self.liveness.probed(now, probed.started, answered) {
+            Verdict::Moving => {}
+            Verdict::Unreachable => {
+                let reason = match &probed.result {
+                    Ok(_) => format!("no partition of {} has a leader", probed.topic),
+                    Err(e) => format!("the brokers do not answer a metadata request: {e}"),
+                };
+                tracing::debug!(reason, "Probed Kafka while nothing was delivered.");
+                self.link.down(&reason);
+            }
+            Verdict::Stalled => {
+                let (brokers, reports) = self
+                    .producer
+                    .as_ref()
+                    .map_or((0, 0), |i| (i.health.brokers(), i.health.reports()));
+                let oldest = self
+                    .in_flight
+                    .iter()
+                    .find(|(_, p)| p.state == State::Sending)
+                    .map(|(seq, _)| *seq);
+                metric::stalled();
+                tracing::error!(
+                    quiet_for = ?self.liveness.quiet_for(now),
+                    in_flight = self.in_flight.len(),
+                    oldest_seq = ?oldest,
+                    topic = %probed.topic,
+                    producer_brokers = brokers,
+                    producer_stats_reports = reports,
+                    link = ?self.link.state(),
+                    "Kafka answers but the producer has delivered nothing: it is stalled. Rebuilding it and sending the unfinished records again in order."
+                );
+                self.link.up();
+                self.schedule_rebuild("the producer stalled while Kafka answers");
+            }
+        }
     }
 
     /// After the loop: give librdkafka a last moment, then drop the producers (which purges
@@ -604,6 +842,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             .take()
             .into_iter()
             .chain(self.alone_producer.take())
+            .map(|i| i.producer)
             .collect();
         let _ = tokio::task::spawn_blocking(move || {
             for p in &producers {
