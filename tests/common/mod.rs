@@ -1,16 +1,63 @@
-//! What every integration test shares: one Kafka broker per run ([`kafka`]), the admin
-//! endpoint over HTTP ([`http`]) and raw MQTT packets ([`mqtt`]).
+//! The test harness: what every integration test uses to run a gateway, feed it and read back
+//! what it forwarded. New tests use these and nothing of their own for the same jobs.
+//!
+//! - [`config`]: `gateway.toml` for one test, [`GatewayToml`], with defaults for tests (every
+//!   listener on `127.0.0.1:0`, the run's test broker as Kafka, a small buffer beside it).
+//! - [`gateway`]: one gateway on that config, in a fresh directory, started in this process
+//!   or as the real binary; the addresses its listeners got come back from it.
+//! - [`mqtt`]: publishing with real clients ([`mosquitto_pub`], [`rumqttc`]) and raw packets.
+//! - [`kafka`]: the one Kafka broker of the test run, the guards for tests that stop it, and
+//!   reading topics back ([`consume_all`]).
+//! - [`http`]: the admin endpoint (`/metrics`, `/readyz`) over plain HTTP.
+//!
+//! # Starting a gateway
+//!
+//! ```ignore
+//! let gw = common::gateway(GatewayToml::new().id("my-gw").route("#", &topic)).start();
+//! let acked = common::rumqttc(gw.mqtt_addr(), "dev-1").publish("a/1", payloads).await;
+//! ```
+//!
+//! [`Builder::start`] runs it **in process** (`edgegate::start` on a runtime of its own, in a
+//! thread of its own) and returns once the listeners are bound; `mqtt_addr()`, `coap_addr()`,
+//! `mqtts_addr()` and `admin_addr()` are the addresses they got. Use it by default: it
+//! starts fast and works the same from `#[test]` and `#[tokio::test]`.
+//!
+//! [`Builder::start_process`] runs **the real binary** (`edgegate run`) and reads the same
+//! addresses from its startup log lines. Use it only where the test needs what only a process
+//! has:
+//!
+//! - signals (SIGHUP reload, SIGTERM and the exit status), SIGKILL and restarts on the same
+//!   log ([`Process::kill`], [`Process::restart`]; [`Builder::pin_addresses`] keeps the ports
+//!   across restarts, for clients that reconnect, and for `edgegate status --config`);
+//! - systemd's environment (`NOTIFY_SOCKET`, `WATCHDOG_USEC`) or any variable of its own
+//!   ([`Builder::env`]);
+//! - the gateway's log output ([`Process::wait_for_log`]): in process, logs go to the test's
+//!   tracing subscriber, shared by every test in the binary;
+//! - metrics that only this gateway moved: in process, every gateway of the test binary
+//!   shares the one Prometheus recorder.
+//!
+//! Both are stopped when dropped (in process: shut down and waited for; the binary: SIGKILL)
+//! and their directory is deleted.
+//!
+//! # Kafka
+//!
+//! A test that needs the broker up holds [`shared()`] for its whole body, one that stops it
+//! holds [`exclusive()`]; see [`kafka`].
 
 // Each test binary uses a different part of this module (and of what it re-exports).
 #![allow(dead_code, unused_imports)]
 
+pub mod config;
+pub mod gateway;
 pub mod http;
 pub mod kafka;
 pub mod mqtt;
 
+pub use config::{GatewayToml, Password};
+pub use gateway::{Builder, InProcess, Process, gateway};
 pub use http::{admin_addr, http_get, metric};
 pub use kafka::{
     Consumed, bootstrap, by_partition, client_config, consume_all, consume_all_blocking,
     create_topic, exclusive, secured, shared, unique_topic,
 };
-pub use mqtt::{mqtt_frame, mqtt_string};
+pub use mqtt::{mosquitto_pub, mqtt_frame, mqtt_string, rumqttc};
