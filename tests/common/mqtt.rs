@@ -72,6 +72,12 @@ impl MosquittoPub {
         self
     }
 
+    /// Runs it with the options given so far (a test that passes `-m` among them).
+    pub fn run(self) -> Output {
+        let command = self.command(std::iter::empty());
+        run(command, None, self.timeout)
+    }
+
     /// Publishes one message (`-m`). Exit status 0 means it was acknowledged (QoS ≥ 1).
     pub fn message(self, message: &str) -> Output {
         let command = self.command(["-m", message]);
