@@ -321,8 +321,8 @@ impl Drop for InProcess {
 
 // ---- the real binary ----------------------------------------------------------------------
 
-/// The real `edgegate` binary, `edgegate run --config <dir>/gateway.toml`, its stdout and
-/// stderr appended to `<dir>/gateway.log` across restarts. Dropping it kills it (SIGKILL).
+/// The real `edgegate` binary, `edgegate run --config <dir>/gateway.toml`, its stderr (the
+/// log) appended to `<dir>/gateway.log` across restarts. Dropping it kills it (SIGKILL).
 pub struct Process {
     child: Option<Child>,
     config: GatewayToml,
@@ -363,10 +363,10 @@ impl Process {
                 None => command.env_remove(key),
             };
         }
-        let stdout = log.try_clone().expect("a second handle on gateway.log");
+        // `edgegate run` logs on stderr and prints nothing on stdout.
         let child = command
             .stdin(Stdio::null())
-            .stdout(stdout)
+            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn edgegate");
@@ -518,6 +518,12 @@ impl Process {
     /// SIGTERM, and the exit status of the graceful shutdown (SIGKILL and a panic after 30 s).
     pub fn terminate(&mut self) -> ExitStatus {
         self.signal("-TERM");
+        self.wait()
+    }
+
+    /// Waits for the process to exit (after a signal sent with [`Process::signal`]) and
+    /// returns its status; SIGKILL and a panic after 30 s.
+    pub fn wait(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("the gateway is running");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -527,7 +533,7 @@ impl Process {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("edgegate did not stop within 30 s of SIGTERM");
+                panic!("edgegate did not exit within 30 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
