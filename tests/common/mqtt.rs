@@ -164,6 +164,9 @@ fn run(mut command: Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Outpu
     }
 }
 
+/// How long a rumqttc publisher waits for the next event before it gives up.
+const PATIENCE: Duration = Duration::from_secs(20);
+
 /// A rumqttc client (3.1.1 unless [`Rumqttc::v5`]) against `addr`, as `client_id`; send with
 /// [`Rumqttc::publish`].
 pub fn rumqttc(addr: SocketAddr, client_id: &str) -> Rumqttc {
@@ -218,8 +221,8 @@ impl Rumqttc {
 
     /// Publishes `payloads` to `topic` and returns the indexes the gateway acknowledged
     /// (PUBACK with success / PUBREC for QoS 1 / 2; sent, for QoS 0), in that order. Stops at
-    /// the first connection error or after 20 s without an event; after a complete run it
-    /// disconnects cleanly.
+    /// the first connection error or after [`PATIENCE`] without an event; after a complete
+    /// run it disconnects cleanly.
     pub async fn publish(self, topic: &str, payloads: Vec<Vec<u8>>) -> Vec<usize> {
         if self.v5 {
             self.publish_v5(topic, payloads).await
@@ -229,7 +232,7 @@ impl Rumqttc {
     }
 
     async fn publish_v4(self, topic: &str, payloads: Vec<Vec<u8>>) -> Vec<usize> {
-        use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+        use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, QoS};
         let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(self.qos)];
         let mut options = MqttOptions::new(
             &self.client_id,
@@ -261,15 +264,10 @@ impl Rumqttc {
         });
         let mut acks = Acks::default();
         while acks.acked.len() < total {
-            match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                    acks.sent(pkid, qos == QoS::AtMostOnce)
-                }
-                Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => acks.answered(a.pkid, true),
-                Ok(Ok(Event::Incoming(Packet::PubRec(r)))) => acks.answered(r.pkid, true),
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) | Err(_) => break,
-            }
+            let Ok(Ok(event)) = tokio::time::timeout(PATIENCE, eventloop.poll()).await else {
+                break;
+            };
+            acks.see(seen_v4(event), qos == QoS::AtMostOnce);
         }
         if acks.acked.len() < total {
             // The connection died: without its event loop, a publish blocked on the full
@@ -293,10 +291,9 @@ impl Rumqttc {
     }
 
     async fn publish_v5(self, topic: &str, payloads: Vec<Vec<u8>>) -> Vec<usize> {
-        use rumqttc::Outgoing;
         use rumqttc::v5::mqttbytes::QoS;
-        use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
-        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        use rumqttc::v5::{AsyncClient, MqttOptions};
         let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(self.qos)];
         let mut options = MqttOptions::new(
             &self.client_id,
@@ -342,17 +339,10 @@ impl Rumqttc {
         });
         let mut acks = Acks::default();
         while acks.acked.len() < total {
-            match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                    acks.sent(pkid, qos == QoS::AtMostOnce)
-                }
-                Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
-                    acks.answered(a.pkid, a.reason == PubAckReason::Success)
-                }
-                Ok(Ok(Event::Incoming(Packet::PubRec(r)))) => acks.answered(r.pkid, true),
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) | Err(_) => break,
-            }
+            let Ok(Ok(event)) = tokio::time::timeout(PATIENCE, eventloop.poll()).await else {
+                break;
+            };
+            acks.see(seen_v5(event), qos == QoS::AtMostOnce);
         }
         if acks.acked.len() < total {
             drop(eventloop);
@@ -379,7 +369,51 @@ struct Acks {
     acked: Vec<usize>,
 }
 
+/// What a 3.1.1 client's event means to [`Acks`].
+fn seen_v4(event: rumqttc::Event) -> Seen {
+    use rumqttc::{Event, Outgoing, Packet};
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => Seen::Sent(pkid),
+        Event::Incoming(Packet::PubAck(a)) => Seen::Answered(a.pkid, true),
+        Event::Incoming(Packet::PubRec(r)) => Seen::Answered(r.pkid, true),
+        _ => Seen::Other,
+    }
+}
+
+/// What an MQTT 5 client's event means to [`Acks`]: a PUBACK with a reason other than
+/// success is an answer, not an acknowledgement.
+fn seen_v5(event: rumqttc::v5::Event) -> Seen {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => Seen::Sent(pkid),
+        Event::Incoming(Packet::PubAck(a)) => {
+            Seen::Answered(a.pkid, a.reason == PubAckReason::Success)
+        }
+        Event::Incoming(Packet::PubRec(r)) => Seen::Answered(r.pkid, true),
+        _ => Seen::Other,
+    }
+}
+
+/// What one event of either client means to [`Acks`].
+enum Seen {
+    /// A publish went out with this packet id.
+    Sent(u16),
+    /// The gateway answered this packet id, with success or not.
+    Answered(u16, bool),
+    Other,
+}
+
 impl Acks {
+    fn see(&mut self, seen: Seen, qos0: bool) {
+        match seen {
+            Seen::Sent(pkid) => self.sent(pkid, qos0),
+            Seen::Answered(pkid, success) => self.answered(pkid, success),
+            Seen::Other => {}
+        }
+    }
+
     /// A publish went out; QoS 0 counts as acknowledged when sent.
     fn sent(&mut self, pkid: u16, qos0: bool) {
         if qos0 {
