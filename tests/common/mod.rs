@@ -6,6 +6,8 @@
 //! - [`gateway`]: one gateway on that config, in a fresh directory, started in this process
 //!   or as the real binary; the addresses its listeners got come back from it.
 //! - [`mqtt`]: publishing with real clients ([`mosquitto_pub`], [`rumqttc`]) and raw packets.
+//! - [`forwarder`]: the forwarder alone over a log the test fills, for tests of the Kafka side
+//!   that look at the log themselves.
 //! - [`kafka`]: the one Kafka broker of the test run, the guards for tests that stop it, and
 //!   reading topics back ([`consume_all`]).
 //! - [`http`]: the admin endpoint (`/metrics`, `/readyz`) over plain HTTP.
@@ -48,6 +50,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod config;
+pub mod forwarder;
 pub mod gateway;
 pub mod http;
 pub mod kafka;
