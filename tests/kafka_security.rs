@@ -16,12 +16,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::forwarder::{Forwarding, open_logs};
 use common::{GatewayToml, Password};
-use edgegate::buffer::{Durability, Log, LogConfig, Record, Source};
+use edgegate::buffer::{Durability, Log, Record, Source};
+use edgegate::forward::LinkState;
 use edgegate::forward::config::KafkaConfig;
-use edgegate::forward::{Forwarder, LastError, LinkState, Progress};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const GATEWAY: &str = "gw-ksec";
 
@@ -62,19 +61,9 @@ fn mutual_tls(ca: &Path, client_cert: bool) -> GatewayToml {
         .kafka_tls(ca, client)
 }
 
+/// The log in `dir/log`, as the gateway on `dir/gateway.toml` keeps it.
 async fn open(dir: &Path) -> (Log, Log) {
-    let main = LogConfig {
-        durability: Durability::Fsync,
-        ..LogConfig::new(dir.join("log"))
-    };
-    let dead = LogConfig::new(dir.join("log/dead-letter"));
-    tokio::task::spawn_blocking(move || {
-        let (log, _) = Log::open(main).expect("open the log");
-        let (dead, _) = Log::open(dead).expect("open the dead-letter log");
-        (log, dead)
-    })
-    .await
-    .expect("open task")
+    open_logs(&dir.join("log"), Durability::Fsync).await
 }
 
 fn record(topic: &str, n: u64) -> Record {
@@ -111,75 +100,9 @@ async fn append(log: &Log, topic: &str, n: u64) -> BTreeMap<u64, Record> {
     sent
 }
 
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), edgegate::forward::ForwardError>>,
-    progress: watch::Receiver<Progress>,
-    link: watch::Receiver<LinkState>,
-    last_error: LastError,
-}
-
-fn start(log: &Log, dead: &Log, cfg: &KafkaConfig) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
-    let forwarder = Forwarder::new(cfg, GATEWAY, log.reader().expect("reader"), dead.clone())
-        .expect("forwarder")
-        .with_shutdown_grace(Duration::from_secs(2));
-    let shutdown = CancellationToken::new();
-    Running {
-        progress: forwarder.progress(),
-        link: forwarder.link_state(),
-        last_error: forwarder.last_error(),
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(forwarder.run(shutdown)),
-    }
-}
-
-impl Running {
-    async fn delivered(&self, n: u64) {
-        let mut progress = self.progress.clone();
-        let waited = tokio::time::timeout(
-            Duration::from_secs(60),
-            progress.wait_for(|p| p.delivered + p.dead_lettered >= n),
-        )
-        .await
-        .map(|r| r.map(drop));
-        assert!(
-            matches!(waited, Ok(Ok(()))),
-            "fewer than {n} records finished within 60 s: {:?}; last error {:?}",
-            *self.progress.borrow(),
-            self.last_error.get()
-        );
-    }
-
-    /// Waits until the last error contains one of `needles`; returns it.
-    async fn refused_with(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(error) = self.last_error.get() {
-                if needles.iter().any(|n| error.contains(n)) {
-                    return error;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no error containing {needles:?} within 30 s; last error {:?}",
-                self.last_error.get()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("forwarder stops within its grace period")
-            .expect("forwarder task")
-            .expect("forwarder result");
-    }
+/// The forwarder as this gateway, with a 2 s drain at shutdown.
+fn start(log: &Log, dead: &Log, cfg: &KafkaConfig) -> Forwarding {
+    common::forwarder::forward(log, dead, cfg, GATEWAY, Duration::from_secs(2))
 }
 
 fn seq_of(c: &common::Consumed) -> u64 {
@@ -220,7 +143,9 @@ async fn forwards_through(kafka: impl FnOnce(&Path) -> GatewayToml, prefix: &str
     let (log, dead) = open(dir.path()).await;
     let sent = append(&log, &topic, 200).await;
     let running = start(&log, &dead, &cfg);
-    running.delivered(200).await;
+    running
+        .delivered_at_least(200, Duration::from_secs(60))
+        .await;
     assert_eq!(running.progress.borrow().dead_lettered, 0);
     assert_eq!(*running.link.borrow(), LinkState::Up);
     let got = common::consume_all(&topic, 200, Duration::from_secs(60)).await;
@@ -314,7 +239,9 @@ async fn refused_then_fixed(
     let (log, dead) = open(dir.path()).await;
     assert_eq!(log.stats().head_seq, head, "still there after the restart");
     let running = start(&log, &dead, &good);
-    running.delivered(50).await;
+    running
+        .delivered_at_least(50, Duration::from_secs(60))
+        .await;
     assert_eq!(running.progress.borrow().dead_lettered, 0);
     let got = common::consume_all(&topic, 50, Duration::from_secs(60)).await;
     assert_same(&got, &sent);
