@@ -40,8 +40,8 @@ pub struct Builder {
     /// file a test puts beside them (certificates, password files); deleted with the gateway.
     dir: tempfile::TempDir,
     config: GatewayToml,
-    /// Binary only: variables to set (`Some`) or remove (`None`), in order.
-    env: Vec<(String, Option<String>)>,
+    /// Binary only: variables to set in its environment, in order.
+    env: Vec<(String, String)>,
     /// Binary only: `--log-format`, or none to let the binary choose.
     log_format: Option<&'static str>,
     /// Binary only: after the first start, write the bound addresses into `gateway.toml`.
@@ -53,7 +53,7 @@ pub fn gateway(config: GatewayToml) -> Builder {
     Builder {
         dir: tempfile::tempdir().expect("a temporary directory for the gateway"),
         config,
-        env: vec![("RUST_LOG".into(), Some("info".into()))],
+        env: vec![("RUST_LOG".into(), "info".into())],
         log_format: Some("text"),
         pin: false,
     }
@@ -75,7 +75,7 @@ impl Builder {
 
     /// Binary only: sets a variable in the gateway's environment.
     pub fn env(mut self, key: &str, value: &str) -> Builder {
-        self.env.push((key.into(), Some(value.into())));
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -328,7 +328,7 @@ pub struct Process {
     config: GatewayToml,
     config_path: PathBuf,
     log_path: PathBuf,
-    env: Vec<(String, Option<String>)>,
+    env: Vec<(String, String)>,
     log_format: Option<&'static str>,
     pin: bool,
     /// Whether the addresses of the first start are in `gateway.toml` already.
@@ -357,12 +357,7 @@ impl Process {
         for name in NOT_INHERITED {
             command.env_remove(name);
         }
-        for (key, value) in &self.env {
-            match value {
-                Some(value) => command.env(key, value),
-                None => command.env_remove(key),
-            };
-        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         // `edgegate run` logs on stderr and prints nothing on stdout.
         let child = command
             .stdin(Stdio::null())
@@ -376,7 +371,26 @@ impl Process {
     /// Waits for "Listening for MQTT.", the last listener `start` binds; the first time, pins
     /// the addresses if asked to.
     fn wait_started(&mut self) {
-        let listening = self.wait_listening(|l| l.mqtt.is_some());
+        let deadline = Instant::now() + STARTUP;
+        let listening = loop {
+            let listening = self.logged();
+            if listening.mqtt.is_some() {
+                break listening;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("edgegate exited at startup: {status}\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edgegate did not start within {STARTUP:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         if self.pin && !self.pinned {
             let admin = self.config.admin_enabled().then(|| self.admin_addr());
             let listening = Listening { admin, ..listening };
@@ -395,30 +409,7 @@ impl Process {
         parse_listening(text.get(start..).unwrap_or_default())
     }
 
-    fn wait_listening(&mut self, done: impl Fn(&Listening) -> bool) -> Listening {
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            let listening = self.logged();
-            if done(&listening) {
-                return listening;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("edgegate exited at startup: {status}\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "edgegate did not start within {STARTUP:?}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits, as `wait_listening` does, from a `&self`.
+    /// Waits until the current run has logged the address `found` picks.
     fn wait_logged(
         &self,
         what: &str,

@@ -36,15 +36,3 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
-
-/// The admin endpoint's address, from the gateway's log line saying it serves `/metrics`
-/// (for a gateway configured with `[admin] listen = "127.0.0.1:0"`).
-pub fn admin_addr(gateway_log: &str) -> Option<SocketAddr> {
-    gateway_log
-        .lines()
-        .find(|l| l.contains("Serving /metrics"))?
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("addr="))?
-        .parse()
-        .ok()
-}

@@ -58,7 +58,7 @@ pub mod mqtt;
 
 pub use config::{GatewayToml, Password};
 pub use gateway::{Builder, InProcess, Process, gateway};
-pub use http::{admin_addr, http_get, metric};
+pub use http::{http_get, metric};
 pub use kafka::{
     Consumed, bootstrap, by_partition, client_config, consume_all, consume_all_blocking,
     create_topic, exclusive, secured, shared, unique_topic,
