@@ -7,21 +7,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::GatewayToml;
 use edgegate::admin::Status;
-use edgegate::config::Config;
-use tokio_util::sync::CancellationToken;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
@@ -31,98 +23,30 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn publish(port: u16, topic: &str, message: &str) {
-    let status = Command::new("mosquitto_pub")
-        .args([
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-m",
-            message,
-        ])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(status.success(), "mosquitto_pub: {status}");
+fn publish(addr: SocketAddr, topic: &str, message: &str) {
+    let out = common::mosquitto_pub(addr)
+        .qos(1)
+        .topic(topic)
+        .message(message);
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
-/// The binary on a config of its own (MQTT and admin on free ports, CoAP on port 0).
-struct Gateway {
-    child: Option<Child>,
-    config: PathBuf,
-    mqtt: u16,
-    admin: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    fn start(brokers: &str, routes: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mqtt = free_port();
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let config = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[gateway]\nid = \"admin-gw\"\nshutdown_grace = \"2s\"\n\n\
-                 [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
-                 [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n\n[coap]\nlisten = \"127.0.0.1:0\"\n\n\
-                 [admin]\nlisten = \"{admin}\"\n\n[kafka]\nbrokers = [\"{brokers}\"]\n\n{routes}"
-            ),
-        )
-        .expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn edgegate");
-        let mut gateway = Gateway {
-            child: Some(child),
-            config,
-            mqtt,
-            admin,
-            _dir: dir,
-        };
-        wait_for("the admin listener", Duration::from_secs(30), || {
-            if let Some(status) = gateway
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("edgegate exited at startup: {status}");
-            }
-            TcpStream::connect(admin).is_ok()
-        });
-        gateway
-    }
-
-    fn status(&self) -> Output {
-        status_of(&self.config)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let exit = child.wait().expect("wait");
-            assert!(exit.success(), "edgegate exited with {exit}");
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// The binary on a config of its own, for `edgegate status --config` (which finds the admin
+/// endpoint through the pinned config) and counters no other gateway moves.
+fn start(brokers: &str, routes: impl FnOnce(GatewayToml) -> GatewayToml) -> common::Process {
+    let config = GatewayToml::new()
+        .id("admin-gw")
+        .shutdown_grace("2s")
+        .buffer_sizes("1MiB", "64MiB")
+        .kafka_brokers(&[brokers]);
+    common::gateway(routes(config))
+        .pin_addresses()
+        .start_process()
 }
 
 fn status_of(config: &Path) -> Output {
@@ -135,11 +59,13 @@ fn status_of(config: &Path) -> Output {
 
 #[test]
 fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
-    let mut gw = Gateway::start("127.0.0.1:1", "[default_route]\ntopic = \"iot.unrouted\"\n");
-    let (code, body) = common::http_get(gw.admin, "/healthz");
+    let mut gw = start(common::config::UNREACHABLE_KAFKA, |c| {
+        c.default_route("iot.unrouted")
+    });
+    let (code, body) = common::http_get(gw.admin_addr(), "/healthz");
     assert_eq!((code, body.trim()), (200, "alive"));
 
-    let (code, body) = common::http_get(gw.admin, "/readyz");
+    let (code, body) = common::http_get(gw.admin_addr(), "/readyz");
     assert_eq!(code, 200, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON");
     assert_eq!(ready["status"], "degraded", "{body}");
@@ -147,11 +73,11 @@ fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
     assert_eq!(ready["log"]["open"], true, "{body}");
     assert_eq!(ready["listeners"], 2, "{body}");
 
-    publish(gw.mqtt, "plant/a/pump7/telemetry", "hello");
-    publish(gw.mqtt, "plant/a/pump7/telemetry", "world!");
+    publish(gw.mqtt_addr(), "plant/a/pump7/telemetry", "hello");
+    publish(gw.mqtt_addr(), "plant/a/pump7/telemetry", "world!");
     let mut text = String::new();
     wait_for("the log gauges", Duration::from_secs(5), || {
-        text = common::http_get(gw.admin, "/metrics").1;
+        text = common::http_get(gw.admin_addr(), "/metrics").1;
         common::metric(&text, "edgegate_log_records") == Some(2.0)
     });
     let mqtt_qos1 = "{protocol=\"mqtt\",qos=\"1\"}";
@@ -211,15 +137,15 @@ fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
 
     // `edgegate status` while messages arrive: degraded is still healthy (exit 0).
     let publisher = {
-        let port = gw.mqtt;
+        let addr = gw.mqtt_addr();
         std::thread::spawn(move || {
             for i in 0..20 {
-                publish(port, "plant/a/pump7/telemetry", &format!("m{i}"));
+                publish(addr, "plant/a/pump7/telemetry", &format!("m{i}"));
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
     };
-    let out = gw.status();
+    let out = status_of(gw.config_path());
     publisher.join().expect("publisher");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
@@ -235,8 +161,9 @@ fn kafka_unreachable_is_degraded_and_every_publish_is_counted() {
         .expect("a messages/s line");
     assert!(rate_in > 0.0, "{stdout}");
 
-    gw.stop();
-    let out = gw.status();
+    let exit = gw.terminate();
+    assert!(exit.success(), "edgegate exited with {exit}");
+    let out = status_of(gw.config_path());
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -251,14 +178,11 @@ fn kafka_reachable_is_ready_and_deliveries_are_counted() {
     let _kafka = common::shared();
     let topic = common::unique_topic("admin");
     common::create_topic(&topic, 1);
-    let gw = Gateway::start(
-        &common::bootstrap(),
-        &format!("[default_route]\ntopic = \"{topic}\"\n"),
-    );
-    publish(gw.mqtt, "x/y", "to kafka");
+    let gw = start(&common::bootstrap(), |c| c.default_route(&topic));
+    publish(gw.mqtt_addr(), "x/y", "to kafka");
     let mut text = String::new();
     wait_for("a delivery", Duration::from_secs(60), || {
-        text = common::http_get(gw.admin, "/metrics").1;
+        text = common::http_get(gw.admin_addr(), "/metrics").1;
         common::metric(&text, "edgegate_kafka_delivered_total").is_some_and(|n| n >= 1.0)
     });
     assert!(
@@ -268,11 +192,11 @@ fn kafka_reachable_is_ready_and_deliveries_are_counted() {
     );
     wait_for("the link gauge", Duration::from_secs(5), || {
         common::metric(
-            &common::http_get(gw.admin, "/metrics").1,
+            &common::http_get(gw.admin_addr(), "/metrics").1,
             "edgegate_kafka_link_up",
         ) == Some(1.0)
     });
-    let (code, body) = common::http_get(gw.admin, "/readyz");
+    let (code, body) = common::http_get(gw.admin_addr(), "/readyz");
     let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON");
     assert_eq!((code, &ready["status"]), (200, &"ready".into()), "{body}");
     assert_eq!(ready["kafka"], "up", "{body}");
@@ -280,11 +204,11 @@ fn kafka_reachable_is_ready_and_deliveries_are_counted() {
 
     wait_for("the backlog to empty", Duration::from_secs(5), || {
         common::metric(
-            &common::http_get(gw.admin, "/metrics").1,
+            &common::http_get(gw.admin_addr(), "/metrics").1,
             "edgegate_log_records",
         ) == Some(0.0)
     });
-    let out = gw.status();
+    let out = status_of(gw.config_path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains(": ready"), "{stdout}");
@@ -298,11 +222,11 @@ fn kafka_reachable_is_ready_and_deliveries_are_counted() {
 fn status_fails_clearly_without_an_admin_endpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        "[admin]\nenabled = false\n\n[default_route]\ntopic = \"t\"\n",
-    )
-    .expect("config");
+    GatewayToml::new()
+        .without_admin()
+        .kafka_unreachable()
+        .default_route("t")
+        .write(&config);
     let out = status_of(&config);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("disabled"));
@@ -329,55 +253,28 @@ fn status_fails_clearly_without_an_admin_endpoint() {
     );
 }
 
-fn config_text(dir: &Path) -> String {
-    format!(
-        "[buffer]\ndir = \"{}\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
-         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[coap]\nlisten = \"127.0.0.1:0\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n\n[kafka]\nbrokers = [\"127.0.0.1:1\"]\n\n\
-         [default_route]\ntopic = \"t\"\n",
-        dir.display()
-    )
-}
-
 /// Two gateways in one process: the recorder is installed once and both serve it; each
 /// `/readyz` describes its own log; stopping one makes only that one "stopping".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateways_in_one_process_share_the_recorder_and_keep_their_own_health() {
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
-    let start = |dir: &Path, shutdown: CancellationToken| {
-        let config = Config::parse(&config_text(dir), Path::new("test.toml")).expect("config");
-        let base = dir.to_owned();
-        async move { edgegate::start(config, &base, shutdown).await }
+#[test]
+fn gateways_in_one_process_share_the_recorder_and_keep_their_own_health() {
+    let config = || {
+        GatewayToml::new()
+            .unset("gateway", "shutdown_grace")
+            .buffer_sizes("1MiB", "64MiB")
+            .kafka_unreachable()
+            .default_route("t")
     };
-    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
-    let a = start(dir_a.path(), stop_a.clone())
-        .await
-        .expect("gateway a");
-    let b = start(dir_b.path(), stop_b.clone())
-        .await
-        .expect("gateway b");
-    let (admin_a, admin_b) = (
-        a.admin_addr().expect("admin a"),
-        b.admin_addr().expect("admin b"),
-    );
-    let mqtt_a = a.mqtt_addr().port();
-    tokio::task::spawn_blocking(move || publish(mqtt_a, "x", "only a"))
-        .await
-        .expect("publish");
+    let a = common::gateway(config()).start();
+    let b = common::gateway(config()).start();
+    let (admin_a, admin_b) = (a.admin_addr(), b.admin_addr());
+    publish(a.mqtt_addr(), "x", "only a");
 
-    let (ra, rb, ma, mb) = tokio::task::spawn_blocking(move || {
-        (
-            common::http_get(admin_a, "/readyz"),
-            common::http_get(admin_b, "/readyz"),
-            common::http_get(admin_a, "/metrics"),
-            common::http_get(admin_b, "/metrics"),
-        )
-    })
-    .await
-    .expect("requests");
+    let (ra, rb, ma, mb) = (
+        common::http_get(admin_a, "/readyz"),
+        common::http_get(admin_b, "/readyz"),
+        common::http_get(admin_a, "/metrics"),
+        common::http_get(admin_b, "/metrics"),
+    );
     assert_eq!((ma.0, mb.0), (200, 200));
     assert!(
         ma.1.contains("edgegate_messages_received_total"),
@@ -390,14 +287,11 @@ async fn gateways_in_one_process_share_the_recorder_and_keep_their_own_health() 
     assert_eq!(records(&ra.1), 1, "{}", ra.1);
     assert_eq!(records(&rb.1), 0, "{}", rb.1);
 
-    stop_a.cancel();
+    a.cancel();
     assert_eq!(a.health().readiness().status, Status::Stopping);
     assert_eq!(b.health().readiness().status, Status::Degraded);
-    let (_tx, rx) = tokio::sync::mpsc::channel(1);
-    a.wait(rx).await.expect("a stops");
-    stop_b.cancel();
-    let (_tx, rx) = tokio::sync::mpsc::channel(1);
-    b.wait(rx).await.expect("b stops");
+    a.stop().expect("a stops");
+    b.stop().expect("b stops");
 }
 
 /// `edgegate dead-letters` prints the dead-letter log as JSON lines (error, topic, key,
@@ -417,12 +311,16 @@ async fn dead_letters_are_printed_as_json_lines_beside_a_running_log() {
     )
     .expect("chmod");
     let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        "[buffer]\ndir = \"log\"\n\n[buffer.encryption]\nenabled = true\nkey_file = \"log.key\"\n\n\
-         [[routes]]\nmatch = \"#\"\ntopic = \"t\"\n",
-    )
-    .expect("config");
+    // The log's own sizes, as the log below is opened with.
+    let dead_letter_config = GatewayToml::new()
+        .unset("buffer", "segment_size")
+        .unset("buffer", "max_size")
+        .kafka_unreachable()
+        .route("#", "t");
+    dead_letter_config
+        .clone()
+        .encryption(true, Path::new("log.key"))
+        .write(&config);
     let dead_letters = || {
         Command::new(env!("CARGO_BIN_EXE_edgegate"))
             .args(["dead-letters", "--config"])
@@ -489,11 +387,7 @@ async fn dead_letters_are_printed_as_json_lines_beside_a_running_log() {
     log.close().await.expect("close");
 
     // Without the key the records are not readable, and the command says why.
-    std::fs::write(
-        &config,
-        "[buffer]\ndir = \"log\"\n\n[[routes]]\nmatch = \"#\"\ntopic = \"t\"\n",
-    )
-    .expect("config");
+    dead_letter_config.write(&config);
     let out = dead_letters();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("which is not configured"), "{text}");

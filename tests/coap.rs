@@ -1,7 +1,8 @@
-//! CoAP end to end, black box: the real `edgegate` binary, real CoAP clients (libcoap's
-//! `coap-client-notls`, aiocoap, and raw datagrams for what no client sends on purpose), a
-//! real Kafka broker (the shared fixture). Records are read back from Kafka and checked one
-//! by one: key, headers, payload, exactly once.
+//! CoAP end to end, black box: the whole gateway on its config file, real CoAP clients
+//! (libcoap's `coap-client-notls`, aiocoap, and raw datagrams for what no client sends on
+//! purpose), a real Kafka broker (the shared fixture). Records are read back from Kafka and
+//! checked one by one: key, headers, payload, exactly once. The gateway runs in process; the
+//! bad-input test runs the real `edgegate` binary, for its log lines and its own counters.
 //!
 //! Run with `tools/test --test coap`. The benchmark is `#[ignore]`d:
 //! `cargo test --release --test coap -- --ignored --nocapture coap_con_throughput`.
@@ -11,115 +12,29 @@ mod common;
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
-use common::Consumed;
+use common::{Consumed, GatewayToml};
 
 const GATEWAY_ID: &str = "coap-gw";
 
-/// The gateway binary on a config written for one test.
-struct Gateway {
-    child: Option<Child>,
-    coap: SocketAddr,
-    dir: tempfile::TempDir,
+/// The config of every test here: the test broker unless a test says otherwise.
+fn config() -> GatewayToml {
+    GatewayToml::new().id(GATEWAY_ID)
 }
 
-impl Gateway {
-    /// Buffer in a fresh directory, CoAP and MQTT on free ports, `kafka` as brokers, `coap`
-    /// lines added to `[coap]`, `buffer` replacing the segment and log sizes when not
-    /// empty, `rest` appended (routes, other sections).
-    fn start(kafka: &str, coap: &str, buffer: &str, rest: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_udp_port();
-        let config = dir.path().join("gateway.toml");
-        let buffer = if buffer.is_empty() {
-            "segment_size = \"1MiB\"\nmax_size = \"256MiB\""
-        } else {
-            buffer
-        };
-        let text = format!(
-            "[gateway]\nid = \"{GATEWAY_ID}\"\nshutdown_grace = \"5s\"\n\n\
-             [buffer]\ndir = \"log\"\n{buffer}\n\n\
-             [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [coap]\nlisten = \"127.0.0.1:{port}\"\n{coap}\n\n\
-             [kafka]\nbrokers = [\"{kafka}\"]\n\n{rest}"
-        );
-        std::fs::write(&config, text).expect("write config");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info,edgegate::ingest::coap=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn edgegate");
-        let mut gateway = Gateway {
-            child: Some(child),
-            coap: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
-        };
-        gateway.wait_ready();
-        gateway
-    }
-
-    /// Until a CoAP ping is answered with RST.
-    fn wait_ready(&mut self) {
-        let client = Raw::new(self.coap);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            client.send(&[0x40, 0x00, 0x00, 0x01]);
-            if let Some(p) = client.try_recv(Duration::from_millis(100)) {
-                assert_eq!(p.header.get_type(), MessageType::Reset);
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("edgegate exited at startup: {status}\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "edgegate did not answer a CoAP ping within 30 s"
-            );
-        }
-    }
-
-    fn uri(&self, path: &str) -> String {
-        format!("coap://{}{path}", self.coap)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// `coap://<addr><path>`.
+fn uri(coap: SocketAddr, path: &str) -> String {
+    format!("coap://{coap}{path}")
 }
 
 /// One route: every CoAP device into `topic`, keyed by device id.
-fn route(topic: &str) -> String {
-    format!("[[routes]]\nmatch = \"coap/+device/#\"\ntopic = \"{topic}\"\nkey = \"{{device}}\"\n")
+fn route(topic: &str) -> GatewayToml {
+    config().route_keyed("coap/+device/#", topic, "{device}")
 }
 
 /// `coap-client-notls` with `args`; its output (responses and errors) as one string.
@@ -310,7 +225,7 @@ fn header<'a>(r: &'a Consumed, name: &str) -> &'a str {
 fn libcoap_and_aiocoap_uploads_reach_kafka_exactly_once_with_their_headers() {
     let _kafka = common::shared();
     let topic = common::unique_topic("coap-clients");
-    let gw = Gateway::start(&common::bootstrap(), "", "", &route(&topic));
+    let gw = common::gateway(route(&topic)).start();
     let files = tempfile::tempdir().expect("tempdir");
 
     // libcoap: CON and NON, small and block-wise (64-byte blocks, a 4 KiB file).
@@ -320,8 +235,8 @@ fn libcoap_and_aiocoap_uploads_reach_kafka_exactly_once_with_their_headers() {
     let big_non = payload("libcoap-block-non", 0, 3000);
     let big_con_file = write_file(files.path(), "big-con", &big_con);
     let big_non_file = write_file(files.path(), "big-non", &big_non);
-    let uri_temp = gw.uri("/t/pump7/temp");
-    let uri_file = gw.uri("/t/pump7/file");
+    let uri_temp = uri(gw.coap_addr(), "/t/pump7/temp");
+    let uri_file = uri(gw.coap_addr(), "/t/pump7/file");
     let cases: Vec<Vec<&str>> = vec![
         vec!["-m", "post", "-t", "50", "-e"],
         vec!["-m", "post", "-N", "-e"],
@@ -356,7 +271,7 @@ fn libcoap_and_aiocoap_uploads_reach_kafka_exactly_once_with_their_headers() {
     let mut ai_args = Vec::new();
     for (i, (kind, body)) in ai.iter().enumerate() {
         let path = write_file(files.path(), &format!("ai-{i}"), body);
-        ai_args.push(gw.uri("/t/sensor-9/env/air"));
+        ai_args.push(uri(gw.coap_addr(), "/t/sensor-9/env/air"));
         ai_args.push((*kind).to_owned());
         ai_args.push(path.to_str().expect("path").to_owned());
     }
@@ -509,9 +424,9 @@ impl Drop for LossyProxy {
 fn over_a_lossy_link_every_acknowledged_upload_is_in_kafka_exactly_once() {
     let _kafka = common::shared();
     let topic = common::unique_topic("coap-lossy");
-    let gw = Gateway::start(&common::bootstrap(), "", "", &route(&topic));
+    let gw = common::gateway(route(&topic)).start();
     // Every 4th datagram lost, every 5th duplicated, both ways.
-    let proxy = LossyProxy::start(gw.coap, 4, 5);
+    let proxy = LossyProxy::start(gw.coap_addr(), 4, 5);
     let files = tempfile::tempdir().expect("tempdir");
     let mut args = Vec::new();
     let mut sent = HashMap::new();
@@ -559,13 +474,13 @@ fn a_slow_append_is_answered_with_an_empty_ack_then_a_separate_204() {
     let _kafka = common::shared();
     let topic = common::unique_topic("coap-separate");
     // "0ms": every confirmable request is answered separately.
-    let gw = Gateway::start(
-        &common::bootstrap(),
-        "separate_response_after = \"0ms\"\nack_timeout = \"300ms\"",
-        "",
-        &route(&topic),
-    );
-    let raw = Raw::new(gw.coap);
+    let gw = common::gateway(
+        route(&topic)
+            .coap("separate_response_after", "0ms")
+            .coap("ack_timeout", "300ms"),
+    )
+    .start();
+    let raw = Raw::new(gw.coap_addr());
     let first = payload("separate-raw", 0, 10);
     let empty = raw.exchange(&con_post(77, "/t/slow/x", &[], &first));
     assert_eq!(empty.header.get_type(), MessageType::Acknowledgement);
@@ -591,7 +506,7 @@ fn a_slow_append_is_answered_with_an_empty_ack_then_a_separate_204() {
         "post",
         "-e",
         std::str::from_utf8(&second).expect("ascii"),
-        &gw.uri("/t/slow/y"),
+        &uri(gw.coap_addr(), "/t/slow/y"),
     ]);
     assert!(ok && !out.contains("4.") && !out.contains("5."), "{out}");
 
@@ -606,13 +521,15 @@ fn a_slow_append_is_answered_with_an_empty_ack_then_a_separate_204() {
 /// then every upload is acknowledged.
 #[test]
 fn a_full_log_answers_503_with_max_age_and_kafka_down_alone_refuses_nothing() {
-    let gw = Gateway::start(
-        "127.0.0.1:1",
-        "busy_max_age = \"9s\"",
-        "segment_size = \"64KiB\"\nmax_size = \"128KiB\"",
-        "[[routes]]\nmatch = \"#\"\ntopic = \"nowhere\"\n",
-    );
-    let raw = Raw::new(gw.coap);
+    let gw = common::gateway(
+        config()
+            .kafka_unreachable()
+            .coap("busy_max_age", "9s")
+            .buffer_sizes("64KiB", "128KiB")
+            .route("#", "nowhere"),
+    )
+    .start();
+    let raw = Raw::new(gw.coap_addr());
     let mut acked = 0;
     let mut busy = None;
     for mid in 0..1000u16 {
@@ -649,13 +566,11 @@ fn a_full_log_answers_503_with_max_age_and_kafka_down_alone_refuses_nothing() {
 fn bad_input_gets_its_codes_while_good_clients_are_served_and_nothing_is_stored_twice() {
     let _kafka = common::shared();
     let topic = common::unique_topic("coap-bad");
-    let gw = Gateway::start(
-        &common::bootstrap(),
-        "max_body_size = \"2KiB\"",
-        "",
-        &route(&topic),
-    );
-    let raw = Raw::new(gw.coap);
+    // The binary: its log and its counters are this test's alone.
+    let gw = common::gateway(route(&topic).coap("max_body_size", "2KiB"))
+        .rust_log("info,edgegate::ingest::coap=debug")
+        .start_process();
+    let raw = Raw::new(gw.coap_addr());
 
     // Garbage: a Reset for a CON whose header is readable; silence otherwise.
     let rst = raw.exchange(&[0x40, 0x02, 0x12, 0x34, 0xF0]);
@@ -748,7 +663,7 @@ fn bad_input_gets_its_codes_while_good_clients_are_served_and_nothing_is_stored_
 
     // A flood from one peer: more requests at once than it may have in progress. Every one
     // is answered (2.04 or 5.03), each 2.04'd one stored once.
-    let flood = Raw::new(gw.coap);
+    let flood = Raw::new(gw.coap_addr());
     let mut flooded = HashMap::new();
     for i in 0..64u16 {
         let body = payload("flood", usize::from(i), 20);
@@ -772,7 +687,7 @@ fn bad_input_gets_its_codes_while_good_clients_are_served_and_nothing_is_stored_
         "post",
         "-e",
         std::str::from_utf8(&good).expect("ascii"),
-        &gw.uri("/t/good"),
+        &uri(gw.coap_addr(), "/t/good"),
     ]);
     assert!(ok && !out.contains("4.") && !out.contains("5."), "{out}");
 
@@ -785,11 +700,13 @@ fn bad_input_gets_its_codes_while_good_clients_are_served_and_nothing_is_stored_
     for b in &flood_acked {
         assert_eq!(map[b].len(), 1);
     }
-    assert!(gw.log().contains("CoAP"), "the gateway logged the refusals");
+    assert!(
+        gw.log_text().contains("CoAP"),
+        "the gateway logged the refusals"
+    );
 
     // The counters saw the same: every record stored once, the garbage, the 2.04s.
-    let admin = common::admin_addr(&gw.log()).expect("the admin address in the log");
-    let (status, metrics) = common::http_get(admin, "/metrics");
+    let (status, metrics) = common::http_get(gw.admin_addr(), "/metrics");
     assert_eq!(status, 200);
     let value = |series: &str| common::metric(&metrics, series).unwrap_or(0.0);
     assert_eq!(
@@ -827,7 +744,7 @@ fn with_kafka_down_uploads_are_acknowledged_and_arrive_when_it_returns() {
     let kafka = common::exclusive();
     let topic = common::unique_topic("coap-outage");
     common::create_topic(&topic, 1);
-    let gw = Gateway::start(&common::bootstrap(), "", "", &route(&topic));
+    let gw = common::gateway(route(&topic)).start();
     kafka.stop_broker();
     let mut bodies = Vec::new();
     for i in 0..5 {
@@ -837,7 +754,7 @@ fn with_kafka_down_uploads_are_acknowledged_and_arrive_when_it_returns() {
             "post",
             "-e",
             std::str::from_utf8(&body).expect("ascii"),
-            &gw.uri("/t/outage"),
+            &uri(gw.coap_addr(), "/t/outage"),
         ]);
         assert!(ok && !out.contains("4.") && !out.contains("5."), "{out}");
         bodies.push(body);

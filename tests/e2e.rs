@@ -1,159 +1,50 @@
-//! End to end, black box: the real `edgegate` binary, real MQTT clients (`mosquitto_pub`
-//! and rumqttc), a real Kafka broker (the shared fixture), real faults (the broker stopped,
-//! the gateway SIGKILLed). Records are read back from Kafka and checked one by one.
+//! End to end, black box: the whole gateway on its config file, real MQTT clients
+//! (`mosquitto_pub` and rumqttc), a real Kafka broker (the shared fixture), real faults (the
+//! broker stopped, the gateway SIGKILLed). Records are read back from Kafka and checked one
+//! by one. The gateway runs in process, and as the real `edgegate` binary where a test needs
+//! a process: SIGKILL, SIGTERM and its exit status, SIGHUP, the binary itself.
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Consumed;
-use rumqttc::{Event, Packet, QoS};
+use common::{Consumed, GatewayToml};
 
 const GATEWAY_ID: &str = "e2e-gw";
 
-/// The gateway binary running on a config written for one test.
-struct Gateway {
-    child: Option<Child>,
-    config: PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    /// Writes a config (buffer in a fresh directory, MQTT on a free port, the test broker,
-    /// `routes` appended) and starts the binary.
-    fn start(routes: &str, extra: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let config = dir.path().join("gateway.toml");
-        let text = format!(
-            "[gateway]\nid = \"{GATEWAY_ID}\"\nshutdown_grace = \"5s\"\n\n\
-             [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"256MiB\"\n\n\
-             [coap]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [mqtt]\nlisten = \"127.0.0.1:{port}\"\nconnect_timeout = \"1s\"\n{extra}\n\
-             [kafka]\nbrokers = [\"{}\"]\n\n{routes}",
-            common::bootstrap()
-        );
-        std::fs::write(&config, text).expect("write config");
-        let mut gateway = Gateway {
-            child: None,
-            config,
-            port,
-            _dir: dir,
-        };
-        gateway.restart();
-        gateway
-    }
-
-    /// Starts the binary on the same config and log (after a kill or a stop).
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "the gateway is still running");
-        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info,edgegate=debug")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn edgegate");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("edgegate exited at startup: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "edgegate did not listen within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL: no chance to flush anything.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Sends a signal (`-HUP`, ...) to the running gateway.
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {signal}");
-    }
-
-    /// SIGTERM, and the exit status of the graceful shutdown.
-    fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = i32::try_from(child.id()).expect("pid");
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("edgegate did not stop within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// The config of every test here: the test broker, connect timeout 1 s.
+fn config() -> GatewayToml {
+    GatewayToml::new()
+        .id(GATEWAY_ID)
+        .mqtt("connect_timeout", "1s")
 }
 
 /// Two routes: plant telemetry keyed by device into one topic per site, and fleet data
 /// keyed by client id.
-fn two_routes(prefix: &str) -> String {
-    format!(
-        "[[routes]]\nmatch = \"plant/+site/+device/telemetry/#\"\ntopic = \"{prefix}.{{site}}.telemetry\"\nkey = \"{{device}}\"\n\n\
-         [[routes]]\nmatch = \"fleet/#\"\ntopic = \"{prefix}-fleet\"\n"
-    )
+fn two_routes(prefix: &str) -> GatewayToml {
+    config()
+        .route_keyed(
+            "plant/+site/+device/telemetry/#",
+            &format!("{prefix}.{{site}}.telemetry"),
+            "{device}",
+        )
+        .route("fleet/#", &format!("{prefix}-fleet"))
 }
 
-fn one_route(topic: &str) -> String {
-    format!("[[routes]]\nmatch = \"#\"\ntopic = \"{topic}\"\n")
+fn one_route(topic: &str) -> GatewayToml {
+    config().route("#", topic)
 }
 
-/// Publishes `payloads` with rumqttc and returns the indexes the gateway acknowledged
-/// (PUBACK / PUBREC for QoS 1 / 2, sent for QoS 0). Stops at the first connection error.
+/// Publishes `payloads` with rumqttc and returns the indexes the gateway acknowledged;
+/// `properties` adds a content type and two user properties to MQTT 5 publishes.
 async fn rumqttc_publish(
-    addr: &str,
+    addr: SocketAddr,
     client_id: &str,
     v5: bool,
     qos: u8,
@@ -161,194 +52,11 @@ async fn rumqttc_publish(
     payloads: Vec<Vec<u8>>,
     properties: bool,
 ) -> Vec<usize> {
-    let (host, port) = addr.split_once(':').expect("addr");
-    let port: u16 = port.parse().expect("port");
-    if v5 {
-        return v5_publish(host, port, client_id, qos, topic, payloads, properties).await;
+    let mut client = common::rumqttc(addr, client_id).v5(v5).qos(qos);
+    if properties {
+        client = client.properties("application/json", &[("unit", "C"), ("line", "4")]);
     }
-    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(qos)];
-    let mut options = rumqttc::MqttOptions::new(client_id, host, port);
-    options
-        .set_inflight(20)
-        .set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-    let total = payloads.len();
-    let topic = topic.to_owned();
-    let publisher = tokio::spawn(async move {
-        for payload in payloads {
-            if client
-                .publish(topic.as_str(), qos, false, payload)
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        client
-    });
-    let mut acks = Acks::default();
-    while acks.acked.len() < total {
-        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
-            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
-                acks.sent(pkid, qos == QoS::AtMostOnce)
-            }
-            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => acks.answered(a.pkid, true),
-            Ok(Ok(Event::Incoming(Packet::PubRec(r)))) => acks.answered(r.pkid, true),
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => break,
-        }
-    }
-    if acks.acked.len() < total {
-        // The connection died: without its event loop, a publish blocked on the full request
-        // channel fails and the publisher ends.
-        drop(eventloop);
-        publisher.abort();
-        return acks.acked;
-    }
-    if let Ok(client) = publisher.await {
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-    acks.acked
-}
-
-/// Which publish each packet id carries, and which the gateway acknowledged (the same
-/// bookkeeping for rumqttc's 3.1.1 and 5 clients, whose event types differ).
-#[derive(Default)]
-struct Acks {
-    /// Publishes gone out so far: the next one's index.
-    sent: usize,
-    /// Packet id → index of the publish awaiting its PUBACK / PUBREC.
-    pending: HashMap<u16, usize>,
-    /// Indexes acknowledged (QoS 0: sent), in the order they were.
-    acked: Vec<usize>,
-}
-
-impl Acks {
-    /// A publish went out; QoS 0 counts as acknowledged when sent.
-    fn sent(&mut self, pkid: u16, qos0: bool) {
-        if qos0 {
-            self.acked.push(self.sent);
-        } else {
-            self.pending.insert(pkid, self.sent);
-        }
-        self.sent += 1;
-    }
-
-    /// The gateway answered `pkid`; only a success counts as acknowledged.
-    fn answered(&mut self, pkid: u16, success: bool) {
-        let index = self.pending.remove(&pkid);
-        if success {
-            self.acked.extend(index);
-        }
-    }
-}
-
-async fn v5_publish(
-    host: &str,
-    port: u16,
-    client_id: &str,
-    qos: u8,
-    topic: &str,
-    payloads: Vec<Vec<u8>>,
-    properties: bool,
-) -> Vec<usize> {
-    use rumqttc::v5::mqttbytes::QoS as Q5;
-    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason, PublishProperties};
-    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions};
-    let qos = [Q5::AtMostOnce, Q5::AtLeastOnce, Q5::ExactlyOnce][usize::from(qos)];
-    let mut options = MqttOptions::new(client_id, host, port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 100);
-    let total = payloads.len();
-    let topic = topic.to_owned();
-    let publisher = tokio::spawn(async move {
-        for payload in payloads {
-            let result = if properties {
-                let props = PublishProperties {
-                    content_type: Some("application/json".into()),
-                    user_properties: vec![("unit".into(), "C".into()), ("line".into(), "4".into())],
-                    ..Default::default()
-                };
-                client
-                    .publish_with_properties(topic.as_str(), qos, false, payload, props)
-                    .await
-            } else {
-                client.publish(topic.as_str(), qos, false, payload).await
-            };
-            if result.is_err() {
-                break;
-            }
-        }
-        client
-    });
-    let mut acks = Acks::default();
-    while acks.acked.len() < total {
-        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
-            Ok(Ok(E5::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
-                acks.sent(pkid, qos == Q5::AtMostOnce)
-            }
-            Ok(Ok(E5::Incoming(P5::PubAck(a)))) => {
-                acks.answered(a.pkid, a.reason == PubAckReason::Success)
-            }
-            Ok(Ok(E5::Incoming(P5::PubRec(r)))) => acks.answered(r.pkid, true),
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => break,
-        }
-    }
-    if acks.acked.len() < total {
-        drop(eventloop);
-        publisher.abort();
-        return acks.acked;
-    }
-    if let Ok(client) = publisher.await {
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
-    }
-    acks.acked
-}
-
-/// Publishes every line with `mosquitto_pub -l`; a zero exit means every QoS ≥ 1 message
-/// was acknowledged.
-fn mosquitto_publish(
-    addr: &str,
-    client_id: &str,
-    v5: bool,
-    qos: u8,
-    topic: &str,
-    lines: &[String],
-) -> std::io::Result<ExitStatus> {
-    let (host, port) = addr.split_once(':').expect("addr");
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            host,
-            "-p",
-            port,
-            "-i",
-            client_id,
-            "-t",
-            topic,
-            "-q",
-            &qos.to_string(),
-            "-l",
-        ])
-        .args(["-V", if v5 { "5" } else { "mqttv311" }])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    let mut stdin = child.stdin.take().expect("stdin");
-    for line in lines {
-        writeln!(stdin, "{line}")?;
-    }
-    drop(stdin);
-    child.wait()
+    client.publish(topic, payloads).await
 }
 
 fn payloads(device: &str, n: usize) -> Vec<Vec<u8>> {
@@ -412,8 +120,8 @@ fn header_str<'a>(record: &'a Consumed, name: &str) -> &'a str {
 async fn mixed_publishers_reach_kafka_with_keys_headers_and_order() {
     let _kafka = common::shared();
     let prefix = common::unique_topic("e2e-mixed");
-    let gateway = Gateway::start(&two_routes(&prefix), "");
-    let addr = gateway.addr();
+    let gateway = common::gateway(two_routes(&prefix)).start();
+    let addr = gateway.mqtt_addr();
     const PER_PUBLISHER: usize = 1000;
 
     // (name, kind, v5, qos); even publishers use the plant route, odd ones the fleet route.
@@ -438,7 +146,7 @@ async fn mixed_publishers_reach_kafka_with_keys_headers_and_order() {
     };
     let mut tasks = Vec::new();
     for (i, (name, kind, v5, qos)) in publishers.iter().copied().enumerate() {
-        let (addr, topic) = (addr.clone(), topic_of(i, name));
+        let topic = topic_of(i, name);
         let client_id = format!("{name}-client");
         tasks.push(tokio::spawn(async move {
             let data = payloads(name, PER_PUBLISHER);
@@ -447,16 +155,25 @@ async fn mixed_publishers_reach_kafka_with_keys_headers_and_order() {
                     .iter()
                     .map(|p| String::from_utf8_lossy(p).into_owned())
                     .collect();
-                let status = tokio::task::spawn_blocking(move || {
-                    mosquitto_publish(&addr, &client_id, v5, qos, &topic, &lines)
+                let out = tokio::task::spawn_blocking(move || {
+                    common::mosquitto_pub(addr)
+                        .id(&client_id)
+                        .topic(&topic)
+                        .qos(qos)
+                        .v5(v5)
+                        .lines(&lines)
                 })
                 .await
-                .expect("join")
-                .expect("mosquitto_pub runs");
-                assert!(status.success(), "mosquitto_pub {name}: {status}");
+                .expect("join");
+                assert!(
+                    out.status.success(),
+                    "mosquitto_pub {name}: {}\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 PER_PUBLISHER
             } else {
-                let acked = rumqttc_publish(&addr, &client_id, v5, qos, &topic, data, v5).await;
+                let acked = rumqttc_publish(addr, &client_id, v5, qos, &topic, data, v5).await;
                 acked.len()
             }
         }));
@@ -563,10 +280,10 @@ async fn mixed_publishers_reach_kafka_with_keys_headers_and_order() {
 async fn kafka_outage_mid_stream_loses_nothing() {
     let kafka = common::exclusive();
     let topic = common::unique_topic("e2e-outage");
-    let gateway = Gateway::start(&one_route(&topic), "");
-    let addr = gateway.addr();
+    let gateway = common::gateway(one_route(&topic)).start();
+    let addr = gateway.mqtt_addr();
     let first = rumqttc_publish(
-        &addr,
+        addr,
         "dev-a",
         false,
         1,
@@ -578,7 +295,7 @@ async fn kafka_outage_mid_stream_loses_nothing() {
     assert_eq!(first.len(), 500);
     kafka.stop_broker_async().await;
     let during = rumqttc_publish(
-        &addr,
+        addr,
         "dev-a",
         true,
         1,
@@ -610,10 +327,14 @@ async fn kafka_absent_at_start_then_arrives() {
     let kafka = common::exclusive();
     kafka.stop_broker_async().await;
     let topic = common::unique_topic("e2e-absent");
-    let mut gateway = Gateway::start(&one_route(&topic), "");
-    let addr = gateway.addr();
+    // The restarted gateway listens where the publisher connects.
+    let mut gateway = common::gateway(one_route(&topic))
+        .rust_log("info,edgegate=debug")
+        .pin_addresses()
+        .start_process();
+    let addr = gateway.mqtt_addr();
     let acked = rumqttc_publish(
-        &addr,
+        addr,
         "dev-b",
         false,
         1,
@@ -640,7 +361,7 @@ async fn kafka_absent_at_start_then_arrives() {
     );
     gateway.restart();
     let more = rumqttc_publish(
-        &addr,
+        addr,
         "dev-b",
         true,
         2,
@@ -676,13 +397,11 @@ async fn encrypted_log_holds_no_payload_in_the_clear_and_delivers_it_all() {
     let mut topics = Vec::new();
     for encrypted in [false, true] {
         let topic = common::unique_topic("e2e-sealed");
-        let sealing = format!(
-            "\n[buffer.encryption]\nenabled = {encrypted}\nkey_file = \"{}\"\n",
-            key_file.display()
-        );
-        let gateway = Gateway::start(&format!("{}{sealing}", one_route(&topic)), "");
+        let gateway = common::gateway(one_route(&topic).encryption(encrypted, &key_file))
+            .rust_log("info,edgegate=debug")
+            .start_process();
         let acked = rumqttc_publish(
-            &gateway.addr(),
+            gateway.mqtt_addr(),
             "dev-sealed",
             false,
             1,
@@ -692,7 +411,7 @@ async fn encrypted_log_holds_no_payload_in_the_clear_and_delivers_it_all() {
         )
         .await;
         assert_eq!(acked.len(), 300, "acknowledged while Kafka is away");
-        let log_dir = gateway.config.parent().expect("dir").join("log");
+        let log_dir = gateway.dir().join("log");
         let hits: usize = files_under(&log_dir)
             .iter()
             .filter(|bytes| bytes.windows(14).any(|w| w == b"secret-device:"))
@@ -740,8 +459,12 @@ fn files_under(dir: &Path) -> Vec<Vec<u8>> {
 async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let _kafka = common::shared();
     let topic = common::unique_topic("e2e-crash");
-    let mut gateway = Gateway::start(&one_route(&topic), "");
-    let addr = gateway.addr();
+    // Restarted on the same port: the next round's publisher connects there.
+    let mut gateway = common::gateway(one_route(&topic))
+        .rust_log("info,edgegate=debug")
+        .pin_addresses()
+        .start_process();
+    let addr = gateway.mqtt_addr();
     let mut acked_payloads: Vec<Vec<u8>> = Vec::new();
     let mut next = 0usize;
     for round in 0..4 {
@@ -749,9 +472,9 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
             .map(|i| format!("dev-c:{i:06}").into_bytes())
             .collect();
         let publish = {
-            let (addr, batch) = (addr.clone(), batch.clone());
+            let batch = batch.clone();
             tokio::spawn(async move {
-                rumqttc_publish(&addr, "dev-c", round % 2 == 1, 1, "c/1", batch, false).await
+                rumqttc_publish(addr, "dev-c", round % 2 == 1, 1, "c/1", batch, false).await
             })
         };
         if round < 3 {
@@ -805,30 +528,27 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
 async fn bad_input_costs_only_the_sender() {
     let _kafka = common::shared();
     let topic = common::unique_topic("e2e-bad");
-    let gateway = Gateway::start(&one_route(&topic), "max_packet_size = \"4KiB\"\n");
-    let addr = gateway.addr();
-    let good = {
-        let addr = addr.clone();
-        tokio::spawn(async move {
-            rumqttc_publish(
-                &addr,
-                "dev-good",
-                false,
-                1,
-                "good/1",
-                payloads("dev-good", 2000),
-                false,
-            )
-            .await
-        })
-    };
+    let gateway = common::gateway(one_route(&topic).mqtt("max_packet_size", "4KiB")).start();
+    let addr = gateway.mqtt_addr();
+    let good = tokio::spawn(async move {
+        rumqttc_publish(
+            addr,
+            "dev-good",
+            false,
+            1,
+            "good/1",
+            payloads("dev-good", 2000),
+            false,
+        )
+        .await
+    });
     let bad = tokio::task::spawn_blocking(move || {
         // Garbage: not even a CONNECT.
-        let reply = raw_exchange(&addr, &[b"\xff\xfe\xfd\xfc garbage \x00\x01".as_slice()]);
+        let reply = raw_exchange(addr, &[b"\xff\xfe\xfd\xfc garbage \x00\x01".as_slice()]);
         assert!(reply.closed, "garbage closes the connection");
         // A truncated CONNECT is dropped after connect_timeout (1 s here).
         let started = Instant::now();
-        let reply = raw_exchange(&addr, &[&connect_v4("trunc")[..7]]);
+        let reply = raw_exchange(addr, &[&connect_v4("trunc")[..7]]);
         assert!(
             reply.closed && started.elapsed() < Duration::from_secs(5),
             "a half CONNECT does not hold the socket"
@@ -836,7 +556,7 @@ async fn bad_input_costs_only_the_sender() {
         // An unknown protocol level.
         let mut level9 = connect_v4("lvl");
         level9[8] = 9;
-        let reply = raw_exchange(&addr, &[&level9]);
+        let reply = raw_exchange(addr, &[&level9]);
         assert!(reply.closed);
         assert!(
             reply.bytes.is_empty() || reply.bytes[..2] == [0x20, 0x02],
@@ -845,7 +565,7 @@ async fn bad_input_costs_only_the_sender() {
         );
         // MQTT 5: a publish over max_packet_size gets DISCONNECT 0x95.
         let big = publish_v5("big/1", 1, &vec![b'x'; 8 << 10]);
-        let reply = raw_exchange(&addr, &[&connect_v5("big"), &big]);
+        let reply = raw_exchange(addr, &[&connect_v5("big"), &big]);
         assert!(reply.closed);
         assert_eq!(
             reply.disconnect_reason(),
@@ -854,18 +574,12 @@ async fn bad_input_costs_only_the_sender() {
             &reply.bytes[..reply.bytes.len().min(32)]
         );
         // A publish to a wildcard topic: 3.1.1 is closed, 5 is told why.
-        let reply = raw_exchange(
-            &addr,
-            &[&connect_v4("wild4"), &publish_v4("a/+/b", 1, b"x")],
-        );
+        let reply = raw_exchange(addr, &[&connect_v4("wild4"), &publish_v4("a/+/b", 1, b"x")]);
         assert!(
             reply.closed && !reply.has_puback(),
             "3.1.1 wildcard publish: closed, never acknowledged"
         );
-        let reply = raw_exchange(
-            &addr,
-            &[&connect_v5("wild5"), &publish_v5("a/+/b", 1, b"x")],
-        );
+        let reply = raw_exchange(addr, &[&connect_v5("wild5"), &publish_v5("a/+/b", 1, b"x")]);
         assert!(
             !reply.has_puback_success(),
             "5 wildcard publish is not acknowledged as a success"
@@ -996,7 +710,7 @@ impl Reply {
 }
 
 /// Sends each chunk, then reads until the server closes (or 4 s pass).
-fn raw_exchange(addr: &str, chunks: &[&[u8]]) -> Reply {
+fn raw_exchange(addr: SocketAddr, chunks: &[&[u8]]) -> Reply {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -1077,26 +791,22 @@ fn publish_v5(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
 async fn sighup_reloads_the_routes() {
     let _kafka = common::shared();
     let topic = common::unique_topic("e2e-reload");
-    let gateway = Gateway::start(&one_route_for("a/#", &topic), "");
-    let addr = gateway.addr();
-    let publish_b = {
-        let addr = addr.clone();
-        move |pkid: u16| {
-            raw_exchange(
-                &addr,
-                &[
-                    &connect_v5(&format!("reload-{pkid}")),
-                    &publish_v5("b/1", pkid, b"x"),
-                ],
-            )
-        }
+    let mut gateway = common::gateway(config().route("a/#", &topic))
+        .rust_log("info,edgegate=debug")
+        .start_process();
+    let addr = gateway.mqtt_addr();
+    let publish_b = move |pkid: u16| {
+        raw_exchange(
+            addr,
+            &[
+                &connect_v5(&format!("reload-{pkid}")),
+                &publish_v5("b/1", pkid, b"x"),
+            ],
+        )
     };
-    let reply = tokio::task::spawn_blocking({
-        let publish_b = publish_b.clone();
-        move || publish_b(1)
-    })
-    .await
-    .expect("join");
+    let reply = tokio::task::spawn_blocking(move || publish_b(1))
+        .await
+        .expect("join");
     assert_eq!(
         puback_reason(&reply),
         Some(0x90),
@@ -1104,24 +814,16 @@ async fn sighup_reloads_the_routes() {
         reply.bytes
     );
 
-    let text = std::fs::read_to_string(&gateway.config).expect("read config");
-    std::fs::write(
-        &gateway.config,
-        format!("{text}\n{}", one_route_for("b/#", &topic)),
-    )
-    .expect("write config");
-    gateway.signal("-HUP");
-    let reloaded = tokio::task::spawn_blocking({
-        let publish_b = publish_b.clone();
-        move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let reply = publish_b(2);
-                if puback_reason(&reply) == Some(0) || Instant::now() > deadline {
-                    return puback_reason(&reply);
-                }
-                std::thread::sleep(Duration::from_millis(200));
+    gateway.rewrite_config(|config| config.route("b/#", &topic));
+    gateway.hup();
+    let reloaded = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = publish_b(2);
+            if puback_reason(&reply) == Some(0) || Instant::now() > deadline {
+                return puback_reason(&reply);
             }
+            std::thread::sleep(Duration::from_millis(200));
         }
     })
     .await
@@ -1129,8 +831,8 @@ async fn sighup_reloads_the_routes() {
     assert_eq!(reloaded, Some(0), "b/1 is routed after SIGHUP");
 
     // A broken config on the next SIGHUP is refused and the current routes stay.
-    std::fs::write(&gateway.config, "[[routes]]\nmatch = \"a/#/b\"\n").expect("write config");
-    gateway.signal("-HUP");
+    gateway.write_config_text("[[routes]]\nmatch = \"a/#/b\"\n");
+    gateway.hup();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let reply = tokio::task::spawn_blocking(move || publish_b(3))
         .await
@@ -1146,10 +848,6 @@ async fn sighup_reloads_the_routes() {
         "the reloaded route delivers to Kafka: {}",
         records.len()
     );
-}
-
-fn one_route_for(filter: &str, topic: &str) -> String {
-    format!("[[routes]]\nmatch = \"{filter}\"\ntopic = \"{topic}\"\n")
 }
 
 /// The reason code of the first PUBACK in a reply (0 when the PUBACK has none).

@@ -5,17 +5,15 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use edgegate::buffer::{Durability, Log, LogConfig, Record, Source};
+use common::forwarder::{Forwarding, open_logs};
+use edgegate::buffer::{Durability, Log, Record, Source};
+use edgegate::forward::LinkState;
 use edgegate::forward::config::KafkaConfig;
-use edgegate::forward::{Forwarder, LinkState, Progress};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const GATEWAY: &str = "gw-test";
 const KEYS: u64 = 10;
@@ -27,21 +25,6 @@ fn kafka_config() -> KafkaConfig {
         retry_backoff_max: edgegate::config::Duration::from_millis(1000),
         ..KafkaConfig::default()
     }
-}
-
-async fn open(dir: &Path, durability: Durability) -> (Log, Log) {
-    let main = LogConfig {
-        durability,
-        ..LogConfig::new(dir)
-    };
-    let dead = LogConfig::new(dir.join("dead-letter"));
-    tokio::task::spawn_blocking(move || {
-        let (log, _) = Log::open(main).expect("open the log");
-        let (dead, _) = Log::open(dead).expect("open the dead-letter log");
-        (log, dead)
-    })
-    .await
-    .expect("open task")
 }
 
 fn record(topic: &str, n: u64, payload_len: usize) -> Record {
@@ -98,58 +81,9 @@ async fn append_all(log: &Log, records: impl IntoIterator<Item = Record>) -> Vec
     seqs
 }
 
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), edgegate::forward::ForwardError>>,
-    progress: watch::Receiver<Progress>,
-    link: watch::Receiver<LinkState>,
-}
-
-fn start(log: &Log, dead: &Log, cfg: &KafkaConfig) -> Running {
-    // `RUST_LOG=edgegate=info` shows what the forwarder did.
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
-    let reader = log.reader().expect("the log's reader");
-    let forwarder = Forwarder::new(cfg, GATEWAY, reader, dead.clone())
-        .expect("forwarder")
-        .with_shutdown_grace(Duration::from_secs(10));
-    let shutdown = CancellationToken::new();
-    Running {
-        progress: forwarder.progress(),
-        link: forwarder.link_state(),
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(forwarder.run(shutdown)),
-    }
-}
-
-impl Running {
-    async fn delivered_at_least(&mut self, n: u64, timeout: Duration) {
-        let mut progress = self.progress.clone();
-        let waited = tokio::time::timeout(
-            timeout,
-            progress.wait_for(|p| p.delivered + p.dead_lettered >= n),
-        )
-        .await
-        .map(|r| r.map(|_| ()));
-        match waited {
-            Ok(r) => r.expect("progress watch"),
-            Err(_) => panic!(
-                "fewer than {n} records finished within {timeout:?}: {:?}",
-                *self.progress.borrow()
-            ),
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("forwarder stops within its grace period")
-            .expect("forwarder task")
-            .expect("forwarder result");
-    }
+/// The forwarder as this gateway, with a 10 s drain at shutdown.
+fn start(log: &Log, dead: &Log, cfg: &KafkaConfig) -> Forwarding {
+    common::forwarder::forward(log, dead, cfg, GATEWAY, Duration::from_secs(10))
 }
 
 /// Creates a topic with per-topic settings (the fixture's `create_topic` has none).
@@ -225,12 +159,12 @@ async fn drains_10k_records_with_headers_keys_and_order() {
         .await
         .expect("topic");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (log, dead) = open(dir.path(), Durability::Fsync).await;
+    let (log, dead) = open_logs(dir.path(), Durability::Fsync).await;
     let sent: Vec<Record> = (0..10_000).map(|n| record(&topic, n, 100)).collect();
     let seqs = append_all(&log, sent.clone()).await;
     let by_seq: BTreeMap<u64, &Record> = seqs.iter().copied().zip(sent.iter()).collect();
 
-    let mut running = start(&log, &dead, &kafka_config());
+    let running = start(&log, &dead, &kafka_config());
     running
         .delivered_at_least(10_000, Duration::from_secs(120))
         .await;
@@ -285,7 +219,7 @@ async fn a_record_too_large_for_the_topic_goes_to_the_dead_letter_log() {
     let topic = common::unique_topic("fwd-large");
     create_topic_with(&topic, 1, &[("max.message.bytes", "4096")]).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (log, dead) = open(dir.path(), Durability::Fsync).await;
+    let (log, dead) = open_logs(dir.path(), Durability::Fsync).await;
     let mut records: Vec<Record> = (0..300).map(|n| record(&topic, n, 100)).collect();
     records[150] = record(&topic, 150, 20_000);
     let seqs = append_all(&log, records).await;
@@ -296,7 +230,7 @@ async fn a_record_too_large_for_the_topic_goes_to_the_dead_letter_log() {
         batch_max_bytes: edgegate::config::ByteSize(4096),
         ..kafka_config()
     };
-    let mut running = start(&log, &dead, &cfg);
+    let running = start(&log, &dead, &cfg);
     running
         .delivered_at_least(300, Duration::from_secs(120))
         .await;
@@ -340,7 +274,7 @@ async fn broker_outage_mid_drain_loses_nothing_and_keeps_order() {
         .await
         .expect("topic");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (log, dead) = open(dir.path(), Durability::Fsync).await;
+    let (log, dead) = open_logs(dir.path(), Durability::Fsync).await;
     let total = 30_000;
     let mut seqs = append_all(&log, (0..20_000).map(|n| record(&topic, n, 100))).await;
 
@@ -410,7 +344,7 @@ async fn a_forwarder_killed_mid_drain_resends_with_the_same_record_ids() {
         .expect("topic");
     let dir = tempfile::tempdir().expect("tempdir");
     let total = 50_000u64;
-    let (log, dead) = open(dir.path(), Durability::Fsync).await;
+    let (log, dead) = open_logs(dir.path(), Durability::Fsync).await;
     let sent: Vec<Record> = (0..total).map(|n| record(&topic, n, 100)).collect();
     let seqs = append_all(&log, sent.clone()).await;
     let by_seq: BTreeMap<u64, &Record> = seqs.iter().copied().zip(sent.iter()).collect();
@@ -421,7 +355,7 @@ async fn a_forwarder_killed_mid_drain_resends_with_the_same_record_ids() {
         max_in_flight_records: 500,
         ..kafka_config()
     };
-    let mut first = start(&log, &dead, &slow);
+    let first = start(&log, &dead, &slow);
     first
         .delivered_at_least(5_000, Duration::from_secs(60))
         .await;
@@ -436,8 +370,8 @@ async fn a_forwarder_killed_mid_drain_resends_with_the_same_record_ids() {
         "killed before the end of the drain"
     );
 
-    let (log, dead) = open(dir.path(), Durability::Fsync).await;
-    let mut second = start(&log, &dead, &kafka_config());
+    let (log, dead) = open_logs(dir.path(), Durability::Fsync).await;
+    let second = start(&log, &dead, &kafka_config());
     let remaining = total - (head - seqs[0]);
     second
         .delivered_at_least(remaining, Duration::from_secs(120))
@@ -482,7 +416,7 @@ async fn drain_benchmark() {
         .await
         .expect("topic");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (log, dead) = open(dir.path(), Durability::Fsync).await;
+    let (log, dead) = open_logs(dir.path(), Durability::Fsync).await;
     let started = Instant::now();
     append_all(&log, (0..n).map(|i| record(&topic, i, 100))).await;
     eprintln!("backlog of {n} records written in {:?}", started.elapsed());
@@ -504,7 +438,7 @@ async fn drain_benchmark() {
     {
         cfg.batch_max_bytes = edgegate::config::ByteSize(batch);
     }
-    let mut running = start(&log, &dead, &cfg);
+    let running = start(&log, &dead, &cfg);
     running
         .delivered_at_least(n, Duration::from_secs(1800))
         .await;

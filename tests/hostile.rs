@@ -9,78 +9,29 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+use common::GatewayToml;
 use rand::Rng;
 
 const GOOD_MQTT: usize = 400;
 const GOOD_COAP: usize = 150;
 
-struct Gateway {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn start(mqtt: u16, coap: u16, topic: &str) -> Gateway {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("gateway.toml");
-    let text = format!(
-        "[gateway]\nid = \"hostile-gw\"\n\n[buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"256MiB\"\n\n\
-         [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\nconnect_timeout = \"1s\"\nmax_packet_size = \"64KiB\"\n\n\
-         [coap]\nlisten = \"127.0.0.1:{coap}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [kafka]\nbrokers = [\"{}\"]\n\n\
-         [[routes]]\nmatch = \"good/#\"\ntopic = \"{topic}\"\nkey = \"{{client_id}}\"\n\n\
-         [[routes]]\nmatch = \"coap/good/#\"\ntopic = \"{topic}\"\n",
-        common::bootstrap()
-    );
-    std::fs::write(&config, text).expect("config");
-    let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn edgegate");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
-        assert!(Instant::now() < deadline, "edgegate did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Gateway { child, dir }
-}
-
-impl Gateway {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
-    }
+/// The real binary: the test checks that the process is still running after the attack,
+/// and reads counters no other gateway moves.
+fn start(topic: &str) -> common::Process {
+    let config = GatewayToml::new()
+        .id("hostile-gw")
+        // The gateway's own default grace, as in the shipped config.
+        .unset("gateway", "shutdown_grace")
+        .mqtt("connect_timeout", "1s")
+        .mqtt("max_packet_size", "64KiB")
+        .route_keyed("good/#", topic, "{client_id}")
+        .route("coap/good/#", topic);
+    common::gateway(config).start_process()
 }
 
 /// Well-formed packets of a session, to be mutated: CONNECT (3.1.1 or 5), PUBLISH QoS 0/1/2,
@@ -241,26 +192,21 @@ fn good_coap(addr: SocketAddr) -> Vec<Vec<u8>> {
 }
 
 /// `mosquitto_pub -q 1 -l`: exits 0 only once every line was acknowledged.
-fn good_mqtt(port: u16, client_id: &str, v5: bool) -> Vec<Vec<u8>> {
+fn good_mqtt(addr: SocketAddr, client_id: &str, v5: bool) -> Vec<Vec<u8>> {
     let lines: Vec<String> = (0..GOOD_MQTT)
         .map(|i| format!("{client_id}:{i:05}"))
         .collect();
-    let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", client_id])
-        .args(["-t", &format!("good/{client_id}"), "-q", "1", "-l"])
-        .args(["-V", if v5 { "5" } else { "mqttv311" }])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    let mut stdin = child.stdin.take().expect("stdin");
-    for line in &lines {
-        writeln!(stdin, "{line}").expect("write");
-    }
-    drop(stdin);
-    let status = child.wait().expect("wait");
+    let out = common::mosquitto_pub(addr)
+        .id(client_id)
+        .topic(&format!("good/{client_id}"))
+        .qos(1)
+        .v5(v5)
+        .lines(&lines);
     assert!(
-        status.success(),
-        "{client_id}: mosquitto_pub failed: {status}"
+        out.status.success(),
+        "{client_id}: mosquitto_pub failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     lines.into_iter().map(String::into_bytes).collect()
 }
@@ -269,10 +215,9 @@ fn good_mqtt(port: u16, client_id: &str, v5: bool) -> Vec<Vec<u8>> {
 fn random_and_mutated_packets_cost_the_good_clients_nothing() {
     let _kafka = common::shared();
     let topic = common::unique_topic("hostile");
-    let (mqtt, coap) = (free_tcp_port(), free_udp_port());
-    let mut gateway = start(mqtt, coap, &topic);
-    let mqtt_addr = SocketAddr::from(([127, 0, 0, 1], mqtt));
-    let coap_addr = SocketAddr::from(([127, 0, 0, 1], coap));
+    let mut gateway = start(&topic);
+    let mqtt_addr = gateway.mqtt_addr();
+    let coap_addr = gateway.coap_addr();
 
     let stop = Arc::new(AtomicBool::new(false));
     let attacks = Arc::new(AtomicU64::new(0));
@@ -298,8 +243,8 @@ fn random_and_mutated_packets_cost_the_good_clients_nothing() {
     // The attack runs alone for a while first, then alongside the good clients.
     std::thread::sleep(Duration::from_secs(4));
     let goods = [
-        std::thread::spawn(move || good_mqtt(mqtt, "good-v4", false)),
-        std::thread::spawn(move || good_mqtt(mqtt, "good-v5", true)),
+        std::thread::spawn(move || good_mqtt(mqtt_addr, "good-v4", false)),
+        std::thread::spawn(move || good_mqtt(mqtt_addr, "good-v5", true)),
         std::thread::spawn(move || good_coap(coap_addr)),
     ];
     let mut acked: Vec<Vec<u8>> = Vec::new();
@@ -316,11 +261,11 @@ fn random_and_mutated_packets_cost_the_good_clients_nothing() {
         "every good message acknowledged"
     );
     assert!(
-        gateway.child.try_wait().expect("try_wait").is_none(),
+        gateway.is_running(),
         "the gateway is still running:\n{}",
-        gateway.log()
+        gateway.log_text()
     );
-    let admin = common::admin_addr(&gateway.log()).expect("admin address");
+    let admin = gateway.admin_addr();
     assert_eq!(common::http_get(admin, "/healthz").0, 200);
     let (_, metrics) = common::http_get(admin, "/metrics");
     let sum = |prefix: &str| -> f64 {
@@ -353,5 +298,5 @@ fn random_and_mutated_packets_cost_the_good_clients_nothing() {
     let twice = seen.values().filter(|n| **n > 1).count();
     assert_eq!(twice, 0, "stored once each");
     assert_eq!(records.len(), acked.len(), "nothing but the good messages");
-    let _ = gateway.child.kill();
+    gateway.kill();
 }

@@ -10,33 +10,30 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use edgegate::buffer::{Durability, Log, LogConfig, Record, Source};
-use edgegate::config::Config;
+use common::forwarder::{Forwarding, open_logs};
+use common::{GatewayToml, Password};
+use edgegate::buffer::{Durability, Log, Record, Source};
+use edgegate::forward::LinkState;
 use edgegate::forward::config::KafkaConfig;
-use edgegate::forward::{Forwarder, LastError, LinkState, Progress};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const GATEWAY: &str = "gw-ksec";
 
-/// Writes `gateway.toml` into `dir` with `kafka` as its `[kafka]` part and loads it as the
-/// binary does (validation included: files, modes, the librdkafka preflight).
-fn load_kafka(dir: &Path, kafka: &str) -> KafkaConfig {
+/// Writes `gateway.toml` into `dir` with `kafka`'s `[kafka]` part and loads it as the binary
+/// does (validation included: files, modes, the librdkafka preflight).
+fn load_kafka(dir: &Path, kafka: GatewayToml) -> KafkaConfig {
     let path = dir.join("gateway.toml");
-    // Notice a fixed broker (or config) quickly.
-    let kafka = kafka.replacen("[kafka]\n", "[kafka]\nretry_backoff_max = \"1s\"\n", 1);
-    let text = format!("{kafka}\n[[routes]]\nmatch = \"#\"\ntopic = \"unused\"\n");
-    std::fs::write(&path, &text).expect("write gateway.toml");
-    match Config::load(&path) {
-        Ok(config) => config.kafka,
-        Err(e) => panic!("{e}\n--- {}:\n{text}", path.display()),
-    }
+    kafka
+        // Notice a fixed broker (or config) quickly.
+        .kafka("retry_backoff_max", "1s")
+        .route("#", "unused")
+        .write(&path);
+    common::gateway::load_config(&path).kafka
 }
 
 fn write_secret(dir: &Path, name: &str, value: &str) {
@@ -46,48 +43,27 @@ fn write_secret(dir: &Path, name: &str, value: &str) {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
 
-fn sasl_ssl(mechanism: &str, password: &str) -> String {
+/// The broker's SASL_SSL listener, its CA trusted.
+fn sasl_ssl(mechanism: &str, password: Password) -> GatewayToml {
     let s = common::secured();
-    format!(
-        "[kafka]\nbrokers = [\"{}\"]\n\n[kafka.tls]\nca_file = \"{}\"\n\n\
-         [kafka.sasl]\nmechanism = \"{mechanism}\"\nusername = \"{}\"\n{password}\n",
-        s.sasl_ssl,
-        s.ca.display(),
-        s.sasl_user
-    )
+    GatewayToml::new()
+        .kafka_brokers(&[&s.sasl_ssl])
+        .kafka_tls(&s.ca, None)
+        .kafka_sasl(mechanism, &s.sasl_user, password)
 }
 
-fn mutual_tls(ca: &Path, client_cert: bool) -> String {
+/// The broker's SSL listener, `ca` trusted, with the client certificate if `client_cert`.
+fn mutual_tls(ca: &Path, client_cert: bool) -> GatewayToml {
     let s = common::secured();
-    let cert = if client_cert {
-        format!(
-            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
-            s.client_cert.display(),
-            s.client_key.display()
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "[kafka]\nbrokers = [\"{}\"]\n\n[kafka.tls]\nca_file = \"{}\"\n{cert}",
-        s.ssl,
-        ca.display()
-    )
+    let client = client_cert.then_some((s.client_cert.as_path(), s.client_key.as_path()));
+    GatewayToml::new()
+        .kafka_brokers(&[&s.ssl])
+        .kafka_tls(ca, client)
 }
 
+/// The log in `dir/log`, as the gateway on `dir/gateway.toml` keeps it.
 async fn open(dir: &Path) -> (Log, Log) {
-    let main = LogConfig {
-        durability: Durability::Fsync,
-        ..LogConfig::new(dir.join("log"))
-    };
-    let dead = LogConfig::new(dir.join("log/dead-letter"));
-    tokio::task::spawn_blocking(move || {
-        let (log, _) = Log::open(main).expect("open the log");
-        let (dead, _) = Log::open(dead).expect("open the dead-letter log");
-        (log, dead)
-    })
-    .await
-    .expect("open task")
+    open_logs(&dir.join("log"), Durability::Fsync).await
 }
 
 fn record(topic: &str, n: u64) -> Record {
@@ -124,75 +100,9 @@ async fn append(log: &Log, topic: &str, n: u64) -> BTreeMap<u64, Record> {
     sent
 }
 
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), edgegate::forward::ForwardError>>,
-    progress: watch::Receiver<Progress>,
-    link: watch::Receiver<LinkState>,
-    last_error: LastError,
-}
-
-fn start(log: &Log, dead: &Log, cfg: &KafkaConfig) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
-    let forwarder = Forwarder::new(cfg, GATEWAY, log.reader().expect("reader"), dead.clone())
-        .expect("forwarder")
-        .with_shutdown_grace(Duration::from_secs(2));
-    let shutdown = CancellationToken::new();
-    Running {
-        progress: forwarder.progress(),
-        link: forwarder.link_state(),
-        last_error: forwarder.last_error(),
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(forwarder.run(shutdown)),
-    }
-}
-
-impl Running {
-    async fn delivered(&self, n: u64) {
-        let mut progress = self.progress.clone();
-        let waited = tokio::time::timeout(
-            Duration::from_secs(60),
-            progress.wait_for(|p| p.delivered + p.dead_lettered >= n),
-        )
-        .await
-        .map(|r| r.map(drop));
-        assert!(
-            matches!(waited, Ok(Ok(()))),
-            "fewer than {n} records finished within 60 s: {:?}; last error {:?}",
-            *self.progress.borrow(),
-            self.last_error.get()
-        );
-    }
-
-    /// Waits until the last error contains one of `needles`; returns it.
-    async fn refused_with(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(error) = self.last_error.get() {
-                if needles.iter().any(|n| error.contains(n)) {
-                    return error;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no error containing {needles:?} within 30 s; last error {:?}",
-                self.last_error.get()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("forwarder stops within its grace period")
-            .expect("forwarder task")
-            .expect("forwarder result");
-    }
+/// The forwarder as this gateway, with a 2 s drain at shutdown.
+fn start(log: &Log, dead: &Log, cfg: &KafkaConfig) -> Forwarding {
+    common::forwarder::forward(log, dead, cfg, GATEWAY, Duration::from_secs(2))
 }
 
 fn seq_of(c: &common::Consumed) -> u64 {
@@ -225,15 +135,17 @@ async fn new_topic(prefix: &str) -> String {
 }
 
 /// Forwards 200 records with `kafka` and reads them back.
-async fn forwards_through(kafka: impl FnOnce(&Path) -> String, prefix: &str) {
+async fn forwards_through(kafka: impl FnOnce(&Path) -> GatewayToml, prefix: &str) {
     let _kafka = common::shared();
     let topic = new_topic(prefix).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = load_kafka(dir.path(), &kafka(dir.path()));
+    let cfg = load_kafka(dir.path(), kafka(dir.path()));
     let (log, dead) = open(dir.path()).await;
     let sent = append(&log, &topic, 200).await;
     let running = start(&log, &dead, &cfg);
-    running.delivered(200).await;
+    running
+        .delivered_at_least(200, Duration::from_secs(60))
+        .await;
     assert_eq!(running.progress.borrow().dead_lettered, 0);
     assert_eq!(*running.link.borrow(), LinkState::Up);
     let got = common::consume_all(&topic, 200, Duration::from_secs(60)).await;
@@ -248,7 +160,7 @@ async fn scram_sha_256_over_sasl_ssl_with_the_password_in_a_relative_file() {
     forwards_through(
         |dir| {
             write_secret(dir, "kafka.password", &common::secured().sasl_password);
-            sasl_ssl("scram-sha-256", "password_file = \"kafka.password\"")
+            sasl_ssl("scram-sha-256", Password::File("kafka.password"))
         },
         "ksec-scram256",
     )
@@ -263,7 +175,7 @@ async fn scram_sha_512_over_sasl_ssl_with_the_password_in_an_absolute_file() {
             let path = dir.join("pw");
             sasl_ssl(
                 "SCRAM-SHA-512",
-                &format!("password_file = \"{}\"", path.display()),
+                Password::File(path.to_str().expect("UTF-8 path")),
             )
         },
         "ksec-scram512",
@@ -274,12 +186,7 @@ async fn scram_sha_512_over_sasl_ssl_with_the_password_in_an_absolute_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_over_sasl_ssl_with_the_password_inline() {
     forwards_through(
-        |_| {
-            sasl_ssl(
-                "plain",
-                &format!("password = \"{}\"", common::secured().sasl_password),
-            )
-        },
+        |_| sasl_ssl("plain", Password::Inline(&common::secured().sasl_password)),
         "ksec-plain",
     )
     .await;
@@ -292,7 +199,12 @@ async fn mutual_tls_on_the_ssl_listener() {
 
 /// A refused forwarder keeps every record in the log (none delivered, none dead-lettered,
 /// the log's head unmoved); a forwarder with `fixed` on the same log then delivers them all.
-async fn refused_then_fixed(refused: &str, needles: &[&str], fixed: &str, prefix: &str) {
+async fn refused_then_fixed(
+    refused: GatewayToml,
+    needles: &[&str],
+    fixed: GatewayToml,
+    prefix: &str,
+) {
     let _kafka = common::shared();
     let topic = new_topic(prefix).await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -327,7 +239,9 @@ async fn refused_then_fixed(refused: &str, needles: &[&str], fixed: &str, prefix
     let (log, dead) = open(dir.path()).await;
     assert_eq!(log.stats().head_seq, head, "still there after the restart");
     let running = start(&log, &dead, &good);
-    running.delivered(50).await;
+    running
+        .delivered_at_least(50, Duration::from_secs(60))
+        .await;
     assert_eq!(running.progress.borrow().dead_lettered, 0);
     let got = common::consume_all(&topic, 50, Duration::from_secs(60)).await;
     assert_same(&got, &sent);
@@ -340,9 +254,9 @@ async fn refused_then_fixed(refused: &str, needles: &[&str], fixed: &str, prefix
 async fn a_wrong_password_is_reported_and_loses_nothing() {
     let password = &common::secured().sasl_password;
     refused_then_fixed(
-        &sasl_ssl("scram-sha-512", "password = \"not-the-password\""),
+        sasl_ssl("scram-sha-512", Password::Inline("not-the-password")),
         &["SASL authentication error", "Authentication failed"],
-        &sasl_ssl("scram-sha-512", &format!("password = \"{password}\"")),
+        sasl_ssl("scram-sha-512", Password::Inline(password)),
         "ksec-wrong-pw",
     )
     .await;
@@ -352,9 +266,9 @@ async fn a_wrong_password_is_reported_and_loses_nothing() {
 async fn a_wrong_ca_is_a_tls_failure_and_loses_nothing() {
     let s = common::secured();
     refused_then_fixed(
-        &mutual_tls(&s.other_ca, true),
+        mutual_tls(&s.other_ca, true),
         &["certificate verify failed"],
-        &mutual_tls(&s.ca, true),
+        mutual_tls(&s.ca, true),
         "ksec-wrong-ca",
     )
     .await;
@@ -364,168 +278,65 @@ async fn a_wrong_ca_is_a_tls_failure_and_loses_nothing() {
 async fn the_mtls_listener_refuses_a_gateway_without_a_client_certificate() {
     let s = common::secured();
     refused_then_fixed(
-        &mutual_tls(&s.ca, false),
+        mutual_tls(&s.ca, false),
         // The broker aborts the handshake with a TLS alert: "bad certificate" (TLS 1.2 and
         // Java's TLS 1.3) or "certificate required" (RFC 8446).
         &["bad certificate", "certificate required"],
-        &mutual_tls(&s.ca, true),
+        mutual_tls(&s.ca, true),
         "ksec-no-cert",
     )
     .await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// The real binary's config for one test: MQTT, CoAP and admin on port 0, one route from
+/// `plant/+device/#` to `topic` keyed by device, `kafka`'s Kafka part; librdkafka's debug
+/// output on, and `env` in its environment.
+fn binary(topic: &str, kafka: GatewayToml, env: &[(&str, &str)]) -> common::Builder {
+    let config = kafka.id(GATEWAY).buffer_sizes("1MiB", "64MiB").route_keyed(
+        "plant/+device/#",
+        topic,
+        "{device}",
+    );
+    env.iter().fold(
+        common::gateway(config).rust_log("debug"),
+        |builder, (key, value)| builder.env(key, value),
+    )
 }
 
-/// The real `edgegate` binary on a config written for one test, its stderr in a file.
-struct Binary {
-    child: Option<std::process::Child>,
-    config: std::path::PathBuf,
-    stderr: std::path::PathBuf,
-    mqtt_port: u16,
-    admin_port: u16,
-    env: Vec<(String, String)>,
+/// Checks the config with `edgegate validate` (in the same environment), then starts the
+/// binary and waits for its MQTT port.
+fn validate_and_start(builder: common::Builder, env: &[(&str, &str)]) -> common::Process {
+    let validate = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["validate", "--config"])
+        .arg(builder.write_config())
+        .envs(env.iter().copied())
+        .output()
+        .expect("run edgegate validate");
+    assert!(
+        validate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validate.stderr)
+    );
+    builder.start_process()
 }
 
-impl Binary {
-    /// Writes gateway.toml into `dir` (MQTT, CoAP and admin on free ports, one route from
-    /// `plant/+device/#` to `topic` keyed by device, `kafka` as the Kafka part) and checks
-    /// it with `edgegate validate`.
-    fn new(dir: &Path, topic: &str, kafka: &str, env: &[(&str, &str)]) -> Binary {
-        let (mqtt_port, admin_port) = (free_port(), free_port());
-        let config = dir.join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[gateway]\nid = \"{GATEWAY}\"\nshutdown_grace = \"5s\"\n\n\
-                 [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
-                 [coap]\nlisten = \"127.0.0.1:0\"\n\n\
-                 [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
-                 [mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\n{kafka}\n\
-                 [[routes]]\nmatch = \"plant/+device/#\"\ntopic = \"{topic}\"\nkey = \"{{device}}\"\n"
-            ),
-        )
-        .expect("write config");
-        let binary = Binary {
-            child: None,
-            config,
-            stderr: dir.join("stderr.log"),
-            mqtt_port,
-            admin_port,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        let validate = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(["validate", "--config"])
-            .arg(&binary.config)
-            .envs(binary.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("run edgegate validate");
-        assert!(
-            validate.status.success(),
-            "{}",
-            String::from_utf8_lossy(&validate.stderr)
-        );
-        binary
-    }
-
-    /// Starts the binary (again) and waits for its MQTT port.
-    fn start(&mut self) {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.stderr)
-            .expect("stderr file");
-        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn edgegate");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("edgegate exited at startup: {status}\n{}", self.printed());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "edgegate did not listen within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Publishes `lines` at QoS 1 with mosquitto_pub; each is acknowledged once durable.
-    fn publish(&self, lines: &[String]) {
-        let mut publisher = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &self.mqtt_port.to_string()])
-            .args([
-                "-i",
-                "ksec-pub",
-                "-t",
-                "plant/dev-1/telemetry",
-                "-q",
-                "1",
-                "-l",
-            ])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_pub");
-        let mut stdin = publisher.stdin.take().expect("stdin");
-        for line in lines {
-            writeln!(stdin, "{line}").expect("publish");
-        }
-        drop(stdin);
-        assert!(publisher.wait().expect("mosquitto_pub").success());
-    }
-
-    /// SIGTERM and the exit status of the graceful stop.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        child.wait().expect("wait")
-    }
-
-    /// One admin endpoint's body.
-    fn get(&self, path: &str) -> String {
-        use std::io::Read;
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
-            return String::new();
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-        let _ = write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        );
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        response
-    }
-
-    fn printed(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
+/// Publishes `lines` at QoS 1 with mosquitto_pub; each is acknowledged once durable.
+fn publish(addr: SocketAddr, lines: &[String]) {
+    let out = common::mosquitto_pub(addr)
+        .id("ksec-pub")
+        .topic("plant/dev-1/telemetry")
+        .qos(1)
+        .lines(lines);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// One admin endpoint's body.
+fn get(gateway: &common::Process, path: &str) -> String {
+    common::http_get(gateway.admin_addr(), path).1
 }
 
 fn payloads(got: &[common::Consumed]) -> Vec<String> {
@@ -543,24 +354,18 @@ fn the_binary_forwards_mqtt_over_sasl_ssl_with_the_password_from_its_environment
     let s = common::secured();
     let topic = common::unique_topic("ksec-binary");
     common::create_topic(&topic, 1);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kafka = format!(
-        "[kafka]\nbrokers = [\"{}\"]\n\n[kafka.tls]\nca_file = \"{}\"\n\n\
-         [kafka.sasl]\nmechanism = \"scram-sha-256\"\nusername = \"{}\"\n\
-         password_env = \"EDGEGATE_KSEC_TEST_PASSWORD\"\n\n\
-         [kafka.properties]\ndebug = \"conf,security,broker\"\n",
-        s.sasl_ssl,
-        s.ca.display(),
-        s.sasl_user
-    );
+    let kafka = sasl_ssl(
+        "scram-sha-256",
+        Password::Env("EDGEGATE_KSEC_TEST_PASSWORD"),
+    )
+    .kafka_property("debug", "conf,security,broker");
     let env = [("EDGEGATE_KSEC_TEST_PASSWORD", s.sasl_password.as_str())];
-    let mut gateway = Binary::new(dir.path(), &topic, &kafka, &env);
-    gateway.start();
+    let mut gateway = validate_and_start(binary(&topic, kafka, &env), &env);
     let lines: Vec<String> = (0..30).map(|n| format!("{{\"reading\":{n}}}")).collect();
-    gateway.publish(&lines);
+    publish(gateway.mqtt_addr(), &lines);
     let got = common::consume_all_blocking(&topic, lines.len(), Duration::from_secs(60));
-    let status = gateway.stop();
-    let printed = gateway.printed();
+    let status = gateway.terminate();
+    let printed = gateway.log_text();
     assert_eq!(payloads(&got), lines, "every publish, once, in order");
     assert!(got.iter().all(|c| c.key.as_deref() == Some(&b"dev-1"[..])));
     assert!(status.success(), "graceful stop: {status}");
@@ -586,26 +391,19 @@ fn the_binary_reports_a_wrong_password_everywhere_and_delivers_after_the_fix() {
     let s = common::secured();
     let topic = common::unique_topic("ksec-binary-wrong-pw");
     common::create_topic(&topic, 1);
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_secret(dir.path(), "kafka.password", "not-the-password");
-    let kafka = format!(
-        "[kafka]\nbrokers = [\"{}\"]\nretry_backoff_max = \"1s\"\n\n\
-         [kafka.tls]\nca_file = \"{}\"\n\n\
-         [kafka.sasl]\nmechanism = \"scram-sha-512\"\nusername = \"{}\"\n\
-         password_file = \"kafka.password\"\n",
-        s.sasl_ssl,
-        s.ca.display(),
-        s.sasl_user
-    );
-    let mut gateway = Binary::new(dir.path(), &topic, &kafka, &[]);
-    gateway.start();
+    let kafka = sasl_ssl("scram-sha-512", Password::File("kafka.password"))
+        .kafka("retry_backoff_max", "1s");
+    let builder = binary(&topic, kafka, &[]);
+    let dir = builder.dir().to_owned();
+    write_secret(&dir, "kafka.password", "not-the-password");
+    let mut gateway = validate_and_start(builder, &[]);
     let lines: Vec<String> = (0..20).map(|n| format!("{{\"reading\":{n}}}")).collect();
-    gateway.publish(&lines);
+    publish(gateway.mqtt_addr(), &lines);
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let (readyz, metrics) = loop {
-        let readyz = gateway.get("/readyz");
-        let metrics = gateway.get("/metrics");
+        let readyz = get(&gateway, "/readyz");
+        let metrics = get(&gateway, "/metrics");
         if readyz.contains("SASL authentication error")
             && metrics.contains("edgegate_kafka_client_errors_total{kind=\"authentication\"}")
         {
@@ -614,18 +412,14 @@ fn the_binary_reports_a_wrong_password_everywhere_and_delivers_after_the_fix() {
         assert!(
             Instant::now() < deadline,
             "no authentication error within 30 s:\n{readyz}\n{}",
-            gateway.printed()
+            gateway.log_text()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(readyz.contains("\"degraded\""), "{readyz}");
     assert!(metrics.contains("edgegate_kafka_link_up 0"), "{metrics}");
     let status = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args([
-            "status",
-            "--admin",
-            &format!("127.0.0.1:{}", gateway.admin_port),
-        ])
+        .args(["status", "--admin", &gateway.admin_addr().to_string()])
         .output()
         .expect("edgegate status");
     let summary = String::from_utf8_lossy(&status.stdout);
@@ -635,22 +429,22 @@ fn the_binary_reports_a_wrong_password_everywhere_and_delivers_after_the_fix() {
     );
     assert!(
         gateway
-            .printed()
+            .log_text()
             .contains("Kafka refused the gateway (TLS or SASL)")
     );
-    assert!(gateway.stop().success());
+    assert!(gateway.terminate().success());
     assert!(
         common::consume_all_blocking(&topic, 1, Duration::from_secs(2)).is_empty(),
         "nothing reached Kafka with the wrong password"
     );
 
-    write_secret(dir.path(), "kafka.password", &s.sasl_password);
-    gateway.start();
+    write_secret(&dir, "kafka.password", &s.sasl_password);
+    gateway.restart();
     let got = common::consume_all_blocking(&topic, lines.len(), Duration::from_secs(60));
     assert_eq!(
         payloads(&got),
         lines,
         "every message, once, in order, after the fix"
     );
-    assert!(gateway.stop().success());
+    assert!(gateway.terminate().success());
 }

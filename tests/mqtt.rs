@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 /// Long enough for anything that should happen; tests fail rather than hang.
 const PATIENCE: Duration = Duration::from_secs(10);
 
-struct Gateway {
+/// The MQTT listener alone over a log, no forwarder: the test reads the log itself, which a
+/// whole gateway (`common::gateway`) would not let it do.
+struct Listener {
     addr: SocketAddr,
     log: Log,
     reader: LogReader,
@@ -37,7 +38,7 @@ struct Gateway {
 
 /// Starts the listener with one route, `dev/#` → Kafka topic `telemetry`; anything else has
 /// no route.
-async fn start(mqtt: MqttConfig, tune: impl FnOnce(&mut LogConfig)) -> Gateway {
+async fn start(mqtt: MqttConfig, tune: impl FnOnce(&mut LogConfig)) -> Listener {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log_config = LogConfig::new(dir.path().join("log"));
     log_config.commit_delay = Duration::from_millis(1);
@@ -66,7 +67,7 @@ async fn start(mqtt: MqttConfig, tune: impl FnOnce(&mut LogConfig)) -> Gateway {
     ));
     let reader = log.reader().expect("the reader");
     let first_seq = log.stats().next_seq;
-    Gateway {
+    Listener {
         first_seq,
         addr,
         log,
@@ -77,11 +78,11 @@ async fn start(mqtt: MqttConfig, tune: impl FnOnce(&mut LogConfig)) -> Gateway {
     }
 }
 
-async fn start_default() -> Gateway {
+async fn start_default() -> Listener {
     start(MqttConfig::default(), |_| {}).await
 }
 
-impl Gateway {
+impl Listener {
     /// Reads exactly `n` records, failing after `PATIENCE`.
     async fn records(&mut self, n: usize) -> Vec<StoredRecord> {
         let mut out = Vec::new();
@@ -240,146 +241,9 @@ impl Raw {
     }
 }
 
-// ---- real clients ------------------------------------------------------------------------
+// ---- real clients (common::mosquitto_pub, common::rumqttc) -------------------------------
 
-/// Runs `mosquitto_pub`, one message per line of `lines`.
-async fn mosquitto_pub(
-    addr: SocketAddr,
-    version: &str,
-    qos: u8,
-    id: &str,
-    topic: &str,
-    lines: &[String],
-    extra: &[&str],
-) {
-    let mut child = tokio::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &addr.port().to_string(),
-            "-V",
-            version,
-        ])
-        .args(["-q", &qos.to_string(), "-i", id, "-t", topic, "-l"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub is installed (Debian: mosquitto-clients)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all((lines.join("\n") + "\n").as_bytes())
-        .await
-        .expect("write");
-    drop(stdin);
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .expect("mosquitto_pub finishes")
-        .expect("mosquitto_pub runs");
-    assert!(
-        out.status.success(),
-        "mosquitto_pub: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Publishes with rumqttc's 3.1.1 client; returns once every QoS 1/2 message is acknowledged
-/// and the client has disconnected.
-async fn rumqttc_v4(addr: SocketAddr, id: &str, qos: u8, topic: &str, payloads: &[String]) {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-    let mut options = MqttOptions::new(id, "127.0.0.1", addr.port());
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(options, 100);
-    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(qos)];
-    let n = payloads.len();
-    let payloads = payloads.to_vec();
-    let topic = topic.to_owned();
-    let sender = client.clone();
-    tokio::spawn(async move {
-        for p in payloads {
-            sender
-                .publish(&topic, qos, false, p.into_bytes())
-                .await
-                .expect("publish");
-        }
-    });
-    let mut acked = 0;
-    tokio::time::timeout(PATIENCE, async {
-        let mut disconnecting = false;
-        loop {
-            match events.poll().await.expect("rumqttc v4 event loop") {
-                Event::Incoming(Packet::PubAck(_)) | Event::Incoming(Packet::PubComp(_)) => {
-                    acked += 1
-                }
-                Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => acked += 1,
-                Event::Outgoing(Outgoing::Disconnect) => break,
-                _ => {}
-            }
-            if acked == n && !disconnecting {
-                disconnecting = true;
-                client.disconnect().await.expect("disconnect");
-            }
-        }
-    })
-    .await
-    .expect("rumqttc v4 finishes");
-}
-
-/// Publishes with rumqttc's MQTT 5 client, with a content type and two user properties.
-async fn rumqttc_v5(addr: SocketAddr, id: &str, qos: u8, topic: &str, payloads: &[String]) {
-    use rumqttc::Outgoing;
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    let mut options = MqttOptions::new(id, "127.0.0.1", addr.port());
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(options, 100);
-    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(qos)];
-    let n = payloads.len();
-    let payloads = payloads.to_vec();
-    let topic = topic.to_owned();
-    let sender = client.clone();
-    tokio::spawn(async move {
-        for p in payloads {
-            let properties = PublishProperties {
-                content_type: Some("text/plain".into()),
-                user_properties: vec![("site".into(), "north".into()), ("line".into(), "7".into())],
-                ..Default::default()
-            };
-            sender
-                .publish_with_properties(&topic, qos, false, p.into_bytes(), properties)
-                .await
-                .expect("publish");
-        }
-    });
-    let mut done = 0;
-    tokio::time::timeout(PATIENCE, async {
-        let mut disconnecting = false;
-        loop {
-            match events.poll().await.expect("rumqttc v5 event loop") {
-                Event::Incoming(Packet::PubAck(ack)) => {
-                    assert_eq!(
-                        ack.reason,
-                        rumqttc::v5::mqttbytes::v5::PubAckReason::Success
-                    );
-                    done += 1;
-                }
-                Event::Incoming(Packet::PubComp(_)) => done += 1,
-                Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => done += 1,
-                Event::Outgoing(Outgoing::Disconnect) => break,
-                _ => {}
-            }
-            if done == n && !disconnecting {
-                disconnecting = true;
-                client.disconnect().await.expect("disconnect");
-            }
-        }
-    })
-    .await
-    .expect("rumqttc v5 finishes");
-}
-
+/// What one client publishes: `<prefix>-0` ... `<prefix>-<n - 1>`.
 fn lines(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -414,8 +278,20 @@ async fn every_client_and_qos_is_stored_exactly_once_with_its_headers() {
             };
             let addr = gw.addr;
             let id = format!("{client}-q{qos}");
-            jobs.push(tokio::spawn(async move {
-                mosquitto_pub(addr, version, qos, &id, &format!("dev/{id}"), &batch, extra).await
+            jobs.push(tokio::task::spawn_blocking(move || {
+                let out = common::mosquitto_pub(addr)
+                    .v5(version == "mqttv5")
+                    .qos(qos)
+                    .id(&id)
+                    .topic(&format!("dev/{id}"))
+                    .args(extra)
+                    .timeout(PATIENCE)
+                    .lines(&batch);
+                assert!(
+                    out.status.success(),
+                    "mosquitto_pub: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }));
         }
         for client in ["rumq4", "rumq5"] {
@@ -426,11 +302,16 @@ async fn every_client_and_qos_is_stored_exactly_once_with_its_headers() {
             let addr = gw.addr;
             let id = format!("{client}-q{qos}");
             jobs.push(tokio::spawn(async move {
-                if client == "rumq4" {
-                    rumqttc_v4(addr, &id, qos, &format!("dev/{id}"), &batch).await
-                } else {
-                    rumqttc_v5(addr, &id, qos, &format!("dev/{id}"), &batch).await
-                }
+                let n = batch.len();
+                let payloads = batch.into_iter().map(String::into_bytes).collect();
+                // The properties (a content type, two user properties) go with MQTT 5 only.
+                let acked = common::rumqttc(addr, &id)
+                    .v5(client == "rumq5")
+                    .qos(qos)
+                    .properties("text/plain", &[("site", "north"), ("line", "7")])
+                    .publish(&format!("dev/{id}"), payloads)
+                    .await;
+                assert_eq!(acked.len(), n, "{client}: every publish acknowledged");
             }));
         }
     }

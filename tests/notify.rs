@@ -3,15 +3,30 @@
 //! `systemd-analyze verify`. No Kafka: the brokers point at a closed port, and the watchdog
 //! must keep being fed while the gateway buffers.
 
+mod common;
+
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+use common::GatewayToml;
+
+/// No Kafka, and a route for everything.
+fn config() -> GatewayToml {
+    GatewayToml::new()
+        .buffer_sizes("1MiB", "64MiB")
+        .kafka_unreachable()
+        .default_route("t")
+}
+
+/// A datagram socket in the gateway's directory, as systemd's notify socket would be.
+fn notify_socket(gateway: &common::Builder) -> (UnixDatagram, std::path::PathBuf) {
+    let path = gateway.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    (socket, path)
 }
 
 /// Datagrams received until `until` holds for one of them (or the deadline passes).
@@ -38,60 +53,29 @@ fn collect(
 
 #[test]
 fn notify_protocol_ready_status_watchdog_stopping_in_order() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let mqtt = free_port();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nshutdown_grace = \"2s\"\n\n\
-             [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
-             [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n\n[coap]\nlisten = \"127.0.0.1:0\"\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [kafka]\nbrokers = [\"127.0.0.1:1\"]\n\n[default_route]\ntopic = \"t\"\n"
-        ),
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &socket_path)
+    let builder = common::gateway(config().shutdown_grace("2s"));
+    let (socket, socket_path) = notify_socket(&builder);
+    // Not waited for: READY is what this test watches for.
+    let mut gateway = builder
+        .env("NOTIFY_SOCKET", socket_path.to_str().expect("UTF-8 path"))
         // 1.5 s: pings are due every half second or so.
         .env("WATCHDOG_USEC", "1500000")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn edgegate");
-    let pid = child.id().to_string();
+        .spawn_process();
     let mut seen = Vec::new();
 
     let ready = collect(&socket, &mut seen, Duration::from_secs(30), |m| {
         m.lines().any(|l| l == "READY=1")
     });
     assert!(ready, "no READY=1; got {seen:?}");
-    // READY comes only once the listener is bound.
-    std::net::TcpStream::connect(("127.0.0.1", mqtt)).expect("MQTT is bound at READY");
+    // READY comes only once the listener is bound: its "Listening" line is logged already.
+    let mqtt = gateway.logged().mqtt.expect("MQTT is listening at READY");
+    std::net::TcpStream::connect(mqtt).expect("MQTT is bound at READY");
 
-    let publish = Command::new("mosquitto_pub")
-        .args([
-            "-p",
-            &mqtt.to_string(),
-            "-q",
-            "1",
-            "-t",
-            "a/b",
-            "-m",
-            "hello",
-        ])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(publish.success());
+    let publish = common::mosquitto_pub(mqtt)
+        .qos(1)
+        .topic("a/b")
+        .message("hello");
+    assert!(publish.status.success());
     // A STATUS that shows the stored record (refreshed within 5 s), and a WATCHDOG ping.
     let mut watchdog = false;
     let mut status = false;
@@ -107,15 +91,11 @@ fn notify_protocol_ready_status_watchdog_stopping_in_order() {
         "no WATCHDOG=1 or no STATUS with the record; got {seen:?}"
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    gateway.signal("-TERM");
     let stopping = collect(&socket, &mut seen, Duration::from_secs(30), |m| {
         m.lines().any(|l| l == "STOPPING=1")
     });
-    let exit = child.wait().expect("wait");
+    let exit = gateway.wait();
     assert!(stopping, "no STOPPING=1; got {seen:?}");
     assert!(exit.success(), "edgegate exited with {exit}");
 
@@ -141,39 +121,23 @@ fn notify_protocol_ready_status_watchdog_stopping_in_order() {
 /// Without `WATCHDOG_USEC` the gateway never pings: systemd did not ask for it.
 #[test]
 fn no_watchdog_pings_unless_asked() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        "[buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
-         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[coap]\nenabled = false\n\n\
-         [admin]\nenabled = false\n\n\
-         [kafka]\nbrokers = [\"127.0.0.1:1\"]\n\n[default_route]\ntopic = \"t\"\n",
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn edgegate");
+    let builder = common::gateway(
+        config()
+            .unset("gateway", "shutdown_grace")
+            .without_coap()
+            .without_admin(),
+    );
+    let (socket, socket_path) = notify_socket(&builder);
+    // No WATCHDOG_USEC: the harness does not pass on the test runner's.
+    let mut gateway = builder
+        .env("NOTIFY_SOCKET", socket_path.to_str().expect("UTF-8 path"))
+        .spawn_process();
     let mut seen = Vec::new();
     let ready = collect(&socket, &mut seen, Duration::from_secs(30), |m| {
         m.contains("READY=1")
     });
     collect(&socket, &mut seen, Duration::from_secs(3), |_| false);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let exit = child.wait().expect("wait");
+    let exit = gateway.terminate();
     assert!(ready, "no READY=1; got {seen:?}");
     assert!(seen.iter().all(|m| !m.contains("WATCHDOG=1")), "{seen:?}");
     assert!(exit.success(), "edgegate exited with {exit}");
@@ -222,40 +186,17 @@ fn unit_file_passes_systemd_analyze_verify() {
 /// inherited from elsewhere (not this stderr) does not divert logs to the journal.
 #[test]
 fn json_log_lines_on_stderr() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        "[gateway]\nshutdown_grace = \"1s\"\n\n[buffer]\ndir = \"log\"\n\
-         segment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
-         [mqtt]\nlisten = \"127.0.0.1:0\"\n\n[coap]\nenabled = false\n\n\
-         [admin]\nenabled = false\n\n\
-         [kafka]\nbrokers = [\"127.0.0.1:1\"]\n\n[default_route]\ntopic = \"t\"\n",
-    )
-    .expect("config");
-    let run = |format: Option<&str>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_edgegate"));
-        command.arg("run");
-        if let Some(format) = format {
-            command.args(["--log-format", format]);
-        }
-        let child = command
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
+    let config = config().shutdown_grace("1s").without_coap().without_admin();
+    let run = |format: Option<&'static str>| {
+        let mut gateway = common::gateway(config.clone())
+            .log_format(format)
             .env("JOURNAL_STREAM", "1:1")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn edgegate");
+            .start_process();
+        // Two seconds of running, so the forwarder's first complaints are in the log too.
         std::thread::sleep(Duration::from_secs(2));
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let out = child.wait_with_output().expect("wait");
-        assert!(out.status.success(), "edgegate exited with {}", out.status);
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let exit = gateway.terminate();
+        assert!(exit.success(), "edgegate exited with {exit}");
+        gateway.log_text()
     };
     let json = run(Some("json"));
     let lines: Vec<&str> = json.lines().collect();

@@ -1,19 +1,21 @@
-//! Device security, black box: the real `edgegate` binary with `[mqtt.tls]` and `[auth]`,
-//! certificates generated here with rcgen (a device CA, a server certificate, good, expired,
-//! self-signed and foreign client certificates), passwords written by `edgegate passwd`, real
-//! clients (`mosquitto_pub`, rumqttc over rustls with ring), and records read back from the
-//! test Kafka broker.
+//! Device security, black box: the gateway with `[mqtt.tls]` and `[auth]`, certificates
+//! generated here with rcgen (a device CA, a server certificate, good, expired, self-signed
+//! and foreign client certificates), passwords written by `edgegate passwd`, real clients
+//! (`mosquitto_pub`, rumqttc over rustls with ring), and records read back from the test
+//! Kafka broker. The gateway runs in process, and as the real `edgegate` binary where a test
+//! reads its log lines or sends it SIGHUP.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::GatewayToml;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -128,154 +130,45 @@ impl Pki {
     }
 }
 
-/// The gateway binary with TLS on one port and plaintext on another; stderr goes to a file
-/// so tests can check the log lines of refusals.
-struct Gateway {
-    child: Option<Child>,
-    config: PathBuf,
-    plain: u16,
-    tls: u16,
-    log: PathBuf,
-    dir: tempfile::TempDir,
-    pki: Pki,
-}
-
 const PASSWORD: &str = "correct horse battery staple";
 
-impl Gateway {
-    fn start(topic: &str, mqtt_extra: &str, tls_extra: &str, auth_extra: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pki = Pki::new(dir.path());
-        let passwd = dir.path().join("passwd");
-        passwd_add(&passwd, "sensor1", PASSWORD);
-        let plain = free_port();
-        let tls = free_port();
-        let config = dir.path().join("gateway.toml");
-        let text = format!(
-            "[gateway]\nid = \"tls-gw\"\nshutdown_grace = \"5s\"\n\n\
-             [buffer]\ndir = \"log\"\nsegment_size = \"1MiB\"\nmax_size = \"256MiB\"\n\n\
-             [coap]\nenabled = false\n\n[admin]\nenabled = false\n\n\
-             [mqtt]\nlisten = \"127.0.0.1:{plain}\"\nconnect_timeout = \"2s\"\n{mqtt_extra}\n\
-             [mqtt.tls]\nenabled = true\nlisten = \"127.0.0.1:{tls}\"\n\
-             cert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"devices-ca.crt\"\n\
-             client_certs = \"optional\"\nhandshake_timeout = \"2s\"\n{tls_extra}\n\
-             [auth]\npassword_file = \"passwd\"\n{auth_extra}\n\
-             [kafka]\nbrokers = [\"{}\"]\n\n\
-             [[routes]]\nmatch = \"#\"\ntopic = \"{topic}\"\n",
-            common::bootstrap()
-        );
-        std::fs::write(&config, text).expect("write config");
-        let log = dir.path().join("gateway.log");
-        let mut gateway = Gateway {
-            child: None,
-            config,
-            plain,
-            tls,
-            log,
-            dir,
-            pki,
-        };
-        gateway.run();
-        gateway
-    }
-
-    fn run(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(["run", "--log-format", "text", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn edgegate");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.tls)).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("edgegate exited at startup: {status}\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "edgegate did not listen within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until a log line contains every one of `parts`.
-    fn wait_for_log(&self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = self.log_text();
-            if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return line.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {parts:?} in:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn hup(&self) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// `mosquitto_pub` over TLS to localhost with the named PEM files; returns its output.
-    fn mosquitto_tls(&self, args: &[&str]) -> Output {
-        let mut command = Command::new("mosquitto_pub");
-        command
-            .args(["-h", "localhost", "-p", &self.tls.to_string()])
-            .args(["--cafile", &self.pki.path("server-ca.crt")])
-            .args(args);
-        run_with_timeout(command)
-    }
+/// A gateway with TLS on one port and plaintext on another, anonymous clients on loopback
+/// (the default) and `sensor1` in its password file, about to start; its directory holds the
+/// test PKI. `tune` adds to the config.
+fn setup(topic: &str, tune: impl FnOnce(GatewayToml) -> GatewayToml) -> (common::Builder, Pki) {
+    let config = GatewayToml::new()
+        .id("tls-gw")
+        .without_coap()
+        .without_admin()
+        .mqtt("connect_timeout", "2s")
+        .with_mqtt_tls("server.crt", "server.key")
+        .mqtt_tls("client_ca", "devices-ca.crt")
+        .mqtt_tls("client_certs", "optional")
+        .mqtt_tls("handshake_timeout", "2s")
+        .auth("password_file", "passwd")
+        .route("#", topic);
+    let builder = common::gateway(tune(config));
+    let pki = Pki::new(builder.dir());
+    passwd_add(&builder.dir().join("passwd"), "sensor1", PASSWORD);
+    (builder, pki)
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// No anonymous clients, and each device may publish under `devices/<its client id>/` only.
+fn devices_only(config: GatewayToml) -> GatewayToml {
+    config
+        .auth("anonymous", "never")
+        .raw("[[auth.rules]]\npublish = [\"devices/{client_id}/#\"]\n")
 }
 
-fn run_with_timeout(mut command: Command) -> Output {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mosquitto_pub");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+/// `mosquitto_pub` over TLS to `localhost` (the name in the server certificate), trusting the
+/// server CA, with `args`; its output. Killed after 20 s.
+fn mosquitto_tls(pki: &Pki, addr: SocketAddr, args: &[&str]) -> Output {
+    common::mosquitto_pub(addr)
+        .host("localhost")
+        .args(["--cafile", &pki.path("server-ca.crt")])
+        .args(args)
+        .timeout(Duration::from_secs(20))
+        .run()
 }
 
 fn text(output: &Output) -> String {
@@ -284,13 +177,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// `edgegate passwd --file <file> <user>`, the password on stdin.
@@ -344,11 +230,11 @@ fn client_tls(pki: &Pki, ca: &str, identity: Option<(&str, &str)>) -> Arc<rustls
 }
 
 fn rumqttc_options(
-    port: u16,
+    addr: SocketAddr,
     client_id: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> rumqttc::MqttOptions {
-    let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", addr.port());
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(20)
@@ -358,100 +244,88 @@ fn rumqttc_options(
     options
 }
 
-/// Publishes `payloads` at QoS 1 with rumqttc (3.1.1) and returns how many were PUBACKed.
-async fn rumqttc_publish(
-    options: rumqttc::MqttOptions,
+/// Publishes `payloads` at QoS 1 with rumqttc (3.1.1) over TLS and returns how many were
+/// PUBACKed.
+async fn publish_tls(
+    addr: SocketAddr,
+    client_id: &str,
+    tls: Arc<rustls::ClientConfig>,
     topic: &str,
     payloads: Vec<String>,
 ) -> usize {
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-    let total = payloads.len();
-    let topic = topic.to_owned();
-    tokio::spawn(async move {
-        for p in payloads {
-            if client
-                .publish(topic.as_str(), QoS::AtLeastOnce, false, p)
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-    let mut acked = 0;
-    while acked < total {
-        match tokio::time::timeout(Duration::from_secs(20), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => break,
-        }
-    }
-    acked
+    let payloads = payloads.into_iter().map(String::into_bytes).collect();
+    common::rumqttc(addr, client_id)
+        .tls(tls)
+        .publish(topic, payloads)
+        .await
+        .len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_with_a_certificate_or_a_password_publish_over_tls_and_arrive_in_kafka() {
     let topic = common::unique_topic("tls-ok");
     common::create_topic(&topic, 1);
-    let gateway = Gateway::start(
-        &topic,
-        "",
-        "",
-        "anonymous = \"never\"\n[[auth.rules]]\npublish = [\"devices/{client_id}/#\"]\n",
-    );
+    let (builder, pki) = setup(&topic, devices_only);
+    let gateway = builder.start();
     // The passwd file holds a hash, is 0600, and never the password.
-    let passwd = std::fs::read_to_string(gateway.dir.path().join("passwd")).expect("passwd");
+    let passwd = std::fs::read_to_string(gateway.dir().join("passwd")).expect("passwd");
     assert!(passwd.starts_with("sensor1:$argon2id$"), "{passwd}");
     assert!(!passwd.contains(PASSWORD));
 
     // mosquitto_pub with a client certificate (TLS 1.3 and 1.2) ...
     for (version, message) in [("tlsv1.3", "cert-13"), ("tlsv1.2", "cert-12")] {
-        let out = gateway.mosquitto_tls(&[
-            "--cert",
-            &gateway.pki.path("pump7.crt"),
-            "--key",
-            &gateway.pki.path("pump7.key"),
-            "--tls-version",
-            version,
-            "-i",
-            "pump7",
-            "-q",
-            "1",
-            "-t",
-            "devices/pump7/temp",
-            "-m",
-            message,
-        ]);
+        let out = mosquitto_tls(
+            &pki,
+            gateway.mqtts_addr(),
+            &[
+                "--cert",
+                &pki.path("pump7.crt"),
+                "--key",
+                &pki.path("pump7.key"),
+                "--tls-version",
+                version,
+                "-i",
+                "pump7",
+                "-q",
+                "1",
+                "-t",
+                "devices/pump7/temp",
+                "-m",
+                message,
+            ],
+        );
         assert!(out.status.success(), "{version}: {}", text(&out));
     }
     // ... and with a username and password, no certificate, MQTT 5.
-    let out = gateway.mosquitto_tls(&[
-        "-V",
-        "mqttv5",
-        "-u",
-        "sensor1",
-        "-P",
-        PASSWORD,
-        "-i",
-        "sensor1",
-        "-q",
-        "1",
-        "-t",
-        "devices/sensor1/x",
-        "-m",
-        "password-5",
-    ]);
+    let out = mosquitto_tls(
+        &pki,
+        gateway.mqtts_addr(),
+        &[
+            "-V",
+            "mqttv5",
+            "-u",
+            "sensor1",
+            "-P",
+            PASSWORD,
+            "-i",
+            "sensor1",
+            "-q",
+            "1",
+            "-t",
+            "devices/sensor1/x",
+            "-m",
+            "password-5",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
 
     // rumqttc over rustls (ring) with the device certificate: 200 QoS 1 messages.
-    let tls = client_tls(
-        &gateway.pki,
-        "server-ca.crt",
-        Some(("pump7.crt", "pump7.key")),
-    );
+    let tls = client_tls(&pki, "server-ca.crt", Some(("pump7.crt", "pump7.key")));
     let payloads: Vec<String> = (0..200).map(|i| format!("rumqttc-{i}")).collect();
-    let acked = rumqttc_publish(
-        rumqttc_options(gateway.tls, "pump7", tls),
+    let acked = publish_tls(
+        gateway.mqtts_addr(),
+        "pump7",
+        tls,
         "devices/pump7/bulk",
         payloads,
     )
@@ -481,13 +355,10 @@ async fn devices_with_a_certificate_or_a_password_publish_over_tls_and_arrive_in
 async fn refusals_get_the_right_code_are_logged_and_are_not_stored() {
     let topic = common::unique_topic("tls-refused");
     common::create_topic(&topic, 1);
-    let gateway = Gateway::start(
-        &topic,
-        "",
-        "",
-        "anonymous = \"never\"\n[[auth.rules]]\npublish = [\"devices/{client_id}/#\"]\n",
-    );
-    let pki = &gateway.pki;
+    // The binary: the refusals are checked in its log lines.
+    let (builder, pki) = setup(&topic, devices_only);
+    let gateway = builder.start_process();
+    let pki = &pki;
     let cert_args = |name: &str| {
         vec![
             "--cert".to_owned(),
@@ -504,13 +375,12 @@ async fn refusals_get_the_right_code_are_logged_and_are_not_stored() {
                 .map(|s| (*s).to_owned()),
         );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        gateway.mosquitto_tls(&args)
+        mosquitto_tls(pki, gateway.mqtts_addr(), &args)
     };
 
     // The client does not trust the gateway's CA: it refuses the handshake itself.
-    let mut command = Command::new("mosquitto_pub");
-    command
-        .args(["-h", "localhost", "-p", &gateway.tls.to_string()])
+    let out = common::mosquitto_pub(gateway.mqtts_addr())
+        .host("localhost")
         .args([
             "--cafile",
             &pki.path("stranger-ca.crt"),
@@ -518,8 +388,9 @@ async fn refusals_get_the_right_code_are_logged_and_are_not_stored() {
             "devices/x/y",
             "-m",
             "x",
-        ]);
-    let out = run_with_timeout(command);
+        ])
+        .timeout(Duration::from_secs(20))
+        .run();
     assert!(!out.status.success(), "wrong CA accepted: {}", text(&out));
 
     // Expired, self-signed and foreign client certificates: refused in the handshake, logged
@@ -544,8 +415,10 @@ async fn refusals_get_the_right_code_are_logged_and_are_not_stored() {
     let out = publish(tls12("stranger"), "pump7", "devices/pump7/t");
     assert!(!out.status.success(), "{}", text(&out));
     let expired13 = client_tls(pki, "server-ca.crt", Some(("pump-old.crt", "pump-old.key")));
-    let acked = rumqttc_publish(
-        rumqttc_options(gateway.tls, "pump-old", expired13),
+    let acked = publish_tls(
+        gateway.mqtts_addr(),
+        "pump-old",
+        expired13,
         "devices/pump-old/t",
         vec!["must-not-be-stored".into()],
     )
@@ -610,8 +483,10 @@ async fn refusals_get_the_right_code_are_logged_and_are_not_stored() {
 
     // A publish outside the device's rights. 3.1.1: no PUBACK, disconnected.
     let tls = client_tls(pki, "server-ca.crt", Some(("pump7.crt", "pump7.key")));
-    let acked = rumqttc_publish(
-        rumqttc_options(gateway.tls, "pump7", tls),
+    let acked = publish_tls(
+        gateway.mqtts_addr(),
+        "pump7",
+        tls,
         "devices/pump8/t",
         vec!["must-not-be-stored".into()],
     )
@@ -621,7 +496,7 @@ async fn refusals_get_the_right_code_are_logged_and_are_not_stored() {
     // MQTT 5 over rumqttc: PUBACK 0x87, and the connection goes on to publish what it may.
     let tls = client_tls(pki, "server-ca.crt", Some(("pump7.crt", "pump7.key")));
     let reasons = v5_publish_reasons(
-        gateway.tls,
+        gateway.mqtts_addr(),
         "pump7",
         tls,
         &[
@@ -649,7 +524,7 @@ async fn refusals_get_the_right_code_are_logged_and_are_not_stored() {
 
 /// Publishes each (topic, payload) at QoS 1 over MQTT 5 and returns the PUBACK reasons.
 async fn v5_publish_reasons(
-    port: u16,
+    addr: SocketAddr,
     client_id: &str,
     tls: Arc<rustls::ClientConfig>,
     messages: &[(&str, &str)],
@@ -657,7 +532,7 @@ async fn v5_publish_reasons(
     use rumqttc::v5::mqttbytes::QoS as QoS5;
     use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
     use rumqttc::v5::{AsyncClient, Event as Event5, MqttOptions};
-    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", addr.port());
     options.set_keep_alive(Duration::from_secs(30));
     options.set_transport(rumqttc::Transport::tls_with_config(
         rumqttc::TlsConfiguration::Rustls(tls),
@@ -693,15 +568,14 @@ async fn v5_publish_reasons(
 async fn idle_sockets_holding_every_handshake_slot_block_neither_plaintext_nor_established_tls() {
     let topic = common::unique_topic("tls-idle");
     common::create_topic(&topic, 1);
-    let gateway = Gateway::start(&topic, "", "max_handshakes = 2\n", "");
-    let tls = client_tls(
-        &gateway.pki,
-        "server-ca.crt",
-        Some(("pump7.crt", "pump7.key")),
-    );
+    let (builder, pki) = setup(&topic, |c| c.mqtt_tls("max_handshakes", 2));
+    let gateway = builder.start();
+    let tls = client_tls(&pki, "server-ca.crt", Some(("pump7.crt", "pump7.key")));
     // An established TLS connection first.
-    let (client, mut eventloop) =
-        rumqttc::AsyncClient::new(rumqttc_options(gateway.tls, "pump7", tls.clone()), 10);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(
+        rumqttc_options(gateway.mqtts_addr(), "pump7", tls.clone()),
+        10,
+    );
     loop {
         match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
@@ -711,25 +585,16 @@ async fn idle_sockets_holding_every_handshake_slot_block_neither_plaintext_nor_e
     }
     // Now idle sockets take both handshake slots and say nothing.
     let idle: Vec<TcpStream> = (0..4)
-        .map(|_| TcpStream::connect(("127.0.0.1", gateway.tls)).expect("idle connect"))
+        .map(|_| TcpStream::connect(gateway.mqtts_addr()).expect("idle connect"))
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     // Plaintext is served at once.
     let started = Instant::now();
-    let mut command = Command::new("mosquitto_pub");
-    command.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &gateway.plain.to_string(),
-        "-q",
-        "1",
-        "-t",
-        "plain/x",
-        "-m",
-        "plain-while-idle",
-    ]);
-    let out = run_with_timeout(command);
+    let out = common::mosquitto_pub(gateway.mqtt_addr())
+        .qos(1)
+        .topic("plain/x")
+        .timeout(Duration::from_secs(20))
+        .message("plain-while-idle");
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -764,8 +629,10 @@ async fn idle_sockets_holding_every_handshake_slot_block_neither_plaintext_nor_e
         let mut buf = [0u8; 16];
         assert_eq!(socket.read(&mut buf).expect("closed, not timed out"), 0);
     }
-    let acked = rumqttc_publish(
-        rumqttc_options(gateway.tls, "pump7", tls),
+    let acked = publish_tls(
+        gateway.mqtts_addr(),
+        "pump7",
+        tls,
         "devices/pump7/after",
         vec!["after-idle".into()],
     )
@@ -779,8 +646,10 @@ async fn idle_sockets_holding_every_handshake_slot_block_neither_plaintext_nor_e
 async fn sighup_rotates_the_certificate_under_load_and_refuses_a_bad_set() {
     let topic = common::unique_topic("tls-rotate");
     common::create_topic(&topic, 1);
-    let gateway = Gateway::start(&topic, "", "", "");
-    let pki = &gateway.pki;
+    // The binary, for SIGHUP and its log lines.
+    let (builder, pki) = setup(&topic, |c| c);
+    let gateway = builder.start_process();
+    let pki = &pki;
     // Clients trust both server CAs, so the publisher keeps reconnecting across the swap.
     let next = Ca::new("edgegate test server CA 2");
     pki.write("server-ca-2.crt", &next.pem());
@@ -795,7 +664,7 @@ async fn sighup_rotates_the_certificate_under_load_and_refuses_a_bad_set() {
     let acked = Arc::new(AtomicUsize::new(0));
     let load = {
         let (stop, acked) = (stop.clone(), acked.clone());
-        let options = rumqttc_options(gateway.tls, "pump7", tls_both.clone());
+        let options = rumqttc_options(gateway.mqtts_addr(), "pump7", tls_both.clone());
         tokio::spawn(async move {
             let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
             let mut sent = 0usize;
@@ -852,15 +721,21 @@ async fn sighup_rotates_the_certificate_under_load_and_refuses_a_bad_set() {
     // one does not.
     let only_new = client_tls(pki, "server-ca-2.crt", Some(("pump8.crt", "pump8.key")));
     assert_eq!(
-        rumqttc_publish(
-            rumqttc_options(gateway.tls, "pump8", only_new),
+        publish_tls(
+            gateway.mqtts_addr(),
+            "pump8",
+            only_new,
             "devices/pump7-new/x",
             vec!["new-ca".into()]
         )
         .await,
         1
     );
-    let out = gateway.mosquitto_tls(&["-t", "devices/x/y", "-m", "old-ca"]);
+    let out = mosquitto_tls(
+        pki,
+        gateway.mqtts_addr(),
+        &["-t", "devices/x/y", "-m", "old-ca"],
+    );
     assert!(
         !out.status.success(),
         "the old certificate is still served: {}",
@@ -875,8 +750,10 @@ async fn sighup_rotates_the_certificate_under_load_and_refuses_a_bad_set() {
     assert!(line.contains("server.key"), "{line}");
     let only_new = client_tls(pki, "server-ca-2.crt", Some(("pump8.crt", "pump8.key")));
     assert_eq!(
-        rumqttc_publish(
-            rumqttc_options(gateway.tls, "pump8", only_new),
+        publish_tls(
+            gateway.mqtts_addr(),
+            "pump8",
+            only_new,
             "devices/pump7-new/x",
             vec!["still-new".into()]
         )
@@ -918,8 +795,10 @@ async fn sighup_rotates_the_certificate_under_load_and_refuses_a_bad_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_certificate_files_are_reloaded_without_a_signal() {
     let topic = common::unique_topic("tls-watch");
-    let gateway = Gateway::start(&topic, "", "watch_interval = \"200ms\"", "");
-    let pki = &gateway.pki;
+    // The binary: the reloads are checked in its log lines.
+    let (builder, pki) = setup(&topic, |c| c.mqtt_tls("watch_interval", "200ms"));
+    let gateway = builder.start_process();
+    let pki = &pki;
     let next = Ca::new("edgegate test server CA 3");
     pki.write("server-ca-3.crt", &next.pem());
     let (cert, key) = next.leaf("gateway-3", &["localhost", "127.0.0.1"], true, false);
@@ -930,8 +809,10 @@ async fn changed_certificate_files_are_reloaded_without_a_signal() {
     let only_new = client_tls(pki, "server-ca-3.crt", Some(("pump8.crt", "pump8.key")));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let published = rumqttc_publish(
-            rumqttc_options(gateway.tls, "pump8", only_new.clone()),
+        let published = publish_tls(
+            gateway.mqtts_addr(),
+            "pump8",
+            only_new.clone(),
             "devices/pump8/x",
             vec!["watched".into()],
         )
@@ -945,15 +826,21 @@ async fn changed_certificate_files_are_reloaded_without_a_signal() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let out = gateway.mosquitto_tls(&["-t", "devices/x/y", "-m", "old-ca"]);
+    let out = mosquitto_tls(
+        pki,
+        gateway.mqtts_addr(),
+        &["-t", "devices/x/y", "-m", "old-ca"],
+    );
     assert!(!out.status.success(), "the old certificate is still served");
 
     let (_, other_key) = next.leaf("unrelated", &[], true, false);
     pki.write("server.key", &other_key);
     gateway.wait_for_log(&["ERROR", "Kept the MQTT TLS certificate in force"]);
     assert_eq!(
-        rumqttc_publish(
-            rumqttc_options(gateway.tls, "pump8", only_new),
+        publish_tls(
+            gateway.mqtts_addr(),
+            "pump8",
+            only_new,
             "devices/pump8/x",
             vec!["still-watched".into()],
         )
@@ -984,41 +871,32 @@ fn closed_at_once(mut socket: &TcpStream) -> bool {
 fn a_connection_flood_from_one_address_is_closed_before_reading() {
     let topic = common::unique_topic("tls-flood");
     // Concurrent connections per address.
-    let gateway = Gateway::start(&topic, "max_connections_per_address = 3\n", "", "");
-    // Let the start-up probe connections close first.
-    std::thread::sleep(Duration::from_millis(500));
-    let connect = || TcpStream::connect(("127.0.0.1", gateway.plain)).expect("connect");
+    let (builder, _pki) = setup(&topic, |c| c.mqtt("max_connections_per_address", 3));
+    let gateway = builder.start();
+    let connect = || TcpStream::connect(gateway.mqtt_addr()).expect("connect");
     let held: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
     let fourth = connect();
     std::thread::sleep(Duration::from_millis(200));
     assert!(closed_at_once(&fourth));
     // Over TLS too: the cap is per address over both listeners.
-    let tls = TcpStream::connect(("127.0.0.1", gateway.tls)).expect("connect");
+    let tls = TcpStream::connect(gateway.mqtts_addr()).expect("connect");
     std::thread::sleep(Duration::from_millis(200));
     assert!(closed_at_once(&tls));
     drop(held);
     std::thread::sleep(Duration::from_millis(300));
-    let mut command = Command::new("mosquitto_pub");
-    command.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &gateway.plain.to_string(),
-        "-t",
-        "x",
-        "-m",
-        "ok",
-    ]);
-    let out = run_with_timeout(command);
+    let out = common::mosquitto_pub(gateway.mqtt_addr())
+        .topic("x")
+        .timeout(Duration::from_secs(20))
+        .message("ok");
     assert!(out.status.success(), "{}", text(&out));
     drop(gateway);
 
     // New connections per second from one address: a burst of 12 against a rate of 5 gets
     // 5 through and the rest closed at once.
-    let gateway = Gateway::start(&topic, "connection_rate_per_address = 5\n", "", "");
-    std::thread::sleep(Duration::from_millis(1100));
+    let (builder, _pki) = setup(&topic, |c| c.mqtt("connection_rate_per_address", 5));
+    let gateway = builder.start();
     let burst: Vec<TcpStream> = (0..12)
-        .map(|_| TcpStream::connect(("127.0.0.1", gateway.plain)).expect("connect"))
+        .map(|_| TcpStream::connect(gateway.mqtt_addr()).expect("connect"))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let refused = burst.iter().filter(|s| closed_at_once(s)).count();
