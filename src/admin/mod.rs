@@ -147,6 +147,8 @@ impl Health {
             Status::Stopping
         } else if !log_open || listeners < self.expected_listeners {
             Status::NotReady
+        } else if progress.stalled {
+            Status::Stalled
         } else if kafka == Link::Down {
             Status::Degraded
         } else {
@@ -217,6 +219,10 @@ pub enum Status {
     Ready,
     /// Accepting and buffering; Kafka is unreachable. Still ready (HTTP 200).
     Degraded,
+    /// Accepting and buffering, Kafka answers, but the forwarder delivers nothing: it is
+    /// being rebuilt, and if that does not help systemd's watchdog restarts the gateway.
+    /// Still ready (HTTP 200: the devices' data is safe on disk), but worth a look.
+    Stalled,
     /// The log is closed or a listener stopped: devices cannot deliver (HTTP 503).
     NotReady,
     /// Shutdown has begun (HTTP 503).
@@ -225,13 +231,14 @@ pub enum Status {
 
 impl Status {
     pub fn is_ready(self) -> bool {
-        matches!(self, Status::Ready | Status::Degraded)
+        matches!(self, Status::Ready | Status::Degraded | Status::Stalled)
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Ready => "ready",
             Status::Degraded => "degraded",
+            Status::Stalled => "stalled",
             Status::NotReady => "not_ready",
             Status::Stopping => "stopping",
         }

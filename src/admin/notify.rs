@@ -8,7 +8,9 @@
 //!   progress: the forwarder's loop has refreshed its heartbeat *and* the log's commit thread
 //!   has turned its loop since the last ping. A free-running timer would keep a wedged
 //!   gateway (a commit thread stuck in fsync, a dead forwarder) alive forever. Kafka being
-//!   down is not a lack of progress: the forwarder's heartbeat runs through outages.
+//!   down is not a lack of progress: the forwarder's heartbeat runs through outages. It stops
+//!   when the forwarder is stuck while Kafka answers (a stall its rebuilt producer did not
+//!   cure, see `forward::liveness`), so systemd restarts the gateway as a last resort.
 //! - `STOPPING=1` when shutdown begins.
 
 use std::time::{Duration, Instant};
@@ -77,6 +79,7 @@ pub async fn run(health: Health, shutdown: CancellationToken) {
 fn status_line(health: &Health) -> String {
     let stats = health.log_stats();
     let kafka = match health.link() {
+        _ if health.progress().stalled => "answers, forwarder STALLED",
         LinkState::Up => "up",
         LinkState::Down => "down",
     };

@@ -63,7 +63,7 @@ pub struct Summary {
 
 impl Summary {
     pub fn exit_code(&self) -> u8 {
-        if self.readiness.status.is_ready() {
+        if self.readiness.status.is_ready() && self.readiness.status != Status::Stalled {
             EXIT_READY
         } else {
             EXIT_NOT_READY
@@ -219,6 +219,7 @@ impl fmt::Display for Summary {
         let state = match r.status {
             Status::Ready => "ready",
             Status::Degraded => "degraded (Kafka unreachable, buffering)",
+            Status::Stalled => "STALLED (Kafka answers, nothing delivered; buffering)",
             Status::NotReady => "NOT READY",
             Status::Stopping => "stopping",
         };
