@@ -15,6 +15,7 @@ pub mod buffer;
 pub mod config;
 pub mod forward;
 pub mod ingest;
+pub mod reload;
 pub mod route;
 
 use std::net::SocketAddr;
@@ -87,7 +88,8 @@ pub struct Gateway {
     tls: Option<ingest::mqtt::tls::TlsHandle>,
     /// The `[mqtt.tls]` in force and its files' state when last loaded, for the file watch.
     tls_files: std::sync::Mutex<(ingest::mqtt::tls::TlsConfig, TlsFilesState)>,
-    auth: auth::AuthHandle,
+    /// The settings a reload replaces (`[auth]`), published to the stages that use them.
+    settings: reload::Settings,
     /// The config file's directory, for relative paths on reload.
     base: PathBuf,
     coap_addr: Option<SocketAddr>,
@@ -147,7 +149,8 @@ pub async fn start(
     } else {
         None
     };
-    let auth = auth::AuthHandle::new(auth::Auth::new(&config.auth, base)?);
+    let mut settings = reload::Settings::new(base);
+    let auth = settings.publish::<auth::Auth>(&config)?;
 
     let listener = TcpListener::bind(&config.mqtt.listen)
         .await
@@ -226,7 +229,7 @@ pub async fn start(
         listeners.spawn(ingest::coap::serve(
             socket,
             std::sync::Arc::new(config.coap.clone()),
-            config.auth.anonymous,
+            auth.clone(),
             pipeline.clone(),
             shutdown.clone(),
         ));
@@ -277,7 +280,7 @@ pub async fn start(
             config.mqtt.tls.clone(),
             config.mqtt.tls.files_state(base),
         )),
-        auth,
+        settings,
         base: base.to_owned(),
         coap_addr,
         admin_addr,
@@ -342,7 +345,7 @@ impl Gateway {
                         config.mqtt.tls.files_state(&self.base),
                     );
                 }
-                self.auth.reload(&config.auth, &self.base);
+                self.settings.reload(&config);
             }
         }
     }
@@ -496,3 +499,6 @@ fn check_buffer_dir(config: &LogConfig) -> Result<(), RunError> {
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

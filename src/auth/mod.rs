@@ -16,11 +16,13 @@ pub mod rules;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::config::Config;
 use crate::config::problems::Problems;
+use crate::reload::Reloadable;
 use config::{Anonymous, AuthConfig, CertField, ClientIdPolicy};
 pub use passwd::{Credentials, PasswdError};
 use rules::Rules;
@@ -87,7 +89,7 @@ pub fn failed(peer: SocketAddr, claimed: &str, reason: &'static str) {
     tracing::warn!(%peer, claimed, reason, "Refused a device: authentication or authorization failed.");
 }
 
-/// The rules and credentials in force; [`AuthHandle::reload`] swaps them whole.
+/// The rules and credentials in force; a reload replaces them whole (see [`crate::reload`]).
 pub struct Auth {
     config: AuthConfig,
     rules: Rules,
@@ -118,6 +120,13 @@ impl Default for Auth {
 }
 
 impl Auth {
+    /// The defaults with another anonymous policy: for a listener started on its own.
+    pub fn with_anonymous(anonymous: Anonymous) -> Auth {
+        let mut auth = Auth::default();
+        auth.config.anonymous = anonymous;
+        auth
+    }
+
     /// Compiles the rules and reads the password file (relative to `base`).
     pub fn new(config: &AuthConfig, base: &Path) -> Result<Auth, AuthError> {
         let mut problems = Problems::default();
@@ -220,42 +229,25 @@ impl Auth {
     }
 }
 
-/// The [`Auth`] in force; connections take a snapshot at CONNECT and keep it.
-#[derive(Clone)]
-pub struct AuthHandle {
-    current: Arc<RwLock<Arc<Auth>>>,
-}
+/// `[auth]` changes on reload: connections take the value in force at CONNECT and keep it,
+/// CoAP requests each read it.
+impl Reloadable for Auth {
+    type Error = AuthError;
 
-impl AuthHandle {
-    pub fn new(auth: Auth) -> AuthHandle {
-        AuthHandle {
-            current: Arc::new(RwLock::new(Arc::new(auth))),
-        }
+    fn build(config: &Config, base: &Path) -> Result<Auth, AuthError> {
+        Auth::new(&config.auth, base)
     }
 
-    pub fn current(&self) -> Arc<Auth> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn reloaded(&self, config: &Config) {
+        let users = self.credentials.as_ref().map_or(0, |c| c.len());
+        tracing::info!(
+            rules = config.auth.rules.len(),
+            users,
+            "Reloaded [auth]: rules and password file."
+        );
     }
 
-    /// Re-reads the rules and the password file for new connections; on a problem the old
-    /// ones stay, with an ERROR line.
-    pub fn reload(&self, config: &AuthConfig, base: &Path) {
-        match Auth::new(config, base) {
-            Ok(auth) => {
-                let users = auth.credentials.as_ref().map_or(0, |c| c.len());
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
-                tracing::info!(
-                    rules = config.rules.len(),
-                    users,
-                    "Reloaded [auth]: rules and password file."
-                );
-            }
-            Err(error) => {
-                tracing::error!(%error, "Kept the [auth] rules and passwords in force: the new ones are unusable.");
-            }
-        }
+    fn kept(error: &AuthError) {
+        tracing::error!(%error, "Kept the [auth] rules and passwords in force: the new ones are unusable.");
     }
 }

@@ -91,8 +91,9 @@ use std::sync::Arc;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::config::Anonymous;
+use crate::auth::Auth;
 use crate::ingest::Pipeline;
+use crate::reload::Live;
 use config::CoapConfig;
 
 /// Serves CoAP on `socket` until `shutdown`; then stops taking requests (answering 5.03),
@@ -101,11 +102,11 @@ use config::CoapConfig;
 pub async fn serve(
     socket: UdpSocket,
     config: Arc<CoapConfig>,
-    anonymous: Anonymous,
+    auth: Live<Auth>,
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    server::run(socket, config, anonymous, pipeline, shutdown).await
+    server::run(socket, config, auth, pipeline, shutdown).await
 }
 
 /// Asks the kernel for `config.receive_buffer` bytes of receive buffer on the CoAP socket:

@@ -27,9 +27,11 @@ use super::config::{CoapConfig, valid_segment};
 use super::dedup::{Dedup, Key, Seen};
 use super::message::{self, Block, Malformed, Reply, code, opt};
 use super::outbox::{Outbox, Outgoing};
+use crate::auth::Auth;
 use crate::auth::config::Anonymous;
 use crate::buffer::{AppendError, Durable, Pressure, Source};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
+use crate::reload::Live;
 use crate::route::RouteError;
 
 /// Housekeeping period: dedup and block expiry.
@@ -75,8 +77,9 @@ pub(super) struct Server {
     next_mid: u16,
     closing: bool,
     hot: HotCounters,
-    /// `[auth] anonymous`: CoAP devices have no credentials, so every one is anonymous.
-    anonymous: Anonymous,
+    /// `[auth]`, for its anonymous policy: CoAP devices have no credentials, so every one is
+    /// anonymous. Read per request, so a reload applies to the next one.
+    auth: Live<Auth>,
 }
 
 /// Handles of the counters every request touches, registered once: `metrics::counter!`
@@ -113,7 +116,7 @@ impl HotCounters {
 pub(super) async fn run(
     socket: UdpSocket,
     config: Arc<CoapConfig>,
-    anonymous: Anonymous,
+    auth: Live<Auth>,
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -137,7 +140,7 @@ pub(super) async fn run(
         slots_total: 0,
         next_mid: rand::random(),
         hot: HotCounters::new(),
-        anonymous,
+        auth,
         closing: false,
         config,
         pipeline,
@@ -274,14 +277,8 @@ impl Server {
     /// Everything that can refuse a request before its body is known.
     fn check(&self, packet: &Packet, peer: SocketAddr) -> Result<Accepted, Refusal> {
         let high = *self.pressure.borrow() == Pressure::High;
-        check(
-            &self.config,
-            self.anonymous,
-            packet,
-            peer,
-            self.closing,
-            high,
-        )
+        let anonymous = self.auth.borrow().anonymous();
+        check(&self.config, anonymous, packet, peer, self.closing, high)
     }
 
     /// A request that can complete a record (unless block-wise or its final block) takes its

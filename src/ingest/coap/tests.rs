@@ -17,10 +17,12 @@ use super::config::CoapConfig;
 use super::dedup::{Dedup, Seen};
 use super::message::{self, Block, code, opt};
 use super::outbox::{Outbox, Outgoing};
+use crate::auth::Auth;
 use crate::auth::config::Anonymous;
 use crate::buffer::{Log, LogConfig, LogReader, StoredRecord};
 use crate::config::Problems;
 use crate::ingest::Pipeline;
+use crate::reload::Live;
 use crate::route::{RouteConfig, Router};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -455,7 +457,7 @@ async fn start_as(
     let served = tokio::spawn(super::serve(
         socket,
         Arc::new(config),
-        anonymous,
+        Live::fixed(Auth::with_anonymous(anonymous)),
         Pipeline::new(log.clone(), router),
         shutdown.clone(),
     ));

@@ -56,8 +56,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{AuthHandle, CertClaim};
+use crate::auth::{Auth, CertClaim};
 use crate::ingest::Pipeline;
+use crate::reload::Live;
 use config::MqttConfig;
 use limit::Limiter;
 use session::{Registry, Shared};
@@ -99,7 +100,7 @@ pub async fn serve(
         plain: listener,
         tls: None,
     };
-    let auth = AuthHandle::new(crate::auth::Auth::default());
+    let auth = Live::fixed(Auth::default());
     serve_listeners(listeners, config, pipeline, auth, shutdown).await
 }
 
@@ -110,7 +111,7 @@ pub async fn serve_listeners(
     listeners: Listeners,
     config: Arc<MqttConfig>,
     pipeline: Pipeline,
-    auth: AuthHandle,
+    auth: Live<Auth>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let shared = Shared {

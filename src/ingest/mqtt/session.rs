@@ -30,9 +30,10 @@ use super::packet::{
     self, ConnAckProps, Connect, DecodeError, Limits, Outgoing, Packet, Publish, Refusal,
     Unsupported, Version, Will,
 };
-use crate::auth::{self, Auth, AuthHandle, CertClaim, Claim, Failure, Identity};
+use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
 use crate::buffer::{AppendError, Pressure, Source};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
+use crate::reload::Live;
 
 /// Above the log's high watermark, how often a connection may read one frame.
 const PRESSURE_READ_INTERVAL: Duration = Duration::from_millis(200);
@@ -153,7 +154,7 @@ pub struct Shared {
     pub pressure: watch::Receiver<Pressure>,
     pub registry: Registry,
     /// Credentials and topic rights in force; each connection keeps the ones it connected with.
-    pub auth: AuthHandle,
+    pub auth: Live<Auth>,
     pub shutdown: CancellationToken,
 }
 
