@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::buffer::{Log, LogConfig, LogError};
-use crate::config::{Config, Problems};
+use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::ingest::Pipeline;
 use crate::route::Router;
@@ -58,6 +58,8 @@ pub enum RunError {
     },
     #[error("cannot set up MQTT over TLS: {0}")]
     Tls(#[from] ingest::mqtt::tls::TlsError),
+    #[error("the routes are invalid: {0}")]
+    Routes(#[from] route::InvalidRoutes),
     #[error("cannot set up [auth]: {0}")]
     Auth(#[from] auth::AuthError),
     #[error("cannot start the Kafka forwarder: {0}")]
@@ -99,7 +101,6 @@ pub struct Gateway {
     /// The admin listener and the gauge refresher.
     admin: TaskTracker,
     log: Log,
-    pipeline: Pipeline,
     shutdown: CancellationToken,
     grace: Duration,
     listeners: TaskTracker,
@@ -135,13 +136,6 @@ pub async fn start(
     };
     let (dead_letter, _) = open_log(dead_letter_config).await?;
 
-    let mut problems = Problems::default();
-    let router = Router::new(&config.routes, config.default_route.as_ref(), &mut problems);
-    if !problems.is_empty() {
-        return Err(RunError::Config(format!("{:?}", problems.0)));
-    }
-    let pipeline = Pipeline::new(log.clone(), router);
-
     // TLS files and the password file are checked before any port is bound.
     let tls_handle = if config.mqtt.tls.enabled {
         let server = ingest::mqtt::tls::server_config(&config.mqtt.tls, base)?;
@@ -150,7 +144,9 @@ pub async fn start(
         None
     };
     let mut settings = reload::Settings::new(base);
+    let routes = settings.publish::<Router>(&config)?;
     let auth = settings.publish::<auth::Auth>(&config)?;
+    let pipeline = Pipeline::new(log.clone(), routes);
 
     let listener = TcpListener::bind(&config.mqtt.listen)
         .await
@@ -287,7 +283,6 @@ pub async fn start(
         health,
         admin,
         log,
-        pipeline,
         shutdown,
         grace: config.gateway.shutdown_grace.get(),
         listeners,
@@ -328,15 +323,6 @@ impl Gateway {
     pub fn control(&self, message: Control) {
         match message {
             Control::Reload(config) => {
-                let mut problems = Problems::default();
-                let router =
-                    Router::new(&config.routes, config.default_route.as_ref(), &mut problems);
-                if problems.is_empty() {
-                    self.pipeline.replace_router(router);
-                    tracing::info!(routes = config.routes.len(), "Reloaded the routes.");
-                } else {
-                    tracing::error!(problems = ?problems.0, "Kept the old routes: the new ones are invalid.");
-                }
                 if let Some(tls) = &self.tls {
                     // Logs its own outcome; on failure the old certificate stays in force.
                     let _ = tls.reload(&config.mqtt.tls, &self.base);

@@ -5,13 +5,13 @@
 pub mod coap;
 pub mod mqtt;
 
-use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::buffer::{AppendError, Durable, Log, Pressure, Record, Source};
+use crate::reload::Live;
 use crate::route::{RouteError, Router};
 
 /// One message as a listener received it, before routing.
@@ -75,23 +75,25 @@ impl From<AppendError> for Rejected {
 #[derive(Clone)]
 pub struct Pipeline {
     log: Log,
-    /// Swapped whole on SIGHUP; readers take a cheap `Arc` clone.
-    router: Arc<RwLock<Arc<Router>>>,
+    /// The routes in force, read per message: a reload applies to the next one.
+    routes: Live<Router>,
 }
 
 impl Pipeline {
-    pub fn new(log: Log, router: Router) -> Self {
+    /// Routes by `routes` (a [`Router`] that never changes, or the reloadable one) into `log`.
+    pub fn new(log: Log, routes: impl Into<Live<Router>>) -> Self {
         Pipeline {
             log,
-            router: Arc::new(RwLock::new(Arc::new(router))),
+            routes: routes.into(),
         }
     }
 
     /// Routes and appends one message. On success the returned future resolves once the
     /// record is durable: only then may the device be acknowledged.
     pub fn submit(&self, msg: Inbound) -> Result<Durable, Rejected> {
-        let router = self.router();
-        let dest = router
+        let dest = self
+            .routes
+            .borrow()
             .route(&msg.topic, &msg.device)
             .inspect_err(|e| reject(&msg, e))?;
         let (protocol, qos) = labels(&msg);
@@ -122,22 +124,6 @@ impl Pipeline {
     /// Above the log's high watermark listeners stop reading their sockets.
     pub fn pressure(&self) -> watch::Receiver<Pressure> {
         self.log.pressure()
-    }
-
-    /// Installs a new routing table (SIGHUP reload); messages already stored keep theirs.
-    pub fn replace_router(&self, router: Router) {
-        let mut guard = self
-            .router
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *guard = Arc::new(router);
-    }
-
-    fn router(&self) -> Arc<Router> {
-        self.router
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
     }
 }
 
