@@ -20,10 +20,12 @@ pub mod route;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -78,22 +80,13 @@ pub enum Control {
     Reload(Box<Config>),
 }
 
-/// Size, modification time and inode of each TLS file (see `TlsConfig::files_state`).
-type TlsFilesState = Vec<Option<(u64, std::time::SystemTime, u64)>>;
-
 /// A started gateway: listeners bound, log recovered, forwarder running.
 pub struct Gateway {
     mqtt_addr: SocketAddr,
     /// The TLS listener's address, when `[mqtt.tls] enabled`.
     mqtts_addr: Option<SocketAddr>,
-    /// The TLS configuration in force, swapped on reload.
-    tls: Option<ingest::mqtt::tls::TlsHandle>,
-    /// The `[mqtt.tls]` in force and its files' state when last loaded, for the file watch.
-    tls_files: std::sync::Mutex<(ingest::mqtt::tls::TlsConfig, TlsFilesState)>,
-    /// The settings a reload replaces (`[auth]`), published to the stages that use them.
-    settings: reload::Settings,
-    /// The config file's directory, for relative paths on reload.
-    base: PathBuf,
+    /// The settings a reload replaces, published to the stages that use them.
+    settings: Arc<reload::Settings>,
     coap_addr: Option<SocketAddr>,
     /// The admin listener's address; `None` when disabled or its port could not be bound.
     admin_addr: Option<SocketAddr>,
@@ -137,15 +130,15 @@ pub async fn start(
     let (dead_letter, _) = open_log(dead_letter_config).await?;
 
     // TLS files and the password file are checked before any port is bound.
-    let tls_handle = if config.mqtt.tls.enabled {
-        let server = ingest::mqtt::tls::server_config(&config.mqtt.tls, base)?;
-        Some(ingest::mqtt::tls::TlsHandle::new(server))
+    let mut settings = reload::Settings::new(&config, base);
+    let routes = settings.publish::<Router>(&config)?;
+    let auth = settings.publish::<auth::Auth>(&config)?;
+    let mqtt_tls = if config.mqtt.tls.enabled {
+        Some(settings.publish::<ServerConfig>(&config)?)
     } else {
         None
     };
-    let mut settings = reload::Settings::new(base);
-    let routes = settings.publish::<Router>(&config)?;
-    let auth = settings.publish::<auth::Auth>(&config)?;
+    let settings = Arc::new(settings);
     let pipeline = Pipeline::new(log.clone(), routes);
 
     let listener = TcpListener::bind(&config.mqtt.listen)
@@ -159,7 +152,7 @@ pub async fn start(
         source,
     })?;
 
-    let tls_listener = match &tls_handle {
+    let tls_listener = match mqtt_tls {
         Some(handle) => {
             let bind_error = |source| RunError::BindTls {
                 addr: config.mqtt.tls.listen.clone(),
@@ -169,7 +162,7 @@ pub async fn start(
                 .await
                 .map_err(bind_error)?;
             let addr = listener.local_addr().map_err(bind_error)?;
-            Some((listener, handle.clone(), addr))
+            Some((listener, handle, addr))
         }
         None => None,
     };
@@ -220,6 +213,10 @@ pub async fn start(
     ));
     if let Some(mqtts_addr) = mqtts_addr {
         tracing::info!(%mqtts_addr, client_certs = ?config.mqtt.tls.client_certs, "Listening for MQTT over TLS.");
+        tokio::spawn(ingest::mqtt::tls::watch_files(
+            settings.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some((socket, coap_addr)) = coap_socket {
         listeners.spawn(ingest::coap::serve(
@@ -271,13 +268,7 @@ pub async fn start(
     Ok(Gateway {
         mqtt_addr,
         mqtts_addr,
-        tls: tls_handle,
-        tls_files: std::sync::Mutex::new((
-            config.mqtt.tls.clone(),
-            config.mqtt.tls.files_state(base),
-        )),
         settings,
-        base: base.to_owned(),
         coap_addr,
         admin_addr,
         health,
@@ -322,53 +313,17 @@ impl Gateway {
     /// Applies a control message (SIGHUP reload).
     pub fn control(&self, message: Control) {
         match message {
-            Control::Reload(config) => {
-                if let Some(tls) = &self.tls {
-                    // Logs its own outcome; on failure the old certificate stays in force.
-                    let _ = tls.reload(&config.mqtt.tls, &self.base);
-                    *self.tls_files.lock().unwrap_or_else(|p| p.into_inner()) = (
-                        config.mqtt.tls.clone(),
-                        config.mqtt.tls.files_state(&self.base),
-                    );
-                }
-                self.settings.reload(&config);
-            }
+            Control::Reload(config) => self.settings.reload(*config),
         }
-    }
-
-    /// The TLS files changed on disk since they were last loaded: reload them as SIGHUP
-    /// would. A set that does not load (a key written before its certificate) is logged and
-    /// the old one stays; the next change is tried again, an unchanged bad set is not.
-    fn reload_changed_tls_files(&self) {
-        let Some(tls) = &self.tls else { return };
-        let mut files = self.tls_files.lock().unwrap_or_else(|p| p.into_inner());
-        let now = files.0.files_state(&self.base);
-        if now == files.1 {
-            return;
-        }
-        tracing::info!("The MQTT TLS certificate files changed on disk; reloading them.");
-        let _ = tls.reload(&files.0, &self.base);
-        files.1 = now;
     }
 
     /// Runs until shutdown, then drains: listeners stop accepting and finish their in-flight
     /// appends, the log commits, the forwarder delivers what it can within the grace period.
     pub async fn wait(self, mut control: mpsc::Receiver<Control>) -> Result<(), RunError> {
-        let every = self
-            .tls_files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .watch_interval
-            .get();
-        let watching = self.tls.is_some() && !every.is_zero();
-        let mut watch = tokio::time::interval(every.max(Duration::from_millis(100)));
-        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(message) = control.recv() => self.control(message),
-                _ = watch.tick(), if watching => self.reload_changed_tls_files(),
             }
         }
         tracing::info!(grace = ?self.grace, "Shutting down.");

@@ -9,11 +9,14 @@
 //! with an ERROR line saying why, and the others change. A stage that gains a reloadable
 //! setting takes a `Live<T>` and `start` publishes it: one line.
 //!
-//! The settings today: the routes ([`crate::route::Router`]) and `[auth]`
-//! ([`crate::auth::Auth`]: rules, password file, the anonymous policy MQTT and CoAP apply).
+//! The settings today: the routes ([`crate::route::Router`]), `[auth]` ([`crate::auth::Auth`]:
+//! rules, password file, the anonymous policy MQTT and CoAP apply) and the MQTT TLS
+//! certificate, key and client CA (a rustls `ServerConfig`, see
+//! [`crate::ingest::mqtt::tls`], which also rebuilds it when its files change on disk).
 //! Everything else needs a restart: listeners stay bound, the log and the Kafka client keep
 //! the configuration they were opened with.
 
+use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -75,9 +78,15 @@ impl<T> From<T> for Live<T> {
 /// One published setting, as [`Settings`] rebuilds it.
 trait Slot: Send + Sync {
     fn reload(&self, config: &Config, base: &Path);
+    /// For [`Settings::rebuild`] to find the slot of one type.
+    fn as_any(&self) -> &dyn Any;
 }
 
 impl<T: Reloadable> Slot for watch::Sender<Arc<T>> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
     fn reload(&self, config: &Config, base: &Path) {
         match T::build(config, base) {
             Ok(value) => {
@@ -92,14 +101,19 @@ impl<T: Reloadable> Slot for watch::Sender<Arc<T>> {
 /// Every published setting: the sending side of their channels.
 pub struct Settings {
     slots: Vec<Box<dyn Slot>>,
+    /// The config the settings were last built from (the start's, then each reload's), for
+    /// a watcher of the files it names.
+    config: watch::Sender<Arc<Config>>,
     /// The config file's directory, for relative paths on reload.
     base: PathBuf,
 }
 
 impl Settings {
-    pub fn new(base: &Path) -> Settings {
+    /// No settings yet; `config` is the one the gateway starts with.
+    pub fn new(config: &Config, base: &Path) -> Settings {
         Settings {
             slots: Vec::new(),
+            config: watch::channel(Arc::new(config.clone())).0,
             base: base.to_owned(),
         }
     }
@@ -112,9 +126,88 @@ impl Settings {
     }
 
     /// Builds every setting again from `config`; each one that fails keeps its value.
-    pub fn reload(&self, config: &Config) {
+    pub fn reload(&self, config: Config) {
+        let config = Arc::new(config);
+        self.config.send_replace(config.clone());
         for slot in &self.slots {
-            slot.reload(config, &self.base);
+            slot.reload(&config, &self.base);
         }
+    }
+
+    /// Builds `T` alone again from the latest config, because a file it reads changed: the
+    /// same checks and lines as a reload. Nothing when `T` was not published.
+    pub fn rebuild<T: Reloadable>(&self) {
+        let config = self.config.borrow().clone();
+        if let Some(slot) = self
+            .slots
+            .iter()
+            .find(|slot| slot.as_any().is::<watch::Sender<Arc<T>>>())
+        {
+            slot.reload(&config, &self.base);
+        }
+    }
+
+    /// The latest config, as it changes.
+    pub fn config(&self) -> watch::Receiver<Arc<Config>> {
+        self.config.subscribe()
+    }
+
+    /// The config file's directory.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A setting built from `[gateway] id`, refused when it is absent.
+    #[derive(Debug, PartialEq)]
+    struct Id(String);
+
+    impl Reloadable for Id {
+        type Error = &'static str;
+
+        fn build(config: &Config, _: &Path) -> Result<Id, &'static str> {
+            config.gateway.id.clone().map(Id).ok_or("no id")
+        }
+
+        fn reloaded(&self, _: &Config) {}
+
+        fn kept(_: &&'static str) {}
+    }
+
+    fn with_id(id: Option<&str>) -> Config {
+        let mut config = Config::default();
+        config.gateway.id = id.map(str::to_owned);
+        config
+    }
+
+    #[test]
+    fn a_reload_publishes_what_builds_and_keeps_the_value_in_force_otherwise() {
+        let mut settings = Settings::new(&with_id(Some("a")), Path::new("/"));
+        assert!(settings.publish::<Id>(&with_id(None)).is_err());
+        let live = settings.publish::<Id>(&with_id(Some("a"))).expect("built");
+        let held = live.current();
+        settings.reload(with_id(Some("b")));
+        assert_eq!(*live.current(), Id("b".into()));
+        assert_eq!(*held, Id("a".into()), "a holder keeps the value it took");
+        settings.reload(with_id(None));
+        assert_eq!(
+            *live.current(),
+            Id("b".into()),
+            "kept: the new one does not build"
+        );
+        assert_eq!(settings.config().borrow().gateway.id, None);
+        // A rebuild reads the latest config, which still does not build.
+        settings.rebuild::<Id>();
+        assert_eq!(*live.borrow().as_ref(), Id("b".into()));
+    }
+
+    #[test]
+    fn a_fixed_value_never_changes() {
+        let live = Live::fixed(Id("x".into()));
+        assert_eq!(*live.clone().current(), Id("x".into()));
     }
 }

@@ -62,7 +62,7 @@ use crate::reload::Live;
 use config::MqttConfig;
 use limit::Limiter;
 use session::{Registry, Shared};
-use tls::TlsHandle;
+use tokio_rustls::rustls::ServerConfig;
 
 /// Connections over the limit that may be answered "busy" at once; beyond that they are
 /// dropped unanswered, so a flood costs no more than this many tasks.
@@ -71,7 +71,7 @@ const REFUSING_AT_ONCE: usize = 32;
 /// The bound sockets: plaintext always, TLS when `[mqtt.tls] enabled`.
 pub struct Listeners {
     pub plain: TcpListener,
-    pub tls: Option<(TcpListener, TlsHandle)>,
+    pub tls: Option<(TcpListener, Live<ServerConfig>)>,
 }
 
 /// What every accept loop shares: one connection cap, one flood limiter and one registry
@@ -154,7 +154,7 @@ pub async fn serve_listeners(
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, tls: Option<TlsHandle>, a: Accepting) {
+async fn accept_loop(listener: TcpListener, tls: Option<Live<ServerConfig>>, a: Accepting) {
     let transport = if tls.is_some() { "tls" } else { "tcp" };
     loop {
         let (socket, peer) = tokio::select! {
@@ -226,7 +226,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsHandle>, a: Accepting
 async fn tls_handshake(
     socket: TcpStream,
     peer: SocketAddr,
-    tls: &TlsHandle,
+    tls: &Live<ServerConfig>,
     handshakes: &Arc<Semaphore>,
     shared: &Shared,
 ) -> Option<(

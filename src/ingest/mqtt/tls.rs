@@ -1,19 +1,21 @@
-//! MQTT over TLS: `[mqtt.tls]`, the rustls server configuration built from PEM files, the
-//! handle that SIGHUP swaps, and the device identity read from a client certificate.
+//! MQTT over TLS: `[mqtt.tls]`, the rustls server configuration built from PEM files (a
+//! reloadable setting), the watch on those files, and the device identity read from a client
+//! certificate.
 //!
 //! The crypto provider is `ring` (DESIGN.md: aws-lc does not cross-build for armv7); TLS 1.2
 //! and 1.3. PEM is parsed with `rustls-pki-types`. Client certificates are verified by rustls'
 //! `WebPkiClientVerifier` against `client_ca`, wrapped so that a refused certificate's subject
 //! can be logged as the identity it claimed.
 //!
-//! Rotation: [`TlsHandle`] holds the current `ServerConfig` behind a lock that is read once
-//! per handshake. [`TlsHandle::reload`] builds a complete new configuration first and swaps it
-//! in only if every file parsed and the key matches the certificate; a connection keeps the
-//! configuration it shook hands with, so nothing established is dropped.
+//! Rotation: the `ServerConfig` is published through [`crate::reload`] and read once per
+//! handshake. A reload (SIGHUP, or [`watch_files`] seeing the files change) builds a complete
+//! new configuration first and publishes it only if every file parsed and the key matches the
+//! certificate; a connection keeps the configuration it shook hands with, so nothing
+//! established is dropped.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use tokio_rustls::rustls;
@@ -22,10 +24,12 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio_rustls::rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::CertClaim;
-use crate::config::Duration;
 use crate::config::problems::Problems;
+use crate::config::{Config, Duration};
+use crate::reload::{Reloadable, Settings};
 
 /// `[mqtt.tls]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -198,7 +202,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// Builds the server configuration from the files `config` names, relative to `base`.
 /// Everything is checked here (files parse, the key matches the certificate, the CA bundle
 /// holds usable roots), so a bad set fails before it is used.
-pub fn server_config(config: &TlsConfig, base: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(config: &TlsConfig, base: &Path) -> Result<ServerConfig, TlsError> {
     let cert_path = base.join(config.cert.as_ref().ok_or(TlsError::Missing {
         what: "[mqtt.tls] cert",
     })?);
@@ -245,46 +249,61 @@ pub fn server_config(config: &TlsConfig, base: &Path) -> Result<Arc<ServerConfig
             key: key_path,
             source,
         })?;
-    Ok(Arc::new(server))
+    Ok(server)
 }
 
-/// The TLS configuration in force, swapped whole on reload.
-#[derive(Clone)]
-pub struct TlsHandle {
-    current: Arc<RwLock<Arc<ServerConfig>>>,
+/// The certificate, key and client CA change on reload; each handshake uses the set in force
+/// when it starts, and a connection keeps the set it shook hands with.
+impl Reloadable for ServerConfig {
+    type Error = TlsError;
+
+    fn build(config: &Config, base: &Path) -> Result<ServerConfig, TlsError> {
+        server_config(&config.mqtt.tls, base)
+    }
+
+    fn reloaded(&self, config: &Config) {
+        tracing::info!(
+            cert = ?config.mqtt.tls.cert,
+            client_ca = ?config.mqtt.tls.client_ca,
+            "Reloaded the MQTT TLS certificate, key and client CA."
+        );
+    }
+
+    fn kept(error: &TlsError) {
+        tracing::error!(%error, "Kept the MQTT TLS certificate in force: the new set is unusable.");
+    }
 }
 
-impl TlsHandle {
-    pub fn new(config: Arc<ServerConfig>) -> TlsHandle {
-        TlsHandle {
-            current: Arc::new(RwLock::new(config)),
-        }
+/// Rebuilds the TLS setting whenever the certificate, key or client CA named by the latest
+/// config change on disk, every `[mqtt.tls] watch_interval` ("0s": never), until `shutdown`.
+/// A set that does not load (a key written before its certificate) is logged and the old one
+/// stays; the next change is tried again, an unchanged bad set is not.
+pub async fn watch_files(settings: Arc<Settings>, shutdown: CancellationToken) {
+    let mut configs = settings.config();
+    let every = configs.borrow().mqtt.tls.watch_interval.get();
+    if every.is_zero() {
+        return;
     }
-
-    /// The configuration for the next handshake.
-    pub fn current(&self) -> Arc<ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Loads the files again; on any problem the configuration in force stays, and the
-    /// problem is logged as an ERROR.
-    pub fn reload(&self, config: &TlsConfig, base: &Path) -> Result<(), TlsError> {
-        match server_config(config, base) {
-            Ok(new) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
-                tracing::info!(
-                    cert = ?config.cert,
-                    client_ca = ?config.client_ca,
-                    "Reloaded the MQTT TLS certificate, key and client CA."
-                );
-                Ok(())
-            }
-            Err(error) => {
-                tracing::error!(%error, "Kept the MQTT TLS certificate in force: the new set is unusable.");
-                Err(error)
+    let state = |config: &Config| config.mqtt.tls.files_state(settings.base());
+    // The state of the files when they were last loaded.
+    let mut loaded = state(&configs.borrow_and_update());
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            // A reload loaded the files (maybe others) itself.
+            changed = configs.changed() => match changed {
+                Ok(()) => loaded = state(&configs.borrow_and_update()),
+                Err(_) => return,
+            },
+            _ = tick.tick() => {
+                let now = state(&configs.borrow());
+                if now != loaded {
+                    tracing::info!("The MQTT TLS certificate files changed on disk; reloading them.");
+                    settings.rebuild::<ServerConfig>();
+                    loaded = now;
+                }
             }
         }
     }
