@@ -4,8 +4,11 @@
 //!
 //! The data path reads top to bottom in the module names:
 //! [`ingest`] (listeners) → [`route`] → [`buffer`] (the durable log) → [`forward`] (Kafka).
-//! [`run`] wires them together; `main.rs` and the integration tests both call it. [`admin`]
-//! observes the running gateway: metrics, health, systemd notifications, `edgegate status`.
+//! [`start`] is the composition root: it opens the log, binds every listener, and hands each
+//! stage its sockets, its config and the [`reload`]able settings it reads; each stage serves
+//! in its own module. [`run`] adds systemd's notifications; `main.rs` and the integration
+//! tests call these. [`admin`] observes the running gateway: metrics, health, systemd
+//! notifications, `edgegate status`.
 
 #![forbid(unsafe_code)]
 
@@ -19,11 +22,10 @@ pub mod reload;
 pub mod route;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
@@ -40,24 +42,8 @@ use crate::route::Router;
 pub enum RunError {
     #[error("cannot open the log: {0}")]
     Log(#[from] LogError),
-    #[error("cannot listen for MQTT on {addr}: {source}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen for CoAP on {addr}: {source}")]
-    BindUdp {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen for MQTT over TLS on {addr}: {source}")]
-    BindTls {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] ingest::BindError),
     #[error("cannot set up MQTT over TLS: {0}")]
     Tls(#[from] ingest::mqtt::tls::TlsError),
     #[error("the routes are invalid: {0}")]
@@ -102,6 +88,10 @@ pub struct Gateway {
 
 /// Opens the log, binds the listeners and starts forwarding. `base` resolves relative paths
 /// in the config (the config file's directory). Stops when `shutdown` is cancelled.
+///
+/// The stages in the order data flows through them: the log first (nothing is accepted
+/// before it is recovered), the settings a reload replaces, every listener bound before any
+/// serves (a port in use fails the start), the forwarder, then the admin endpoints.
 pub async fn start(
     config: Config,
     base: &Path,
@@ -114,22 +104,22 @@ pub async fn start(
     } else {
         None
     };
+
+    // buffer: the durable log, and the dead-letter log beside it.
     let log_config = config.buffer.log_config(base).map_err(RunError::Config)?;
     if let Some(keys) = &log_config.keys {
         tracing::info!(key_id = %format_args!("{:08x}", keys.current_id()), "Records are encrypted in the log.");
     }
-    check_buffer_dir(&log_config)?;
-
-    let (log, _report) = open_log(log_config.clone()).await?;
+    let (log, _) = Log::open_async(log_config.clone()).await?;
     let dead_letter_config = LogConfig {
         dir: log_config.dir.join("dead-letter"),
         overflow: buffer::Overflow::DropOldest,
         max_bytes: (log_config.max_bytes / 8).max(log_config.segment_bytes * 2),
         ..log_config.clone()
     };
-    let (dead_letter, _) = open_log(dead_letter_config).await?;
+    let (dead_letter, _) = Log::open_async(dead_letter_config).await?;
 
-    // TLS files and the password file are checked before any port is bound.
+    // What a reload replaces, published to the stages that read it.
     let mut settings = reload::Settings::new(&config, base);
     let routes = settings.publish::<Router>(&config)?;
     let auth = settings.publish::<auth::Auth>(&config)?;
@@ -139,52 +129,19 @@ pub async fn start(
         None
     };
     let settings = Arc::new(settings);
-    let pipeline = Pipeline::new(log.clone(), routes);
 
-    let listener = TcpListener::bind(&config.mqtt.listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: config.mqtt.listen.clone(),
-            source,
-        })?;
-    let mqtt_addr = listener.local_addr().map_err(|source| RunError::Bind {
-        addr: config.mqtt.listen.clone(),
-        source,
-    })?;
-
-    let tls_listener = match mqtt_tls {
-        Some(handle) => {
-            let bind_error = |source| RunError::BindTls {
-                addr: config.mqtt.tls.listen.clone(),
-                source,
-            };
-            let listener = TcpListener::bind(&config.mqtt.tls.listen)
-                .await
-                .map_err(bind_error)?;
-            let addr = listener.local_addr().map_err(bind_error)?;
-            Some((listener, handle, addr))
-        }
-        None => None,
-    };
-    let mqtts_addr = tls_listener.as_ref().map(|(_, _, addr)| *addr);
-
-    let coap_socket = if config.coap.enabled {
-        let bind_error = |source| RunError::BindUdp {
-            addr: config.coap.listen.clone(),
-            source,
-        };
-        let socket = UdpSocket::bind(&config.coap.listen)
-            .await
-            .map_err(bind_error)?;
-        let addr = socket.local_addr().map_err(bind_error)?;
-        ingest::coap::size_receive_buffer(&socket, &config.coap);
-        Some((socket, addr))
+    // ingest: bound before anything serves.
+    let mqtt = ingest::mqtt::Listeners::bind(&config.mqtt, mqtt_tls).await?;
+    let coap = if config.coap.enabled {
+        Some(ingest::coap::bind(&config.coap).await?)
     } else {
         None
     };
-    let coap_addr = coap_socket.as_ref().map(|(_, addr)| *addr);
+    let (mqtt_addr, mqtts_addr) = (mqtt.addr(), mqtt.tls_addr());
+    let coap_addr = coap.as_ref().map(|(_, addr)| *addr);
     warn_anonymous(&config, mqtt_addr, mqtts_addr, coap_addr);
 
+    // forward: reads the log from its head.
     let reader = log
         .reader()
         .ok_or_else(|| RunError::Task("the log's reader was already taken".into()))?;
@@ -199,14 +156,12 @@ pub async fn start(
     );
     let forwarder = tokio::spawn(forwarder.run(shutdown.clone()));
 
+    // ingest → route → buffer: the listeners start serving.
+    let pipeline = Pipeline::new(log.clone(), routes);
     let listeners = TaskTracker::new();
-    let mqtt_config = std::sync::Arc::new(config.mqtt.clone());
     listeners.spawn(ingest::mqtt::serve_listeners(
-        ingest::mqtt::Listeners {
-            plain: listener,
-            tls: tls_listener.map(|(listener, handle, _)| (listener, handle)),
-        },
-        mqtt_config,
+        mqtt,
+        Arc::new(config.mqtt.clone()),
         pipeline.clone(),
         auth.clone(),
         shutdown.clone(),
@@ -218,12 +173,12 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
-    if let Some((socket, coap_addr)) = coap_socket {
+    if let Some((socket, coap_addr)) = coap {
         listeners.spawn(ingest::coap::serve(
             socket,
-            std::sync::Arc::new(config.coap.clone()),
-            auth.clone(),
-            pipeline.clone(),
+            Arc::new(config.coap.clone()),
+            auth,
+            pipeline,
             shutdown.clone(),
         ));
         tracing::info!(%coap_addr, "Listening for CoAP.");
@@ -231,6 +186,7 @@ pub async fn start(
     listeners.close();
     tracing::info!(%mqtt_addr, gateway_id = %gateway_id, "Listening for MQTT.");
 
+    // admin: observes all of the above.
     let health = admin::Health::new(admin::Parts {
         log: log.clone(),
         dead_letter,
@@ -248,7 +204,7 @@ pub async fn start(
         shutdown.clone(),
     ));
     let admin_addr = if config.admin.enabled {
-        bind_admin(&config.admin.listen)
+        admin::server::bind(&config.admin.listen)
             .await
             .map(|(listener, addr)| {
                 admin.spawn(admin::server::serve(
@@ -397,48 +353,6 @@ fn warn_anonymous(
         ),
         _ => {}
     }
-}
-
-/// The admin listener is for observing the gateway: a port that cannot be bound (another
-/// exporter on 9100) is logged, and the data path runs on without it.
-async fn bind_admin(listen: &str) -> Option<(TcpListener, SocketAddr)> {
-    let bound = match TcpListener::bind(listen).await {
-        Ok(listener) => listener.local_addr().map(|addr| (listener, addr)),
-        Err(e) => Err(e),
-    };
-    bound
-        .inspect_err(|error| {
-            tracing::error!(
-                addr = listen,
-                %error,
-                "Cannot listen for the admin endpoints; running without /metrics, /healthz and /readyz. Set [admin] listen to a free port."
-            );
-        })
-        .ok()
-}
-
-async fn open_log(config: LogConfig) -> Result<(Log, buffer::RecoveryReport), RunError> {
-    tokio::task::spawn_blocking(move || Log::open(config))
-        .await
-        .map_err(|e| RunError::Task(e.to_string()))?
-        .map_err(RunError::from)
-}
-
-/// Preconditions before binding anything: the buffer directory exists (or can be made) and
-/// is writable.
-fn check_buffer_dir(config: &LogConfig) -> Result<(), RunError> {
-    let dir: PathBuf = config.dir.clone();
-    buffer::create_private_dir(&dir).map_err(|source| LogError::Dir {
-        path: dir.clone(),
-        source,
-    })?;
-    let probe = dir.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|source| LogError::Dir {
-        path: dir.clone(),
-        source,
-    })?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
 }
 
 #[cfg(test)]

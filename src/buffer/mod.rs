@@ -111,7 +111,6 @@ use self::io::{OsStorage, Storage};
 use self::seal::LogKeys;
 use std::os::unix::fs::OpenOptionsExt;
 
-pub(crate) use self::io::create_private_dir;
 use self::reader::ReaderCore;
 use self::shared::{Acks, Shared, State, lock};
 use self::writer::Writer;
@@ -353,13 +352,17 @@ pub struct LogReader {
     core: ReaderCore,
 }
 
-/// Takes the directory's lock file, creating the directory if needed.
+/// Takes the directory's lock file, creating the directory if needed, and checks that new
+/// files can be made in it (the lock file may be left from a run with other permissions).
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LogError> {
     let dir_error = |source| LogError::Dir {
         path: dir.to_owned(),
         source,
     };
     io::create_private_dir(dir).map_err(dir_error)?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").map_err(dir_error)?;
+    let _ = std::fs::remove_file(&probe);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -387,6 +390,16 @@ impl Log {
             handle.dir_lock = Mutex::new(Some(lock));
         }
         Ok((log, report))
+    }
+
+    /// [`Log::open`] on the blocking pool, for a caller on the runtime (the gateway's start).
+    pub async fn open_async(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
+        match tokio::task::spawn_blocking(move || Log::open(config)).await {
+            Ok(opened) => opened,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only when the runtime is shutting down.
+            Err(_) => Err(LogError::Closed),
+        }
     }
 
     /// Opens on a disk whose every fsync takes `delay` longer ([`io::SlowSync`]).

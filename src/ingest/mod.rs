@@ -28,6 +28,29 @@ pub struct Inbound {
     pub received_ms: i64,
 }
 
+/// A listener that could not be bound: the gateway does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Mqtt {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for MQTT over TLS on {addr}: {source}")]
+    MqttTls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for CoAP on {addr}: {source}")]
+    Coap {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Why a message was not stored. Each maps to a protocol reason code in its listener.
 #[derive(Debug, thiserror::Error)]
 pub enum Rejected {

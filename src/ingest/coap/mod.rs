@@ -86,13 +86,14 @@ mod server;
 #[cfg(test)]
 mod tests;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
-use crate::ingest::Pipeline;
+use crate::ingest::{BindError, Pipeline};
 use crate::reload::Live;
 use config::CoapConfig;
 
@@ -109,11 +110,23 @@ pub async fn serve(
     server::run(socket, config, auth, pipeline, shutdown).await
 }
 
+/// Binds `[coap] listen` and sizes its receive buffer; returns the socket and its address.
+pub async fn bind(config: &CoapConfig) -> Result<(UdpSocket, SocketAddr), BindError> {
+    let bind_error = |source| BindError::Coap {
+        addr: config.listen.clone(),
+        source,
+    };
+    let socket = UdpSocket::bind(&config.listen).await.map_err(bind_error)?;
+    let addr = socket.local_addr().map_err(bind_error)?;
+    size_receive_buffer(&socket, config);
+    Ok((socket, addr))
+}
+
 /// Asks the kernel for `config.receive_buffer` bytes of receive buffer on the CoAP socket:
 /// with SO_RCVBUFFORCE when the process may (root or CAP_NET_ADMIN), else SO_RCVBUF, which
 /// Linux caps at `net.core.rmem_max`. Logs the size obtained, with a WARN when it is less
 /// than asked; never fails the start (a small buffer costs retransmissions, not data).
-pub fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
+fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
     use rustix::net::sockopt;
     let wanted = usize::try_from(config.receive_buffer.get()).unwrap_or(usize::MAX);
     if sockopt::set_socket_recv_buffer_size_force(socket, wanted).is_err() {

@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, CertClaim};
-use crate::ingest::Pipeline;
+use crate::ingest::{BindError, Pipeline};
 use crate::reload::Live;
 use config::MqttConfig;
 use limit::Limiter;
@@ -70,8 +70,64 @@ const REFUSING_AT_ONCE: usize = 32;
 
 /// The bound sockets: plaintext always, TLS when `[mqtt.tls] enabled`.
 pub struct Listeners {
-    pub plain: TcpListener,
-    pub tls: Option<(TcpListener, Live<ServerConfig>)>,
+    plain: (TcpListener, SocketAddr),
+    /// With the certificate set in force for its handshakes.
+    tls: Option<(TcpListener, SocketAddr, Live<ServerConfig>)>,
+}
+
+impl Listeners {
+    /// Binds `[mqtt] listen`, and `[mqtt.tls] listen` when `tls` (the certificate set the
+    /// handshakes use) is given.
+    pub async fn bind(
+        config: &MqttConfig,
+        tls: Option<Live<ServerConfig>>,
+    ) -> Result<Listeners, BindError> {
+        let plain = bind_tcp(&config.listen)
+            .await
+            .map_err(|source| BindError::Mqtt {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let tls = match tls {
+            Some(server) => {
+                let (listener, addr) =
+                    bind_tcp(&config.tls.listen)
+                        .await
+                        .map_err(|source| BindError::MqttTls {
+                            addr: config.tls.listen.clone(),
+                            source,
+                        })?;
+                Some((listener, addr, server))
+            }
+            None => None,
+        };
+        Ok(Listeners { plain, tls })
+    }
+
+    /// One plaintext listener already bound.
+    pub fn plain(listener: TcpListener) -> std::io::Result<Listeners> {
+        let addr = listener.local_addr()?;
+        Ok(Listeners {
+            plain: (listener, addr),
+            tls: None,
+        })
+    }
+
+    /// The plaintext listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.plain.1
+    }
+
+    /// The TLS listener's address, when there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(_, addr, _)| *addr)
+    }
+}
+
+async fn bind_tcp(listen: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
 }
 
 /// What every accept loop shares: one connection cap, one flood limiter and one registry
@@ -96,10 +152,7 @@ pub async fn serve(
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listeners = Listeners {
-        plain: listener,
-        tls: None,
-    };
+    let listeners = Listeners::plain(listener)?;
     let auth = Live::fixed(Auth::default());
     serve_listeners(listeners, config, pipeline, auth, shutdown).await
 }
@@ -136,9 +189,9 @@ pub async fn serve_listeners(
         tracker: TaskTracker::new(),
     };
     let loops = TaskTracker::new();
-    loops.spawn(accept_loop(listeners.plain, None, accepting.clone()));
-    if let Some((listener, handle)) = listeners.tls {
-        loops.spawn(accept_loop(listener, Some(handle), accepting.clone()));
+    loops.spawn(accept_loop(listeners.plain.0, None, accepting.clone()));
+    if let Some((listener, _, server)) = listeners.tls {
+        loops.spawn(accept_loop(listener, Some(server), accepting.clone()));
     }
     loops.close();
     loops.wait().await;
