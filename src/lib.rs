@@ -22,7 +22,7 @@ pub mod reload;
 pub mod route;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,9 +61,9 @@ pub enum RunError {
 /// Messages from the signal handlers (or a test) to the running gateway.
 #[derive(Debug, Clone)]
 pub enum Control {
-    /// Re-read the reloadable parts of the configuration: routes, the MQTT TLS certificate,
-    /// key and client CA, and `[auth]` (rules and the password file).
-    Reload(Box<Config>),
+    /// Load this config file again and apply its reloadable parts: the routes, the MQTT TLS
+    /// certificate, key and client CA, and `[auth]` (see [`reload`]).
+    Reload(PathBuf),
 }
 
 /// A started gateway: listeners bound, log recovered, forwarder running.
@@ -86,17 +86,14 @@ pub struct Gateway {
     forwarder: tokio::task::JoinHandle<Result<(), forward::ForwardError>>,
 }
 
-/// Opens the log, binds the listeners and starts forwarding. `base` resolves relative paths
-/// in the config (the config file's directory). Stops when `shutdown` is cancelled.
+/// Opens the log, binds the listeners and starts forwarding, from a loaded config
+/// ([`Config::load`] has checked it and read the files it names). Stops when `shutdown` is
+/// cancelled.
 ///
 /// The stages in the order data flows through them: the log first (nothing is accepted
 /// before it is recovered), the settings a reload replaces, every listener bound before any
 /// serves (a port in use fails the start), the forwarder, then the admin endpoints.
-pub async fn start(
-    config: Config,
-    base: &Path,
-    shutdown: CancellationToken,
-) -> Result<Gateway, RunError> {
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gateway, RunError> {
     let gateway_id = config.gateway.id();
     // First, so what recovery counts while opening the log is recorded.
     let metrics = if config.admin.enabled {
@@ -106,7 +103,7 @@ pub async fn start(
     };
 
     // buffer: the durable log, and the dead-letter log beside it.
-    let log_config = config.buffer.log_config(base).map_err(RunError::Config)?;
+    let log_config = config.log_config().map_err(RunError::Config)?;
     if let Some(keys) = &log_config.keys {
         tracing::info!(key_id = %format_args!("{:08x}", keys.current_id()), "Records are encrypted in the log.");
     }
@@ -120,7 +117,7 @@ pub async fn start(
     let (dead_letter, _) = Log::open_async(dead_letter_config).await?;
 
     // What a reload replaces, published to the stages that read it.
-    let mut settings = reload::Settings::new(&config, base);
+    let mut settings = reload::Settings::new(&config);
     let routes = settings.publish::<Router>(&config)?;
     let auth = settings.publish::<auth::Auth>(&config)?;
     let mqtt_tls = if config.mqtt.tls.enabled {
@@ -269,7 +266,7 @@ impl Gateway {
     /// Applies a control message (SIGHUP reload).
     pub fn control(&self, message: Control) {
         match message {
-            Control::Reload(config) => self.settings.reload(*config),
+            Control::Reload(path) => self.settings.reload(&path),
         }
     }
 
@@ -316,11 +313,10 @@ impl Gateway {
 /// gateway) when it is ready, how it is doing, and when it stops.
 pub async fn run(
     config: Config,
-    base: &Path,
     shutdown: CancellationToken,
     control: mpsc::Receiver<Control>,
 ) -> Result<(), RunError> {
-    let gateway = start(config, base, shutdown.clone()).await?;
+    let gateway = start(config, shutdown.clone()).await?;
     let notifier = tokio::spawn(admin::notify::run(gateway.health(), shutdown));
     let result = gateway.wait(control).await;
     // It sent STOPPING when shutdown began; it has nothing left to do.

@@ -100,33 +100,13 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match command {
+        // Loading checked everything, the files the config names included.
         Command::Validate => {
-            // The files the config names must load too: certificate, key, CA, passwords.
-            let base = cli
-                .config
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
-            let mut failed = false;
-            if config.mqtt.tls.enabled {
-                if let Err(e) = edgegate::ingest::mqtt::tls::server_config(&config.mqtt.tls, &base)
-                {
-                    eprintln!("{}: [mqtt.tls]: {e}", cli.config.display());
-                    failed = true;
-                }
-            }
-            if let Err(e) = edgegate::auth::Auth::new(&config.auth, &base) {
-                eprintln!("{}: [auth]: {e}", cli.config.display());
-                failed = true;
-            }
-            if failed {
-                return ExitCode::from(EXIT_CONFIG);
-            }
             println!("{}: valid", cli.config.display());
             ExitCode::SUCCESS
         }
         Command::Run => run(config, &cli.config),
-        Command::DeadLetters { limit } => dead_letters(&config, &cli.config, limit),
+        Command::DeadLetters { limit } => dead_letters(&config, limit),
         Command::Passwd { .. } => ExitCode::SUCCESS,
         Command::Status { .. } => {
             match config
@@ -189,10 +169,9 @@ fn passwd(file: &Path, username: &str) -> ExitCode {
     }
 }
 
-fn dead_letters(config: &Config, path: &Path, limit: Option<usize>) -> ExitCode {
+fn dead_letters(config: &Config, limit: Option<usize>) -> ExitCode {
     use std::io::Write;
-    let base = config_dir(path);
-    let log = match config.buffer.log_config(&base) {
+    let log = match config.log_config() {
         Ok(log) => log,
         Err(e) => {
             eprintln!("{e}");
@@ -295,11 +274,6 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runti
     })
 }
 
-/// The directory relative paths in the config are resolved against.
-fn config_dir(path: &Path) -> PathBuf {
-    path.parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         match &e {
@@ -324,7 +298,6 @@ fn run(config: Config, path: &Path) -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    let base = config_dir(path);
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let (control_tx, control_rx) = mpsc::channel(4);
@@ -333,7 +306,7 @@ fn run(config: Config, path: &Path) -> ExitCode {
             shutdown.clone(),
             control_tx,
         ));
-        let result = edgegate::run(config, &base, shutdown, control_rx).await;
+        let result = edgegate::run(config, shutdown, control_rx).await;
         signals.abort();
         result
     });
@@ -346,8 +319,8 @@ fn run(config: Config, path: &Path) -> ExitCode {
     }
 }
 
-/// SIGTERM and SIGINT stop the gateway; SIGHUP re-reads the config and reloads what can be
-/// reloaded. A config that fails validation on reload is logged and ignored.
+/// SIGTERM and SIGINT stop the gateway; SIGHUP has it load the config again and reload what
+/// can be reloaded (see `edgegate::reload`).
 async fn handle_signals(
     path: PathBuf,
     shutdown: CancellationToken,
@@ -365,10 +338,7 @@ async fn handle_signals(
         tokio::select! {
             _ = term.recv() => { tracing::info!(signal = "SIGTERM", "Stopping."); shutdown.cancel(); }
             _ = int.recv() => { tracing::info!(signal = "SIGINT", "Stopping."); shutdown.cancel(); }
-            _ = hup.recv() => match Config::load(&path) {
-                Ok(config) => { let _ = control.send(Control::Reload(Box::new(config))).await; }
-                Err(e) => tracing::error!(config = %path.display(), problems = %e, "Not reloading: the config is invalid."),
-            },
+            _ = hup.recv() => { let _ = control.send(Control::Reload(path.clone())).await; }
         }
     }
 }

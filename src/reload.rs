@@ -1,13 +1,19 @@
 //! What SIGHUP changes while the gateway runs, and how each stage sees the value in force.
 //!
 //! A setting that can change without a restart implements [`Reloadable`]: it is built from
-//! the config and checked whole. [`Settings::publish`] puts the first value in a
-//! `tokio::sync::watch` channel and hands back a [`Live`], the stage's view of it; a stage
-//! reads the value in force where it needs it (per message, per connection, per request) and
-//! never holds the borrow across an `.await`. [`Settings::reload`] builds every published
-//! setting again from a new config: a setting that fails its checks keeps the value in force,
-//! with an ERROR line saying why, and the others change. A stage that gains a reloadable
-//! setting takes a `Live<T>` and `start` publishes it: one line.
+//! the loaded config (which has read and checked the files it names) and says which config
+//! keys it comes from. [`Settings::publish`] puts the first value in a `tokio::sync::watch`
+//! channel and hands back a [`Live`], the stage's view of it; a stage reads the value in
+//! force where it needs it (per message, per connection, per request) and never holds the
+//! borrow across an `.await`. A stage that gains a reloadable setting takes a `Live<T>` and
+//! `start` publishes it: one line.
+//!
+//! [`Settings::reload`] (SIGHUP) loads the config file again and applies it setting by
+//! setting: a setting with a problem under its keys (a certificate whose key does not
+//! match, an unreadable password file) keeps the value in force, with an ERROR line naming
+//! each problem at its `file:line:col`, and the others change. A file that cannot be read or
+//! parsed, or a problem anywhere else, changes nothing: "Not reloading: the config is
+//! invalid.", with every problem.
 //!
 //! The settings today: the routes ([`crate::route::Router`]), `[auth]` ([`crate::auth::Auth`]:
 //! rules, password file, the anonymous policy MQTT and CoAP apply) and the MQTT TLS
@@ -17,27 +23,31 @@
 //! the configuration they were opened with.
 
 use std::any::Any;
-use std::path::{Path, PathBuf};
+use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Located};
 
 /// A setting the gateway can replace while it runs.
-pub trait Reloadable: Send + Sync + Sized + 'static {
-    /// Why a config does not make a usable value.
-    type Error: std::fmt::Display;
+pub trait Reloadable: Send + Sync + 'static {
+    /// The config keys it is built from (`"routes"`, `"mqtt.tls"`): a problem under one of
+    /// them keeps the value in force.
+    const KEYS: &'static [&'static str];
 
-    /// Builds the setting from `config` (relative paths against `base`), checking everything
-    /// it can before it is used.
-    fn build(config: &Config, base: &Path) -> Result<Self, Self::Error>;
+    /// Why a config does not make a usable value.
+    type Error: fmt::Display;
+
+    /// Builds the setting from a loaded config.
+    fn build(config: &Config) -> Result<Arc<Self>, Self::Error>;
 
     /// Logs that a reload put this value in force.
     fn reloaded(&self, config: &Config);
 
     /// Logs that a reload kept the value in force, and why.
-    fn kept(why: &Self::Error);
+    fn kept(why: &dyn fmt::Display);
 }
 
 /// A stage's view of one reloadable setting. Cheap to clone.
@@ -77,24 +87,34 @@ impl<T> From<T> for Live<T> {
 
 /// One published setting, as [`Settings`] rebuilds it.
 trait Slot: Send + Sync {
-    fn reload(&self, config: &Config, base: &Path);
-    /// For [`Settings::rebuild`] to find the slot of one type.
+    fn keys(&self) -> &'static [&'static str];
+    fn reload(&self, config: &Config);
+    fn keep(&self, why: &dyn fmt::Display);
+    /// For [`Settings::replace`] to find the slot of one type.
     fn as_any(&self) -> &dyn Any;
 }
 
 impl<T: Reloadable> Slot for watch::Sender<Arc<T>> {
-    fn as_any(&self) -> &dyn Any {
-        self
+    fn keys(&self) -> &'static [&'static str] {
+        T::KEYS
     }
 
-    fn reload(&self, config: &Config, base: &Path) {
-        match T::build(config, base) {
+    fn reload(&self, config: &Config) {
+        match T::build(config) {
             Ok(value) => {
                 value.reloaded(config);
-                self.send_replace(Arc::new(value));
+                self.send_replace(value);
             }
             Err(why) => T::kept(&why),
         }
+    }
+
+    fn keep(&self, why: &dyn fmt::Display) {
+        T::kept(why);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -104,46 +124,70 @@ pub struct Settings {
     /// The config the settings were last built from (the start's, then each reload's), for
     /// a watcher of the files it names.
     config: watch::Sender<Arc<Config>>,
-    /// The config file's directory, for relative paths on reload.
-    base: PathBuf,
 }
 
 impl Settings {
     /// No settings yet; `config` is the one the gateway starts with.
-    pub fn new(config: &Config, base: &Path) -> Settings {
+    pub fn new(config: &Config) -> Settings {
         Settings {
             slots: Vec::new(),
             config: watch::channel(Arc::new(config.clone())).0,
-            base: base.to_owned(),
         }
     }
 
     /// Builds `T` from `config` and publishes it; the stage that uses it gets the view.
     pub fn publish<T: Reloadable>(&mut self, config: &Config) -> Result<Live<T>, T::Error> {
-        let (sender, receiver) = watch::channel(Arc::new(T::build(config, &self.base)?));
+        let (sender, receiver) = watch::channel(T::build(config)?);
         self.slots.push(Box::new(sender));
         Ok(Live(receiver))
     }
 
-    /// Builds every setting again from `config`; each one that fails keeps its value.
-    pub fn reload(&self, config: Config) {
-        let config = Arc::new(config);
+    /// Loads the config file at `path` again and applies it setting by setting.
+    pub fn reload(&self, path: &Path) {
+        let checked = match Config::load_checked(path) {
+            Ok(checked) => checked,
+            Err(problems) => return not_reloading(path, &problems),
+        };
+        let owner = |problem: &Located| {
+            let key = problem.key.as_deref()?;
+            self.slots.iter().position(|slot| under(key, slot.keys()))
+        };
+        if checked.problems.iter().any(|p| owner(p).is_none()) {
+            return not_reloading(path, &Listed(&checked.problems.iter().collect::<Vec<_>>()));
+        }
+        let config = Arc::new(checked.config);
         self.config.send_replace(config.clone());
-        for slot in &self.slots {
-            slot.reload(&config, &self.base);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mine: Vec<&Located> = checked
+                .problems
+                .iter()
+                .filter(|p| owner(p) == Some(i))
+                .collect();
+            if mine.is_empty() {
+                slot.reload(&config);
+            } else {
+                slot.keep(&Listed(&mine));
+            }
         }
     }
 
-    /// Builds `T` alone again from the latest config, because a file it reads changed: the
-    /// same checks and lines as a reload. Nothing when `T` was not published.
-    pub fn rebuild<T: Reloadable>(&self) {
-        let config = self.config.borrow().clone();
-        if let Some(slot) = self
+    /// Puts a value of `T` built outside a reload in force (the TLS files changed on disk),
+    /// with the same lines as a reload; on an error the value in force stays. Nothing when
+    /// `T` was not published.
+    pub fn replace<T: Reloadable>(&self, built: Result<Arc<T>, T::Error>) {
+        let Some(sender) = self
             .slots
             .iter()
-            .find(|slot| slot.as_any().is::<watch::Sender<Arc<T>>>())
-        {
-            slot.reload(&config, &self.base);
+            .find_map(|slot| slot.as_any().downcast_ref::<watch::Sender<Arc<T>>>())
+        else {
+            return;
+        };
+        match built {
+            Ok(value) => {
+                value.reloaded(&self.config.borrow());
+                sender.send_replace(value);
+            }
+            Err(why) => T::kept(&why),
         }
     }
 
@@ -151,58 +195,117 @@ impl Settings {
     pub fn config(&self) -> watch::Receiver<Arc<Config>> {
         self.config.subscribe()
     }
+}
 
-    /// The config file's directory.
-    pub fn base(&self) -> &Path {
-        &self.base
+/// `key` is one of `keys` or inside one (`mqtt.tls.key` under `mqtt.tls`, `routes[2].topic`
+/// under `routes`).
+fn under(key: &str, keys: &[&str]) -> bool {
+    keys.iter().any(|k| {
+        key.strip_prefix(k)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    })
+}
+
+/// Problems as one field value: `file:line:col: message; ...`.
+struct Listed<'a>(&'a [&'a Located]);
+
+impl fmt::Display for Listed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
     }
+}
+
+fn not_reloading(path: &Path, problems: &dyn fmt::Display) {
+    tracing::error!(config = %path.display(), %problems, "Not reloading: the config is invalid.");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A setting built from `[gateway] id`, refused when it is absent.
+    /// A setting built from `[gateway] id` (problems under `gateway.id`), refused when absent.
     #[derive(Debug, PartialEq)]
     struct Id(String);
 
     impl Reloadable for Id {
+        const KEYS: &'static [&'static str] = &["gateway.id"];
         type Error = &'static str;
 
-        fn build(config: &Config, _: &Path) -> Result<Id, &'static str> {
-            config.gateway.id.clone().map(Id).ok_or("no id")
+        fn build(config: &Config) -> Result<Arc<Id>, &'static str> {
+            config
+                .gateway
+                .id
+                .clone()
+                .map(|id| Arc::new(Id(id)))
+                .ok_or("no id")
         }
 
         fn reloaded(&self, _: &Config) {}
 
-        fn kept(_: &&'static str) {}
+        fn kept(_: &dyn fmt::Display) {}
     }
 
-    fn with_id(id: Option<&str>) -> Config {
-        let mut config = Config::default();
-        config.gateway.id = id.map(str::to_owned);
-        config
+    /// A config file holding `[gateway] id` (when given) and a route.
+    fn write(dir: &Path, id: &str) -> std::path::PathBuf {
+        let path = dir.join("gateway.toml");
+        let text = format!("[gateway]\nid = \"{id}\"\n\n[default_route]\ntopic = \"t\"\n");
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn loaded(dir: &Path, id: &str) -> Config {
+        Config::load(&write(dir, id)).expect("valid")
     }
 
     #[test]
     fn a_reload_publishes_what_builds_and_keeps_the_value_in_force_otherwise() {
-        let mut settings = Settings::new(&with_id(Some("a")), Path::new("/"));
-        assert!(settings.publish::<Id>(&with_id(None)).is_err());
-        let live = settings.publish::<Id>(&with_id(Some("a"))).expect("built");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = Settings::new(&loaded(dir.path(), "a"));
+        assert!(settings.publish::<Id>(&Config::default()).is_err());
+        let live = settings
+            .publish::<Id>(&loaded(dir.path(), "a"))
+            .expect("built");
         let held = live.current();
-        settings.reload(with_id(Some("b")));
+        settings.reload(&write(dir.path(), "b"));
         assert_eq!(*live.current(), Id("b".into()));
         assert_eq!(*held, Id("a".into()), "a holder keeps the value it took");
-        settings.reload(with_id(None));
+        // A problem under the setting's keys: kept, but the config is the latest one.
+        settings.reload(&write(dir.path(), "c:d"));
+        assert_eq!(*live.current(), Id("b".into()));
         assert_eq!(
-            *live.current(),
-            Id("b".into()),
-            "kept: the new one does not build"
+            settings.config().borrow().gateway.id.as_deref(),
+            Some("c:d")
         );
-        assert_eq!(settings.config().borrow().gateway.id, None);
-        // A rebuild reads the latest config, which still does not build.
-        settings.rebuild::<Id>();
+        // A problem elsewhere: nothing changes.
+        let path = write(dir.path(), "e");
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, format!("{text}[mqtt]\nlisten = \"nowhere\"\n")).expect("write");
+        settings.reload(&path);
         assert_eq!(*live.borrow().as_ref(), Id("b".into()));
+        assert_eq!(
+            settings.config().borrow().gateway.id.as_deref(),
+            Some("c:d")
+        );
+        // Built elsewhere.
+        settings.replace(Ok(Arc::new(Id("f".into()))));
+        assert_eq!(*live.current(), Id("f".into()));
+        settings.replace::<Id>(Err("no"));
+        assert_eq!(*live.current(), Id("f".into()));
+    }
+
+    #[test]
+    fn keys_own_what_is_under_them() {
+        assert!(under("mqtt.tls", &["mqtt.tls"]));
+        assert!(under("mqtt.tls.key", &["mqtt.tls"]));
+        assert!(under("routes[2].topic", &["routes", "default_route"]));
+        assert!(!under("mqtt.tlsx", &["mqtt.tls"]));
+        assert!(!under("mqtt.listen", &["mqtt.tls"]));
     }
 
     #[test]

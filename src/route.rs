@@ -260,17 +260,18 @@ fn set_capture<'t>(captures: &mut Vec<&'t str>, slot: usize, value: &'t str) {
 /// The routes change on reload; a message is routed by the table in force when it arrives,
 /// and a stored record keeps its destination.
 impl Reloadable for Router {
+    const KEYS: &'static [&'static str] = &["routes", "default_route"];
     type Error = InvalidRoutes;
 
-    fn build(config: &Config, _base: &std::path::Path) -> Result<Router, InvalidRoutes> {
-        Router::from_config(config)
+    fn build(config: &Config) -> Result<std::sync::Arc<Router>, InvalidRoutes> {
+        Router::from_config(config).map(std::sync::Arc::new)
     }
 
     fn reloaded(&self, config: &Config) {
         tracing::info!(routes = config.routes.len(), "Reloaded the routes.");
     }
 
-    fn kept(problems: &InvalidRoutes) {
+    fn kept(problems: &dyn std::fmt::Display) {
         tracing::error!(%problems, "Kept the old routes: the new ones are invalid.");
     }
 }

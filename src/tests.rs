@@ -2,7 +2,7 @@
 //! control channel, as SIGHUP does: a reloaded setting reaches every stage that uses it.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
@@ -14,7 +14,8 @@ use crate::{Control, start};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-fn config(dir: &Path, anonymous: &str) -> Config {
+/// Writes the gateway's config file; returns its path.
+fn write_config(dir: &Path, anonymous: &str) -> PathBuf {
     let text = format!(
         "[gateway]\nshutdown_grace = \"1s\"\n\n\
          [buffer]\ndir = \"{}\"\nsegment_size = \"1MiB\"\nmax_size = \"64MiB\"\n\n\
@@ -23,7 +24,9 @@ fn config(dir: &Path, anonymous: &str) -> Config {
          [auth]\nanonymous = \"{anonymous}\"\n\n[default_route]\ntopic = \"t\"\n",
         dir.join("log").display()
     );
-    Config::parse(&text, &dir.join("gateway.toml")).expect("a valid config")
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("write the config");
+    path
 }
 
 /// A confirmable POST to `/t/dev`; returns the answer's code.
@@ -55,21 +58,20 @@ async fn a_reload_changes_who_may_send_over_coap() {
     const UNAUTHORIZED: u8 = 0x81;
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
-    let gateway = start(config(dir.path(), "never"), dir.path(), shutdown.clone())
-        .await
-        .expect("start");
+    let config = Config::load(&write_config(dir.path(), "never")).expect("a valid config");
+    let gateway = start(config, shutdown.clone()).await.expect("start");
     let coap = gateway.coap_addr().expect("CoAP is enabled");
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     assert_eq!(post(&client, coap, 1).await, UNAUTHORIZED);
 
-    gateway.control(Control::Reload(Box::new(config(dir.path(), "loopback"))));
+    gateway.control(Control::Reload(write_config(dir.path(), "loopback")));
     assert_eq!(
         post(&client, coap, 2).await,
         CHANGED,
         "admitted after the reload"
     );
 
-    gateway.control(Control::Reload(Box::new(config(dir.path(), "never"))));
+    gateway.control(Control::Reload(write_config(dir.path(), "never")));
     assert_eq!(
         post(&client, coap, 3).await,
         UNAUTHORIZED,

@@ -349,8 +349,7 @@ async fn gateways_in_one_process_share_the_recorder_and_keep_their_own_health() 
     );
     let start = |dir: &Path, shutdown: CancellationToken| {
         let config = Config::parse(&config_text(dir), Path::new("test.toml")).expect("config");
-        let base = dir.to_owned();
-        async move { edgegate::start(config, &base, shutdown).await }
+        async move { edgegate::start(config, shutdown).await }
     };
     let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
     let a = start(dir_a.path(), stop_a.clone())

@@ -15,13 +15,12 @@ pub mod passwd;
 pub mod rules;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
 use crate::config::problems::Problems;
+use crate::config::{Config, Loaded};
 use crate::reload::Reloadable;
 use config::{Anonymous, AuthConfig, CertField, ClientIdPolicy};
 pub use passwd::{Credentials, PasswdError};
@@ -102,8 +101,8 @@ pub struct Auth {
 pub enum AuthError {
     #[error("[auth] rules are invalid: {0:?}")]
     Rules(Vec<crate::config::Problem>),
-    #[error(transparent)]
-    Passwd(#[from] PasswdError),
+    #[error("[auth] password_file was not read (load the config from its file)")]
+    NotLoaded,
 }
 
 impl Default for Auth {
@@ -127,16 +126,20 @@ impl Auth {
         auth
     }
 
-    /// Compiles the rules and reads the password file (relative to `base`).
-    pub fn new(config: &AuthConfig, base: &Path) -> Result<Auth, AuthError> {
+    /// Compiles the rules; `passwords` are the password file's entries (read at load).
+    pub fn new(
+        config: &AuthConfig,
+        passwords: Option<&Loaded<Credentials>>,
+    ) -> Result<Auth, AuthError> {
         let mut problems = Problems::default();
         let rules = Rules::new(&config.rules, "auth", &mut problems);
         if !problems.is_empty() {
             return Err(AuthError::Rules(problems.0));
         }
-        let credentials = match &config.password_file {
-            Some(path) => Some(Arc::new(Credentials::load(&base.join(path))?)),
-            None => None,
+        let credentials = match (&config.password_file, passwords) {
+            (Some(_), Some(passwords)) => Some(passwords.get().clone()),
+            (Some(_), None) => return Err(AuthError::NotLoaded),
+            (None, _) => None,
         };
         Ok(Auth {
             config: config.clone(),
@@ -232,10 +235,11 @@ impl Auth {
 /// `[auth]` changes on reload: connections take the value in force at CONNECT and keep it,
 /// CoAP requests each read it.
 impl Reloadable for Auth {
+    const KEYS: &'static [&'static str] = &["auth"];
     type Error = AuthError;
 
-    fn build(config: &Config, base: &Path) -> Result<Auth, AuthError> {
-        Auth::new(&config.auth, base)
+    fn build(config: &Config) -> Result<Arc<Auth>, AuthError> {
+        Auth::new(&config.auth, config.files.passwords.as_ref()).map(Arc::new)
     }
 
     fn reloaded(&self, config: &Config) {
@@ -247,7 +251,7 @@ impl Reloadable for Auth {
         );
     }
 
-    fn kept(error: &AuthError) {
+    fn kept(error: &dyn std::fmt::Display) {
         tracing::error!(%error, "Kept the [auth] rules and passwords in force: the new ones are unusable.");
     }
 }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::CertClaim;
 use crate::config::problems::Problems;
-use crate::config::{Config, Duration};
+use crate::config::{Config, Duration, Loaded, resolve};
 use crate::reload::{Reloadable, Settings};
 
 /// `[mqtt.tls]`.
@@ -95,16 +95,42 @@ impl TlsConfig {
     /// What the watch compares: per file (certificate, key, client CA) its size, modification
     /// time and inode, or `None` when it cannot be read. Certificate tools replace files by
     /// renaming a new one over them, which changes the inode even within one second.
-    pub fn files_state(&self, base: &Path) -> Vec<Option<(u64, std::time::SystemTime, u64)>> {
+    pub fn files_state(&self) -> Vec<Option<(u64, std::time::SystemTime, u64)>> {
         use std::os::unix::fs::MetadataExt;
         [&self.cert, &self.key, &self.client_ca]
             .into_iter()
             .flatten()
             .map(|file| {
-                let meta = std::fs::metadata(base.join(file)).ok()?;
+                let meta = std::fs::metadata(file).ok()?;
                 Some((meta.len(), meta.modified().ok()?, meta.ino()))
             })
             .collect()
+    }
+
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        for file in [&mut self.cert, &mut self.key, &mut self.client_ca]
+            .into_iter()
+            .flatten()
+        {
+            resolve(file, base);
+        }
+    }
+
+    /// Builds the server configuration from the files (when enabled and both the certificate
+    /// and the key are named: `validate` reports a missing one), each problem at the key
+    /// naming the file at fault.
+    pub(crate) fn load_files(
+        &self,
+        path: &str,
+        problems: &mut Problems,
+    ) -> Option<Loaded<ServerConfig>> {
+        if !self.enabled || self.cert.is_none() || self.key.is_none() {
+            return None;
+        }
+        server_config(self)
+            .map_err(|e| problems.push(format!("{path}.{}", e.key(self)), e.to_string()))
+            .ok()
+            .map(Loaded::new)
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
@@ -176,6 +202,32 @@ pub enum TlsError {
     },
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
+    #[error("the certificate and key were not read (load the config from its file)")]
+    NotLoaded,
+}
+
+impl TlsError {
+    /// The `[mqtt.tls]` key naming the file at fault.
+    fn key(&self, config: &TlsConfig) -> &'static str {
+        let named = |path: &PathBuf| {
+            if config.key.as_ref() == Some(path) {
+                "key"
+            } else if config.client_ca.as_ref() == Some(path) {
+                "client_ca"
+            } else {
+                "cert"
+            }
+        };
+        match self {
+            TlsError::Read { path, .. } | TlsError::NoCertificate { path } => named(path),
+            TlsError::ClientCa { .. } => "client_ca",
+            TlsError::Key { .. } => "key",
+            TlsError::Missing { what } if what.ends_with("key") => "key",
+            // A CA certificate the root store refuses, or (never seen) the protocol versions.
+            TlsError::Rustls(_) if config.client_ca.is_some() => "client_ca",
+            TlsError::Missing { .. } | TlsError::Rustls(_) | TlsError::NotLoaded => "cert",
+        }
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -199,16 +251,16 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// Builds the server configuration from the files `config` names, relative to `base`.
+/// Builds the server configuration from the files `config` names (paths resolved at load).
 /// Everything is checked here (files parse, the key matches the certificate, the CA bundle
 /// holds usable roots), so a bad set fails before it is used.
-pub fn server_config(config: &TlsConfig, base: &Path) -> Result<ServerConfig, TlsError> {
-    let cert_path = base.join(config.cert.as_ref().ok_or(TlsError::Missing {
+pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    let cert_path = config.cert.clone().ok_or(TlsError::Missing {
         what: "[mqtt.tls] cert",
-    })?);
-    let key_path = base.join(config.key.as_ref().ok_or(TlsError::Missing {
+    })?;
+    let key_path = config.key.clone().ok_or(TlsError::Missing {
         what: "[mqtt.tls] key",
-    })?);
+    })?;
     let chain = certificates(&cert_path)?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|source| TlsError::Read {
         path: key_path.clone(),
@@ -222,7 +274,7 @@ pub fn server_config(config: &TlsConfig, base: &Path) -> Result<ServerConfig, Tl
         ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
     let builder = match (&config.client_ca, config.client_certs) {
         (Some(ca), ClientCerts::Optional | ClientCerts::Required) => {
-            let ca_path = base.join(ca);
+            let ca_path = ca.clone();
             let mut roots = rustls::RootCertStore::empty();
             for cert in certificates(&ca_path)? {
                 roots.add(cert)?;
@@ -255,10 +307,12 @@ pub fn server_config(config: &TlsConfig, base: &Path) -> Result<ServerConfig, Tl
 /// The certificate, key and client CA change on reload; each handshake uses the set in force
 /// when it starts, and a connection keeps the set it shook hands with.
 impl Reloadable for ServerConfig {
+    const KEYS: &'static [&'static str] = &["mqtt.tls"];
     type Error = TlsError;
 
-    fn build(config: &Config, base: &Path) -> Result<ServerConfig, TlsError> {
-        server_config(&config.mqtt.tls, base)
+    fn build(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
+        let loaded = config.files.mqtt_tls.as_ref();
+        loaded.map(|l| l.get().clone()).ok_or(TlsError::NotLoaded)
     }
 
     fn reloaded(&self, config: &Config) {
@@ -269,7 +323,7 @@ impl Reloadable for ServerConfig {
         );
     }
 
-    fn kept(error: &TlsError) {
+    fn kept(error: &dyn std::fmt::Display) {
         tracing::error!(%error, "Kept the MQTT TLS certificate in force: the new set is unusable.");
     }
 }
@@ -284,7 +338,7 @@ pub async fn watch_files(settings: Arc<Settings>, shutdown: CancellationToken) {
     if every.is_zero() {
         return;
     }
-    let state = |config: &Config| config.mqtt.tls.files_state(settings.base());
+    let state = |config: &Config| config.mqtt.tls.files_state();
     // The state of the files when they were last loaded.
     let mut loaded = state(&configs.borrow_and_update());
     let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
@@ -298,10 +352,11 @@ pub async fn watch_files(settings: Arc<Settings>, shutdown: CancellationToken) {
                 Err(_) => return,
             },
             _ = tick.tick() => {
-                let now = state(&configs.borrow());
+                let tls = configs.borrow().mqtt.tls.clone();
+                let now = tls.files_state();
                 if now != loaded {
                     tracing::info!("The MQTT TLS certificate files changed on disk; reloading them.");
-                    settings.rebuild::<ServerConfig>();
+                    settings.replace(server_config(&tls).map(Arc::new));
                     loaded = now;
                 }
             }
