@@ -209,7 +209,7 @@ fn dead_letters(config: &Config, limit: Option<usize>) -> ExitCode {
                     "error": header("edgegate-error"),
                     "failed_seq": header("edgegate-failed-seq"),
                     "received_ms": r.received_ms,
-                    "source": format!("{:?}", r.source).to_lowercase(),
+                    "source": r.source.name(),
                     "device": r.device,
                     "origin": r.origin,
                     "topic": r.kafka_topic,

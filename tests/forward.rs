@@ -9,9 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use edgegate::buffer::{Durability, Log, LogConfig, Record, Source};
+use edgegate::buffer::{Durability, Log, LogConfig};
 use edgegate::forward::config::KafkaConfig;
 use edgegate::forward::{Forwarder, LinkState, Progress};
+use edgegate::record::{Record, Source};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use tokio::sync::watch;

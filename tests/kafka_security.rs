@@ -16,10 +16,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use edgegate::buffer::{Durability, Log, LogConfig, Record, Source};
+use edgegate::buffer::{Durability, Log, LogConfig};
 use edgegate::config::Config;
 use edgegate::forward::config::KafkaConfig;
 use edgegate::forward::{Forwarder, LastError, LinkState, Progress};
+use edgegate::record::{Record, Source};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -114,38 +114,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use self::reader::ReaderCore;
 use self::shared::{Acks, Shared, State, lock};
 use self::writer::Writer;
-
-use bytes::Bytes;
-
-/// Where a record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Source {
-    Mqtt = 1,
-    Coap = 2,
-}
-
-/// One message as the pipeline stores it. Routing has already happened at ingest: the Kafka
-/// topic and key are decided before the record is written, so a config reload never changes
-/// where an already-acknowledged record goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub source: Source,
-    /// Receive time, milliseconds since the Unix epoch (becomes the Kafka timestamp).
-    pub received_ms: i64,
-    /// Device identity: MQTT client id or CoAP device id.
-    pub device: String,
-    /// The original MQTT topic or CoAP URI path.
-    pub origin: String,
-    /// Destination Kafka topic (already rendered and validated).
-    pub kafka_topic: String,
-    /// Kafka key (already rendered); `None` means no key.
-    pub key: Option<Bytes>,
-    /// Extra Kafka headers (QoS, content type, user properties, will marker, ...), in order.
-    pub headers: Vec<(String, Bytes)>,
-    /// The Kafka value, untouched.
-    pub payload: Bytes,
-}
+use crate::record::{Record, Source};
 
 /// A record read back from the log, with its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]

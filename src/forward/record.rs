@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 
-use crate::buffer::{Record, Source};
+use crate::record::Record;
 
 /// The header carrying `<gateway id>:<log sequence>`: the same on every re-send, so a
 /// consumer can drop the duplicates a crash may cause (DESIGN.md, contract 4).
@@ -21,13 +21,6 @@ pub fn record_id(gateway_id: &str, seq: u64) -> String {
     format!("{gateway_id}:{seq}")
 }
 
-pub fn source_name(source: Source) -> &'static str {
-    match source {
-        Source::Mqtt => "mqtt",
-        Source::Coap => "coap",
-    }
-}
-
 /// The Kafka headers of a record, in their fixed order: ours first, then the record's own
 /// (QoS, content type, user properties, will marker) as ingest stored them. The readable
 /// form of [`kafka_headers`], which tests compare against.
@@ -40,7 +33,7 @@ pub fn headers(gateway_id: &str, seq: u64, record: &Record) -> Vec<(String, Byte
     ));
     out.push((
         SOURCE.to_owned(),
-        Bytes::from_static(source_name(record.source).as_bytes()),
+        Bytes::from_static(record.source.name().as_bytes()),
     ));
     out.push((DEVICE.to_owned(), Bytes::from(record.device.clone())));
     out.push((ORIGIN.to_owned(), Bytes::from(record.origin.clone())));
@@ -64,7 +57,7 @@ pub fn kafka_headers(gateway_id: &str, seq: u64, record: &Record) -> OwnedHeader
         })
         .insert(Header {
             key: SOURCE,
-            value: Some(source_name(record.source).as_bytes()),
+            value: Some(record.source.name().as_bytes()),
         })
         .insert(Header {
             key: DEVICE,
@@ -127,6 +120,7 @@ mod tests {
     use rdkafka::message::Headers;
 
     use super::*;
+    use crate::record::Source;
 
     fn sample() -> Record {
         Record {

@@ -21,7 +21,8 @@ use super::config::KafkaConfig;
 use super::context::LinkTracker;
 use super::worker::{DeadLetterSink, RecordSource, Settings, Worker};
 use super::{LinkState, Progress, record};
-use crate::buffer::{AppendError, LogError, Record, Source, StoredRecord};
+use crate::buffer::{AppendError, LogError, StoredRecord};
+use crate::record::{Record, Source};
 
 /// An in-memory stand-in for the log: records come from a channel, acks are recorded.
 struct MemSource {

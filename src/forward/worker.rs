@@ -24,7 +24,8 @@ use super::classify::{self, Disposition};
 use super::context::{Delivery, ForwardContext, LinkTracker, Tag};
 use super::window::{Backoff, Window};
 use super::{ForwardError, Progress, metric, record};
-use crate::buffer::{AppendError, Log, LogError, LogReader, Record, StoredRecord};
+use crate::buffer::{AppendError, Log, LogError, LogReader, StoredRecord};
+use crate::record::Record;
 
 /// Where the forwarder reads records from: the log's reader (or an in-memory stand-in in
 /// unit tests).

@@ -10,7 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::buffer::{AppendError, Durable, Log, Pressure, Record, Source};
+use crate::buffer::{AppendError, Durable, Log, Pressure};
+use crate::record::{Record, Source};
 use crate::reload::Live;
 use crate::route::{RouteError, Router};
 

@@ -29,8 +29,9 @@ use super::message::{self, Block, Malformed, Reply, code, opt};
 use super::outbox::{Outbox, Outgoing};
 use crate::auth::Auth;
 use crate::auth::config::Anonymous;
-use crate::buffer::{AppendError, Durable, Pressure, Source};
+use crate::buffer::{AppendError, Durable, Pressure};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
+use crate::record::Source;
 use crate::reload::Live;
 use crate::route::RouteError;
 

@@ -31,8 +31,9 @@ use super::packet::{
     Unsupported, Version, Will,
 };
 use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
-use crate::buffer::{AppendError, Pressure, Source};
+use crate::buffer::{AppendError, Pressure};
 use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
+use crate::record::Source;
 use crate::reload::Live;
 
 /// Above the log's high watermark, how often a connection may read one frame.
