@@ -15,10 +15,40 @@ use crate::record::{Record, Source};
 use crate::reload::Live;
 use crate::route::{RouteError, Router};
 
+/// How a message was delivered, in its protocol's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// MQTT, at QoS 0, 1 or 2.
+    Mqtt { qos: u8 },
+    /// A CoAP request, confirmable (CON) or not (NON).
+    Coap { confirmable: bool },
+}
+
+impl Delivery {
+    pub fn source(self) -> Source {
+        match self {
+            Delivery::Mqtt { .. } => Source::Mqtt,
+            Delivery::Coap { .. } => Source::Coap,
+        }
+    }
+
+    /// The `qos` metric label: the MQTT QoS (`0`, `1`, `2`) or the CoAP message type (`con`,
+    /// `non`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Delivery::Mqtt { qos: 0 } => "0",
+            Delivery::Mqtt { qos: 1 } => "1",
+            Delivery::Mqtt { .. } => "2",
+            Delivery::Coap { confirmable: true } => "con",
+            Delivery::Coap { confirmable: false } => "non",
+        }
+    }
+}
+
 /// One message as a listener received it, before routing.
 #[derive(Debug, Clone)]
 pub struct Inbound {
-    pub source: Source,
+    pub delivery: Delivery,
     /// MQTT client id / CoAP device id: the default Kafka key and `{client_id}`.
     pub device: String,
     /// MQTT topic, or the topic a CoAP listener derives from the URI; used for routing.
@@ -120,10 +150,10 @@ impl Pipeline {
             .borrow()
             .route(&msg.topic, &msg.device)
             .inspect_err(|e| reject(&msg, e))?;
-        let (protocol, qos) = labels(&msg);
+        let (protocol, qos) = (msg.delivery.source().name(), msg.delivery.label());
         let bytes = msg.payload.len() as u64;
         let record = Record {
-            source: msg.source,
+            source: msg.delivery.source(),
             received_ms: msg.received_ms,
             device: msg.device,
             origin: msg.topic,
@@ -148,36 +178,6 @@ impl Pipeline {
     /// Above the log's high watermark listeners stop reading their sockets.
     pub fn pressure(&self) -> watch::Receiver<Pressure> {
         self.log.pressure()
-    }
-}
-
-/// Fixed label values for a stored message: the protocol, and its MQTT QoS (`0`, `1`, `2`)
-/// or CoAP message type (`con`, `non`), read from the headers the listener set.
-fn labels(msg: &Inbound) -> (&'static str, &'static str) {
-    let header = |name: &str| {
-        msg.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_ref())
-    };
-    match msg.source {
-        Source::Mqtt => (
-            "mqtt",
-            match header("mqtt-qos") {
-                Some(b"0") => "0",
-                Some(b"1") => "1",
-                Some(b"2") => "2",
-                _ => "unknown",
-            },
-        ),
-        Source::Coap => (
-            "coap",
-            match header("coap-type") {
-                Some(b"CON") => "con",
-                Some(b"NON") => "non",
-                _ => "unknown",
-            },
-        ),
     }
 }
 

@@ -30,8 +30,7 @@ use super::outbox::{Outbox, Outgoing};
 use crate::auth::Auth;
 use crate::auth::config::Anonymous;
 use crate::buffer::{AppendError, Durable, Pressure};
-use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
-use crate::record::Source;
+use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
 use crate::reload::Live;
 use crate::route::RouteError;
 
@@ -376,7 +375,7 @@ impl Server {
             Bytes::from_static(accepted.method.as_bytes()),
         ));
         let inbound = Inbound {
-            source: Source::Coap,
+            delivery: Delivery::Coap { confirmable },
             device: accepted.device,
             topic: accepted.topic,
             payload: Bytes::from(body),

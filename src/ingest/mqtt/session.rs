@@ -32,8 +32,7 @@ use super::packet::{
 };
 use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
 use crate::buffer::{AppendError, Pressure};
-use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
-use crate::record::Source;
+use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
 use crate::reload::Live;
 
 /// Above the log's high watermark, how often a connection may read one frame.
@@ -637,7 +636,8 @@ impl<S: Stream> Session<S> {
                 return Err(End::new(Some(0x93), true, "receive maximum exceeded"));
             }
         }
-        metrics::counter!("edgegate_mqtt_messages_total", "qos" => qos_label(qos)).increment(1);
+        let delivery = Delivery::Mqtt { qos };
+        metrics::counter!("edgegate_mqtt_messages_total", "qos" => delivery.label()).increment(1);
         let inbound = self.inbound(
             publish.topic,
             publish.payload,
@@ -736,9 +736,10 @@ impl<S: Stream> Session<S> {
         will: bool,
     ) -> Inbound {
         let mut headers = Vec::with_capacity(2 + user_properties.len() + usize::from(will));
+        let delivery = Delivery::Mqtt { qos };
         headers.push((
             "mqtt-qos".to_owned(),
-            Bytes::from_static(qos_label(qos).as_bytes()),
+            Bytes::from_static(delivery.label().as_bytes()),
         ));
         if let Some(content_type) = content_type {
             headers.push(("content-type".to_owned(), Bytes::from(content_type)));
@@ -752,7 +753,7 @@ impl<S: Stream> Session<S> {
             headers.push(("edgegate-will".to_owned(), Bytes::from_static(b"true")));
         }
         Inbound {
-            source: Source::Mqtt,
+            delivery,
             device: self.client_id.clone(),
             topic,
             payload,
@@ -970,14 +971,6 @@ async fn goodbye<S: Stream>(conn: &mut Connection<S>, timeout: Duration) {
     let said_something = conn.has_queued();
     if tokio::time::timeout(timeout, conn.close()).await.is_ok() && said_something {
         conn.linger(LINGER).await;
-    }
-}
-
-fn qos_label(qos: u8) -> &'static str {
-    match qos {
-        0 => "0",
-        1 => "1",
-        _ => "2",
     }
 }
 
