@@ -32,7 +32,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::buffer::{Log, LogConfig, LogError};
+use crate::buffer::{Log, LogError};
 use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::ingest::Pipeline;
@@ -109,13 +109,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         tracing::info!(key_id = %format_args!("{:08x}", keys.current_id()), "Records are encrypted in the log.");
     }
     let (log, _) = Log::open_async(log_config.clone()).await?;
-    let dead_letter_config = LogConfig {
-        dir: log_config.dir.join("dead-letter"),
-        overflow: buffer::Overflow::DropOldest,
-        max_bytes: (log_config.max_bytes / 8).max(log_config.segment_bytes * 2),
-        ..log_config.clone()
-    };
-    let (dead_letter, _) = Log::open_async(dead_letter_config).await?;
+    let (dead_letter, _) = Log::open_async(forward::dead_letter::log_config(&log_config)).await?;
 
     // What a reload replaces, published to the stages that read it.
     let mut settings = reload::Settings::new(&config);

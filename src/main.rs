@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use edgegate::Control;
 use edgegate::config::{Config, ConfigError};
+use edgegate::forward::dead_letter::DeadLetter;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -178,7 +179,7 @@ fn dead_letters(config: &Config, limit: Option<usize>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let dir = log.dir.join("dead-letter");
+    let dir = edgegate::forward::dead_letter::log_config(&log).dir;
     if !dir.exists() {
         eprintln!(
             "{}: no dead-letter log (nothing was ever refused)",
@@ -190,14 +191,9 @@ fn dead_letters(config: &Config, limit: Option<usize>) -> ExitCode {
     let mut out = std::io::stdout().lock();
     let (mut printed, mut unreadable) = (0usize, 0usize);
     let result = edgegate::buffer::inspect(&dir, log.keys.as_deref(), |seq, record| {
-        let line = match record {
-            Ok(r) => {
-                let header = |name: &str| {
-                    r.headers
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, v)| text(v))
-                };
+        let line = match record.map(DeadLetter::read) {
+            Ok(dead) => {
+                let r = &dead.record;
                 let payload = match std::str::from_utf8(&r.payload) {
                     Ok(s) => serde_json::json!({ "payload": s }),
                     Err(_) => serde_json::json!({
@@ -206,8 +202,8 @@ fn dead_letters(config: &Config, limit: Option<usize>) -> ExitCode {
                 };
                 let mut line = serde_json::json!({
                     "seq": seq,
-                    "error": header("edgegate-error"),
-                    "failed_seq": header("edgegate-failed-seq"),
+                    "error": dead.error,
+                    "failed_seq": dead.failed_seq,
                     "received_ms": r.received_ms,
                     "source": r.source.name(),
                     "device": r.device,

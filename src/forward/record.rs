@@ -1,4 +1,4 @@
-//! What a log record looks like in Kafka, and in the dead-letter log.
+//! What a log record looks like in Kafka (the dead-letter copy is in `dead_letter`).
 
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -12,10 +12,6 @@ pub const SOURCE: &str = "edgegate-source";
 pub const DEVICE: &str = "edgegate-device";
 pub const ORIGIN: &str = "edgegate-origin";
 pub const RECEIVED_MS: &str = "edgegate-received-ms";
-/// Added to a dead-lettered record: why Kafka refused it.
-pub const ERROR: &str = "edgegate-error";
-/// Added to a dead-lettered record: its sequence number in the main log.
-pub const FAILED_SEQ: &str = "edgegate-failed-seq";
 
 pub fn record_id(gateway_id: &str, seq: u64) -> String {
     format!("{gateway_id}:{seq}")
@@ -78,16 +74,6 @@ pub fn kafka_headers(gateway_id: &str, seq: u64, record: &Record) -> OwnedHeader
         });
     }
     h
-}
-
-/// The record as it goes to the dead-letter log: unchanged, plus why and where it failed.
-pub fn dead_letter(record: &Record, seq: u64, error: &str) -> Record {
-    let mut r = record.clone();
-    r.headers
-        .push((ERROR.to_owned(), Bytes::from(error.to_owned())));
-    r.headers
-        .push((FAILED_SEQ.to_owned(), Bytes::from(seq.to_string())));
-    r
 }
 
 const PER_HEADER: usize = 48;
@@ -180,23 +166,9 @@ mod tests {
     }
 
     #[test]
-    fn coap_source_and_dead_letter_headers() {
+    fn coap_source_header() {
         let mut record = sample();
         record.source = Source::Coap;
         assert_eq!(headers("g", 1, &record)[1].1, "coap");
-        let dl = dead_letter(&record, 99, "Broker: Message size too large");
-        assert_eq!(dl.payload, record.payload);
-        assert_eq!(dl.headers.len(), record.headers.len() + 2);
-        assert_eq!(
-            dl.headers[3],
-            (
-                ERROR.to_owned(),
-                Bytes::from_static(b"Broker: Message size too large")
-            )
-        );
-        assert_eq!(
-            dl.headers[4],
-            (FAILED_SEQ.to_owned(), Bytes::from_static(b"99"))
-        );
     }
 }
