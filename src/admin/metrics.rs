@@ -122,7 +122,7 @@ fn describe() {
     );
     describe_counter!(
         "edgegate_ingest_rejected_total",
-        "Messages refused before or at the log, by reason."
+        "Messages not stored, by protocol and reason (no_route, log_full, too_large, io_error...), each counted once."
     );
     describe_counter!(
         "edgegate_mqtt_connections_total",

@@ -536,11 +536,8 @@ impl Log {
         let mut wake = false;
         if st.used_bytes + frame_len > shared.cfg.max_bytes {
             match shared.cfg.overflow {
-                Overflow::RejectNew => {
-                    drop(st);
-                    metrics::counter!("edgegate_log_rejected_total").increment(1);
-                    return Err(AppendError::Full);
-                }
+                // Counted by the listener that hears it (`ingest::refused`), as `log_full`.
+                Overflow::RejectNew => return Err(AppendError::Full),
                 Overflow::DropOldest => {
                     wake |= !st.maintenance;
                     st.maintenance = true;

@@ -5,6 +5,7 @@
 pub mod coap;
 pub mod mqtt;
 
+use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -125,7 +126,8 @@ impl From<AppendError> for Rejected {
     }
 }
 
-/// Route + append, shared by every listener. Cheap to clone.
+/// Route + append, shared by every listener. Cheap to clone. It counts what it stores; what
+/// it refuses, the listener counts ([`refused`]), as it also hears of appends that fail later.
 #[derive(Clone)]
 pub struct Pipeline {
     log: Log,
@@ -145,11 +147,7 @@ impl Pipeline {
     /// Routes and appends one message. On success the returned future resolves once the
     /// record is durable: only then may the device be acknowledged.
     pub fn submit(&self, msg: Inbound) -> Result<Durable, Rejected> {
-        let dest = self
-            .routes
-            .borrow()
-            .route(&msg.topic, &msg.device)
-            .inspect_err(|e| reject(&msg, e))?;
+        let dest = self.routes.borrow().route(&msg.topic, &msg.device)?;
         let (protocol, qos) = (msg.delivery.source().name(), msg.delivery.label());
         let bytes = msg.payload.len() as u64;
         let record = Record {
@@ -162,12 +160,7 @@ impl Pipeline {
             headers: msg.headers,
             payload: msg.payload,
         };
-        let durable = self.log.append(&record).map_err(|e| {
-            let e = Rejected::from(e);
-            metrics::counter!("edgegate_ingest_rejected_total", "reason" => e.reason())
-                .increment(1);
-            e
-        })?;
+        let durable = self.log.append(&record)?;
         metrics::counter!("edgegate_messages_received_total", "protocol" => protocol, "qos" => qos)
             .increment(1);
         metrics::counter!("edgegate_received_bytes_total", "protocol" => protocol, "qos" => qos)
@@ -181,11 +174,16 @@ impl Pipeline {
     }
 }
 
-/// Logs and counts a routing rejection (one place per event).
-fn reject(msg: &Inbound, error: &RouteError) {
-    let e = Rejected::Route(error.clone());
-    metrics::counter!("edgegate_ingest_rejected_total", "reason" => e.reason()).increment(1);
-    tracing::debug!(device = %msg.device, topic = %msg.topic, %error, "Rejected a message that cannot be routed.");
+/// The one place a message that was not stored is counted, by protocol and reason, and
+/// logged (at DEBUG: a device can cause it at will). Listeners call it once per message,
+/// whether the pipeline refused it at once or its append failed later.
+/// `client_id` is the MQTT client's (a CoAP request's device is in its path, and in the
+/// reason when that is the route).
+pub fn refused(delivery: Delivery, rejected: &Rejected, peer: SocketAddr, client_id: Option<&str>) {
+    let (protocol, reason) = (delivery.source().name(), rejected.reason());
+    metrics::counter!("edgegate_ingest_rejected_total", "protocol" => protocol, "reason" => reason)
+        .increment(1);
+    tracing::debug!(%peer, client_id, protocol, qos = delivery.label(), reason, error = %rejected, "Did not store a message.");
 }
 
 /// Milliseconds since the Unix epoch, for `Inbound::received_ms`.

@@ -71,10 +71,11 @@
 //!
 //! Counters `edgegate_coap_*`: `datagrams`, `requests{type}`, `responses{code}`,
 //! `malformed{kind}`, `duplicates{state}`, `pings`, `resets{matched}`, `stored`,
-//! `rejected{reason}`, `busy{limit}`, `separate_responses`, `retransmissions`,
-//! `separate_unacknowledged`, `block_transfers{outcome}`, `dedup_evictions`, `send_errors`,
-//! `receive_errors` (each `_total`); gauges `exchanges`, `dedup_entries`, `block_transfers`,
-//! `separate_pending`. Hostile input is logged at DEBUG.
+//! `busy{limit}`, `separate_responses`, `retransmissions`, `separate_unacknowledged`,
+//! `block_transfers{outcome}`, `dedup_evictions`, `send_errors`, `receive_errors` (each
+//! `_total`); gauges `exchanges`, `dedup_entries`, `block_transfers`, `separate_pending`. A
+//! request the pipeline does not store is counted once, with MQTT's, in
+//! `edgegate_ingest_rejected_total{protocol="coap",reason}`. Hostile input is logged at DEBUG.
 
 mod block;
 pub mod config;

@@ -385,7 +385,7 @@ impl Server {
         let durable = match self.pipeline.submit(inbound) {
             Ok(durable) => durable,
             Err(rejected) => {
-                let reply = rejection(&rejected, peer, self);
+                let reply = rejection(&rejected, peer, confirmable, self);
                 self.reply(&packet, peer, reply, false).await;
                 return false;
             }
@@ -462,7 +462,7 @@ impl Server {
             }
             Err(e) => {
                 let rejected = Rejected::from(e);
-                rejection(&rejected, exchange.peer, self)
+                rejection(&rejected, exchange.peer, exchange.confirmable, self)
             }
         };
         self.finish(exchange, reply).await;
@@ -946,9 +946,8 @@ impl Refusal {
 }
 
 /// Maps a refusal of the pipeline to a CoAP answer; logs and counts it.
-fn rejection(rejected: &Rejected, peer: SocketAddr, server: &Server) -> Refusal {
-    metrics::counter!("edgegate_coap_rejected_total", "reason" => rejected.reason()).increment(1);
-    tracing::debug!(%peer, reason = rejected.reason(), error = %rejected, "Did not store a CoAP request.");
+fn rejection(rejected: &Rejected, peer: SocketAddr, confirmable: bool, server: &Server) -> Refusal {
+    crate::ingest::refused(Delivery::Coap { confirmable }, rejected, peer, None);
     match rejected {
         // The topic the path names leads nowhere: for the device, no such resource.
         Rejected::Route(RouteError::NoRoute(_)) => Refusal::new(code::NOT_FOUND, "no route"),

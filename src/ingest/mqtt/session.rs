@@ -803,7 +803,12 @@ impl<S: Stream> Session<S> {
     /// A publish was not stored. MQTT 5 hears why in its PUBACK/PUBREC; 3.1.1 has no way to
     /// say it, so it gets no ack and is disconnected (and will resend after reconnecting).
     fn reject(&mut self, qos: u8, pkid: u16, rejected: &Rejected) -> Result<(), End> {
-        publish_rejected(self.peer, &self.client_id, qos, rejected);
+        crate::ingest::refused(
+            Delivery::Mqtt { qos },
+            rejected,
+            self.peer,
+            Some(&self.client_id),
+        );
         if matches!(rejected, Rejected::Closed) {
             return Err(End::SHUTDOWN);
         }
@@ -862,6 +867,7 @@ impl<S: Stream> Session<S> {
     }
 
     async fn store_will(&mut self, will: Will) {
+        let qos = will.qos;
         let inbound = self.inbound(
             will.topic,
             will.payload,
@@ -874,7 +880,7 @@ impl<S: Stream> Session<S> {
             Ok(durable) => durable.await.map_err(Rejected::from),
             Err(e) => Err(e),
         };
-        will_stored(self.peer, &self.client_id, result);
+        will_stored(self.peer, &self.client_id, qos, result);
     }
 }
 
@@ -1047,12 +1053,7 @@ fn subscribe_refused(peer: SocketAddr, client_id: &str) {
     tracing::debug!(%peer, client_id, "Refused a SUBSCRIBE: the gateway has no downlink yet.");
 }
 
-fn publish_rejected(peer: SocketAddr, client_id: &str, qos: u8, rejected: &Rejected) {
-    metrics::counter!("edgegate_mqtt_rejected_total", "reason" => rejected.reason()).increment(1);
-    tracing::debug!(%peer, client_id, qos, reason = rejected.reason(), error = %rejected, "Did not store a publish.");
-}
-
-fn will_stored(peer: SocketAddr, client_id: &str, result: Result<u64, Rejected>) {
+fn will_stored(peer: SocketAddr, client_id: &str, qos: u8, result: Result<u64, Rejected>) {
     match result {
         Ok(seq) => {
             metrics::counter!("edgegate_mqtt_wills_total", "outcome" => "stored").increment(1);
@@ -1060,7 +1061,7 @@ fn will_stored(peer: SocketAddr, client_id: &str, result: Result<u64, Rejected>)
         }
         Err(e) => {
             metrics::counter!("edgegate_mqtt_wills_total", "outcome" => "rejected").increment(1);
-            tracing::debug!(%peer, client_id, reason = e.reason(), error = %e, "Could not store the will of a client that went away.");
+            crate::ingest::refused(Delivery::Mqtt { qos }, &e, peer, Some(client_id));
         }
     }
 }
