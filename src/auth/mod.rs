@@ -88,6 +88,14 @@ pub fn failed(peer: SocketAddr, claimed: &str, reason: &'static str) {
     tracing::warn!(%peer, claimed, reason, "Refused a device: authentication or authorization failed.");
 }
 
+/// HELP text of [`failed`]'s counter.
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        "edgegate_auth_failures_total",
+        "Devices refused for authentication or authorization, by reason (bad password, certificate, topic rights...)."
+    );
+}
+
 /// The rules and credentials in force; a reload replaces them whole (see [`crate::reload`]).
 pub struct Auth {
     config: AuthConfig,

@@ -723,6 +723,28 @@ fn effective_config(mut cfg: LogConfig) -> LogConfig {
 
 const MIN_SEGMENT_BYTES: u64 = 4096;
 
+/// HELP text of the counters the log bumps itself (its gauges come from [`Log::stats`] and
+/// are set by `admin::metrics`).
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_histogram!(
+        "edgegate_log_fsync_seconds",
+        "Duration of the log's fsyncs."
+    );
+    describe_counter!(
+        "edgegate_log_dropped_records_total",
+        "Records dropped by the overflow or age policy."
+    );
+    describe_counter!(
+        "edgegate_log_corrupt_records_total",
+        "Corrupt records skipped in the log."
+    );
+    describe_counter!(
+        "edgegate_log_append_errors_total",
+        "Records whose write or fsync failed (disk full, I/O error); the devices were told."
+    );
+}
+
 /// STYLE.md 8: say at startup if the file system cannot hold `max_bytes`.
 fn check_capacity(storage: &dyn Storage, cfg: &LogConfig, used: u64) {
     let Some(cap) = storage.capacity(&cfg.dir) else {

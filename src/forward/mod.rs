@@ -94,7 +94,7 @@ pub mod config;
 mod classify;
 mod context;
 pub mod dead_letter;
-mod metric;
+pub(crate) mod metric;
 mod record;
 mod window;
 mod worker;

@@ -186,6 +186,22 @@ pub fn refused(delivery: Delivery, rejected: &Rejected, peer: SocketAddr, client
     tracing::debug!(%peer, client_id, protocol, qos = delivery.label(), reason, error = %rejected, "Did not store a message.");
 }
 
+/// HELP text of the pipeline's metrics.
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        "edgegate_messages_received_total",
+        "Messages stored in the log, by protocol and QoS (MQTT 0/1/2, CoAP con/non)."
+    );
+    metrics::describe_counter!(
+        "edgegate_received_bytes_total",
+        "Payload bytes stored in the log, by protocol and QoS."
+    );
+    metrics::describe_counter!(
+        "edgegate_ingest_rejected_total",
+        "Messages not stored, by protocol and reason (no_route, log_full, too_large, io_error...), each counted once."
+    );
+}
+
 /// Milliseconds since the Unix epoch, for `Inbound::received_ms`.
 pub fn now_ms() -> i64 {
     SystemTime::now()

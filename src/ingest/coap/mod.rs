@@ -111,6 +111,11 @@ pub async fn serve(
     server::run(socket, config, auth, pipeline, shutdown).await
 }
 
+/// HELP text of the CoAP listener's metrics.
+pub(crate) fn describe() {
+    server::describe();
+}
+
 /// Binds `[coap] listen` and sizes its receive buffer; returns the socket and its address.
 pub async fn bind(config: &CoapConfig) -> Result<(UdpSocket, SocketAddr), BindError> {
     let bind_error = |source| BindError::Coap {

@@ -1103,3 +1103,88 @@ pub(super) fn classify(config: &CoapConfig, datagram: &[u8]) -> Option<Vec<u8>> 
     );
     Some(answer)
 }
+
+/// HELP text of the CoAP endpoint's metrics.
+pub(super) fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "edgegate_coap_datagrams_total",
+        "UDP datagrams received on the CoAP port."
+    );
+    describe_counter!(
+        "edgegate_coap_requests_total",
+        "CoAP requests received, by type (con, non)."
+    );
+    describe_counter!(
+        "edgegate_coap_responses_total",
+        "CoAP answers sent, by response code."
+    );
+    describe_counter!(
+        "edgegate_coap_malformed_total",
+        "Datagrams that are not well-formed CoAP requests, by kind."
+    );
+    describe_counter!(
+        "edgegate_coap_duplicates_total",
+        "Retransmitted requests answered from the dedup cache, by state."
+    );
+    describe_counter!(
+        "edgegate_coap_pings_total",
+        "CoAP pings (empty CON) answered with a Reset."
+    );
+    describe_counter!(
+        "edgegate_coap_resets_total",
+        "Resets received from devices, by whether they matched a message of ours."
+    );
+    describe_counter!(
+        "edgegate_coap_stored_total",
+        "CoAP requests stored durably."
+    );
+    describe_counter!(
+        "edgegate_coap_busy_total",
+        "CoAP requests answered 5.03 for too many exchanges, by limit (peer, total)."
+    );
+    describe_counter!(
+        "edgegate_coap_separate_responses_total",
+        "Empty ACKs sent because the append was slow; the answer follows separately."
+    );
+    describe_counter!(
+        "edgegate_coap_retransmissions_total",
+        "Retransmissions of separate responses."
+    );
+    describe_counter!(
+        "edgegate_coap_separate_unacknowledged_total",
+        "Separate responses never acknowledged (the record is stored)."
+    );
+    describe_counter!(
+        "edgegate_coap_block_transfers_total",
+        "Block-wise uploads ended, by outcome."
+    );
+    describe_counter!(
+        "edgegate_coap_dedup_evictions_total",
+        "Exchanges forgotten early because the dedup cache was full."
+    );
+    describe_counter!(
+        "edgegate_coap_send_errors_total",
+        "CoAP datagrams that could not be sent."
+    );
+    describe_counter!(
+        "edgegate_coap_receive_errors_total",
+        "Failed receives on the CoAP socket."
+    );
+    describe_gauge!(
+        "edgegate_coap_exchanges",
+        "CoAP exchanges being stored or awaiting the ACK of their separate response."
+    );
+    describe_gauge!(
+        "edgegate_coap_dedup_entries",
+        "Exchanges remembered for deduplication."
+    );
+    describe_gauge!(
+        "edgegate_coap_block_transfers",
+        "Block-wise uploads being assembled."
+    );
+    describe_gauge!(
+        "edgegate_coap_separate_pending",
+        "Separate responses awaiting their ACK."
+    );
+}

@@ -374,6 +374,38 @@ fn accept_failed(e: &std::io::Error) {
     tracing::warn!(error = %e, "Could not accept an MQTT connection.");
 }
 
+/// HELP text of the MQTT listener's metrics (the accept loops' above, the sessions' in
+/// `session.rs`).
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "edgegate_mqtt_connections_total",
+        "MQTT connections accepted."
+    );
+    describe_gauge!("edgegate_mqtt_connections", "MQTT connections open now.");
+    describe_gauge!(
+        "edgegate_mqtt_tls_connections",
+        "MQTT connections over TLS open now."
+    );
+    describe_counter!(
+        "edgegate_mqtt_connections_refused_total",
+        "MQTT connections or CONNECTs refused, by reason (limits, floods, authentication, protocol)."
+    );
+    describe_counter!(
+        "edgegate_mqtt_accept_errors_total",
+        "Failed accepts on an MQTT listener (usually out of file descriptors)."
+    );
+    describe_counter!(
+        "edgegate_mqtt_tls_handshakes_total",
+        "MQTT TLS handshakes completed."
+    );
+    describe_counter!(
+        "edgegate_mqtt_tls_handshake_failures_total",
+        "MQTT TLS handshakes that failed or timed out, by reason."
+    );
+    session::describe();
+}
+
 /// For the cargo-fuzz target `mqtt_stream`: `bytes` as a client's TCP stream, cut into frames
 /// as the connection cuts them (size limit on the fixed header); the first frame chooses the
 /// protocol as a CONNECT does, and every frame is decoded as both 3.1.1 and 5 (so both

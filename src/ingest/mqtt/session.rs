@@ -1091,3 +1091,36 @@ pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Shared) {
 fn acknowledged(packet: &'static str) {
     metrics::counter!("edgegate_mqtt_acks_total", "packet" => packet).increment(1);
 }
+
+/// HELP text of the sessions' metrics.
+pub(super) fn describe() {
+    use metrics::describe_counter;
+    describe_counter!(
+        "edgegate_mqtt_messages_total",
+        "MQTT PUBLISH packets received (before routing and storing), by QoS."
+    );
+    describe_counter!(
+        "edgegate_mqtt_acks_total",
+        "PUBACKs and PUBRECs sent for durable messages, by packet."
+    );
+    describe_counter!(
+        "edgegate_mqtt_protocol_errors_total",
+        "MQTT connections closed for breaking the protocol, by kind."
+    );
+    describe_counter!(
+        "edgegate_mqtt_timeouts_total",
+        "MQTT connections closed for silence, by kind (connect, keepalive)."
+    );
+    describe_counter!(
+        "edgegate_mqtt_takeovers_total",
+        "MQTT connections closed because their client id connected again."
+    );
+    describe_counter!(
+        "edgegate_mqtt_subscribes_refused_total",
+        "SUBSCRIBEs refused: the gateway has no downlink yet."
+    );
+    describe_counter!(
+        "edgegate_mqtt_wills_total",
+        "Wills of clients that went away, by outcome (stored, rejected)."
+    );
+}
