@@ -90,6 +90,7 @@
 //! failure; each transition is logged once (WARN down with the reason, INFO up).
 
 pub mod config;
+pub mod security;
 
 mod classify;
 mod context;
