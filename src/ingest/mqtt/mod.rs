@@ -3,10 +3,12 @@
 //!
 //! Read top to bottom: [`serve`] accepts sockets and spawns one task per connection →
 //! `session.rs` runs the connection's state machine (CONNECT, keepalive, publishes, wills,
-//! takeover) → `connection.rs` frames packets off the socket with the size limit applied to
-//! the fixed header → `packet.rs` checks the fixed-header flags and hands each frame to a
-//! codec: rumqttc's v4 codec for 3.1.1, `v5.rs` for MQTT 5 (DESIGN.md says why the gateway
-//! decodes MQTT 5 itself).
+//! takeover), with `registry.rs` (client ids across connections), `inflight.rs` (QoS 1/2
+//! packet ids) and `events.rs` (its log lines and counters) beside it → `connection.rs`
+//! frames packets off the socket with the size limit applied to the fixed header →
+//! `packet.rs` checks the fixed-header flags and hands each frame to a codec: rumqttc's v4
+//! codec for 3.1.1, `v5.rs` for MQTT 5 (DESIGN.md says why the gateway decodes MQTT 5
+//! itself).
 //!
 //! The contract this module keeps: a QoS 1 PUBACK or QoS 2 PUBREC is sent only after the
 //! record's append has resolved as durable ([`crate::ingest::Pipeline::submit`]). Bad input
@@ -36,8 +38,11 @@
 
 pub mod config;
 mod connection;
+mod events;
+mod inflight;
 pub mod limit;
 mod packet;
+mod registry;
 mod session;
 pub mod tls;
 mod v5;
@@ -61,7 +66,8 @@ use crate::ingest::{BindError, Pipeline};
 use crate::reload::Live;
 use config::MqttConfig;
 use limit::Limiter;
-use session::{Registry, Shared};
+use registry::Registry;
+use session::Shared;
 use tokio_rustls::rustls::ServerConfig;
 
 /// Connections over the limit that may be answered "busy" at once; beyond that they are
@@ -403,7 +409,7 @@ pub(crate) fn describe() {
         "edgegate_mqtt_tls_handshake_failures_total",
         "MQTT TLS handshakes that failed or timed out, by reason."
     );
-    session::describe();
+    events::describe();
 }
 
 /// For the cargo-fuzz target `mqtt_stream`: `bytes` as a client's TCP stream, cut into frames
