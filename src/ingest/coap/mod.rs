@@ -2,9 +2,10 @@
 //! log, routes and Kafka forwarder as MQTT.
 //!
 //! Read top to bottom: [`serve`] hands the socket to `server.rs`, the endpoint loop that owns
-//! every piece of message-layer state → `message.rs` checks a datagram's framing and parses it
-//! with coap-lite (packets and options only; DESIGN.md says why nothing else of it is used)
-//! and encodes answers → `dedup.rs` remembers answers by (peer, message id) →
+//! every piece of message-layer state (`request.rs` judges each request, `exchange.rs` holds
+//! the ones being stored, `events.rs` counts) → `message.rs` checks a datagram's framing and
+//! parses it with coap-lite (packets and options only; DESIGN.md says why nothing else of it
+//! is used) and encodes answers → `dedup.rs` remembers answers by (peer, message id) →
 //! `block.rs` assembles Block1 uploads → `outbox.rs` retransmits separate responses.
 //!
 //! # Resource
@@ -80,8 +81,11 @@
 mod block;
 pub mod config;
 mod dedup;
+mod events;
+mod exchange;
 mod message;
 mod outbox;
+mod request;
 mod server;
 
 #[cfg(test)]
@@ -113,7 +117,7 @@ pub async fn serve(
 
 /// HELP text of the CoAP listener's metrics.
 pub(crate) fn describe() {
-    server::describe();
+    events::describe();
 }
 
 /// Binds `[coap] listen` and sizes its receive buffer; returns the socket and its address.
@@ -160,5 +164,5 @@ fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
 #[doc(hidden)]
 pub fn fuzz_datagram(datagram: &[u8]) -> Option<Vec<u8>> {
     static CONFIG: std::sync::OnceLock<CoapConfig> = std::sync::OnceLock::new();
-    server::classify(CONFIG.get_or_init(CoapConfig::default), datagram)
+    request::classify(CONFIG.get_or_init(CoapConfig::default), datagram)
 }
