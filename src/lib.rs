@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod config;
 pub mod forward;
 pub mod ingest;
+pub mod logging;
 pub mod record;
 pub mod reload;
 pub mod route;

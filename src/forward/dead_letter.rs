@@ -7,9 +7,11 @@
 //! refused records must never stop the main log. A dead-lettered record is the original plus
 //! two headers, [`ERROR`] and [`FAILED_SEQ`]; [`DeadLetter`] reads them back.
 
+use std::io::Write;
+
 use bytes::Bytes;
 
-use crate::buffer::{LogConfig, Overflow};
+use crate::buffer::{LogConfig, LogError, Overflow};
 use crate::record::Record;
 
 /// The dead-letter log's directory, under the main log's.
@@ -68,6 +70,80 @@ impl DeadLetter {
             record,
         }
     }
+}
+
+impl DeadLetter {
+    /// One line of `edgegate dead-letters`: the error, where it failed, the record's fields,
+    /// its headers and its payload (as text, or hex when it is not UTF-8).
+    pub fn json(&self, seq: u64) -> serde_json::Value {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let r = &self.record;
+        let mut line = serde_json::json!({
+            "seq": seq,
+            "error": self.error,
+            "failed_seq": self.failed_seq,
+            "received_ms": r.received_ms,
+            "source": r.source.name(),
+            "device": r.device,
+            "origin": r.origin,
+            "topic": r.kafka_topic,
+            "key": r.key.as_deref().map(text),
+            "headers": r
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), serde_json::Value::from(text(v))))
+                .collect::<serde_json::Map<_, _>>(),
+        });
+        if let Some(line) = line.as_object_mut() {
+            match std::str::from_utf8(&r.payload) {
+                Ok(s) => line.insert("payload".into(), s.into()),
+                Err(_) => line.insert(
+                    "payload_hex".into(),
+                    r.payload
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                        .into(),
+                ),
+            };
+        }
+        line
+    }
+}
+
+/// What [`print`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Printed {
+    pub records: usize,
+    /// Of which could not be read (a missing key, damage): `{"seq", "unreadable"}` lines.
+    pub unreadable: usize,
+}
+
+/// Writes the dead-letter log of the main log `main` to `out` as JSON lines, oldest first,
+/// at most `limit` of them. Reads the files without opening the log (no lock), so it works
+/// beside the running gateway. `None` when there is no dead-letter log.
+pub fn print(
+    main: &LogConfig,
+    limit: Option<usize>,
+    mut out: impl Write,
+) -> Option<Result<Printed, LogError>> {
+    let dir = log_config(main).dir;
+    if !dir.exists() {
+        return None;
+    }
+    let mut printed = Printed::default();
+    let result = crate::buffer::inspect(&dir, main.keys.as_deref(), |seq, record| {
+        let line = match record {
+            Ok(record) => DeadLetter::read(record).json(seq),
+            Err(why) => {
+                printed.unreadable += 1;
+                serde_json::json!({ "seq": seq, "unreadable": why })
+            }
+        };
+        printed.records += 1;
+        writeln!(out, "{line}").is_ok() && limit.is_none_or(|l| printed.records < l)
+    });
+    Some(result.map(|()| printed))
 }
 
 #[cfg(test)]
