@@ -25,18 +25,30 @@
 //! padding  = zero bytes up to the next 4096-byte file offset, starting with a zero len;
 //!            written after commits of 16 KiB or more so the next fsync'd commit starts
 //!            on a fresh page (the partly filled page is not rewritten: less wear)
-//! body v1  = version:u8 (=1) flags:u8 received_ms:zigzag-varint
+//! body     = plain | sealed                               told apart by flags & 0x10
+//! plain    = version:u8 (=1) flags:u8 received_ms:zigzag-varint
 //!            device origin kafka_topic (varint length + UTF-8 each)
 //!            [key: varint length + bytes]                 if flags & 0x04
 //!            [headers: varint count, (name, value)*]      if flags & 0x08
 //!            payload (the rest of the body)
-//!            flags & 0x03 = source (1 MQTT, 2 CoAP); other flag bits are reserved for
-//!            later fields, and a new layout gets a new version byte: old segments stay
-//!            readable, a body this code cannot read is skipped and counted as corrupt.
+//!            flags & 0x03 = source (1 MQTT, 2 CoAP); 0x10 is clear
+//! sealed   = version:u8 (=1) flags:u8 (=0x10, nothing else) cipher:u8 key_id:u32
+//!            nonce[12] ciphertext tag[16]
+//!            written instead of `plain` under `[buffer.encryption]` (see `seal.rs`):
+//!            ciphertext is a whole `plain` body sealed with the AEAD `cipher` names
+//!            (1 ChaCha20-Poly1305, 2 AES-256-GCM) under the key whose id is `key_id` (the
+//!            first four bytes of SHA-256 over a label and the key); the first 19 bytes are
+//!            the associated data; nonce = a random 4-byte prefix per open + a u64 counter.
+//!            35 bytes more than the plain body. The frame's CRC covers it as any body.
 //! cursor   = two 44-byte slots at offsets 0 and 512, written alternately and synced:
 //!            magic "EGLOGCUR"(8) generation:u64 head_seq:u64 head_segment:u64
 //!            head_offset:u64 crc32c:u32; the valid slot with the higher generation wins.
 //! ```
+//!
+//! The body's flag bits 0x20, 0x40 and 0x80 are reserved for later fields, and a new layout
+//! gets a new version byte: old segments stay readable, a body this code cannot read is
+//! skipped and counted as corrupt. A sealed body whose key is not configured is not skipped:
+//! reading stops there with [`LogError::MissingKey`] until its key file is listed again.
 //!
 //! # Guarantees
 //!
