@@ -126,7 +126,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use self::reader::ReaderCore;
 use self::shared::{Acks, Shared, State, lock};
 use self::writer::Writer;
-use crate::record::{Record, Source};
+use crate::record::Record;
 
 /// A record read back from the log, with its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -776,8 +776,9 @@ fn check_capacity(storage: &dyn Storage, cfg: &LogConfig, used: u64) {
 
 /// For the cargo-fuzz target `log_records`: walks `data` as the reader walks a segment
 /// (frame checks, padding, resynchronisation) and decodes every checksummed body, plain and
-/// with a fixed key. Returns how many bodies decoded. Never panics; not an API.
-#[doc(hidden)]
+/// with a fixed key. Returns how many bodies decoded. Never panics. Built for the fuzz crate
+/// only (cargo-fuzz sets `--cfg fuzzing`).
+#[cfg(fuzzing)]
 pub fn fuzz_frames(data: &[u8]) -> usize {
     use std::sync::OnceLock;
     static KEYS: OnceLock<LogKeys> = OnceLock::new();
@@ -820,8 +821,9 @@ fn walk_frames(
 /// For the cargo-fuzz target `log_recovery`: makes `dir` a log directory holding `segment`
 /// as its only segment file and `cursor` as its cursor file (either may be garbage), opens
 /// it as the gateway does after a crash, reads every record it yields and appends one more.
-/// Returns the records read. Errors are fine; a panic or a hang is a bug. Not an API.
-#[doc(hidden)]
+/// Returns the records read. Errors are fine; a panic or a hang is a bug. Built for the fuzz
+/// crate only.
+#[cfg(fuzzing)]
 pub fn fuzz_recovery(
     dir: &std::path::Path,
     segment: &[u8],
@@ -854,7 +856,7 @@ pub fn fuzz_recovery(
         }
     }
     let record = Record {
-        source: Source::Mqtt,
+        source: crate::record::Source::Mqtt,
         received_ms: 0,
         device: "fuzz".into(),
         origin: "fuzz".into(),

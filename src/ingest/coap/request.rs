@@ -5,11 +5,11 @@
 
 use std::net::SocketAddr;
 
-use coap_lite::{MessageClass, MessageType, Packet, RequestType};
+use coap_lite::{MessageClass, Packet, RequestType};
 
 use super::block::TransferKey;
 use super::config::{CoapConfig, valid_segment};
-use super::message::{self, Block, Reply, code, opt};
+use super::message::{self, Block, code, opt};
 use crate::auth::config::Anonymous;
 use crate::ingest::{Delivery, Rejected};
 use crate::route::RouteError;
@@ -215,7 +215,10 @@ pub(super) fn transfer_key(packet: &Packet, peer: SocketAddr) -> TransferKey {
 /// # Panics
 ///
 /// When an answer does not parse back: the gateway must never send what it would refuse.
+#[cfg(any(test, fuzzing))]
 pub(super) fn classify(config: &CoapConfig, datagram: &[u8]) -> Option<Vec<u8>> {
+    use super::message::Reply;
+    use coap_lite::MessageType;
     let peer = SocketAddr::from(([127, 0, 0, 1], 5683));
     let reset = |mid| Reply::empty(MessageType::Reset, mid).encode();
     let packet = match message::parse(datagram) {

@@ -416,8 +416,9 @@ pub(crate) fn describe() {
 /// as the connection cuts them (size limit on the fixed header); the first frame chooses the
 /// protocol as a CONNECT does, and every frame is decoded as both 3.1.1 and 5 (so both
 /// decoders see everything), with the reason codes and topic checks the session applies.
-/// Returns the frames decoded. Never panics; not an API.
-#[doc(hidden)]
+/// Returns the frames decoded. Never panics. Built for the fuzz crate only (cargo-fuzz sets
+/// `--cfg fuzzing`).
+#[cfg(fuzzing)]
 pub fn fuzz_stream(bytes: &[u8]) -> usize {
     use bytes::BytesMut;
     use packet::{Limits, Packet, Version};
