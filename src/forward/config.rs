@@ -144,7 +144,8 @@ impl fmt::Debug for RawProperties {
 }
 
 /// Properties that `[kafka.properties]` may not change, and why. Each either carries a
-/// contract (DESIGN.md: delete after Kafka, order, bounded duplicates) or has its own key.
+/// contract (docs/ARCHITECTURE.md: delete after Kafka, order, bounded duplicates) or has its
+/// own key.
 const FIXED_PROPERTIES: &[(&str, &str)] = &[
     (
         "enable.idempotence",

@@ -6,7 +6,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use crate::record::Record;
 
 /// The header carrying `<gateway id>:<log sequence>`: the same on every re-send, so a
-/// consumer can drop the duplicates a crash may cause (DESIGN.md, contract 4).
+/// consumer can drop the duplicates a crash may cause (docs/ARCHITECTURE.md, contract 4).
 pub const RECORD_ID: &str = "edgegate-record-id";
 pub const SOURCE: &str = "edgegate-source";
 pub const DEVICE: &str = "edgegate-device";

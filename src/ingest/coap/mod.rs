@@ -4,9 +4,9 @@
 //! Read top to bottom: [`serve`] hands the socket to `server.rs`, the endpoint loop that owns
 //! every piece of message-layer state (`request.rs` judges each request, `exchange.rs` holds
 //! the ones being stored, `events.rs` counts) → `message.rs` checks a datagram's framing and
-//! parses it with coap-lite (packets and options only; DESIGN.md says why nothing else of it
-//! is used) and encodes answers → `dedup.rs` remembers answers by (peer, message id) →
-//! `block.rs` assembles Block1 uploads → `outbox.rs` retransmits separate responses.
+//! parses it with coap-lite (packets and options only; docs/ARCHITECTURE.md says why nothing
+//! else of it is used) and encodes answers → `dedup.rs` remembers answers by (peer, message
+//! id) → `block.rs` assembles Block1 uploads → `outbox.rs` retransmits separate responses.
 //!
 //! # Resource
 //!

@@ -7,8 +7,8 @@
 //! packet ids) and `events.rs` (its log lines and counters) beside it → `connection.rs`
 //! frames packets off the socket with the size limit applied to the fixed header →
 //! `packet.rs` checks the fixed-header flags and hands each frame to a codec: rumqttc's v4
-//! codec for 3.1.1, `v5.rs` for MQTT 5 (DESIGN.md says why the gateway decodes MQTT 5
-//! itself).
+//! codec for 3.1.1, `v5.rs` for MQTT 5 (docs/ARCHITECTURE.md says why the gateway decodes
+//! MQTT 5 itself).
 //!
 //! The contract this module keeps: a QoS 1 PUBACK or QoS 2 PUBREC is sent only after the
 //! record's append has resolved as durable ([`crate::ingest::Pipeline::submit`]). Bad input

@@ -2,10 +2,10 @@
 //! reloadable setting), the watch on those files, and the device identity read from a client
 //! certificate.
 //!
-//! The crypto provider is `ring` (DESIGN.md: aws-lc does not cross-build for armv7); TLS 1.2
-//! and 1.3. PEM is parsed with `rustls-pki-types`. Client certificates are verified by rustls'
-//! `WebPkiClientVerifier` against `client_ca`, wrapped so that a refused certificate's subject
-//! can be logged as the identity it claimed.
+//! The crypto provider is `ring` (docs/ARCHITECTURE.md: aws-lc does not cross-build for
+//! armv7); TLS 1.2 and 1.3. PEM is parsed with `rustls-pki-types`. Client certificates are
+//! verified by rustls' `WebPkiClientVerifier` against `client_ca`, wrapped so that a refused
+//! certificate's subject can be logged as the identity it claimed.
 //!
 //! Rotation: the `ServerConfig` is published through [`crate::reload`] and read once per
 //! handshake. A reload (SIGHUP, or [`watch_files`] seeing the files change) builds a complete
