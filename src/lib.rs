@@ -132,7 +132,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     };
     let (mqtt_addr, mqtts_addr) = (mqtt.addr(), mqtt.tls_addr());
     let coap_addr = coap.as_ref().map(|(_, addr)| *addr);
-    warn_anonymous(&config, mqtt_addr, mqtts_addr, coap_addr);
+    auth::announce_anonymous(
+        config.auth.anonymous,
+        [Some(mqtt_addr), mqtts_addr, coap_addr]
+            .into_iter()
+            .flatten(),
+    );
 
     // forward: reads the log from its head.
     let reader = log
@@ -318,33 +323,6 @@ pub async fn run(
     // It sent STOPPING when shutdown began; it has nothing left to do.
     notifier.abort();
     result
-}
-
-/// Anonymous access reachable from the network is worth a line at every start.
-fn warn_anonymous(
-    config: &Config,
-    plain: SocketAddr,
-    tls: Option<SocketAddr>,
-    coap: Option<SocketAddr>,
-) {
-    use crate::auth::config::Anonymous;
-    let exposed = std::iter::once(plain)
-        .chain(tls)
-        .chain(coap)
-        .filter(|a| !a.ip().is_loopback())
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>();
-    match config.auth.anonymous {
-        Anonymous::Always if !exposed.is_empty() => tracing::warn!(
-            listeners = ?exposed,
-            "Anonymous MQTT and CoAP clients are accepted on a non-loopback address ([auth] anonymous = \"always\"): any host that can reach it may publish."
-        ),
-        Anonymous::Loopback if !exposed.is_empty() => tracing::info!(
-            listeners = ?exposed,
-            "Anonymous MQTT and CoAP clients are accepted from loopback only; MQTT devices on the network need a certificate or a password, and CoAP devices on the network are refused 4.01."
-        ),
-        _ => {}
-    }
 }
 
 #[cfg(test)]

@@ -88,6 +88,28 @@ pub fn failed(peer: SocketAddr, claimed: &str, reason: &'static str) {
     tracing::warn!(%peer, claimed, reason, "Refused a device: authentication or authorization failed.");
 }
 
+/// Anonymous access reachable from the network is worth a line at every start: a WARN when
+/// `anonymous = "always"` and a listener is not on loopback, an INFO saying who is refused
+/// under `"loopback"`.
+pub fn announce_anonymous(anonymous: Anonymous, listeners: impl IntoIterator<Item = SocketAddr>) {
+    let exposed = listeners
+        .into_iter()
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>();
+    match anonymous {
+        Anonymous::Always if !exposed.is_empty() => tracing::warn!(
+            listeners = ?exposed,
+            "Anonymous MQTT and CoAP clients are accepted on a non-loopback address ([auth] anonymous = \"always\"): any host that can reach it may publish."
+        ),
+        Anonymous::Loopback if !exposed.is_empty() => tracing::info!(
+            listeners = ?exposed,
+            "Anonymous MQTT and CoAP clients are accepted from loopback only; MQTT devices on the network need a certificate or a password, and CoAP devices on the network are refused 4.01."
+        ),
+        _ => {}
+    }
+}
+
 /// HELP text of [`failed`]'s counter.
 pub(crate) fn describe() {
     metrics::describe_counter!(
