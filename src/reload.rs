@@ -6,7 +6,8 @@
 //! channel and hands back a [`Live`], the stage's view of it; a stage reads the value in
 //! force where it needs it (per message, per connection, per request) and never holds the
 //! borrow across an `.await`. A stage that gains a reloadable setting takes a `Live<T>` and
-//! `start` publishes it: one line.
+//! `start` publishes it: one line. (The shape is linkerd2-proxy's TLS credentials receiver: a
+//! watch channel per setting, read per connection.)
 //!
 //! [`Settings::reload`] (SIGHUP) loads the config file again and applies it setting by
 //! setting: a setting with a problem under its keys (a certificate whose key does not
