@@ -7,11 +7,12 @@
 //!                             +--> dead-letter Log (records Kafka refuses for good)
 //! ```
 //!
-//! Files: [`config`] (`[kafka]`), `worker` (the task), `window` (adaptive window and
-//! back-off), `classify` (what a Kafka error means for a record), `context` (librdkafka
-//! callbacks: delivery reports, link state, log lines), `record` (headers), [`dead_letter`]
-//! (the dead-letter log: where, how big, the form of its records), `metric` (every metric,
-//! one function per event).
+//! Files: [`config`] (`[kafka]`), [`security`] (`[kafka.tls]`, `[kafka.sasl]`, secrets, the
+//! preflight check), `worker` (the task), `window` (adaptive window and back-off),
+//! `classify` (what a Kafka error means for a record), `context` (librdkafka callbacks:
+//! delivery reports, link state, log lines), `record` (headers), [`dead_letter`] (the
+//! dead-letter log: where, how big, the form of its records), `metric` (every metric, one
+//! function per event).
 //!
 //! # Guarantees and how they are kept
 //!
