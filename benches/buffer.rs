@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use edgegate::buffer::seal::{Cipher, LogKeys};
-use edgegate::buffer::{Durability, Log, LogConfig, Record, Source};
+use edgegate::buffer::{Durability, Log, LogConfig};
+use edgegate::record::{Record, Source};
 
 const CHILD_ENV: &str = "EDGEGATE_BUFFER_BENCH_CHILD";
 const PAYLOAD: usize = 256;

@@ -4,8 +4,11 @@
 //!
 //! The data path reads top to bottom in the module names:
 //! [`ingest`] (listeners) → [`route`] → [`buffer`] (the durable log) → [`forward`] (Kafka).
-//! [`run`] wires them together; `main.rs` and the integration tests both call it. [`admin`]
-//! observes the running gateway: metrics, health, systemd notifications, `edgegate status`.
+//! [`start`] is the composition root: it opens the log, binds every listener, and hands each
+//! stage its sockets, its config and the [`reload`]able settings it reads; each stage serves
+//! in its own module. [`run`] adds systemd's notifications; `main.rs` and the integration
+//! tests call these. [`admin`] observes the running gateway: metrics, health, systemd
+//! notifications, `edgegate status`.
 
 // One module may call into librdkafka directly (`forward::rebootstrap`, which says why).
 #![deny(unsafe_code)]
@@ -16,19 +19,23 @@ pub mod buffer;
 pub mod config;
 pub mod forward;
 pub mod ingest;
+pub mod logging;
+pub mod record;
+pub mod reload;
 pub mod route;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::buffer::{Log, LogConfig, LogError};
-use crate::config::{Config, Problems};
+use crate::buffer::{Log, LogError};
+use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::ingest::Pipeline;
 use crate::route::Router;
@@ -38,26 +45,12 @@ use crate::route::Router;
 pub enum RunError {
     #[error("cannot open the log: {0}")]
     Log(#[from] LogError),
-    #[error("cannot listen for MQTT on {addr}: {source}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen for CoAP on {addr}: {source}")]
-    BindUdp {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen for MQTT over TLS on {addr}: {source}")]
-    BindTls {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] ingest::BindError),
     #[error("cannot set up MQTT over TLS: {0}")]
     Tls(#[from] ingest::mqtt::tls::TlsError),
+    #[error("the routes are invalid: {0}")]
+    Routes(#[from] route::InvalidRoutes),
     #[error("cannot set up [auth]: {0}")]
     Auth(#[from] auth::AuthError),
     #[error("cannot start the Kafka forwarder: {0}")]
@@ -71,26 +64,18 @@ pub enum RunError {
 /// Messages from the signal handlers (or a test) to the running gateway.
 #[derive(Debug, Clone)]
 pub enum Control {
-    /// Re-read the reloadable parts of the configuration: routes, the MQTT TLS certificate,
-    /// key and client CA, and `[auth]` (rules and the password file).
-    Reload(Box<Config>),
+    /// Load this config file again and apply its reloadable parts: the routes, the MQTT TLS
+    /// certificate, key and client CA, and `[auth]` (see [`reload`]).
+    Reload(PathBuf),
 }
-
-/// Size, modification time and inode of each TLS file (see `TlsConfig::files_state`).
-type TlsFilesState = Vec<Option<(u64, std::time::SystemTime, u64)>>;
 
 /// A started gateway: listeners bound, log recovered, forwarder running.
 pub struct Gateway {
     mqtt_addr: SocketAddr,
     /// The TLS listener's address, when `[mqtt.tls] enabled`.
     mqtts_addr: Option<SocketAddr>,
-    /// The TLS configuration in force, swapped on reload.
-    tls: Option<ingest::mqtt::tls::TlsHandle>,
-    /// The `[mqtt.tls]` in force and its files' state when last loaded, for the file watch.
-    tls_files: std::sync::Mutex<(ingest::mqtt::tls::TlsConfig, TlsFilesState)>,
-    auth: auth::AuthHandle,
-    /// The config file's directory, for relative paths on reload.
-    base: PathBuf,
+    /// The settings a reload replaces, published to the stages that use them.
+    settings: Arc<reload::Settings>,
     coap_addr: Option<SocketAddr>,
     /// The admin listener's address; `None` when disabled or its port could not be bound.
     admin_addr: Option<SocketAddr>,
@@ -98,20 +83,20 @@ pub struct Gateway {
     /// The admin listener and the gauge refresher.
     admin: TaskTracker,
     log: Log,
-    pipeline: Pipeline,
     shutdown: CancellationToken,
     grace: Duration,
     listeners: TaskTracker,
     forwarder: tokio::task::JoinHandle<Result<(), forward::ForwardError>>,
 }
 
-/// Opens the log, binds the listeners and starts forwarding. `base` resolves relative paths
-/// in the config (the config file's directory). Stops when `shutdown` is cancelled.
-pub async fn start(
-    config: Config,
-    base: &Path,
-    shutdown: CancellationToken,
-) -> Result<Gateway, RunError> {
+/// Opens the log, binds the listeners and starts forwarding, from a loaded config
+/// ([`Config::load`] has checked it and read the files it names). Stops when `shutdown` is
+/// cancelled.
+///
+/// The stages in the order data flows through them: the log first (nothing is accepted
+/// before it is recovered), the settings a reload replaces, every listener bound before any
+/// serves (a port in use fails the start), the forwarder, then the admin endpoints.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gateway, RunError> {
     let gateway_id = config.gateway.id();
     // First, so what recovery counts while opening the log is recorded.
     let metrics = if config.admin.enabled {
@@ -119,81 +104,43 @@ pub async fn start(
     } else {
         None
     };
-    let log_config = config.buffer.log_config(base).map_err(RunError::Config)?;
+
+    // buffer: the durable log, and the dead-letter log beside it.
+    let log_config = config.log_config().map_err(RunError::Config)?;
     if let Some(keys) = &log_config.keys {
         tracing::info!(key_id = %format_args!("{:08x}", keys.current_id()), "Records are encrypted in the log.");
     }
-    check_buffer_dir(&log_config)?;
+    let (log, _) = Log::open_async(log_config.clone()).await?;
+    let (dead_letter, _) = Log::open_async(forward::dead_letter::log_config(&log_config)).await?;
 
-    let (log, _report) = open_log(log_config.clone()).await?;
-    let dead_letter_config = LogConfig {
-        dir: log_config.dir.join("dead-letter"),
-        overflow: buffer::Overflow::DropOldest,
-        max_bytes: (log_config.max_bytes / 8).max(log_config.segment_bytes * 2),
-        ..log_config.clone()
-    };
-    let (dead_letter, _) = open_log(dead_letter_config).await?;
-
-    let mut problems = Problems::default();
-    let router = Router::new(&config.routes, config.default_route.as_ref(), &mut problems);
-    if !problems.is_empty() {
-        return Err(RunError::Config(format!("{:?}", problems.0)));
-    }
-    let pipeline = Pipeline::new(log.clone(), router);
-
-    // TLS files and the password file are checked before any port is bound.
-    let tls_handle = if config.mqtt.tls.enabled {
-        let server = ingest::mqtt::tls::server_config(&config.mqtt.tls, base)?;
-        Some(ingest::mqtt::tls::TlsHandle::new(server))
+    // What a reload replaces, published to the stages that read it.
+    let mut settings = reload::Settings::new(&config);
+    let routes = settings.publish::<Router>(&config)?;
+    let auth = settings.publish::<auth::Auth>(&config)?;
+    let mqtt_tls = if config.mqtt.tls.enabled {
+        Some(settings.publish::<ServerConfig>(&config)?)
     } else {
         None
     };
-    let auth = auth::AuthHandle::new(auth::Auth::new(&config.auth, base)?);
+    let settings = Arc::new(settings);
 
-    let listener = TcpListener::bind(&config.mqtt.listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: config.mqtt.listen.clone(),
-            source,
-        })?;
-    let mqtt_addr = listener.local_addr().map_err(|source| RunError::Bind {
-        addr: config.mqtt.listen.clone(),
-        source,
-    })?;
-
-    let tls_listener = match &tls_handle {
-        Some(handle) => {
-            let bind_error = |source| RunError::BindTls {
-                addr: config.mqtt.tls.listen.clone(),
-                source,
-            };
-            let listener = TcpListener::bind(&config.mqtt.tls.listen)
-                .await
-                .map_err(bind_error)?;
-            let addr = listener.local_addr().map_err(bind_error)?;
-            Some((listener, handle.clone(), addr))
-        }
-        None => None,
-    };
-    let mqtts_addr = tls_listener.as_ref().map(|(_, _, addr)| *addr);
-
-    let coap_socket = if config.coap.enabled {
-        let bind_error = |source| RunError::BindUdp {
-            addr: config.coap.listen.clone(),
-            source,
-        };
-        let socket = UdpSocket::bind(&config.coap.listen)
-            .await
-            .map_err(bind_error)?;
-        let addr = socket.local_addr().map_err(bind_error)?;
-        ingest::coap::size_receive_buffer(&socket, &config.coap);
-        Some((socket, addr))
+    // ingest: bound before anything serves.
+    let mqtt = ingest::mqtt::Listeners::bind(&config.mqtt, mqtt_tls).await?;
+    let coap = if config.coap.enabled {
+        Some(ingest::coap::bind(&config.coap).await?)
     } else {
         None
     };
-    let coap_addr = coap_socket.as_ref().map(|(_, addr)| *addr);
-    warn_anonymous(&config, mqtt_addr, mqtts_addr, coap_addr);
+    let (mqtt_addr, mqtts_addr) = (mqtt.addr(), mqtt.tls_addr());
+    let coap_addr = coap.as_ref().map(|(_, addr)| *addr);
+    auth::announce_anonymous(
+        config.auth.anonymous,
+        [Some(mqtt_addr), mqtts_addr, coap_addr]
+            .into_iter()
+            .flatten(),
+    );
 
+    // forward: reads the log from its head.
     let reader = log
         .reader()
         .ok_or_else(|| RunError::Task("the log's reader was already taken".into()))?;
@@ -208,27 +155,29 @@ pub async fn start(
     );
     let forwarder = tokio::spawn(forwarder.run(shutdown.clone()));
 
+    // ingest → route → buffer: the listeners start serving.
+    let pipeline = Pipeline::new(log.clone(), routes);
     let listeners = TaskTracker::new();
-    let mqtt_config = std::sync::Arc::new(config.mqtt.clone());
     listeners.spawn(ingest::mqtt::serve_listeners(
-        ingest::mqtt::Listeners {
-            plain: listener,
-            tls: tls_listener.map(|(listener, handle, _)| (listener, handle)),
-        },
-        mqtt_config,
+        mqtt,
+        Arc::new(config.mqtt.clone()),
         pipeline.clone(),
         auth.clone(),
         shutdown.clone(),
     ));
     if let Some(mqtts_addr) = mqtts_addr {
         tracing::info!(%mqtts_addr, client_certs = ?config.mqtt.tls.client_certs, "Listening for MQTT over TLS.");
+        tokio::spawn(ingest::mqtt::tls::watch_files(
+            settings.clone(),
+            shutdown.clone(),
+        ));
     }
-    if let Some((socket, coap_addr)) = coap_socket {
+    if let Some((socket, coap_addr)) = coap {
         listeners.spawn(ingest::coap::serve(
             socket,
-            std::sync::Arc::new(config.coap.clone()),
-            config.auth.anonymous,
-            pipeline.clone(),
+            Arc::new(config.coap.clone()),
+            auth,
+            pipeline,
             shutdown.clone(),
         ));
         tracing::info!(%coap_addr, "Listening for CoAP.");
@@ -236,6 +185,7 @@ pub async fn start(
     listeners.close();
     tracing::info!(%mqtt_addr, gateway_id = %gateway_id, "Listening for MQTT.");
 
+    // admin: observes all of the above.
     let health = admin::Health::new(admin::Parts {
         log: log.clone(),
         dead_letter,
@@ -253,7 +203,7 @@ pub async fn start(
         shutdown.clone(),
     ));
     let admin_addr = if config.admin.enabled {
-        bind_admin(&config.admin.listen)
+        admin::server::bind(&config.admin.listen)
             .await
             .map(|(listener, addr)| {
                 admin.spawn(admin::server::serve(
@@ -273,19 +223,12 @@ pub async fn start(
     Ok(Gateway {
         mqtt_addr,
         mqtts_addr,
-        tls: tls_handle,
-        tls_files: std::sync::Mutex::new((
-            config.mqtt.tls.clone(),
-            config.mqtt.tls.files_state(base),
-        )),
-        auth,
-        base: base.to_owned(),
+        settings,
         coap_addr,
         admin_addr,
         health,
         admin,
         log,
-        pipeline,
         shutdown,
         grace: config.gateway.shutdown_grace.get(),
         listeners,
@@ -325,62 +268,17 @@ impl Gateway {
     /// Applies a control message (SIGHUP reload).
     pub fn control(&self, message: Control) {
         match message {
-            Control::Reload(config) => {
-                let mut problems = Problems::default();
-                let router =
-                    Router::new(&config.routes, config.default_route.as_ref(), &mut problems);
-                if problems.is_empty() {
-                    self.pipeline.replace_router(router);
-                    tracing::info!(routes = config.routes.len(), "Reloaded the routes.");
-                } else {
-                    tracing::error!(problems = ?problems.0, "Kept the old routes: the new ones are invalid.");
-                }
-                if let Some(tls) = &self.tls {
-                    // Logs its own outcome; on failure the old certificate stays in force.
-                    let _ = tls.reload(&config.mqtt.tls, &self.base);
-                    *self.tls_files.lock().unwrap_or_else(|p| p.into_inner()) = (
-                        config.mqtt.tls.clone(),
-                        config.mqtt.tls.files_state(&self.base),
-                    );
-                }
-                self.auth.reload(&config.auth, &self.base);
-            }
+            Control::Reload(path) => self.settings.reload(&path),
         }
-    }
-
-    /// The TLS files changed on disk since they were last loaded: reload them as SIGHUP
-    /// would. A set that does not load (a key written before its certificate) is logged and
-    /// the old one stays; the next change is tried again, an unchanged bad set is not.
-    fn reload_changed_tls_files(&self) {
-        let Some(tls) = &self.tls else { return };
-        let mut files = self.tls_files.lock().unwrap_or_else(|p| p.into_inner());
-        let now = files.0.files_state(&self.base);
-        if now == files.1 {
-            return;
-        }
-        tracing::info!("The MQTT TLS certificate files changed on disk; reloading them.");
-        let _ = tls.reload(&files.0, &self.base);
-        files.1 = now;
     }
 
     /// Runs until shutdown, then drains: listeners stop accepting and finish their in-flight
     /// appends, the log commits, the forwarder delivers what it can within the grace period.
     pub async fn wait(self, mut control: mpsc::Receiver<Control>) -> Result<(), RunError> {
-        let every = self
-            .tls_files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .watch_interval
-            .get();
-        let watching = self.tls.is_some() && !every.is_zero();
-        let mut watch = tokio::time::interval(every.max(Duration::from_millis(100)));
-        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(message) = control.recv() => self.control(message),
-                _ = watch.tick(), if watching => self.reload_changed_tls_files(),
             }
         }
         tracing::info!(grace = ?self.grace, "Shutting down.");
@@ -417,11 +315,10 @@ impl Gateway {
 /// gateway) when it is ready, how it is doing, and when it stops.
 pub async fn run(
     config: Config,
-    base: &Path,
     shutdown: CancellationToken,
     control: mpsc::Receiver<Control>,
 ) -> Result<(), RunError> {
-    let gateway = start(config, base, shutdown.clone()).await?;
+    let gateway = start(config, shutdown.clone()).await?;
     let notifier = tokio::spawn(admin::notify::run(gateway.health(), shutdown));
     let result = gateway.wait(control).await;
     // It sent STOPPING when shutdown began; it has nothing left to do.
@@ -429,71 +326,5 @@ pub async fn run(
     result
 }
 
-/// Anonymous access reachable from the network is worth a line at every start.
-fn warn_anonymous(
-    config: &Config,
-    plain: SocketAddr,
-    tls: Option<SocketAddr>,
-    coap: Option<SocketAddr>,
-) {
-    use crate::auth::config::Anonymous;
-    let exposed = std::iter::once(plain)
-        .chain(tls)
-        .chain(coap)
-        .filter(|a| !a.ip().is_loopback())
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>();
-    match config.auth.anonymous {
-        Anonymous::Always if !exposed.is_empty() => tracing::warn!(
-            listeners = ?exposed,
-            "Anonymous MQTT and CoAP clients are accepted on a non-loopback address ([auth] anonymous = \"always\"): any host that can reach it may publish."
-        ),
-        Anonymous::Loopback if !exposed.is_empty() => tracing::info!(
-            listeners = ?exposed,
-            "Anonymous MQTT and CoAP clients are accepted from loopback only; MQTT devices on the network need a certificate or a password, and CoAP devices on the network are refused 4.01."
-        ),
-        _ => {}
-    }
-}
-
-/// The admin listener is for observing the gateway: a port that cannot be bound (another
-/// exporter on 9100) is logged, and the data path runs on without it.
-async fn bind_admin(listen: &str) -> Option<(TcpListener, SocketAddr)> {
-    let bound = match TcpListener::bind(listen).await {
-        Ok(listener) => listener.local_addr().map(|addr| (listener, addr)),
-        Err(e) => Err(e),
-    };
-    bound
-        .inspect_err(|error| {
-            tracing::error!(
-                addr = listen,
-                %error,
-                "Cannot listen for the admin endpoints; running without /metrics, /healthz and /readyz. Set [admin] listen to a free port."
-            );
-        })
-        .ok()
-}
-
-async fn open_log(config: LogConfig) -> Result<(Log, buffer::RecoveryReport), RunError> {
-    tokio::task::spawn_blocking(move || Log::open(config))
-        .await
-        .map_err(|e| RunError::Task(e.to_string()))?
-        .map_err(RunError::from)
-}
-
-/// Preconditions before binding anything: the buffer directory exists (or can be made) and
-/// is writable.
-fn check_buffer_dir(config: &LogConfig) -> Result<(), RunError> {
-    let dir: PathBuf = config.dir.clone();
-    buffer::create_private_dir(&dir).map_err(|source| LogError::Dir {
-        path: dir.clone(),
-        source,
-    })?;
-    let probe = dir.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|source| LogError::Dir {
-        path: dir.clone(),
-        source,
-    })?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
-}
+#[cfg(test)]
+mod tests;

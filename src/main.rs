@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use edgegate::Control;
 use edgegate::config::{Config, ConfigError};
+use edgegate::forward::dead_letter;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -38,15 +39,7 @@ struct Cli {
     /// Log line format on stderr. Without it: the systemd journal with structured fields
     /// when systemd runs the gateway, text on stderr otherwise.
     #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
+    log_format: Option<edgegate::logging::Format>,
 }
 
 #[derive(Subcommand)]
@@ -86,7 +79,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level, cli.log_format);
+    edgegate::logging::init(&cli.log_level, cli.log_format);
     let command = cli.command.unwrap_or(Command::Run);
     // `status --admin ADDR` needs no config: it may run where the config is not readable.
     if let Command::Status { admin: Some(addr) } = command {
@@ -100,33 +93,13 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match command {
+        // Loading checked everything, the files the config names included.
         Command::Validate => {
-            // The files the config names must load too: certificate, key, CA, passwords.
-            let base = cli
-                .config
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
-            let mut failed = false;
-            if config.mqtt.tls.enabled {
-                if let Err(e) = edgegate::ingest::mqtt::tls::server_config(&config.mqtt.tls, &base)
-                {
-                    eprintln!("{}: [mqtt.tls]: {e}", cli.config.display());
-                    failed = true;
-                }
-            }
-            if let Err(e) = edgegate::auth::Auth::new(&config.auth, &base) {
-                eprintln!("{}: [auth]: {e}", cli.config.display());
-                failed = true;
-            }
-            if failed {
-                return ExitCode::from(EXIT_CONFIG);
-            }
             println!("{}: valid", cli.config.display());
             ExitCode::SUCCESS
         }
         Command::Run => run(config, &cli.config),
-        Command::DeadLetters { limit } => dead_letters(&config, &cli.config, limit),
+        Command::DeadLetters { limit } => dead_letters(&config, limit),
         Command::Passwd { .. } => ExitCode::SUCCESS,
         Command::Status { .. } => {
             match config
@@ -189,79 +162,38 @@ fn passwd(file: &Path, username: &str) -> ExitCode {
     }
 }
 
-fn dead_letters(config: &Config, path: &Path, limit: Option<usize>) -> ExitCode {
-    use std::io::Write;
-    let base = config_dir(path);
-    let log = match config.buffer.log_config(&base) {
+fn dead_letters(config: &Config, limit: Option<usize>) -> ExitCode {
+    let log = match config.log_config() {
         Ok(log) => log,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let dir = log.dir.join("dead-letter");
-    if !dir.exists() {
-        eprintln!(
-            "{}: no dead-letter log (nothing was ever refused)",
-            dir.display()
-        );
-        return ExitCode::SUCCESS;
-    }
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let mut out = std::io::stdout().lock();
-    let (mut printed, mut unreadable) = (0usize, 0usize);
-    let result = edgegate::buffer::inspect(&dir, log.keys.as_deref(), |seq, record| {
-        let line = match record {
-            Ok(r) => {
-                let header = |name: &str| {
-                    r.headers
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, v)| text(v))
-                };
-                let payload = match std::str::from_utf8(&r.payload) {
-                    Ok(s) => serde_json::json!({ "payload": s }),
-                    Err(_) => serde_json::json!({
-                        "payload_hex": r.payload.iter().map(|b| format!("{b:02x}")).collect::<String>()
-                    }),
-                };
-                let mut line = serde_json::json!({
-                    "seq": seq,
-                    "error": header("edgegate-error"),
-                    "failed_seq": header("edgegate-failed-seq"),
-                    "received_ms": r.received_ms,
-                    "source": format!("{:?}", r.source).to_lowercase(),
-                    "device": r.device,
-                    "origin": r.origin,
-                    "topic": r.kafka_topic,
-                    "key": r.key.as_deref().map(text),
-                    "headers": r.headers.iter().map(|(n, v)| (n.clone(), serde_json::Value::from(text(v)))).collect::<serde_json::Map<_, _>>(),
-                });
-                if let (Some(line), Some(payload)) = (line.as_object_mut(), payload.as_object()) {
-                    line.extend(payload.clone());
-                }
-                line
-            }
-            Err(why) => {
-                unreadable += 1;
-                serde_json::json!({ "seq": seq, "unreadable": why })
-            }
-        };
-        printed += 1;
-        writeln!(out, "{line}").is_ok() && limit.is_none_or(|l| printed < l)
-    });
-    match result {
-        Ok(()) => {
+    let dir = dead_letter::log_config(&log).dir;
+    match dead_letter::print(&log, limit, std::io::stdout().lock()) {
+        None => {
             eprintln!(
-                "{printed} dead-lettered record(s) shown from {}",
+                "{}: no dead-letter log (nothing was ever refused)",
                 dir.display()
             );
-            if unreadable > 0 {
-                eprintln!("{unreadable} could not be read (see \"unreadable\")");
+            ExitCode::SUCCESS
+        }
+        Some(Ok(printed)) => {
+            eprintln!(
+                "{} dead-lettered record(s) shown from {}",
+                printed.records,
+                dir.display()
+            );
+            if printed.unreadable > 0 {
+                eprintln!(
+                    "{} could not be read (see \"unreadable\")",
+                    printed.unreadable
+                );
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Some(Err(e)) => {
             eprintln!("{e}");
             ExitCode::FAILURE
         }
@@ -295,11 +227,6 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runti
     })
 }
 
-/// The directory relative paths in the config are resolved against.
-fn config_dir(path: &Path) -> PathBuf {
-    path.parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         match &e {
@@ -324,7 +251,6 @@ fn run(config: Config, path: &Path) -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    let base = config_dir(path);
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let (control_tx, control_rx) = mpsc::channel(4);
@@ -333,7 +259,7 @@ fn run(config: Config, path: &Path) -> ExitCode {
             shutdown.clone(),
             control_tx,
         ));
-        let result = edgegate::run(config, &base, shutdown, control_rx).await;
+        let result = edgegate::run(config, shutdown, control_rx).await;
         signals.abort();
         result
     });
@@ -346,8 +272,8 @@ fn run(config: Config, path: &Path) -> ExitCode {
     }
 }
 
-/// SIGTERM and SIGINT stop the gateway; SIGHUP re-reads the config and reloads what can be
-/// reloaded. A config that fails validation on reload is logged and ignored.
+/// SIGTERM and SIGINT stop the gateway; SIGHUP has it load the config again and reload what
+/// can be reloaded (see `edgegate::reload`).
 async fn handle_signals(
     path: PathBuf,
     shutdown: CancellationToken,
@@ -365,69 +291,7 @@ async fn handle_signals(
         tokio::select! {
             _ = term.recv() => { tracing::info!(signal = "SIGTERM", "Stopping."); shutdown.cancel(); }
             _ = int.recv() => { tracing::info!(signal = "SIGINT", "Stopping."); shutdown.cancel(); }
-            _ = hup.recv() => match Config::load(&path) {
-                Ok(config) => { let _ = control.send(Control::Reload(Box::new(config))).await; }
-                Err(e) => tracing::error!(config = %path.display(), problems = %e, "Not reloading: the config is invalid."),
-            },
+            _ = hup.recv() => { let _ = control.send(Control::Reload(path.clone())).await; }
         }
     }
-}
-
-/// Colours only for a person at a terminal: a file, a pipe or a log shipper gets plain
-/// `key=value` text. `NO_COLOR` (no-color.org) turns them off anywhere.
-fn colour_on_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
-/// Logs go to the journal (with fields kept as journal fields) when systemd runs us and no
-/// format was asked for, else to stderr as text or JSON lines.
-fn init_tracing(default: &str, format: Option<LogFormat>) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let journald = if format.is_none() && stderr_is_journal() {
-        tracing_journald::layer().ok()
-    } else {
-        None
-    };
-    let result = match (journald, format) {
-        (Some(journald), _) => registry.with(journald).try_init(),
-        (None, Some(LogFormat::Json)) => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-        (None, _) => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(colour_on_stderr()),
-            )
-            .try_init(),
-    };
-    if let Err(e) = result {
-        eprintln!("cannot set up logging: {e}");
-    }
-}
-
-/// systemd sets `JOURNAL_STREAM=<device>:<inode>` for a service whose stderr is the journal;
-/// comparing it with stderr itself (as sd_journal_stream_fd(3) advises) ignores a variable
-/// inherited by a child whose stderr was redirected elsewhere.
-fn stderr_is_journal() -> bool {
-    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
-        return false;
-    };
-    // Compared as decimal text: the integer types of `st_dev` and `st_ino` differ by target.
-    rustix::fs::fstat(std::io::stderr())
-        .is_ok_and(|stat| stat.st_dev.to_string() == dev && stat.st_ino.to_string() == ino)
 }

@@ -12,7 +12,9 @@
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::config::problems::Problems;
+use crate::config::Config;
+use crate::config::problems::{Problem, Problems};
+use crate::reload::Reloadable;
 
 /// `[[routes]]` in gateway.toml.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -49,6 +51,11 @@ pub enum RouteError {
     #[error("topic `{topic}` renders Kafka topic `{rendered}`, which is not a valid topic name")]
     InvalidKafkaTopic { topic: String, rendered: String },
 }
+
+/// Routes that do not compile: every problem, by key path.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(|p| format!("{}: {}", p.path, p.message)).collect::<Vec<_>>().join("; "))]
+pub struct InvalidRoutes(pub Vec<Problem>);
 
 /// The compiled routing table.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +137,17 @@ impl Router {
             }
         }
         router
+    }
+
+    /// Compiles `[[routes]]` and `[default_route]`, or says everything wrong with them.
+    pub fn from_config(config: &Config) -> Result<Router, InvalidRoutes> {
+        let mut problems = Problems::default();
+        let router = Router::new(&config.routes, config.default_route.as_ref(), &mut problems);
+        if problems.is_empty() {
+            Ok(router)
+        } else {
+            Err(InvalidRoutes(problems.0))
+        }
     }
 
     /// Routes one message by its topic (MQTT) or derived topic (CoAP).
@@ -237,6 +255,25 @@ fn set_capture<'t>(captures: &mut Vec<&'t str>, slot: usize, value: &'t str) {
         captures.resize(slot + 1, "");
     }
     captures[slot] = value;
+}
+
+/// The routes change on reload; a message is routed by the table in force when it arrives,
+/// and a stored record keeps its destination.
+impl Reloadable for Router {
+    const KEYS: &'static [&'static str] = &["routes", "default_route"];
+    type Error = InvalidRoutes;
+
+    fn build(config: &Config) -> Result<std::sync::Arc<Router>, InvalidRoutes> {
+        Router::from_config(config).map(std::sync::Arc::new)
+    }
+
+    fn reloaded(&self, config: &Config) {
+        tracing::info!(routes = config.routes.len(), "Reloaded the routes.");
+    }
+
+    fn kept(problems: &dyn std::fmt::Display) {
+        tracing::error!(%problems, "Kept the old routes: the new ones are invalid.");
+    }
 }
 
 fn parse_filter(filter: &str, names: &mut Vec<String>) -> Result<Vec<Level>, String> {

@@ -300,7 +300,8 @@ fn gateways_in_one_process_share_the_recorder_and_keep_their_own_health() {
 #[tokio::test]
 async fn dead_letters_are_printed_as_json_lines_beside_a_running_log() {
     use edgegate::buffer::seal::{Cipher, LogKeys};
-    use edgegate::buffer::{Log, LogConfig, Record, Source};
+    use edgegate::buffer::{Log, LogConfig};
+    use edgegate::record::{Record, Source};
     use std::os::unix::fs::PermissionsExt;
 
     let dir = tempfile::tempdir().expect("tempdir");

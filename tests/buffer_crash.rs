@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use edgegate::buffer::{Log, LogConfig, LogError, Record, Source};
+use edgegate::buffer::{Log, LogConfig, LogError};
+use edgegate::record::{Record, Source};
 
 const CHILD_ENV: &str = "EDGEGATE_BUFFER_CRASH_CHILD_DIR";
 const TEST_NAME: &str = "sigkill_never_loses_a_record_reported_durable";

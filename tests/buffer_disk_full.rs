@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgegate::buffer::{AppendError, Log, LogConfig, Record, Source};
+use edgegate::buffer::{AppendError, Log, LogConfig};
+use edgegate::record::{Record, Source};
 
 /// Unmounts on drop, also when the test fails.
 struct Tmpfs(PathBuf);

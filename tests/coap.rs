@@ -808,7 +808,7 @@ fn coap_con_throughput() {
         let served = tokio::spawn(edgegate::ingest::coap::serve(
             socket,
             Arc::new(config),
-            edgegate::auth::config::Anonymous::Always,
+            edgegate::auth::Auth::with_anonymous(edgegate::auth::config::Anonymous::Always).into(),
             pipeline,
             shutdown.clone(),
         ));

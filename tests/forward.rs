@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::forwarder::{Forwarding, open_logs};
-use edgegate::buffer::{Durability, Log, Record, Source};
+use edgegate::buffer::{Durability, Log};
 use edgegate::forward::LinkState;
 use edgegate::forward::config::KafkaConfig;
+use edgegate::record::{Record, Source};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 

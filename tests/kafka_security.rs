@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::forwarder::{Forwarding, open_logs};
 use common::{GatewayToml, Password};
-use edgegate::buffer::{Durability, Log, Record, Source};
+use edgegate::buffer::{Durability, Log};
 use edgegate::forward::LinkState;
 use edgegate::forward::config::KafkaConfig;
+use edgegate::record::{Record, Source};
 
 const GATEWAY: &str = "gw-ksec";
 

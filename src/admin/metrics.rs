@@ -109,97 +109,140 @@ pub async fn refresh(
     }
 }
 
-/// HELP lines for the metrics operators read most.
+/// HELP text for every metric: each stage describes its own, beside where it counts them;
+/// these are the gauges set here.
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        "edgegate_messages_received_total",
-        "Messages stored in the log, by protocol and QoS (MQTT 0/1/2, CoAP con/non)."
-    );
-    describe_counter!(
-        "edgegate_received_bytes_total",
-        "Payload bytes stored in the log, by protocol and QoS."
-    );
-    describe_counter!(
-        "edgegate_ingest_rejected_total",
-        "Messages refused before or at the log, by reason."
-    );
-    describe_counter!(
-        "edgegate_mqtt_connections_total",
-        "MQTT connections accepted."
-    );
-    describe_gauge!("edgegate_mqtt_connections", "MQTT connections open now.");
-    describe_counter!(
-        "edgegate_mqtt_connections_refused_total",
-        "MQTT CONNECTs refused, by reason (authentication, limits, protocol)."
-    );
-    describe_counter!(
-        "edgegate_auth_failures_total",
-        "Devices refused for authentication or authorization, by reason (bad password, certificate, topic rights...)."
-    );
-    describe_counter!(
-        "edgegate_mqtt_tls_handshakes_total",
-        "MQTT TLS handshakes completed."
-    );
-    describe_counter!(
-        "edgegate_mqtt_tls_handshake_failures_total",
-        "MQTT TLS handshakes that failed or timed out, by reason."
-    );
+    use metrics::describe_gauge;
+    crate::ingest::describe();
+    crate::ingest::mqtt::describe();
+    crate::ingest::coap::describe();
+    crate::auth::describe();
+    crate::buffer::describe();
+    crate::forward::metric::describe();
     describe_gauge!(
         "edgegate_log_records",
         "Records in the log not yet acknowledged by Kafka."
     );
     describe_gauge!("edgegate_log_bytes", "Bytes the log uses on disk.");
+    describe_gauge!("edgegate_log_segments", "Segment files of the log.");
     describe_gauge!(
         "edgegate_log_oldest_record_age_seconds",
         "Age of the oldest record not yet acknowledged by Kafka (0 when none)."
-    );
-    describe_histogram!(
-        "edgegate_log_fsync_seconds",
-        "Duration of the log's fsyncs."
-    );
-    describe_counter!(
-        "edgegate_log_dropped_records_total",
-        "Records dropped by the overflow or age policy."
-    );
-    describe_counter!(
-        "edgegate_log_corrupt_records_total",
-        "Corrupt records skipped in the log."
     );
     describe_gauge!(
         "edgegate_backlog_drain_seconds",
         "Estimated time to send the backlog at the current rates (+Inf while it grows)."
     );
-    describe_counter!(
-        "edgegate_kafka_delivered_total",
-        "Records acknowledged by Kafka."
-    );
-    describe_counter!(
-        "edgegate_kafka_errors_total",
-        "Failed sends and deliveries, by kind."
+    describe_gauge!(
+        "edgegate_dead_letter_records",
+        "Records in the dead-letter log."
     );
     describe_gauge!(
-        "edgegate_kafka_in_flight_records",
-        "Records handed to Kafka and not yet acknowledged."
-    );
-    describe_gauge!(
-        "edgegate_kafka_window_records",
-        "Current in-flight window (adaptive)."
-    );
-    describe_gauge!(
-        "edgegate_kafka_link_up",
-        "1 when Kafka is reachable, 0 when the gateway is buffering."
-    );
-    describe_histogram!(
-        "edgegate_kafka_produce_latency_seconds",
-        "Time from send to Kafka's acknowledgement."
-    );
-    describe_counter!(
-        "edgegate_kafka_dead_letter_total",
-        "Records Kafka refused for good, moved to the dead-letter log."
+        "edgegate_dead_letter_bytes",
+        "Bytes the dead-letter log uses on disk."
     );
     describe_gauge!(
         "edgegate_start_time_seconds",
         "Start time of the gateway, seconds since the Unix epoch."
     );
+    describe_gauge!(
+        "edgegate_uptime_seconds",
+        "Seconds since the gateway started."
+    );
+    describe_gauge!(
+        "edgegate_build_info",
+        "Always 1; the version label says which build runs."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// Every `.rs` file under `dir`.
+    fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).expect("read src").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("read a source file");
+                out.push((path.display().to_string(), text));
+            }
+        }
+    }
+
+    /// The metric names given as first argument to the macros `prefix` names
+    /// (`counter!(`, `describe_counter!(`...): string literals, or constants of the same file.
+    fn names(file: &str, prefixes: &[&str]) -> Vec<String> {
+        let constants: BTreeMap<&str, &str> = file
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("pub const ")
+                    .or(l.trim().strip_prefix("const "))
+            })
+            .filter_map(|l| l.split_once(": &str = \""))
+            .filter_map(|(name, rest)| Some((name, rest.split_once('"')?.0)))
+            .collect();
+        let mut out = Vec::new();
+        for prefix in prefixes {
+            for (i, _) in file.match_indices(prefix) {
+                let before = &file[..i];
+                if !(before.ends_with("metrics::")
+                    || before.ends_with(' ')
+                    || before.ends_with('\n'))
+                {
+                    continue;
+                }
+                let arg = file[i + prefix.len()..].trim_start();
+                let arg = arg.split([',', ')']).next().unwrap_or_default().trim();
+                if let Some(literal) = arg.strip_prefix('"') {
+                    out.push(literal.trim_end_matches('"').to_owned());
+                } else if let Some(value) = constants.get(arg) {
+                    out.push((*value).to_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every metric the gateway exports has HELP text, described once, and nothing is
+    /// described that is not exported.
+    #[test]
+    fn every_metric_is_described_once() {
+        let mut files = Vec::new();
+        sources(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let (mut used, mut described) = (BTreeSet::new(), Vec::new());
+        for (path, text) in &files {
+            if path.contains("/bin/") {
+                continue;
+            }
+            used.extend(names(text, &["counter!(", "gauge!(", "histogram!("]));
+            described.extend(names(
+                text,
+                &[
+                    "describe_counter!(",
+                    "describe_gauge!(",
+                    "describe_histogram!(",
+                ],
+            ));
+        }
+        used.retain(|n| n.starts_with("edgegate_"));
+        let unique: BTreeSet<String> = described.iter().cloned().collect();
+        assert_eq!(
+            unique.len(),
+            described.len(),
+            "described twice: {described:?}"
+        );
+        let missing: Vec<_> = used.difference(&unique).collect();
+        assert!(missing.is_empty(), "no HELP text: {missing:?}");
+        let stale: Vec<_> = unique.difference(&used).collect();
+        assert!(stale.is_empty(), "described but never exported: {stale:?}");
+        assert!(used.len() > 60, "the scan found only {used:?}");
+    }
 }

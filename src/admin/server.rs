@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, on a small axum server.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -18,6 +19,24 @@ struct Shared {
     health: Health,
     /// `None` when another metrics recorder owns the process.
     metrics: Option<&'static PrometheusHandle>,
+}
+
+/// Binds `[admin] listen`. The admin listener is for observing the gateway: a port that
+/// cannot be bound (another exporter on 9100) is logged, and the data path runs on without it.
+pub async fn bind(listen: &str) -> Option<(TcpListener, SocketAddr)> {
+    let bound = match TcpListener::bind(listen).await {
+        Ok(listener) => listener.local_addr().map(|addr| (listener, addr)),
+        Err(e) => Err(e),
+    };
+    bound
+        .inspect_err(|error| {
+            tracing::error!(
+                addr = listen,
+                %error,
+                "Cannot listen for the admin endpoints; running without /metrics, /healthz and /readyz. Set [admin] listen to a free port."
+            );
+        })
+        .ok()
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.

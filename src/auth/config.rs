@@ -1,10 +1,12 @@
 //! `[auth]` in gateway.toml.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::Credentials;
 use crate::config::problems::Problems;
+use crate::config::{Loaded, resolve};
 
 /// Who may connect, and with which rights.
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +108,25 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        if let Some(file) = &mut self.password_file {
+            resolve(file, base);
+        }
+    }
+
+    /// Reads the password file, or says why it cannot be used.
+    pub(crate) fn load_files(
+        &self,
+        path: &str,
+        problems: &mut Problems,
+    ) -> Option<Loaded<Credentials>> {
+        let file = self.password_file.as_ref()?;
+        Credentials::load(file)
+            .map_err(|e| problems.push(format!("{path}.password_file"), e.to_string()))
+            .ok()
+            .map(Loaded::new)
+    }
+
     pub fn validate(&self, path: &str, problems: &mut Problems) {
         if self.max_password_checks == 0 {
             problems.push(format!("{path}.max_password_checks"), "must be at least 1");

@@ -15,12 +15,13 @@ pub mod passwd;
 pub mod rules;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
 use crate::config::problems::Problems;
+use crate::config::{Config, Loaded};
+use crate::reload::Reloadable;
 use config::{Anonymous, AuthConfig, CertField, ClientIdPolicy};
 pub use passwd::{Credentials, PasswdError};
 use rules::Rules;
@@ -87,7 +88,37 @@ pub fn failed(peer: SocketAddr, claimed: &str, reason: &'static str) {
     tracing::warn!(%peer, claimed, reason, "Refused a device: authentication or authorization failed.");
 }
 
-/// The rules and credentials in force; [`AuthHandle::reload`] swaps them whole.
+/// Anonymous access reachable from the network is worth a line at every start: a WARN when
+/// `anonymous = "always"` and a listener is not on loopback, an INFO saying who is refused
+/// under `"loopback"`.
+pub fn announce_anonymous(anonymous: Anonymous, listeners: impl IntoIterator<Item = SocketAddr>) {
+    let exposed = listeners
+        .into_iter()
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>();
+    match anonymous {
+        Anonymous::Always if !exposed.is_empty() => tracing::warn!(
+            listeners = ?exposed,
+            "Anonymous MQTT and CoAP clients are accepted on a non-loopback address ([auth] anonymous = \"always\"): any host that can reach it may publish."
+        ),
+        Anonymous::Loopback if !exposed.is_empty() => tracing::info!(
+            listeners = ?exposed,
+            "Anonymous MQTT and CoAP clients are accepted from loopback only; MQTT devices on the network need a certificate or a password, and CoAP devices on the network are refused 4.01."
+        ),
+        _ => {}
+    }
+}
+
+/// HELP text of [`failed`]'s counter.
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        "edgegate_auth_failures_total",
+        "Devices refused for authentication or authorization, by reason (bad password, certificate, topic rights...)."
+    );
+}
+
+/// The rules and credentials in force; a reload replaces them whole (see [`crate::reload`]).
 pub struct Auth {
     config: AuthConfig,
     rules: Rules,
@@ -100,8 +131,8 @@ pub struct Auth {
 pub enum AuthError {
     #[error("[auth] rules are invalid: {0:?}")]
     Rules(Vec<crate::config::Problem>),
-    #[error(transparent)]
-    Passwd(#[from] PasswdError),
+    #[error("[auth] password_file was not read (load the config from its file)")]
+    NotLoaded,
 }
 
 impl Default for Auth {
@@ -118,16 +149,27 @@ impl Default for Auth {
 }
 
 impl Auth {
-    /// Compiles the rules and reads the password file (relative to `base`).
-    pub fn new(config: &AuthConfig, base: &Path) -> Result<Auth, AuthError> {
+    /// The defaults with another anonymous policy: for a listener started on its own.
+    pub fn with_anonymous(anonymous: Anonymous) -> Auth {
+        let mut auth = Auth::default();
+        auth.config.anonymous = anonymous;
+        auth
+    }
+
+    /// Compiles the rules; `passwords` are the password file's entries (read at load).
+    pub fn new(
+        config: &AuthConfig,
+        passwords: Option<&Loaded<Credentials>>,
+    ) -> Result<Auth, AuthError> {
         let mut problems = Problems::default();
         let rules = Rules::new(&config.rules, "auth", &mut problems);
         if !problems.is_empty() {
             return Err(AuthError::Rules(problems.0));
         }
-        let credentials = match &config.password_file {
-            Some(path) => Some(Arc::new(Credentials::load(&base.join(path))?)),
-            None => None,
+        let credentials = match (&config.password_file, passwords) {
+            (Some(_), Some(passwords)) => Some(passwords.get().clone()),
+            (Some(_), None) => return Err(AuthError::NotLoaded),
+            (None, _) => None,
         };
         Ok(Auth {
             config: config.clone(),
@@ -220,42 +262,26 @@ impl Auth {
     }
 }
 
-/// The [`Auth`] in force; connections take a snapshot at CONNECT and keep it.
-#[derive(Clone)]
-pub struct AuthHandle {
-    current: Arc<RwLock<Arc<Auth>>>,
-}
+/// `[auth]` changes on reload: connections take the value in force at CONNECT and keep it,
+/// CoAP requests each read it.
+impl Reloadable for Auth {
+    const KEYS: &'static [&'static str] = &["auth"];
+    type Error = AuthError;
 
-impl AuthHandle {
-    pub fn new(auth: Auth) -> AuthHandle {
-        AuthHandle {
-            current: Arc::new(RwLock::new(Arc::new(auth))),
-        }
+    fn build(config: &Config) -> Result<Arc<Auth>, AuthError> {
+        Auth::new(&config.auth, config.files.passwords.as_ref()).map(Arc::new)
     }
 
-    pub fn current(&self) -> Arc<Auth> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn reloaded(&self, config: &Config) {
+        let users = self.credentials.as_ref().map_or(0, |c| c.len());
+        tracing::info!(
+            rules = config.auth.rules.len(),
+            users,
+            "Reloaded [auth]: rules and password file."
+        );
     }
 
-    /// Re-reads the rules and the password file for new connections; on a problem the old
-    /// ones stay, with an ERROR line.
-    pub fn reload(&self, config: &AuthConfig, base: &Path) {
-        match Auth::new(config, base) {
-            Ok(auth) => {
-                let users = auth.credentials.as_ref().map_or(0, |c| c.len());
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
-                tracing::info!(
-                    rules = config.rules.len(),
-                    users,
-                    "Reloaded [auth]: rules and password file."
-                );
-            }
-            Err(error) => {
-                tracing::error!(%error, "Kept the [auth] rules and passwords in force: the new ones are unusable.");
-            }
-        }
+    fn kept(error: &dyn std::fmt::Display) {
+        tracing::error!(%error, "Kept the [auth] rules and passwords in force: the new ones are unusable.");
     }
 }

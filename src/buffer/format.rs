@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::seal::{FLAG_SEALED, LogKeys, Unsealed, sealed_key_id};
-use super::{Record, Source};
+use crate::record::{Record, Source};
 
 /// First eight bytes of every segment file.
 pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"EGLOGSEG";
@@ -20,6 +20,9 @@ pub(crate) const PAGE: u64 = 4096;
 /// Version byte at the start of every body; bump it when the body layout changes.
 pub(crate) const BODY_VERSION: u8 = 1;
 const FLAG_SOURCE_MASK: u8 = 0x03;
+/// The values of the source bits.
+const SOURCE_MQTT: u8 = 1;
+const SOURCE_COAP: u8 = 2;
 const FLAG_KEY: u8 = 0x04;
 const FLAG_HEADERS: u8 = 0x08;
 /// Flag bits a version-1 reader understands; anything else means a newer writer.
@@ -120,7 +123,10 @@ pub(crate) fn encode_body(record: &Record, body_len: usize) -> Vec<u8> {
 }
 
 fn put_body(out: &mut Vec<u8>, record: &Record) {
-    let mut flags = record.source as u8;
+    let mut flags = match record.source {
+        Source::Mqtt => SOURCE_MQTT,
+        Source::Coap => SOURCE_COAP,
+    };
     if record.key.is_some() {
         flags |= FLAG_KEY;
     }
@@ -223,8 +229,8 @@ fn decode_plain(body: &Bytes) -> Option<Record> {
         return None;
     }
     let source = match flags & FLAG_SOURCE_MASK {
-        1 => Source::Mqtt,
-        2 => Source::Coap,
+        SOURCE_MQTT => Source::Mqtt,
+        SOURCE_COAP => Source::Coap,
         _ => return None,
     };
     let received_ms = unzigzag(r.varint()?);

@@ -25,18 +25,30 @@
 //! padding  = zero bytes up to the next 4096-byte file offset, starting with a zero len;
 //!            written after commits of 16 KiB or more so the next fsync'd commit starts
 //!            on a fresh page (the partly filled page is not rewritten: less wear)
-//! body v1  = version:u8 (=1) flags:u8 received_ms:zigzag-varint
+//! body     = plain | sealed                               told apart by flags & 0x10
+//! plain    = version:u8 (=1) flags:u8 received_ms:zigzag-varint
 //!            device origin kafka_topic (varint length + UTF-8 each)
 //!            [key: varint length + bytes]                 if flags & 0x04
 //!            [headers: varint count, (name, value)*]      if flags & 0x08
 //!            payload (the rest of the body)
-//!            flags & 0x03 = source (1 MQTT, 2 CoAP); other flag bits are reserved for
-//!            later fields, and a new layout gets a new version byte: old segments stay
-//!            readable, a body this code cannot read is skipped and counted as corrupt.
+//!            flags & 0x03 = source (1 MQTT, 2 CoAP); 0x10 is clear
+//! sealed   = version:u8 (=1) flags:u8 (=0x10, nothing else) cipher:u8 key_id:u32
+//!            nonce[12] ciphertext tag[16]
+//!            written instead of `plain` under `[buffer.encryption]` (see `seal.rs`):
+//!            ciphertext is a whole `plain` body sealed with the AEAD `cipher` names
+//!            (1 ChaCha20-Poly1305, 2 AES-256-GCM) under the key whose id is `key_id` (the
+//!            first four bytes of SHA-256 over a label and the key); the first 19 bytes are
+//!            the associated data; nonce = a random 4-byte prefix per open + a u64 counter.
+//!            35 bytes more than the plain body. The frame's CRC covers it as any body.
 //! cursor   = two 44-byte slots at offsets 0 and 512, written alternately and synced:
 //!            magic "EGLOGCUR"(8) generation:u64 head_seq:u64 head_segment:u64
 //!            head_offset:u64 crc32c:u32; the valid slot with the higher generation wins.
 //! ```
+//!
+//! The body's flag bits 0x20, 0x40 and 0x80 are reserved for later fields, and a new layout
+//! gets a new version byte: old segments stay readable, a body this code cannot read is
+//! skipped and counted as corrupt. A sealed body whose key is not configured is not skipped:
+//! reading stops there with [`LogError::MissingKey`] until its key file is listed again.
 //!
 //! # Guarantees
 //!
@@ -112,42 +124,10 @@ use self::io::{OsStorage, Storage};
 use self::seal::LogKeys;
 use std::os::unix::fs::OpenOptionsExt;
 
-pub(crate) use self::io::create_private_dir;
 use self::reader::ReaderCore;
 use self::shared::{Acks, Shared, State, lock};
 use self::writer::Writer;
-
-use bytes::Bytes;
-
-/// Where a record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Source {
-    Mqtt = 1,
-    Coap = 2,
-}
-
-/// One message as the pipeline stores it. Routing has already happened at ingest: the Kafka
-/// topic and key are decided before the record is written, so a config reload never changes
-/// where an already-acknowledged record goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub source: Source,
-    /// Receive time, milliseconds since the Unix epoch (becomes the Kafka timestamp).
-    pub received_ms: i64,
-    /// Device identity: MQTT client id or CoAP device id.
-    pub device: String,
-    /// The original MQTT topic or CoAP URI path.
-    pub origin: String,
-    /// Destination Kafka topic (already rendered and validated).
-    pub kafka_topic: String,
-    /// Kafka key (already rendered); `None` means no key.
-    pub key: Option<Bytes>,
-    /// Extra Kafka headers (QoS, content type, user properties, will marker, ...), in order.
-    pub headers: Vec<(String, Bytes)>,
-    /// The Kafka value, untouched.
-    pub payload: Bytes,
-}
+use crate::record::Record;
 
 /// A record read back from the log, with its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,13 +337,17 @@ pub struct LogReader {
     core: ReaderCore,
 }
 
-/// Takes the directory's lock file, creating the directory if needed.
+/// Takes the directory's lock file, creating the directory if needed, and checks that new
+/// files can be made in it (the lock file may be left from a run with other permissions).
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, LogError> {
     let dir_error = |source| LogError::Dir {
         path: dir.to_owned(),
         source,
     };
     io::create_private_dir(dir).map_err(dir_error)?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").map_err(dir_error)?;
+    let _ = std::fs::remove_file(&probe);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -391,6 +375,16 @@ impl Log {
             handle.dir_lock = Mutex::new(Some(lock));
         }
         Ok((log, report))
+    }
+
+    /// [`Log::open`] on the blocking pool, for a caller on the runtime (the gateway's start).
+    pub async fn open_async(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
+        match tokio::task::spawn_blocking(move || Log::open(config)).await {
+            Ok(opened) => opened,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only when the runtime is shutting down.
+            Err(_) => Err(LogError::Closed),
+        }
     }
 
     /// Opens on a disk whose every fsync takes `delay` longer ([`io::SlowSync`]).
@@ -560,11 +554,8 @@ impl Log {
         let mut wake = false;
         if st.used_bytes + frame_len > shared.cfg.max_bytes {
             match shared.cfg.overflow {
-                Overflow::RejectNew => {
-                    drop(st);
-                    metrics::counter!("edgegate_log_rejected_total").increment(1);
-                    return Err(AppendError::Full);
-                }
+                // Counted by the listener that hears it (`ingest::refused`), as `log_full`.
+                Overflow::RejectNew => return Err(AppendError::Full),
                 Overflow::DropOldest => {
                     wake |= !st.maintenance;
                     st.maintenance = true;
@@ -753,6 +744,28 @@ fn effective_config(mut cfg: LogConfig) -> LogConfig {
 
 const MIN_SEGMENT_BYTES: u64 = 4096;
 
+/// HELP text of the counters the log bumps itself (its gauges come from [`Log::stats`] and
+/// are set by `admin::metrics`).
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_histogram!(
+        "edgegate_log_fsync_seconds",
+        "Duration of the log's fsyncs."
+    );
+    describe_counter!(
+        "edgegate_log_dropped_records_total",
+        "Records dropped by the overflow or age policy."
+    );
+    describe_counter!(
+        "edgegate_log_corrupt_records_total",
+        "Corrupt records skipped in the log."
+    );
+    describe_counter!(
+        "edgegate_log_append_errors_total",
+        "Records whose write or fsync failed (disk full, I/O error); the devices were told."
+    );
+}
+
 /// STYLE.md 8: say at startup if the file system cannot hold `max_bytes`.
 fn check_capacity(storage: &dyn Storage, cfg: &LogConfig, used: u64) {
     let Some(cap) = storage.capacity(&cfg.dir) else {
@@ -772,8 +785,9 @@ fn check_capacity(storage: &dyn Storage, cfg: &LogConfig, used: u64) {
 
 /// For the cargo-fuzz target `log_records`: walks `data` as the reader walks a segment
 /// (frame checks, padding, resynchronisation) and decodes every checksummed body, plain and
-/// with a fixed key. Returns how many bodies decoded. Never panics; not an API.
-#[doc(hidden)]
+/// with a fixed key. Returns how many bodies decoded. Never panics. Built for the fuzz crate
+/// only (cargo-fuzz sets `--cfg fuzzing`).
+#[cfg(fuzzing)]
 pub fn fuzz_frames(data: &[u8]) -> usize {
     use std::sync::OnceLock;
     static KEYS: OnceLock<LogKeys> = OnceLock::new();
@@ -816,8 +830,9 @@ fn walk_frames(
 /// For the cargo-fuzz target `log_recovery`: makes `dir` a log directory holding `segment`
 /// as its only segment file and `cursor` as its cursor file (either may be garbage), opens
 /// it as the gateway does after a crash, reads every record it yields and appends one more.
-/// Returns the records read. Errors are fine; a panic or a hang is a bug. Not an API.
-#[doc(hidden)]
+/// Returns the records read. Errors are fine; a panic or a hang is a bug. Built for the fuzz
+/// crate only.
+#[cfg(fuzzing)]
 pub fn fuzz_recovery(
     dir: &std::path::Path,
     segment: &[u8],
@@ -850,7 +865,7 @@ pub fn fuzz_recovery(
         }
     }
     let record = Record {
-        source: Source::Mqtt,
+        source: crate::record::Source::Mqtt,
         received_ms: 0,
         device: "fuzz".into(),
         origin: "fuzz".into(),

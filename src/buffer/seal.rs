@@ -32,7 +32,7 @@ use bytes::Bytes;
 use ring::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use serde::Deserialize;
 
-/// The flag bit of a sealed body (`format.rs` owns the other bits).
+/// The flag bit of a sealed body (`format.rs` owns the other bits; `mod.rs` draws them all).
 pub(crate) const FLAG_SEALED: u8 = 0x10;
 const HEADER_LEN: usize = 1 + 1 + 1 + 4 + NONCE_LEN;
 const TAG_LEN: usize = 16;

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use super::cursor::CURSOR_FILE;
 use super::sim::MemFs;
 use super::*;
+use crate::record::Source;
 
 const DIR: &str = "/log";
 

@@ -5,8 +5,14 @@
 //! `forward::config`, `[admin]` in `admin::config`); this module owns `[gateway]` and
 //! `[buffer]`, and the loader. Loading
 //! parses the document keeping spans, deserializes every section on its own (so a mistake in
-//! one section does not hide mistakes in another), runs every section's `validate`, and
-//! turns each problem's key path back into a position in the file.
+//! one section does not hide mistakes in another), resolves every path the config names
+//! against the config file's directory, runs every section's `validate`, reads the files the
+//! sections name (TLS certificates and keys, the password file, encryption keys, Kafka's CA
+//! and secrets), and turns each problem's key path back into a position in the file.
+//!
+//! That is the only place a config is checked: `edgegate validate` is a load, and the
+//! gateway starts from a loaded [`Config`], which carries what those files held
+//! ([`Loaded`]), so nothing is read or checked twice.
 
 pub mod problems;
 mod units;
@@ -14,6 +20,7 @@ mod units;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -21,6 +28,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::admin::config::AdminConfig;
+use crate::auth::Credentials;
 use crate::auth::config::AuthConfig;
 use crate::buffer::seal::{Cipher, KeyFileError, LogKeys, read_key_file};
 use crate::buffer::{Durability, LogConfig, Overflow};
@@ -29,6 +37,7 @@ use crate::ingest::coap::config::CoapConfig;
 use crate::ingest::mqtt::config::MqttConfig;
 use crate::route::{DefaultRoute, RouteConfig};
 pub use problems::{Problem, Problems};
+use tokio_rustls::rustls::ServerConfig;
 pub use units::{ByteSize, Duration, parse_duration, parse_size};
 
 /// The whole configuration.
@@ -43,6 +52,21 @@ pub struct Config {
     pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
     pub default_route: Option<DefaultRoute>,
+    /// What the files the config names held when it was loaded.
+    pub files: Files,
+}
+
+/// What the files named by the config held when it was loaded; empty for a config that was
+/// not loaded from a file (and then [`Config::log_config`] and the settings that need a file
+/// refuse to start rather than run without it).
+#[derive(Debug, Clone, Default)]
+pub struct Files {
+    /// `[buffer.encryption]` key files.
+    pub log_keys: Option<Loaded<LogKeys>>,
+    /// `[mqtt.tls]`: the server configuration built from the certificate, key and client CA.
+    pub mqtt_tls: Option<Loaded<ServerConfig>>,
+    /// `[auth] password_file`.
+    pub passwords: Option<Loaded<Credentials>>,
 }
 
 /// `[gateway]`.
@@ -117,6 +141,39 @@ pub struct BufferConfig {
     pub encryption: EncryptionConfig,
 }
 
+/// What a file named by the config held when the config was loaded. `Debug` shows only that
+/// it is there: it may be key material.
+pub struct Loaded<T>(Arc<T>);
+
+impl<T> Clone for Loaded<T> {
+    fn clone(&self) -> Self {
+        Loaded(self.0.clone())
+    }
+}
+
+impl<T> Loaded<T> {
+    pub fn new(value: T) -> Loaded<T> {
+        Loaded(Arc::new(value))
+    }
+
+    pub fn get(&self) -> &Arc<T> {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Loaded<T> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("<loaded>")
+    }
+}
+
+/// A relative path made relative to `base`, the config file's directory.
+pub fn resolve(path: &mut PathBuf, base: &Path) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}
+
 /// `[buffer.encryption]`: seal every record written to the log (and the dead-letter log)
 /// with an AEAD, so a stolen SD card or disk image does not give away the telemetry.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -131,22 +188,22 @@ pub struct EncryptionConfig {
 }
 
 impl EncryptionConfig {
-    /// Reads the key files (relative paths against `base`); `None` when disabled. Each error
-    /// comes with the key path of the file at fault.
-    pub fn load(&self, base: &Path) -> Result<Option<LogKeys>, Vec<(String, KeyFileError)>> {
+    /// Reads the key files; `None` when disabled. Each error comes with the key path of the
+    /// file at fault.
+    fn read_keys(&self) -> Result<Option<LogKeys>, Vec<(String, KeyFileError)>> {
         if !self.enabled {
             return Ok(None);
         }
         let mut errors = Vec::new();
         let current = match &self.key_file {
-            Some(path) => read_key_file(&base.join(path))
+            Some(path) => read_key_file(path)
                 .map_err(|e| errors.push(("buffer.encryption.key_file".to_owned(), e)))
                 .ok(),
             None => None,
         };
         let mut previous = Vec::new();
         for (i, path) in self.previous_key_files.iter().enumerate() {
-            match read_key_file(&base.join(path)) {
+            match read_key_file(path) {
                 Ok(key) => previous.push(key),
                 Err(e) => errors.push((format!("buffer.encryption.previous_key_files[{i}]"), e)),
             }
@@ -179,20 +236,29 @@ impl Default for BufferConfig {
     }
 }
 
+impl Config {
+    /// The log's own config, with the keys read at load. Fails only for a config that was
+    /// not loaded from its file (encryption on, keys never read): records must never be
+    /// written in the clear by mistake.
+    pub fn log_config(&self) -> Result<LogConfig, String> {
+        let keys = match (&self.files.log_keys, self.buffer.encryption.enabled) {
+            (Some(keys), true) => Some(keys.get().clone()),
+            (None, true) => {
+                return Err(
+                    "buffer.encryption: the key files were not read (load the config from its file)"
+                        .into(),
+                );
+            }
+            (_, false) => None,
+        };
+        Ok(self.buffer.log_config(keys))
+    }
+}
+
 impl BufferConfig {
-    /// The log's own config, with `dir` and key files resolved against the config file's
-    /// directory. Fails when a key file cannot be used (checked at load already; this is
-    /// the file changing in between).
-    pub fn log_config(&self, base: &Path) -> Result<LogConfig, String> {
-        let keys = self.encryption.load(base).map_err(|errors| {
-            errors
-                .iter()
-                .map(|(key, e)| format!("{key}: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
-        Ok(LogConfig {
-            dir: base.join(&self.dir),
+    fn log_config(&self, keys: Option<Arc<LogKeys>>) -> LogConfig {
+        LogConfig {
+            dir: self.dir.clone(),
             segment_bytes: self.segment_size.get(),
             max_bytes: self.max_size.get(),
             max_age: self.max_age.map(Duration::get),
@@ -202,8 +268,18 @@ impl BufferConfig {
             commit_bytes: usize::try_from(self.commit_size.get()).unwrap_or(usize::MAX),
             high_watermark: self.high_watermark,
             low_watermark: self.low_watermark,
-            keys: keys.map(std::sync::Arc::new),
-        })
+            keys,
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        resolve(&mut self.dir, base);
+        if let Some(key_file) = &mut self.encryption.key_file {
+            resolve(key_file, base);
+        }
+        for key_file in &mut self.encryption.previous_key_files {
+            resolve(key_file, base);
+        }
     }
 
     fn validate(&self, problems: &mut Problems) {
@@ -245,14 +321,16 @@ impl BufferConfig {
         }
     }
 
-    /// Problems with files the section names (key files), relative paths against `base`.
-    fn check_files(&self, base: &Path, problems: &mut Problems) {
-        if self.encryption.key_file.is_none() {
-            return;
-        }
-        if let Err(errors) = self.encryption.load(base) {
-            for (key, e) in errors {
-                problems.push(key, e.to_string());
+    /// Reads the key files the section names, or says what is wrong with each.
+    fn load_files(&self, problems: &mut Problems) -> Option<Loaded<LogKeys>> {
+        self.encryption.key_file.as_ref()?;
+        match self.encryption.read_keys() {
+            Ok(keys) => keys.map(Loaded::new),
+            Err(errors) => {
+                for (key, e) in errors {
+                    problems.push(key, e.to_string());
+                }
+                None
             }
         }
     }
@@ -265,6 +343,8 @@ pub struct Located {
     pub line: usize,
     pub column: usize,
     pub message: String,
+    /// The key path at fault (`mqtt.tls.key`); `None` for a syntax error.
+    pub key: Option<String>,
 }
 
 impl fmt::Display for Located {
@@ -292,18 +372,39 @@ pub enum ConfigError {
     Invalid(Vec<Located>),
 }
 
+/// A config read for a reload: every section that parsed, and the problems found in it. A
+/// reload applies it setting by setting (see [`crate::reload`]).
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Config,
+    /// Each with its key path.
+    pub problems: Vec<Located>,
+}
+
 impl Config {
-    /// Reads, parses and validates `path`.
+    /// Reads, parses and checks `path`, and reads the files it names.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_checked(path)?.into_result()
+    }
+
+    /// [`Config::load`] for a reload: the problems found once every section parsed come back
+    /// beside the config rather than in place of it. `Err` when the file cannot be read or a
+    /// section does not parse.
+    pub fn load_checked(path: &Path) -> Result<Checked, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        Config::check(&text, path)
     }
 
-    /// Parses and validates `text`; `path` only labels the problems.
+    /// Parses and checks `text` as if it were the file at `path`: problems are labelled with
+    /// `path`, and relative paths in it are relative to `path`'s directory.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::check(text, path)?.into_result()
+    }
+
+    fn check(text: &str, path: &Path) -> Result<Checked, ConfigError> {
         let at = |span: Range<usize>, message: String| locate(text, path, span, message);
         let (document, syntax) = DeTable::parse_recoverable(text);
         let mut found: Vec<Located> = syntax
@@ -348,18 +449,38 @@ impl Config {
         }
         // Files named in the config are relative to it, wherever the gateway is started.
         let base = path.parent().unwrap_or(Path::new("."));
-        config.kafka.resolve_paths(base);
+        config.resolve_paths(base);
         let mut problems = config.validate();
-        config.buffer.check_files(base, &mut problems);
-        found.extend(problems.0.into_iter().map(|p| {
-            let span = span_of(document.get_ref(), &p.path).unwrap_or(0..0);
-            at(span, format!("{}: {}", p.path, p.message))
-        }));
-        if found.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(found))
-        }
+        config.load_files(&mut problems);
+        let problems = problems
+            .0
+            .into_iter()
+            .map(|p| {
+                let span = span_of(document.get_ref(), &p.path).unwrap_or(0..0);
+                Located {
+                    key: Some(p.path.clone()),
+                    ..at(span, format!("{}: {}", p.path, p.message))
+                }
+            })
+            .collect();
+        Ok(Checked { config, problems })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        self.buffer.resolve_paths(base);
+        self.mqtt.tls.resolve_paths(base);
+        self.auth.resolve_paths(base);
+        self.kafka.resolve_paths(base);
+    }
+
+    /// Reads what the files named by the config hold, each problem at the key naming the file.
+    /// (`[kafka]`'s files are read by its `validate`, which builds a throwaway client.)
+    fn load_files(&mut self, problems: &mut Problems) {
+        self.files = Files {
+            log_keys: self.buffer.load_files(problems),
+            mqtt_tls: self.mqtt.tls.load_files("mqtt.tls", problems),
+            passwords: self.auth.load_files("auth", problems),
+        };
     }
 
     /// Every problem in every section.
@@ -392,6 +513,17 @@ fn section_of<T: DeserializeOwned>(
         .ok()
 }
 
+impl Checked {
+    /// The config, or every problem.
+    pub fn into_result(self) -> Result<Config, ConfigError> {
+        if self.problems.is_empty() {
+            Ok(self.config)
+        } else {
+            Err(ConfigError::Invalid(self.problems))
+        }
+    }
+}
+
 fn locate(text: &str, path: &Path, span: Range<usize>, message: String) -> Located {
     let (line, column) = line_col(text, span.start);
     Located {
@@ -399,6 +531,7 @@ fn locate(text: &str, path: &Path, span: Range<usize>, message: String) -> Locat
         line,
         column,
         message,
+        key: None,
     }
 }
 

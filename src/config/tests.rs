@@ -200,12 +200,7 @@ fn encryption_key_files_are_checked_where_they_are_named() {
         }
     };
     let ok = parse("enabled = true\nkey_file = \"good.key\"").expect("a good key");
-    let keys = ok
-        .buffer
-        .log_config(dir.path())
-        .expect("keys load")
-        .keys
-        .expect("keys");
+    let keys = ok.log_config().expect("keys load").keys.expect("keys");
     assert!(
         !format!("{keys:?}").contains("0f0f"),
         "keys are never printed"
@@ -272,4 +267,66 @@ fn tls_and_auth_problems_point_at_their_keys() {
     );
     let bad = problems("[auth]\nanonymous = \"sometimes\"\n");
     assert!(bad[0].starts_with("gw.toml:2:13: [auth]"), "{bad:#?}");
+}
+
+/// The MQTT TLS files and the password file are read at load, relative to the config file,
+/// and each problem points at the key naming the file; a loaded config carries what they held.
+#[test]
+fn tls_and_password_files_are_checked_where_they_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write =
+        |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    let server = |name: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("self-signed");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert, key) = server("gateway");
+    let (_, other_key) = server("other");
+    write("server.crt", &cert);
+    write("server.key", &key);
+    write("other.key", &other_key);
+    write("passwd", "");
+    let config = dir.path().join("gw.toml");
+    let parse = |tls: &str, auth: &str| {
+        let text = format!("[mqtt.tls]\nenabled = true\n{tls}\n[auth]\n{auth}\n{ROUTE}");
+        Config::parse(&text, &config)
+    };
+
+    let loaded = parse(
+        "cert = \"server.crt\"\nkey = \"server.key\"",
+        "password_file = \"passwd\"",
+    )
+    .expect("good files");
+    assert!(loaded.files.mqtt_tls.is_some() && loaded.files.passwords.is_some());
+    assert_eq!(loaded.mqtt.tls.cert, Some(dir.path().join("server.crt")));
+    assert!(!format!("{loaded:?}").contains("PRIVATE KEY"));
+
+    let found = match parse(
+        "cert = \"server.crt\"\nkey = \"other.key\"",
+        "password_file = \"missing\"",
+    ) {
+        Err(ConfigError::Invalid(found)) => found,
+        other => panic!("{other:?}"),
+    };
+    let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+    assert_eq!(found.len(), 2, "{shown:#?}");
+    assert!(
+        shown[0].contains("gw.toml:4:7: mqtt.tls.key: the certificate and key are unusable")
+            && shown[0].contains("other.key"),
+        "{shown:#?}"
+    );
+    assert_eq!(found[0].key.as_deref(), Some("mqtt.tls.key"));
+    assert!(
+        shown[1].contains("gw.toml:6:17: auth.password_file: cannot read"),
+        "{shown:#?}"
+    );
+    let found = match parse("cert = \"nothing.crt\"\nkey = \"server.key\"", "") {
+        Err(ConfigError::Invalid(found)) => found,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(found[0].key.as_deref(), Some("mqtt.tls.cert"), "{found:#?}");
 }

@@ -81,3 +81,51 @@ pub fn window_changed(change: Change) {
         "Kafka batch window changed."
     );
 }
+
+/// HELP text of the forwarder's metrics.
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(DELIVERED, "Records acknowledged by Kafka.");
+    describe_counter!(
+        DEAD_LETTER,
+        "Records Kafka refused for good, moved to the dead-letter log."
+    );
+    describe_counter!(ERRORS, "Failed sends and deliveries, by kind.");
+    describe_counter!(
+        CLIENT_ERRORS,
+        "Errors librdkafka reported about its connections, by kind (transport, authentication...)."
+    );
+    describe_counter!(
+        REBUILDS,
+        "Kafka producers rebuilt (a fatal error, a stall); their unfinished records were sent again."
+    );
+    describe_counter!(
+        REBOOTSTRAPS,
+        "Kafka clients that had forgotten every broker and were given the bootstrap brokers again."
+    );
+    describe_counter!(
+        STALLS,
+        "Times Kafka answered while the producer had delivered nothing for stall_timeout."
+    );
+    describe_gauge!(
+        IN_FLIGHT_RECORDS,
+        "Records handed to Kafka and not yet acknowledged."
+    );
+    describe_gauge!(
+        IN_FLIGHT_BYTES,
+        "Weight (bytes, with overhead) of the records handed to Kafka and not yet acknowledged."
+    );
+    describe_gauge!(
+        WINDOW_RECORDS,
+        "Current in-flight window (adaptive), in records."
+    );
+    describe_gauge!(
+        WINDOW_BYTES,
+        "Current in-flight window (adaptive), in bytes."
+    );
+    describe_gauge!(
+        LINK_UP,
+        "1 when Kafka is reachable, 0 when the gateway is buffering."
+    );
+    describe_histogram!(LATENCY, "Time from send to Kafka's acknowledgement.");
+}

@@ -7,10 +7,12 @@
 //!                             +--> dead-letter Log (records Kafka refuses for good)
 //! ```
 //!
-//! Files: [`config`] (`[kafka]`), `worker` (the task), `window` (adaptive window and
-//! back-off), `classify` (what a Kafka error means for a record), `context` (librdkafka
-//! callbacks: delivery reports, link state, log lines), `record` (headers, dead-letter form),
-//! `metric` (every metric, one function per event).
+//! Files: [`config`] (`[kafka]`), [`security`] (`[kafka.tls]`, `[kafka.sasl]`, secrets, the
+//! preflight check), `worker` (the task), `window` (adaptive window and back-off),
+//! `classify` (what a Kafka error means for a record), `context` (librdkafka callbacks:
+//! delivery reports, link state, log lines), `record` (headers), [`dead_letter`] (the
+//! dead-letter log: where, how big, the form of its records), `metric` (every metric, one
+//! function per event).
 //!
 //! # Guarantees and how they are kept
 //!
@@ -89,11 +91,13 @@
 //! failure; each transition is logged once (WARN down with the reason, INFO up).
 
 pub mod config;
+pub mod security;
 
 mod classify;
 mod context;
+pub mod dead_letter;
 mod liveness;
-mod metric;
+pub(crate) mod metric;
 mod rebootstrap;
 mod record;
 mod window;
@@ -111,10 +115,10 @@ use tokio_util::sync::CancellationToken;
 use crate::buffer::{Log, LogReader};
 use crate::config::problems::Problems;
 use config::KafkaConfig;
+pub use dead_letter::{ERROR as HEADER_ERROR, FAILED_SEQ as HEADER_FAILED_SEQ};
 pub use record::{
-    DEVICE as HEADER_DEVICE, ERROR as HEADER_ERROR, FAILED_SEQ as HEADER_FAILED_SEQ,
-    ORIGIN as HEADER_ORIGIN, RECEIVED_MS as HEADER_RECEIVED_MS, RECORD_ID as HEADER_RECORD_ID,
-    SOURCE as HEADER_SOURCE, record_id,
+    DEVICE as HEADER_DEVICE, ORIGIN as HEADER_ORIGIN, RECEIVED_MS as HEADER_RECEIVED_MS,
+    RECORD_ID as HEADER_RECORD_ID, SOURCE as HEADER_SOURCE, record_id,
 };
 
 /// Whether the gateway can reach Kafka.

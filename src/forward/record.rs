@@ -1,31 +1,20 @@
-//! What a log record looks like in Kafka, and in the dead-letter log.
+//! What a log record looks like in Kafka (the dead-letter copy is in `dead_letter`).
 
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 
-use crate::buffer::{Record, Source};
+use crate::record::Record;
 
 /// The header carrying `<gateway id>:<log sequence>`: the same on every re-send, so a
-/// consumer can drop the duplicates a crash may cause (DESIGN.md, contract 4).
+/// consumer can drop the duplicates a crash may cause (docs/ARCHITECTURE.md, contract 4).
 pub const RECORD_ID: &str = "edgegate-record-id";
 pub const SOURCE: &str = "edgegate-source";
 pub const DEVICE: &str = "edgegate-device";
 pub const ORIGIN: &str = "edgegate-origin";
 pub const RECEIVED_MS: &str = "edgegate-received-ms";
-/// Added to a dead-lettered record: why Kafka refused it.
-pub const ERROR: &str = "edgegate-error";
-/// Added to a dead-lettered record: its sequence number in the main log.
-pub const FAILED_SEQ: &str = "edgegate-failed-seq";
 
 pub fn record_id(gateway_id: &str, seq: u64) -> String {
     format!("{gateway_id}:{seq}")
-}
-
-pub fn source_name(source: Source) -> &'static str {
-    match source {
-        Source::Mqtt => "mqtt",
-        Source::Coap => "coap",
-    }
 }
 
 /// The Kafka headers of a record, in their fixed order: ours first, then the record's own
@@ -40,7 +29,7 @@ pub fn headers(gateway_id: &str, seq: u64, record: &Record) -> Vec<(String, Byte
     ));
     out.push((
         SOURCE.to_owned(),
-        Bytes::from_static(source_name(record.source).as_bytes()),
+        Bytes::from_static(record.source.name().as_bytes()),
     ));
     out.push((DEVICE.to_owned(), Bytes::from(record.device.clone())));
     out.push((ORIGIN.to_owned(), Bytes::from(record.origin.clone())));
@@ -64,7 +53,7 @@ pub fn kafka_headers(gateway_id: &str, seq: u64, record: &Record) -> OwnedHeader
         })
         .insert(Header {
             key: SOURCE,
-            value: Some(source_name(record.source).as_bytes()),
+            value: Some(record.source.name().as_bytes()),
         })
         .insert(Header {
             key: DEVICE,
@@ -85,16 +74,6 @@ pub fn kafka_headers(gateway_id: &str, seq: u64, record: &Record) -> OwnedHeader
         });
     }
     h
-}
-
-/// The record as it goes to the dead-letter log: unchanged, plus why and where it failed.
-pub fn dead_letter(record: &Record, seq: u64, error: &str) -> Record {
-    let mut r = record.clone();
-    r.headers
-        .push((ERROR.to_owned(), Bytes::from(error.to_owned())));
-    r.headers
-        .push((FAILED_SEQ.to_owned(), Bytes::from(seq.to_string())));
-    r
 }
 
 const PER_HEADER: usize = 48;
@@ -127,6 +106,7 @@ mod tests {
     use rdkafka::message::Headers;
 
     use super::*;
+    use crate::record::Source;
 
     fn sample() -> Record {
         Record {
@@ -186,23 +166,9 @@ mod tests {
     }
 
     #[test]
-    fn coap_source_and_dead_letter_headers() {
+    fn coap_source_header() {
         let mut record = sample();
         record.source = Source::Coap;
         assert_eq!(headers("g", 1, &record)[1].1, "coap");
-        let dl = dead_letter(&record, 99, "Broker: Message size too large");
-        assert_eq!(dl.payload, record.payload);
-        assert_eq!(dl.headers.len(), record.headers.len() + 2);
-        assert_eq!(
-            dl.headers[3],
-            (
-                ERROR.to_owned(),
-                Bytes::from_static(b"Broker: Message size too large")
-            )
-        );
-        assert_eq!(
-            dl.headers[4],
-            (FAILED_SEQ.to_owned(), Bytes::from_static(b"99"))
-        );
     }
 }

@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use super::config::KafkaConfig;
 use super::context::LinkTracker;
 use super::worker::{DeadLetterSink, RecordSource, Settings, Worker};
-use super::{LinkState, Progress, record};
-use crate::buffer::{AppendError, LogError, Record, Source, StoredRecord};
+use super::{LinkState, Progress, dead_letter, record};
+use crate::buffer::{AppendError, LogError, StoredRecord};
+use crate::record::{Record, Source};
 
 /// An in-memory stand-in for the log: records come from a channel, acks are recorded.
 struct MemSource {
@@ -259,10 +260,10 @@ async fn unauthorized_topic_goes_to_the_dead_letter_log() {
     let headers = &dead[0].headers;
     assert_eq!(
         headers[headers.len() - 1],
-        (record::FAILED_SEQ.into(), Bytes::from_static(b"1"))
+        (dead_letter::FAILED_SEQ.into(), Bytes::from_static(b"1"))
     );
     let (key, error) = &headers[headers.len() - 2];
-    assert_eq!(key, record::ERROR);
+    assert_eq!(key, dead_letter::ERROR);
     assert!(
         String::from_utf8_lossy(error).contains("authoriz"),
         "{error:?}"

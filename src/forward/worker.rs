@@ -24,8 +24,9 @@ use super::classify::{self, Disposition};
 use super::context::{ClientHealth, Delivery, ForwardContext, LinkTracker, Tag};
 use super::liveness::{Liveness, Verdict};
 use super::window::{Backoff, Window};
-use super::{ForwardError, Progress, metric, record};
-use crate::buffer::{AppendError, Log, LogError, LogReader, Record, StoredRecord};
+use super::{ForwardError, Progress, dead_letter, metric, record};
+use crate::buffer::{AppendError, Log, LogError, LogReader, StoredRecord};
+use crate::record::Record;
 
 /// Where the forwarder reads records from: the log's reader (or an in-memory stand-in in
 /// unit tests).
@@ -619,7 +620,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         metric::dead_lettered();
         self.progress.send_modify(|pr| pr.dead_lettered += 1);
         tracing::warn!(seq, topic = %p.record.kafka_topic, error, "Kafka refused a record for good; moving it to the dead-letter log.");
-        let dead = record::dead_letter(&p.record, seq, error);
+        let dead = dead_letter::copy(&p.record, seq, error);
         let sink = self.dead_letter.clone();
         let done = self.dead_lettered_tx.clone();
         let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);

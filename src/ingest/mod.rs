@@ -5,19 +5,51 @@
 pub mod coap;
 pub mod mqtt;
 
-use std::sync::{Arc, RwLock};
+use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::buffer::{AppendError, Durable, Log, Pressure, Record, Source};
+use crate::buffer::{AppendError, Durable, Log, Pressure};
+use crate::record::{Record, Source};
+use crate::reload::Live;
 use crate::route::{RouteError, Router};
+
+/// How a message was delivered, in its protocol's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// MQTT, at QoS 0, 1 or 2.
+    Mqtt { qos: u8 },
+    /// A CoAP request, confirmable (CON) or not (NON).
+    Coap { confirmable: bool },
+}
+
+impl Delivery {
+    pub fn source(self) -> Source {
+        match self {
+            Delivery::Mqtt { .. } => Source::Mqtt,
+            Delivery::Coap { .. } => Source::Coap,
+        }
+    }
+
+    /// The `qos` metric label: the MQTT QoS (`0`, `1`, `2`) or the CoAP message type (`con`,
+    /// `non`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Delivery::Mqtt { qos: 0 } => "0",
+            Delivery::Mqtt { qos: 1 } => "1",
+            Delivery::Mqtt { .. } => "2",
+            Delivery::Coap { confirmable: true } => "con",
+            Delivery::Coap { confirmable: false } => "non",
+        }
+    }
+}
 
 /// One message as a listener received it, before routing.
 #[derive(Debug, Clone)]
 pub struct Inbound {
-    pub source: Source,
+    pub delivery: Delivery,
     /// MQTT client id / CoAP device id: the default Kafka key and `{client_id}`.
     pub device: String,
     /// MQTT topic, or the topic a CoAP listener derives from the URI; used for routing.
@@ -26,6 +58,29 @@ pub struct Inbound {
     /// Protocol headers to carry into Kafka (`mqtt-qos`, `content-type`, user properties).
     pub headers: Vec<(String, Bytes)>,
     pub received_ms: i64,
+}
+
+/// A listener that could not be bound: the gateway does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Mqtt {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for MQTT over TLS on {addr}: {source}")]
+    MqttTls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for CoAP on {addr}: {source}")]
+    Coap {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a message was not stored. Each maps to a protocol reason code in its listener.
@@ -71,33 +126,32 @@ impl From<AppendError> for Rejected {
     }
 }
 
-/// Route + append, shared by every listener. Cheap to clone.
+/// Route + append, shared by every listener. Cheap to clone. It counts what it stores; what
+/// it refuses, the listener counts ([`refused`]), as it also hears of appends that fail later.
 #[derive(Clone)]
 pub struct Pipeline {
     log: Log,
-    /// Swapped whole on SIGHUP; readers take a cheap `Arc` clone.
-    router: Arc<RwLock<Arc<Router>>>,
+    /// The routes in force, read per message: a reload applies to the next one.
+    routes: Live<Router>,
 }
 
 impl Pipeline {
-    pub fn new(log: Log, router: Router) -> Self {
+    /// Routes by `routes` (a [`Router`] that never changes, or the reloadable one) into `log`.
+    pub fn new(log: Log, routes: impl Into<Live<Router>>) -> Self {
         Pipeline {
             log,
-            router: Arc::new(RwLock::new(Arc::new(router))),
+            routes: routes.into(),
         }
     }
 
     /// Routes and appends one message. On success the returned future resolves once the
     /// record is durable: only then may the device be acknowledged.
     pub fn submit(&self, msg: Inbound) -> Result<Durable, Rejected> {
-        let router = self.router();
-        let dest = router
-            .route(&msg.topic, &msg.device)
-            .inspect_err(|e| reject(&msg, e))?;
-        let (protocol, qos) = labels(&msg);
+        let dest = self.routes.borrow().route(&msg.topic, &msg.device)?;
+        let (protocol, qos) = (msg.delivery.source().name(), msg.delivery.label());
         let bytes = msg.payload.len() as u64;
         let record = Record {
-            source: msg.source,
+            source: msg.delivery.source(),
             received_ms: msg.received_ms,
             device: msg.device,
             origin: msg.topic,
@@ -106,12 +160,7 @@ impl Pipeline {
             headers: msg.headers,
             payload: msg.payload,
         };
-        let durable = self.log.append(&record).map_err(|e| {
-            let e = Rejected::from(e);
-            metrics::counter!("edgegate_ingest_rejected_total", "reason" => e.reason())
-                .increment(1);
-            e
-        })?;
+        let durable = self.log.append(&record)?;
         metrics::counter!("edgegate_messages_received_total", "protocol" => protocol, "qos" => qos)
             .increment(1);
         metrics::counter!("edgegate_received_bytes_total", "protocol" => protocol, "qos" => qos)
@@ -123,59 +172,34 @@ impl Pipeline {
     pub fn pressure(&self) -> watch::Receiver<Pressure> {
         self.log.pressure()
     }
-
-    /// Installs a new routing table (SIGHUP reload); messages already stored keep theirs.
-    pub fn replace_router(&self, router: Router) {
-        let mut guard = self
-            .router
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *guard = Arc::new(router);
-    }
-
-    fn router(&self) -> Arc<Router> {
-        self.router
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
 }
 
-/// Fixed label values for a stored message: the protocol, and its MQTT QoS (`0`, `1`, `2`)
-/// or CoAP message type (`con`, `non`), read from the headers the listener set.
-fn labels(msg: &Inbound) -> (&'static str, &'static str) {
-    let header = |name: &str| {
-        msg.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_ref())
-    };
-    match msg.source {
-        Source::Mqtt => (
-            "mqtt",
-            match header("mqtt-qos") {
-                Some(b"0") => "0",
-                Some(b"1") => "1",
-                Some(b"2") => "2",
-                _ => "unknown",
-            },
-        ),
-        Source::Coap => (
-            "coap",
-            match header("coap-type") {
-                Some(b"CON") => "con",
-                Some(b"NON") => "non",
-                _ => "unknown",
-            },
-        ),
-    }
+/// The one place a message that was not stored is counted, by protocol and reason, and
+/// logged (at DEBUG: a device can cause it at will). Listeners call it once per message,
+/// whether the pipeline refused it at once or its append failed later.
+/// `client_id` is the MQTT client's (a CoAP request's device is in its path, and in the
+/// reason when that is the route).
+pub fn refused(delivery: Delivery, rejected: &Rejected, peer: SocketAddr, client_id: Option<&str>) {
+    let (protocol, reason) = (delivery.source().name(), rejected.reason());
+    metrics::counter!("edgegate_ingest_rejected_total", "protocol" => protocol, "reason" => reason)
+        .increment(1);
+    tracing::debug!(%peer, client_id, protocol, qos = delivery.label(), reason, error = %rejected, "Did not store a message.");
 }
 
-/// Logs and counts a routing rejection (one place per event).
-fn reject(msg: &Inbound, error: &RouteError) {
-    let e = Rejected::Route(error.clone());
-    metrics::counter!("edgegate_ingest_rejected_total", "reason" => e.reason()).increment(1);
-    tracing::debug!(device = %msg.device, topic = %msg.topic, %error, "Rejected a message that cannot be routed.");
+/// HELP text of the pipeline's metrics.
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        "edgegate_messages_received_total",
+        "Messages stored in the log, by protocol and QoS (MQTT 0/1/2, CoAP con/non)."
+    );
+    metrics::describe_counter!(
+        "edgegate_received_bytes_total",
+        "Payload bytes stored in the log, by protocol and QoS."
+    );
+    metrics::describe_counter!(
+        "edgegate_ingest_rejected_total",
+        "Messages not stored, by protocol and reason (no_route, log_full, too_large, io_error...), each counted once."
+    );
 }
 
 /// Milliseconds since the Unix epoch, for `Inbound::received_ms`.

@@ -164,10 +164,6 @@ fn run_in_process(
     control: tokio::sync::mpsc::Receiver<edgegate::Control>,
 ) -> (Started, std::thread::JoinHandle<Result<(), String>>) {
     let config = load_config(config_path);
-    let base = config_path
-        .parent()
-        .expect("gateway.toml is in a directory")
-        .to_owned();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("gateway".into())
@@ -178,7 +174,7 @@ fn run_in_process(
                 .build()
                 .map_err(|e| format!("cannot build the gateway's runtime: {e}"))?;
             runtime.block_on(async move {
-                let gateway = edgegate::start(config, &base, shutdown)
+                let gateway = edgegate::start(config, shutdown)
                     .await
                     .map_err(|e| format!("the gateway did not start: {e}"))?;
                 let listening = Listening {

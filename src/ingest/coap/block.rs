@@ -1,6 +1,6 @@
 //! The Block1 assembler (RFC 7959): block-wise uploads put back together, strictly.
 //!
-//! coap-lite's block-wise helper is not used for uploads (DESIGN.md says why). Here:
+//! coap-lite's block-wise helper is not used for uploads (docs/ARCHITECTURE.md says why). Here:
 //!
 //! - a transfer is keyed by the peer, the request URI (path and query) and the Request-Tag
 //!   (RFC 9175; an absent tag is a value of its own). Not by token: RFC 7959 2.4 lets each

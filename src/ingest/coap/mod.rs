@@ -2,10 +2,11 @@
 //! log, routes and Kafka forwarder as MQTT.
 //!
 //! Read top to bottom: [`serve`] hands the socket to `server.rs`, the endpoint loop that owns
-//! every piece of message-layer state → `message.rs` checks a datagram's framing and parses it
-//! with coap-lite (packets and options only; DESIGN.md says why nothing else of it is used)
-//! and encodes answers → `dedup.rs` remembers answers by (peer, message id) →
-//! `block.rs` assembles Block1 uploads → `outbox.rs` retransmits separate responses.
+//! every piece of message-layer state (`request.rs` judges each request, `exchange.rs` holds
+//! the ones being stored, `events.rs` counts) → `message.rs` checks a datagram's framing and
+//! parses it with coap-lite (packets and options only; docs/ARCHITECTURE.md says why nothing
+//! else of it is used) and encodes answers → `dedup.rs` remembers answers by (peer, message
+//! id) → `block.rs` assembles Block1 uploads → `outbox.rs` retransmits separate responses.
 //!
 //! # Resource
 //!
@@ -71,28 +72,34 @@
 //!
 //! Counters `edgegate_coap_*`: `datagrams`, `requests{type}`, `responses{code}`,
 //! `malformed{kind}`, `duplicates{state}`, `pings`, `resets{matched}`, `stored`,
-//! `rejected{reason}`, `busy{limit}`, `separate_responses`, `retransmissions`,
-//! `separate_unacknowledged`, `block_transfers{outcome}`, `dedup_evictions`, `send_errors`,
-//! `receive_errors` (each `_total`); gauges `exchanges`, `dedup_entries`, `block_transfers`,
-//! `separate_pending`. Hostile input is logged at DEBUG.
+//! `busy{limit}`, `separate_responses`, `retransmissions`, `separate_unacknowledged`,
+//! `block_transfers{outcome}`, `dedup_evictions`, `send_errors`, `receive_errors` (each
+//! `_total`); gauges `exchanges`, `dedup_entries`, `block_transfers`, `separate_pending`. A
+//! request the pipeline does not store is counted once, with MQTT's, in
+//! `edgegate_ingest_rejected_total{protocol="coap",reason}`. Hostile input is logged at DEBUG.
 
 mod block;
 pub mod config;
 mod dedup;
+mod events;
+mod exchange;
 mod message;
 mod outbox;
+mod request;
 mod server;
 
 #[cfg(test)]
 mod tests;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::config::Anonymous;
-use crate::ingest::Pipeline;
+use crate::auth::Auth;
+use crate::ingest::{BindError, Pipeline};
+use crate::reload::Live;
 use config::CoapConfig;
 
 /// Serves CoAP on `socket` until `shutdown`; then stops taking requests (answering 5.03),
@@ -101,18 +108,35 @@ use config::CoapConfig;
 pub async fn serve(
     socket: UdpSocket,
     config: Arc<CoapConfig>,
-    anonymous: Anonymous,
+    auth: Live<Auth>,
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    server::run(socket, config, anonymous, pipeline, shutdown).await
+    server::run(socket, config, auth, pipeline, shutdown).await
+}
+
+/// HELP text of the CoAP listener's metrics.
+pub(crate) fn describe() {
+    events::describe();
+}
+
+/// Binds `[coap] listen` and sizes its receive buffer; returns the socket and its address.
+pub async fn bind(config: &CoapConfig) -> Result<(UdpSocket, SocketAddr), BindError> {
+    let bind_error = |source| BindError::Coap {
+        addr: config.listen.clone(),
+        source,
+    };
+    let socket = UdpSocket::bind(&config.listen).await.map_err(bind_error)?;
+    let addr = socket.local_addr().map_err(bind_error)?;
+    size_receive_buffer(&socket, config);
+    Ok((socket, addr))
 }
 
 /// Asks the kernel for `config.receive_buffer` bytes of receive buffer on the CoAP socket:
 /// with SO_RCVBUFFORCE when the process may (root or CAP_NET_ADMIN), else SO_RCVBUF, which
 /// Linux caps at `net.core.rmem_max`. Logs the size obtained, with a WARN when it is less
 /// than asked; never fails the start (a small buffer costs retransmissions, not data).
-pub fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
+fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
     use rustix::net::sockopt;
     let wanted = usize::try_from(config.receive_buffer.get()).unwrap_or(usize::MAX);
     if sockopt::set_socket_recv_buffer_size_force(socket, wanted).is_err() {
@@ -136,9 +160,10 @@ pub fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
 
 /// Runs one datagram through the server's parse → validation → request classification with
 /// the default `[coap]` config, no socket and no log; returns the answer it would send at
-/// once. For the cargo-fuzz target `coap_datagram` (see README, "Fuzzing"); not an API.
-#[doc(hidden)]
+/// once. For the cargo-fuzz target `coap_datagram` (see README, "Fuzzing"), which builds it
+/// with `--cfg fuzzing`; the unit tests check `request::classify` itself.
+#[cfg(fuzzing)]
 pub fn fuzz_datagram(datagram: &[u8]) -> Option<Vec<u8>> {
     static CONFIG: std::sync::OnceLock<CoapConfig> = std::sync::OnceLock::new();
-    server::classify(CONFIG.get_or_init(CoapConfig::default), datagram)
+    request::classify(CONFIG.get_or_init(CoapConfig::default), datagram)
 }

@@ -17,10 +17,12 @@ use super::config::CoapConfig;
 use super::dedup::{Dedup, Seen};
 use super::message::{self, Block, code, opt};
 use super::outbox::{Outbox, Outgoing};
+use crate::auth::Auth;
 use crate::auth::config::Anonymous;
 use crate::buffer::{Log, LogConfig, LogReader, StoredRecord};
 use crate::config::Problems;
 use crate::ingest::Pipeline;
+use crate::reload::Live;
 use crate::route::{RouteConfig, Router};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -455,7 +457,7 @@ async fn start_as(
     let served = tokio::spawn(super::serve(
         socket,
         Arc::new(config),
-        anonymous,
+        Live::fixed(Auth::with_anonymous(anonymous)),
         Pipeline::new(log.clone(), router),
         shutdown.clone(),
     ));
@@ -1010,7 +1012,7 @@ mod fuzz {
     }
 }
 
-/// The fuzz entry answers the committed seeds as the server would: a piggybacked 2.04 with
+/// The fuzz entry's path answers the committed seeds as the server would: a piggybacked 2.04 with
 /// the token for a good CON POST, a Reset for a ping, 4.05 for GET, 4.02 for an unknown
 /// critical option, nothing for a NON whose No-Response declines it, nothing for garbage.
 #[test]
@@ -1018,7 +1020,8 @@ fn fuzz_entry_answers_the_seeds_like_the_server() {
     let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/coap_datagram");
     let answer = |name: &str| {
         let datagram = std::fs::read(seeds.join(name)).expect("seed");
-        super::fuzz_datagram(&datagram).map(|a| Packet::from_bytes(&a).expect("answer parses"))
+        super::request::classify(&CoapConfig::default(), &datagram)
+            .map(|a| Packet::from_bytes(&a).expect("answer parses"))
     };
     let ok = answer("con_post").expect("an answer");
     assert_eq!(ok.header.get_type(), MessageType::Acknowledgement);
@@ -1038,5 +1041,5 @@ fn fuzz_entry_answers_the_seeds_like_the_server() {
     assert!(answer("non_no_response").is_none());
     let block = answer("con_block1_first").expect("an answer");
     assert!(message::first(&block, opt::BLOCK1).is_some());
-    assert!(super::fuzz_datagram(b"\x40").is_none());
+    assert!(super::request::classify(&CoapConfig::default(), b"\x40").is_none());
 }

@@ -3,10 +3,12 @@
 //!
 //! Read top to bottom: [`serve`] accepts sockets and spawns one task per connection →
 //! `session.rs` runs the connection's state machine (CONNECT, keepalive, publishes, wills,
-//! takeover) → `connection.rs` frames packets off the socket with the size limit applied to
-//! the fixed header → `packet.rs` checks the fixed-header flags and hands each frame to a
-//! codec: rumqttc's v4 codec for 3.1.1, `v5.rs` for MQTT 5 (DESIGN.md says why the gateway
-//! decodes MQTT 5 itself).
+//! takeover), with `registry.rs` (client ids across connections), `inflight.rs` (QoS 1/2
+//! packet ids) and `events.rs` (its log lines and counters) beside it → `connection.rs`
+//! frames packets off the socket with the size limit applied to the fixed header →
+//! `packet.rs` checks the fixed-header flags and hands each frame to a codec: rumqttc's v4
+//! codec for 3.1.1, `v5.rs` for MQTT 5 (docs/ARCHITECTURE.md says why the gateway decodes
+//! MQTT 5 itself).
 //!
 //! The contract this module keeps: a QoS 1 PUBACK or QoS 2 PUBREC is sent only after the
 //! record's append has resolved as durable ([`crate::ingest::Pipeline::submit`]). Bad input
@@ -36,8 +38,11 @@
 
 pub mod config;
 mod connection;
+mod events;
+mod inflight;
 pub mod limit;
 mod packet;
+mod registry;
 mod session;
 pub mod tls;
 mod v5;
@@ -56,12 +61,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{AuthHandle, CertClaim};
-use crate::ingest::Pipeline;
+use crate::auth::{Auth, CertClaim};
+use crate::ingest::{BindError, Pipeline};
+use crate::reload::Live;
 use config::MqttConfig;
 use limit::Limiter;
-use session::{Registry, Shared};
-use tls::TlsHandle;
+use registry::Registry;
+use session::Shared;
+use tokio_rustls::rustls::ServerConfig;
 
 /// Connections over the limit that may be answered "busy" at once; beyond that they are
 /// dropped unanswered, so a flood costs no more than this many tasks.
@@ -69,8 +76,64 @@ const REFUSING_AT_ONCE: usize = 32;
 
 /// The bound sockets: plaintext always, TLS when `[mqtt.tls] enabled`.
 pub struct Listeners {
-    pub plain: TcpListener,
-    pub tls: Option<(TcpListener, TlsHandle)>,
+    plain: (TcpListener, SocketAddr),
+    /// With the certificate set in force for its handshakes.
+    tls: Option<(TcpListener, SocketAddr, Live<ServerConfig>)>,
+}
+
+impl Listeners {
+    /// Binds `[mqtt] listen`, and `[mqtt.tls] listen` when `tls` (the certificate set the
+    /// handshakes use) is given.
+    pub async fn bind(
+        config: &MqttConfig,
+        tls: Option<Live<ServerConfig>>,
+    ) -> Result<Listeners, BindError> {
+        let plain = bind_tcp(&config.listen)
+            .await
+            .map_err(|source| BindError::Mqtt {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let tls = match tls {
+            Some(server) => {
+                let (listener, addr) =
+                    bind_tcp(&config.tls.listen)
+                        .await
+                        .map_err(|source| BindError::MqttTls {
+                            addr: config.tls.listen.clone(),
+                            source,
+                        })?;
+                Some((listener, addr, server))
+            }
+            None => None,
+        };
+        Ok(Listeners { plain, tls })
+    }
+
+    /// One plaintext listener already bound.
+    pub fn plain(listener: TcpListener) -> std::io::Result<Listeners> {
+        let addr = listener.local_addr()?;
+        Ok(Listeners {
+            plain: (listener, addr),
+            tls: None,
+        })
+    }
+
+    /// The plaintext listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.plain.1
+    }
+
+    /// The TLS listener's address, when there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(_, addr, _)| *addr)
+    }
+}
+
+async fn bind_tcp(listen: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
 }
 
 /// What every accept loop shares: one connection cap, one flood limiter and one registry
@@ -95,11 +158,8 @@ pub async fn serve(
     pipeline: Pipeline,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listeners = Listeners {
-        plain: listener,
-        tls: None,
-    };
-    let auth = AuthHandle::new(crate::auth::Auth::default());
+    let listeners = Listeners::plain(listener)?;
+    let auth = Live::fixed(Auth::default());
     serve_listeners(listeners, config, pipeline, auth, shutdown).await
 }
 
@@ -110,7 +170,7 @@ pub async fn serve_listeners(
     listeners: Listeners,
     config: Arc<MqttConfig>,
     pipeline: Pipeline,
-    auth: AuthHandle,
+    auth: Live<Auth>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let shared = Shared {
@@ -135,9 +195,9 @@ pub async fn serve_listeners(
         tracker: TaskTracker::new(),
     };
     let loops = TaskTracker::new();
-    loops.spawn(accept_loop(listeners.plain, None, accepting.clone()));
-    if let Some((listener, handle)) = listeners.tls {
-        loops.spawn(accept_loop(listener, Some(handle), accepting.clone()));
+    loops.spawn(accept_loop(listeners.plain.0, None, accepting.clone()));
+    if let Some((listener, _, server)) = listeners.tls {
+        loops.spawn(accept_loop(listener, Some(server), accepting.clone()));
     }
     loops.close();
     loops.wait().await;
@@ -153,7 +213,7 @@ pub async fn serve_listeners(
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, tls: Option<TlsHandle>, a: Accepting) {
+async fn accept_loop(listener: TcpListener, tls: Option<Live<ServerConfig>>, a: Accepting) {
     let transport = if tls.is_some() { "tls" } else { "tcp" };
     loop {
         let (socket, peer) = tokio::select! {
@@ -225,7 +285,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsHandle>, a: Accepting
 async fn tls_handshake(
     socket: TcpStream,
     peer: SocketAddr,
-    tls: &TlsHandle,
+    tls: &Live<ServerConfig>,
     handshakes: &Arc<Semaphore>,
     shared: &Shared,
 ) -> Option<(
@@ -320,12 +380,45 @@ fn accept_failed(e: &std::io::Error) {
     tracing::warn!(error = %e, "Could not accept an MQTT connection.");
 }
 
+/// HELP text of the MQTT listener's metrics (the accept loops' above, the sessions' in
+/// `session.rs`).
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "edgegate_mqtt_connections_total",
+        "MQTT connections accepted."
+    );
+    describe_gauge!("edgegate_mqtt_connections", "MQTT connections open now.");
+    describe_gauge!(
+        "edgegate_mqtt_tls_connections",
+        "MQTT connections over TLS open now."
+    );
+    describe_counter!(
+        "edgegate_mqtt_connections_refused_total",
+        "MQTT connections or CONNECTs refused, by reason (limits, floods, authentication, protocol)."
+    );
+    describe_counter!(
+        "edgegate_mqtt_accept_errors_total",
+        "Failed accepts on an MQTT listener (usually out of file descriptors)."
+    );
+    describe_counter!(
+        "edgegate_mqtt_tls_handshakes_total",
+        "MQTT TLS handshakes completed."
+    );
+    describe_counter!(
+        "edgegate_mqtt_tls_handshake_failures_total",
+        "MQTT TLS handshakes that failed or timed out, by reason."
+    );
+    events::describe();
+}
+
 /// For the cargo-fuzz target `mqtt_stream`: `bytes` as a client's TCP stream, cut into frames
 /// as the connection cuts them (size limit on the fixed header); the first frame chooses the
 /// protocol as a CONNECT does, and every frame is decoded as both 3.1.1 and 5 (so both
 /// decoders see everything), with the reason codes and topic checks the session applies.
-/// Returns the frames decoded. Never panics; not an API.
-#[doc(hidden)]
+/// Returns the frames decoded. Never panics. Built for the fuzz crate only (cargo-fuzz sets
+/// `--cfg fuzzing`).
+#[cfg(fuzzing)]
 pub fn fuzz_stream(bytes: &[u8]) -> usize {
     use bytes::BytesMut;
     use packet::{Limits, Packet, Version};

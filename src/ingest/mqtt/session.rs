@@ -1,17 +1,18 @@
 //! The per-connection state machine: CONNECT, then publishes until the connection ends.
 //!
 //! One task per connection owns its socket and its state; nothing is shared but the
-//! [`Registry`] of client ids (for takeover, and for the QoS 2 state of persistent
+//! [`Registry`] of client ids (`registry.rs`: takeover, and the QoS 2 state of persistent
 //! sessions, so a PUBLISH resent after a reconnect is not stored twice). The loop keeps
 //! reading while earlier appends are pending, so many publishes of one connection share a
-//! group commit, and sends each PUBACK/PUBREC only when its append has resolved as durable.
+//! group commit, and sends each PUBACK/PUBREC only when its append has resolved as durable;
+//! which packet ids are in flight is `inflight.rs`, and every event is logged and counted by
+//! one function of `events.rs`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,124 +27,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::MqttConfig;
 use super::connection::{Connection, Frame, FrameError};
+use super::events::{
+    acknowledged, connected, disconnected, frame_error, io_error, protocol_error, refused,
+    subscribe_refused, taken_over, timed_out, unsupported, will_stored,
+};
+use super::inflight::{Inflight, OnPublish};
 use super::packet::{
     self, ConnAckProps, Connect, DecodeError, Limits, Outgoing, Packet, Publish, Refusal,
     Unsupported, Version, Will,
 };
-use crate::auth::{self, Auth, AuthHandle, CertClaim, Claim, Failure, Identity};
-use crate::buffer::{AppendError, Pressure, Source};
-use crate::ingest::{Inbound, Pipeline, Rejected, now_ms};
+use super::registry::Registry;
+use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
+use crate::buffer::{AppendError, Pressure};
+use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
+use crate::reload::Live;
 
 /// Above the log's high watermark, how often a connection may read one frame.
 const PRESSURE_READ_INTERVAL: Duration = Duration::from_millis(200);
-
-/// Disconnected persistent sessions remembered at most; beyond this the one closest to
-/// expiry is forgotten (its client then hears "no session" and starts afresh).
-const SAVED_SESSIONS: usize = 16_384;
-
-/// QoS 2 packet ids stored and PUBREC'd, awaiting PUBREL. Shared by every connection of one
-/// persistent session, so a client that reconnects (or takes over its own half-dead
-/// connection) and resends an unreleased QoS 2 PUBLISH does not get it stored twice.
-pub(super) type Released = Arc<Mutex<HashSet<u16>>>;
-
-/// Client ids the gateway knows: connected ones (for takeover) and disconnected persistent
-/// sessions (for their QoS 2 state). In memory only: a restart forgets them.
-#[derive(Clone, Default)]
-pub struct Registry {
-    clients: Arc<Mutex<HashMap<String, Entry>>>,
-    next_id: Arc<AtomicU64>,
-}
-
-struct Entry {
-    /// The connection holding the client id, with the token that closes it on takeover.
-    conn: Option<(u64, CancellationToken)>,
-    awaiting_rel: Released,
-    /// When a disconnected session is forgotten; `None` while connected, or never (3.1.1).
-    expires: Option<Instant>,
-}
-
-/// What a CONNECT gets from the registry.
-struct Registered {
-    conn_id: u64,
-    taken_over: CancellationToken,
-    awaiting_rel: Released,
-    session_present: bool,
-}
-
-impl Registry {
-    /// Registers `client_id`, telling the connection that held it (if any) to close. Without
-    /// `clean_start` the previous session's QoS 2 state carries over.
-    fn register(&self, client_id: &str, clean_start: bool) -> Registered {
-        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let taken_over = CancellationToken::new();
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = clients.remove(client_id);
-        if let Some((_, old)) = previous.as_ref().and_then(|e| e.conn.as_ref()) {
-            old.cancel();
-        }
-        let alive = previous.filter(|e| e.expires.is_none_or(|t| t > Instant::now()));
-        let (awaiting_rel, session_present) = match alive {
-            Some(entry) if !clean_start => (entry.awaiting_rel, true),
-            _ => (Released::default(), false),
-        };
-        clients.insert(
-            client_id.to_owned(),
-            Entry {
-                conn: Some((conn_id, taken_over.clone())),
-                awaiting_rel: awaiting_rel.clone(),
-                expires: None,
-            },
-        );
-        Registered {
-            conn_id,
-            taken_over,
-            awaiting_rel,
-            session_present,
-        }
-    }
-
-    /// The connection ended. Unless a newer connection took the client id over, the
-    /// session is forgotten, or kept for `keep` (`Some(None)`: until a clean start).
-    fn unregister(&self, client_id: &str, conn_id: u64, keep: Option<Option<Duration>>) {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = clients.get_mut(client_id) else {
-            return;
-        };
-        if entry.conn.as_ref().is_none_or(|(id, _)| *id != conn_id) {
-            return;
-        }
-        match keep {
-            Some(keep) => {
-                entry.conn = None;
-                entry.expires = keep.and_then(|d| Instant::now().checked_add(d));
-                if clients.len() > SAVED_SESSIONS {
-                    forget_one_saved(&mut clients);
-                }
-            }
-            None => {
-                clients.remove(client_id);
-            }
-        }
-    }
-}
-
-/// Drops expired saved sessions, or failing that the one closest to expiry.
-fn forget_one_saved(clients: &mut HashMap<String, Entry>) {
-    let now = Instant::now();
-    let before = clients.len();
-    clients.retain(|_, e| e.conn.is_some() || e.expires.is_none_or(|t| t > now));
-    if clients.len() < before {
-        return;
-    }
-    let victim = clients
-        .iter()
-        .filter(|(_, e)| e.conn.is_none())
-        .min_by_key(|(_, e)| (e.expires.is_none(), e.expires))
-        .map(|(id, _)| id.clone());
-    if let Some(id) = victim {
-        clients.remove(&id);
-    }
-}
 
 /// Everything a connection task needs from the listener.
 #[derive(Clone)]
@@ -153,7 +53,7 @@ pub struct Shared {
     pub pressure: watch::Receiver<Pressure>,
     pub registry: Registry,
     /// Credentials and topic rights in force; each connection keeps the ones it connected with.
-    pub auth: AuthHandle,
+    pub auth: Live<Auth>,
     pub shutdown: CancellationToken,
 }
 
@@ -635,7 +535,8 @@ impl<S: Stream> Session<S> {
                 return Err(End::new(Some(0x93), true, "receive maximum exceeded"));
             }
         }
-        metrics::counter!("edgegate_mqtt_messages_total", "qos" => qos_label(qos)).increment(1);
+        let delivery = Delivery::Mqtt { qos };
+        metrics::counter!("edgegate_mqtt_messages_total", "qos" => delivery.label()).increment(1);
         let inbound = self.inbound(
             publish.topic,
             publish.payload,
@@ -734,9 +635,10 @@ impl<S: Stream> Session<S> {
         will: bool,
     ) -> Inbound {
         let mut headers = Vec::with_capacity(2 + user_properties.len() + usize::from(will));
+        let delivery = Delivery::Mqtt { qos };
         headers.push((
             "mqtt-qos".to_owned(),
-            Bytes::from_static(qos_label(qos).as_bytes()),
+            Bytes::from_static(delivery.label().as_bytes()),
         ));
         if let Some(content_type) = content_type {
             headers.push(("content-type".to_owned(), Bytes::from(content_type)));
@@ -750,7 +652,7 @@ impl<S: Stream> Session<S> {
             headers.push(("edgegate-will".to_owned(), Bytes::from_static(b"true")));
         }
         Inbound {
-            source: Source::Mqtt,
+            delivery,
             device: self.client_id.clone(),
             topic,
             payload,
@@ -800,7 +702,12 @@ impl<S: Stream> Session<S> {
     /// A publish was not stored. MQTT 5 hears why in its PUBACK/PUBREC; 3.1.1 has no way to
     /// say it, so it gets no ack and is disconnected (and will resend after reconnecting).
     fn reject(&mut self, qos: u8, pkid: u16, rejected: &Rejected) -> Result<(), End> {
-        publish_rejected(self.peer, &self.client_id, qos, rejected);
+        crate::ingest::refused(
+            Delivery::Mqtt { qos },
+            rejected,
+            self.peer,
+            Some(&self.client_id),
+        );
         if matches!(rejected, Rejected::Closed) {
             return Err(End::SHUTDOWN);
         }
@@ -859,6 +766,7 @@ impl<S: Stream> Session<S> {
     }
 
     async fn store_will(&mut self, will: Will) {
+        let qos = will.qos;
         let inbound = self.inbound(
             will.topic,
             will.payload,
@@ -871,91 +779,7 @@ impl<S: Stream> Session<S> {
             Ok(durable) => durable.await.map_err(Rejected::from),
             Err(e) => Err(e),
         };
-        will_stored(self.peer, &self.client_id, result);
-    }
-}
-
-/// The QoS 1/2 packet-id state of one connection, apart from I/O so it can be tested alone.
-///
-/// A packet id is *storing* from its PUBLISH until its append resolves, then (QoS 2 only)
-/// *awaiting release* until PUBREL. A PUBLISH reusing an id in either state is a
-/// retransmission and is not stored again, whatever its DUP flag says (an id stays in use
-/// until its flow completes).
-#[derive(Debug, Default)]
-pub(super) struct Inflight {
-    storing: HashSet<u16>,
-    awaiting_rel: Released,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum OnPublish {
-    /// New: store it (the id is now storing).
-    Store,
-    /// Being stored already: its ack will come when the append resolves.
-    Duplicate,
-    /// QoS 2 stored already; the client missed our PUBREC.
-    ResendPubRec,
-    /// More QoS 1/2 in flight than the receive maximum (MQTT 5: 0x93).
-    OverLimit,
-}
-
-impl Inflight {
-    /// `awaiting_rel` is the session's, shared with its other connections.
-    pub(super) fn new(awaiting_rel: Released) -> Inflight {
-        Inflight {
-            storing: HashSet::new(),
-            awaiting_rel,
-        }
-    }
-
-    fn released(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
-        self.awaiting_rel.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A PUBLISH arrived. `limit` is the receive maximum to enforce, if any.
-    pub(super) fn publish(&mut self, qos: u8, pkid: u16, limit: Option<usize>) -> OnPublish {
-        if qos == 0 {
-            return OnPublish::Store;
-        }
-        if self.storing.contains(&pkid) {
-            return OnPublish::Duplicate;
-        }
-        let awaiting_rel = self.released();
-        if qos == 2 && awaiting_rel.contains(&pkid) {
-            return OnPublish::ResendPubRec;
-        }
-        let in_flight = self.storing.len() + awaiting_rel.len();
-        drop(awaiting_rel);
-        if limit.is_some_and(|limit| in_flight >= limit) {
-            return OnPublish::OverLimit;
-        }
-        self.storing.insert(pkid);
-        OnPublish::Store
-    }
-
-    /// The append of `pkid` resolved, or was refused at once.
-    pub(super) fn stored(&mut self, qos: u8, pkid: u16, ok: bool) {
-        if qos == 0 {
-            return;
-        }
-        self.storing.remove(&pkid);
-        if qos == 2 && ok {
-            self.released().insert(pkid);
-        }
-    }
-
-    /// PUBREL: `Ok(found)`, or `Err` if the id is still being stored (no PUBREC was sent
-    /// yet, so the client skipped a step).
-    pub(super) fn release(&mut self, pkid: u16) -> Result<bool, ()> {
-        if self.storing.contains(&pkid) {
-            return Err(());
-        }
-        Ok(self.released().remove(&pkid))
-    }
-
-    /// QoS 1/2 appends pending.
-    pub(super) fn storing(&self) -> usize {
-        self.storing.len()
+        will_stored(self.peer, &self.client_id, qos, result);
     }
 }
 
@@ -968,105 +792,6 @@ async fn goodbye<S: Stream>(conn: &mut Connection<S>, timeout: Duration) {
     let said_something = conn.has_queued();
     if tokio::time::timeout(timeout, conn.close()).await.is_ok() && said_something {
         conn.linger(LINGER).await;
-    }
-}
-
-fn qos_label(qos: u8) -> &'static str {
-    match qos {
-        0 => "0",
-        1 => "1",
-        _ => "2",
-    }
-}
-
-// Telemetry: each function logs one kind of event and bumps its counter. Hostile or broken
-// clients must not flood the log, so their events are DEBUG; lifecycle events are DEBUG too
-// (one line per connection would drown a gateway with thousands of devices).
-
-fn connected(peer: SocketAddr, client_id: &str, version: Version, keep_alive: u16) {
-    tracing::debug!(%peer, client_id, ?version, keep_alive, "Client connected.");
-}
-
-fn disconnected(peer: SocketAddr, client_id: &str, why: &str) {
-    tracing::debug!(%peer, client_id, why, "Client disconnected.");
-}
-
-fn protocol_error(peer: SocketAddr, client_id: Option<&str>, e: DecodeError) {
-    metrics::counter!("edgegate_mqtt_protocol_errors_total", "kind" => e.kind()).increment(1);
-    tracing::debug!(%peer, client_id, kind = e.kind(), detail = e.detail(), "Closing a connection that broke the protocol.");
-}
-
-fn frame_error(peer: SocketAddr, client_id: Option<&str>, e: &FrameError) {
-    let kind = match e {
-        FrameError::TooLarge { .. } => "too_large",
-        FrameError::BadLength => "malformed",
-        // The peer went away mid-packet: its business, not a protocol error.
-        FrameError::Truncated | FrameError::Io(_) => {
-            tracing::debug!(%peer, client_id, error = %e, "Connection failed.");
-            return;
-        }
-    };
-    metrics::counter!("edgegate_mqtt_protocol_errors_total", "kind" => kind).increment(1);
-    tracing::debug!(%peer, client_id, kind, error = %e, "Closing a connection that sent a bad packet.");
-}
-
-fn io_error(peer: SocketAddr, client_id: &str, e: &std::io::Error) {
-    tracing::debug!(%peer, client_id, error = %e, "Could not write to the client.");
-}
-
-fn unsupported(peer: SocketAddr, frame: &Frame, answer: Unsupported) {
-    let kind = if frame.packet_type() == 1 {
-        "unsupported_version"
-    } else {
-        "protocol"
-    };
-    metrics::counter!("edgegate_mqtt_protocol_errors_total", "kind" => kind).increment(1);
-    tracing::debug!(%peer, kind, ?answer, "Refused a connection that does not speak MQTT 3.1.1 or 5.");
-}
-
-fn timed_out(peer: SocketAddr, client_id: Option<&str>, kind: &'static str) {
-    metrics::counter!("edgegate_mqtt_timeouts_total", "kind" => kind).increment(1);
-    tracing::debug!(%peer, client_id, kind, "Closing a connection that went silent.");
-}
-
-fn refused(peer: SocketAddr, client_id: &str, refusal: Refusal) {
-    let reason = match refusal {
-        Refusal::ClientId => "client_id",
-        Refusal::Busy => "busy",
-        Refusal::AuthMethod => "auth_method",
-        Refusal::Invalid(_) => "invalid",
-        Refusal::BadCredentials => "bad_credentials",
-        Refusal::NotAuthorized => "not_authorized",
-    };
-    metrics::counter!("edgegate_mqtt_connections_refused_total", "reason" => reason).increment(1);
-    tracing::debug!(%peer, client_id, reason, "Refused a CONNECT.");
-}
-
-fn taken_over(peer: SocketAddr, client_id: &str) {
-    metrics::counter!("edgegate_mqtt_takeovers_total").increment(1);
-    tracing::debug!(%peer, client_id, "Closing a connection whose client id connected again.");
-}
-
-fn subscribe_refused(peer: SocketAddr, client_id: &str) {
-    metrics::counter!("edgegate_mqtt_subscribes_refused_total").increment(1);
-    tracing::debug!(%peer, client_id, "Refused a SUBSCRIBE: the gateway has no downlink yet.");
-}
-
-fn publish_rejected(peer: SocketAddr, client_id: &str, qos: u8, rejected: &Rejected) {
-    metrics::counter!("edgegate_mqtt_rejected_total", "reason" => rejected.reason()).increment(1);
-    tracing::debug!(%peer, client_id, qos, reason = rejected.reason(), error = %rejected, "Did not store a publish.");
-}
-
-fn will_stored(peer: SocketAddr, client_id: &str, result: Result<u64, Rejected>) {
-    match result {
-        Ok(seq) => {
-            metrics::counter!("edgegate_mqtt_wills_total", "outcome" => "stored").increment(1);
-            tracing::debug!(%peer, client_id, seq, "Stored the will of a client that went away.");
-        }
-        Err(e) => {
-            metrics::counter!("edgegate_mqtt_wills_total", "outcome" => "rejected").increment(1);
-            tracing::debug!(%peer, client_id, reason = e.reason(), error = %e, "Could not store the will of a client that went away.");
-        }
     }
 }
 
@@ -1089,9 +814,4 @@ pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Shared) {
     refused(peer, "", Refusal::Busy);
     conn.queue(version, &Outgoing::ConnAck(Err(Refusal::Busy)));
     goodbye(&mut conn, timeout).await;
-}
-
-/// A durable message was acknowledged (PUBACK for QoS 1, PUBREC for QoS 2).
-fn acknowledged(packet: &'static str) {
-    metrics::counter!("edgegate_mqtt_acks_total", "packet" => packet).increment(1);
 }

@@ -6,11 +6,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connection::{Connection, Frame, FrameError, parse_header};
+use super::inflight::{Inflight, OnPublish};
 use super::packet::{
     self, DecodeError, Limits, Outgoing, Packet, Refusal, Unsupported, Version, peek_version,
     valid_topic_name,
 };
-use super::session::{Inflight, OnPublish};
 use super::v5;
 
 const LIMITS: Limits = Limits {

@@ -1,19 +1,21 @@
-//! MQTT over TLS: `[mqtt.tls]`, the rustls server configuration built from PEM files, the
-//! handle that SIGHUP swaps, and the device identity read from a client certificate.
+//! MQTT over TLS: `[mqtt.tls]`, the rustls server configuration built from PEM files (a
+//! reloadable setting), the watch on those files, and the device identity read from a client
+//! certificate.
 //!
-//! The crypto provider is `ring` (DESIGN.md: aws-lc does not cross-build for armv7); TLS 1.2
-//! and 1.3. PEM is parsed with `rustls-pki-types`. Client certificates are verified by rustls'
-//! `WebPkiClientVerifier` against `client_ca`, wrapped so that a refused certificate's subject
-//! can be logged as the identity it claimed.
+//! The crypto provider is `ring` (docs/ARCHITECTURE.md: aws-lc does not cross-build for
+//! armv7); TLS 1.2 and 1.3. PEM is parsed with `rustls-pki-types`. Client certificates are
+//! verified by rustls' `WebPkiClientVerifier` against `client_ca`, wrapped so that a refused
+//! certificate's subject can be logged as the identity it claimed.
 //!
-//! Rotation: [`TlsHandle`] holds the current `ServerConfig` behind a lock that is read once
-//! per handshake. [`TlsHandle::reload`] builds a complete new configuration first and swaps it
-//! in only if every file parsed and the key matches the certificate; a connection keeps the
-//! configuration it shook hands with, so nothing established is dropped.
+//! Rotation: the `ServerConfig` is published through [`crate::reload`] and read once per
+//! handshake. A reload (SIGHUP, or [`watch_files`] seeing the files change) builds a complete
+//! new configuration first and publishes it only if every file parsed and the key matches the
+//! certificate; a connection keeps the configuration it shook hands with, so nothing
+//! established is dropped.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use tokio_rustls::rustls;
@@ -22,10 +24,12 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio_rustls::rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::CertClaim;
-use crate::config::Duration;
 use crate::config::problems::Problems;
+use crate::config::{Config, Duration, Loaded, resolve};
+use crate::reload::{Reloadable, Settings};
 
 /// `[mqtt.tls]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -91,16 +95,42 @@ impl TlsConfig {
     /// What the watch compares: per file (certificate, key, client CA) its size, modification
     /// time and inode, or `None` when it cannot be read. Certificate tools replace files by
     /// renaming a new one over them, which changes the inode even within one second.
-    pub fn files_state(&self, base: &Path) -> Vec<Option<(u64, std::time::SystemTime, u64)>> {
+    pub fn files_state(&self) -> Vec<Option<(u64, std::time::SystemTime, u64)>> {
         use std::os::unix::fs::MetadataExt;
         [&self.cert, &self.key, &self.client_ca]
             .into_iter()
             .flatten()
             .map(|file| {
-                let meta = std::fs::metadata(base.join(file)).ok()?;
+                let meta = std::fs::metadata(file).ok()?;
                 Some((meta.len(), meta.modified().ok()?, meta.ino()))
             })
             .collect()
+    }
+
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        for file in [&mut self.cert, &mut self.key, &mut self.client_ca]
+            .into_iter()
+            .flatten()
+        {
+            resolve(file, base);
+        }
+    }
+
+    /// Builds the server configuration from the files (when enabled and both the certificate
+    /// and the key are named: `validate` reports a missing one), each problem at the key
+    /// naming the file at fault.
+    pub(crate) fn load_files(
+        &self,
+        path: &str,
+        problems: &mut Problems,
+    ) -> Option<Loaded<ServerConfig>> {
+        if !self.enabled || self.cert.is_none() || self.key.is_none() {
+            return None;
+        }
+        server_config(self)
+            .map_err(|e| problems.push(format!("{path}.{}", e.key(self)), e.to_string()))
+            .ok()
+            .map(Loaded::new)
     }
 
     pub fn validate(&self, path: &str, problems: &mut Problems) {
@@ -172,6 +202,32 @@ pub enum TlsError {
     },
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
+    #[error("the certificate and key were not read (load the config from its file)")]
+    NotLoaded,
+}
+
+impl TlsError {
+    /// The `[mqtt.tls]` key naming the file at fault.
+    fn key(&self, config: &TlsConfig) -> &'static str {
+        let named = |path: &PathBuf| {
+            if config.key.as_ref() == Some(path) {
+                "key"
+            } else if config.client_ca.as_ref() == Some(path) {
+                "client_ca"
+            } else {
+                "cert"
+            }
+        };
+        match self {
+            TlsError::Read { path, .. } | TlsError::NoCertificate { path } => named(path),
+            TlsError::ClientCa { .. } => "client_ca",
+            TlsError::Key { .. } => "key",
+            TlsError::Missing { what } if what.ends_with("key") => "key",
+            // A CA certificate the root store refuses, or (never seen) the protocol versions.
+            TlsError::Rustls(_) if config.client_ca.is_some() => "client_ca",
+            TlsError::Missing { .. } | TlsError::Rustls(_) | TlsError::NotLoaded => "cert",
+        }
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -195,16 +251,16 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// Builds the server configuration from the files `config` names, relative to `base`.
+/// Builds the server configuration from the files `config` names (paths resolved at load).
 /// Everything is checked here (files parse, the key matches the certificate, the CA bundle
 /// holds usable roots), so a bad set fails before it is used.
-pub fn server_config(config: &TlsConfig, base: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let cert_path = base.join(config.cert.as_ref().ok_or(TlsError::Missing {
+pub fn server_config(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    let cert_path = config.cert.clone().ok_or(TlsError::Missing {
         what: "[mqtt.tls] cert",
-    })?);
-    let key_path = base.join(config.key.as_ref().ok_or(TlsError::Missing {
+    })?;
+    let key_path = config.key.clone().ok_or(TlsError::Missing {
         what: "[mqtt.tls] key",
-    })?);
+    })?;
     let chain = certificates(&cert_path)?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|source| TlsError::Read {
         path: key_path.clone(),
@@ -218,7 +274,7 @@ pub fn server_config(config: &TlsConfig, base: &Path) -> Result<Arc<ServerConfig
         ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
     let builder = match (&config.client_ca, config.client_certs) {
         (Some(ca), ClientCerts::Optional | ClientCerts::Required) => {
-            let ca_path = base.join(ca);
+            let ca_path = ca.clone();
             let mut roots = rustls::RootCertStore::empty();
             for cert in certificates(&ca_path)? {
                 roots.add(cert)?;
@@ -245,46 +301,64 @@ pub fn server_config(config: &TlsConfig, base: &Path) -> Result<Arc<ServerConfig
             key: key_path,
             source,
         })?;
-    Ok(Arc::new(server))
+    Ok(server)
 }
 
-/// The TLS configuration in force, swapped whole on reload.
-#[derive(Clone)]
-pub struct TlsHandle {
-    current: Arc<RwLock<Arc<ServerConfig>>>,
+/// The certificate, key and client CA change on reload; each handshake uses the set in force
+/// when it starts, and a connection keeps the set it shook hands with.
+impl Reloadable for ServerConfig {
+    const KEYS: &'static [&'static str] = &["mqtt.tls"];
+    type Error = TlsError;
+
+    fn build(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
+        let loaded = config.files.mqtt_tls.as_ref();
+        loaded.map(|l| l.get().clone()).ok_or(TlsError::NotLoaded)
+    }
+
+    fn reloaded(&self, config: &Config) {
+        tracing::info!(
+            cert = ?config.mqtt.tls.cert,
+            client_ca = ?config.mqtt.tls.client_ca,
+            "Reloaded the MQTT TLS certificate, key and client CA."
+        );
+    }
+
+    fn kept(error: &dyn std::fmt::Display) {
+        tracing::error!(%error, "Kept the MQTT TLS certificate in force: the new set is unusable.");
+    }
 }
 
-impl TlsHandle {
-    pub fn new(config: Arc<ServerConfig>) -> TlsHandle {
-        TlsHandle {
-            current: Arc::new(RwLock::new(config)),
-        }
+/// Rebuilds the TLS setting whenever the certificate, key or client CA named by the latest
+/// config change on disk, every `[mqtt.tls] watch_interval` ("0s": never), until `shutdown`.
+/// A set that does not load (a key written before its certificate) is logged and the old one
+/// stays; the next change is tried again, an unchanged bad set is not.
+pub async fn watch_files(settings: Arc<Settings>, shutdown: CancellationToken) {
+    let mut configs = settings.config();
+    let every = configs.borrow().mqtt.tls.watch_interval.get();
+    if every.is_zero() {
+        return;
     }
-
-    /// The configuration for the next handshake.
-    pub fn current(&self) -> Arc<ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Loads the files again; on any problem the configuration in force stays, and the
-    /// problem is logged as an ERROR.
-    pub fn reload(&self, config: &TlsConfig, base: &Path) -> Result<(), TlsError> {
-        match server_config(config, base) {
-            Ok(new) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
-                tracing::info!(
-                    cert = ?config.cert,
-                    client_ca = ?config.client_ca,
-                    "Reloaded the MQTT TLS certificate, key and client CA."
-                );
-                Ok(())
-            }
-            Err(error) => {
-                tracing::error!(%error, "Kept the MQTT TLS certificate in force: the new set is unusable.");
-                Err(error)
+    let state = |config: &Config| config.mqtt.tls.files_state();
+    // The state of the files when they were last loaded.
+    let mut loaded = state(&configs.borrow_and_update());
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            // A reload loaded the files (maybe others) itself.
+            changed = configs.changed() => match changed {
+                Ok(()) => loaded = state(&configs.borrow_and_update()),
+                Err(_) => return,
+            },
+            _ = tick.tick() => {
+                let tls = configs.borrow().mqtt.tls.clone();
+                let now = tls.files_state();
+                if now != loaded {
+                    tracing::info!("The MQTT TLS certificate files changed on disk; reloading them.");
+                    settings.replace(server_config(&tls).map(Arc::new));
+                    loaded = now;
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Our own MQTT 5 decoder for the packets a client sends to a server, and the DISCONNECT
 //! encoder.
 //!
-//! DESIGN.md lists what rumqttc's v5 codec gets wrong (it rejects mosquitto's `e0 00`
+//! docs/ARCHITECTURE.md lists what rumqttc's v5 codec gets wrong (it rejects mosquitto's `e0 00`
 //! DISCONNECT, drops the reason code of a reason-only DISCONNECT, cannot use AUTH) and what it
 //! does not check: a property section may overrun into the payload, duplicate properties
 //! silently overwrite each other, properties not allowed in a packet are accepted, strings may

@@ -1,0 +1,204 @@
+//! The dead-letter log: records Kafka refused for good (an unknown or forbidden topic, a
+//! record too large for its topic), moved out of the main log so they never block it, and
+//! kept for `edgegate dead-letters`.
+//!
+//! It is a second [`Log`](crate::buffer::Log) in [`DIR`] under the buffer directory, with the
+//! main log's settings (encryption included) but an eighth of its size and `drop_oldest`:
+//! refused records must never stop the main log. A dead-lettered record is the original plus
+//! two headers, [`ERROR`] and [`FAILED_SEQ`]; [`DeadLetter`] reads them back.
+
+use std::io::Write;
+
+use bytes::Bytes;
+
+use crate::buffer::{LogConfig, LogError, Overflow};
+use crate::record::Record;
+
+/// The dead-letter log's directory, under the main log's.
+pub const DIR: &str = "dead-letter";
+
+/// Added to a dead-lettered record: why Kafka refused it.
+pub const ERROR: &str = "edgegate-error";
+/// Added to a dead-lettered record: its sequence number in the main log.
+pub const FAILED_SEQ: &str = "edgegate-failed-seq";
+
+/// The dead-letter log's config, from the main log's: in [`DIR`] beneath it, an eighth of its
+/// `max_bytes` (at least two segments), dropping its oldest records when full.
+pub fn log_config(main: &LogConfig) -> LogConfig {
+    LogConfig {
+        dir: main.dir.join(DIR),
+        overflow: Overflow::DropOldest,
+        max_bytes: (main.max_bytes / 8).max(main.segment_bytes * 2),
+        ..main.clone()
+    }
+}
+
+/// The record as it goes to the dead-letter log: unchanged, plus why and where it failed.
+pub fn copy(record: &Record, seq: u64, error: &str) -> Record {
+    let mut r = record.clone();
+    r.headers
+        .push((ERROR.to_owned(), Bytes::from(error.to_owned())));
+    r.headers
+        .push((FAILED_SEQ.to_owned(), Bytes::from(seq.to_string())));
+    r
+}
+
+/// A record read back from the dead-letter log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The record as stored, the two headers above included.
+    pub record: Record,
+    /// Why Kafka refused it.
+    pub error: Option<String>,
+    /// Its sequence number in the main log, as written.
+    pub failed_seq: Option<String>,
+}
+
+impl DeadLetter {
+    pub fn read(record: Record) -> DeadLetter {
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .rev()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        DeadLetter {
+            error: header(ERROR),
+            failed_seq: header(FAILED_SEQ),
+            record,
+        }
+    }
+}
+
+impl DeadLetter {
+    /// One line of `edgegate dead-letters`: the error, where it failed, the record's fields,
+    /// its headers and its payload (as text, or hex when it is not UTF-8).
+    pub fn json(&self, seq: u64) -> serde_json::Value {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let r = &self.record;
+        let mut line = serde_json::json!({
+            "seq": seq,
+            "error": self.error,
+            "failed_seq": self.failed_seq,
+            "received_ms": r.received_ms,
+            "source": r.source.name(),
+            "device": r.device,
+            "origin": r.origin,
+            "topic": r.kafka_topic,
+            "key": r.key.as_deref().map(text),
+            "headers": r
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), serde_json::Value::from(text(v))))
+                .collect::<serde_json::Map<_, _>>(),
+        });
+        if let Some(line) = line.as_object_mut() {
+            match std::str::from_utf8(&r.payload) {
+                Ok(s) => line.insert("payload".into(), s.into()),
+                Err(_) => line.insert(
+                    "payload_hex".into(),
+                    r.payload
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                        .into(),
+                ),
+            };
+        }
+        line
+    }
+}
+
+/// What [`print`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Printed {
+    pub records: usize,
+    /// Of which could not be read (a missing key, damage): `{"seq", "unreadable"}` lines.
+    pub unreadable: usize,
+}
+
+/// Writes the dead-letter log of the main log `main` to `out` as JSON lines, oldest first,
+/// at most `limit` of them. Reads the files without opening the log (no lock), so it works
+/// beside the running gateway. `None` when there is no dead-letter log.
+pub fn print(
+    main: &LogConfig,
+    limit: Option<usize>,
+    mut out: impl Write,
+) -> Option<Result<Printed, LogError>> {
+    let dir = log_config(main).dir;
+    if !dir.exists() {
+        return None;
+    }
+    let mut printed = Printed::default();
+    let result = crate::buffer::inspect(&dir, main.keys.as_deref(), |seq, record| {
+        let line = match record {
+            Ok(record) => DeadLetter::read(record).json(seq),
+            Err(why) => {
+                printed.unreadable += 1;
+                serde_json::json!({ "seq": seq, "unreadable": why })
+            }
+        };
+        printed.records += 1;
+        writeln!(out, "{line}").is_ok() && limit.is_none_or(|l| printed.records < l)
+    });
+    Some(result.map(|()| printed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Source;
+
+    #[test]
+    fn a_copy_reads_back_as_what_it_says() {
+        let record = Record {
+            source: Source::Coap,
+            received_ms: 1,
+            device: "d".into(),
+            origin: "coap/d".into(),
+            kafka_topic: "t".into(),
+            key: None,
+            headers: vec![("unit".into(), Bytes::from_static(b"C"))],
+            payload: Bytes::from_static(b"x"),
+        };
+        let copy = copy(&record, 99, "Broker: Message size too large");
+        assert_eq!(copy.payload, record.payload);
+        assert_eq!(copy.headers.len(), 3);
+        assert_eq!(
+            copy.headers[1],
+            (
+                ERROR.to_owned(),
+                Bytes::from_static(b"Broker: Message size too large")
+            )
+        );
+        assert_eq!(
+            copy.headers[2],
+            (FAILED_SEQ.to_owned(), Bytes::from_static(b"99"))
+        );
+        let read = DeadLetter::read(copy.clone());
+        assert_eq!(
+            read.error.as_deref(),
+            Some("Broker: Message size too large")
+        );
+        assert_eq!(read.failed_seq.as_deref(), Some("99"));
+        assert_eq!(read.record, copy);
+        assert_eq!(DeadLetter::read(record).error, None);
+    }
+
+    #[test]
+    fn the_dead_letter_log_is_an_eighth_of_the_main_one_beneath_it() {
+        let main = LogConfig::new("/var/lib/edgegate/log");
+        let dead = log_config(&main);
+        assert_eq!(dead.dir, main.dir.join("dead-letter"));
+        assert_eq!(dead.max_bytes, main.max_bytes / 8);
+        assert_eq!(dead.overflow, Overflow::DropOldest);
+        let small = LogConfig {
+            max_bytes: 1 << 20,
+            segment_bytes: 256 << 10,
+            ..main
+        };
+        assert_eq!(log_config(&small).max_bytes, 512 << 10);
+    }
+}

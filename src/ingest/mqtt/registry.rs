@@ -1,0 +1,119 @@
+//! The client ids the gateway knows: connected ones, so a second CONNECT with the same id
+//! takes the first connection over (on either listener), and disconnected persistent
+//! sessions, whose QoS 2 state a reconnecting client finds again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Disconnected persistent sessions remembered at most; beyond this the one closest to
+/// expiry is forgotten (its client then hears "no session" and starts afresh).
+const SAVED_SESSIONS: usize = 16_384;
+
+/// QoS 2 packet ids stored and PUBREC'd, awaiting PUBREL. Shared by every connection of one
+/// persistent session, so a client that reconnects (or takes over its own half-dead
+/// connection) and resends an unreleased QoS 2 PUBLISH does not get it stored twice.
+pub(super) type Released = Arc<Mutex<HashSet<u16>>>;
+
+/// Client ids the gateway knows: connected ones (for takeover) and disconnected persistent
+/// sessions (for their QoS 2 state). In memory only: a restart forgets them.
+#[derive(Clone, Default)]
+pub struct Registry {
+    clients: Arc<Mutex<HashMap<String, Entry>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+struct Entry {
+    /// The connection holding the client id, with the token that closes it on takeover.
+    conn: Option<(u64, CancellationToken)>,
+    awaiting_rel: Released,
+    /// When a disconnected session is forgotten; `None` while connected, or never (3.1.1).
+    expires: Option<Instant>,
+}
+
+/// What a CONNECT gets from the registry.
+pub(super) struct Registered {
+    pub(super) conn_id: u64,
+    pub(super) taken_over: CancellationToken,
+    pub(super) awaiting_rel: Released,
+    pub(super) session_present: bool,
+}
+
+impl Registry {
+    /// Registers `client_id`, telling the connection that held it (if any) to close. Without
+    /// `clean_start` the previous session's QoS 2 state carries over.
+    pub(super) fn register(&self, client_id: &str, clean_start: bool) -> Registered {
+        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let taken_over = CancellationToken::new();
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = clients.remove(client_id);
+        if let Some((_, old)) = previous.as_ref().and_then(|e| e.conn.as_ref()) {
+            old.cancel();
+        }
+        let alive = previous.filter(|e| e.expires.is_none_or(|t| t > Instant::now()));
+        let (awaiting_rel, session_present) = match alive {
+            Some(entry) if !clean_start => (entry.awaiting_rel, true),
+            _ => (Released::default(), false),
+        };
+        clients.insert(
+            client_id.to_owned(),
+            Entry {
+                conn: Some((conn_id, taken_over.clone())),
+                awaiting_rel: awaiting_rel.clone(),
+                expires: None,
+            },
+        );
+        Registered {
+            conn_id,
+            taken_over,
+            awaiting_rel,
+            session_present,
+        }
+    }
+
+    /// The connection ended. Unless a newer connection took the client id over, the
+    /// session is forgotten, or kept for `keep` (`Some(None)`: until a clean start).
+    pub(super) fn unregister(&self, client_id: &str, conn_id: u64, keep: Option<Option<Duration>>) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = clients.get_mut(client_id) else {
+            return;
+        };
+        if entry.conn.as_ref().is_none_or(|(id, _)| *id != conn_id) {
+            return;
+        }
+        match keep {
+            Some(keep) => {
+                entry.conn = None;
+                entry.expires = keep.and_then(|d| Instant::now().checked_add(d));
+                if clients.len() > SAVED_SESSIONS {
+                    forget_one_saved(&mut clients);
+                }
+            }
+            None => {
+                clients.remove(client_id);
+            }
+        }
+    }
+}
+
+/// Drops expired saved sessions, or failing that the one closest to expiry.
+fn forget_one_saved(clients: &mut HashMap<String, Entry>) {
+    let now = Instant::now();
+    let before = clients.len();
+    clients.retain(|_, e| e.conn.is_some() || e.expires.is_none_or(|t| t > now));
+    if clients.len() < before {
+        return;
+    }
+    let victim = clients
+        .iter()
+        .filter(|(_, e)| e.conn.is_none())
+        .min_by_key(|(_, e)| (e.expires.is_none(), e.expires))
+        .map(|(id, _)| id.clone());
+    if let Some(id) = victim {
+        clients.remove(&id);
+    }
+}
