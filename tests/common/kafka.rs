@@ -257,6 +257,16 @@ impl Exclusive {
         broker_ctl("start");
     }
 
+    /// Freezes the broker process (SIGSTOP): connections are accepted, nothing answers.
+    pub fn pause_broker(&self) {
+        broker_ctl("pause");
+    }
+
+    /// Lets a paused broker run on (SIGCONT); returns once it answers.
+    pub fn resume_broker(&self) {
+        broker_ctl("resume");
+    }
+
     /// `stop_broker` off the async runtime's threads.
     pub async fn stop_broker_async(&self) {
         broker_ctl_async("stop").await;
@@ -287,11 +297,11 @@ impl Drop for Exclusive {
 
 fn broker_ctl(command: &'static str) {
     // Marked down before stopping: a stop that fails halfway still gets a restart attempt.
-    if command != "start" {
+    if command != "start" && command != "resume" {
         BROKER_DOWN.store(true, Ordering::SeqCst);
     }
     kafka().ctl(command).unwrap_or_else(|e| panic!("{e}"));
-    if command == "start" {
+    if command == "start" || command == "resume" {
         BROKER_DOWN.store(false, Ordering::SeqCst);
     }
 }
