@@ -50,13 +50,19 @@ pub struct KafkaConfig {
     /// re-sends); it doubles, with jitter, up to `retry_backoff_max`.
     pub retry_backoff_min: Duration,
     pub retry_backoff_max: Duration,
+    /// Longest wait between two attempts to connect to a broker that refused or dropped the
+    /// connection. Short (librdkafka's own default is 10 s): every second of it is a second
+    /// the backlog waits after Kafka is back, and a broker that is up only briefly (a
+    /// flapping link, a rolling restart) is missed entirely by a longer one.
+    pub reconnect_backoff_max: Duration,
     /// A delivery that takes longer than this counts as a timeout: the window shrinks and a
     /// warning is logged. The record itself is never given up on (the log is the buffer).
     pub delivery_timeout: Duration,
-    /// The forwarder's own liveness bound: records are in flight, nothing has been delivered
-    /// and no bytes have moved for this long, yet a broker answers a metadata request. Then
-    /// the producer is stuck (not Kafka away, not a slow link): it is logged as an ERROR and
-    /// rebuilt, and every unfinished record is sent again in order.
+    /// The forwarder's own liveness bound (see `forward::liveness`): records are in flight,
+    /// nothing has been delivered and no bytes have moved for this long, a broker answers a
+    /// metadata request, and still nothing moves for this long again. Then the producer is
+    /// stuck (not Kafka away, not a slow link): it is logged as an ERROR and rebuilt, and
+    /// every unfinished record is sent again in order.
     pub stall_timeout: Duration,
     /// TLS to the brokers (`SSL`, or `SASL_SSL` with `sasl`). Off when absent.
     pub tls: Option<KafkaTls>,
@@ -79,6 +85,7 @@ impl Default for KafkaConfig {
             max_in_flight_bytes: ByteSize::mib(4),
             retry_backoff_min: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(10),
+            reconnect_backoff_max: Duration::from_secs(1),
             delivery_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(60),
             tls: None,
@@ -278,6 +285,13 @@ impl KafkaConfig {
                 "must be at least retry_backoff_min and at most 300s",
             );
         }
+        let reconnect = self.reconnect_backoff_max.get();
+        if reconnect < min || reconnect > std::time::Duration::from_secs(300) {
+            problems.push(
+                format!("{path}.reconnect_backoff_max"),
+                "must be at least retry_backoff_min and at most 300s",
+            );
+        }
         if self.delivery_timeout.get() < std::time::Duration::from_secs(1) {
             problems.push(format!("{path}.delivery_timeout"), "must be at least 1s");
         }
@@ -379,7 +393,7 @@ impl KafkaConfig {
             )
             .set(
                 "reconnect.backoff.max.ms",
-                millis(self.retry_backoff_max).to_string(),
+                millis(self.reconnect_backoff_max).to_string(),
             )
             // Broker states for the link-state tracker, also when no record is moving.
             .set("statistics.interval.ms", "2000");

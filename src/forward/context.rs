@@ -124,14 +124,24 @@ impl ClientContext for ForwardContext {
         }
     }
 
+    /// Besides the error callback, the link state follows the broker states every report:
+    /// librdkafka suppresses an error identical to the last one within 30 s, so a quick
+    /// second outage with the same "connection refused" never reaches the error callback.
     fn stats(&self, statistics: Statistics) {
         self.health.update(&statistics);
-        let up = statistics
-            .brokers
-            .values()
-            .any(|b| b.state == "UP" && b.source != "internal" && b.source != "logical");
-        if up {
+        let real = || {
+            statistics
+                .brokers
+                .values()
+                .filter(|b| b.source != "internal" && b.source != "logical")
+        };
+        if real().any(|b| b.state == "UP") {
             self.link.up();
+        } else if let Some(b) = real().find(|b| failing(&b.state, b.stateage)) {
+            self.link.down(&format!(
+                "{}: no connection to any broker (state {})",
+                b.name, b.state
+            ));
         }
     }
 
@@ -173,6 +183,18 @@ impl ProducerContext for ForwardContext {
             attempt: tag.attempt,
             result,
         });
+    }
+}
+
+/// A broker state (with its age in microseconds) that means the connection failed: it
+/// went down, waits to retry, or has been trying to connect, authenticate or negotiate for
+/// longer than a healthy broker takes. `INIT` (never needed yet) is not a failure.
+fn failing(state: &str, age_us: i64) -> bool {
+    const SLOW_US: i64 = 5_000_000;
+    match state {
+        "DOWN" | "TRY_CONNECT" => true,
+        "UP" | "UPDATE" | "INIT" => false,
+        _ => age_us > SLOW_US,
     }
 }
 

@@ -58,8 +58,9 @@
 //! `batch_max_bytes`. The window (records and bytes in flight) starts small, doubles with
 //! each cleanly delivered window up to `max_in_flight_*`, halves on trouble (a stall longer
 //! than `delivery_timeout`, librdkafka refusing records, a rebuilt producer); our re-sends
-//! back off exponentially with jitter, and librdkafka's own retries and reconnects use the
-//! same bounds (`retry.backoff.*`, `reconnect.backoff.*`, jittered by librdkafka). One INFO
+//! back off exponentially with jitter, and librdkafka's own retries use the same bounds
+//! (`retry.backoff.*`; reconnects `reconnect.backoff.*` up to `reconnect_backoff_max`, 1 s by
+//! default, so a returning broker is found at once; jittered by librdkafka). One INFO
 //! line is logged when the window changes materially (mode flip, 4× step, a bound).
 //! librdkafka's queue is capped (`queue.buffering.max.*`) at twice the largest window, so
 //! memory stays flat however large the backlog on disk.
