@@ -17,6 +17,8 @@ pub mod admin;
 pub mod auth;
 pub mod buffer;
 pub mod config;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod forward;
 pub mod ingest;
 pub mod logging;

@@ -8,10 +8,15 @@
 //!   connections (a slow link uploading a large batch), or having nothing in flight.
 //! * After `stall_timeout` without progress, a **probe** asks the brokers for metadata
 //!   through a client of its own (the stuck producer's answer would prove nothing).
-//! * The probe answers: the producer is **stalled**. The worker logs an ERROR with what it
-//!   saw, rebuilds the producer and sends every unfinished record again in order. The probe
-//!   gets no answer: it is an outage, not a stall; probes go on at a growing interval (up
-//!   to [`MAX_PROBE_INTERVAL`]) so a wedged producer is still found once Kafka returns.
+//! * The probe gets no answer: it is an outage, not a stall; probes go on at a growing
+//!   interval (up to [`MAX_PROBE_INTERVAL`]) so a wedged producer is still found once Kafka
+//!   returns.
+//! * The probe answers: Kafka is there, but the producer may only just be getting back to it
+//!   (a reconnect back-off of up to `reconnect_backoff_max`, a producer id to acquire, a drain
+//!   to finish). It gets another `stall_timeout`; if a second probe still finds Kafka
+//!   answering and nothing has moved since the first answered, the producer is **stalled**.
+//!   The worker logs an ERROR with what it saw, rebuilds the producer and sends every
+//!   unfinished record again in order.
 //! * A stall that outlives a rebuild by another `stall_timeout` is **stuck**: the heartbeat
 //!   that feeds systemd's watchdog stops, so systemd restarts the gateway as a last resort.
 //!
@@ -32,8 +37,12 @@ pub const MOVING_BYTES: u64 = 64 * 1024;
 /// What a probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// A broker answers but nothing moved: rebuild the producer.
+    /// A broker answers but nothing has moved since a probe found it answering
+    /// `stall_timeout` ago: rebuild the producer.
     Stalled,
+    /// A broker answers, for the first time since nothing moved: give the producer another
+    /// `stall_timeout` to use it.
+    Answering,
     /// No broker answers: an outage. Nothing to do but wait.
     Unreachable,
     /// Progress came while the probe ran: nothing to do.
@@ -50,8 +59,11 @@ pub struct Liveness {
     /// No probe before this.
     next_probe: Instant,
     probe_interval: Duration,
-    /// When a probe first found the brokers answering while nothing moved; cleared by
-    /// progress.
+    /// When a probe's answer showed the brokers answering, with nothing moving since;
+    /// cleared by progress and by a probe that gets no answer.
+    answering_since: Option<Instant>,
+    /// When the producer was first found stalled; cleared by progress and by a probe that
+    /// gets no answer.
     stalled_since: Option<Instant>,
 }
 
@@ -64,6 +76,7 @@ impl Liveness {
             probing: false,
             next_probe: now,
             probe_interval: stall_timeout,
+            answering_since: None,
             stalled_since: None,
         }
     }
@@ -71,17 +84,22 @@ impl Liveness {
     /// A delivery report arrived (any outcome), or nothing is in flight.
     pub fn progress(&mut self, now: Instant) {
         self.since = now;
+        self.answering_since = None;
         self.stalled_since = None;
         self.probe_interval = self.stall_timeout;
         self.next_probe = now;
     }
 
     /// A new producer instance: its byte count starts again, and it gets a full
-    /// `stall_timeout` to show progress before it is probed.
+    /// `stall_timeout` to show progress before it is probed. Kafka was answering when it
+    /// was made (if it was), so one more answering probe finds it stalled too.
     pub fn new_producer(&mut self, now: Instant) {
         self.since = now;
         self.bytes_at = 0;
         self.next_probe = now;
+        if self.answering_since.is_some() {
+            self.answering_since = Some(now);
+        }
     }
 
     /// Called twice a second. `waiting` says whether records are handed to librdkafka and
@@ -97,6 +115,7 @@ impl Liveness {
             // Bytes moved (or the count restarted): a slow link, not a stall.
             self.bytes_at = bytes;
             self.since = now;
+            self.answering_since = None;
             self.stalled_since = None;
         }
         if self.probing
@@ -115,15 +134,32 @@ impl Liveness {
         if self.since > started {
             return Verdict::Moving;
         }
-        if answered {
-            self.stalled_since.get_or_insert(now);
-            self.probe_interval = self.stall_timeout;
-            self.next_probe = now + self.stall_timeout;
-            Verdict::Stalled
-        } else {
+        if !answered {
+            self.answering_since = None;
+            self.stalled_since = None;
             self.next_probe = now + self.probe_interval;
             self.probe_interval = (self.probe_interval * 2).min(MAX_PROBE_INTERVAL);
-            Verdict::Unreachable
+            return Verdict::Unreachable;
+        }
+        self.probe_interval = self.stall_timeout;
+        match self.answering_since {
+            Some(at) if self.since <= at && started.duration_since(at) >= self.stall_timeout => {
+                self.stalled_since.get_or_insert(now);
+                self.next_probe = now + self.stall_timeout;
+                Verdict::Stalled
+            }
+            Some(at) => {
+                self.next_probe = at + self.stall_timeout;
+                Verdict::Answering
+            }
+            // From the answer, not from the probe's start: a probe may wait several seconds
+            // for a broker that is still starting, and the producer deserves the whole
+            // timeout with Kafka actually there.
+            None => {
+                self.answering_since = Some(now);
+                self.next_probe = now + self.stall_timeout;
+                Verdict::Answering
+            }
         }
     }
 
@@ -132,11 +168,13 @@ impl Liveness {
         self.stalled_since.is_some()
     }
 
-    /// Stalled for longer than `stall_timeout`: a rebuild did not help. The watchdog should
-    /// stop being fed.
+    /// Stalled for longer than `stall_timeout` with Kafka answering: a rebuild did not help.
+    /// The watchdog should stop being fed.
     pub fn stuck(&self, now: Instant) -> bool {
-        self.stalled_since
-            .is_some_and(|at| now.duration_since(at) >= self.stall_timeout)
+        self.answering_since.is_some()
+            && self
+                .stalled_since
+                .is_some_and(|at| now.duration_since(at) >= self.stall_timeout)
     }
 
     /// How long nothing has moved.
@@ -155,6 +193,17 @@ mod tests {
         base + Duration::from_secs(secs)
     }
 
+    /// Checks until a probe is due, stepping a second at a time from `now`.
+    fn until_probe(l: &mut Liveness, now: &mut Instant, bytes: u64) {
+        for _ in 0..10_000 {
+            if l.check(*now, true, bytes) {
+                return;
+            }
+            *now += Duration::from_secs(1);
+        }
+        panic!("no probe was due");
+    }
+
     #[test]
     fn nothing_in_flight_is_never_a_stall() {
         let t0 = Instant::now();
@@ -166,31 +215,92 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_producer_is_probed_after_the_timeout_once_at_a_time() {
+    fn kafka_answering_twice_a_timeout_apart_with_nothing_moving_is_a_stall() {
         let t0 = Instant::now();
         let mut l = Liveness::new(T, t0);
         assert!(!l.check(at(t0, 59), true, 0));
         assert!(l.check(at(t0, 60), true, 0), "probe due");
         assert!(!l.check(at(t0, 61), true, 0), "one probe at a time");
-        assert_eq!(l.probed(at(t0, 62), at(t0, 60), true), Verdict::Stalled);
+        assert_eq!(l.probed(at(t0, 62), at(t0, 60), true), Verdict::Answering);
+        assert!(
+            !l.stalled(),
+            "one answer is not a stall: the producer may be reconnecting"
+        );
+        assert!(!l.check(at(t0, 121), true, 0));
+        assert!(l.check(at(t0, 122), true, 0));
+        assert_eq!(l.probed(at(t0, 123), at(t0, 122), true), Verdict::Stalled);
         assert!(l.stalled());
-        assert!(!l.stuck(at(t0, 62)));
+        assert!(!l.stuck(at(t0, 123)));
         // The worker rebuilds; the new producer gets a full timeout.
-        l.new_producer(at(t0, 62));
-        assert!(!l.check(at(t0, 100), true, 0));
-        assert!(l.stuck(at(t0, 122)), "a rebuild that did not help is stuck");
-        assert!(l.check(at(t0, 122), true, 0), "and it is probed again");
+        l.new_producer(at(t0, 124));
+        assert!(!l.check(at(t0, 150), true, 0));
+        assert!(l.stuck(at(t0, 183)), "a rebuild that did not help is stuck");
+        assert!(l.check(at(t0, 184), true, 0), "and it is probed again");
+        assert_eq!(l.probed(at(t0, 185), at(t0, 184), true), Verdict::Stalled);
+    }
+
+    #[test]
+    fn a_producer_that_resumes_after_kafka_returns_is_not_stalled() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(T, t0);
+        let mut now = t0;
+        // An outage: probes find nobody.
+        until_probe(&mut l, &mut now, 0);
+        assert_eq!(l.probed(now, now, false), Verdict::Unreachable);
+        // Kafka is back; the producer waits out its reconnect back-off.
+        until_probe(&mut l, &mut now, 0);
+        assert_eq!(l.probed(now, now, true), Verdict::Answering);
+        now += Duration::from_secs(10);
+        l.progress(now);
+        assert!(!l.stalled());
+        assert!(!l.check(now + Duration::from_secs(30), true, 0));
+    }
+
+    #[test]
+    fn a_late_answer_counts_from_when_it_came() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(T, t0);
+        assert!(l.check(at(t0, 60), true, 0));
+        // The probe waited for a broker that was starting and got its answer late.
+        assert_eq!(l.probed(at(t0, 70), at(t0, 60), true), Verdict::Answering);
+        assert!(
+            !l.check(at(t0, 120), true, 0),
+            "the producer gets the whole timeout"
+        );
+        assert!(l.check(at(t0, 130), true, 0));
+        assert_eq!(l.probed(at(t0, 131), at(t0, 130), true), Verdict::Stalled);
     }
 
     #[test]
     fn any_delivery_clears_a_stall() {
         let t0 = Instant::now();
         let mut l = Liveness::new(T, t0);
-        assert!(l.check(at(t0, 60), true, 0));
-        assert_eq!(l.probed(at(t0, 61), at(t0, 60), true), Verdict::Stalled);
-        l.progress(at(t0, 70));
+        let mut now = t0;
+        until_probe(&mut l, &mut now, 0);
+        assert_eq!(l.probed(now, now, true), Verdict::Answering);
+        until_probe(&mut l, &mut now, 0);
+        assert_eq!(l.probed(now, now, true), Verdict::Stalled);
+        l.progress(now + Duration::from_secs(1));
         assert!(!l.stalled());
-        assert!(!l.stuck(at(t0, 500)));
+        assert!(!l.stuck(now + Duration::from_secs(500)));
+    }
+
+    #[test]
+    fn an_outage_after_a_stall_is_not_stuck() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(T, t0);
+        let mut now = t0;
+        until_probe(&mut l, &mut now, 0);
+        l.probed(now, now, true);
+        until_probe(&mut l, &mut now, 0);
+        assert_eq!(l.probed(now, now, true), Verdict::Stalled);
+        l.new_producer(now);
+        until_probe(&mut l, &mut now, 0);
+        assert_eq!(l.probed(now, now, false), Verdict::Unreachable);
+        assert!(
+            !l.stuck(now + Duration::from_secs(600)),
+            "Kafka went away: an outage"
+        );
     }
 
     #[test]
@@ -214,20 +324,13 @@ mod tests {
         let mut gaps = vec![];
         let mut last = now;
         for _ in 0..8 {
-            while !l.check(now, true, 0) {
-                now += Duration::from_secs(1);
-            }
+            until_probe(&mut l, &mut now, 0);
             gaps.push(now.duration_since(last).as_secs());
             last = now;
             assert_eq!(l.probed(now, now, false), Verdict::Unreachable);
             assert!(!l.stalled());
         }
         assert_eq!(gaps, [0, 60, 120, 240, 300, 300, 300, 300]);
-        // When Kafka returns and the producer does not deliver, the next probe finds it.
-        while !l.check(now, true, 0) {
-            now += Duration::from_secs(1);
-        }
-        assert_eq!(l.probed(now, now, true), Verdict::Stalled);
     }
 
     #[test]

@@ -200,6 +200,8 @@ pub struct Worker<S, D> {
     backoff: Backoff,
     /// A slow delivery was reported and no delivery has happened since.
     slow: bool,
+    /// Main producer instances created so far (the first is 0).
+    producers_created: u32,
     /// Records delivered since start (mirrored into `progress` once per batch of reports).
     delivered: u64,
     progress: watch::Sender<Progress>,
@@ -279,6 +281,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             window,
             backoff,
             slow: false,
+            producers_created: 0,
             delivered: 0,
             progress,
         }
@@ -288,7 +291,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         self.settings.grace = grace;
     }
 
-    fn create_producer(&self, alone: bool) -> Result<Instance, ForwardError> {
+    fn create_producer(&mut self, alone: bool) -> Result<Instance, ForwardError> {
         let health = Arc::new(ClientHealth::default());
         let context = ForwardContext {
             deliveries: self.deliveries_tx.clone(),
@@ -300,8 +303,19 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         } else {
             &self.client_config
         };
+        #[cfg(feature = "fault-injection")]
+        let faulty = if alone {
+            None
+        } else {
+            crate::fault::producer_config(config, self.producers_created)
+        };
+        #[cfg(feature = "fault-injection")]
+        let config = faulty.as_ref().unwrap_or(config);
         let producer = KafkaProducer::from_config_and_context(config, context)
             .map_err(ForwardError::Client)?;
+        if !alone {
+            self.producers_created += 1;
+        }
         Ok(Instance {
             producer,
             health,
@@ -792,21 +806,27 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         });
     }
 
-    /// A probe's answer: a stall (rebuild), an outage (the link is down, whatever the
-    /// producer says), or progress meanwhile (nothing to do).
+    /// A probe's answer: a stall (rebuild), or nothing to do yet. The link state stays the
+    /// producer's own (its errors, statistics and deliveries): a second opinion from another
+    /// client would only make the log lines flap.
     fn on_probe(&mut self, probed: Probed) {
         let now = Instant::now();
         // A partition without a leader is Kafka's outage, not the producer's stall.
         let answered = matches!(probed.result, Ok(leaders) if leaders > 0);
         match self.liveness.probed(now, probed.started, answered) {
             Verdict::Moving => {}
+            Verdict::Answering => {
+                tracing::debug!(topic = %probed.topic, quiet_for = ?self.liveness.quiet_for(now), "Kafka answers while nothing was delivered; giving the producer time to get back to it.");
+            }
             Verdict::Unreachable => {
                 let reason = match &probed.result {
                     Ok(_) => format!("no partition of {} has a leader", probed.topic),
                     Err(e) => format!("the brokers do not answer a metadata request: {e}"),
                 };
-                tracing::debug!(reason, "Probed Kafka while nothing was delivered.");
-                self.link.down(&reason);
+                tracing::debug!(
+                    reason,
+                    "Probed Kafka while nothing was delivered: an outage."
+                );
             }
             Verdict::Stalled => {
                 let (brokers, reports) = self
@@ -829,7 +849,6 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                     link = ?self.link.state(),
                     "Kafka answers but the producer has delivered nothing: it is stalled. Rebuilding it and sending the unfinished records again in order."
                 );
-                self.link.up();
                 self.schedule_rebuild("the producer stalled while Kafka answers");
             }
         }

@@ -1,0 +1,36 @@
+//! Faults injected on purpose, so the tests of the safety nets can make the thing they guard
+//! against happen for real. Compiled only with `--features fault-injection` (what `tools/test`
+//! builds); a shipped binary has none of it.
+//!
+//! `EDGEGATE_FAULTS` names the faults, comma-separated:
+//!
+//! - `stall-first-producer`: the forwarder's first Kafka producer holds every record and sends
+//!   none (librdkafka's `linger.ms` at its 15-minute maximum), while the brokers answer. The
+//!   liveness watch must find it stalled and rebuild it (`forward::liveness`).
+//! - `stall-every-producer`: every producer does, so rebuilding does not help and the gateway
+//!   must stop feeding systemd's watchdog.
+
+use rdkafka::ClientConfig;
+
+fn enabled(name: &str) -> bool {
+    std::env::var("EDGEGATE_FAULTS")
+        .map(|faults| faults.split(',').any(|f| f.trim() == name))
+        .unwrap_or(false)
+}
+
+/// The configuration for the forwarder's `instance`-th producer (0 the first), stalled if a
+/// fault says so.
+pub fn producer_config(config: &ClientConfig, instance: u32) -> Option<ClientConfig> {
+    let stall =
+        enabled("stall-every-producer") || (instance == 0 && enabled("stall-first-producer"));
+    if !stall {
+        return None;
+    }
+    tracing::warn!(
+        instance,
+        "Fault injected: this Kafka producer will hold its records and send none."
+    );
+    let mut stalled = config.clone();
+    stalled.set("linger.ms", "900000");
+    Some(stalled)
+}
