@@ -6,6 +6,7 @@
 //! - [`gateway`]: one gateway on that config, in a fresh directory, started in this process
 //!   or as the real binary; the addresses its listeners got come back from it.
 //! - [`mqtt`]: publishing with real clients ([`mosquitto_pub`], [`rumqttc`]) and raw packets.
+//! - [`load`]: steady QoS 1 load from many rumqttc devices that reconnect through faults.
 //! - [`forwarder`]: the forwarder alone over a log the test fills, for tests of the Kafka side
 //!   that look at the log themselves.
 //! - [`kafka`]: the one Kafka broker of the test run, the guards for tests that stop it, and
@@ -54,13 +55,14 @@ pub mod forwarder;
 pub mod gateway;
 pub mod http;
 pub mod kafka;
+pub mod load;
 pub mod mqtt;
 
 pub use config::{GatewayToml, Password};
 pub use gateway::{Builder, InProcess, Process, gateway};
 pub use http::{http_get, metric};
 pub use kafka::{
-    Consumed, bootstrap, by_partition, client_config, consume_all, consume_all_blocking,
+    Consumed, Exclusive, bootstrap, by_partition, client_config, consume_all, consume_all_blocking,
     create_topic, exclusive, secured, shared, unique_topic,
 };
 pub use mqtt::{mosquitto_pub, mqtt_frame, mqtt_string, rumqttc};
