@@ -590,6 +590,17 @@ fn long_outage() {
         + run
             .rng
             .between(Duration::from_secs(50), Duration::from_secs(70));
+    // The link is known to be down within a few seconds of the stop (a refused reconnect, or
+    // the next statistics report); from then on the gateway must say so until the start.
+    let noticed = Instant::now() + LINE_SLACK + Duration::from_secs(5);
+    loop {
+        let r = run.readiness();
+        if r["status"] == "degraded" {
+            break;
+        }
+        assert!(Instant::now() < noticed, "the outage went unnoticed: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let mut segments = 0;
     while Instant::now() < until {
         std::thread::sleep(Duration::from_secs(1));

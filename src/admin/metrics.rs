@@ -3,8 +3,8 @@
 //! The `metrics` facade has one recorder per process, so [`install`] installs it once and
 //! hands every later caller the same handle (tests start several gateways in one process).
 //! Counters are bumped by the stages where their events happen; the gauges derived from the
-//! log's statistics are set here, once a second, by [`refresh`]: the log itself does not
-//! know whether it is the main log or the dead-letter log.
+//! log's statistics are set here, once a second by [`refresh`] and on each scrape: the log
+//! itself does not know whether it is the main log or the dead-letter log.
 //!
 //! Names follow Prometheus conventions (`_total`, `_seconds`, `_bytes`); label values are
 //! fixed strings (protocol, QoS, reason, kind), never device ids or topics.
@@ -16,6 +16,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::Health;
+use crate::buffer::LogStats;
 
 /// Histogram buckets for every `_seconds` histogram (fsync and produce latency): from half a
 /// millisecond (a fast SSD fsync) to 30 s (Kafka's delivery timeout).
@@ -85,24 +86,7 @@ pub async fn refresh(
         }
         let stats = health.log.stats();
         health.sample(&stats);
-        metrics::gauge!("edgegate_log_records").set(stats.records as f64);
-        metrics::gauge!("edgegate_log_bytes").set(stats.bytes as f64);
-        metrics::gauge!("edgegate_log_segments").set(stats.segments as f64);
-        metrics::gauge!("edgegate_log_oldest_record_age_seconds")
-            .set(stats.oldest_age.map_or(0.0, |d| d.as_secs_f64()));
-        // +Inf while the backlog is not shrinking: "at this rate, never".
-        metrics::gauge!("edgegate_backlog_drain_seconds").set(
-            health
-                .drain_estimate(stats.records)
-                .unwrap_or(f64::INFINITY),
-        );
-        let dead_letter = health.dead_letter.stats();
-        metrics::gauge!("edgegate_dead_letter_records").set(dead_letter.records as f64);
-        metrics::gauge!("edgegate_dead_letter_bytes").set(dead_letter.bytes as f64);
-        let up = SystemTime::now()
-            .duration_since(health.started)
-            .unwrap_or(Duration::ZERO);
-        metrics::gauge!("edgegate_uptime_seconds").set(up.as_secs_f64());
+        set_gauges(&health, &stats);
         if let Some(handle) = handle {
             handle.run_upkeep();
         }
@@ -111,6 +95,29 @@ pub async fn refresh(
 
 /// HELP text for every metric: each stage describes its own, beside where it counts them;
 /// these are the gauges set here.
+/// Sets the gauges derived from `stats` and `health`. Called by [`refresh`] and again by each
+/// `/metrics` scrape, so a scrape never shows a backlog that has already drained.
+pub fn set_gauges(health: &Health, stats: &LogStats) {
+    metrics::gauge!("edgegate_log_records").set(stats.records as f64);
+    metrics::gauge!("edgegate_log_bytes").set(stats.bytes as f64);
+    metrics::gauge!("edgegate_log_segments").set(stats.segments as f64);
+    metrics::gauge!("edgegate_log_oldest_record_age_seconds")
+        .set(stats.oldest_age.map_or(0.0, |d| d.as_secs_f64()));
+    // +Inf while the backlog is not shrinking: "at this rate, never".
+    metrics::gauge!("edgegate_backlog_drain_seconds").set(
+        health
+            .drain_estimate(stats.records)
+            .unwrap_or(f64::INFINITY),
+    );
+    let dead_letter = health.dead_letter.stats();
+    metrics::gauge!("edgegate_dead_letter_records").set(dead_letter.records as f64);
+    metrics::gauge!("edgegate_dead_letter_bytes").set(dead_letter.bytes as f64);
+    let up = SystemTime::now()
+        .duration_since(health.started)
+        .unwrap_or(Duration::ZERO);
+    metrics::gauge!("edgegate_uptime_seconds").set(up.as_secs_f64());
+}
+
 fn describe() {
     use metrics::describe_gauge;
     crate::ingest::describe();

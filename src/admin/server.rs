@@ -61,11 +61,14 @@ pub async fn serve(
 
 async fn render_metrics(State(shared): State<Arc<Shared>>) -> Response {
     match shared.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            super::metrics::set_gauges(&shared.health, &shared.health.log.stats());
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+                .into_response()
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "another metrics recorder was installed in this process\n",
