@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod broker;
 pub mod buffer;
 pub mod config;
 #[cfg(feature = "fault-injection")]

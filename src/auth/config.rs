@@ -75,8 +75,14 @@ pub struct RuleConfig {
     /// Only for this username.
     #[serde(default)]
     pub username: Option<String>,
-    /// MQTT topic filters, with `{client_id}`, `{username}` and `{cert_cn}` placeholders.
+    /// MQTT topic filters a client may publish to, with `{client_id}`, `{username}` and
+    /// `{cert_cn}` placeholders.
+    #[serde(default)]
     pub publish: Vec<String>,
+    /// MQTT topic filters a client may subscribe within (a requested filter must be covered
+    /// by one of them), with the same placeholders.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -257,6 +257,10 @@ impl Auth {
         self.rules.may_publish(identity, topic)
     }
 
+    pub fn may_subscribe(&self, identity: &Identity, filter: &str) -> bool {
+        self.rules.may_subscribe(identity, filter)
+    }
+
     pub fn anonymous(&self) -> Anonymous {
         self.config.anonymous
     }

@@ -33,33 +33,33 @@ enum Level {
 struct Rule {
     clients: Clients,
     username: Option<String>,
-    filters: Vec<Vec<Level>>,
+    publish: Vec<Vec<Level>>,
+    subscribe: Vec<Vec<Level>>,
 }
 
-/// The compiled rules. Empty: everyone may publish anywhere. Otherwise: deny by default.
+/// The compiled rules. Empty: everyone may publish and subscribe anywhere. Otherwise: deny
+/// by default, publish and subscribe alike.
 #[derive(Debug, Clone, Default)]
 pub struct Rules(Vec<Rule>);
 
 impl Rules {
-    /// Compiles `rules`, reporting each bad filter under `{path}.rules[i].publish`.
+    /// Compiles `rules`, reporting each bad filter under `{path}.rules[i].publish` or
+    /// `.subscribe`.
     pub fn new(rules: &[RuleConfig], path: &str, problems: &mut Problems) -> Rules {
         let mut compiled = Vec::with_capacity(rules.len());
         for (i, rule) in rules.iter().enumerate() {
-            let at = format!("{path}.rules[{i}].publish");
-            if rule.publish.is_empty() {
-                problems.push(at.clone(), "lists no topic filter");
-            }
-            let mut filters = Vec::new();
-            for filter in &rule.publish {
-                match parse(filter) {
-                    Ok(levels) => filters.push(levels),
-                    Err(e) => problems.push(at.clone(), format!("`{filter}`: {e}")),
-                }
+            let at = format!("{path}.rules[{i}]");
+            if rule.publish.is_empty() && rule.subscribe.is_empty() {
+                problems.push(
+                    format!("{at}.publish"),
+                    "lists no topic filter (give `publish`, `subscribe` or both)",
+                );
             }
             compiled.push(Rule {
                 clients: rule.clients,
                 username: rule.username.clone(),
-                filters,
+                publish: compile(&rule.publish, &format!("{at}.publish"), problems),
+                subscribe: compile(&rule.subscribe, &format!("{at}.subscribe"), problems),
             });
         }
         Rules(compiled)
@@ -78,11 +78,66 @@ impl Rules {
         self.0.iter().any(|rule| {
             applies(rule, identity)
                 && rule
-                    .filters
+                    .publish
                     .iter()
                     .any(|f| matches(f, &levels, topic, identity))
         })
     }
+
+    /// Whether `identity` may subscribe to `filter` (a valid filter, share prefix removed):
+    /// every topic it can match must be within one `subscribe` right.
+    pub fn may_subscribe(&self, identity: &Identity, filter: &str) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        self.0.iter().any(|rule| {
+            applies(rule, identity)
+                && rule
+                    .subscribe
+                    .iter()
+                    .any(|f| covers(f, &levels, filter, identity))
+        })
+    }
+}
+
+fn compile(filters: &[String], at: &str, problems: &mut Problems) -> Vec<Vec<Level>> {
+    let mut compiled = Vec::with_capacity(filters.len());
+    for filter in filters {
+        match parse(filter) {
+            Ok(levels) => compiled.push(levels),
+            Err(e) => problems.push(at.to_owned(), format!("`{filter}`: {e}")),
+        }
+    }
+    compiled
+}
+
+/// Whether a right `filter` covers the requested filter `levels`: a requested `+` or `#`
+/// is covered only by a right's wildcard at that level, never by a literal or placeholder.
+fn covers(filter: &[Level], levels: &[&str], requested: &str, identity: &Identity) -> bool {
+    if requested.starts_with('$') && !matches!(filter.first(), Some(Level::Exact(_))) {
+        return false;
+    }
+    for (i, level) in filter.iter().enumerate() {
+        let Some(&actual) = levels.get(i) else {
+            // `a/#` also covers `a` itself.
+            return matches!(level, Level::Multi) && i == levels.len();
+        };
+        match level {
+            Level::Multi => return true,
+            Level::Single => {
+                if actual == "#" {
+                    return false;
+                }
+            }
+            Level::Exact(parts) => {
+                if actual == "+" || actual == "#" || !exact(parts, actual, identity) {
+                    return false;
+                }
+            }
+        }
+    }
+    filter.len() == levels.len()
 }
 
 fn applies(rule: &Rule, identity: &Identity) -> bool {
@@ -219,6 +274,7 @@ mod tests {
                 clients: *clients,
                 username: username.map(str::to_owned),
                 publish: vec![(*f).to_owned()],
+                subscribe: vec![(*f).to_owned()],
             })
             .collect();
         let mut problems = Problems::default();
@@ -296,9 +352,68 @@ mod tests {
                 "x+".into(),
                 "{client_id".into(),
             ],
+            subscribe: vec!["b/#/c".into()],
         }];
         Rules::new(&configs, "auth", &mut problems);
-        assert_eq!(problems.0.len(), 4, "{:?}", problems.0);
-        assert!(problems.0.iter().all(|p| p.path == "auth.rules[0].publish"));
+        assert_eq!(problems.0.len(), 5, "{:?}", problems.0);
+        assert_eq!(
+            problems
+                .0
+                .iter()
+                .filter(|p| p.path == "auth.rules[0].publish")
+                .count(),
+            4
+        );
+        assert!(
+            problems
+                .0
+                .iter()
+                .any(|p| p.path == "auth.rules[0].subscribe")
+        );
+    }
+
+    #[test]
+    fn subscribe_rights_cover_only_narrower_filters() {
+        let r = rules(&[("devices/{client_id}/cmd/#", Clients::Any, None)]);
+        let d = device("pump7", None, None);
+        assert!(Rules::default().may_subscribe(&d, "#"));
+        assert!(r.may_subscribe(&d, "devices/pump7/cmd/#"));
+        assert!(r.may_subscribe(&d, "devices/pump7/cmd"));
+        assert!(r.may_subscribe(&d, "devices/pump7/cmd/+/x"));
+        assert!(
+            !r.may_subscribe(&d, "devices/+/cmd/#"),
+            "a wildcard over the client id"
+        );
+        assert!(!r.may_subscribe(&d, "devices/#"));
+        assert!(!r.may_subscribe(&d, "devices/pump8/cmd/#"));
+        let all = rules(&[
+            ("plant/+/status", Clients::Any, None),
+            ("#", Clients::Password, Some("app")),
+        ]);
+        assert!(all.may_subscribe(&d, "plant/+/status"));
+        assert!(all.may_subscribe(&d, "plant/a/status"));
+        assert!(!all.may_subscribe(&d, "plant/#"));
+        let app = device("x", Some("app"), None);
+        assert!(all.may_subscribe(&app, "#"));
+        assert!(
+            !all.may_subscribe(&app, "$SYS/#"),
+            "leading wildcards exclude $ topics"
+        );
+    }
+
+    #[test]
+    fn a_rule_with_only_publish_grants_no_subscription() {
+        let mut problems = Problems::default();
+        let configs = vec![RuleConfig {
+            clients: Clients::Any,
+            username: None,
+            publish: vec!["#".into()],
+            subscribe: Vec::new(),
+        }];
+        let r = Rules::new(&configs, "auth", &mut problems);
+        assert!(problems.is_empty());
+        let d = device("d", None, None);
+        assert!(r.may_publish(&d, "a"));
+        assert!(!r.may_subscribe(&d, "a"));
     }
 }

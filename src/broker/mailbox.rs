@@ -1,0 +1,264 @@
+//! A session's queue of messages waiting to be sent to its client.
+//!
+//! Publishers never wait on a subscriber: [`Mailbox::push`] takes a short lock and either
+//! queues or drops (and counts) the message, so a slow or absent subscriber costs only
+//! itself. The queue is bounded per session (messages and bytes) and across all sessions
+//! (bytes, [`Totals`]); the connection serving the session takes from it as its client's
+//! receive maximum allows. A persistent session's mailbox outlives its connections, so
+//! what arrives while the client is away waits here (QoS 1/2 only, as MQTT allows).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use super::Message;
+
+/// How many messages and bytes one session may have waiting.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// Bytes waiting in every mailbox together, against one limit.
+#[derive(Debug)]
+pub struct Totals {
+    bytes: AtomicUsize,
+    limit: usize,
+}
+
+impl Totals {
+    pub fn new(limit: usize) -> Arc<Totals> {
+        Arc::new(Totals {
+            bytes: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, n: usize) -> bool {
+        let mut current = self.bytes.load(Ordering::Relaxed);
+        loop {
+            if current.saturating_add(n) > self.limit {
+                return false;
+            }
+            match self.bytes.compare_exchange_weak(
+                current,
+                current + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    fn release(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// One message on its way to one session, with what its subscriptions made of it.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub message: Arc<Message>,
+    /// min(the message's QoS, the subscription's).
+    pub qos: u8,
+    /// The RETAIN flag to send: set for retained messages sent on subscribe, and for live
+    /// ones only under Retain As Published.
+    pub retain: bool,
+    /// The identifiers of every matching subscription that has one (MQTT 5).
+    pub subscription_ids: Vec<u32>,
+    /// Sent before and not acknowledged: resend with DUP.
+    pub dup: bool,
+}
+
+impl Outbound {
+    fn cost(&self) -> usize {
+        self.message.cost()
+    }
+}
+
+/// Why a message did not go into a mailbox; the label of
+/// `edgegate_local_dropped_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The session's queue is at its message or byte limit.
+    QueueFull,
+    /// Every mailbox together is at `max_queued_bytes_total`.
+    TotalFull,
+    /// QoS 0 for a client that is not connected (MQTT lets a server drop these).
+    Offline,
+    /// The message expired before it could be sent.
+    Expired,
+}
+
+impl Dropped {
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::QueueFull => "queue_full",
+            Dropped::TotalFull => "total_full",
+            Dropped::Offline => "offline_qos0",
+            Dropped::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    bytes: usize,
+    online: bool,
+}
+
+/// A session's waiting messages.
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<Queue>,
+    /// Wakes the connection serving the session when something arrives.
+    notify: Notify,
+    limits: QueueLimits,
+    totals: Arc<Totals>,
+}
+
+impl Mailbox {
+    pub fn new(limits: QueueLimits, totals: Arc<Totals>) -> Arc<Mailbox> {
+        Arc::new(Mailbox {
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            limits,
+            totals,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `out` at the back, or says why not.
+    pub fn push(&self, out: Outbound) -> Result<(), Dropped> {
+        let cost = out.cost();
+        {
+            let mut q = self.lock();
+            if !q.online && out.qos == 0 {
+                return Err(Dropped::Offline);
+            }
+            if q.items.len() >= self.limits.messages
+                || q.bytes.saturating_add(cost) > self.limits.bytes
+            {
+                return Err(Dropped::QueueFull);
+            }
+            if !self.totals.reserve(cost) {
+                return Err(Dropped::TotalFull);
+            }
+            q.bytes += cost;
+            q.items.push_back(out);
+        }
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Puts messages that were sent but not acknowledged back at the front, in order, for the
+    /// session's next connection. Never refused: they were already counted once.
+    pub fn requeue(&self, unacked: Vec<Outbound>) {
+        if unacked.is_empty() {
+            return;
+        }
+        let mut q = self.lock();
+        for mut out in unacked.into_iter().rev() {
+            let cost = out.cost();
+            // They were released when taken; take them back (may overshoot the total
+            // briefly, which is better than losing an acknowledged-to-be QoS 1 message).
+            self.totals.bytes.fetch_add(cost, Ordering::Relaxed);
+            q.bytes += cost;
+            out.dup = true;
+            q.items.push_front(out);
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Takes up to `qos_slots` QoS 1/2 messages (and any QoS 0 messages before and between
+    /// them) from the front; expired ones are dropped and returned apart.
+    pub fn take(&self, qos_slots: usize, max: usize, now_ms: i64) -> Taken {
+        let mut taken = Taken::default();
+        let mut q = self.lock();
+        let mut slots = qos_slots;
+        while taken.ready.len() < max {
+            let Some(front) = q.items.front() else {
+                break;
+            };
+            if front.qos > 0 && slots == 0 {
+                break;
+            }
+            let Some(out) = q.items.pop_front() else {
+                break;
+            };
+            let cost = out.cost();
+            q.bytes -= cost;
+            self.totals.release(cost);
+            if out.message.expired(now_ms) {
+                taken.expired += 1;
+                continue;
+            }
+            if out.qos > 0 {
+                slots -= 1;
+            }
+            taken.ready.push(out);
+        }
+        taken
+    }
+
+    /// Waits until something may have been pushed.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Marks the session connected (QoS 0 is queued) or not (QoS 0 is dropped).
+    pub fn set_online(&self, online: bool) {
+        self.lock().online = online;
+        if online {
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.lock().online
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Empties the mailbox (the session ended for good), returning its bytes to the total.
+    pub fn clear(&self) {
+        let mut q = self.lock();
+        self.totals.release(q.bytes);
+        q.bytes = 0;
+        q.items.clear();
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// What [`Mailbox::take`] found.
+#[derive(Debug, Default)]
+pub struct Taken {
+    pub ready: Vec<Outbound>,
+    pub expired: usize,
+}

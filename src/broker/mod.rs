@@ -1,0 +1,485 @@
+//! The local MQTT broker: subscriptions, retained messages and per-session queues, so
+//! applications on site (Node-RED, a dashboard, a PLC bridge) see what devices publish, and
+//! devices receive what is meant for them, whether or not Kafka is reachable.
+//!
+//! Read top to bottom: [`Broker`] is the handle every MQTT connection shares → `filter.rs`
+//! checks and matches topic filters → `index.rs` finds the sessions a topic goes to →
+//! `mailbox.rs` queues each session's messages, bounded → `retained.rs` keeps one retained
+//! message per topic, on disk.
+//!
+//! The contract with the uplink: a device's message reaches local subscribers only once it
+//! is durable in the log (the connection hands it to [`Broker::publish`] when its append
+//! resolves, in publish order), and publishing never waits on a subscriber: a full queue
+//! drops that subscriber's copy and counts it (`edgegate_local_dropped_total{reason}`). A
+//! retained publish is acknowledged only once its retained copy is durable as well.
+//!
+//! Sessions: a connection attaches to its client id's session. A clean start discards the
+//! old session; otherwise its subscriptions and queued QoS 1/2 messages carry over, and
+//! what was sent but not acknowledged is sent again with DUP. Persistent sessions outlive
+//! their connections in memory until they expire (the client's Session Expiry Interval,
+//! capped by `[mqtt] max_session_expiry`; 3.1.1 sessions use the cap).
+
+pub mod filter;
+pub mod index;
+pub mod mailbox;
+pub mod retained;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use index::{Index, Options};
+use mailbox::{Dropped, Mailbox, Outbound, QueueLimits, Totals};
+use retained::{RetainError, Retained};
+
+/// MQTT 5 properties a message carries to subscribers (and into the retained store).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Props {
+    pub payload_format_utf8: bool,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// A message as the broker passes it on: shared by every session it goes to.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// The client that published it (No Local); `None` for messages from elsewhere.
+    pub publisher: Option<Arc<str>>,
+    /// When it expires (MQTT 5 Message Expiry Interval), Unix milliseconds.
+    pub expires_ms: Option<i64>,
+    pub props: Props,
+}
+
+impl Message {
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_ms.is_some_and(|t| t <= now_ms)
+    }
+
+    /// What the message costs a queue: payload and topic, plus a fixed overhead.
+    pub fn cost(&self) -> usize {
+        self.payload.len() + self.topic.len() + 64
+    }
+
+    /// The Message Expiry Interval to send: what is left of it, at least 1 s.
+    pub fn remaining_expiry(&self, now_ms: i64) -> Option<u32> {
+        self.expires_ms.map(|t| {
+            let secs = ((t - now_ms).max(0) + 999) / 1000;
+            u32::try_from(secs).unwrap_or(u32::MAX).max(1)
+        })
+    }
+}
+
+/// The broker's limits, from `[mqtt]`.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerConfig {
+    pub queue: QueueLimits,
+    pub total_queued_bytes: usize,
+    pub max_retained: usize,
+    /// The longest a disconnected persistent session is kept.
+    pub max_session_expiry: Duration,
+}
+
+/// What a SUBSCRIBE asked for, per filter.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub filter: &'a str,
+    pub options: Options,
+    /// 0: send retained messages; 1: only if the subscription is new; 2: never.
+    pub retain_handling: u8,
+}
+
+/// A refused subscription's reason code (MQTT 5; 3.1.1 sends 0x80 for all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRefused {
+    /// 0x8F Topic Filter invalid.
+    FilterInvalid,
+    /// No Local on a shared subscription: a protocol error [MQTT-3.8.3-4]; the connection
+    /// is closed with 0x82.
+    SharedNoLocal,
+}
+
+impl SubscribeRefused {
+    pub fn code(self) -> u8 {
+        match self {
+            SubscribeRefused::FilterInvalid => 0x8f,
+            SubscribeRefused::SharedNoLocal => 0x82,
+        }
+    }
+}
+
+/// A connection's hold on its session.
+#[derive(Debug)]
+pub struct Attached {
+    pub client: Arc<str>,
+    pub mailbox: Arc<Mailbox>,
+    /// Whether an earlier session carried over.
+    pub session_present: bool,
+    /// Which connection holds the session (a takeover attaches a newer one).
+    pub holder: u64,
+}
+
+#[derive(Debug)]
+struct Session {
+    mailbox: Arc<Mailbox>,
+    /// Subscriptions by the filter as subscribed (share prefix included).
+    subscriptions: HashMap<String, Options>,
+    holder: Option<u64>,
+    /// When a disconnected session is forgotten.
+    expires: Option<Instant>,
+}
+
+/// Counters kept as handles: they are bumped once per delivery, on the fan-out path.
+#[derive(Debug, Clone)]
+struct Counters {
+    queued: metrics::Counter,
+    queue_full: metrics::Counter,
+    total_full: metrics::Counter,
+    offline: metrics::Counter,
+    expired: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        let dropped =
+            |r: Dropped| metrics::counter!("edgegate_local_dropped_total", "reason" => r.label());
+        Counters {
+            queued: metrics::counter!("edgegate_local_queued_total"),
+            queue_full: dropped(Dropped::QueueFull),
+            total_full: dropped(Dropped::TotalFull),
+            offline: dropped(Dropped::Offline),
+            expired: dropped(Dropped::Expired),
+        }
+    }
+
+    fn dropped(&self, why: Dropped) -> &metrics::Counter {
+        match why {
+            Dropped::QueueFull => &self.queue_full,
+            Dropped::TotalFull => &self.total_full,
+            Dropped::Offline => &self.offline,
+            Dropped::Expired => &self.expired,
+        }
+    }
+}
+
+/// What the broker holds, for metrics and `edgegate status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerStats {
+    pub sessions_online: usize,
+    pub sessions_offline: usize,
+    pub subscriptions: usize,
+    pub retained: usize,
+    pub queued_messages: usize,
+    pub queued_bytes: usize,
+}
+
+struct Inner {
+    config: BrokerConfig,
+    index: RwLock<Index>,
+    sessions: Mutex<HashMap<Arc<str>, Session>>,
+    retained: Retained,
+    totals: Arc<Totals>,
+    counters: Counters,
+    next_holder: std::sync::atomic::AtomicU64,
+}
+
+/// The handle every connection shares.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Opens the broker's state in `dir` (the retained messages' journal).
+    pub fn open(dir: &Path, config: BrokerConfig) -> std::io::Result<Broker> {
+        let retained = Retained::open(dir, config.max_retained, crate::ingest::now_ms())?;
+        if !retained.is_empty() {
+            tracing::info!(retained = retained.len(), "Loaded the retained messages.");
+        }
+        Ok(Broker {
+            inner: Arc::new(Inner {
+                totals: Totals::new(config.total_queued_bytes),
+                config,
+                index: RwLock::new(Index::default()),
+                sessions: Mutex::new(HashMap::new()),
+                retained,
+                counters: Counters::new(),
+                next_holder: std::sync::atomic::AtomicU64::new(1),
+            }),
+        })
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Session>> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches a new connection to `client_id`'s session: a fresh one on a clean start (or
+    /// when none is alive), the earlier one otherwise.
+    pub fn attach(&self, client_id: &str, clean_start: bool) -> Attached {
+        let holder = self
+            .inner
+            .next_holder
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = Instant::now();
+        let mut sessions = self.sessions();
+        let existing = sessions
+            .get_key_value(client_id)
+            .map(|(k, _)| Arc::clone(k));
+        if let Some(key) = existing {
+            let alive = sessions
+                .get(&key)
+                .is_some_and(|s| s.holder.is_some() || s.expires.is_none_or(|t| t > now));
+            if !clean_start && alive {
+                if let Some(session) = sessions.get_mut(&key) {
+                    session.holder = Some(holder);
+                    session.expires = None;
+                    session.mailbox.set_online(true);
+                    return Attached {
+                        client: key,
+                        mailbox: Arc::clone(&session.mailbox),
+                        session_present: true,
+                        holder,
+                    };
+                }
+            }
+            if let Some(old) = sessions.remove(&key) {
+                self.discard(&key, old);
+            }
+        }
+        let client: Arc<str> = Arc::from(client_id);
+        let mailbox = Mailbox::new(self.inner.config.queue, Arc::clone(&self.inner.totals));
+        mailbox.set_online(true);
+        sessions.insert(
+            Arc::clone(&client),
+            Session {
+                mailbox: Arc::clone(&mailbox),
+                subscriptions: HashMap::new(),
+                holder: Some(holder),
+                expires: None,
+            },
+        );
+        Attached {
+            client,
+            mailbox,
+            session_present: false,
+            holder,
+        }
+    }
+
+    /// The connection `holder` ended. `keep` is how long the session outlives it (`None`:
+    /// not at all, `Some(None)`: up to `max_session_expiry`); `unacked` are the QoS 1/2
+    /// messages it sent without an acknowledgement, queued again for the next connection.
+    pub fn detach(
+        &self,
+        attached: &Attached,
+        unacked: Vec<Outbound>,
+        keep: Option<Option<Duration>>,
+    ) {
+        let mut sessions = self.sessions();
+        let Some(session) = sessions.get_mut(&attached.client) else {
+            return;
+        };
+        if !Arc::ptr_eq(&session.mailbox, &attached.mailbox) {
+            // A clean start replaced the session: what this connection held goes with it.
+            return;
+        }
+        if keep.is_some() {
+            attached.mailbox.requeue(unacked);
+        }
+        if session.holder != Some(attached.holder) {
+            // Taken over by a newer connection to the same session, which now serves it.
+            return;
+        }
+        match keep {
+            Some(limit) => {
+                let cap = self.inner.config.max_session_expiry;
+                session.holder = None;
+                session.expires = Some(Instant::now() + limit.map_or(cap, |l| l.min(cap)));
+                session.mailbox.set_online(false);
+            }
+            None => {
+                if let Some(old) = sessions.remove(&attached.client) {
+                    self.discard(&attached.client, old);
+                }
+            }
+        }
+    }
+
+    /// Removes a session's subscriptions from the index and empties its queue.
+    fn discard(&self, client: &str, session: Session) {
+        if !session.subscriptions.is_empty() {
+            let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
+            for filter in session.subscriptions.keys() {
+                if let Ok(parsed) = filter::parse(filter) {
+                    index.remove(parsed.share, parsed.filter, client);
+                }
+            }
+        }
+        session.mailbox.clear();
+    }
+
+    /// Forgets disconnected sessions whose expiry has passed; returns how many.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut sessions = self.sessions();
+        let expired: Vec<Arc<str>> = sessions
+            .iter()
+            .filter(|(_, s)| s.holder.is_none() && s.expires.is_some_and(|t| t <= now))
+            .map(|(k, _)| Arc::clone(k))
+            .collect();
+        for key in &expired {
+            if let Some(old) = sessions.remove(key) {
+                self.discard(key, old);
+            }
+        }
+        expired.len()
+    }
+
+    /// Adds (or replaces) one subscription; returns the QoS granted. Retained messages it
+    /// matches are queued to the session, after the SUBACK the caller sends.
+    pub fn subscribe(
+        &self,
+        attached: &Attached,
+        request: &Request<'_>,
+    ) -> Result<u8, SubscribeRefused> {
+        let parsed = filter::parse(request.filter).map_err(|_| SubscribeRefused::FilterInvalid)?;
+        if parsed.share.is_some() && request.options.no_local {
+            return Err(SubscribeRefused::SharedNoLocal);
+        }
+        let options = request.options;
+        let existed = {
+            let mut sessions = self.sessions();
+            let Some(session) = sessions.get_mut(&attached.client) else {
+                return Err(SubscribeRefused::FilterInvalid);
+            };
+            let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
+            index.insert(
+                parsed.share,
+                parsed.filter,
+                &attached.client,
+                options,
+                &attached.mailbox,
+            );
+            session
+                .subscriptions
+                .insert(request.filter.to_owned(), options)
+                .is_some()
+        };
+        // No retained messages for a new shared subscription (MQTT 5 §4.8.2).
+        let send_retained = parsed.share.is_none()
+            && match request.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+        if send_retained {
+            let now = crate::ingest::now_ms();
+            for message in self.inner.retained.matching(parsed.filter, now) {
+                let out = Outbound {
+                    qos: message.qos.min(options.qos),
+                    message,
+                    // [MQTT-3.3.1-8] retained messages sent on subscribe keep RETAIN set.
+                    retain: true,
+                    subscription_ids: options.id.into_iter().collect(),
+                    dup: false,
+                };
+                self.queue(&attached.mailbox, out);
+            }
+        }
+        Ok(options.qos)
+    }
+
+    /// Removes one subscription; returns whether it existed.
+    pub fn unsubscribe(&self, attached: &Attached, text: &str) -> bool {
+        let Ok(parsed) = filter::parse(text) else {
+            return false;
+        };
+        let mut sessions = self.sessions();
+        let Some(session) = sessions.get_mut(&attached.client) else {
+            return false;
+        };
+        if session.subscriptions.remove(text).is_none() {
+            return false;
+        }
+        let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
+        index.remove(parsed.share, parsed.filter, &attached.client)
+    }
+
+    /// Sends a durable message to every matching session. Never waits.
+    pub fn publish(&self, message: &Arc<Message>) {
+        let targets = {
+            let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
+            index.targets(&message.topic, message.publisher.as_deref())
+        };
+        for t in targets {
+            let out = Outbound {
+                message: Arc::clone(message),
+                qos: message.qos.min(t.qos),
+                retain: message.retain && t.retain_as_published,
+                subscription_ids: t.subscription_ids,
+                dup: false,
+            };
+            self.queue(&t.mailbox, out);
+        }
+    }
+
+    /// Keeps `message` as its topic's retained message (an empty payload clears it), durably.
+    pub async fn retain(&self, message: &Arc<Message>) -> Result<(), RetainError> {
+        self.inner.retained.set(message).await
+    }
+
+    fn queue(&self, mailbox: &Mailbox, out: Outbound) {
+        match mailbox.push(out) {
+            Ok(()) => self.inner.counters.queued.increment(1),
+            Err(why) => self.count_dropped(why, 1),
+        }
+    }
+
+    /// Counts messages dropped on their way to a subscriber.
+    pub fn count_dropped(&self, why: Dropped, n: u64) {
+        self.inner.counters.dropped(why).increment(n);
+    }
+
+    pub fn stats(&self) -> BrokerStats {
+        let (online, offline, queued) = {
+            let sessions = self.sessions();
+            let online = sessions.values().filter(|s| s.holder.is_some()).count();
+            let queued: usize = sessions.values().map(|s| s.mailbox.len()).sum();
+            (online, sessions.len() - online, queued)
+        };
+        BrokerStats {
+            sessions_online: online,
+            sessions_offline: offline,
+            subscriptions: self
+                .inner
+                .index
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+            retained: self.inner.retained.len(),
+            queued_messages: queued,
+            queued_bytes: self.inner.totals.bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+//! The broker without sockets: sessions, fan-out, retained messages, bounded queues.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::index::Options;
+use super::mailbox::{Outbound, QueueLimits};
+use super::{Broker, BrokerConfig, Message, Props, Request, SubscribeRefused};
+
+fn broker(dir: &std::path::Path, messages: usize) -> Broker {
+    Broker::open(
+        dir,
+        BrokerConfig {
+            queue: QueueLimits {
+                messages,
+                bytes: 1 << 20,
+            },
+            total_queued_bytes: 1 << 30,
+            max_retained: 100,
+            max_session_expiry: Duration::from_secs(3600),
+        },
+    )
+    .expect("open")
+}
+
+fn message(topic: &str, payload: &str, qos: u8, retain: bool, from: Option<&str>) -> Arc<Message> {
+    Arc::new(Message {
+        topic: topic.into(),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        qos,
+        retain,
+        publisher: from.map(Arc::from),
+        expires_ms: None,
+        props: Props::default(),
+    })
+}
+
+fn request(filter: &str, qos: u8) -> Request<'_> {
+    Request {
+        filter,
+        options: Options {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        },
+        retain_handling: 0,
+    }
+}
+
+fn drain(mailbox: &super::mailbox::Mailbox) -> Vec<Outbound> {
+    mailbox.take(usize::MAX, usize::MAX, 0).ready
+}
+
+fn payloads(out: &[Outbound]) -> Vec<String> {
+    out.iter()
+        .map(|o| String::from_utf8_lossy(&o.message.payload).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn fan_out_grants_the_lower_qos_and_keeps_publish_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let s1 = b.attach("s1", true);
+    let s2 = b.attach("s2", true);
+    assert_eq!(b.subscribe(&s1, &request("a/+", 1)), Ok(1));
+    assert_eq!(b.subscribe(&s2, &request("a/#", 0)), Ok(0));
+    for i in 0..5 {
+        b.publish(&message("a/b", &i.to_string(), 2, false, Some("dev")));
+    }
+    b.publish(&message("other", "x", 1, false, None));
+    let got1 = drain(&s1.mailbox);
+    assert_eq!(payloads(&got1), ["0", "1", "2", "3", "4"]);
+    assert!(got1.iter().all(|o| o.qos == 1 && !o.retain));
+    let got2 = drain(&s2.mailbox);
+    assert!(got2.iter().all(|o| o.qos == 0));
+    assert_eq!(got2.len(), 5);
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_only_that_subscribers_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 3);
+    let slow = b.attach("slow", true);
+    let fast = b.attach("fast", true);
+    b.subscribe(&slow, &request("t", 1)).expect("sub");
+    b.subscribe(&fast, &request("t", 1)).expect("sub");
+    for i in 0..10 {
+        b.publish(&message("t", &i.to_string(), 1, false, None));
+        // The fast one keeps up.
+        assert_eq!(drain(&fast.mailbox).len(), 1);
+    }
+    assert_eq!(payloads(&drain(&slow.mailbox)), ["0", "1", "2"]);
+    assert_eq!(b.stats().queued_bytes, 0, "the total follows what is taken");
+}
+
+#[tokio::test]
+async fn retained_messages_follow_retain_handling_and_clear_with_an_empty_payload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    b.retain(&message("r/1", "one", 1, true, None))
+        .await
+        .expect("retain");
+    b.retain(&message("r/2", "two", 0, true, None))
+        .await
+        .expect("retain");
+    b.retain(&message("r/2", "", 0, true, None))
+        .await
+        .expect("clear");
+    let s = b.attach("s", true);
+    b.subscribe(&s, &request("r/+", 2)).expect("sub");
+    let got = drain(&s.mailbox);
+    assert_eq!(payloads(&got), ["one"]);
+    assert!(
+        got[0].retain,
+        "[MQTT-3.3.1-8] sent with RETAIN on subscribe"
+    );
+    assert_eq!(got[0].qos, 1);
+    // Retain Handling 1: only for a new subscription.
+    let mut again = request("r/+", 2);
+    again.retain_handling = 1;
+    b.subscribe(&s, &again).expect("sub");
+    assert!(drain(&s.mailbox).is_empty());
+    // Retain Handling 2: never.
+    let mut never = request("r/#", 2);
+    never.retain_handling = 2;
+    b.subscribe(&s, &never).expect("sub");
+    assert!(drain(&s.mailbox).is_empty());
+    // Not for a shared subscription.
+    b.subscribe(&s, &request("$share/g/r/+", 1)).expect("sub");
+    assert!(drain(&s.mailbox).is_empty());
+    // Live messages lose RETAIN unless Retain As Published.
+    b.publish(&message("r/1", "live", 1, true, None));
+    assert!(drain(&s.mailbox).iter().all(|o| !o.retain));
+    drop(b);
+    let b = broker(dir.path(), 100);
+    let s = b.attach("s", true);
+    b.subscribe(&s, &request("#", 1)).expect("sub");
+    assert_eq!(
+        payloads(&drain(&s.mailbox)),
+        ["one"],
+        "retained survive a reopen"
+    );
+}
+
+#[tokio::test]
+async fn a_persistent_session_keeps_subscriptions_and_qos1_while_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let s = b.attach("dev", false);
+    assert!(!s.session_present);
+    b.subscribe(&s, &request("cmd/#", 1)).expect("sub");
+    b.publish(&message("cmd/a", "sent", 1, false, None));
+    let sent = drain(&s.mailbox);
+    // The connection dies before the PUBACK.
+    b.detach(&s, sent, Some(None));
+    b.publish(&message("cmd/a", "queued", 1, false, None));
+    b.publish(&message("cmd/a", "qos0 dropped", 0, false, None));
+    assert_eq!(b.stats().sessions_offline, 1);
+    let s = b.attach("dev", false);
+    assert!(s.session_present);
+    let got = drain(&s.mailbox);
+    assert_eq!(payloads(&got), ["sent", "queued"]);
+    assert!(got[0].dup && !got[1].dup, "resent with DUP");
+    // A clean start forgets it all.
+    b.detach(&s, Vec::new(), Some(None));
+    let s = b.attach("dev", true);
+    assert!(!s.session_present);
+    b.publish(&message("cmd/a", "after", 1, false, None));
+    assert!(drain(&s.mailbox).is_empty());
+    assert_eq!(b.stats().subscriptions, 0);
+}
+
+#[tokio::test]
+async fn a_takeover_keeps_the_session_with_the_newer_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let old = b.attach("dev", false);
+    b.subscribe(&old, &request("t", 1)).expect("sub");
+    let new = b.attach("dev", false);
+    assert!(new.session_present);
+    // The old connection ends after the new one attached: it must not take the session
+    // offline nor drop its subscriptions.
+    b.detach(&old, Vec::new(), Some(None));
+    b.publish(&message("t", "m", 0, false, None));
+    assert_eq!(drain(&new.mailbox).len(), 1);
+    assert_eq!(b.stats().sessions_online, 1);
+}
+
+#[tokio::test]
+async fn sessions_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let s = b.attach("dev", false);
+    b.subscribe(&s, &request("t", 1)).expect("sub");
+    b.detach(&s, Vec::new(), Some(Some(Duration::ZERO)));
+    assert_eq!(b.sweep(), 1);
+    assert_eq!(b.stats().subscriptions, 0);
+    let s = b.attach("dev", false);
+    assert!(!s.session_present);
+}
+
+#[tokio::test]
+async fn bad_filters_and_shared_no_local_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let s = b.attach("s", true);
+    assert_eq!(
+        b.subscribe(&s, &request("a/#/b", 1)),
+        Err(SubscribeRefused::FilterInvalid)
+    );
+    let mut shared = request("$share/g/a", 1);
+    shared.options.no_local = true;
+    assert_eq!(
+        b.subscribe(&s, &shared),
+        Err(SubscribeRefused::SharedNoLocal)
+    );
+    assert!(!b.unsubscribe(&s, "a/b"));
+    b.subscribe(&s, &request("a/b", 1)).expect("sub");
+    assert!(b.unsubscribe(&s, "a/b"));
+}
