@@ -54,6 +54,12 @@ pub enum RunError {
     Tls(#[from] ingest::mqtt::tls::TlsError),
     #[error("the routes are invalid: {0}")]
     Routes(#[from] route::InvalidRoutes),
+    #[error("cannot open the broker's state in {}: {source}", .dir.display())]
+    Broker {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up [auth]: {0}")]
     Auth(#[from] auth::AuthError),
     #[error("cannot start the Kafka forwarder: {0}")]
@@ -115,6 +121,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     }
     let (log, _) = Log::open_async(log_config.clone()).await?;
     let (dead_letter, _) = Log::open_async(forward::dead_letter::log_config(&log_config)).await?;
+    // The local broker's retained messages, beside the log.
+    let broker_dir = log_config.dir.join(ingest::mqtt::BROKER_DIR);
+    let broker = broker::Broker::open(&broker_dir, config.mqtt.broker()).map_err(|source| {
+        RunError::Broker {
+            dir: broker_dir.clone(),
+            source,
+        }
+    })?;
 
     // What a reload replaces, published to the stages that read it.
     let mut settings = reload::Settings::new(&config);
@@ -166,8 +180,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         Arc::new(config.mqtt.clone()),
         pipeline.clone(),
         auth.clone(),
+        broker.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(broker::sweep(broker.clone(), shutdown.clone()));
     if let Some(mqtts_addr) = mqtts_addr {
         tracing::info!(%mqtts_addr, client_certs = ?config.mqtt.tls.client_certs, "Listening for MQTT over TLS.");
         tokio::spawn(ingest::mqtt::tls::watch_files(
@@ -198,6 +214,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         expected_listeners: listeners.len(),
         listeners: listeners.clone(),
         shutdown: shutdown.clone(),
+        broker: Some(broker),
     });
     let admin = TaskTracker::new();
     admin.spawn(admin::metrics::refresh(

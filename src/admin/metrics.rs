@@ -116,6 +116,16 @@ pub fn set_gauges(health: &Health, stats: &LogStats) {
         .duration_since(health.started)
         .unwrap_or(Duration::ZERO);
     metrics::gauge!("edgegate_uptime_seconds").set(up.as_secs_f64());
+    if let Some(b) = health.broker_stats() {
+        metrics::gauge!("edgegate_mqtt_sessions", "state" => "online")
+            .set(b.sessions_online as f64);
+        metrics::gauge!("edgegate_mqtt_sessions", "state" => "offline")
+            .set(b.sessions_offline as f64);
+        metrics::gauge!("edgegate_mqtt_subscriptions").set(b.subscriptions as f64);
+        metrics::gauge!("edgegate_retained_messages").set(b.retained as f64);
+        metrics::gauge!("edgegate_local_queued_messages").set(b.queued_messages as f64);
+        metrics::gauge!("edgegate_local_queued_bytes").set(b.queued_bytes as f64);
+    }
 }
 
 fn describe() {
@@ -126,6 +136,7 @@ fn describe() {
     crate::auth::describe();
     crate::buffer::describe();
     crate::forward::metric::describe();
+    crate::broker::describe();
     describe_gauge!(
         "edgegate_log_records",
         "Records in the log not yet acknowledged by Kafka."

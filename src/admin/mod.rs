@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::{Broker, BrokerStats};
 use crate::buffer::{Log, LogStats};
 use crate::forward::{LastError, LinkState, Progress};
 
@@ -45,6 +46,7 @@ pub struct Health {
     listeners: TaskTracker,
     expected_listeners: usize,
     shutdown: CancellationToken,
+    broker: Option<Broker>,
     started: SystemTime,
     /// Smoothed rates, updated by [`metrics::refresh`] (per gateway, not global, so several
     /// gateways in one test process each report their own).
@@ -61,6 +63,8 @@ pub struct Parts {
     pub listeners: TaskTracker,
     pub expected_listeners: usize,
     pub shutdown: CancellationToken,
+    /// The local broker, when MQTT serves.
+    pub broker: Option<Broker>,
 }
 
 /// Records per second into and out of the log, exponentially smoothed.
@@ -86,6 +90,7 @@ impl Health {
             listeners: parts.listeners,
             expected_listeners: parts.expected_listeners,
             shutdown: parts.shutdown,
+            broker: parts.broker,
             started: SystemTime::now(),
             rates: Arc::default(),
         }
@@ -184,8 +189,13 @@ impl Health {
             started_at,
             uptime_seconds: self.started.elapsed().unwrap_or(Duration::ZERO).as_secs(),
             last_error: self.last_error.get(),
+            broker: self.broker_stats(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
+    }
+
+    pub fn broker_stats(&self) -> Option<BrokerStats> {
+        self.broker.as_ref().map(Broker::stats)
     }
 }
 
@@ -209,6 +219,10 @@ pub struct Readiness {
     pub uptime_seconds: u64,
     /// The reason of the last Kafka outage or fatal producer error since start.
     pub last_error: Option<String>,
+    /// The local broker: sessions, subscriptions, retained and queued messages (absent from
+    /// gateways older than the broker).
+    #[serde(default)]
+    pub broker: Option<BrokerStats>,
     pub version: String,
 }
 

@@ -267,6 +267,17 @@ impl fmt::Display for Summary {
             writeln!(f, "  dead letter  {} records", r.dead_letter.records)?;
         }
         writeln!(f, "  connections  {} MQTT", self.mqtt_connections)?;
+        if let Some(b) = &r.broker {
+            writeln!(
+                f,
+                "  local        {} sessions ({} offline), {} subscriptions, {} retained, {} queued",
+                b.sessions_online + b.sessions_offline,
+                b.sessions_offline,
+                b.subscriptions,
+                b.retained,
+                b.queued_messages
+            )?;
+        }
         if let Some(error) = &r.last_error {
             writeln!(f, "  last error   {error}")?;
         }

@@ -172,7 +172,7 @@ impl Counters {
 }
 
 /// What the broker holds, for metrics and `edgegate status`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BrokerStats {
     pub sessions_online: usize,
     pub sessions_offline: usize,
@@ -477,6 +477,63 @@ impl Broker {
             retained: self.inner.retained.len(),
             queued_messages: queued,
             queued_bytes: self.inner.totals.bytes(),
+        }
+    }
+}
+
+/// The HELP text of the broker's metrics.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "edgegate_local_queued_total",
+        "Messages queued for local subscribers (one per subscriber session)."
+    );
+    describe_counter!(
+        "edgegate_local_dropped_total",
+        "Messages not delivered to a local subscriber, by reason (queue_full, total_full, offline_qos0, expired)."
+    );
+    describe_counter!(
+        "edgegate_local_delivered_total",
+        "Messages sent to local subscribers, by QoS."
+    );
+    describe_gauge!(
+        "edgegate_mqtt_sessions",
+        "MQTT sessions, by state (online: connected; offline: persistent, client away)."
+    );
+    describe_gauge!(
+        "edgegate_mqtt_subscriptions",
+        "Subscriptions of all sessions."
+    );
+    describe_gauge!("edgegate_retained_messages", "Retained messages stored.");
+    describe_gauge!(
+        "edgegate_local_queued_messages",
+        "Messages waiting to be sent to local subscribers."
+    );
+    describe_gauge!(
+        "edgegate_local_queued_bytes",
+        "Bytes waiting to be sent to local subscribers (bounded by max_queued_bytes_total)."
+    );
+    describe_counter!(
+        "edgegate_retained_refused_total",
+        "Retained publishes not retained (max_retained_messages reached, or a write failed)."
+    );
+}
+
+/// How often disconnected sessions are checked for expiry.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Forgets expired sessions every [`SWEEP_INTERVAL`] until `shutdown`.
+pub async fn sweep(broker: Broker, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let expired = broker.sweep();
+        if expired > 0 {
+            tracing::info!(expired, "Forgot expired MQTT sessions.");
         }
     }
 }

@@ -144,6 +144,11 @@ impl Pipeline {
         }
     }
 
+    /// The log messages go to.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
     /// Routes and appends one message. On success the returned future resolves once the
     /// record is durable: only then may the device be acknowledged.
     pub fn submit(&self, msg: Inbound) -> Result<Durable, Rejected> {

@@ -48,6 +48,20 @@ pub struct MqttConfig {
     pub connection_rate: u32,
     /// New connections accepted per second (and in one burst) from one IP address.
     pub connection_rate_per_address: u32,
+    /// Messages one session may have waiting to be sent to its client (a slow subscriber,
+    /// or a persistent session whose client is away); more are dropped for that session and
+    /// counted in `edgegate_local_dropped_total{reason="queue_full"}`.
+    pub max_queued_messages: usize,
+    /// Bytes (payload and topic) one session may have waiting.
+    pub max_queued_bytes: ByteSize,
+    /// Bytes waiting in all sessions together: the broker's memory bound.
+    pub max_queued_bytes_total: ByteSize,
+    /// Retained messages kept (one per topic, on disk); a retained publish to a new topic
+    /// beyond this is delivered and forwarded but not retained (counted, logged).
+    pub max_retained_messages: usize,
+    /// The longest a disconnected persistent session (clean_session=0, or an MQTT 5
+    /// Session Expiry Interval) is kept; MQTT 3.1.1 sessions, which cannot say, get this.
+    pub max_session_expiry: Duration,
     /// `[mqtt.tls]`: MQTT over TLS on its own port.
     pub tls: TlsConfig,
 }
@@ -67,6 +81,11 @@ impl Default for MqttConfig {
             max_connections_per_address: 256,
             connection_rate: 1000,
             connection_rate_per_address: 100,
+            max_queued_messages: 1000,
+            max_queued_bytes: ByteSize::mib(1),
+            max_queued_bytes_total: ByteSize::mib(32),
+            max_retained_messages: 10_000,
+            max_session_expiry: Duration::from_secs(24 * 3600),
             tls: TlsConfig::default(),
         }
     }
@@ -115,6 +134,21 @@ impl MqttConfig {
             );
         }
         self.tls.validate(&format!("{path}.tls"), problems);
+        if self.max_queued_messages == 0 {
+            problems.push(format!("{path}.max_queued_messages"), "must be at least 1");
+        }
+        if self.max_queued_bytes.get() < self.max_packet_size.get().min(MQTT_MAX_PACKET) {
+            problems.push(
+                format!("{path}.max_queued_bytes"),
+                "must be at least max_packet_size, or a largest message could never be queued",
+            );
+        }
+        if self.max_queued_bytes_total.get() < self.max_queued_bytes.get() {
+            problems.push(
+                format!("{path}.max_queued_bytes_total"),
+                "must be at least max_queued_bytes",
+            );
+        }
         if self.receive_maximum == 0 {
             problems.push(
                 format!("{path}.receive_maximum"),
@@ -135,6 +169,20 @@ impl MqttConfig {
                 format!("{path}.max_client_id_len"),
                 "must be between 23 (MQTT's minimum) and 65535",
             );
+        }
+    }
+
+    /// The local broker's limits.
+    pub(crate) fn broker(&self) -> crate::broker::BrokerConfig {
+        let bytes = |b: ByteSize| usize::try_from(b.get()).unwrap_or(usize::MAX);
+        crate::broker::BrokerConfig {
+            queue: crate::broker::mailbox::QueueLimits {
+                messages: self.max_queued_messages,
+                bytes: bytes(self.max_queued_bytes),
+            },
+            total_queued_bytes: bytes(self.max_queued_bytes_total),
+            max_retained: self.max_retained_messages,
+            max_session_expiry: self.max_session_expiry.get(),
         }
     }
 

@@ -62,6 +62,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, CertClaim};
+use crate::broker::Broker;
 use crate::ingest::{BindError, Pipeline};
 use crate::reload::Live;
 use config::MqttConfig;
@@ -160,8 +161,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listeners = Listeners::plain(listener)?;
     let auth = Live::fixed(Auth::default());
-    serve_listeners(listeners, config, pipeline, auth, shutdown).await
+    let broker = Broker::open(&pipeline.log().dir().join(BROKER_DIR), config.broker())?;
+    serve_listeners(listeners, config, pipeline, auth, broker, shutdown).await
 }
+
+/// Where the broker keeps its state, inside `[buffer] dir`.
+pub const BROKER_DIR: &str = "broker";
 
 /// Accepts connections until `shutdown`, then stops accepting and waits for every connection
 /// to finish its pending appends, send their acks and close. The caller bounds that wait with
@@ -171,6 +176,7 @@ pub async fn serve_listeners(
     config: Arc<MqttConfig>,
     pipeline: Pipeline,
     auth: Live<Auth>,
+    broker: Broker,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let shared = Shared {
@@ -179,6 +185,7 @@ pub async fn serve_listeners(
         pipeline,
         registry: Registry::default(),
         auth,
+        broker,
         shutdown: shutdown.clone(),
     };
     let accepting = Accepting {

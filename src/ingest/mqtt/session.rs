@@ -38,6 +38,7 @@ use super::packet::{
 };
 use super::registry::Registry;
 use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
+use crate::broker::Broker;
 use crate::buffer::{AppendError, Pressure};
 use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
 use crate::reload::Live;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Credentials and topic rights in force; each connection keeps the ones it connected with.
     pub auth: Live<Auth>,
+    /// Subscriptions, retained messages and session queues, shared by every connection.
+    pub broker: Broker,
     pub shutdown: CancellationToken,
 }
 
