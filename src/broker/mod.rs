@@ -25,6 +25,7 @@ pub mod mailbox;
 pub mod retained;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -190,6 +191,8 @@ struct Inner {
     totals: Arc<Totals>,
     counters: Counters,
     next_holder: std::sync::atomic::AtomicU64,
+    /// The index's size, readable without its lock.
+    subscriptions: std::sync::atomic::AtomicUsize,
 }
 
 /// The handle every connection shares.
@@ -220,6 +223,7 @@ impl Broker {
                 retained,
                 counters: Counters::new(),
                 next_holder: std::sync::atomic::AtomicU64::new(1),
+                subscriptions: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -332,6 +336,7 @@ impl Broker {
                     index.remove(parsed.share, parsed.filter, client);
                 }
             }
+            self.count(&index);
         }
         session.mailbox.clear();
     }
@@ -378,6 +383,7 @@ impl Broker {
                 options,
                 &attached.mailbox,
             );
+            self.count(&index);
             session
                 .subscriptions
                 .insert(request.filter.to_owned(), options)
@@ -420,7 +426,15 @@ impl Broker {
             return false;
         }
         let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
-        index.remove(parsed.share, parsed.filter, &attached.client)
+        let removed = index.remove(parsed.share, parsed.filter, &attached.client);
+        self.count(&index);
+        removed
+    }
+
+    fn count(&self, index: &Index) {
+        self.inner
+            .subscriptions
+            .store(index.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sends a durable message to every matching session. Never waits.
@@ -443,7 +457,28 @@ impl Broker {
 
     /// Keeps `message` as its topic's retained message (an empty payload clears it), durably.
     pub async fn retain(&self, message: &Arc<Message>) -> Result<(), RetainError> {
-        self.inner.retained.set(message).await
+        self.start_retain(message)?.await
+    }
+
+    /// Takes `message` as retained now, in call order; the future resolves once it is
+    /// durable. A refusal is logged and counted here.
+    pub fn start_retain(
+        &self,
+        message: &Arc<Message>,
+    ) -> Result<impl Future<Output = Result<(), RetainError>> + Send + 'static, RetainError> {
+        self.inner
+            .retained
+            .start(message)
+            .inspect_err(|e| retain_refused(&message.topic, e))
+    }
+
+    /// Whether any subscription exists: without one, a publish needs no [`Message`] unless
+    /// it is retained.
+    pub fn has_subscribers(&self) -> bool {
+        self.inner
+            .subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
     }
 
     fn queue(&self, mailbox: &Mailbox, out: Outbound) {
@@ -517,6 +552,12 @@ pub fn describe() {
         "edgegate_retained_refused_total",
         "Retained publishes not retained (max_retained_messages reached, or a write failed)."
     );
+}
+
+/// One place for a retained publish that was not retained: logged and counted.
+fn retain_refused(topic: &str, error: &RetainError) {
+    metrics::counter!("edgegate_retained_refused_total").increment(1);
+    tracing::warn!(topic, error = %error, "A retained message was not retained.");
 }
 
 /// How often disconnected sessions are checked for expiry.

@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
@@ -111,6 +112,15 @@ impl Retained {
     /// Stores `message` as its topic's retained message (an empty payload clears it
     /// [MQTT-3.3.1-6]); resolves once the journal holds it durably.
     pub async fn set(&self, message: &Arc<Message>) -> Result<(), RetainError> {
+        self.start(message)?.await
+    }
+
+    /// Takes `message` as its topic's retained message now (so changes keep the order of
+    /// the calls) and returns what resolves once the journal holds it durably.
+    pub fn start(
+        &self,
+        message: &Arc<Message>,
+    ) -> Result<impl Future<Output = Result<(), RetainError>> + Send + 'static, RetainError> {
         let (done, result) = oneshot::channel();
         {
             let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
@@ -129,11 +139,13 @@ impl Retained {
                 .send(Job { record, done })
                 .map_err(|_| RetainError::Io("the writer has stopped".into()))?;
         }
-        match result.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(RetainError::Io(e)),
-            Err(_) => Err(RetainError::Io("the writer has stopped".into())),
-        }
+        Ok(async move {
+            match result.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(RetainError::Io(e)),
+                Err(_) => Err(RetainError::Io("the writer has stopped".into())),
+            }
+        })
     }
 
     /// The unexpired retained messages whose topics match `filter` (without share prefix).
