@@ -715,6 +715,32 @@ async fn client_ids_are_assigned_or_refused_per_spec() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn v311_password_without_user_name_is_closed_without_connack_mqtt_3_1_2_22() {
+    // 3.1.1 [MQTT-3.1.2-22]: the password flag needs the user name flag. Such a CONNECT used
+    // to reach authentication and hear 0x04; it is malformed, so it is closed unanswered.
+    let gw = start_default().await;
+    let password_only = |level: u8| {
+        let mut body = Vec::new();
+        common::mqtt_string(&mut body, b"MQTT");
+        body.extend_from_slice(&[level, 0x42, 0, 60]);
+        if level == 5 {
+            body.push(0);
+        }
+        common::mqtt_string(&mut body, b"pw-only");
+        common::mqtt_string(&mut body, b"secret");
+        common::mqtt_frame(0x10, &body)
+    };
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&password_only(4)).await;
+    assert_eq!(raw.until_closed().await, []);
+    // MQTT 5 allows a password alone (3.1.2.9): it reaches authentication, which refuses it.
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&password_only(5)).await;
+    assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x86, 0])]);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn above_the_high_watermark_reads_are_throttled_until_the_log_drains() {
     let mut gw = start(MqttConfig::default(), |c| {

@@ -6,9 +6,9 @@
 //! takeover), with `registry.rs` (client ids across connections), `inflight.rs` (QoS 1/2
 //! packet ids) and `events.rs` (its log lines and counters) beside it → `connection.rs`
 //! frames packets off the socket with the size limit applied to the fixed header →
-//! `packet.rs` checks the fixed-header flags and hands each frame to a codec: rumqttc's v4
-//! codec for 3.1.1, `v5.rs` for MQTT 5 (docs/ARCHITECTURE.md says why the gateway decodes
-//! MQTT 5 itself).
+//! `packet.rs` checks the fixed-header flags and hands each frame to our own decoder, `v4.rs`
+//! for 3.1.1 and `v5.rs` for MQTT 5, both on `wire.rs`'s bounds-checked reader
+//! (docs/ARCHITECTURE.md says why the gateway decodes both itself).
 //!
 //! The contract this module keeps: a QoS 1 PUBACK or QoS 2 PUBREC is sent only after the
 //! record's append has resolved as durable ([`crate::ingest::Pipeline::submit`]). Bad input
@@ -16,7 +16,7 @@
 //! (`edgegate_mqtt_protocol_errors_total{kind}`) and logged at DEBUG.
 //!
 //! Reason codes the gateway sends (MQTT 5; 3.1.1 has CONNACK codes only and is otherwise just
-//! closed):
+//! closed; `packet.rs` lists what each decoder refuses):
 //!
 //! | situation | answer |
 //! |---|---|
@@ -24,7 +24,9 @@
 //! | client id too long (or empty without clean session on 3.1.1) | CONNACK 0x85 (3.1.1: 0x02) |
 //! | `max_connections` reached | CONNACK 0x89 Server busy (3.1.1: 0x03) |
 //! | enhanced authentication requested | CONNACK 0x8C |
-//! | malformed packet / protocol violation / second CONNECT | DISCONNECT 0x81 / 0x82 |
+//! | malformed packet / protocol violation / second CONNECT | DISCONNECT 0x81 / 0x82 (a CONNECT: CONNACK; 3.1.1: close, no CONNACK) |
+//! | 3.1.1 CONNECT with a password but no user name [MQTT-3.1.2-22] | close, no CONNACK |
+//! | PUBACK, PUBREC, PUBCOMP (no PUBLISH is sent to clients yet) | DISCONNECT 0x82 |
 //! | packet over `max_packet_size` | DISCONNECT 0x95 |
 //! | wildcard or invalid publish topic | DISCONNECT 0x90 |
 //! | topic alias 0 or over the maximum | DISCONNECT 0x94 |
@@ -45,10 +47,14 @@ mod packet;
 mod registry;
 mod session;
 pub mod tls;
+mod v4;
 mod v5;
+mod wire;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_packets;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;

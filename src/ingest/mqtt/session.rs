@@ -475,17 +475,24 @@ impl<S: Stream> Session<S> {
                     .queue(self.version, &Outgoing::PubComp { pkid, found });
                 Ok(())
             }
-            Packet::Subscribe { pkid, filters } => {
+            Packet::Subscribe(subscribe) => {
                 subscribe_refused(self.peer, &self.client_id);
+                let (pkid, filters) = (subscribe.pkid, subscribe.filters.len());
                 self.conn
                     .queue(self.version, &Outgoing::SubAck { pkid, filters });
                 Ok(())
             }
-            Packet::Unsubscribe { pkid, filters } => {
+            Packet::Unsubscribe(unsubscribe) => {
+                let (pkid, filters) = (unsubscribe.pkid, unsubscribe.filters.len());
                 self.conn
                     .queue(self.version, &Outgoing::UnsubAck { pkid, filters });
                 Ok(())
             }
+            // Acks of publishes the server sends; it sends none yet, so each is for a packet
+            // id never used: a protocol violation, as before these were decoded.
+            Packet::PubAck { .. } => Err(self.violation("PUBACK")),
+            Packet::PubRec { .. } => Err(self.violation("PUBREC")),
+            Packet::PubComp { .. } => Err(self.violation("PUBCOMP")),
             Packet::PingReq => {
                 self.conn.queue(self.version, &Outgoing::PingResp);
                 Ok(())
