@@ -8,7 +8,8 @@
 //! frames packets off the socket with the size limit applied to the fixed header →
 //! `packet.rs` checks the fixed-header flags and hands each frame to our own decoder, `v4.rs`
 //! for 3.1.1 and `v5.rs` for MQTT 5, both on `wire.rs`'s bounds-checked reader
-//! (docs/ARCHITECTURE.md says why the gateway decodes both itself).
+//! (docs/ARCHITECTURE.md says why the gateway decodes both itself); `encode.rs` writes the
+//! server's PUBLISH, SUBACK, UNSUBACK and PUBREL, rumqttc's codecs the other acks.
 //!
 //! The contract this module keeps: a QoS 1 PUBACK or QoS 2 PUBREC is sent only after the
 //! record's append has resolved as durable ([`crate::ingest::Pipeline::submit`]). Bad input
@@ -40,6 +41,7 @@
 
 pub mod config;
 mod connection;
+mod encode;
 mod events;
 mod inflight;
 pub mod limit;

@@ -1,7 +1,8 @@
 //! Packets as the session sees them, whatever the protocol version, and the glue to the
 //! codecs: client-to-server packets are decoded by our own decoders (`v4.rs` for 3.1.1,
-//! `v5.rs` for MQTT 5, both on the reader of `wire.rs`); acknowledgements are encoded by
-//! rumqttc's v4 and v5 codecs, DISCONNECT by `v5.rs`.
+//! `v5.rs` for MQTT 5, both on the reader of `wire.rs`); the server's PUBLISH, SUBACK,
+//! UNSUBACK, PUBREL and DISCONNECT are encoded by hand (`encode.rs`, `v5.rs`), the other
+//! acknowledgements and CONNACK by rumqttc's v4 and v5 codecs.
 //!
 //! Before any decoder sees a frame, [`decode`] checks the fixed-header flags of every packet
 //! type and that packets which must be empty are.
@@ -35,7 +36,7 @@ use rumqttc::mqttbytes::v4 as v4b;
 use rumqttc::v5::mqttbytes as v5b;
 
 use super::connection::Frame;
-use super::{v4, v5};
+use super::{encode, v4, v5};
 
 /// The protocol a connection speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,6 +387,14 @@ pub struct ConnAckProps {
     pub receive_maximum: u16,
     pub topic_alias_maximum: u16,
     pub max_packet_size: u32,
+    /// What the server offers to subscribers (MQTT 5 Wildcard Subscription Available,
+    /// Shared Subscription Available, Subscription Identifiers Available, Retain Available).
+    /// Each is sent explicitly, 1 or 0, though an absent property means "available": a client
+    /// reading the CONNACK sees what is offered.
+    pub wildcard_subscriptions: bool,
+    pub shared_subscriptions: bool,
+    pub subscription_ids: bool,
+    pub retain_available: bool,
 }
 
 /// Why a CONNECT is refused, independent of the version that expresses it.
@@ -422,14 +431,28 @@ pub enum Outgoing {
         pkid: u16,
         found: bool,
     },
-    /// Every filter refused (the gateway has no downlink yet).
+    /// The server's answer to a client's PUBREC for a QoS 2 PUBLISH the server sent;
+    /// `found: false` is MQTT 5's 0x92 (no such packet id in flight; 3.1.1 cannot say it).
+    #[allow(
+        dead_code,
+        reason = "for the broker, wired into session.rs after the packet layer"
+    )]
+    PubRel {
+        pkid: u16,
+        found: bool,
+    },
+    /// One reason code per filter, in the SUBSCRIBE's order: MQTT 5's as given (0x00..=0x02
+    /// the QoS granted, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2; any other is
+    /// sent as 0x80); 3.1.1 sends 0x00..=0x02 as given and anything else as 0x80 (Failure).
     SubAck {
         pkid: u16,
-        filters: usize,
+        codes: Vec<u8>,
     },
+    /// One reason code per filter, in the UNSUBSCRIBE's order: MQTT 5's as given (0x00,
+    /// 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91; any other is sent as 0x80); 3.1.1 has no codes.
     UnsubAck {
         pkid: u16,
-        filters: usize,
+        codes: Vec<u8>,
     },
     PingResp,
     /// MQTT 5 only; a 3.1.1 connection is just closed.
@@ -438,8 +461,9 @@ pub enum Outgoing {
     },
 }
 
-/// Encodes `packet` for `version` into `out`. Returns false for packets the version cannot
-/// express (a DISCONNECT or an MQTT 5-only refusal on 3.1.1); the caller just closes then.
+/// Encodes `packet` for `version` into `out`. Returns false, with nothing written, for packets
+/// the version cannot express (a DISCONNECT or an MQTT 5-only refusal on 3.1.1; the caller
+/// just closes then) and for a SUBACK or UNSUBACK too large for any packet.
 pub fn encode(version: Version, packet: &Outgoing, out: &mut BytesMut) -> bool {
     match version {
         Version::V4 => encode_v4(packet, out),
@@ -471,10 +495,11 @@ fn encode_v4(packet: &Outgoing, out: &mut BytesMut) -> bool {
         Outgoing::PubAck { pkid, .. } => v4b::PubAck::new(*pkid).write(out),
         Outgoing::PubRec { pkid, .. } => v4b::PubRec::new(*pkid).write(out),
         Outgoing::PubComp { pkid, .. } => v4b::PubComp::new(*pkid).write(out),
-        Outgoing::SubAck { pkid, filters } => {
-            v4b::SubAck::new(*pkid, vec![v4b::SubscribeReasonCode::Failure; *filters]).write(out)
+        Outgoing::PubRel { pkid, found } => return encode::pubrel(Version::V4, *pkid, *found, out),
+        Outgoing::SubAck { pkid, codes } => return encode::suback(Version::V4, *pkid, codes, out),
+        Outgoing::UnsubAck { pkid, codes } => {
+            return encode::unsuback(Version::V4, *pkid, codes, out);
         }
-        Outgoing::UnsubAck { pkid, .. } => v4b::UnsubAck::new(*pkid).write(out),
         Outgoing::PingResp => v4b::PingResp.write(out),
         Outgoing::Disconnect { .. } => return false,
     };
@@ -497,15 +522,15 @@ fn encode_v5(packet: &Outgoing, out: &mut BytesMut) -> bool {
                 session_expiry_interval: None,
                 receive_max: (props.receive_maximum != u16::MAX).then_some(props.receive_maximum),
                 max_qos: None,
-                retain_available: None,
+                retain_available: Some(u8::from(props.retain_available)),
                 max_packet_size: Some(props.max_packet_size),
                 assigned_client_identifier: props.assigned_client_id.clone(),
                 topic_alias_max: Some(props.topic_alias_maximum),
                 reason_string: None,
                 user_properties: Vec::new(),
-                wildcard_subscription_available: None,
-                subscription_identifiers_available: None,
-                shared_subscription_available: None,
+                wildcard_subscription_available: Some(u8::from(props.wildcard_subscriptions)),
+                subscription_identifiers_available: Some(u8::from(props.subscription_ids)),
+                shared_subscription_available: Some(u8::from(props.shared_subscriptions)),
                 server_keep_alive: props.server_keep_alive,
                 response_information: None,
                 server_reference: None,
@@ -542,18 +567,11 @@ fn encode_v5(packet: &Outgoing, out: &mut BytesMut) -> bool {
             properties: None,
         }
         .write(out),
-        Outgoing::SubAck { pkid, filters } => p::SubAck {
-            pkid: *pkid,
-            return_codes: vec![p::SubscribeReasonCode::ImplementationSpecific; *filters],
-            properties: None,
+        Outgoing::PubRel { pkid, found } => return encode::pubrel(Version::V5, *pkid, *found, out),
+        Outgoing::SubAck { pkid, codes } => return encode::suback(Version::V5, *pkid, codes, out),
+        Outgoing::UnsubAck { pkid, codes } => {
+            return encode::unsuback(Version::V5, *pkid, codes, out);
         }
-        .write(out),
-        Outgoing::UnsubAck { pkid, filters } => p::UnsubAck {
-            pkid: *pkid,
-            reasons: vec![p::UnsubAckReason::NoSubscriptionExisted; *filters],
-            properties: None,
-        }
-        .write(out),
         Outgoing::PingResp => p::PingResp::write(out),
         Outgoing::Disconnect { reason } => {
             v5::encode_disconnect(*reason, out);

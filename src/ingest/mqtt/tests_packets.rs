@@ -1,13 +1,19 @@
 //! Unit tests of the packets a broker needs: SUBSCRIBE and UNSUBSCRIBE as data, the client's
 //! acks of server publishes, the checks of the 3.1.1 decoder (`v4.rs`) and their MQTT 5
-//! counterparts, and the publish and will properties.
+//! counterparts, the publish and will properties, and the hand-written encoders
+//! (`encode.rs`), each encoder checked by an independent decoder: rumqttc's client-side v4
+//! and v5 codecs.
 //!
 //! Every test names the normative statement it checks; 3.1.1's and 5's are numbered apart
 //! (the version is in the test's name).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::packet::{self, DecodeError, Limits, Outgoing, Packet, Subscription, Version};
+use super::connection::Frame;
+use super::encode::{EncodeError, OutPublish, encode_publish};
+use super::packet::{
+    self, ConnAckProps, DecodeError, Limits, Outgoing, Packet, Subscription, Version,
+};
 use super::tests::{frame, string, v5_publish_body};
 
 const LIMITS: Limits = Limits {
@@ -796,5 +802,463 @@ async fn v5_will_keeps_its_properties_and_retain_3_1_3_2() {
             assert_eq!(w.correlation_data, Some(Bytes::from_static(b"c1")));
         }
         other => panic!("{other:?}"),
+    }
+}
+
+// ---- encoders, checked by rumqttc's client-side decoders -----------------------------------
+
+mod encode {
+    use rumqttc::mqttbytes::{QoS, v4 as c4};
+    use rumqttc::v5::mqttbytes::{QoS as Q5, v5 as c5};
+
+    use super::*;
+
+    fn qos(q: u8) -> QoS {
+        match q {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        }
+    }
+
+    fn read_v4(out: &mut BytesMut) -> c4::Packet {
+        let packet = c4::Packet::read(out, usize::MAX).expect("rumqttc v4 reads it");
+        assert!(out.is_empty(), "{} bytes left over", out.len());
+        packet
+    }
+
+    fn read_v5(out: &mut BytesMut) -> c5::Packet {
+        let packet = c5::Packet::read(out, None).expect("rumqttc v5 reads it");
+        assert!(out.is_empty(), "{} bytes left over", out.len());
+        packet
+    }
+
+    #[test]
+    fn publish_round_trips_through_rumqttc_v4_3_3() {
+        let payload = vec![7u8; 300];
+        for (q, pkid, dup, retain) in [
+            (0, 0, false, false),
+            (1, 9, true, true),
+            (2, 65535, false, true),
+        ] {
+            let publish = OutPublish {
+                dup,
+                qos: q,
+                retain,
+                topic: "plant/a/b",
+                pkid,
+                payload: &payload,
+                // MQTT 5 fields are not written for 3.1.1.
+                subscription_ids: &[3],
+                content_type: Some("x"),
+                ..OutPublish::default()
+            };
+            let mut out = BytesMut::from(&b"before"[..]);
+            let written = encode_publish(Version::V4, &publish, &mut out).expect("encodes");
+            assert_eq!(written, out.len() - 6);
+            assert_eq!(publish.packet_len(Version::V4), Ok(written));
+            let _ = out.split_to(6);
+            match read_v4(&mut out) {
+                c4::Packet::Publish(p) => {
+                    assert_eq!(
+                        (p.dup, p.qos, p.retain, p.pkid),
+                        (dup, qos(q), retain, pkid)
+                    );
+                    assert_eq!(p.topic, "plant/a/b");
+                    assert_eq!(p.payload, payload);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn publish_round_trips_through_rumqttc_v5_with_every_property_3_3_2_3() {
+        let user = [
+            ("b".to_owned(), "1".to_owned()),
+            ("a".to_owned(), "2".to_owned()),
+        ];
+        // One id per matching subscription; 128 and 268,435,455 take two and four bytes.
+        let ids = [1, 128, 268_435_455];
+        let publish = OutPublish {
+            dup: true,
+            qos: 1,
+            retain: true,
+            topic: "t/1",
+            pkid: 42,
+            payload: b"{\"v\":1}",
+            subscription_ids: &ids,
+            message_expiry: Some(59),
+            payload_format_utf8: true,
+            content_type: Some("application/json"),
+            response_topic: Some("reply/1"),
+            correlation_data: Some(b"\x00\x01"),
+            user_properties: &user,
+        };
+        let mut out = BytesMut::new();
+        let written = encode_publish(Version::V5, &publish, &mut out).expect("encodes");
+        assert_eq!(
+            (written, publish.packet_len(Version::V5)),
+            (out.len(), Ok(out.len()))
+        );
+        match read_v5(&mut out) {
+            c5::Packet::Publish(p) => {
+                assert_eq!(
+                    (p.dup, p.qos, p.retain, p.pkid),
+                    (true, Q5::AtLeastOnce, true, 42)
+                );
+                assert_eq!(p.topic, "t/1");
+                assert_eq!(p.payload, "{\"v\":1}");
+                let props = p.properties.expect("properties");
+                assert_eq!(props.subscription_identifiers, [1, 128, 268_435_455]);
+                assert_eq!(props.message_expiry_interval, Some(59));
+                assert_eq!(props.payload_format_indicator, Some(1));
+                assert_eq!(props.content_type.as_deref(), Some("application/json"));
+                assert_eq!(props.response_topic.as_deref(), Some("reply/1"));
+                assert_eq!(props.correlation_data.as_deref(), Some(&b"\x00\x01"[..]));
+                assert_eq!(props.user_properties, user);
+                assert_eq!(props.topic_alias, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        // No properties: an empty section, QoS 0 without a packet id.
+        let bare = OutPublish {
+            topic: "t",
+            payload: b"p",
+            ..OutPublish::default()
+        };
+        let mut out = BytesMut::new();
+        encode_publish(Version::V5, &bare, &mut out).expect("encodes");
+        assert_eq!(&out[..], &[0x30, 5, 0, 1, b't', 0, b'p']);
+        match read_v5(&mut out) {
+            c5::Packet::Publish(p) => {
+                assert_eq!(
+                    (p.qos, p.pkid, p.dup, p.retain),
+                    (Q5::AtMostOnce, 0, false, false)
+                );
+                assert_eq!(p.properties, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn publish_remaining_length_takes_up_to_four_bytes_1_5_5() {
+        // 3 and 4 bytes of remaining length: 16,384 and 2,097,152 bytes and more.
+        for size in [127 - 3, 128 - 3, 16_384, 2_097_152] {
+            let payload = vec![1u8; size];
+            let publish = OutPublish {
+                topic: "t",
+                payload: &payload,
+                ..OutPublish::default()
+            };
+            for version in [Version::V4, Version::V5] {
+                let mut out = BytesMut::new();
+                let written = encode_publish(version, &publish, &mut out).expect("encodes");
+                assert_eq!(written, out.len());
+                let payload_len = if version == Version::V4 {
+                    match read_v4(&mut out) {
+                        c4::Packet::Publish(p) => p.payload.len(),
+                        other => panic!("{other:?}"),
+                    }
+                } else {
+                    match read_v5(&mut out) {
+                        c5::Packet::Publish(p) => p.payload.len(),
+                        other => panic!("{other:?}"),
+                    }
+                };
+                assert_eq!(payload_len, size);
+            }
+        }
+    }
+
+    #[test]
+    fn publish_that_cannot_be_expressed_writes_nothing() {
+        let long = "x".repeat(65_536);
+        let big = vec![0u8; 268_435_455];
+        let user = [(long.clone(), String::new())];
+        let cases: [(OutPublish<'_>, Version, EncodeError); 7] = [
+            (
+                OutPublish {
+                    topic: &long,
+                    ..OutPublish::default()
+                },
+                Version::V4,
+                EncodeError::TooLarge("topic"),
+            ),
+            (
+                OutPublish {
+                    topic: "t",
+                    user_properties: &user,
+                    ..OutPublish::default()
+                },
+                Version::V5,
+                EncodeError::TooLarge("user property name"),
+            ),
+            (
+                OutPublish {
+                    topic: "t",
+                    payload: &big,
+                    ..OutPublish::default()
+                },
+                Version::V4,
+                EncodeError::TooLarge("packet"),
+            ),
+            (
+                OutPublish {
+                    topic: "t",
+                    qos: 3,
+                    pkid: 1,
+                    ..OutPublish::default()
+                },
+                Version::V4,
+                EncodeError::Invalid("QoS 3"),
+            ),
+            (
+                OutPublish {
+                    topic: "t",
+                    qos: 1,
+                    ..OutPublish::default()
+                },
+                Version::V5,
+                EncodeError::Invalid("packet id not 0 exactly when QoS is 0"),
+            ),
+            (
+                OutPublish {
+                    topic: "t",
+                    dup: true,
+                    ..OutPublish::default()
+                },
+                Version::V5,
+                EncodeError::Invalid("DUP on QoS 0"),
+            ),
+            (
+                OutPublish {
+                    topic: "t",
+                    subscription_ids: &[0],
+                    ..OutPublish::default()
+                },
+                Version::V5,
+                EncodeError::Invalid("subscription identifier out of range"),
+            ),
+        ];
+        for (publish, version, error) in cases {
+            let mut out = BytesMut::new();
+            assert_eq!(encode_publish(version, &publish, &mut out), Err(error));
+            assert_eq!(publish.packet_len(version), Err(error));
+            assert!(out.is_empty());
+        }
+        // The same long user property is no problem for 3.1.1, which does not carry it.
+        let publish = OutPublish {
+            topic: "t",
+            user_properties: &user,
+            ..OutPublish::default()
+        };
+        assert_eq!(publish.packet_len(Version::V4), Ok(5));
+    }
+
+    #[test]
+    fn our_decoder_reads_back_what_our_encoder_wrote() {
+        // Not independent, but it ties the two together: a client's PUBLISH and a server's
+        // have the same layout once the server-only property is left out.
+        let user = [("k".to_owned(), "v".to_owned())];
+        let publish = OutPublish {
+            qos: 2,
+            retain: true,
+            topic: "a/b",
+            pkid: 5,
+            payload: b"body",
+            message_expiry: Some(1),
+            payload_format_utf8: true,
+            content_type: Some("c"),
+            response_topic: Some("r"),
+            correlation_data: Some(b"d"),
+            user_properties: &user,
+            ..OutPublish::default()
+        };
+        for version in [Version::V4, Version::V5] {
+            let mut out = BytesMut::new();
+            encode_publish(version, &publish, &mut out).expect("encodes");
+            let frame = Frame::parse(out, usize::MAX).expect("one whole frame");
+            match packet::decode(version, frame, &LIMITS) {
+                Ok(Packet::Publish(p)) => {
+                    assert_eq!((p.qos, p.retain, p.pkid), (2, true, 5));
+                    assert_eq!((p.topic.as_str(), &p.payload[..]), ("a/b", &b"body"[..]));
+                    if version == Version::V5 {
+                        assert_eq!(p.message_expiry, Some(1));
+                        assert_eq!(p.user_properties, user);
+                    }
+                }
+                other => panic!("{version:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn suback_round_trips_with_every_reason_code_3_9_3() {
+        let v5_codes = [
+            0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8f, 0x91, 0x97, 0x9e, 0xa1, 0xa2,
+        ];
+        let mut out = BytesMut::new();
+        let suback = Outgoing::SubAck {
+            pkid: 12,
+            codes: v5_codes.to_vec(),
+        };
+        assert!(packet::encode(Version::V5, &suback, &mut out));
+        match read_v5(&mut out) {
+            c5::Packet::SubAck(s) => {
+                use c5::SubscribeReasonCode as R;
+                assert_eq!(s.pkid, 12);
+                assert_eq!(
+                    s.return_codes,
+                    [
+                        R::Success(Q5::AtMostOnce),
+                        R::Success(Q5::AtLeastOnce),
+                        R::Success(Q5::ExactlyOnce),
+                        R::Unspecified,
+                        R::ImplementationSpecific,
+                        R::NotAuthorized,
+                        R::TopicFilterInvalid,
+                        R::PkidInUse,
+                        R::QuotaExceeded,
+                        R::SharedSubscriptionsNotSupported,
+                        R::SubscriptionIdNotSupported,
+                        R::WildcardSubscriptionsNotSupported,
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // 3.1.1 has 0x00..=0x02 and 0x80 only [MQTT-3.9.3-2]; MQTT 5 codes it lacks are sent
+        // as 0x80, as are codes MQTT 5 lacks.
+        let mut out = BytesMut::new();
+        assert!(packet::encode(Version::V4, &suback, &mut out));
+        match read_v4(&mut out) {
+            c4::Packet::SubAck(s) => {
+                use c4::SubscribeReasonCode as R;
+                assert_eq!(s.pkid, 12);
+                let mut expected = vec![
+                    R::Success(QoS::AtMostOnce),
+                    R::Success(QoS::AtLeastOnce),
+                    R::Success(QoS::ExactlyOnce),
+                ];
+                expected.resize(v5_codes.len(), R::Failure);
+                assert_eq!(s.return_codes, expected);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut out = BytesMut::new();
+        assert!(packet::encode(
+            Version::V5,
+            &Outgoing::SubAck {
+                pkid: 1,
+                codes: vec![0x03, 0x11]
+            },
+            &mut out
+        ));
+        assert_eq!(&out[..], &[0x90, 5, 0, 1, 0, 0x80, 0x80]);
+    }
+
+    #[test]
+    fn unsuback_round_trips_3_11() {
+        let codes = vec![0x00, 0x11, 0x80, 0x83, 0x87, 0x8f, 0x91, 0x02];
+        let unsuback = Outgoing::UnsubAck { pkid: 300, codes };
+        let mut out = BytesMut::new();
+        assert!(packet::encode(Version::V5, &unsuback, &mut out));
+        match read_v5(&mut out) {
+            c5::Packet::UnsubAck(u) => {
+                use c5::UnsubAckReason as R;
+                assert_eq!(u.pkid, 300);
+                assert_eq!(
+                    u.reasons,
+                    [
+                        R::Success,
+                        R::NoSubscriptionExisted,
+                        R::UnspecifiedError,
+                        R::ImplementationSpecificError,
+                        R::NotAuthorized,
+                        R::TopicFilterInvalid,
+                        R::PacketIdentifierInUse,
+                        // 0x02 is no UNSUBACK code: sent as 0x80.
+                        R::UnspecifiedError,
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // 3.1.1: the packet id alone (3.11.3).
+        let mut out = BytesMut::new();
+        assert!(packet::encode(Version::V4, &unsuback, &mut out));
+        assert_eq!(&out[..], &[0xb0, 2, 1, 44]);
+        assert!(matches!(read_v4(&mut out), c4::Packet::UnsubAck(u) if u.pkid == 300));
+    }
+
+    #[test]
+    fn pubrel_round_trips_3_6() {
+        for (version, found) in [
+            (Version::V4, true),
+            (Version::V4, false),
+            (Version::V5, true),
+            (Version::V5, false),
+        ] {
+            let mut out = BytesMut::new();
+            assert!(packet::encode(
+                version,
+                &Outgoing::PubRel { pkid: 513, found },
+                &mut out
+            ));
+            // Fixed-header flags 0b0010 [MQTT-3.6.1-1].
+            assert_eq!(out.first(), Some(&0x62));
+            match version {
+                Version::V4 => {
+                    assert!(matches!(read_v4(&mut out), c4::Packet::PubRel(p) if p.pkid == 513));
+                }
+                Version::V5 => match read_v5(&mut out) {
+                    c5::Packet::PubRel(p) => {
+                        assert_eq!(p.pkid, 513);
+                        let reason = if found {
+                            c5::PubRelReason::Success
+                        } else {
+                            c5::PubRelReason::PacketIdentifierNotFound
+                        };
+                        assert_eq!(p.reason, reason);
+                    }
+                    other => panic!("{other:?}"),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn connack_says_what_subscribers_are_offered_3_2_2_3() {
+        for offered in [false, true] {
+            let props = ConnAckProps {
+                receive_maximum: 100,
+                topic_alias_maximum: 10,
+                max_packet_size: 1 << 16,
+                wildcard_subscriptions: offered,
+                shared_subscriptions: offered,
+                subscription_ids: offered,
+                retain_available: offered,
+                ..ConnAckProps::default()
+            };
+            let mut out = BytesMut::new();
+            assert!(packet::encode(
+                Version::V5,
+                &Outgoing::ConnAck(Ok(props)),
+                &mut out
+            ));
+            match read_v5(&mut out) {
+                c5::Packet::ConnAck(c) => {
+                    let p = c.properties.expect("properties");
+                    let sent = Some(u8::from(offered));
+                    assert_eq!(p.wildcard_subscription_available, sent);
+                    assert_eq!(p.shared_subscription_available, sent);
+                    assert_eq!(p.subscription_identifiers_available, sent);
+                    assert_eq!(p.retain_available, sent);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -1,11 +1,17 @@
 //! The data types of MQTT's wire format (3.1.1 and 5, section 1.5), shared by both decoders
-//! (`v4.rs`, `v5.rs`): a bounds-checked reader over one frame's body.
+//! (`v4.rs`, `v5.rs`) and the hand-written encoders (`encode.rs`): a bounds-checked reader
+//! over one frame's body, and the writers of variable byte integers and length-prefixed
+//! fields.
 //!
 //! Every read is bounds-checked; nothing here can panic on input.
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::packet::DecodeError;
+
+/// The largest value a variable byte integer holds (1.5.5): the largest remaining length,
+/// and the largest Subscription Identifier.
+pub(crate) const MAX_VARINT: u32 = 268_435_455;
 
 /// A bounds-checked cursor over one frame's body.
 pub(crate) struct Reader {
@@ -121,4 +127,39 @@ fn utf8(raw: Bytes) -> Result<String, DecodeError> {
         return Err(DecodeError::Malformed("string contains U+0000"));
     }
     Ok(text.to_owned())
+}
+
+/// Bytes a variable byte integer of `value` takes (`value` at most [`MAX_VARINT`]).
+pub(crate) fn varint_len(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// Writes a variable byte integer; `value` must be at most [`MAX_VARINT`] (callers check
+/// lengths before writing anything).
+pub(crate) fn put_varint(out: &mut BytesMut, value: usize) {
+    let mut value = value;
+    loop {
+        // Truncation intended: the low seven bits.
+        let mut byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if value == 0 {
+            break;
+        }
+    }
+}
+
+/// Writes a two-byte length and the bytes; `bytes` must be at most 65,535 long (callers
+/// check lengths before writing anything).
+pub(crate) fn put_binary(out: &mut BytesMut, bytes: &[u8]) {
+    out.put_u16(u16::try_from(bytes.len()).unwrap_or(u16::MAX));
+    out.put_slice(bytes);
 }
