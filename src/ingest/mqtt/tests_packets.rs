@@ -805,6 +805,34 @@ async fn v5_will_keeps_its_properties_and_retain_3_1_3_2() {
     }
 }
 
+// ---- the fuzz corpus --------------------------------------------------------------------------
+
+#[test]
+fn subscribe_corpus_streams_decode_whole_in_their_version() {
+    // So the fuzzer starts from every packet type of this layer, valid, in both versions.
+    use super::connection::parse_header;
+    for (stream, version) in [
+        (super::tests::robustness::CORPUS[3], Version::V4),
+        (super::tests::robustness::CORPUS[6], Version::V5),
+    ] {
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while at < stream.len() {
+            let (_, len) = parse_header(&stream[at..], usize::MAX)
+                .expect("a valid header")
+                .expect("a whole header");
+            let raw = BytesMut::from(&stream[at..at + len]);
+            at += len;
+            let frame = Frame::parse(raw, usize::MAX).expect("a whole frame");
+            kinds.push(frame.packet_type());
+            let got = packet::decode(version, frame, &LIMITS);
+            assert!(got.is_ok(), "{version:?}: {got:?}");
+        }
+        assert_eq!(kinds, [1, 8, 10, 3, 4, 5, 7, 6, 12, 14], "{version:?}");
+        assert!(super::fuzz_stream(stream) >= kinds.len());
+    }
+}
+
 // ---- encoders, checked by rumqttc's client-side decoders -----------------------------------
 
 mod encode {
