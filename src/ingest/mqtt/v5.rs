@@ -192,7 +192,7 @@ fn properties(
             // 1..=268,435,455; a variable byte integer cannot exceed the maximum (3.8.2.1.2).
             id::SUBSCRIPTION_ID => match section.varint()? {
                 0 => return Err(DecodeError::Protocol("subscription identifier of 0")),
-                id => props.subscription_id = Some(id),
+                sid => props.subscription_id = Some(sid),
             },
             id::USER_PROPERTY => {
                 let name = section.string()?;
