@@ -715,6 +715,93 @@ async fn client_ids_are_assigned_or_refused_per_spec() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn v311_password_without_user_name_is_closed_without_connack_mqtt_3_1_2_22() {
+    // 3.1.1 [MQTT-3.1.2-22]: the password flag needs the user name flag. Such a CONNECT used
+    // to reach authentication and hear 0x04; it is malformed, so it is closed unanswered.
+    let gw = start_default().await;
+    let password_only = |level: u8| {
+        let mut body = Vec::new();
+        common::mqtt_string(&mut body, b"MQTT");
+        body.extend_from_slice(&[level, 0x42, 0, 60]);
+        if level == 5 {
+            body.push(0);
+        }
+        common::mqtt_string(&mut body, b"pw-only");
+        common::mqtt_string(&mut body, b"secret");
+        common::mqtt_frame(0x10, &body)
+    };
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&password_only(4)).await;
+    assert_eq!(raw.until_closed().await, []);
+    // MQTT 5 allows a password alone (3.1.2.9): it reaches authentication, which refuses it.
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&password_only(5)).await;
+    assert_eq!(raw.until_closed().await, [(0x20, vec![0, 0x86, 0])]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn subscribe_is_refused_and_acks_of_publishes_never_sent_are_violations() {
+    use rumqttc::v5::mqttbytes::v5 as c5;
+    let gw = start_default().await;
+    let subscribe = |level: u8| {
+        let mut body = vec![0, 7];
+        if level == 5 {
+            body.push(0);
+        }
+        for filter in [&b"a/#"[..], b"b"] {
+            common::mqtt_string(&mut body, filter);
+            body.push(1);
+        }
+        common::mqtt_frame(0x82, &body)
+    };
+    let unsubscribe = |level: u8| {
+        let mut body = vec![0, 8];
+        if level == 5 {
+            body.push(0);
+        }
+        common::mqtt_string(&mut body, b"a/#");
+        common::mqtt_string(&mut body, b"b");
+        common::mqtt_frame(0xa2, &body)
+    };
+
+    // MQTT 5: the CONNACK offers no subscriptions and no retained messages (3.2.2.3).
+    let mut raw = Raw::open(gw.addr).await;
+    raw.send(&connect(5, "sub5", 60, None)).await;
+    let (byte1, body) = raw.recv().await.expect("CONNACK");
+    let mut framed = BytesMut::from(&common::mqtt_frame(byte1, &body)[..]);
+    match c5::Packet::read(&mut framed, None) {
+        Ok(c5::Packet::ConnAck(c)) => {
+            assert_eq!(c.code, c5::ConnectReturnCode::Success);
+            let p = c.properties.expect("properties");
+            assert_eq!(p.wildcard_subscription_available, Some(0));
+            assert_eq!(p.shared_subscription_available, Some(0));
+            assert_eq!(p.subscription_identifiers_available, Some(0));
+            assert_eq!(p.retain_available, Some(0));
+        }
+        other => panic!("{other:?}"),
+    }
+    // SUBACK 0x83 per filter, UNSUBACK 0x11 per filter; a PUBACK for a PUBLISH the server
+    // never sent is a protocol error.
+    raw.send(&subscribe(5)).await;
+    assert_eq!(raw.recv().await, Some((0x90, vec![0, 7, 0, 0x83, 0x83])));
+    raw.send(&unsubscribe(5)).await;
+    assert_eq!(raw.recv().await, Some((0xb0, vec![0, 8, 0, 0x11, 0x11])));
+    raw.send(&[0x40, 2, 0, 1]).await;
+    assert_eq!(raw.until_closed().await, [(0xe0, vec![0x82, 0])]);
+
+    // 3.1.1: SUBACK 0x80 (Failure) per filter, UNSUBACK, and a PUBREC closes.
+    let mut raw = Raw::connected(gw.addr, 4, "sub4").await;
+    raw.send(&subscribe(4)).await;
+    assert_eq!(raw.recv().await, Some((0x90, vec![0, 7, 0x80, 0x80])));
+    raw.send(&unsubscribe(4)).await;
+    assert_eq!(raw.recv().await, Some((0xb0, vec![0, 8])));
+    raw.send(&[0x50, 2, 0, 1]).await;
+    assert_eq!(raw.until_closed().await, []);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn above_the_high_watermark_reads_are_throttled_until_the_log_drains() {
     let mut gw = start(MqttConfig::default(), |c| {

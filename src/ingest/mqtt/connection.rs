@@ -54,11 +54,6 @@ impl Frame {
             _ => None,
         }
     }
-
-    /// The whole frame, for codecs that parse the fixed header themselves.
-    pub fn into_raw(self) -> BytesMut {
-        self.raw
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

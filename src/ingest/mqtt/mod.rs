@@ -6,9 +6,10 @@
 //! takeover), with `registry.rs` (client ids across connections), `inflight.rs` (QoS 1/2
 //! packet ids) and `events.rs` (its log lines and counters) beside it → `connection.rs`
 //! frames packets off the socket with the size limit applied to the fixed header →
-//! `packet.rs` checks the fixed-header flags and hands each frame to a codec: rumqttc's v4
-//! codec for 3.1.1, `v5.rs` for MQTT 5 (docs/ARCHITECTURE.md says why the gateway decodes
-//! MQTT 5 itself).
+//! `packet.rs` checks the fixed-header flags and hands each frame to our own decoder, `v4.rs`
+//! for 3.1.1 and `v5.rs` for MQTT 5, both on `wire.rs`'s bounds-checked reader
+//! (docs/ARCHITECTURE.md says why the gateway decodes both itself); `encode.rs` writes the
+//! server's PUBLISH, SUBACK, UNSUBACK and PUBREL, rumqttc's codecs the other acks.
 //!
 //! The contract this module keeps: a QoS 1 PUBACK or QoS 2 PUBREC is sent only after the
 //! record's append has resolved as durable ([`crate::ingest::Pipeline::submit`]). Bad input
@@ -16,7 +17,7 @@
 //! (`edgegate_mqtt_protocol_errors_total{kind}`) and logged at DEBUG.
 //!
 //! Reason codes the gateway sends (MQTT 5; 3.1.1 has CONNACK codes only and is otherwise just
-//! closed):
+//! closed; `packet.rs` lists what each decoder refuses):
 //!
 //! | situation | answer |
 //! |---|---|
@@ -24,7 +25,9 @@
 //! | client id too long (or empty without clean session on 3.1.1) | CONNACK 0x85 (3.1.1: 0x02) |
 //! | `max_connections` reached | CONNACK 0x89 Server busy (3.1.1: 0x03) |
 //! | enhanced authentication requested | CONNACK 0x8C |
-//! | malformed packet / protocol violation / second CONNECT | DISCONNECT 0x81 / 0x82 |
+//! | malformed packet / protocol violation / second CONNECT | DISCONNECT 0x81 / 0x82 (a CONNECT: CONNACK; 3.1.1: close, no CONNACK) |
+//! | 3.1.1 CONNECT with a password but no user name [MQTT-3.1.2-22] | close, no CONNACK |
+//! | PUBACK, PUBREC, PUBCOMP (no PUBLISH is sent to clients yet) | DISCONNECT 0x82 |
 //! | packet over `max_packet_size` | DISCONNECT 0x95 |
 //! | wildcard or invalid publish topic | DISCONNECT 0x90 |
 //! | topic alias 0 or over the maximum | DISCONNECT 0x94 |
@@ -38,6 +41,7 @@
 
 pub mod config;
 mod connection;
+mod encode;
 mod events;
 mod inflight;
 pub mod limit;
@@ -45,10 +49,14 @@ mod packet;
 mod registry;
 mod session;
 pub mod tls;
+mod v4;
 mod v5;
+mod wire;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_packets;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -422,13 +430,17 @@ pub(crate) fn describe() {
 /// For the cargo-fuzz target `mqtt_stream`: `bytes` as a client's TCP stream, cut into frames
 /// as the connection cuts them (size limit on the fixed header); the first frame chooses the
 /// protocol as a CONNECT does, and every frame is decoded as both 3.1.1 and 5 (so both
-/// decoders see everything), with the reason codes and topic checks the session applies.
-/// Returns the frames decoded. Never panics. Built for the fuzz crate only (cargo-fuzz sets
-/// `--cfg fuzzing`).
-#[cfg(fuzzing)]
+/// decoders see everything: CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, the acks), with the
+/// reason codes and topic checks the session applies. What decodes is answered as a server
+/// would, through the hand-written encoders: a PUBLISH is encoded back and must decode to the
+/// same message, a SUBSCRIBE gets a SUBACK granting what it asked, an UNSUBSCRIBE an UNSUBACK,
+/// a PUBREC a PUBREL. Returns the frames decoded. Panics only if the encoder and the decoder
+/// disagree. Built for the fuzz crate (cargo-fuzz sets `--cfg fuzzing`) and for the tests,
+/// which run it on the corpus, mutated.
+#[cfg(any(test, fuzzing))]
 pub fn fuzz_stream(bytes: &[u8]) -> usize {
     use bytes::BytesMut;
-    use packet::{Limits, Packet, Version};
+    use packet::{Limits, Outgoing, Packet, Version};
     let limits = Limits {
         max_user_properties: 32,
     };
@@ -449,10 +461,41 @@ pub fn fuzz_stream(bytes: &[u8]) -> usize {
         }
         for version in [Version::V4, Version::V5] {
             let Some(f) = frame() else { continue };
+            let mut out = BytesMut::new();
             match packet::decode(version, f, &limits) {
                 Ok(Packet::Publish(p)) => {
                     decoded += 1;
                     let _ = packet::valid_topic_name(&p.topic);
+                    publish_round_trip(version, &p, &limits);
+                }
+                Ok(Packet::Subscribe(s)) => {
+                    decoded += 1;
+                    let codes = s.filters.iter().map(|f| f.qos).collect();
+                    let _ = packet::encode(
+                        version,
+                        &Outgoing::SubAck {
+                            pkid: s.pkid,
+                            codes,
+                        },
+                        &mut out,
+                    );
+                }
+                Ok(Packet::Unsubscribe(u)) => {
+                    decoded += 1;
+                    let codes = vec![0x00; u.filters.len()];
+                    let _ = packet::encode(
+                        version,
+                        &Outgoing::UnsubAck {
+                            pkid: u.pkid,
+                            codes,
+                        },
+                        &mut out,
+                    );
+                }
+                Ok(Packet::PubRec { pkid, reason }) => {
+                    decoded += 1;
+                    let found = reason < 0x80;
+                    let _ = packet::encode(version, &Outgoing::PubRel { pkid, found }, &mut out);
                 }
                 Ok(_) => decoded += 1,
                 Err(e) => {
@@ -462,4 +505,48 @@ pub fn fuzz_stream(bytes: &[u8]) -> usize {
         }
     }
     decoded
+}
+
+/// A client's PUBLISH sent back as the server would send it (without the topic alias, which
+/// the server never sends) decodes to the same message.
+#[cfg(any(test, fuzzing))]
+fn publish_round_trip(version: packet::Version, p: &packet::Publish, limits: &packet::Limits) {
+    use bytes::BytesMut;
+    let out_publish = encode::OutPublish {
+        dup: false,
+        qos: p.qos,
+        retain: p.retain,
+        topic: &p.topic,
+        pkid: p.pkid,
+        payload: &p.payload,
+        subscription_ids: &[],
+        message_expiry: p.message_expiry,
+        payload_format_utf8: p.payload_format_utf8,
+        content_type: p.content_type.as_deref(),
+        response_topic: p.response_topic.as_deref(),
+        correlation_data: p.correlation_data.as_deref(),
+        user_properties: &p.user_properties,
+    };
+    let mut out = BytesMut::new();
+    let written = encode::encode_publish(version, &out_publish, &mut out);
+    assert_eq!(written, Ok(out.len()), "encodes what it decoded");
+    assert_eq!(out_publish.packet_len(version), Ok(out.len()));
+    let frame = connection::Frame::parse(out, usize::MAX).expect("one whole frame");
+    match packet::decode(version, frame, limits) {
+        Ok(packet::Packet::Publish(q)) => {
+            assert_eq!((q.qos, q.retain, q.pkid), (p.qos, p.retain, p.pkid));
+            assert_eq!((&q.topic, &q.payload), (&p.topic, &p.payload));
+            assert_eq!(q.topic_alias, None);
+            assert_eq!(
+                (q.message_expiry, q.payload_format_utf8),
+                (p.message_expiry, p.payload_format_utf8)
+            );
+            assert_eq!(
+                (&q.content_type, &q.response_topic, &q.correlation_data),
+                (&p.content_type, &p.response_topic, &p.correlation_data)
+            );
+            assert_eq!(q.user_properties, p.user_properties);
+        }
+        other => panic!("re-decoding our own PUBLISH: {other:?}"),
+    }
 }

@@ -1,16 +1,42 @@
 //! Packets as the session sees them, whatever the protocol version, and the glue to the
-//! codecs: MQTT 3.1.1 frames are decoded by rumqttc's v4 codec, MQTT 5 frames by `v5.rs`;
-//! acknowledgements are encoded by rumqttc's v4 and v5 codecs, DISCONNECT by `v5.rs`.
+//! codecs: client-to-server packets are decoded by our own decoders (`v4.rs` for 3.1.1,
+//! `v5.rs` for MQTT 5, both on the reader of `wire.rs`); the server's PUBLISH, SUBACK,
+//! UNSUBACK, PUBREL and DISCONNECT are encoded by hand (`encode.rs`, `v5.rs`), the other
+//! acknowledgements and CONNACK by rumqttc's v4 and v5 codecs.
 //!
-//! Before any codec sees a frame, [`decode`] checks what the codecs do not: the fixed-header
-//! flags of every packet type, and (for 3.1.1) that publish topics are usable names.
+//! Before any decoder sees a frame, [`decode`] checks the fixed-header flags of every packet
+//! type and that packets which must be empty are.
+//!
+//! What the decoders refuse, and how (MQTT 5 closes with DISCONNECT, or CONNACK for a
+//! CONNECT, carrying the reason code; 3.1.1 just closes, never with a CONNACK):
+//!
+//! | input | reason |
+//! |---|---|
+//! | a length crossing the packet's end, bytes after its end, bad fixed-header flags | 0x81 |
+//! | string not UTF-8 [MQTT-1.5.3-1] or holding U+0000 [MQTT-1.5.3-2] | 0x81 |
+//! | packet identifier 0 in PUBLISH (QoS > 0), SUBSCRIBE, UNSUBSCRIBE or an ack [MQTT-2.3.1-1] | 0x81 |
+//! | CONNECT: reserved flag [MQTT-3.1.2-3], will QoS 3 or will QoS/retain without a will | 0x81 |
+//! | 3.1.1 CONNECT: password without user name [MQTT-3.1.2-22] | close, no CONNACK |
+//! | SUBSCRIBE: reserved option bits (5: [MQTT-3.8.3-5]; 3.1.1: also QoS 3, [MQTT-3.8.3-4], printed MQTT-3-8.3-4) | 0x81 |
+//! | SUBSCRIBE (5): QoS 3, Retain Handling 3, No Local on a `$share/` filter ([MQTT-3.8.3-4] of 5) | 0x82 |
+//! | SUBSCRIBE or UNSUBSCRIBE without a filter (5: [MQTT-3.8.3-2]; 3.1.1: [MQTT-3.8.3-3]; both [MQTT-3.10.3-2]) | 0x82 |
+//! | an empty topic filter [MQTT-4.7.3-1] | 0x81 |
+//! | property not allowed in the packet, unknown reason code | 0x81 |
+//! | property twice, Subscription Identifier 0 or in a client's PUBLISH [MQTT-3.3.4-6] | 0x82 |
+//! | Response Topic with a wildcard or empty [MQTT-3.3.2-14] | 0x82 |
+//! | PUBLISH or will topic with a wildcard, or empty (3.1.1; will) | 0x90 |
+//! | more user properties than `max_user_properties` | 0x83 |
+//!
+//! Topic filter syntax (wildcard placement, shared subscriptions) is not the decoders'
+//! business: MQTT 5 refuses a bad filter alone, in its SUBACK (0x8F), so whoever answers the
+//! SUBSCRIBE checks it.
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4;
+use rumqttc::mqttbytes::v4 as v4b;
 use rumqttc::v5::mqttbytes as v5b;
 
 use super::connection::Frame;
-use super::v5;
+use super::{encode, v4, v5};
 
 /// The protocol a connection speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,17 +52,39 @@ pub enum Version {
 pub enum Packet {
     Connect(Box<Connect>),
     Publish(Publish),
+    /// The client's ack of a QoS 1 PUBLISH the server sent. `reason` is MQTT 5's (checked
+    /// against the codes PUBACK may carry; 3.1.1: 0x00).
+    #[allow(
+        dead_code,
+        reason = "for the broker, wired into session.rs after the packet layer"
+    )]
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    /// The client's first ack of a QoS 2 PUBLISH the server sent; `reason` as in `PubAck`.
+    #[allow(
+        dead_code,
+        reason = "for the broker, wired into session.rs after the packet layer"
+    )]
+    PubRec {
+        pkid: u16,
+        reason: u8,
+    },
     PubRel {
         pkid: u16,
     },
-    Subscribe {
+    /// The client's last ack of a QoS 2 PUBLISH the server sent (its reason, 0x00 or 0x92,
+    /// is checked and dropped: either way the packet id is free again).
+    #[allow(
+        dead_code,
+        reason = "for the broker, wired into session.rs after the packet layer"
+    )]
+    PubComp {
         pkid: u16,
-        filters: usize,
     },
-    Unsubscribe {
-        pkid: u16,
-        filters: usize,
-    },
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
     PingReq,
     /// 3.1.1 DISCONNECTs carry reason 0x00.
     Disconnect {
@@ -44,7 +92,7 @@ pub enum Packet {
     },
     /// MQTT 5 AUTH (decoded so it is validated; the gateway offers no enhanced auth).
     Auth,
-    /// A packet only a server sends, or an ack for a PUBLISH this server never sent.
+    /// A packet only a server sends (CONNACK, SUBACK, UNSUBACK, PINGRESP).
     Unexpected(&'static str),
 }
 
@@ -57,6 +105,20 @@ pub struct Connect {
     pub will: Option<Will>,
     /// MQTT 5 Session Expiry Interval in seconds (0 when absent; unused by 3.1.1).
     pub session_expiry: u32,
+    /// MQTT 5 Receive Maximum: QoS 1 and 2 publishes the client takes unacknowledged at once
+    /// (65,535 when absent, and for 3.1.1, which has no such limit).
+    #[allow(
+        dead_code,
+        reason = "for the broker, wired into session.rs after the packet layer"
+    )]
+    pub receive_maximum: u16,
+    /// MQTT 5 Maximum Packet Size: the server must not send the client a larger packet
+    /// [MQTT-3.1.2-24]. `None`: no limit beyond the protocol's.
+    #[allow(
+        dead_code,
+        reason = "for the broker, wired into session.rs after the packet layer"
+    )]
+    pub maximum_packet_size: Option<u32>,
     /// MQTT 5 enhanced authentication was requested (the gateway does not offer it).
     pub auth_method: bool,
     pub username: Option<String>,
@@ -73,25 +135,90 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// A CONNECT's will message. The MQTT 5 properties are what the will properties said
+/// (3.1.1: none).
+#[allow(
+    dead_code,
+    reason = "for the broker, wired into session.rs after the packet layer"
+)]
 #[derive(Debug, Clone)]
 pub struct Will {
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
+    pub retain: bool,
+    /// Seconds to wait after the connection ends before publishing the will (MQTT 5 Will
+    /// Delay Interval; 0 when absent).
+    pub delay_interval: u32,
+    /// Seconds the message lives (MQTT 5 Message Expiry Interval); `None`: forever.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5 Payload Format Indicator 1: the payload is UTF-8 (not checked here).
+    pub payload_format_utf8: bool,
     pub content_type: Option<String>,
+    /// A valid topic name [MQTT-3.3.2-14] (checked).
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
     pub user_properties: Vec<(String, String)>,
 }
 
+/// A client's PUBLISH.
+#[allow(
+    dead_code,
+    reason = "for the broker, wired into session.rs after the packet layer"
+)]
 #[derive(Debug)]
 pub struct Publish {
     pub qos: u8,
+    /// The RETAIN flag of the fixed header (3.3.1.3).
+    pub retain: bool,
     /// Empty when an MQTT 5 client uses an established topic alias.
     pub topic: String,
     pub pkid: u16,
     pub payload: Bytes,
     pub topic_alias: Option<u16>,
+    /// Seconds the message lives (MQTT 5 Message Expiry Interval); `None`: forever.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5 Payload Format Indicator 1: the payload is UTF-8 (not checked here; the
+    /// indicator is to be forwarded unaltered [MQTT-3.3.2-4]).
+    pub payload_format_utf8: bool,
     pub content_type: Option<String>,
+    /// A valid topic name [MQTT-3.3.2-14] (checked).
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
     pub user_properties: Vec<(String, String)>,
+}
+
+/// SUBSCRIBE (3.8), decoded and checked as a packet; each filter's syntax is not checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    pub pkid: u16,
+    /// MQTT 5 Subscription Identifier (1..=268,435,455; 0 is refused as a protocol error).
+    pub id: Option<u32>,
+    pub user_properties: Vec<(String, String)>,
+    /// At least one.
+    pub filters: Vec<Subscription>,
+}
+
+/// One topic filter of a SUBSCRIBE with its options (3.8.3.1). 3.1.1 has the QoS only; the
+/// other options are then false, false, 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Not empty, valid UTF-8 without U+0000; wildcards and `$share/` not checked.
+    pub filter: String,
+    /// Maximum QoS, 0..=2.
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0: send retained messages on subscribe; 1: only if the subscription is new; 2: never.
+    pub retain_handling: u8,
+}
+
+/// UNSUBSCRIBE (3.10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsubscribe {
+    pub pkid: u16,
+    /// At least one; each not empty.
+    pub filters: Vec<String>,
 }
 
 /// Why a frame was refused. Small and allocation-free: decode is a hot path.
@@ -208,7 +335,7 @@ fn check_fixed_header(version: Version, frame: &Frame) -> Result<(), DecodeError
 pub fn decode(version: Version, frame: Frame, limits: &Limits) -> Result<Packet, DecodeError> {
     check_fixed_header(version, &frame)?;
     match version {
-        Version::V4 => decode_v4(frame),
+        Version::V4 => v4::decode(frame),
         Version::V5 => decode_v5(frame, limits),
     }
 }
@@ -220,7 +347,10 @@ fn decode_v5(frame: Frame, limits: &Limits) -> Result<Packet, DecodeError> {
     match kind {
         1 => v5::connect(body, limits),
         3 => v5::publish(byte1, body, limits),
+        4 => v5::puback(body, limits),
+        5 => v5::pubrec(body, limits),
         6 => v5::pubrel(body, limits),
+        7 => v5::pubcomp(body, limits),
         8 => v5::subscribe(body, limits),
         10 => v5::unsubscribe(body, limits),
         12 => Ok(Packet::PingReq),
@@ -230,97 +360,10 @@ fn decode_v5(frame: Frame, limits: &Limits) -> Result<Packet, DecodeError> {
     }
 }
 
-fn decode_v4(frame: Frame) -> Result<Packet, DecodeError> {
-    let kind = frame.packet_type();
-    let mut raw = frame.into_raw();
-    // The frame is complete, so "need more bytes" from the codec means a length inside the
-    // packet points past its end: malformed.
-    let packet = v4::Packet::read(&mut raw, usize::MAX).map_err(|e| match e {
-        rumqttc::mqttbytes::Error::InsufficientBytes(_) => {
-            DecodeError::Malformed("packet ends early")
-        }
-        rumqttc::mqttbytes::Error::TopicNotUtf8 => DecodeError::Malformed("string is not UTF-8"),
-        rumqttc::mqttbytes::Error::PacketIdZero => DecodeError::Malformed("packet identifier 0"),
-        rumqttc::mqttbytes::Error::EmptySubscription => {
-            DecodeError::Malformed("SUBSCRIBE without a topic filter")
-        }
-        _ => DecodeError::Malformed("rejected by the 3.1.1 codec"),
-    })?;
-    if !raw.is_empty() {
-        return Err(DecodeError::Malformed("bytes after the end of the packet"));
-    }
-    Ok(match packet {
-        v4::Packet::Connect(c) => {
-            let will = match c.last_will {
-                Some(w) => {
-                    if !valid_topic_name(&w.topic) {
-                        return Err(DecodeError::TopicInvalid(
-                            "will topic is not a valid topic name",
-                        ));
-                    }
-                    Some(Will {
-                        topic: w.topic,
-                        payload: w.message,
-                        qos: w.qos as u8,
-                        content_type: None,
-                        user_properties: Vec::new(),
-                    })
-                }
-                None => None,
-            };
-            Packet::Connect(Box::new(Connect {
-                client_id: c.client_id,
-                clean_start: c.clean_session,
-                keep_alive: c.keep_alive,
-                will,
-                session_expiry: 0,
-                auth_method: false,
-                username: c.login.as_ref().map(|l| l.username.clone()),
-                password: c
-                    .login
-                    .map(|l| Secret(Bytes::from(l.password.into_bytes()))),
-            }))
-        }
-        v4::Packet::Publish(p) => {
-            if p.topic.contains('\0') {
-                return Err(DecodeError::Malformed("string contains U+0000"));
-            }
-            if !valid_topic_name(&p.topic) {
-                return Err(DecodeError::TopicInvalid(
-                    "PUBLISH topic is empty or has a wildcard",
-                ));
-            }
-            Packet::Publish(Publish {
-                qos: p.qos as u8,
-                topic: p.topic,
-                pkid: p.pkid,
-                payload: p.payload,
-                topic_alias: None,
-                content_type: None,
-                user_properties: Vec::new(),
-            })
-        }
-        v4::Packet::PubRel(p) => Packet::PubRel { pkid: p.pkid },
-        v4::Packet::Subscribe(s) => Packet::Subscribe {
-            pkid: s.pkid,
-            filters: s.filters.len(),
-        },
-        v4::Packet::Unsubscribe(u) => Packet::Unsubscribe {
-            pkid: u.pkid,
-            filters: u.topics.len(),
-        },
-        v4::Packet::PingReq => Packet::PingReq,
-        v4::Packet::Disconnect => Packet::Disconnect { reason: 0 },
-        _ => Packet::Unexpected(type_name(kind)),
-    })
-}
-
-fn type_name(kind: u8) -> &'static str {
+/// The name of a packet type a client never sends.
+pub(super) fn type_name(kind: u8) -> &'static str {
     match kind {
         2 => "CONNACK",
-        4 => "PUBACK",
-        5 => "PUBREC",
-        7 => "PUBCOMP",
         9 => "SUBACK",
         11 => "UNSUBACK",
         13 => "PINGRESP",
@@ -344,6 +387,14 @@ pub struct ConnAckProps {
     pub receive_maximum: u16,
     pub topic_alias_maximum: u16,
     pub max_packet_size: u32,
+    /// What the server offers to subscribers (MQTT 5 Wildcard Subscription Available,
+    /// Shared Subscription Available, Subscription Identifiers Available, Retain Available).
+    /// Each is sent explicitly, 1 or 0, though an absent property means "available": a client
+    /// reading the CONNACK sees what is offered.
+    pub wildcard_subscriptions: bool,
+    pub shared_subscriptions: bool,
+    pub subscription_ids: bool,
+    pub retain_available: bool,
 }
 
 /// Why a CONNECT is refused, independent of the version that expresses it.
@@ -380,14 +431,28 @@ pub enum Outgoing {
         pkid: u16,
         found: bool,
     },
-    /// Every filter refused (the gateway has no downlink yet).
+    /// The server's answer to a client's PUBREC for a QoS 2 PUBLISH the server sent;
+    /// `found: false` is MQTT 5's 0x92 (no such packet id in flight; 3.1.1 cannot say it).
+    #[allow(
+        dead_code,
+        reason = "for the broker, wired into session.rs after the packet layer"
+    )]
+    PubRel {
+        pkid: u16,
+        found: bool,
+    },
+    /// One reason code per filter, in the SUBSCRIBE's order: MQTT 5's as given (0x00..=0x02
+    /// the QoS granted, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2; any other is
+    /// sent as 0x80); 3.1.1 sends 0x00..=0x02 as given and anything else as 0x80 (Failure).
     SubAck {
         pkid: u16,
-        filters: usize,
+        codes: Vec<u8>,
     },
+    /// One reason code per filter, in the UNSUBSCRIBE's order: MQTT 5's as given (0x00,
+    /// 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91; any other is sent as 0x80); 3.1.1 has no codes.
     UnsubAck {
         pkid: u16,
-        filters: usize,
+        codes: Vec<u8>,
     },
     PingResp,
     /// MQTT 5 only; a 3.1.1 connection is just closed.
@@ -396,15 +461,13 @@ pub enum Outgoing {
     },
 }
 
-/// Encodes `packet` for `version` into `out`. Returns false for packets the version cannot
-/// express (a DISCONNECT or an MQTT 5-only refusal on 3.1.1); the caller just closes then.
+/// Encodes `packet` for `version` into `out`. Returns false, with nothing written, for packets
+/// the version cannot express (a DISCONNECT or an MQTT 5-only refusal on 3.1.1; the caller
+/// just closes then) and for a SUBACK or UNSUBACK too large for any packet.
 pub fn encode(version: Version, packet: &Outgoing, out: &mut BytesMut) -> bool {
     match version {
         Version::V4 => encode_v4(packet, out),
-        Version::V5 => {
-            encode_v5(packet, out);
-            true
-        }
+        Version::V5 => encode_v5(packet, out),
     }
 }
 
@@ -414,26 +477,30 @@ fn encode_v4(packet: &Outgoing, out: &mut BytesMut) -> bool {
         Outgoing::ConnAck(answer) => {
             let code = match answer {
                 Ok(props) => {
-                    return v4::ConnAck::new(v4::ConnectReturnCode::Success, props.session_present)
-                        .write(out)
-                        .is_ok();
+                    return v4b::ConnAck::new(
+                        v4b::ConnectReturnCode::Success,
+                        props.session_present,
+                    )
+                    .write(out)
+                    .is_ok();
                 }
-                Err(Refusal::ClientId) => v4::ConnectReturnCode::BadClientId,
-                Err(Refusal::Busy) => v4::ConnectReturnCode::ServiceUnavailable,
-                Err(Refusal::BadCredentials) => v4::ConnectReturnCode::BadUserNamePassword,
-                Err(Refusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
+                Err(Refusal::ClientId) => v4b::ConnectReturnCode::BadClientId,
+                Err(Refusal::Busy) => v4b::ConnectReturnCode::ServiceUnavailable,
+                Err(Refusal::BadCredentials) => v4b::ConnectReturnCode::BadUserNamePassword,
+                Err(Refusal::NotAuthorized) => v4b::ConnectReturnCode::NotAuthorized,
                 Err(Refusal::AuthMethod | Refusal::Invalid(_)) => return false,
             };
-            v4::ConnAck::new(code, false).write(out)
+            v4b::ConnAck::new(code, false).write(out)
         }
-        Outgoing::PubAck { pkid, .. } => v4::PubAck::new(*pkid).write(out),
-        Outgoing::PubRec { pkid, .. } => v4::PubRec::new(*pkid).write(out),
-        Outgoing::PubComp { pkid, .. } => v4::PubComp::new(*pkid).write(out),
-        Outgoing::SubAck { pkid, filters } => {
-            v4::SubAck::new(*pkid, vec![v4::SubscribeReasonCode::Failure; *filters]).write(out)
+        Outgoing::PubAck { pkid, .. } => v4b::PubAck::new(*pkid).write(out),
+        Outgoing::PubRec { pkid, .. } => v4b::PubRec::new(*pkid).write(out),
+        Outgoing::PubComp { pkid, .. } => v4b::PubComp::new(*pkid).write(out),
+        Outgoing::PubRel { pkid, found } => return encode::pubrel(Version::V4, *pkid, *found, out),
+        Outgoing::SubAck { pkid, codes } => return encode::suback(Version::V4, *pkid, codes, out),
+        Outgoing::UnsubAck { pkid, codes } => {
+            return encode::unsuback(Version::V4, *pkid, codes, out);
         }
-        Outgoing::UnsubAck { pkid, .. } => v4::UnsubAck::new(*pkid).write(out),
-        Outgoing::PingResp => v4::PingResp.write(out),
+        Outgoing::PingResp => v4b::PingResp.write(out),
         Outgoing::Disconnect { .. } => return false,
     };
     written.is_ok()
@@ -445,7 +512,7 @@ pub fn encode_legacy_refusal(out: &mut BytesMut) {
     out.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
 }
 
-fn encode_v5(packet: &Outgoing, out: &mut BytesMut) {
+fn encode_v5(packet: &Outgoing, out: &mut BytesMut) -> bool {
     use v5b::v5 as p;
     let result = match packet {
         Outgoing::ConnAck(Ok(props)) => p::ConnAck {
@@ -455,15 +522,15 @@ fn encode_v5(packet: &Outgoing, out: &mut BytesMut) {
                 session_expiry_interval: None,
                 receive_max: (props.receive_maximum != u16::MAX).then_some(props.receive_maximum),
                 max_qos: None,
-                retain_available: None,
+                retain_available: Some(u8::from(props.retain_available)),
                 max_packet_size: Some(props.max_packet_size),
                 assigned_client_identifier: props.assigned_client_id.clone(),
                 topic_alias_max: Some(props.topic_alias_maximum),
                 reason_string: None,
                 user_properties: Vec::new(),
-                wildcard_subscription_available: None,
-                subscription_identifiers_available: None,
-                shared_subscription_available: None,
+                wildcard_subscription_available: Some(u8::from(props.wildcard_subscriptions)),
+                subscription_identifiers_available: Some(u8::from(props.subscription_ids)),
+                shared_subscription_available: Some(u8::from(props.shared_subscriptions)),
                 server_keep_alive: props.server_keep_alive,
                 response_information: None,
                 server_reference: None,
@@ -500,18 +567,11 @@ fn encode_v5(packet: &Outgoing, out: &mut BytesMut) {
             properties: None,
         }
         .write(out),
-        Outgoing::SubAck { pkid, filters } => p::SubAck {
-            pkid: *pkid,
-            return_codes: vec![p::SubscribeReasonCode::ImplementationSpecific; *filters],
-            properties: None,
+        Outgoing::PubRel { pkid, found } => return encode::pubrel(Version::V5, *pkid, *found, out),
+        Outgoing::SubAck { pkid, codes } => return encode::suback(Version::V5, *pkid, codes, out),
+        Outgoing::UnsubAck { pkid, codes } => {
+            return encode::unsuback(Version::V5, *pkid, codes, out);
         }
-        .write(out),
-        Outgoing::UnsubAck { pkid, filters } => p::UnsubAck {
-            pkid: *pkid,
-            reasons: vec![p::UnsubAckReason::NoSubscriptionExisted; *filters],
-            properties: None,
-        }
-        .write(out),
         Outgoing::PingResp => p::PingResp::write(out),
         Outgoing::Disconnect { reason } => {
             v5::encode_disconnect(*reason, out);
@@ -520,7 +580,7 @@ fn encode_v5(packet: &Outgoing, out: &mut BytesMut) {
     };
     // The codec only fails on packets over 256 MiB, which none of these comes close to; had
     // it failed, nothing would have been written and the client would time out waiting.
-    let _ = result;
+    result.is_ok()
 }
 
 /// MQTT 5 CONNACK codes only: the 3.1.1 variants of rumqttc's enum are never built here.

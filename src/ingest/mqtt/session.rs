@@ -326,6 +326,11 @@ impl<S: Stream> Session<S> {
                 receive_maximum: config.receive_maximum,
                 topic_alias_maximum: config.topic_alias_maximum,
                 max_packet_size: u32::try_from(config.packet_limit()).unwrap_or(u32::MAX),
+                // Nothing to subscribe to yet: every SUBSCRIBE is refused (see `handle`).
+                wildcard_subscriptions: false,
+                shared_subscriptions: false,
+                subscription_ids: false,
+                retain_available: false,
             })),
         );
         connected(peer, &client_id, version, keep_alive);
@@ -478,17 +483,28 @@ impl<S: Stream> Session<S> {
                     .queue(self.version, &Outgoing::PubComp { pkid, found });
                 Ok(())
             }
-            Packet::Subscribe { pkid, filters } => {
+            Packet::Subscribe(subscribe) => {
                 subscribe_refused(self.peer, &self.client_id);
+                // 0x83 Implementation specific error; 3.1.1 sends it as 0x80 Failure.
+                let codes = vec![0x83; subscribe.filters.len()];
+                let pkid = subscribe.pkid;
                 self.conn
-                    .queue(self.version, &Outgoing::SubAck { pkid, filters });
+                    .queue(self.version, &Outgoing::SubAck { pkid, codes });
                 Ok(())
             }
-            Packet::Unsubscribe { pkid, filters } => {
+            Packet::Unsubscribe(unsubscribe) => {
+                // 0x11 No subscription existed (3.1.1 has no codes).
+                let codes = vec![0x11; unsubscribe.filters.len()];
+                let pkid = unsubscribe.pkid;
                 self.conn
-                    .queue(self.version, &Outgoing::UnsubAck { pkid, filters });
+                    .queue(self.version, &Outgoing::UnsubAck { pkid, codes });
                 Ok(())
             }
+            // Acks of publishes the server sends; it sends none yet, so each is for a packet
+            // id never used: a protocol violation, as before these were decoded.
+            Packet::PubAck { .. } => Err(self.violation("PUBACK")),
+            Packet::PubRec { .. } => Err(self.violation("PUBREC")),
+            Packet::PubComp { .. } => Err(self.violation("PUBCOMP")),
             Packet::PingReq => {
                 self.conn.queue(self.version, &Outgoing::PingResp);
                 Ok(())

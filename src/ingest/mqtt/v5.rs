@@ -10,14 +10,16 @@
 //! against the spec, and keeps rumqttc's v5 codec for the acknowledgements it encodes (see
 //! `packet.rs`).
 //!
-//! Every read is bounds-checked; nothing here can panic on input. A property section is
-//! split off by its declared length first, so a property can never read past it.
+//! Every read is bounds-checked (`wire.rs`); nothing here can panic on input. A property
+//! section is split off by its declared length first, so a property can never read past it.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::packet::{
-    Connect, DecodeError, Limits, Packet, Publish, Secret, Will, valid_topic_name,
+    Connect, DecodeError, Limits, Packet, Publish, Secret, Subscribe, Subscription, Unsubscribe,
+    Will, valid_topic_name,
 };
+use super::wire::Reader;
 
 /// Property identifiers (MQTT 5, 2.2.2.2) the decoder knows.
 mod id {
@@ -75,13 +77,15 @@ const WILL: Allowed = allow(&[
     id::WILL_DELAY,
     id::USER_PROPERTY,
 ]);
-/// A client must not send a Subscription Identifier in PUBLISH (3.3.4), so it is absent.
+/// The Subscription Identifier is a PUBLISH property, but only from server to client: it is
+/// read here so [`publish`] can refuse it as the protocol error it is [MQTT-3.3.4-6].
 const PUBLISH: Allowed = allow(&[
     id::PAYLOAD_FORMAT,
     id::MESSAGE_EXPIRY,
     id::CONTENT_TYPE,
     id::RESPONSE_TOPIC,
     id::CORRELATION_DATA,
+    id::SUBSCRIPTION_ID,
     id::TOPIC_ALIAS,
     id::USER_PROPERTY,
 ]);
@@ -97,100 +101,22 @@ const AUTH: Allowed = allow(&[
     id::USER_PROPERTY,
 ]);
 
-/// The properties the gateway uses; the others are checked and skipped.
+/// The properties the gateway or its broker uses; the others are checked and skipped.
 #[derive(Debug, Default)]
 struct Properties {
+    payload_format_utf8: bool,
+    message_expiry: Option<u32>,
     content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation_data: Option<Bytes>,
+    subscription_id: Option<u32>,
     topic_alias: Option<u16>,
+    will_delay: Option<u32>,
     auth_method: bool,
     session_expiry: Option<u32>,
+    receive_maximum: Option<u16>,
+    maximum_packet_size: Option<u32>,
     user: Vec<(String, String)>,
-}
-
-/// A bounds-checked cursor over one frame's body.
-pub(crate) struct Reader {
-    buf: Bytes,
-}
-
-impl Reader {
-    pub(crate) fn new(buf: Bytes) -> Self {
-        Reader { buf }
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
-        if self.buf.is_empty() {
-            return Err(DecodeError::Malformed("packet ends early"));
-        }
-        Ok(self.buf.get_u8())
-    }
-
-    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
-        if self.buf.len() < 2 {
-            return Err(DecodeError::Malformed("packet ends early"));
-        }
-        Ok(self.buf.get_u16())
-    }
-
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        if self.buf.len() < 4 {
-            return Err(DecodeError::Malformed("packet ends early"));
-        }
-        Ok(self.buf.get_u32())
-    }
-
-    /// A variable byte integer (1.5.5): at most four bytes.
-    fn varint(&mut self) -> Result<u32, DecodeError> {
-        let mut value = 0u32;
-        for i in 0..4 {
-            let byte = self.u8()?;
-            value |= u32::from(byte & 0x7f) << (7 * i);
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(DecodeError::Malformed(
-            "variable byte integer longer than four bytes",
-        ))
-    }
-
-    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
-        if self.buf.len() < n {
-            return Err(DecodeError::Malformed(
-                "length crosses the end of the packet",
-            ));
-        }
-        Ok(self.buf.split_to(n))
-    }
-
-    /// Binary data: a two-byte length, then the bytes.
-    pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
-        let len = self.u16()?;
-        self.take(usize::from(len))
-    }
-
-    /// A UTF-8 string (1.5.4): well-formed and without U+0000. (Surrogates cannot occur in
-    /// well-formed UTF-8, so Rust's check covers them.)
-    pub(crate) fn string(&mut self) -> Result<String, DecodeError> {
-        let raw = self.binary()?;
-        utf8(raw)
-    }
-
-    fn rest(&mut self) -> Bytes {
-        std::mem::take(&mut self.buf)
-    }
-}
-
-fn utf8(raw: Bytes) -> Result<String, DecodeError> {
-    let text =
-        std::str::from_utf8(&raw).map_err(|_| DecodeError::Malformed("string is not UTF-8"))?;
-    if text.contains('\0') {
-        return Err(DecodeError::Malformed("string contains U+0000"));
-    }
-    Ok(text.to_owned())
 }
 
 /// Reads one property section: its length, then properties up to exactly that length.
@@ -213,34 +139,30 @@ fn properties(
             .ok_or(DecodeError::Malformed(
                 "property not allowed in this packet",
             ))?;
-        if ident != id::USER_PROPERTY && ident != id::SUBSCRIPTION_ID {
+        // Only User Property may repeat in a client's packet: the one other repeatable
+        // property, Subscription Identifier, repeats only in a server's PUBLISH (3.8.2.1.2).
+        if ident != id::USER_PROPERTY {
             if seen & (1 << ident) != 0 {
                 return Err(DecodeError::Protocol("property appears twice"));
             }
             seen |= 1 << ident;
         }
         match ident {
-            id::PAYLOAD_FORMAT | id::REQUEST_PROBLEM_INFO | id::REQUEST_RESPONSE_INFO => {
-                if section.u8()? > 1 {
-                    return Err(DecodeError::Protocol(
-                        "a boolean property is neither 0 nor 1",
-                    ));
-                }
+            id::PAYLOAD_FORMAT => props.payload_format_utf8 = boolean(&mut section)?,
+            id::REQUEST_PROBLEM_INFO | id::REQUEST_RESPONSE_INFO => {
+                boolean(&mut section)?;
             }
             id::SESSION_EXPIRY => props.session_expiry = Some(section.u32()?),
-            id::MESSAGE_EXPIRY | id::WILL_DELAY => {
-                section.u32()?;
-            }
-            id::MAXIMUM_PACKET_SIZE => {
-                if section.u32()? == 0 {
-                    return Err(DecodeError::Protocol("maximum packet size of 0"));
-                }
-            }
-            id::RECEIVE_MAXIMUM => {
-                if section.u16()? == 0 {
-                    return Err(DecodeError::Protocol("receive maximum of 0"));
-                }
-            }
+            id::MESSAGE_EXPIRY => props.message_expiry = Some(section.u32()?),
+            id::WILL_DELAY => props.will_delay = Some(section.u32()?),
+            id::MAXIMUM_PACKET_SIZE => match section.u32()? {
+                0 => return Err(DecodeError::Protocol("maximum packet size of 0")),
+                size => props.maximum_packet_size = Some(size),
+            },
+            id::RECEIVE_MAXIMUM => match section.u16()? {
+                0 => return Err(DecodeError::Protocol("receive maximum of 0")),
+                max => props.receive_maximum = Some(max),
+            },
             id::TOPIC_ALIAS_MAXIMUM => {
                 section.u16()?;
             }
@@ -248,11 +170,13 @@ fn properties(
             id::CONTENT_TYPE => props.content_type = Some(section.string()?),
             id::RESPONSE_TOPIC => {
                 let topic = section.string()?;
+                // A topic name: no wildcards [MQTT-3.3.2-14], not empty [MQTT-4.7.3-1].
                 if !valid_topic_name(&topic) {
                     return Err(DecodeError::Protocol(
                         "response topic is not a valid topic name",
                     ));
                 }
+                props.response_topic = Some(topic);
             }
             id::REASON_STRING => {
                 section.string()?;
@@ -261,14 +185,15 @@ fn properties(
                 section.string()?;
                 props.auth_method = true;
             }
-            id::CORRELATION_DATA | id::AUTH_DATA => {
+            id::CORRELATION_DATA => props.correlation_data = Some(section.binary()?),
+            id::AUTH_DATA => {
                 section.binary()?;
             }
-            id::SUBSCRIPTION_ID => {
-                if section.varint()? == 0 {
-                    return Err(DecodeError::Protocol("subscription identifier of 0"));
-                }
-            }
+            // 1..=268,435,455; a variable byte integer cannot exceed the maximum (3.8.2.1.2).
+            id::SUBSCRIPTION_ID => match section.varint()? {
+                0 => return Err(DecodeError::Protocol("subscription identifier of 0")),
+                sid => props.subscription_id = Some(sid),
+            },
             id::USER_PROPERTY => {
                 let name = section.string()?;
                 let value = section.string()?;
@@ -281,6 +206,18 @@ fn properties(
         }
     }
     Ok(props)
+}
+
+/// A Byte property that must be 0 or 1 (Payload Format Indicator, Request Problem
+/// Information, Request Response Information).
+fn boolean(section: &mut Reader) -> Result<bool, DecodeError> {
+    match section.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::Protocol(
+            "a boolean property is neither 0 nor 1",
+        )),
+    }
 }
 
 /// The CONNECT of an MQTT 5 client (3.1). The protocol name and level were checked when the
@@ -318,7 +255,13 @@ pub(crate) fn connect(body: Bytes, limits: &Limits) -> Result<Packet, DecodeErro
             topic,
             payload,
             qos: will_qos,
+            retain: will_retain,
+            delay_interval: will_props.will_delay.unwrap_or(0),
+            message_expiry: will_props.message_expiry,
+            payload_format_utf8: will_props.payload_format_utf8,
             content_type: will_props.content_type,
+            response_topic: will_props.response_topic,
+            correlation_data: will_props.correlation_data,
             user_properties: will_props.user,
         })
     } else {
@@ -343,6 +286,8 @@ pub(crate) fn connect(body: Bytes, limits: &Limits) -> Result<Packet, DecodeErro
         keep_alive,
         will,
         session_expiry: props.session_expiry.unwrap_or(0),
+        receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
+        maximum_packet_size: props.maximum_packet_size,
         auth_method: props.auth_method,
         username,
         password,
@@ -358,72 +303,146 @@ pub(crate) fn publish(byte1: u8, body: Bytes, limits: &Limits) -> Result<Packet,
     if topic.contains(['+', '#']) {
         return Err(DecodeError::TopicInvalid("wildcard in a PUBLISH topic"));
     }
-    let pkid = if qos > 0 { r.u16()? } else { 0 };
-    if qos > 0 && pkid == 0 {
-        return Err(DecodeError::Malformed("packet identifier 0"));
-    }
+    let pkid = if qos > 0 { r.pkid()? } else { 0 };
     let props = properties(&mut r, PUBLISH, limits)?;
+    if props.subscription_id.is_some() {
+        return Err(DecodeError::Protocol(
+            "subscription identifier in a client's PUBLISH",
+        ));
+    }
     Ok(Packet::Publish(Publish {
         qos,
+        retain: byte1 & 0x01 != 0,
         topic,
         pkid,
         payload: r.rest(),
         topic_alias: props.topic_alias,
+        message_expiry: props.message_expiry,
+        payload_format_utf8: props.payload_format_utf8,
         content_type: props.content_type,
+        response_topic: props.response_topic,
+        correlation_data: props.correlation_data,
         user_properties: props.user,
     }))
 }
 
-/// PUBREL (3.6): packet id, then an optional reason code and optional properties.
-pub(crate) fn pubrel(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> {
+/// Reason codes a PUBACK or PUBREC may carry (3.4.2.1, 3.5.2.1).
+fn publish_ack_reason(reason: u8) -> bool {
+    matches!(
+        reason,
+        0x00 | 0x10 | 0x80 | 0x83 | 0x87 | 0x90 | 0x91 | 0x97 | 0x99
+    )
+}
+
+/// Reason codes a PUBREL or PUBCOMP may carry (3.6.2.1, 3.7.2.1).
+fn release_reason(reason: u8) -> bool {
+    matches!(reason, 0x00 | 0x92)
+}
+
+/// The body every acknowledgement shares (3.4 to 3.7): packet id, then an optional reason
+/// code (0x00 when absent) and optional properties, which are checked and dropped.
+fn ack(
+    body: Bytes,
+    limits: &Limits,
+    valid: fn(u8) -> bool,
+    what: &'static str,
+) -> Result<(u16, u8), DecodeError> {
     let mut r = Reader::new(body);
-    let pkid = nonzero_pkid(&mut r)?;
+    let pkid = r.pkid()?;
+    let mut reason = 0x00;
     if !r.is_empty() {
-        let reason = r.u8()?;
-        if reason != 0x00 && reason != 0x92 {
-            return Err(DecodeError::Malformed("PUBREL reason code"));
+        reason = r.u8()?;
+        if !valid(reason) {
+            return Err(DecodeError::Malformed(what));
         }
         if !r.is_empty() {
             properties(&mut r, ACK, limits)?;
         }
     }
-    end(&r, Packet::PubRel { pkid })
+    r.end((pkid, reason))
 }
 
-/// SUBSCRIBE (3.8): validated so the SUBACK carries one code per filter.
+/// PUBACK (3.4): the client acknowledges a QoS 1 PUBLISH of the server's.
+pub(crate) fn puback(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> {
+    let (pkid, reason) = ack(body, limits, publish_ack_reason, "PUBACK reason code")?;
+    Ok(Packet::PubAck { pkid, reason })
+}
+
+/// PUBREC (3.5): the client received a QoS 2 PUBLISH of the server's.
+pub(crate) fn pubrec(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> {
+    let (pkid, reason) = ack(body, limits, publish_ack_reason, "PUBREC reason code")?;
+    Ok(Packet::PubRec { pkid, reason })
+}
+
+/// PUBREL (3.6).
+pub(crate) fn pubrel(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> {
+    let (pkid, _) = ack(body, limits, release_reason, "PUBREL reason code")?;
+    Ok(Packet::PubRel { pkid })
+}
+
+/// PUBCOMP (3.7): the client completes a QoS 2 PUBLISH of the server's.
+pub(crate) fn pubcomp(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> {
+    let (pkid, _) = ack(body, limits, release_reason, "PUBCOMP reason code")?;
+    Ok(Packet::PubComp { pkid })
+}
+
+/// SUBSCRIBE (3.8), with each filter's options. Filter syntax is left to whoever answers.
 pub(crate) fn subscribe(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> {
     let mut r = Reader::new(body);
-    let pkid = nonzero_pkid(&mut r)?;
-    properties(&mut r, SUBSCRIBE, limits)?;
-    let mut filters = 0;
+    let pkid = r.pkid()?;
+    let props = properties(&mut r, SUBSCRIBE, limits)?;
+    let mut filters = Vec::new();
     while !r.is_empty() {
-        r.string()?;
+        let filter = r.filter()?;
         let options = r.u8()?;
-        if options & 0xc0 != 0 || options & 0x03 == 3 || (options >> 4) & 0x03 == 3 {
-            return Err(DecodeError::Malformed("subscription options"));
+        if options & 0xc0 != 0 {
+            return Err(DecodeError::Malformed("reserved subscription option bits"));
         }
-        filters += 1;
+        let qos = options & 0x03;
+        if qos == 3 {
+            return Err(DecodeError::Protocol("subscription maximum QoS 3"));
+        }
+        let retain_handling = (options >> 4) & 0x03;
+        if retain_handling == 3 {
+            return Err(DecodeError::Protocol("retain handling 3"));
+        }
+        let no_local = options & 0x04 != 0;
+        // A connection-level error, unlike the filter's syntax [MQTT-3.8.3-4].
+        if no_local && filter.starts_with("$share/") {
+            return Err(DecodeError::Protocol("no local on a shared subscription"));
+        }
+        filters.push(Subscription {
+            filter,
+            qos,
+            no_local,
+            retain_as_published: options & 0x08 != 0,
+            retain_handling,
+        });
     }
-    if filters == 0 {
+    if filters.is_empty() {
         return Err(DecodeError::Protocol("SUBSCRIBE without a topic filter"));
     }
-    Ok(Packet::Subscribe { pkid, filters })
+    Ok(Packet::Subscribe(Subscribe {
+        pkid,
+        id: props.subscription_id,
+        user_properties: props.user,
+        filters,
+    }))
 }
 
 /// UNSUBSCRIBE (3.10).
 pub(crate) fn unsubscribe(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> {
     let mut r = Reader::new(body);
-    let pkid = nonzero_pkid(&mut r)?;
+    let pkid = r.pkid()?;
     properties(&mut r, UNSUBSCRIBE, limits)?;
-    let mut filters = 0;
+    let mut filters = Vec::new();
     while !r.is_empty() {
-        r.string()?;
-        filters += 1;
+        filters.push(r.filter()?);
     }
-    if filters == 0 {
+    if filters.is_empty() {
         return Err(DecodeError::Protocol("UNSUBSCRIBE without a topic filter"));
     }
-    Ok(Packet::Unsubscribe { pkid, filters })
+    Ok(Packet::Unsubscribe(Unsubscribe { pkid, filters }))
 }
 
 /// DISCONNECT (3.14). A remaining length of 0 (`e0 00`, what mosquitto sends) means reason
@@ -437,7 +456,7 @@ pub(crate) fn disconnect(body: Bytes, limits: &Limits) -> Result<Packet, DecodeE
     if !r.is_empty() {
         properties(&mut r, DISCONNECT, limits)?;
     }
-    end(&r, Packet::Disconnect { reason })
+    r.end(Packet::Disconnect { reason })
 }
 
 /// AUTH (3.15): like DISCONNECT, an empty body means reason 0x00 (success).
@@ -453,22 +472,7 @@ pub(crate) fn auth(body: Bytes, limits: &Limits) -> Result<Packet, DecodeError> 
     if !r.is_empty() {
         properties(&mut r, AUTH, limits)?;
     }
-    end(&r, Packet::Auth)
-}
-
-fn nonzero_pkid(r: &mut Reader) -> Result<u16, DecodeError> {
-    match r.u16()? {
-        0 => Err(DecodeError::Malformed("packet identifier 0")),
-        pkid => Ok(pkid),
-    }
-}
-
-fn end(r: &Reader, packet: Packet) -> Result<Packet, DecodeError> {
-    if r.is_empty() {
-        Ok(packet)
-    } else {
-        Err(DecodeError::Malformed("bytes after the end of the packet"))
-    }
+    r.end(Packet::Auth)
 }
 
 /// Encodes a server DISCONNECT. Reason 0x00 is the two-byte `e0 00`; any other reason is sent
