@@ -186,7 +186,7 @@ fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, client: &str) -
     if level == "#" {
         return remove_sub(&mut node.hash, share, client);
     }
-    let removed = if level == "+" {
+    if level == "+" {
         let Some(child) = node.plus.as_deref_mut() else {
             return false;
         };
@@ -204,8 +204,7 @@ fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, client: &str) -
             node.children.remove(level);
         }
         removed
-    };
-    removed
+    }
 }
 
 fn remove_sub(subs: &mut Subs, share: Option<&str>, client: &str) -> bool {

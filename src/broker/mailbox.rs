@@ -77,6 +77,31 @@ pub struct Outbound {
     pub subscription_ids: Vec<u32>,
     /// Sent before and not acknowledged: resend with DUP.
     pub dup: bool,
+    /// The packet identifier it was sent with (0: never sent); a resend reuses it
+    /// [MQTT-4.4.0-1].
+    pub pkid: u16,
+    /// QoS 2 whose PUBREC came back: what is owed is the PUBREL, not the PUBLISH.
+    pub released: bool,
+}
+
+impl Outbound {
+    /// A message's first trip to one session.
+    pub fn new(
+        message: Arc<Message>,
+        qos: u8,
+        retain: bool,
+        subscription_ids: Vec<u32>,
+    ) -> Outbound {
+        Outbound {
+            message,
+            qos,
+            retain,
+            subscription_ids,
+            dup: false,
+            pkid: 0,
+            released: false,
+        }
+    }
 }
 
 impl Outbound {
@@ -97,6 +122,8 @@ pub enum Dropped {
     Offline,
     /// The message expired before it could be sent.
     Expired,
+    /// Larger than the client's Maximum Packet Size [MQTT-3.1.2-25].
+    TooLarge,
 }
 
 impl Dropped {
@@ -106,6 +133,7 @@ impl Dropped {
             Dropped::TotalFull => "total_full",
             Dropped::Offline => "offline_qos0",
             Dropped::Expired => "expired",
+            Dropped::TooLarge => "too_large",
         }
     }
 }

@@ -147,6 +147,7 @@ struct Counters {
     total_full: metrics::Counter,
     offline: metrics::Counter,
     expired: metrics::Counter,
+    too_large: metrics::Counter,
 }
 
 impl Counters {
@@ -159,6 +160,7 @@ impl Counters {
             total_full: dropped(Dropped::TotalFull),
             offline: dropped(Dropped::Offline),
             expired: dropped(Dropped::Expired),
+            too_large: dropped(Dropped::TooLarge),
         }
     }
 
@@ -168,6 +170,7 @@ impl Counters {
             Dropped::TotalFull => &self.total_full,
             Dropped::Offline => &self.offline,
             Dropped::Expired => &self.expired,
+            Dropped::TooLarge => &self.too_large,
         }
     }
 }
@@ -399,14 +402,9 @@ impl Broker {
         if send_retained {
             let now = crate::ingest::now_ms();
             for message in self.inner.retained.matching(parsed.filter, now) {
-                let out = Outbound {
-                    qos: message.qos.min(options.qos),
-                    message,
-                    // [MQTT-3.3.1-8] retained messages sent on subscribe keep RETAIN set.
-                    retain: true,
-                    subscription_ids: options.id.into_iter().collect(),
-                    dup: false,
-                };
+                let qos = message.qos.min(options.qos);
+                // [MQTT-3.3.1-8] retained messages sent on subscribe keep RETAIN set.
+                let out = Outbound::new(message, qos, true, options.id.into_iter().collect());
                 self.queue(&attached.mailbox, out);
             }
         }
@@ -444,13 +442,12 @@ impl Broker {
             index.targets(&message.topic, message.publisher.as_deref())
         };
         for t in targets {
-            let out = Outbound {
-                message: Arc::clone(message),
-                qos: message.qos.min(t.qos),
-                retain: message.retain && t.retain_as_published,
-                subscription_ids: t.subscription_ids,
-                dup: false,
-            };
+            let out = Outbound::new(
+                Arc::clone(message),
+                message.qos.min(t.qos),
+                message.retain && t.retain_as_published,
+                t.subscription_ids,
+            );
             self.queue(&t.mailbox, out);
         }
     }
@@ -465,7 +462,7 @@ impl Broker {
     pub fn start_retain(
         &self,
         message: &Arc<Message>,
-    ) -> Result<impl Future<Output = Result<(), RetainError>> + Send + 'static, RetainError> {
+    ) -> Result<impl Future<Output = Result<(), RetainError>> + Send + use<>, RetainError> {
         self.inner
             .retained
             .start(message)
@@ -525,7 +522,7 @@ pub fn describe() {
     );
     describe_counter!(
         "edgegate_local_dropped_total",
-        "Messages not delivered to a local subscriber, by reason (queue_full, total_full, offline_qos0, expired)."
+        "Messages not delivered to a local subscriber, by reason (queue_full, total_full, offline_qos0, expired, too_large)."
     );
     describe_counter!(
         "edgegate_local_delivered_total",

@@ -120,7 +120,7 @@ impl Retained {
     pub fn start(
         &self,
         message: &Arc<Message>,
-    ) -> Result<impl Future<Output = Result<(), RetainError>> + Send + 'static, RetainError> {
+    ) -> Result<impl Future<Output = Result<(), RetainError>> + Send + use<>, RetainError> {
         let (done, result) = oneshot::channel();
         {
             let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());

@@ -57,6 +57,7 @@ pub mod http;
 pub mod kafka;
 pub mod load;
 pub mod mqtt;
+pub mod subscribe;
 
 pub use config::{GatewayToml, Password};
 pub use gateway::{Builder, InProcess, Process, gateway};

@@ -20,10 +20,6 @@ use super::wire::{MAX_VARINT, put_binary, put_varint, varint_len};
 ///
 /// The MQTT 5 fields are ignored for 3.1.1. Topic aliases are never sent, so `topic` is
 /// always the full topic name.
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OutPublish<'a> {
     /// Must be false for QoS 0 [MQTT-3.3.1-2].
@@ -52,10 +48,6 @@ pub struct OutPublish<'a> {
 }
 
 /// Why a server packet could not be encoded; nothing was written.
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
     /// A string or binary field over 65,535 bytes, or a packet over 268,435,455 bytes of
@@ -69,10 +61,6 @@ pub enum EncodeError {
 }
 
 /// Property identifiers of a server's PUBLISH (MQTT 5, 2.2.2.2).
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 mod id {
     pub const PAYLOAD_FORMAT: u8 = 1;
     pub const MESSAGE_EXPIRY: u8 = 2;
@@ -84,10 +72,6 @@ mod id {
 }
 
 /// The sizes [`encode_publish`] writes, measured before anything is written.
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 struct Layout {
     /// The remaining length (everything after the fixed header).
     remaining: usize,
@@ -96,10 +80,6 @@ struct Layout {
 }
 
 /// A string or binary field: two bytes of length, then the bytes.
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 fn field(len: usize, what: &'static str) -> Result<usize, EncodeError> {
     if len > usize::from(u16::MAX) {
         return Err(EncodeError::TooLarge(what));
@@ -107,10 +87,6 @@ fn field(len: usize, what: &'static str) -> Result<usize, EncodeError> {
     Ok(2 + len)
 }
 
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 impl OutPublish<'_> {
     fn layout(&self, version: Version) -> Result<Layout, EncodeError> {
         if self.qos > 2 {
@@ -184,10 +160,6 @@ impl OutPublish<'_> {
 
 /// Writes `publish` as `version` at the end of `out`. Returns the bytes written; on an error
 /// nothing was written.
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 pub fn encode_publish(
     version: Version,
     publish: &OutPublish<'_>,

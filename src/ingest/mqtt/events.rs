@@ -73,9 +73,23 @@ pub(super) fn taken_over(peer: SocketAddr, client_id: &str) {
     tracing::debug!(%peer, client_id, "Closing a connection whose client id connected again.");
 }
 
-pub(super) fn subscribe_refused(peer: SocketAddr, client_id: &str) {
-    metrics::counter!("edgegate_mqtt_subscribes_refused_total").increment(1);
-    tracing::debug!(%peer, client_id, "Refused a SUBSCRIBE: the gateway has no downlink yet.");
+/// One filter of a SUBSCRIBE answered: the QoS granted, or why not ("invalid", "denied";
+/// a denial also has its audit line from `auth::failed`).
+pub(super) fn subscribed(
+    peer: SocketAddr,
+    client_id: &str,
+    filter: &str,
+    outcome: Result<u8, &'static str>,
+) {
+    let label = match outcome {
+        Ok(_) => "granted",
+        Err(why) => why,
+    };
+    metrics::counter!("edgegate_mqtt_subscriptions_total", "outcome" => label).increment(1);
+    match outcome {
+        Ok(qos) => tracing::debug!(%peer, client_id, filter, qos, "Subscribed."),
+        Err(why) => tracing::debug!(%peer, client_id, filter, why, "Refused a subscription."),
+    }
 }
 
 pub(super) fn will_stored(
@@ -125,8 +139,8 @@ pub(super) fn describe() {
         "MQTT connections closed because their client id connected again."
     );
     describe_counter!(
-        "edgegate_mqtt_subscribes_refused_total",
-        "SUBSCRIBEs refused: the gateway has no downlink yet."
+        "edgegate_mqtt_subscriptions_total",
+        "Topic filters subscribed to, by outcome (granted, invalid, denied)."
     );
     describe_counter!(
         "edgegate_mqtt_wills_total",

@@ -45,6 +45,7 @@ mod encode;
 mod events;
 mod inflight;
 pub mod limit;
+mod outflight;
 mod packet;
 mod registry;
 mod session;

@@ -54,19 +54,11 @@ pub enum Packet {
     Publish(Publish),
     /// The client's ack of a QoS 1 PUBLISH the server sent. `reason` is MQTT 5's (checked
     /// against the codes PUBACK may carry; 3.1.1: 0x00).
-    #[allow(
-        dead_code,
-        reason = "for the broker, wired into session.rs after the packet layer"
-    )]
     PubAck {
         pkid: u16,
         reason: u8,
     },
     /// The client's first ack of a QoS 2 PUBLISH the server sent; `reason` as in `PubAck`.
-    #[allow(
-        dead_code,
-        reason = "for the broker, wired into session.rs after the packet layer"
-    )]
     PubRec {
         pkid: u16,
         reason: u8,
@@ -76,10 +68,6 @@ pub enum Packet {
     },
     /// The client's last ack of a QoS 2 PUBLISH the server sent (its reason, 0x00 or 0x92,
     /// is checked and dropped: either way the packet id is free again).
-    #[allow(
-        dead_code,
-        reason = "for the broker, wired into session.rs after the packet layer"
-    )]
     PubComp {
         pkid: u16,
     },
@@ -107,17 +95,9 @@ pub struct Connect {
     pub session_expiry: u32,
     /// MQTT 5 Receive Maximum: QoS 1 and 2 publishes the client takes unacknowledged at once
     /// (65,535 when absent, and for 3.1.1, which has no such limit).
-    #[allow(
-        dead_code,
-        reason = "for the broker, wired into session.rs after the packet layer"
-    )]
     pub receive_maximum: u16,
     /// MQTT 5 Maximum Packet Size: the server must not send the client a larger packet
     /// [MQTT-3.1.2-24]. `None`: no limit beyond the protocol's.
-    #[allow(
-        dead_code,
-        reason = "for the broker, wired into session.rs after the packet layer"
-    )]
     pub maximum_packet_size: Option<u32>,
     /// MQTT 5 enhanced authentication was requested (the gateway does not offer it).
     pub auth_method: bool,
@@ -137,10 +117,6 @@ impl std::fmt::Debug for Secret {
 
 /// A CONNECT's will message. The MQTT 5 properties are what the will properties said
 /// (3.1.1: none).
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 #[derive(Debug, Clone)]
 pub struct Will {
     pub topic: String,
@@ -162,10 +138,6 @@ pub struct Will {
 }
 
 /// A client's PUBLISH.
-#[allow(
-    dead_code,
-    reason = "for the broker, wired into session.rs after the packet layer"
-)]
 #[derive(Debug)]
 pub struct Publish {
     pub qos: u8,
@@ -433,10 +405,6 @@ pub enum Outgoing {
     },
     /// The server's answer to a client's PUBREC for a QoS 2 PUBLISH the server sent;
     /// `found: false` is MQTT 5's 0x92 (no such packet id in flight; 3.1.1 cannot say it).
-    #[allow(
-        dead_code,
-        reason = "for the broker, wired into session.rs after the packet layer"
-    )]
     PubRel {
         pkid: u16,
         found: bool,

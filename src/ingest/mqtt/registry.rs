@@ -33,6 +33,8 @@ struct Entry {
     awaiting_rel: Released,
     /// When a disconnected session is forgotten; `None` while connected, or never (3.1.1).
     expires: Option<Instant>,
+    /// The connection that registered last, connected or not.
+    last_conn: u64,
 }
 
 /// What a CONNECT gets from the registry.
@@ -65,6 +67,7 @@ impl Registry {
                 conn: Some((conn_id, taken_over.clone())),
                 awaiting_rel: awaiting_rel.clone(),
                 expires: None,
+                last_conn: conn_id,
             },
         );
         Registered {
@@ -73,6 +76,15 @@ impl Registry {
             awaiting_rel,
             session_present,
         }
+    }
+
+    /// Whether a connection newer than `conn_id` registered `client_id` (the client came
+    /// back, or another took its id).
+    pub(super) fn reconnected(&self, client_id: &str, conn_id: u64) -> bool {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .get(client_id)
+            .is_some_and(|e| e.last_conn != conn_id)
     }
 
     /// The connection ended. Unless a newer connection took the client id over, the

@@ -27,18 +27,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::MqttConfig;
 use super::connection::{Connection, Frame, FrameError};
+use super::encode::{OutPublish, encode_publish};
 use super::events::{
     acknowledged, connected, disconnected, frame_error, io_error, protocol_error, refused,
-    subscribe_refused, taken_over, timed_out, unsupported, will_stored,
+    subscribed, taken_over, timed_out, unsupported, will_stored,
 };
 use super::inflight::{Inflight, OnPublish};
+use super::outflight::{AckResult, Outflight};
 use super::packet::{
     self, ConnAckProps, Connect, DecodeError, Limits, Outgoing, Packet, Publish, Refusal,
     Unsupported, Version, Will,
 };
 use super::registry::Registry;
 use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
-use crate::broker::Broker;
+use crate::broker::index::Options;
+use crate::broker::mailbox::{Dropped, Outbound};
+use crate::broker::retained::RetainError;
+use crate::broker::{self, Attached, Broker, Message, Props, Request, SubscribeRefused};
 use crate::buffer::{AppendError, Pressure};
 use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
 use crate::reload::Live;
@@ -65,7 +70,16 @@ struct Completion {
     qos: u8,
     pkid: u16,
     result: Result<u64, AppendError>,
+    /// The message for local subscribers, when there are any or it is retained.
+    message: Option<Arc<Message>>,
+    /// Set on the second completion of a retained publish: its retained copy's outcome
+    /// (the record itself was stored before); the ack waits for it.
+    retained: Option<Result<(), RetainError>>,
 }
+
+/// Messages from the broker written per turn of the loop, so a busy subscription does not
+/// starve reading.
+const DELIVER_BATCH: usize = 256;
 
 type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
 
@@ -227,6 +241,14 @@ fn decode(version: Version, frame: Frame, shared: &Shared) -> Result<Packet, Dec
     packet::decode(version, frame, &limits)
 }
 
+/// The MQTT 5 properties of a publish or will that become Kafka headers.
+struct Extra {
+    content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation_data: Option<Bytes>,
+    user_properties: Vec<(String, String)>,
+}
+
 /// One connected client.
 struct Session<S> {
     conn: Connection<S>,
@@ -258,6 +280,14 @@ struct Session<S> {
     pending_qos0: usize,
     /// MQTT 5 topic aliases set by the client.
     aliases: HashMap<u16, String>,
+    /// This connection's hold on its broker session (subscriptions, mailbox).
+    attached: Attached,
+    /// Messages sent to the client and not yet acknowledged.
+    outflight: Outflight,
+    /// The client's Maximum Packet Size: larger messages are not sent [MQTT-3.1.2-24].
+    client_max_packet: Option<u32>,
+    /// `edgegate_local_delivered_total` by QoS, kept as handles: bumped once per message.
+    delivered: [metrics::Counter; 3],
 }
 
 impl<S: Stream> Session<S> {
@@ -316,24 +346,28 @@ impl<S: Stream> Session<S> {
             (connect.keep_alive, None)
         };
         let registered = shared.registry.register(&client_id, connect.clean_start);
+        let attached = shared.broker.attach(&client_id, connect.clean_start);
         conn.queue(
             version,
             &Outgoing::ConnAck(Ok(ConnAckProps {
-                session_present: registered.session_present,
+                session_present: registered.session_present || attached.session_present,
                 assigned_client_id: ((assigned || replaced) && version == Version::V5)
                     .then(|| client_id.clone()),
                 server_keep_alive,
                 receive_maximum: config.receive_maximum,
                 topic_alias_maximum: config.topic_alias_maximum,
                 max_packet_size: u32::try_from(config.packet_limit()).unwrap_or(u32::MAX),
-                // Nothing to subscribe to yet: every SUBSCRIBE is refused (see `handle`).
-                wildcard_subscriptions: false,
-                shared_subscriptions: false,
-                subscription_ids: false,
-                retain_available: false,
+                wildcard_subscriptions: true,
+                shared_subscriptions: true,
+                subscription_ids: true,
+                retain_available: true,
             })),
         );
         connected(peer, &client_id, version, keep_alive);
+        // The client's Receive Maximum (3.1.1: none), within the gateway's own.
+        let outflight = Outflight::new(usize::from(
+            connect.receive_maximum.min(config.receive_maximum),
+        ));
         Ok(Session {
             conn,
             peer,
@@ -357,12 +391,21 @@ impl<S: Stream> Session<S> {
             inflight: Inflight::new(registered.awaiting_rel),
             pending_qos0: 0,
             aliases: HashMap::new(),
+            attached,
+            outflight,
+            client_max_packet: connect.maximum_packet_size,
+            delivered: [0, 1, 2].map(|qos: u8| {
+                metrics::counter!("edgegate_local_delivered_total", "qos" => Delivery::Mqtt { qos }.label())
+            }),
         })
     }
 
     /// The connection's main loop. Returns why it ended; pending appends are finished and
     /// acknowledged before a server-side end (shutdown, takeover) returns.
     async fn serve(&mut self) -> End {
+        let mailbox = Arc::clone(&self.attached.mailbox);
+        // What waited for this session while its client was away goes out first.
+        self.deliver();
         let mut pressure = self.shared.pressure.clone();
         let mut pressure_open = true;
         let mut draining: Option<End> = None;
@@ -415,6 +458,11 @@ impl<S: Stream> Session<S> {
                             draining.get_or_insert(end);
                         }
                     }
+                }
+                // Messages for the client: taken as its Receive Maximum allows, so a full
+                // window leaves them queued in the mailbox (bounded) until acks free it.
+                () = mailbox.notified(), if draining.is_none() && self.outflight.slots() > 0 => {
+                    self.deliver();
                 }
                 _ = self.shared.shutdown.cancelled(), if draining.is_none() => {
                     draining = Some(End::SHUTDOWN);
@@ -484,27 +532,83 @@ impl<S: Stream> Session<S> {
                 Ok(())
             }
             Packet::Subscribe(subscribe) => {
-                subscribe_refused(self.peer, &self.client_id);
-                // 0x83 Implementation specific error; 3.1.1 sends it as 0x80 Failure.
-                let codes = vec![0x83; subscribe.filters.len()];
-                let pkid = subscribe.pkid;
-                self.conn
-                    .queue(self.version, &Outgoing::SubAck { pkid, codes });
+                let mut codes = Vec::with_capacity(subscribe.filters.len());
+                for f in &subscribe.filters {
+                    codes.push(self.subscribe(f, subscribe.id)?);
+                }
+                self.conn.queue(
+                    self.version,
+                    &Outgoing::SubAck {
+                        pkid: subscribe.pkid,
+                        codes,
+                    },
+                );
+                // Retained messages the new subscriptions matched follow the SUBACK.
+                self.deliver();
                 Ok(())
             }
             Packet::Unsubscribe(unsubscribe) => {
-                // 0x11 No subscription existed (3.1.1 has no codes).
-                let codes = vec![0x11; unsubscribe.filters.len()];
-                let pkid = unsubscribe.pkid;
-                self.conn
-                    .queue(self.version, &Outgoing::UnsubAck { pkid, codes });
+                let codes = unsubscribe
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if self.shared.broker.unsubscribe(&self.attached, f) {
+                            0x00
+                        } else {
+                            // No subscription existed (3.1.1 has no codes).
+                            0x11
+                        }
+                    })
+                    .collect();
+                self.conn.queue(
+                    self.version,
+                    &Outgoing::UnsubAck {
+                        pkid: unsubscribe.pkid,
+                        codes,
+                    },
+                );
                 Ok(())
             }
-            // Acks of publishes the server sends; it sends none yet, so each is for a packet
-            // id never used: a protocol violation, as before these were decoded.
-            Packet::PubAck { .. } => Err(self.violation("PUBACK")),
-            Packet::PubRec { .. } => Err(self.violation("PUBREC")),
-            Packet::PubComp { .. } => Err(self.violation("PUBCOMP")),
+            Packet::PubAck { pkid, reason } => match self.outflight.puback(pkid) {
+                AckResult::Finished if reason >= 0x80 => {
+                    tracing::debug!(peer = %self.peer, client_id = %self.client_id, reason, "A subscriber refused a message.");
+                    self.deliver();
+                    Ok(())
+                }
+                AckResult::Unknown => self.unknown_ack("PUBACK for no QoS 1 message in flight"),
+                _ => {
+                    self.deliver();
+                    Ok(())
+                }
+            },
+            Packet::PubRec { pkid, reason } => match self.outflight.pubrec(pkid, reason) {
+                AckResult::SendRel => {
+                    self.conn
+                        .queue(self.version, &Outgoing::PubRel { pkid, found: true });
+                    Ok(())
+                }
+                AckResult::Finished => {
+                    self.deliver();
+                    Ok(())
+                }
+                AckResult::Unknown => {
+                    // MQTT 5 says so in a PUBREL; 3.1.1 has no way to and is closed.
+                    if self.version == Version::V5 {
+                        self.conn
+                            .queue(self.version, &Outgoing::PubRel { pkid, found: false });
+                        Ok(())
+                    } else {
+                        self.unknown_ack("PUBREC for no QoS 2 message in flight")
+                    }
+                }
+            },
+            Packet::PubComp { pkid } => match self.outflight.pubcomp(pkid) {
+                AckResult::Unknown => self.unknown_ack("PUBCOMP for no PUBREL sent"),
+                _ => {
+                    self.deliver();
+                    Ok(())
+                }
+            },
             Packet::PingReq => {
                 self.conn.queue(self.version, &Outgoing::PingResp);
                 Ok(())
@@ -515,6 +619,119 @@ impl<S: Stream> Session<S> {
             Packet::Auth => Err(self.violation("AUTH without enhanced authentication")),
             Packet::Unexpected(name) => Err(self.violation(name)),
         }
+    }
+
+    /// An ack for a packet id this connection has not sent (or not in that state). A
+    /// resumed session's client may ack what an earlier connection sent, so MQTT 5 ignores
+    /// it; 3.1.1 too, as mosquitto does. Logged at DEBUG as a protocol oddity.
+    fn unknown_ack(&self, what: &'static str) -> Result<(), End> {
+        tracing::debug!(peer = %self.peer, client_id = %self.client_id, what, "Ignored an acknowledgement for nothing in flight.");
+        Ok(())
+    }
+
+    /// One filter of a SUBSCRIBE: its SUBACK code, or the end of the connection for a
+    /// protocol error.
+    fn subscribe(&mut self, f: &packet::Subscription, id: Option<u32>) -> Result<u8, End> {
+        let Ok(parsed) = broker::filter::parse(&f.filter) else {
+            subscribed(self.peer, &self.client_id, &f.filter, Err("invalid"));
+            return Ok(0x8f);
+        };
+        if !self.auth.may_subscribe(&self.identity, parsed.filter) {
+            auth::failed(
+                self.peer,
+                &format!("{} filter={}", identity_text(&self.identity), f.filter),
+                "subscribe_denied",
+            );
+            subscribed(self.peer, &self.client_id, &f.filter, Err("denied"));
+            return Ok(0x87);
+        }
+        let request = Request {
+            filter: &f.filter,
+            options: Options {
+                qos: f.qos,
+                no_local: f.no_local,
+                retain_as_published: f.retain_as_published,
+                id,
+            },
+            retain_handling: f.retain_handling,
+        };
+        match self.shared.broker.subscribe(&self.attached, &request) {
+            Ok(granted) => {
+                subscribed(self.peer, &self.client_id, &f.filter, Ok(granted));
+                Ok(granted)
+            }
+            Err(SubscribeRefused::FilterInvalid) => {
+                subscribed(self.peer, &self.client_id, &f.filter, Err("invalid"));
+                Ok(0x8f)
+            }
+            Err(SubscribeRefused::SharedNoLocal) => {
+                Err(self.violation("No Local on a shared subscription"))
+            }
+        }
+    }
+
+    /// Writes what the session's mailbox holds, as far as the client's window allows.
+    fn deliver(&mut self) {
+        let now = now_ms();
+        let taken = self
+            .attached
+            .mailbox
+            .take(self.outflight.slots(), DELIVER_BATCH, now);
+        if taken.expired > 0 {
+            self.shared
+                .broker
+                .count_dropped(Dropped::Expired, taken.expired as u64);
+        }
+        for out in taken.ready {
+            self.send(out, now);
+        }
+    }
+
+    fn send(&mut self, out: Outbound, now: i64) {
+        if out.released {
+            let pkid = self.outflight.send(out);
+            self.conn
+                .queue(self.version, &Outgoing::PubRel { pkid, found: true });
+            return;
+        }
+        let message = Arc::clone(&out.message);
+        let (qos, retain, dup) = (out.qos, out.retain, out.dup && out.qos > 0);
+        let ids = out.subscription_ids.clone();
+        let pkid = if qos > 0 { self.outflight.send(out) } else { 0 };
+        let p = &message.props;
+        let publish = OutPublish {
+            dup,
+            qos,
+            retain,
+            topic: &message.topic,
+            pkid,
+            payload: &message.payload,
+            subscription_ids: &ids,
+            message_expiry: message.remaining_expiry(now),
+            payload_format_utf8: p.payload_format_utf8,
+            content_type: p.content_type.as_deref(),
+            response_topic: p.response_topic.as_deref(),
+            correlation_data: p.correlation_data.as_deref(),
+            user_properties: &p.user_properties,
+        };
+        let fits = publish.packet_len(self.version).is_ok_and(|len| {
+            self.client_max_packet
+                .is_none_or(|max| u32::try_from(len).is_ok_and(|len| len <= max))
+        });
+        if !fits {
+            // Too large for this client: dropped as if sent [MQTT-3.1.2-25].
+            if pkid != 0 {
+                self.outflight.forget(pkid);
+            }
+            self.shared.broker.count_dropped(Dropped::TooLarge, 1);
+            return;
+        }
+        let version = self.version;
+        self.conn.queue_raw(|buf| {
+            // Measured just above: cannot fail.
+            let _ = encode_publish(version, &publish, buf);
+        });
+        self.delivered[usize::from(qos.min(2))].increment(1);
     }
 
     fn violation(&self, what: &'static str) -> End {
@@ -556,13 +773,36 @@ impl<S: Stream> Session<S> {
         }
         let delivery = Delivery::Mqtt { qos };
         metrics::counter!("edgegate_mqtt_messages_total", "qos" => delivery.label()).increment(1);
+        // Built only when someone will use it: with no subscribers the uplink pays nothing.
+        let message = (publish.retain || self.shared.broker.has_subscribers()).then(|| {
+            Arc::new(Message {
+                topic: Arc::from(publish.topic.as_str()),
+                payload: publish.payload.clone(),
+                qos,
+                retain: publish.retain,
+                publisher: Some(Arc::clone(&self.attached.client)),
+                expires_ms: publish
+                    .message_expiry
+                    .map(|secs| now_ms() + i64::from(secs) * 1000),
+                props: Props {
+                    payload_format_utf8: publish.payload_format_utf8,
+                    content_type: publish.content_type.clone(),
+                    response_topic: publish.response_topic.clone(),
+                    correlation_data: publish.correlation_data.clone(),
+                    user_properties: publish.user_properties.clone(),
+                },
+            })
+        });
         let inbound = self.inbound(
             publish.topic,
             publish.payload,
             qos,
-            publish.content_type,
-            publish.user_properties,
-            false,
+            Extra {
+                content_type: publish.content_type,
+                response_topic: publish.response_topic,
+                correlation_data: publish.correlation_data,
+                user_properties: publish.user_properties,
+            },
         );
         match self.shared.pipeline.submit(inbound) {
             Ok(durable) => {
@@ -574,6 +814,8 @@ impl<S: Stream> Session<S> {
                         qos,
                         pkid,
                         result: durable.await,
+                        message,
+                        retained: None,
                     }
                 }));
                 Ok(())
@@ -644,44 +886,35 @@ impl<S: Stream> Session<S> {
         }
     }
 
-    fn inbound(
-        &self,
-        topic: String,
-        payload: Bytes,
-        qos: u8,
-        content_type: Option<String>,
-        user_properties: Vec<(String, String)>,
-        will: bool,
-    ) -> Inbound {
-        let mut headers = Vec::with_capacity(2 + user_properties.len() + usize::from(will));
-        let delivery = Delivery::Mqtt { qos };
-        headers.push((
-            "mqtt-qos".to_owned(),
-            Bytes::from_static(delivery.label().as_bytes()),
-        ));
-        if let Some(content_type) = content_type {
-            headers.push(("content-type".to_owned(), Bytes::from(content_type)));
-        }
-        headers.extend(
-            user_properties
-                .into_iter()
-                .map(|(k, v)| (k, Bytes::from(v))),
-        );
-        if will {
-            headers.push(("edgegate-will".to_owned(), Bytes::from_static(b"true")));
-        }
-        Inbound {
-            delivery,
-            device: self.client_id.clone(),
-            topic,
-            payload,
-            headers,
-            received_ms: now_ms(),
-        }
+    fn inbound(&self, topic: String, payload: Bytes, qos: u8, extra: Extra) -> Inbound {
+        inbound(self.client_id.clone(), topic, payload, qos, extra, false)
     }
 
     /// An append resolved: acknowledge it, or report why it was not stored.
-    fn complete(&mut self, done: Completion) -> Result<(), End> {
+    fn complete(&mut self, mut done: Completion) -> Result<(), End> {
+        if done.retained.is_some() {
+            // The retained copy is durable (or refused, logged and counted): the record was
+            // stored before, so the device hears success.
+            return self.acknowledge(done.qos, done.pkid);
+        }
+        if done.result.is_ok() {
+            if let Some(wait) = hand_to_broker(&self.shared.broker, done.message.take()) {
+                if done.qos > 0 {
+                    let (qos, pkid) = (done.qos, done.pkid);
+                    self.pending.push_back(Box::pin(async move {
+                        Completion {
+                            qos,
+                            pkid,
+                            result: Ok(0),
+                            message: None,
+                            retained: Some(wait.await),
+                        }
+                    }));
+                    self.inflight.stored(qos, pkid, true);
+                    return Ok(());
+                }
+            }
+        }
         if done.qos == 0 {
             self.pending_qos0 = self.pending_qos0.saturating_sub(1);
             if let Err(e) = done.result {
@@ -692,30 +925,20 @@ impl<S: Stream> Session<S> {
         self.inflight
             .stored(done.qos, done.pkid, done.result.is_ok());
         match done.result {
-            Ok(_seq) if done.qos == 1 => {
-                self.conn.queue(
-                    self.version,
-                    &Outgoing::PubAck {
-                        pkid: done.pkid,
-                        reason: 0,
-                    },
-                );
-                acknowledged("puback");
-                Ok(())
-            }
-            Ok(_seq) => {
-                self.conn.queue(
-                    self.version,
-                    &Outgoing::PubRec {
-                        pkid: done.pkid,
-                        reason: 0,
-                    },
-                );
-                acknowledged("pubrec");
-                Ok(())
-            }
+            Ok(_seq) => self.acknowledge(done.qos, done.pkid),
             Err(e) => self.reject(done.qos, done.pkid, &Rejected::from(e)),
         }
+    }
+
+    fn acknowledge(&mut self, qos: u8, pkid: u16) -> Result<(), End> {
+        let (ack, name) = match qos {
+            0 => return Ok(()),
+            1 => (Outgoing::PubAck { pkid, reason: 0 }, "puback"),
+            _ => (Outgoing::PubRec { pkid, reason: 0 }, "pubrec"),
+        };
+        self.conn.queue(self.version, &ack);
+        acknowledged(name);
+        Ok(())
     }
 
     /// A publish was not stored. MQTT 5 hears why in its PUBACK/PUBREC; 3.1.1 has no way to
@@ -769,7 +992,11 @@ impl<S: Stream> Session<S> {
         // Appends still pending finish in the log regardless; wait for them (briefly) so a
         // persistent session remembers which QoS 2 messages are stored.
         let _ = tokio::time::timeout(limit, async {
-            while let Some(done) = self.pending.next().await {
+            while let Some(mut done) = self.pending.next().await {
+                if done.result.is_ok() && done.retained.is_none() {
+                    // Stored: local subscribers get it even though its ack will not go out.
+                    drop(hand_to_broker(&self.shared.broker, done.message.take()));
+                }
                 self.inflight
                     .stored(done.qos, done.pkid, done.result.is_ok());
             }
@@ -778,27 +1005,163 @@ impl<S: Stream> Session<S> {
         self.shared
             .registry
             .unregister(&self.client_id, self.conn_id, self.keep_session);
+        let unfinished =
+            std::mem::replace(&mut self.outflight, Outflight::new(1)).into_unfinished();
+        self.shared
+            .broker
+            .detach(&self.attached, unfinished, self.keep_session);
         disconnected(self.peer, &self.client_id, end.why);
         if let (true, Some(will)) = (end.will, self.will.take()) {
-            self.store_will(will).await;
+            // Published after its delay, or when the session ends if sooner, unless the
+            // client is back by then [MQTT-3.1.3-9].
+            let session = match self.keep_session {
+                None => Duration::ZERO,
+                Some(None) => self.shared.config.max_session_expiry.get(),
+                Some(Some(d)) => d,
+            };
+            let delay = Duration::from_secs(will.delay_interval.into()).min(session);
+            let owner = WillOwner {
+                shared: self.shared.clone(),
+                peer: self.peer,
+                client_id: self.client_id.clone(),
+                publisher: Arc::clone(&self.attached.client),
+                conn_id: self.conn_id,
+            };
+            if delay.is_zero() {
+                store_will(owner, will).await;
+            } else {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = owner.shared.shutdown.cancelled() => {}
+                    }
+                    if owner
+                        .shared
+                        .registry
+                        .reconnected(&owner.client_id, owner.conn_id)
+                    {
+                        tracing::debug!(client_id = %owner.client_id, "The client came back within its will delay: no will.");
+                        return;
+                    }
+                    store_will(owner, will).await;
+                });
+            }
         }
     }
+}
 
-    async fn store_will(&mut self, will: Will) {
-        let qos = will.qos;
-        let inbound = self.inbound(
-            will.topic,
-            will.payload,
-            will.qos,
-            will.content_type,
-            will.user_properties,
-            true,
-        );
-        let result = match self.shared.pipeline.submit(inbound) {
-            Ok(durable) => durable.await.map_err(Rejected::from),
-            Err(e) => Err(e),
-        };
-        will_stored(self.peer, &self.client_id, qos, result);
+/// Who a will belongs to, for publishing it after the connection is gone.
+struct WillOwner {
+    shared: Shared,
+    peer: SocketAddr,
+    client_id: String,
+    publisher: Arc<str>,
+    conn_id: u64,
+}
+
+/// Stores a will in the log and hands it to local subscribers, as a broker would
+/// [MQTT-3.1.2-8].
+async fn store_will(owner: WillOwner, will: Will) {
+    let qos = will.qos;
+    let message = Arc::new(Message {
+        topic: Arc::from(will.topic.as_str()),
+        payload: will.payload.clone(),
+        qos,
+        retain: will.retain,
+        publisher: Some(owner.publisher),
+        expires_ms: will
+            .message_expiry
+            .map(|secs| now_ms() + i64::from(secs) * 1000),
+        props: Props {
+            payload_format_utf8: will.payload_format_utf8,
+            content_type: will.content_type.clone(),
+            response_topic: will.response_topic.clone(),
+            correlation_data: will.correlation_data.clone(),
+            user_properties: will.user_properties.clone(),
+        },
+    });
+    let record = inbound(
+        owner.client_id.clone(),
+        will.topic,
+        will.payload,
+        will.qos,
+        Extra {
+            content_type: will.content_type,
+            response_topic: will.response_topic,
+            correlation_data: will.correlation_data,
+            user_properties: will.user_properties,
+        },
+        true,
+    );
+    let result = match owner.shared.pipeline.submit(record) {
+        Ok(durable) => durable.await.map_err(Rejected::from),
+        Err(e) => Err(e),
+    };
+    if result.is_ok() {
+        if let Some(wait) = hand_to_broker(&owner.shared.broker, Some(message)) {
+            let _ = wait.await;
+        }
+    }
+    will_stored(owner.peer, &owner.client_id, qos, result);
+}
+
+/// The record a publish or will becomes, with its MQTT properties as Kafka headers.
+fn inbound(
+    device: String,
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    extra: Extra,
+    will: bool,
+) -> Inbound {
+    let mut headers = Vec::with_capacity(4 + extra.user_properties.len() + usize::from(will));
+    let delivery = Delivery::Mqtt { qos };
+    headers.push((
+        "mqtt-qos".to_owned(),
+        Bytes::from_static(delivery.label().as_bytes()),
+    ));
+    if let Some(content_type) = extra.content_type {
+        headers.push(("content-type".to_owned(), Bytes::from(content_type)));
+    }
+    // Request/response: a reply to a command reaches Kafka with what the cloud sent.
+    if let Some(topic) = extra.response_topic {
+        headers.push(("mqtt-response-topic".to_owned(), Bytes::from(topic)));
+    }
+    if let Some(data) = extra.correlation_data {
+        headers.push(("mqtt-correlation-data".to_owned(), data));
+    }
+    headers.extend(
+        extra
+            .user_properties
+            .into_iter()
+            .map(|(k, v)| (k, Bytes::from(v))),
+    );
+    if will {
+        headers.push(("edgegate-will".to_owned(), Bytes::from_static(b"true")));
+    }
+    Inbound {
+        delivery,
+        device,
+        topic,
+        payload,
+        headers,
+        received_ms: now_ms(),
+    }
+}
+
+/// A stored message goes to local subscribers, in the order appends resolve (publish
+/// order); a retained one is also taken as its topic's retained message, and what that
+/// returns resolves once the retained copy is durable.
+fn hand_to_broker(
+    broker: &Broker,
+    message: Option<Arc<Message>>,
+) -> Option<impl Future<Output = Result<(), RetainError>> + Send + use<>> {
+    let message = message?;
+    broker.publish(&message);
+    if message.retain {
+        broker.start_retain(&message).ok()
+    } else {
+        None
     }
 }
 

@@ -1,0 +1,240 @@
+//! Messages this connection sent its client and the client has not finished acknowledging:
+//! their packet identifiers, the client's Receive Maximum, and what goes back to the session
+//! when the connection ends.
+//!
+//! QoS 1: PUBLISH → PUBACK. QoS 2: PUBLISH → PUBREC → (PUBREL) → PUBCOMP. A message is
+//! finished at PUBACK or PUBCOMP (or a PUBREC with an error code, which ends the flow
+//! MQTT 5 §4.3.3). At most `window` are unfinished at once
+//! [MQTT-3.3.4-9]; a packet id is not reused while unfinished [MQTT-2.2.1-3].
+
+use std::collections::HashMap;
+
+use crate::broker::mailbox::Outbound;
+
+/// What the client owes for a message.
+#[derive(Debug)]
+enum State {
+    /// QoS 1 sent, waiting for PUBACK.
+    Ack,
+    /// QoS 2 sent, waiting for PUBREC.
+    Rec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Comp,
+}
+
+#[derive(Debug)]
+struct Sent {
+    /// Send order, so what goes back to the session keeps it.
+    order: u64,
+    out: Outbound,
+    state: State,
+}
+
+/// What an ack from the client means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckResult {
+    /// The message is finished; a slot is free.
+    Finished,
+    /// PUBREC accepted: send PUBREL.
+    SendRel,
+    /// No message in flight with this packet id in the state the ack belongs to.
+    Unknown,
+}
+
+/// The unfinished messages of one connection.
+#[derive(Debug)]
+pub struct Outflight {
+    sent: HashMap<u16, Sent>,
+    next_pkid: u16,
+    order: u64,
+    window: usize,
+}
+
+impl Outflight {
+    /// `window`: how many may be unfinished at once (the client's Receive Maximum, capped
+    /// by the gateway).
+    pub fn new(window: usize) -> Outflight {
+        Outflight {
+            sent: HashMap::new(),
+            next_pkid: 1,
+            order: 0,
+            window: window.max(1),
+        }
+    }
+
+    /// How many more QoS 1/2 messages may be sent now.
+    pub fn slots(&self) -> usize {
+        self.window.saturating_sub(self.sent.len())
+    }
+
+    /// Registers `out` (QoS 1 or 2) as sent and returns its packet id: the one it had if it
+    /// is a resend and that id is free, else the next free one.
+    pub fn send(&mut self, mut out: Outbound) -> u16 {
+        let pkid = if out.pkid != 0 && !self.sent.contains_key(&out.pkid) {
+            out.pkid
+        } else {
+            self.free_pkid()
+        };
+        out.pkid = pkid;
+        let state = match (out.qos, out.released) {
+            (_, true) => State::Comp,
+            (1, _) => State::Ack,
+            _ => State::Rec,
+        };
+        self.order += 1;
+        self.sent.insert(
+            pkid,
+            Sent {
+                order: self.order,
+                out,
+                state,
+            },
+        );
+        pkid
+    }
+
+    /// Gives back a packet id taken by [`Outflight::send`] for a message that could not be
+    /// sent after all (too large for the client).
+    pub fn forget(&mut self, pkid: u16) {
+        self.sent.remove(&pkid);
+    }
+
+    fn free_pkid(&mut self) -> u16 {
+        // At most 65,535 can be in flight and the window is far smaller, so this ends.
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.sent.contains_key(&pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    pub fn puback(&mut self, pkid: u16) -> AckResult {
+        match self.sent.get(&pkid) {
+            Some(Sent {
+                state: State::Ack, ..
+            }) => {
+                self.sent.remove(&pkid);
+                AckResult::Finished
+            }
+            _ => AckResult::Unknown,
+        }
+    }
+
+    /// PUBREC with `reason`: below 0x80 the flow goes on with PUBREL; an error code ends it.
+    pub fn pubrec(&mut self, pkid: u16, reason: u8) -> AckResult {
+        match self.sent.get_mut(&pkid) {
+            Some(sent) if matches!(sent.state, State::Rec | State::Comp) => {
+                if reason >= 0x80 {
+                    self.sent.remove(&pkid);
+                    return AckResult::Finished;
+                }
+                // A PUBREC again (the client did not see our PUBREL): send it again.
+                sent.state = State::Comp;
+                sent.out.released = true;
+                AckResult::SendRel
+            }
+            _ => AckResult::Unknown,
+        }
+    }
+
+    pub fn pubcomp(&mut self, pkid: u16) -> AckResult {
+        match self.sent.get(&pkid) {
+            Some(Sent {
+                state: State::Comp, ..
+            }) => {
+                self.sent.remove(&pkid);
+                AckResult::Finished
+            }
+            _ => AckResult::Unknown,
+        }
+    }
+
+    /// Everything unfinished, in send order, for the session's next connection.
+    pub fn into_unfinished(self) -> Vec<Outbound> {
+        let mut sent: Vec<Sent> = self.sent.into_values().collect();
+        sent.sort_by_key(|s| s.order);
+        sent.into_iter().map(|s| s.out).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::broker::{Message, Props};
+
+    fn out(qos: u8, text: &str) -> Outbound {
+        let m = Arc::new(Message {
+            topic: "t".into(),
+            payload: Bytes::copy_from_slice(text.as_bytes()),
+            qos,
+            retain: false,
+            publisher: None,
+            expires_ms: None,
+            props: Props::default(),
+        });
+        Outbound::new(m, qos, false, Vec::new())
+    }
+
+    #[test]
+    fn qos1_and_qos2_flows_free_their_slots() {
+        let mut f = Outflight::new(2);
+        let a = f.send(out(1, "a"));
+        let b = f.send(out(2, "b"));
+        assert_eq!(f.slots(), 0);
+        assert_ne!(a, b);
+        assert_eq!(
+            f.puback(b),
+            AckResult::Unknown,
+            "PUBACK for a QoS 2 message"
+        );
+        assert_eq!(f.puback(a), AckResult::Finished);
+        assert_eq!(f.pubcomp(b), AckResult::Unknown, "PUBCOMP before PUBREC");
+        assert_eq!(f.pubrec(b, 0), AckResult::SendRel);
+        assert_eq!(f.pubrec(b, 0), AckResult::SendRel, "a repeated PUBREC");
+        assert_eq!(f.pubcomp(b), AckResult::Finished);
+        assert_eq!(f.slots(), 2);
+        let c = f.send(out(2, "c"));
+        assert_eq!(
+            f.pubrec(c, 0x80),
+            AckResult::Finished,
+            "an error PUBREC ends it"
+        );
+    }
+
+    #[test]
+    fn unfinished_messages_go_back_in_order_with_their_packet_ids() {
+        let mut f = Outflight::new(10);
+        let ids: Vec<u16> = ["a", "b", "c"].iter().map(|t| f.send(out(2, t))).collect();
+        assert_eq!(f.pubrec(ids[1], 0), AckResult::SendRel);
+        let back = f.into_unfinished();
+        let texts: Vec<&[u8]> = back.iter().map(|o| &o.message.payload[..]).collect();
+        assert_eq!(texts, [&b"a"[..], b"b", b"c"]);
+        assert_eq!(back.iter().map(|o| o.pkid).collect::<Vec<_>>(), ids);
+        assert!(back[1].released && !back[0].released);
+        // The next connection reuses them [MQTT-4.4.0-1].
+        let mut g = Outflight::new(10);
+        for o in back {
+            let pkid = o.pkid;
+            assert_eq!(g.send(o), pkid);
+        }
+        assert_eq!(g.pubcomp(ids[1]), AckResult::Finished, "PUBREL was owed");
+    }
+
+    #[test]
+    fn packet_ids_in_use_are_skipped_and_wrap() {
+        let mut f = Outflight::new(10);
+        f.next_pkid = u16::MAX;
+        let a = f.send(out(1, "a"));
+        let b = f.send(out(1, "b"));
+        assert_eq!((a, b), (u16::MAX, 1));
+        let mut resend = out(1, "c");
+        resend.pkid = 1;
+        assert_eq!(f.send(resend), 2, "id 1 is taken");
+    }
+}
