@@ -135,13 +135,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let routes = settings.publish::<Router>(&config)?;
     let auth = settings.publish::<auth::Auth>(&config)?;
     let mqtt_tls = if config.mqtt.tls.enabled {
-        Some(settings.publish::<ServerConfig>(&config)?)
+        // The files' state before they are read: a change from here on is a change the
+        // watcher must see, even one made before it first runs.
+        let files = config.mqtt.tls.files_state();
+        Some((settings.publish::<ServerConfig>(&config)?, files))
     } else {
         None
     };
     let settings = Arc::new(settings);
 
     // ingest: bound before anything serves.
+    let (mqtt_tls, tls_files) = match mqtt_tls {
+        Some((tls, files)) => (Some(tls), files),
+        None => (None, Vec::new()),
+    };
     let mqtt = ingest::mqtt::Listeners::bind(&config.mqtt, mqtt_tls).await?;
     let coap = if config.coap.enabled {
         Some(ingest::coap::bind(&config.coap).await?)
@@ -188,6 +195,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         tracing::info!(%mqtts_addr, client_certs = ?config.mqtt.tls.client_certs, "Listening for MQTT over TLS.");
         tokio::spawn(ingest::mqtt::tls::watch_files(
             settings.clone(),
+            tls_files,
             shutdown.clone(),
         ));
     }

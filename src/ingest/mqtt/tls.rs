@@ -331,8 +331,13 @@ impl Reloadable for ServerConfig {
 /// Rebuilds the TLS setting whenever the certificate, key or client CA named by the latest
 /// config change on disk, every `[mqtt.tls] watch_interval` ("0s": never), until `shutdown`.
 /// A set that does not load (a key written before its certificate) is logged and the old one
-/// stays; the next change is tried again, an unchanged bad set is not.
-pub async fn watch_files(settings: Arc<Settings>, shutdown: CancellationToken) {
+/// stays; the next change is tried again, an unchanged bad set is not. `loaded` is the
+/// files' state taken before the set in force was read ([`TlsConfig::files_state`]).
+pub async fn watch_files(
+    settings: Arc<Settings>,
+    loaded: Vec<Option<(u64, std::time::SystemTime, u64)>>,
+    shutdown: CancellationToken,
+) {
     let mut configs = settings.config();
     let every = configs.borrow().mqtt.tls.watch_interval.get();
     if every.is_zero() {
@@ -340,7 +345,8 @@ pub async fn watch_files(settings: Arc<Settings>, shutdown: CancellationToken) {
     }
     let state = |config: &Config| config.mqtt.tls.files_state();
     // The state of the files when they were last loaded.
-    let mut loaded = state(&configs.borrow_and_update());
+    let mut loaded = loaded;
+    configs.borrow_and_update();
     let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
