@@ -427,3 +427,96 @@ async fn stuck_subscriber(stream: &mut tokio::net::TcpStream) {
     assert_eq!(buf[0], 0x20);
     assert_eq!(buf[4], 0x90);
 }
+
+/// paho-mqtt (Python, MQTT 5) as an independent subscriber, mosquitto_pub as an independent
+/// publisher: a request's Response Topic, Correlation Data, content type and user
+/// properties reach the subscriber unaltered [MQTT-3.3.2-15], [MQTT-3.3.2-16],
+/// [MQTT-3.3.2-17], and with the subscription identifier it subscribed with
+/// [MQTT-3.3.4-3]; a retained message arrives first with RETAIN set.
+#[test]
+fn paho_sees_properties_and_retained_messages_from_mosquitto_pub() {
+    use std::io::BufRead;
+    let gw = gateway(config()).start();
+    let addr = gw.mqtt_addr();
+    let out = common::mosquitto_pub(addr)
+        .v5(true)
+        .topic("req/pump7/state")
+        .qos(1)
+        .args(["-r"])
+        .message("idle");
+    assert!(out.status.success(), "{out:?}");
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/paho_subscribe.py"
+    );
+    let mut paho = std::process::Command::new("python3")
+        .args([
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+            "paho-sub",
+            "req/#",
+            "2",
+            "3",
+            "20",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with paho-mqtt 2 (.ci/run installs it)");
+    let mut lines = std::io::BufReader::new(paho.stdout.take().expect("stdout")).lines();
+    let suback = lines.next().expect("a line").expect("read");
+    assert_eq!(suback, "SUBACK 2", "granted QoS 2");
+    for (topic, payload) in [("req/pump7/start", "go"), ("req/pump7/stop", "halt")] {
+        let out = common::mosquitto_pub(addr)
+            .v5(true)
+            .topic(topic)
+            .qos(2)
+            .args([
+                "-D",
+                "publish",
+                "response-topic",
+                "resp/pump7",
+                "-D",
+                "publish",
+                "correlation-data",
+                "c-17",
+                "-D",
+                "publish",
+                "content-type",
+                "text/plain",
+                "-D",
+                "publish",
+                "user-property",
+                "origin",
+                "cloud",
+            ])
+            .message(payload);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let got: Vec<serde_json::Value> = lines
+        .map_while(Result::ok)
+        .map(|l| serde_json::from_str(&l).expect("JSON line"))
+        .collect();
+    assert!(paho.wait().expect("paho").success(), "paho got {got:?}");
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0]["topic"], "req/pump7/state");
+    assert_eq!(got[0]["retain"], true);
+    for (m, payload) in got[1..].iter().zip(["go", "halt"]) {
+        assert_eq!(m["payload"], payload);
+        assert_eq!(m["qos"], 2);
+        assert_eq!(m["retain"], false);
+        assert_eq!(m["response_topic"], "resp/pump7");
+        assert_eq!(m["correlation_data"], hex(b"c-17"));
+        assert_eq!(m["content_type"], "text/plain");
+        assert_eq!(
+            m["user_properties"],
+            serde_json::json!([["origin", "cloud"]])
+        );
+        assert_eq!(m["subscription_ids"], serde_json::json!([42]));
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
