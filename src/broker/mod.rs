@@ -88,6 +88,10 @@ pub struct BrokerConfig {
     pub max_retained: usize,
     /// The longest a disconnected persistent session is kept.
     pub max_session_expiry: Duration,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// Disconnected persistent sessions kept; beyond, the one closest to expiry goes.
+    pub max_offline_sessions: usize,
 }
 
 /// What a SUBSCRIBE asked for, per filter.
@@ -107,6 +111,8 @@ pub enum SubscribeRefused {
     /// No Local on a shared subscription: a protocol error [MQTT-3.8.3-4]; the connection
     /// is closed with 0x82.
     SharedNoLocal,
+    /// 0x97 Quota exceeded: the session holds `max_subscriptions` already.
+    Quota,
 }
 
 impl SubscribeRefused {
@@ -114,6 +120,7 @@ impl SubscribeRefused {
         match self {
             SubscribeRefused::FilterInvalid => 0x8f,
             SubscribeRefused::SharedNoLocal => 0x82,
+            SubscribeRefused::Quota => 0x97,
         }
     }
 }
@@ -321,11 +328,34 @@ impl Broker {
                 session.holder = None;
                 session.expires = Some(Instant::now() + limit.map_or(cap, |l| l.min(cap)));
                 session.mailbox.set_online(false);
+                self.evict_over_limit(&mut sessions);
             }
             None => {
                 if let Some(old) = sessions.remove(&attached.client) {
                     self.discard(&attached.client, old);
                 }
+            }
+        }
+    }
+
+    /// Past `max_offline_sessions`, forgets the disconnected sessions closest to expiry (a
+    /// reconnect loop with fresh client ids must not grow memory without bound).
+    fn evict_over_limit(&self, sessions: &mut HashMap<Arc<str>, Session>) {
+        let offline = sessions.values().filter(|s| s.holder.is_none()).count();
+        let over = offline.saturating_sub(self.inner.config.max_offline_sessions);
+        if over == 0 {
+            return;
+        }
+        let mut candidates: Vec<(Instant, Arc<str>)> = sessions
+            .iter()
+            .filter(|(_, s)| s.holder.is_none())
+            .filter_map(|(k, s)| Some((s.expires?, Arc::clone(k))))
+            .collect();
+        candidates.sort();
+        for (_, key) in candidates.into_iter().take(over) {
+            if let Some(old) = sessions.remove(&key) {
+                tracing::warn!(client_id = %key, "Forgot a disconnected session: max_offline_sessions reached.");
+                self.discard(&key, old);
             }
         }
     }
@@ -378,6 +408,11 @@ impl Broker {
             let Some(session) = sessions.get_mut(&attached.client) else {
                 return Err(SubscribeRefused::FilterInvalid);
             };
+            if session.subscriptions.len() >= self.inner.config.max_subscriptions
+                && !session.subscriptions.contains_key(request.filter)
+            {
+                return Err(SubscribeRefused::Quota);
+            }
             let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
             index.insert(
                 parsed.share,

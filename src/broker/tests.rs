@@ -20,6 +20,8 @@ fn broker(dir: &std::path::Path, messages: usize) -> Broker {
             total_queued_bytes: 1 << 30,
             max_retained: 100,
             max_session_expiry: Duration::from_secs(3600),
+            max_subscriptions: 4,
+            max_offline_sessions: 3,
         },
     )
     .expect("open")
@@ -221,4 +223,34 @@ async fn bad_filters_and_shared_no_local_are_refused() {
     assert!(!b.unsubscribe(&s, "a/b"));
     b.subscribe(&s, &request("a/b", 1)).expect("sub");
     assert!(b.unsubscribe(&s, "a/b"));
+}
+
+#[tokio::test]
+async fn subscriptions_per_session_and_offline_sessions_are_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let s = b.attach("greedy", true);
+    for i in 0..4 {
+        b.subscribe(&s, &request(&format!("t/{i}"), 1))
+            .expect("sub");
+    }
+    assert_eq!(
+        b.subscribe(&s, &request("t/5", 1)),
+        Err(SubscribeRefused::Quota)
+    );
+    // Replacing one it holds is not a new one.
+    assert_eq!(b.subscribe(&s, &request("t/0", 2)), Ok(2));
+    // A reconnect loop with fresh client ids: only the newest offline sessions stay.
+    for i in 0..10 {
+        let s = b.attach(&format!("loop-{i}"), false);
+        b.subscribe(&s, &request("x", 1)).expect("sub");
+        b.detach(&s, Vec::new(), Some(Some(Duration::from_secs(60 + i))));
+    }
+    let stats = b.stats();
+    assert_eq!(stats.sessions_offline, 3);
+    assert_eq!(stats.subscriptions, 4 + 3);
+    let s = b.attach("loop-9", false);
+    assert!(s.session_present, "the newest survive");
+    let s = b.attach("loop-0", false);
+    assert!(!s.session_present);
 }

@@ -62,6 +62,12 @@ pub struct MqttConfig {
     /// The longest a disconnected persistent session (clean_session=0, or an MQTT 5
     /// Session Expiry Interval) is kept; MQTT 3.1.1 sessions, which cannot say, get this.
     pub max_session_expiry: Duration,
+    /// Subscriptions one session may hold; more get SUBACK 0x97 (3.1.1: 0x80), so one client
+    /// cannot grow the subscription tree without bound.
+    pub max_subscriptions_per_session: usize,
+    /// Disconnected persistent sessions kept at once; beyond, the one closest to expiry is
+    /// forgotten (logged), so a reconnect loop with fresh client ids stays bounded.
+    pub max_offline_sessions: usize,
     /// `[mqtt.tls]`: MQTT over TLS on its own port.
     pub tls: TlsConfig,
 }
@@ -86,6 +92,8 @@ impl Default for MqttConfig {
             max_queued_bytes_total: ByteSize::mib(32),
             max_retained_messages: 10_000,
             max_session_expiry: Duration::from_secs(24 * 3600),
+            max_subscriptions_per_session: 256,
+            max_offline_sessions: 16_384,
             tls: TlsConfig::default(),
         }
     }
@@ -134,6 +142,12 @@ impl MqttConfig {
             );
         }
         self.tls.validate(&format!("{path}.tls"), problems);
+        if self.max_subscriptions_per_session == 0 {
+            problems.push(
+                format!("{path}.max_subscriptions_per_session"),
+                "must be at least 1",
+            );
+        }
         if self.max_queued_messages == 0 {
             problems.push(format!("{path}.max_queued_messages"), "must be at least 1");
         }
@@ -183,6 +197,8 @@ impl MqttConfig {
             total_queued_bytes: bytes(self.max_queued_bytes_total),
             max_retained: self.max_retained_messages,
             max_session_expiry: self.max_session_expiry.get(),
+            max_subscriptions: self.max_subscriptions_per_session,
+            max_offline_sessions: self.max_offline_sessions,
         }
     }
 

@@ -140,7 +140,7 @@ pub(super) fn describe() {
     );
     describe_counter!(
         "edgegate_mqtt_subscriptions_total",
-        "Topic filters subscribed to, by outcome (granted, invalid, denied)."
+        "Topic filters subscribed to, by outcome (granted, invalid, denied, quota)."
     );
     describe_counter!(
         "edgegate_mqtt_wills_total",

@@ -664,6 +664,10 @@ impl<S: Stream> Session<S> {
                 subscribed(self.peer, &self.client_id, &f.filter, Err("invalid"));
                 Ok(0x8f)
             }
+            Err(SubscribeRefused::Quota) => {
+                subscribed(self.peer, &self.client_id, &f.filter, Err("quota"));
+                Ok(SubscribeRefused::Quota.code())
+            }
             Err(SubscribeRefused::SharedNoLocal) => {
                 Err(self.violation("No Local on a shared subscription"))
             }
