@@ -21,6 +21,7 @@
 
 pub mod filter;
 pub mod index;
+pub mod journal;
 pub mod mailbox;
 pub mod retained;
 

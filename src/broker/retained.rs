@@ -1,11 +1,10 @@
 //! Retained messages: one per topic, in memory for matching and on disk so they survive a
 //! restart, a SIGKILL and a power cut.
 //!
-//! On disk they are a journal, `{buffer.dir}/broker/retained.journal`:
+//! On disk they are a journal (`journal.rs`), `{buffer.dir}/broker/retained.journal`, whose
+//! record bodies are:
 //!
 //! ```text
-//! header:  "EGRETAIN" | version u32 = 1 | 4 zero bytes
-//! record:  len u32 | crc32c(body) u32 | body                      (little-endian)
 //! body:    kind u8 (1 = set, 2 = clear) | topic str16
 //!          set only: qos u8 | flags u8 | expires_ms i64 (0 = never)
 //!                    [content_type str16] [response_topic str16] [correlation bytes16]
@@ -14,33 +13,22 @@
 //!          | bit 3 correlation data
 //! ```
 //!
-//! One writer thread appends records in the order they were set and `fdatasync`s once per
-//! batch (a group commit, as the log does); [`Retained::set`] resolves only after that, so a
-//! retained publish is acknowledged only once its retained copy is durable too. When the
-//! journal has grown to twice its live size it is rewritten from the live messages (to a
-//! temporary file, fsync'd, renamed over, directory fsync'd). Opening reads the journal,
-//! drops expired messages, and truncates a torn or corrupt tail (logged); a journal whose
-//! header is unreadable is set aside, not deleted.
+//! [`Retained::start`] changes the map and sends the record under one lock, so the journal's
+//! order is the map's; it resolves once the record is durable, so a retained publish is
+//! acknowledged only then. Opening drops expired messages.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc as std_mpsc;
+use std::io;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use bytes::{Buf, BufMut, Bytes};
-use tokio::sync::oneshot;
+use bytes::Bytes;
 
+use super::journal::{self, Fields, Journal, put16, put32};
 use super::{Message, Props, filter};
 
 const MAGIC: &[u8; 8] = b"EGRETAIN";
-const VERSION: u32 = 1;
-const HEADER_LEN: usize = 16;
-const FRAME_LEN: usize = 8;
-/// Compaction waits until the journal is at least this large, however much of it is dead.
-const MIN_COMPACT_BYTES: u64 = 1 << 20;
 const SET: u8 = 1;
 const CLEAR: u8 = 2;
 
@@ -53,16 +41,11 @@ pub enum RetainError {
     Io(String),
 }
 
-struct Job {
-    record: Vec<u8>,
-    done: oneshot::Sender<Result<(), String>>,
-}
-
 /// The retained messages, by topic.
 #[derive(Clone)]
 pub struct Retained {
     map: Arc<RwLock<BTreeMap<String, Arc<Message>>>>,
-    jobs: std_mpsc::Sender<Job>,
+    journal: Journal,
     limit: usize,
 }
 
@@ -79,34 +62,38 @@ impl Retained {
     pub fn open(dir: &Path, limit: usize, now_ms: i64) -> io::Result<Retained> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("retained.journal");
-        let (map, good_len) = load(&path, now_ms)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
-        if good_len == 0 {
-            file.set_len(0)?;
-            file.write_all(&header())?;
-            file.sync_all()?;
-            sync_dir(dir)?;
-        } else {
-            file.set_len(good_len)?;
-            file.sync_all()?;
+        let found = journal::read(&path, MAGIC, now_ms)?;
+        let mut map = BTreeMap::new();
+        for body in &found.bodies {
+            match decode(body.clone()) {
+                Some(Change::Set(m)) => {
+                    map.insert(m.topic.to_string(), Arc::new(m));
+                }
+                Some(Change::Clear(topic)) => {
+                    map.remove(&topic);
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), "Skipped a retained message that does not decode.");
+                }
+            }
         }
-        let file_len = file.metadata()?.len();
+        map.retain(|_, m: &mut Arc<Message>| !m.expired(now_ms));
         let map = Arc::new(RwLock::new(map));
-        let (jobs, rx) = std_mpsc::channel();
-        let writer = Writer {
-            path,
-            file,
-            file_len,
-            map: Arc::clone(&map),
-        };
-        std::thread::Builder::new()
-            .name("edgegate-retained".into())
-            .spawn(move || writer.run(rx))?;
-        Ok(Retained { map, jobs, limit })
+        let live = Arc::clone(&map);
+        let snapshot: journal::Snapshot = Box::new(move || {
+            let now = crate::ingest::now_ms();
+            let map = live.read().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .filter(|m| !m.expired(now))
+                .map(|m| encode_set(m))
+                .collect()
+        });
+        let journal = Journal::start(&path, MAGIC, &found, snapshot)?;
+        Ok(Retained {
+            map,
+            journal,
+            limit,
+        })
     }
 
     /// Stores `message` as its topic's retained message (an empty payload clears it
@@ -121,10 +108,9 @@ impl Retained {
         &self,
         message: &Arc<Message>,
     ) -> Result<impl Future<Output = Result<(), RetainError>> + Send + use<>, RetainError> {
-        let (done, result) = oneshot::channel();
-        {
+        let wait = {
             let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-            let record = if message.payload.is_empty() {
+            let body = if message.payload.is_empty() {
                 map.remove(&*message.topic);
                 encode_clear(&message.topic)
             } else {
@@ -135,17 +121,9 @@ impl Retained {
                 encode_set(message)
             };
             // Sent under the map's lock, so the journal's order is the map's order.
-            self.jobs
-                .send(Job { record, done })
-                .map_err(|_| RetainError::Io("the writer has stopped".into()))?;
-        }
-        Ok(async move {
-            match result.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(RetainError::Io(e)),
-                Err(_) => Err(RetainError::Io("the writer has stopped".into())),
-            }
-        })
+            self.journal.append(&body)
+        };
+        Ok(async move { wait.await.map_err(RetainError::Io) })
     }
 
     /// The unexpired retained messages whose topics match `filter` (without share prefix).
@@ -178,166 +156,41 @@ impl Retained {
     }
 }
 
-struct Writer {
-    path: PathBuf,
-    file: File,
-    file_len: u64,
-    map: Arc<RwLock<BTreeMap<String, Arc<Message>>>>,
-}
-
-impl Writer {
-    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
-        while let Ok(first) = jobs.recv() {
-            let mut batch = vec![first];
-            batch.extend(jobs.try_iter());
-            let result = self.commit(&batch).map_err(|e| e.to_string());
-            if let Err(e) = &result {
-                tracing::error!(error = %e, path = %self.path.display(), "Cannot write the retained messages.");
-            }
-            for job in batch {
-                let _ = job.done.send(result.clone());
-            }
-        }
-    }
-
-    fn commit(&mut self, batch: &[Job]) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(batch.iter().map(|j| j.record.len()).sum());
-        for job in batch {
-            buf.extend_from_slice(&job.record);
-        }
-        self.file.write_all(&buf)?;
-        self.file_len += buf.len() as u64;
-        // The map already holds every change of this batch (and maybe later ones, which
-        // their own jobs will append again): a snapshot of it replaces the whole journal.
-        let live = self.live();
-        let live_len: u64 = live.iter().map(|r| r.len() as u64).sum::<u64>() + HEADER_LEN as u64;
-        if self.file_len >= MIN_COMPACT_BYTES && self.file_len > 2 * live_len {
-            return self.compact(&live);
-        }
-        self.file.sync_data()
-    }
-
-    fn live(&self) -> Vec<Vec<u8>> {
-        let now = crate::ingest::now_ms();
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        map.values()
-            .filter(|m| !m.expired(now))
-            .map(|m| encode_set(m))
-            .collect()
-    }
-
-    fn compact(&mut self, live: &[Vec<u8>]) -> io::Result<()> {
-        let tmp = self.path.with_extension("journal.tmp");
-        let mut out = File::create(&tmp)?;
-        let mut buf = header().to_vec();
-        for r in live {
-            buf.extend_from_slice(r);
-        }
-        out.write_all(&buf)?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.file_len = buf.len() as u64;
-        tracing::debug!(
-            bytes = self.file_len,
-            messages = live.len(),
-            "Rewrote the retained messages' journal."
-        );
-        Ok(())
-    }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-fn header() -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    h
-}
-
-fn frame(body: Vec<u8>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(FRAME_LEN + body.len());
-    out.put_u32_le(body.len() as u32);
-    out.put_u32_le(crc32c::crc32c(&body));
-    out.extend_from_slice(&body);
-    out
-}
-
-fn put_str16(out: &mut Vec<u8>, s: &[u8]) {
-    // Topics, properties and correlation data come from MQTT packets: at most 65,535 bytes.
-    let len = s.len().min(usize::from(u16::MAX));
-    out.put_u16_le(len as u16);
-    out.extend_from_slice(&s[..len]);
-}
-
 fn encode_clear(topic: &str) -> Vec<u8> {
     let mut body = vec![CLEAR];
-    put_str16(&mut body, topic.as_bytes());
-    frame(body)
+    put16(&mut body, topic.as_bytes());
+    body
 }
 
 fn encode_set(m: &Message) -> Vec<u8> {
     let p = &m.props;
     let mut body = Vec::with_capacity(32 + m.topic.len() + m.payload.len());
     body.push(SET);
-    put_str16(&mut body, m.topic.as_bytes());
+    put16(&mut body, m.topic.as_bytes());
     body.push(m.qos);
     let flags = u8::from(p.payload_format_utf8)
         | u8::from(p.content_type.is_some()) << 1
         | u8::from(p.response_topic.is_some()) << 2
         | u8::from(p.correlation_data.is_some()) << 3;
     body.push(flags);
-    body.put_i64_le(m.expires_ms.unwrap_or(0));
+    body.extend_from_slice(&m.expires_ms.unwrap_or(0).to_le_bytes());
     if let Some(ct) = &p.content_type {
-        put_str16(&mut body, ct.as_bytes());
+        put16(&mut body, ct.as_bytes());
     }
     if let Some(rt) = &p.response_topic {
-        put_str16(&mut body, rt.as_bytes());
+        put16(&mut body, rt.as_bytes());
     }
     if let Some(cd) = &p.correlation_data {
-        put_str16(&mut body, cd);
+        put16(&mut body, cd);
     }
     let n = p.user_properties.len().min(usize::from(u16::MAX));
-    body.put_u16_le(n as u16);
+    body.extend_from_slice(&(n as u16).to_le_bytes());
     for (k, v) in p.user_properties.iter().take(n) {
-        put_str16(&mut body, k.as_bytes());
-        put_str16(&mut body, v.as_bytes());
+        put16(&mut body, k.as_bytes());
+        put16(&mut body, v.as_bytes());
     }
-    body.put_u32_le(m.payload.len() as u32);
-    body.extend_from_slice(&m.payload);
-    frame(body)
-}
-
-/// A record that does not decode: the journal ends before it.
-#[derive(Debug)]
-struct Bad;
-
-struct Body(Bytes);
-
-impl Body {
-    fn u8(&mut self) -> Result<u8, Bad> {
-        (self.0.remaining() >= 1)
-            .then(|| self.0.get_u8())
-            .ok_or(Bad)
-    }
-    fn bytes16(&mut self) -> Result<Bytes, Bad> {
-        if self.0.remaining() < 2 {
-            return Err(Bad);
-        }
-        let n = usize::from(self.0.get_u16_le());
-        (self.0.remaining() >= n)
-            .then(|| self.0.split_to(n))
-            .ok_or(Bad)
-    }
-    fn str16(&mut self) -> Result<String, Bad> {
-        String::from_utf8(self.bytes16()?.to_vec()).map_err(|_| Bad)
-    }
+    put32(&mut body, &m.payload);
+    body
 }
 
 enum Change {
@@ -345,26 +198,19 @@ enum Change {
     Clear(String),
 }
 
-fn decode(body: Bytes) -> Result<Change, Bad> {
-    let mut b = Body(body);
+fn decode(body: Bytes) -> Option<Change> {
+    let mut b = Fields(body);
     let kind = b.u8()?;
     let topic = b.str16()?;
     if kind == CLEAR {
-        return if b.0.is_empty() {
-            Ok(Change::Clear(topic))
-        } else {
-            Err(Bad)
-        };
+        return b.is_empty().then_some(Change::Clear(topic));
     }
     if kind != SET {
-        return Err(Bad);
+        return None;
     }
-    let qos = b.u8()?;
+    let qos = b.u8().filter(|q| *q <= 2)?;
     let flags = b.u8()?;
-    if b.0.remaining() < 8 || qos > 2 {
-        return Err(Bad);
-    }
-    let expires = b.0.get_i64_le();
+    let expires = b.i64()?;
     let content_type = if flags & 2 != 0 {
         Some(b.str16()?)
     } else {
@@ -380,24 +226,18 @@ fn decode(body: Bytes) -> Result<Change, Bad> {
     } else {
         None
     };
-    if b.0.remaining() < 2 {
-        return Err(Bad);
-    }
-    let n = b.0.get_u16_le();
+    let n = b.u16()?;
     let mut user_properties = Vec::with_capacity(usize::from(n).min(64));
     for _ in 0..n {
         user_properties.push((b.str16()?, b.str16()?));
     }
-    if b.0.remaining() < 4 {
-        return Err(Bad);
+    let payload = b.bytes32()?;
+    if !b.is_empty() {
+        return None;
     }
-    let len = b.0.get_u32_le() as usize;
-    if b.0.remaining() != len {
-        return Err(Bad);
-    }
-    Ok(Change::Set(Message {
+    Some(Change::Set(Message {
         topic: topic.into(),
-        payload: b.0,
+        payload,
         qos,
         retain: true,
         publisher: None,
@@ -410,68 +250,6 @@ fn decode(body: Bytes) -> Result<Change, Bad> {
             user_properties,
         },
     }))
-}
-
-/// Reads the journal: the live messages, and the length of its good prefix (0: none, start
-/// a new journal).
-fn load(path: &Path, now_ms: i64) -> io::Result<(BTreeMap<String, Arc<Message>>, u64)> {
-    let mut map = BTreeMap::new();
-    let mut data = Vec::new();
-    match File::open(path) {
-        Ok(mut f) => {
-            f.read_to_end(&mut data)?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((map, 0)),
-        Err(e) => return Err(e),
-    }
-    if data.is_empty() {
-        return Ok((map, 0));
-    }
-    if data.len() < HEADER_LEN || &data[..8] != MAGIC || data[8..12] != VERSION.to_le_bytes() {
-        let aside = path.with_extension(format!("journal.unreadable-{now_ms}"));
-        std::fs::rename(path, &aside)?;
-        tracing::warn!(path = %aside.display(), "The retained messages' journal has an unknown header; set it aside and started a new one.");
-        return Ok((map, 0));
-    }
-    let data = Bytes::from(data);
-    let mut at = HEADER_LEN;
-    let mut bad = None;
-    while at < data.len() {
-        if data.len() - at < FRAME_LEN {
-            bad = Some("torn record header");
-            break;
-        }
-        let len = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
-        let crc = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
-        let start = at + FRAME_LEN;
-        if data.len() - start < len {
-            bad = Some("torn record");
-            break;
-        }
-        let body = data.slice(start..start + len);
-        if crc32c::crc32c(&body) != crc {
-            bad = Some("checksum mismatch");
-            break;
-        }
-        match decode(body) {
-            Ok(Change::Set(m)) => {
-                map.insert(m.topic.to_string(), Arc::new(m));
-            }
-            Ok(Change::Clear(topic)) => {
-                map.remove(&topic);
-            }
-            Err(Bad) => {
-                bad = Some("undecodable record");
-                break;
-            }
-        }
-        at = start + len;
-    }
-    if let Some(why) = bad {
-        tracing::warn!(path = %path.display(), offset = at, why, "The retained messages' journal ends in a damaged record; it is cut there.");
-    }
-    map.retain(|_, m: &mut Arc<Message>| !m.expired(now_ms));
-    Ok((map, at as u64))
 }
 
 #[cfg(test)]
@@ -508,9 +286,15 @@ mod tests {
         drop(r);
         // A record cut short by a power cut.
         let path = dir.path().join("retained.journal");
-        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-        f.write_all(&encode_set(&message("torn", "t"))[..10])
-            .expect("write");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        let torn = encode_set(&message("torn", "t"));
+        let mut partial = (torn.len() as u32).to_le_bytes().to_vec();
+        partial.extend_from_slice(&[0, 0, 0, 0]);
+        partial.extend_from_slice(&torn[..5]);
+        std::io::Write::write_all(&mut f, &partial).expect("write");
         drop(f);
 
         let r = Retained::open(dir.path(), 100, 0).expect("reopen");
@@ -581,7 +365,10 @@ mod tests {
         let len = std::fs::metadata(dir.path().join("retained.journal"))
             .expect("stat")
             .len();
-        assert!(len < 2 * MIN_COMPACT_BYTES, "not compacted: {len} bytes");
+        assert!(
+            len < 2 * journal::MIN_COMPACT_BYTES,
+            "not compacted: {len} bytes"
+        );
         drop(r);
         let r = Retained::open(dir.path(), 100, 0).expect("reopen");
         assert_eq!(r.matching("same/topic", 0)[0].payload.len(), big.len());

@@ -1,0 +1,327 @@
+//! An append-only journal of small checksummed records, the broker's on-disk state (retained
+//! messages, persistent sessions).
+//!
+//! ```text
+//! header:  magic (8 bytes) | version u32 = 1 | 4 zero bytes
+//! record:  len u32 | crc32c(body) u32 | body          (little-endian)
+//! ```
+//!
+//! One writer thread appends records in the order they were sent and `fdatasync`s once per
+//! batch (a group commit, as the log does); [`Journal::append`] resolves only after that.
+//! When the journal is at least 1 MiB and twice the size of the live state, the writer
+//! rewrites it from a snapshot of that state (temporary file, fsync, rename, directory
+//! fsync). The owner keeps its state in memory, changes it *before* sending the change's
+//! record, and makes replaying a record idempotent: a snapshot may then already contain a
+//! change whose record is written after it.
+//!
+//! [`read`] returns the bodies of the good prefix; a torn or corrupt tail is cut (logged),
+//! and a file whose header is not this journal's is set aside, not deleted.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+
+use bytes::{BufMut, Bytes};
+use tokio::sync::oneshot;
+
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 16;
+const FRAME_LEN: usize = 8;
+/// Compaction waits until the journal is at least this large, however much of it is dead.
+pub const MIN_COMPACT_BYTES: u64 = 1 << 20;
+
+/// The live state as record bodies, for a rewrite.
+pub type Snapshot = Box<dyn Fn() -> Vec<Vec<u8>> + Send>;
+
+struct Job {
+    record: Vec<u8>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// What [`read`] found.
+pub struct Found {
+    pub bodies: Vec<Bytes>,
+    good_len: u64,
+}
+
+/// The writer's handle. Dropping every clone stops the writer after what was sent.
+#[derive(Clone)]
+pub struct Journal {
+    jobs: std_mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").finish_non_exhaustive()
+    }
+}
+
+/// Reads the journal at `path` (none yet: no bodies).
+pub fn read(path: &Path, magic: &[u8; 8], now_ms: i64) -> io::Result<Found> {
+    let empty = Found {
+        bodies: Vec::new(),
+        good_len: 0,
+    };
+    let mut data = Vec::new();
+    match File::open(path) {
+        Ok(mut f) => {
+            f.read_to_end(&mut data)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(empty),
+        Err(e) => return Err(e),
+    }
+    if data.is_empty() {
+        return Ok(empty);
+    }
+    if data.len() < HEADER_LEN || &data[..8] != magic || data[8..12] != VERSION.to_le_bytes() {
+        let aside = path.with_extension(format!("unreadable-{now_ms}"));
+        std::fs::rename(path, &aside)?;
+        tracing::warn!(path = %aside.display(), "A journal of the broker has an unknown header; set it aside and started a new one.");
+        return Ok(empty);
+    }
+    let data = Bytes::from(data);
+    let mut bodies = Vec::new();
+    let mut at = HEADER_LEN;
+    let mut bad = None;
+    while at < data.len() {
+        if data.len() - at < FRAME_LEN {
+            bad = Some("torn record header");
+            break;
+        }
+        let word = |i: usize| u32::from_le_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
+        let (len, crc) = (word(at) as usize, word(at + 4));
+        let start = at + FRAME_LEN;
+        if data.len() - start < len {
+            bad = Some("torn record");
+            break;
+        }
+        let body = data.slice(start..start + len);
+        if crc32c::crc32c(&body) != crc {
+            bad = Some("checksum mismatch");
+            break;
+        }
+        bodies.push(body);
+        at = start + len;
+    }
+    if let Some(why) = bad {
+        tracing::warn!(path = %path.display(), offset = at, why, "A journal of the broker ends in a damaged record; it is cut there.");
+    }
+    Ok(Found {
+        bodies,
+        good_len: at as u64,
+    })
+}
+
+impl Journal {
+    /// Opens the journal for appending after what [`read`] found good, and starts its writer.
+    pub fn start(
+        path: &Path,
+        magic: &[u8; 8],
+        found: &Found,
+        snapshot: Snapshot,
+    ) -> io::Result<Journal> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        if found.good_len == 0 {
+            file.set_len(0)?;
+            file.write_all(&header(magic))?;
+            file.sync_all()?;
+            if let Some(dir) = path.parent() {
+                sync_dir(dir)?;
+            }
+        } else {
+            file.set_len(found.good_len)?;
+            file.sync_all()?;
+        }
+        let file_len = file.metadata()?.len();
+        let (jobs, rx) = std_mpsc::channel();
+        let writer = Writer {
+            path: path.to_owned(),
+            magic: *magic,
+            file,
+            file_len,
+            snapshot,
+        };
+        let name = format!(
+            "edgegate-{}",
+            path.file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("journal")
+        );
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || writer.run(rx))?;
+        Ok(Journal { jobs })
+    }
+
+    /// Appends `body`; resolves once it is durable.
+    pub fn append(&self, body: &[u8]) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        let (done, result) = oneshot::channel();
+        let sent = self
+            .jobs
+            .send(Job {
+                record: frame(body),
+                done: Some(done),
+            })
+            .is_ok();
+        async move {
+            if !sent {
+                return Err("the journal's writer has stopped".to_owned());
+            }
+            result
+                .await
+                .unwrap_or_else(|_| Err("the journal's writer has stopped".to_owned()))
+        }
+    }
+
+    /// Appends `body` without waiting: it is durable with the next batch.
+    pub fn append_later(&self, body: &[u8]) {
+        let _ = self.jobs.send(Job {
+            record: frame(body),
+            done: None,
+        });
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    magic: [u8; 8],
+    file: File,
+    file_len: u64,
+    snapshot: Snapshot,
+}
+
+impl Writer {
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            batch.extend(jobs.try_iter());
+            let result = self.commit(&batch).map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(error = %e, path = %self.path.display(), "Cannot write a journal of the broker.");
+            }
+            for job in batch {
+                if let Some(done) = job.done {
+                    let _ = done.send(result.clone());
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: &[Job]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(batch.iter().map(|j| j.record.len()).sum());
+        for job in batch {
+            buf.extend_from_slice(&job.record);
+        }
+        self.file.write_all(&buf)?;
+        self.file_len += buf.len() as u64;
+        if self.file_len >= MIN_COMPACT_BYTES {
+            let live = (self.snapshot)();
+            let live_len: u64 = live
+                .iter()
+                .map(|b| (b.len() + FRAME_LEN) as u64)
+                .sum::<u64>()
+                + HEADER_LEN as u64;
+            if self.file_len > 2 * live_len {
+                return self.compact(&live);
+            }
+        }
+        self.file.sync_data()
+    }
+
+    fn compact(&mut self, live: &[Vec<u8>]) -> io::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let mut out = File::create(&tmp)?;
+        let mut buf = header(&self.magic).to_vec();
+        for body in live {
+            buf.extend_from_slice(&frame(body));
+        }
+        out.write_all(&buf)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            sync_dir(dir)?;
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file_len = buf.len() as u64;
+        tracing::debug!(path = %self.path.display(), bytes = self.file_len, records = live.len(), "Rewrote a journal of the broker.");
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(magic);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_LEN + body.len());
+    out.put_u32_le(body.len() as u32);
+    out.put_u32_le(crc32c::crc32c(body));
+    out.extend_from_slice(body);
+    out
+}
+
+/// Length-prefixed fields of a record body, read without panicking: `None` when the body is
+/// shorter than it says.
+pub struct Fields(pub Bytes);
+
+impl Fields {
+    pub fn u8(&mut self) -> Option<u8> {
+        use bytes::Buf;
+        (self.0.remaining() >= 1).then(|| self.0.get_u8())
+    }
+    pub fn u16(&mut self) -> Option<u16> {
+        use bytes::Buf;
+        (self.0.remaining() >= 2).then(|| self.0.get_u16_le())
+    }
+    pub fn u32(&mut self) -> Option<u32> {
+        use bytes::Buf;
+        (self.0.remaining() >= 4).then(|| self.0.get_u32_le())
+    }
+    pub fn u64(&mut self) -> Option<u64> {
+        use bytes::Buf;
+        (self.0.remaining() >= 8).then(|| self.0.get_u64_le())
+    }
+    pub fn i64(&mut self) -> Option<i64> {
+        use bytes::Buf;
+        (self.0.remaining() >= 8).then(|| self.0.get_i64_le())
+    }
+    pub fn bytes16(&mut self) -> Option<Bytes> {
+        let n = usize::from(self.u16()?);
+        (self.0.len() >= n).then(|| self.0.split_to(n))
+    }
+    pub fn bytes32(&mut self) -> Option<Bytes> {
+        let n = self.u32()? as usize;
+        (self.0.len() >= n).then(|| self.0.split_to(n))
+    }
+    pub fn str16(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes16()?.to_vec()).ok()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Writes a field [`Fields::bytes16`] reads. Fields come from MQTT packets: at most 65,535.
+pub fn put16(out: &mut Vec<u8>, s: &[u8]) {
+    let len = s.len().min(usize::from(u16::MAX));
+    out.put_u16_le(len as u16);
+    out.extend_from_slice(&s[..len]);
+}
+
+/// Writes a field [`Fields::bytes32`] reads.
+pub fn put32(out: &mut Vec<u8>, s: &[u8]) {
+    out.put_u32_le(s.len() as u32);
+    out.extend_from_slice(s);
+}
