@@ -7,13 +7,20 @@
 //! receive maximum allows. A persistent session's mailbox outlives its connections, so
 //! what arrives while the client is away waits here (QoS 1/2 only, as MQTT allows).
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
 use super::Message;
+use super::journal::Journal;
+use super::sessions;
+
+/// Resolves once a journaled message is durable (or its write failed, said once in the log).
+pub type Durable = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// How many messages and bytes one session may have waiting.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +89,9 @@ pub struct Outbound {
     pub pkid: u16,
     /// QoS 2 whose PUBREC came back: what is owed is the PUBREL, not the PUBLISH.
     pub released: bool,
+    /// Its id in the sessions journal (0: not journaled: QoS 0, or a session that is not
+    /// persistent); the connection reports it finished with [`Mailbox::finish`].
+    pub store_id: u64,
 }
 
 impl Outbound {
@@ -100,6 +110,7 @@ impl Outbound {
             dup: false,
             pkid: 0,
             released: false,
+            store_id: 0,
         }
     }
 }
@@ -143,6 +154,20 @@ struct Queue {
     items: VecDeque<Outbound>,
     bytes: usize,
     online: bool,
+    /// Set while the session is persistent: where its QoS 1/2 messages are journaled.
+    persist: Option<Persist>,
+    /// Journaled messages not yet finished, in the mailbox or in flight: what a rewrite of
+    /// the journal must keep.
+    stored: BTreeMap<u64, Outbound>,
+}
+
+/// Where a persistent session's messages are journaled.
+#[derive(Debug, Clone)]
+pub struct Persist {
+    pub client: Arc<str>,
+    pub journal: Journal,
+    /// Message ids, shared by every session of the gateway.
+    pub ids: Arc<AtomicU64>,
 }
 
 /// A session's waiting messages.
@@ -169,10 +194,11 @@ impl Mailbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `out` at the back, or says why not.
-    pub fn push(&self, out: Outbound) -> Result<(), Dropped> {
+    /// Queues `out` at the back, or says why not. For a persistent session a QoS 1/2
+    /// message is journaled too; what is returned resolves once that is durable.
+    pub fn push(&self, mut out: Outbound) -> Result<Option<Durable>, Dropped> {
         let cost = out.cost();
-        {
+        let durable = {
             let mut q = self.lock();
             if !q.online && out.qos == 0 {
                 return Err(Dropped::Offline);
@@ -185,11 +211,69 @@ impl Mailbox {
             if !self.totals.reserve(cost) {
                 return Err(Dropped::TotalFull);
             }
+            let durable = match &q.persist {
+                Some(p) if out.qos > 0 => {
+                    let id = p.ids.fetch_add(1, Ordering::Relaxed);
+                    out.store_id = id;
+                    // Appended under the queue's lock: the journal keeps the queue's order.
+                    let wait = p.journal.append(&sessions::queued(&p.client, id, &out));
+                    q.stored.insert(id, out.clone());
+                    Some(Box::pin(wait) as Durable)
+                }
+                _ => None,
+            };
             q.bytes += cost;
             q.items.push_back(out);
-        }
+            durable
+        };
         self.notify.notify_one();
-        Ok(())
+        Ok(durable)
+    }
+
+    /// Puts back messages restored from the journal, in order, whatever the limits (they
+    /// were within them when queued).
+    pub fn restore(&self, restored: impl IntoIterator<Item = Outbound>) {
+        let mut q = self.lock();
+        for mut out in restored {
+            let cost = out.cost();
+            self.totals.bytes.fetch_add(cost, Ordering::Relaxed);
+            q.bytes += cost;
+            out.dup = true;
+            q.stored.insert(out.store_id, out.clone());
+            q.items.push_back(out);
+        }
+    }
+
+    /// A journaled message is finished (acknowledged, expired, or dropped as too large).
+    pub fn finish(&self, store_id: u64) {
+        if store_id == 0 {
+            return;
+        }
+        let mut q = self.lock();
+        if q.stored.remove(&store_id).is_some() {
+            if let Some(p) = &q.persist {
+                p.journal.append_later(&sessions::done(&p.client, store_id));
+            }
+        }
+    }
+
+    /// Makes the session persistent (its QoS 1/2 messages journaled from now on) or not.
+    pub fn set_persist(&self, persist: Option<Persist>) {
+        let mut q = self.lock();
+        if persist.is_none() {
+            q.stored.clear();
+        }
+        q.persist = persist;
+    }
+
+    /// The journal records a rewrite needs for this session's unfinished messages.
+    pub fn snapshot(&self, client: &str, out: &mut Vec<Vec<u8>>) {
+        let q = self.lock();
+        out.extend(
+            q.stored
+                .iter()
+                .map(|(id, o)| sessions::queued(client, *id, o)),
+        );
     }
 
     /// Puts messages that were sent but not acknowledged back at the front, in order, for the
@@ -233,6 +317,12 @@ impl Mailbox {
             self.totals.release(cost);
             if out.message.expired(now_ms) {
                 taken.expired += 1;
+                if out.store_id != 0 && q.stored.remove(&out.store_id).is_some() {
+                    if let Some(p) = &q.persist {
+                        p.journal
+                            .append_later(&sessions::done(&p.client, out.store_id));
+                    }
+                }
                 continue;
             }
             if out.qos > 0 {
@@ -275,6 +365,7 @@ impl Mailbox {
         self.totals.release(q.bytes);
         q.bytes = 0;
         q.items.clear();
+        q.stored.clear();
     }
 }
 

@@ -24,10 +24,12 @@ pub mod index;
 pub mod journal;
 pub mod mailbox;
 pub mod retained;
+pub mod sessions;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -35,6 +37,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use index::{Index, Options};
+use journal::Journal;
 use mailbox::{Dropped, Mailbox, Outbound, QueueLimits, Totals};
 use retained::{RetainError, Retained};
 
@@ -139,6 +142,9 @@ pub struct Attached {
 
 #[derive(Debug)]
 struct Session {
+    /// Set while persistent: how long it outlives a connection (capped), and it is
+    /// journaled.
+    interval: Option<Duration>,
     mailbox: Arc<Mailbox>,
     /// Subscriptions by the filter as subscribed (share prefix included).
     subscriptions: HashMap<String, Options>,
@@ -197,11 +203,15 @@ pub struct BrokerStats {
 struct Inner {
     config: BrokerConfig,
     index: RwLock<Index>,
-    sessions: Mutex<HashMap<Arc<str>, Session>>,
+    /// Shared with the sessions journal's writer, which snapshots it for a rewrite.
+    sessions: Arc<Mutex<HashMap<Arc<str>, Session>>>,
     retained: Retained,
+    journal: Journal,
+    /// Ids of journaled messages.
+    ids: Arc<AtomicU64>,
     totals: Arc<Totals>,
     counters: Counters,
-    next_holder: std::sync::atomic::AtomicU64,
+    next_holder: AtomicU64,
     /// The index's size, readable without its lock.
     subscriptions: std::sync::atomic::AtomicUsize,
 }
@@ -221,22 +231,112 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// Opens the broker's state in `dir` (the retained messages' journal).
     pub fn open(dir: &Path, config: BrokerConfig) -> std::io::Result<Broker> {
-        let retained = Retained::open(dir, config.max_retained, crate::ingest::now_ms())?;
+        let now_ms = crate::ingest::now_ms();
+        let retained = Retained::open(dir, config.max_retained, now_ms)?;
         if !retained.is_empty() {
             tracing::info!(retained = retained.len(), "Loaded the retained messages.");
         }
-        Ok(Broker {
+        let path = dir.join("sessions.journal");
+        let found = journal::read(&path, sessions::MAGIC, now_ms)?;
+        let (restored, max_id, bad) = sessions::replay(&found.bodies);
+        if bad > 0 {
+            tracing::warn!(records = bad, path = %path.display(), "Skipped session records that do not decode.");
+        }
+        let map: Arc<Mutex<HashMap<Arc<str>, Session>>> = Arc::default();
+        let live = Arc::clone(&map);
+        let snapshot: journal::Snapshot = Box::new(move || {
+            let sessions = live.lock().unwrap_or_else(|p| p.into_inner());
+            let mut out = Vec::new();
+            for (client, s) in sessions.iter() {
+                let Some(interval) = s.interval else {
+                    continue;
+                };
+                out.push(sessions::session(client, millis(interval)));
+                for (filter, o) in &s.subscriptions {
+                    out.push(sessions::sub(client, filter, o));
+                }
+                s.mailbox.snapshot(client, &mut out);
+            }
+            out
+        });
+        let journal = Journal::start(&path, sessions::MAGIC, &found, snapshot)?;
+        let broker = Broker {
             inner: Arc::new(Inner {
                 totals: Totals::new(config.total_queued_bytes),
                 config,
                 index: RwLock::new(Index::default()),
-                sessions: Mutex::new(HashMap::new()),
+                sessions: map,
                 retained,
+                journal,
+                ids: Arc::new(AtomicU64::new(max_id + 1)),
                 counters: Counters::new(),
-                next_holder: std::sync::atomic::AtomicU64::new(1),
+                next_holder: AtomicU64::new(1),
                 subscriptions: std::sync::atomic::AtomicUsize::new(0),
             }),
-        })
+        };
+        broker.restore(restored);
+        Ok(broker)
+    }
+
+    /// Brings back the persistent sessions the journal holds, disconnected as of now.
+    fn restore(&self, restored: HashMap<String, sessions::Restored>) {
+        if restored.is_empty() {
+            return;
+        }
+        let (count, mut queued) = (restored.len(), 0);
+        let mut sessions = self.sessions();
+        let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
+        for (client_id, r) in restored {
+            let client: Arc<str> = Arc::from(client_id);
+            let interval = Duration::from_millis(r.interval_ms);
+            let mailbox = self.mailbox(&client, true);
+            for (filter, options) in &r.subscriptions {
+                if let Ok(parsed) = filter::parse(filter) {
+                    index.insert(parsed.share, parsed.filter, &client, *options, &mailbox);
+                }
+            }
+            queued += r.queue.len();
+            mailbox.restore(r.queue.into_values());
+            sessions.insert(
+                client,
+                Session {
+                    interval: Some(interval),
+                    mailbox,
+                    subscriptions: r.subscriptions,
+                    holder: None,
+                    expires: Some(Instant::now() + interval),
+                },
+            );
+        }
+        self.count(&index);
+        tracing::info!(
+            sessions = count,
+            queued,
+            "Restored the persistent MQTT sessions."
+        );
+    }
+
+    /// A new mailbox, journaling its QoS 1/2 messages when `persistent`.
+    fn mailbox(&self, client: &Arc<str>, persistent: bool) -> Arc<Mailbox> {
+        let mailbox = Mailbox::new(self.inner.config.queue, Arc::clone(&self.inner.totals));
+        if persistent {
+            mailbox.set_persist(Some(self.persist(client)));
+        }
+        mailbox
+    }
+
+    fn persist(&self, client: &Arc<str>) -> mailbox::Persist {
+        mailbox::Persist {
+            client: Arc::clone(client),
+            journal: self.inner.journal.clone(),
+            ids: Arc::clone(&self.inner.ids),
+        }
+    }
+
+    /// How long a session with `keep` outlives its connection, capped; `None`: not at all.
+    fn interval(&self, keep: Option<Option<Duration>>) -> Option<Duration> {
+        let cap = self.inner.config.max_session_expiry;
+        keep.map(|limit| limit.map_or(cap, |l| l.min(cap)))
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Session>> {
@@ -247,12 +347,17 @@ impl Broker {
     }
 
     /// Attaches a new connection to `client_id`'s session: a fresh one on a clean start (or
-    /// when none is alive), the earlier one otherwise.
-    pub fn attach(&self, client_id: &str, clean_start: bool) -> Attached {
-        let holder = self
-            .inner
-            .next_holder
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// when none is alive), the earlier one otherwise. `keep` is how long the session is to
+    /// outlive this connection (`None`: not at all, `Some(None)`: up to
+    /// `max_session_expiry`); a session that is to outlive it is journaled.
+    pub fn attach(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        keep: Option<Option<Duration>>,
+    ) -> Attached {
+        let holder = self.inner.next_holder.fetch_add(1, Ordering::Relaxed);
+        let interval = self.interval(keep);
         let now = Instant::now();
         let mut sessions = self.sessions();
         let existing = sessions
@@ -266,6 +371,7 @@ impl Broker {
                 if let Some(session) = sessions.get_mut(&key) {
                     session.holder = Some(holder);
                     session.expires = None;
+                    self.repersist(&key, session, interval);
                     session.mailbox.set_online(true);
                     return Attached {
                         client: key,
@@ -280,11 +386,17 @@ impl Broker {
             }
         }
         let client: Arc<str> = Arc::from(client_id);
-        let mailbox = Mailbox::new(self.inner.config.queue, Arc::clone(&self.inner.totals));
+        let mailbox = self.mailbox(&client, interval.is_some());
+        if let Some(interval) = interval {
+            self.inner
+                .journal
+                .append_later(&sessions::session(&client, millis(interval)));
+        }
         mailbox.set_online(true);
         sessions.insert(
             Arc::clone(&client),
             Session {
+                interval,
                 mailbox: Arc::clone(&mailbox),
                 subscriptions: HashMap::new(),
                 holder: Some(holder),
@@ -297,6 +409,31 @@ impl Broker {
             session_present: false,
             holder,
         }
+    }
+
+    /// A resumed session whose client now asks for another expiry: journaled from now on,
+    /// no longer, or with the new interval.
+    fn repersist(&self, client: &Arc<str>, session: &mut Session, interval: Option<Duration>) {
+        if session.interval == interval {
+            return;
+        }
+        match interval {
+            Some(i) => {
+                let journal = &self.inner.journal;
+                journal.append_later(&sessions::session(client, millis(i)));
+                if session.interval.is_none() {
+                    for (filter, o) in &session.subscriptions {
+                        journal.append_later(&sessions::sub(client, filter, o));
+                    }
+                    session.mailbox.set_persist(Some(self.persist(client)));
+                }
+            }
+            None => {
+                self.inner.journal.append_later(&sessions::gone(client));
+                session.mailbox.set_persist(None);
+            }
+        }
+        session.interval = interval;
     }
 
     /// The connection `holder` ended. `keep` is how long the session outlives it (`None`:
@@ -363,6 +500,9 @@ impl Broker {
 
     /// Removes a session's subscriptions from the index and empties its queue.
     fn discard(&self, client: &str, session: Session) {
+        if session.interval.is_some() {
+            self.inner.journal.append_later(&sessions::gone(client));
+        }
         if !session.subscriptions.is_empty() {
             let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
             for filter in session.subscriptions.keys() {
@@ -423,6 +563,13 @@ impl Broker {
                 &attached.mailbox,
             );
             self.count(&index);
+            if session.interval.is_some() {
+                self.inner.journal.append_later(&sessions::sub(
+                    &attached.client,
+                    request.filter,
+                    &options,
+                ));
+            }
             session
                 .subscriptions
                 .insert(request.filter.to_owned(), options)
@@ -441,7 +588,8 @@ impl Broker {
                 let qos = message.qos.min(options.qos);
                 // [MQTT-3.3.1-8] retained messages sent on subscribe keep RETAIN set.
                 let out = Outbound::new(message, qos, true, options.id.into_iter().collect());
-                self.queue(&attached.mailbox, out);
+                // Durable with the journal's next commit; the SUBACK need not wait for it.
+                drop(self.queue(&attached.mailbox, out));
             }
         }
         Ok(options.qos)
@@ -459,6 +607,11 @@ impl Broker {
         if session.subscriptions.remove(text).is_none() {
             return false;
         }
+        if session.interval.is_some() {
+            self.inner
+                .journal
+                .append_later(&sessions::unsub(&attached.client, text));
+        }
         let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
         let removed = index.remove(parsed.share, parsed.filter, &attached.client);
         self.count(&index);
@@ -471,12 +624,14 @@ impl Broker {
             .store(index.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Sends a durable message to every matching session. Never waits.
-    pub fn publish(&self, message: &Arc<Message>) {
+    /// Sends a durable message to every matching session. Never waits; what it returns
+    /// resolves once the copies for persistent sessions are journaled (`None`: none was).
+    pub fn publish(&self, message: &Arc<Message>) -> Option<mailbox::Durable> {
         let targets = {
             let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
             index.targets(&message.topic, message.publisher.as_deref())
         };
+        let mut durable = None;
         for t in targets {
             let out = Outbound::new(
                 Arc::clone(message),
@@ -484,8 +639,12 @@ impl Broker {
                 message.retain && t.retain_as_published,
                 t.subscription_ids,
             );
-            self.queue(&t.mailbox, out);
+            // The journal commits in order: the last copy's write covers the others.
+            if let Some(d) = self.queue(&t.mailbox, out) {
+                durable = Some(d);
+            }
         }
+        durable
     }
 
     /// Keeps `message` as its topic's retained message (an empty payload clears it), durably.
@@ -514,10 +673,16 @@ impl Broker {
             > 0
     }
 
-    fn queue(&self, mailbox: &Mailbox, out: Outbound) {
+    fn queue(&self, mailbox: &Mailbox, out: Outbound) -> Option<mailbox::Durable> {
         match mailbox.push(out) {
-            Ok(()) => self.inner.counters.queued.increment(1),
-            Err(why) => self.count_dropped(why, 1),
+            Ok(durable) => {
+                self.inner.counters.queued.increment(1);
+                durable
+            }
+            Err(why) => {
+                self.count_dropped(why, 1);
+                None
+            }
         }
     }
 
@@ -585,6 +750,10 @@ pub fn describe() {
         "edgegate_retained_refused_total",
         "Retained publishes not retained (max_retained_messages reached, or a write failed)."
     );
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One place for a retained publish that was not retained: logged and counted.

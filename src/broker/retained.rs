@@ -5,10 +5,11 @@
 //! record bodies are:
 //!
 //! ```text
-//! body:    kind u8 (1 = set, 2 = clear) | topic str16
-//!          set only: qos u8 | flags u8 | expires_ms i64 (0 = never)
-//!                    [content_type str16] [response_topic str16] [correlation bytes16]
-//!                    properties u16 × (name str16, value str16) | payload bytes32
+//! set:     1 u8 | message
+//! clear:   2 u8 | topic str16
+//! message: topic str16 | qos u8 | flags u8 | expires_ms i64 (0 = never)
+//!          | [content_type str16] [response_topic str16] [correlation bytes16]
+//!          | properties u16 × (name str16, value str16) | payload bytes32
 //! flags:   bit 0 payload is UTF-8 | bit 1 content type | bit 2 response topic
 //!          | bit 3 correlation data
 //! ```
@@ -163,10 +164,18 @@ fn encode_clear(topic: &str) -> Vec<u8> {
 }
 
 fn encode_set(m: &Message) -> Vec<u8> {
-    let p = &m.props;
     let mut body = Vec::with_capacity(32 + m.topic.len() + m.payload.len());
     body.push(SET);
-    put16(&mut body, m.topic.as_bytes());
+    encode_message(&mut body, m);
+    body
+}
+
+/// A message as journals keep it: topic str16 | qos u8 | flags u8 | expires_ms i64 (0 =
+/// never) | [content_type str16] [response_topic str16] [correlation bytes16] | properties
+/// u16 × (name str16, value str16) | payload bytes32.
+pub(super) fn encode_message(body: &mut Vec<u8>, m: &Message) {
+    let p = &m.props;
+    put16(body, m.topic.as_bytes());
     body.push(m.qos);
     let flags = u8::from(p.payload_format_utf8)
         | u8::from(p.content_type.is_some()) << 1
@@ -175,39 +184,26 @@ fn encode_set(m: &Message) -> Vec<u8> {
     body.push(flags);
     body.extend_from_slice(&m.expires_ms.unwrap_or(0).to_le_bytes());
     if let Some(ct) = &p.content_type {
-        put16(&mut body, ct.as_bytes());
+        put16(body, ct.as_bytes());
     }
     if let Some(rt) = &p.response_topic {
-        put16(&mut body, rt.as_bytes());
+        put16(body, rt.as_bytes());
     }
     if let Some(cd) = &p.correlation_data {
-        put16(&mut body, cd);
+        put16(body, cd);
     }
     let n = p.user_properties.len().min(usize::from(u16::MAX));
     body.extend_from_slice(&(n as u16).to_le_bytes());
     for (k, v) in p.user_properties.iter().take(n) {
-        put16(&mut body, k.as_bytes());
-        put16(&mut body, v.as_bytes());
+        put16(body, k.as_bytes());
+        put16(body, v.as_bytes());
     }
-    put32(&mut body, &m.payload);
-    body
+    put32(body, &m.payload);
 }
 
-enum Change {
-    Set(Message),
-    Clear(String),
-}
-
-fn decode(body: Bytes) -> Option<Change> {
-    let mut b = Fields(body);
-    let kind = b.u8()?;
+/// Reads what [`encode_message`] wrote; `retain` is not part of it.
+pub(super) fn decode_message(b: &mut Fields, retain: bool) -> Option<Message> {
     let topic = b.str16()?;
-    if kind == CLEAR {
-        return b.is_empty().then_some(Change::Clear(topic));
-    }
-    if kind != SET {
-        return None;
-    }
     let qos = b.u8().filter(|q| *q <= 2)?;
     let flags = b.u8()?;
     let expires = b.i64()?;
@@ -232,14 +228,11 @@ fn decode(body: Bytes) -> Option<Change> {
         user_properties.push((b.str16()?, b.str16()?));
     }
     let payload = b.bytes32()?;
-    if !b.is_empty() {
-        return None;
-    }
-    Some(Change::Set(Message {
+    Some(Message {
         topic: topic.into(),
         payload,
         qos,
-        retain: true,
+        retain,
         publisher: None,
         expires_ms: (expires != 0).then_some(expires),
         props: Props {
@@ -249,7 +242,27 @@ fn decode(body: Bytes) -> Option<Change> {
             correlation_data,
             user_properties,
         },
-    }))
+    })
+}
+
+enum Change {
+    Set(Message),
+    Clear(String),
+}
+
+fn decode(body: Bytes) -> Option<Change> {
+    let mut b = Fields(body);
+    match b.u8()? {
+        CLEAR => {
+            let topic = b.str16()?;
+            b.is_empty().then_some(Change::Clear(topic))
+        }
+        SET => {
+            let m = decode_message(&mut b, true)?;
+            b.is_empty().then_some(Change::Set(m))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -66,8 +66,8 @@ fn payloads(out: &[Outbound]) -> Vec<String> {
 async fn fan_out_grants_the_lower_qos_and_keeps_publish_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = broker(dir.path(), 100);
-    let s1 = b.attach("s1", true);
-    let s2 = b.attach("s2", true);
+    let s1 = b.attach("s1", true, None);
+    let s2 = b.attach("s2", true, None);
     assert_eq!(b.subscribe(&s1, &request("a/+", 1)), Ok(1));
     assert_eq!(b.subscribe(&s2, &request("a/#", 0)), Ok(0));
     for i in 0..5 {
@@ -86,8 +86,8 @@ async fn fan_out_grants_the_lower_qos_and_keeps_publish_order() {
 async fn a_full_queue_drops_only_that_subscribers_copy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = broker(dir.path(), 3);
-    let slow = b.attach("slow", true);
-    let fast = b.attach("fast", true);
+    let slow = b.attach("slow", true, None);
+    let fast = b.attach("fast", true, None);
     b.subscribe(&slow, &request("t", 1)).expect("sub");
     b.subscribe(&fast, &request("t", 1)).expect("sub");
     for i in 0..10 {
@@ -112,7 +112,7 @@ async fn retained_messages_follow_retain_handling_and_clear_with_an_empty_payloa
     b.retain(&message("r/2", "", 0, true, None))
         .await
         .expect("clear");
-    let s = b.attach("s", true);
+    let s = b.attach("s", true, None);
     b.subscribe(&s, &request("r/+", 2)).expect("sub");
     let got = drain(&s.mailbox);
     assert_eq!(payloads(&got), ["one"]);
@@ -139,7 +139,7 @@ async fn retained_messages_follow_retain_handling_and_clear_with_an_empty_payloa
     assert!(drain(&s.mailbox).iter().all(|o| !o.retain));
     drop(b);
     let b = broker(dir.path(), 100);
-    let s = b.attach("s", true);
+    let s = b.attach("s", true, None);
     b.subscribe(&s, &request("#", 1)).expect("sub");
     assert_eq!(
         payloads(&drain(&s.mailbox)),
@@ -152,7 +152,7 @@ async fn retained_messages_follow_retain_handling_and_clear_with_an_empty_payloa
 async fn a_persistent_session_keeps_subscriptions_and_qos1_while_offline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = broker(dir.path(), 100);
-    let s = b.attach("dev", false);
+    let s = b.attach("dev", false, Some(None));
     assert!(!s.session_present);
     b.subscribe(&s, &request("cmd/#", 1)).expect("sub");
     b.publish(&message("cmd/a", "sent", 1, false, None));
@@ -162,14 +162,14 @@ async fn a_persistent_session_keeps_subscriptions_and_qos1_while_offline() {
     b.publish(&message("cmd/a", "queued", 1, false, None));
     b.publish(&message("cmd/a", "qos0 dropped", 0, false, None));
     assert_eq!(b.stats().sessions_offline, 1);
-    let s = b.attach("dev", false);
+    let s = b.attach("dev", false, Some(None));
     assert!(s.session_present);
     let got = drain(&s.mailbox);
     assert_eq!(payloads(&got), ["sent", "queued"]);
     assert!(got[0].dup && !got[1].dup, "resent with DUP");
     // A clean start forgets it all.
     b.detach(&s, Vec::new(), Some(None));
-    let s = b.attach("dev", true);
+    let s = b.attach("dev", true, None);
     assert!(!s.session_present);
     b.publish(&message("cmd/a", "after", 1, false, None));
     assert!(drain(&s.mailbox).is_empty());
@@ -180,9 +180,9 @@ async fn a_persistent_session_keeps_subscriptions_and_qos1_while_offline() {
 async fn a_takeover_keeps_the_session_with_the_newer_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = broker(dir.path(), 100);
-    let old = b.attach("dev", false);
+    let old = b.attach("dev", false, Some(None));
     b.subscribe(&old, &request("t", 1)).expect("sub");
-    let new = b.attach("dev", false);
+    let new = b.attach("dev", false, Some(None));
     assert!(new.session_present);
     // The old connection ends after the new one attached: it must not take the session
     // offline nor drop its subscriptions.
@@ -196,12 +196,12 @@ async fn a_takeover_keeps_the_session_with_the_newer_connection() {
 async fn sessions_expire() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = broker(dir.path(), 100);
-    let s = b.attach("dev", false);
+    let s = b.attach("dev", false, Some(None));
     b.subscribe(&s, &request("t", 1)).expect("sub");
     b.detach(&s, Vec::new(), Some(Some(Duration::ZERO)));
     assert_eq!(b.sweep(), 1);
     assert_eq!(b.stats().subscriptions, 0);
-    let s = b.attach("dev", false);
+    let s = b.attach("dev", false, Some(None));
     assert!(!s.session_present);
 }
 
@@ -209,7 +209,7 @@ async fn sessions_expire() {
 async fn bad_filters_and_shared_no_local_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = broker(dir.path(), 100);
-    let s = b.attach("s", true);
+    let s = b.attach("s", true, None);
     assert_eq!(
         b.subscribe(&s, &request("a/#/b", 1)),
         Err(SubscribeRefused::FilterInvalid)
@@ -229,7 +229,7 @@ async fn bad_filters_and_shared_no_local_are_refused() {
 async fn subscriptions_per_session_and_offline_sessions_are_bounded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let b = broker(dir.path(), 100);
-    let s = b.attach("greedy", true);
+    let s = b.attach("greedy", true, None);
     for i in 0..4 {
         b.subscribe(&s, &request(&format!("t/{i}"), 1))
             .expect("sub");
@@ -242,15 +242,80 @@ async fn subscriptions_per_session_and_offline_sessions_are_bounded() {
     assert_eq!(b.subscribe(&s, &request("t/0", 2)), Ok(2));
     // A reconnect loop with fresh client ids: only the newest offline sessions stay.
     for i in 0..10 {
-        let s = b.attach(&format!("loop-{i}"), false);
+        let s = b.attach(&format!("loop-{i}"), false, Some(None));
         b.subscribe(&s, &request("x", 1)).expect("sub");
         b.detach(&s, Vec::new(), Some(Some(Duration::from_secs(60 + i))));
     }
     let stats = b.stats();
     assert_eq!(stats.sessions_offline, 3);
     assert_eq!(stats.subscriptions, 4 + 3);
-    let s = b.attach("loop-9", false);
+    let s = b.attach("loop-9", false, Some(None));
     assert!(s.session_present, "the newest survive");
-    let s = b.attach("loop-0", false);
+    let s = b.attach("loop-0", false, Some(None));
     assert!(!s.session_present);
+}
+
+#[tokio::test]
+async fn persistent_sessions_and_their_queued_messages_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let dev = b.attach("dev", false, Some(Some(Duration::from_secs(600))));
+    b.subscribe(&dev, &request("cmd/#", 1)).expect("sub");
+    b.subscribe(&dev, &request("tmp", 1)).expect("sub");
+    assert!(b.unsubscribe(&dev, "tmp"));
+    let transient = b.attach("app", true, None);
+    b.subscribe(&transient, &request("cmd/#", 1)).expect("sub");
+    // One is delivered and acknowledged, one delivered and not, one waits.
+    for i in 0..3 {
+        let durable = b.publish(&message("cmd/x", &format!("c{i}"), 1, false, None));
+        durable
+            .expect("journaled for the persistent session")
+            .await
+            .expect("durable");
+    }
+    let sent = dev.mailbox.take(2, 2, 0).ready;
+    assert_eq!(sent.len(), 2);
+    dev.mailbox.finish(sent[0].store_id);
+    // QoS 0 for a persistent session is not journaled.
+    assert!(b.publish(&message("cmd/x", "q0", 0, false, None)).is_none());
+    // The last write is durable once a later durable one is.
+    let durable = b.publish(&message("cmd/x", "c3", 1, false, None));
+    durable.expect("journaled").await.expect("durable");
+    drop((dev, transient, b));
+
+    let b = broker(dir.path(), 100);
+    let stats = b.stats();
+    assert_eq!(stats.sessions_offline, 1, "only the persistent session");
+    assert_eq!(stats.subscriptions, 1);
+    let dev = b.attach("dev", false, Some(None));
+    assert!(dev.session_present);
+    let got = drain(&dev.mailbox);
+    assert_eq!(payloads(&got), ["c1", "c2", "c3"], "unfinished, in order");
+    assert!(got.iter().all(|o| o.dup));
+    b.publish(&message("cmd/y", "after", 1, false, None));
+    assert_eq!(
+        payloads(&drain(&dev.mailbox)),
+        ["after"],
+        "the subscription came back"
+    );
+    // A clean start ends it on disk too.
+    for o in &got {
+        dev.mailbox.finish(o.store_id);
+    }
+    b.detach(&dev, Vec::new(), None);
+    let clean = b.attach("dev", true, None);
+    let durable = b.publish(&message("x", "x", 1, false, None));
+    assert!(durable.is_none());
+    drop(clean);
+    // Let the writer take the gone record: a later durable write follows it.
+    let other = b.attach("other", false, Some(None));
+    b.subscribe(&other, &request("z", 1)).expect("sub");
+    b.publish(&message("z", "z", 1, false, None))
+        .expect("journaled")
+        .await
+        .expect("durable");
+    drop((other, b));
+    let b = broker(dir.path(), 100);
+    let dev = b.attach("dev", false, Some(None));
+    assert!(!dev.session_present, "the clean start ended it for good");
 }

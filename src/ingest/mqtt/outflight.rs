@@ -33,8 +33,8 @@ struct Sent {
 /// What an ack from the client means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckResult {
-    /// The message is finished; a slot is free.
-    Finished,
+    /// The message is finished; a slot is free. Its journal id (0: none).
+    Finished(u64),
     /// PUBREC accepted: send PUBREL.
     SendRel,
     /// No message in flight with this packet id in the state the ack belongs to.
@@ -114,10 +114,7 @@ impl Outflight {
         match self.sent.get(&pkid) {
             Some(Sent {
                 state: State::Ack, ..
-            }) => {
-                self.sent.remove(&pkid);
-                AckResult::Finished
-            }
+            }) => AckResult::Finished(self.sent.remove(&pkid).map_or(0, |s| s.out.store_id)),
             _ => AckResult::Unknown,
         }
     }
@@ -127,8 +124,9 @@ impl Outflight {
         match self.sent.get_mut(&pkid) {
             Some(sent) if matches!(sent.state, State::Rec | State::Comp) => {
                 if reason >= 0x80 {
+                    let id = sent.out.store_id;
                     self.sent.remove(&pkid);
-                    return AckResult::Finished;
+                    return AckResult::Finished(id);
                 }
                 // A PUBREC again (the client did not see our PUBREL): send it again.
                 sent.state = State::Comp;
@@ -143,10 +141,7 @@ impl Outflight {
         match self.sent.get(&pkid) {
             Some(Sent {
                 state: State::Comp, ..
-            }) => {
-                self.sent.remove(&pkid);
-                AckResult::Finished
-            }
+            }) => AckResult::Finished(self.sent.remove(&pkid).map_or(0, |s| s.out.store_id)),
             _ => AckResult::Unknown,
         }
     }
@@ -193,16 +188,16 @@ mod tests {
             AckResult::Unknown,
             "PUBACK for a QoS 2 message"
         );
-        assert_eq!(f.puback(a), AckResult::Finished);
+        assert_eq!(f.puback(a), AckResult::Finished(0));
         assert_eq!(f.pubcomp(b), AckResult::Unknown, "PUBCOMP before PUBREC");
         assert_eq!(f.pubrec(b, 0), AckResult::SendRel);
         assert_eq!(f.pubrec(b, 0), AckResult::SendRel, "a repeated PUBREC");
-        assert_eq!(f.pubcomp(b), AckResult::Finished);
+        assert_eq!(f.pubcomp(b), AckResult::Finished(0));
         assert_eq!(f.slots(), 2);
         let c = f.send(out(2, "c"));
         assert_eq!(
             f.pubrec(c, 0x80),
-            AckResult::Finished,
+            AckResult::Finished(0),
             "an error PUBREC ends it"
         );
     }
@@ -223,7 +218,7 @@ mod tests {
             let pkid = o.pkid;
             assert_eq!(g.send(o), pkid);
         }
-        assert_eq!(g.pubcomp(ids[1]), AckResult::Finished, "PUBREL was owed");
+        assert_eq!(g.pubcomp(ids[1]), AckResult::Finished(0), "PUBREL was owed");
     }
 
     #[test]

@@ -42,7 +42,6 @@ use super::registry::Registry;
 use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
 use crate::broker::index::Options;
 use crate::broker::mailbox::{Dropped, Outbound};
-use crate::broker::retained::RetainError;
 use crate::broker::{self, Attached, Broker, Message, Props, Request, SubscribeRefused};
 use crate::buffer::{AppendError, Pressure};
 use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
@@ -72,9 +71,10 @@ struct Completion {
     result: Result<u64, AppendError>,
     /// The message for local subscribers, when there are any or it is retained.
     message: Option<Arc<Message>>,
-    /// Set on the second completion of a retained publish: its retained copy's outcome
-    /// (the record itself was stored before); the ack waits for it.
-    retained: Option<Result<(), RetainError>>,
+    /// Set on the second completion of a publish that a retained copy or a persistent
+    /// session's copy had to be made durable for (the record itself was stored before);
+    /// the ack waited for it. A failure was logged where it happened.
+    persisted: Option<Result<(), String>>,
 }
 
 /// Messages from the broker written per turn of the loop, so a busy subscription does not
@@ -346,7 +346,15 @@ impl<S: Stream> Session<S> {
             (connect.keep_alive, None)
         };
         let registered = shared.registry.register(&client_id, connect.clean_start);
-        let attached = shared.broker.attach(&client_id, connect.clean_start);
+        let keep_session = match (connect.clean_start, version, connect.session_expiry) {
+            (true, _, _) | (false, Version::V5, 0) => None,
+            // 3.1.1: kept until a clean session; MQTT 5 0xFFFFFFFF: never expires.
+            (false, Version::V4, _) | (false, Version::V5, u32::MAX) => Some(None),
+            (false, Version::V5, secs) => Some(Some(Duration::from_secs(secs.into()))),
+        };
+        let attached = shared
+            .broker
+            .attach(&client_id, connect.clean_start, keep_session);
         conn.queue(
             version,
             &Outgoing::ConnAck(Ok(ConnAckProps {
@@ -379,12 +387,7 @@ impl<S: Stream> Session<S> {
             denied: 0,
             conn_id: registered.conn_id,
             taken_over: registered.taken_over,
-            keep_session: match (connect.clean_start, version, connect.session_expiry) {
-                (true, _, _) | (false, Version::V5, 0) => None,
-                // 3.1.1: kept until a clean session; MQTT 5 0xFFFFFFFF: never expires.
-                (false, Version::V4, _) | (false, Version::V5, u32::MAX) => Some(None),
-                (false, Version::V5, secs) => Some(Some(Duration::from_secs(secs.into()))),
-            },
+            keep_session,
             will: connect.will,
             keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
             pending: FuturesOrdered::new(),
@@ -570,16 +573,14 @@ impl<S: Stream> Session<S> {
                 Ok(())
             }
             Packet::PubAck { pkid, reason } => match self.outflight.puback(pkid) {
-                AckResult::Finished if reason >= 0x80 => {
-                    tracing::debug!(peer = %self.peer, client_id = %self.client_id, reason, "A subscriber refused a message.");
-                    self.deliver();
+                AckResult::Finished(id) => {
+                    if reason >= 0x80 {
+                        tracing::debug!(peer = %self.peer, client_id = %self.client_id, reason, "A subscriber refused a message.");
+                    }
+                    self.finished(id);
                     Ok(())
                 }
-                AckResult::Unknown => self.unknown_ack("PUBACK for no QoS 1 message in flight"),
-                _ => {
-                    self.deliver();
-                    Ok(())
-                }
+                _ => self.unknown_ack("PUBACK for no QoS 1 message in flight"),
             },
             Packet::PubRec { pkid, reason } => match self.outflight.pubrec(pkid, reason) {
                 AckResult::SendRel => {
@@ -587,8 +588,8 @@ impl<S: Stream> Session<S> {
                         .queue(self.version, &Outgoing::PubRel { pkid, found: true });
                     Ok(())
                 }
-                AckResult::Finished => {
-                    self.deliver();
+                AckResult::Finished(id) => {
+                    self.finished(id);
                     Ok(())
                 }
                 AckResult::Unknown => {
@@ -603,11 +604,11 @@ impl<S: Stream> Session<S> {
                 }
             },
             Packet::PubComp { pkid } => match self.outflight.pubcomp(pkid) {
-                AckResult::Unknown => self.unknown_ack("PUBCOMP for no PUBREL sent"),
-                _ => {
-                    self.deliver();
+                AckResult::Finished(id) => {
+                    self.finished(id);
                     Ok(())
                 }
+                _ => self.unknown_ack("PUBCOMP for no PUBREL sent"),
             },
             Packet::PingReq => {
                 self.conn.queue(self.version, &Outgoing::PingResp);
@@ -674,6 +675,12 @@ impl<S: Stream> Session<S> {
         }
     }
 
+    /// A message the client finished: off the session's journal, and a slot is free.
+    fn finished(&mut self, store_id: u64) {
+        self.attached.mailbox.finish(store_id);
+        self.deliver();
+    }
+
     /// Writes what the session's mailbox holds, as far as the client's window allows.
     fn deliver(&mut self) {
         let now = now_ms();
@@ -701,6 +708,7 @@ impl<S: Stream> Session<S> {
         let message = Arc::clone(&out.message);
         let (qos, retain, dup) = (out.qos, out.retain, out.dup && out.qos > 0);
         let ids = out.subscription_ids.clone();
+        let store_id = out.store_id;
         let pkid = if qos > 0 { self.outflight.send(out) } else { 0 };
         let p = &message.props;
         let publish = OutPublish {
@@ -727,6 +735,7 @@ impl<S: Stream> Session<S> {
             if pkid != 0 {
                 self.outflight.forget(pkid);
             }
+            self.attached.mailbox.finish(store_id);
             self.shared.broker.count_dropped(Dropped::TooLarge, 1);
             return;
         }
@@ -819,7 +828,7 @@ impl<S: Stream> Session<S> {
                         pkid,
                         result: durable.await,
                         message,
-                        retained: None,
+                        persisted: None,
                     }
                 }));
                 Ok(())
@@ -896,9 +905,9 @@ impl<S: Stream> Session<S> {
 
     /// An append resolved: acknowledge it, or report why it was not stored.
     fn complete(&mut self, mut done: Completion) -> Result<(), End> {
-        if done.retained.is_some() {
-            // The retained copy is durable (or refused, logged and counted): the record was
-            // stored before, so the device hears success.
+        if done.persisted.is_some() {
+            // The retained or persistent copies are durable (or refused, logged and
+            // counted): the record was stored before, so the device hears success.
             return self.acknowledge(done.qos, done.pkid);
         }
         if done.result.is_ok() {
@@ -911,7 +920,7 @@ impl<S: Stream> Session<S> {
                             pkid,
                             result: Ok(0),
                             message: None,
-                            retained: Some(wait.await),
+                            persisted: Some(wait.await),
                         }
                     }));
                     self.inflight.stored(qos, pkid, true);
@@ -997,7 +1006,7 @@ impl<S: Stream> Session<S> {
         // persistent session remembers which QoS 2 messages are stored.
         let _ = tokio::time::timeout(limit, async {
             while let Some(mut done) = self.pending.next().await {
-                if done.result.is_ok() && done.retained.is_none() {
+                if done.result.is_ok() && done.persisted.is_none() {
                     // Stored: local subscribers get it even though its ack will not go out.
                     drop(hand_to_broker(&self.shared.broker, done.message.take()));
                 }
@@ -1154,19 +1163,32 @@ fn inbound(
 }
 
 /// A stored message goes to local subscribers, in the order appends resolve (publish
-/// order); a retained one is also taken as its topic's retained message, and what that
-/// returns resolves once the retained copy is durable.
+/// order); a retained one is also taken as its topic's retained message. What it returns
+/// resolves once the copies that must survive a crash (retained, persistent sessions') are
+/// durable: the publisher's ack waits for that.
 fn hand_to_broker(
     broker: &Broker,
     message: Option<Arc<Message>>,
-) -> Option<impl Future<Output = Result<(), RetainError>> + Send + use<>> {
+) -> Option<impl Future<Output = Result<(), String>> + Send + use<>> {
     let message = message?;
-    broker.publish(&message);
-    if message.retain {
+    let queued = broker.publish(&message);
+    let retained = if message.retain {
         broker.start_retain(&message).ok()
     } else {
         None
+    };
+    if queued.is_none() && retained.is_none() {
+        return None;
     }
+    Some(async move {
+        if let Some(queued) = queued {
+            queued.await?;
+        }
+        if let Some(retained) = retained {
+            retained.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
 }
 
 /// How long a closing connection's input is drained after our last packet.

@@ -1,0 +1,236 @@
+//! Persistent sessions on disk: their subscriptions and the QoS 1/2 messages queued for them,
+//! so both survive a restart, a SIGKILL and a power cut.
+//!
+//! A journal (`journal.rs`), `{buffer.dir}/broker/sessions.journal`, with these record
+//! bodies (strings and the message as in `retained.rs`):
+//!
+//! ```text
+//! session:  1 | client str16 | expiry interval ms u64     (created, or its expiry changed)
+//! gone:     2 | client str16                              (ended: clean start, expiry, evicted)
+//! sub:      3 | client str16 | filter str16 | qos u8 | flags u8 | id u32 (0: none)
+//! unsub:    4 | client str16 | filter str16
+//! queued:   5 | client str16 | id u64 | qos u8 | retain u8 | n u16 × sub id u32 | message
+//! done:     6 | client str16 | id u64                     (acknowledged, expired or dropped)
+//! flags:    bit 0 No Local | bit 1 Retain As Published
+//! ```
+//!
+//! A message queued for a persistent session is journaled before its publisher is
+//! acknowledged (the publisher's ack waits for the same group commit as the retained store's);
+//! its `done` record is written without waiting: a crash before it only sends the message
+//! again, with DUP. After a restart a session counts as disconnected at the restart, so it
+//! lives its whole expiry interval from then.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::Message;
+use super::index::Options;
+use super::journal::{Fields, put16};
+use super::mailbox::Outbound;
+use super::retained::{decode_message, encode_message};
+
+pub const MAGIC: &[u8; 8] = b"EGSESSNS";
+const SESSION: u8 = 1;
+const GONE: u8 = 2;
+const SUB: u8 = 3;
+const UNSUB: u8 = 4;
+const QUEUED: u8 = 5;
+const DONE: u8 = 6;
+
+pub fn session(client: &str, interval_ms: u64) -> Vec<u8> {
+    let mut b = vec![SESSION];
+    put16(&mut b, client.as_bytes());
+    b.extend_from_slice(&interval_ms.to_le_bytes());
+    b
+}
+
+pub fn gone(client: &str) -> Vec<u8> {
+    let mut b = vec![GONE];
+    put16(&mut b, client.as_bytes());
+    b
+}
+
+pub fn sub(client: &str, filter: &str, o: &Options) -> Vec<u8> {
+    let mut b = vec![SUB];
+    put16(&mut b, client.as_bytes());
+    put16(&mut b, filter.as_bytes());
+    b.push(o.qos);
+    b.push(u8::from(o.no_local) | u8::from(o.retain_as_published) << 1);
+    b.extend_from_slice(&o.id.unwrap_or(0).to_le_bytes());
+    b
+}
+
+pub fn unsub(client: &str, filter: &str) -> Vec<u8> {
+    let mut b = vec![UNSUB];
+    put16(&mut b, client.as_bytes());
+    put16(&mut b, filter.as_bytes());
+    b
+}
+
+pub fn queued(client: &str, id: u64, out: &Outbound) -> Vec<u8> {
+    let m = &out.message;
+    let mut b = Vec::with_capacity(48 + client.len() + m.topic.len() + m.payload.len());
+    b.push(QUEUED);
+    put16(&mut b, client.as_bytes());
+    b.extend_from_slice(&id.to_le_bytes());
+    b.push(out.qos);
+    b.push(u8::from(out.retain));
+    let n = out.subscription_ids.len().min(usize::from(u16::MAX));
+    b.extend_from_slice(&(n as u16).to_le_bytes());
+    for sid in out.subscription_ids.iter().take(n) {
+        b.extend_from_slice(&sid.to_le_bytes());
+    }
+    encode_message(&mut b, m);
+    b
+}
+
+pub fn done(client: &str, id: u64) -> Vec<u8> {
+    let mut b = vec![DONE];
+    put16(&mut b, client.as_bytes());
+    b.extend_from_slice(&id.to_le_bytes());
+    b
+}
+
+/// One persistent session as the journal left it.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub interval_ms: u64,
+    pub subscriptions: HashMap<String, Options>,
+    /// By id, which is queue order.
+    pub queue: BTreeMap<u64, Outbound>,
+}
+
+/// Replays the journal's records: the sessions alive at the end, and the highest message id
+/// used. Records that do not decode are skipped and counted.
+pub fn replay(bodies: &[Bytes]) -> (HashMap<String, Restored>, u64, usize) {
+    let mut sessions: HashMap<String, Restored> = HashMap::new();
+    let mut max_id = 0;
+    let mut bad = 0;
+    for body in bodies {
+        if apply(&mut sessions, &mut max_id, body.clone()).is_none() {
+            bad += 1;
+        }
+    }
+    (sessions, max_id, bad)
+}
+
+fn apply(sessions: &mut HashMap<String, Restored>, max_id: &mut u64, body: Bytes) -> Option<()> {
+    let mut f = Fields(body);
+    let kind = f.u8()?;
+    let client = f.str16()?;
+    match kind {
+        SESSION => {
+            let interval_ms = f.u64()?;
+            sessions.entry(client).or_default().interval_ms = interval_ms;
+        }
+        GONE => {
+            sessions.remove(&client);
+        }
+        SUB => {
+            let filter = f.str16()?;
+            let qos = f.u8().filter(|q| *q <= 2)?;
+            let flags = f.u8()?;
+            let id = f.u32()?;
+            if let Some(s) = sessions.get_mut(&client) {
+                s.subscriptions.insert(
+                    filter,
+                    Options {
+                        qos,
+                        no_local: flags & 1 != 0,
+                        retain_as_published: flags & 2 != 0,
+                        id: (id != 0).then_some(id),
+                    },
+                );
+            }
+        }
+        UNSUB => {
+            let filter = f.str16()?;
+            if let Some(s) = sessions.get_mut(&client) {
+                s.subscriptions.remove(&filter);
+            }
+        }
+        QUEUED => {
+            let id = f.u64()?;
+            let qos = f.u8().filter(|q| (1..=2).contains(q))?;
+            let retain = f.u8()? != 0;
+            let n = f.u16()?;
+            let mut ids = Vec::with_capacity(usize::from(n).min(16));
+            for _ in 0..n {
+                ids.push(f.u32()?);
+            }
+            let message: Message = decode_message(&mut f, retain)?;
+            *max_id = (*max_id).max(id);
+            if let Some(s) = sessions.get_mut(&client) {
+                let mut out = Outbound::new(Arc::new(message), qos, retain, ids);
+                out.store_id = id;
+                s.queue.insert(id, out);
+            }
+        }
+        DONE => {
+            let id = f.u64()?;
+            if let Some(s) = sessions.get_mut(&client) {
+                s.queue.remove(&id);
+            }
+        }
+        _ => return None,
+    }
+    f.is_empty().then_some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Props;
+
+    #[test]
+    fn records_replay_to_the_last_state() {
+        let opts = Options {
+            qos: 1,
+            no_local: true,
+            retain_as_published: false,
+            id: Some(5),
+        };
+        let m = Arc::new(Message {
+            topic: "cmd/x".into(),
+            payload: Bytes::from_static(b"go"),
+            qos: 1,
+            retain: false,
+            publisher: None,
+            expires_ms: Some(123),
+            props: Props::default(),
+        });
+        let out = Outbound::new(m, 1, false, vec![5]);
+        let bodies: Vec<Bytes> = [
+            session("a", 1000),
+            sub("a", "cmd/#", &opts),
+            sub("a", "x", &opts),
+            unsub("a", "x"),
+            queued("a", 1, &out),
+            queued("a", 2, &out),
+            done("a", 1),
+            session("b", 5),
+            gone("b"),
+            queued("b", 3, &out),
+            b"\x09garbage".to_vec(),
+        ]
+        .into_iter()
+        .map(Bytes::from)
+        .collect();
+        let (sessions, max_id, bad) = replay(&bodies);
+        assert_eq!(bad, 1);
+        assert_eq!(max_id, 3);
+        assert_eq!(sessions.len(), 1);
+        let a = &sessions["a"];
+        assert_eq!(a.interval_ms, 1000);
+        assert_eq!(a.subscriptions.len(), 1);
+        assert_eq!(a.subscriptions["cmd/#"], opts);
+        assert_eq!(a.queue.keys().copied().collect::<Vec<_>>(), [2]);
+        let q = &a.queue[&2];
+        assert_eq!(q.subscription_ids, [5]);
+        assert_eq!(q.store_id, 2);
+        assert_eq!(q.message.expires_ms, Some(123));
+        assert_eq!(&q.message.payload[..], b"go");
+    }
+}
