@@ -808,6 +808,30 @@ async fn subscribe_and_unsubscribe_answer_per_filter() {
     gw.stop().await;
 }
 
+/// A hostile subscriber: one SUBSCRIBE with 1,000 filters (within the packet limit) gets
+/// its first 256 (`max_subscriptions_per_session`) granted and the rest 0x97 Quota exceeded,
+/// in order [MQTT-3.8.4-6]; the connection stays usable.
+#[tokio::test]
+async fn a_huge_filter_list_is_bounded_per_session() {
+    let gw = start_default().await;
+    let mut raw = Raw::connected(gw.addr, 5, "greedy").await;
+    let mut body = vec![0, 9, 0];
+    for i in 0..1000 {
+        common::mqtt_string(&mut body, format!("f/{i}").as_bytes());
+        body.push(1);
+    }
+    raw.send(&common::mqtt_frame(0x82, &body)).await;
+    let (byte1, ack) = raw.recv().await.expect("SUBACK");
+    assert_eq!(byte1, 0x90);
+    let codes = &ack[3..];
+    assert_eq!(codes.len(), 1000);
+    assert!(codes[..256].iter().all(|&c| c == 1));
+    assert!(codes[256..].iter().all(|&c| c == 0x97));
+    raw.send(&[0xc0, 0]).await;
+    assert_eq!(raw.recv().await, Some((0xd0, vec![])));
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn above_the_high_watermark_reads_are_throttled_until_the_log_drains() {
     let mut gw = start(MqttConfig::default(), |c| {
