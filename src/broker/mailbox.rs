@@ -316,13 +316,8 @@ impl Mailbox {
             q.bytes -= cost;
             self.totals.release(cost);
             if out.message.expired(now_ms) {
-                taken.expired += 1;
-                if out.store_id != 0 && q.stored.remove(&out.store_id).is_some() {
-                    if let Some(p) = &q.persist {
-                        p.journal
-                            .append_later(&sessions::done(&p.client, out.store_id));
-                    }
-                }
+                // Finished (off the journal) by whoever reports it.
+                taken.expired.push(out);
                 continue;
             }
             if out.qos > 0 {
@@ -379,5 +374,5 @@ impl Drop for Mailbox {
 #[derive(Debug, Default)]
 pub struct Taken {
     pub ready: Vec<Outbound>,
-    pub expired: usize,
+    pub expired: Vec<Outbound>,
 }

@@ -63,6 +63,63 @@ pub struct Message {
     /// When it expires (MQTT 5 Message Expiry Interval), Unix milliseconds.
     pub expires_ms: Option<i64>,
     pub props: Props,
+    /// Set for a command from Kafka: which record it was, so its outcome can be reported.
+    pub command: Option<Arc<Command>>,
+}
+
+/// A command's identity: the Kafka record it came from, and what the cloud correlates by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The record's key, if any (the status record is keyed by it too).
+    pub key: Option<Bytes>,
+    /// The correlation the cloud sent (Correlation Data, or an id header).
+    pub correlation: Option<Bytes>,
+    /// Where its outcome goes.
+    pub status_topic: Option<Arc<str>>,
+}
+
+/// What became of a command for one session; reported to the command's status topic.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub command: Arc<Command>,
+    /// The session it was for (`None`: no session wanted it).
+    pub client: Option<Arc<str>>,
+    pub kind: OutcomeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// The device acknowledged it (PUBACK, or PUBCOMP for QoS 2).
+    Delivered,
+    /// It expired before the device took it.
+    Expired,
+    /// No session subscribes to its MQTT topic.
+    NoSession,
+    /// The session's queue was full, or the device refused it (an error PUBACK/PUBREC), or
+    /// it is larger than the device accepts.
+    Refused,
+}
+
+impl OutcomeKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            OutcomeKind::Delivered => "delivered",
+            OutcomeKind::Expired => "expired",
+            OutcomeKind::NoSession => "no_session",
+            OutcomeKind::Refused => "refused",
+        }
+    }
+}
+
+/// What [`Broker::publish`] did with a message.
+pub struct Published {
+    /// Sessions it was queued for.
+    pub queued: usize,
+    /// Resolves once the copies for persistent sessions are journaled (`None`: none were).
+    pub durable: Option<mailbox::Durable>,
 }
 
 impl Message {
@@ -214,6 +271,10 @@ struct Inner {
     next_holder: AtomicU64,
     /// The index's size, readable without its lock.
     subscriptions: std::sync::atomic::AtomicUsize,
+    /// Where command outcomes go, once a downlink runs.
+    outcomes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Outcome>>>,
+    /// The downlink's position as journaled (shared with the journal's snapshot).
+    marks: Arc<Mutex<sessions::Marks>>,
 }
 
 /// The handle every connection shares.
@@ -238,15 +299,27 @@ impl Broker {
         }
         let path = dir.join("sessions.journal");
         let found = journal::read(&path, sessions::MAGIC, now_ms)?;
-        let (restored, max_id, bad) = sessions::replay(&found.bodies);
+        let sessions::Replayed {
+            sessions: restored,
+            max_id,
+            marks,
+            bad,
+        } = sessions::replay(&found.bodies);
         if bad > 0 {
             tracing::warn!(records = bad, path = %path.display(), "Skipped session records that do not decode.");
         }
+        let marks = Arc::new(Mutex::new(marks));
         let map: Arc<Mutex<HashMap<Arc<str>, Session>>> = Arc::default();
         let live = Arc::clone(&map);
+        let live_marks = Arc::clone(&marks);
         let snapshot: journal::Snapshot = Box::new(move || {
+            let mut out: Vec<Vec<u8>> = live_marks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|((topic, partition), offset)| sessions::mark(topic, *partition, *offset))
+                .collect();
             let sessions = live.lock().unwrap_or_else(|p| p.into_inner());
-            let mut out = Vec::new();
             for (client, s) in sessions.iter() {
                 let Some(interval) = s.interval else {
                     continue;
@@ -272,6 +345,8 @@ impl Broker {
                 counters: Counters::new(),
                 next_holder: AtomicU64::new(1),
                 subscriptions: std::sync::atomic::AtomicUsize::new(0),
+                outcomes: Mutex::new(None),
+                marks,
             }),
         };
         broker.restore(restored);
@@ -589,7 +664,7 @@ impl Broker {
                 // [MQTT-3.3.1-8] retained messages sent on subscribe keep RETAIN set.
                 let out = Outbound::new(message, qos, true, options.id.into_iter().collect());
                 // Durable with the journal's next commit; the SUBACK need not wait for it.
-                drop(self.queue(&attached.mailbox, out));
+                let _ = self.queue(&attached.mailbox, out);
             }
         }
         Ok(options.qos)
@@ -624,14 +699,14 @@ impl Broker {
             .store(index.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Sends a durable message to every matching session. Never waits; what it returns
-    /// resolves once the copies for persistent sessions are journaled (`None`: none was).
-    pub fn publish(&self, message: &Arc<Message>) -> Option<mailbox::Durable> {
+    /// Sends a durable message to every matching session. Never waits.
+    pub fn publish(&self, message: &Arc<Message>) -> Published {
         let targets = {
             let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
             index.targets(&message.topic, message.publisher.as_deref())
         };
         let mut durable = None;
+        let mut queued = 0;
         for t in targets {
             let out = Outbound::new(
                 Arc::clone(message),
@@ -640,11 +715,87 @@ impl Broker {
                 t.subscription_ids,
             );
             // The journal commits in order: the last copy's write covers the others.
-            if let Some(d) = self.queue(&t.mailbox, out) {
-                durable = Some(d);
+            match self.queue(&t.mailbox, out) {
+                Ok(Some(d)) => {
+                    queued += 1;
+                    durable = Some(d);
+                }
+                Ok(None) => queued += 1,
+                Err(why) => {
+                    if let Some(command) = &message.command {
+                        let _ = why;
+                        self.outcome(command, Some(&t.client), OutcomeKind::Refused);
+                    }
+                }
             }
         }
-        durable
+        if queued == 0 {
+            if let Some(command) = &message.command {
+                self.outcome(command, None, OutcomeKind::NoSession);
+            }
+        }
+        Published { queued, durable }
+    }
+
+    /// The last offset of `topic`/`partition` the downlink handled, as journaled: records up
+    /// to it are not taken again (they are queued, or were reported).
+    pub fn handled(&self, topic: &str, partition: i32) -> Option<i64> {
+        let marks = self.inner.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.get(&(topic.to_owned(), partition)).copied()
+    }
+
+    /// Records that the downlink handled `offset`; resolves once durable. The journal
+    /// commits in order, so anything queued before is durable then too.
+    pub fn mark_handled(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        {
+            let mut marks = self.inner.marks.lock().unwrap_or_else(|p| p.into_inner());
+            let at = marks.entry((topic.to_owned(), partition)).or_insert(offset);
+            *at = (*at).max(offset);
+        }
+        self.inner
+            .journal
+            .append(&sessions::mark(topic, partition, offset))
+    }
+
+    /// Where command outcomes go (the downlink's status writer).
+    pub fn set_outcomes(&self, sink: tokio::sync::mpsc::UnboundedSender<Outcome>) {
+        *self
+            .inner
+            .outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// Reports what became of a command for `client`.
+    pub fn outcome(&self, command: &Arc<Command>, client: Option<&Arc<str>>, kind: OutcomeKind) {
+        metrics::counter!("edgegate_downlink_outcomes_total", "outcome" => kind.label())
+            .increment(1);
+        let sink = self
+            .inner
+            .outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(sink) = sink.as_ref() {
+            let _ = sink.send(Outcome {
+                command: Arc::clone(command),
+                client: client.cloned(),
+                kind,
+            });
+        }
+    }
+
+    /// A session's client is done with a message: off the journal; a command's outcome is
+    /// reported.
+    pub fn finished(&self, attached: &Attached, out: &Outbound, kind: OutcomeKind) {
+        attached.mailbox.finish(out.store_id);
+        if let Some(command) = &out.message.command {
+            self.outcome(command, Some(&attached.client), kind);
+        }
     }
 
     /// Keeps `message` as its topic's retained message (an empty payload clears it), durably.
@@ -673,15 +824,15 @@ impl Broker {
             > 0
     }
 
-    fn queue(&self, mailbox: &Mailbox, out: Outbound) -> Option<mailbox::Durable> {
+    fn queue(&self, mailbox: &Mailbox, out: Outbound) -> Result<Option<mailbox::Durable>, Dropped> {
         match mailbox.push(out) {
             Ok(durable) => {
                 self.inner.counters.queued.increment(1);
-                durable
+                Ok(durable)
             }
             Err(why) => {
                 self.count_dropped(why, 1);
-                None
+                Err(why)
             }
         }
     }
@@ -745,6 +896,10 @@ pub fn describe() {
     describe_gauge!(
         "edgegate_local_queued_bytes",
         "Bytes waiting to be sent to local subscribers (bounded by max_queued_bytes_total)."
+    );
+    describe_counter!(
+        "edgegate_downlink_outcomes_total",
+        "Outcomes of commands from Kafka, per session, by outcome (delivered, expired, no_session, refused)."
     );
     describe_counter!(
         "edgegate_retained_refused_total",

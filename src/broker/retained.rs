@@ -242,6 +242,7 @@ pub(super) fn decode_message(b: &mut Fields, retain: bool) -> Option<Message> {
             correlation_data,
             user_properties,
         },
+        command: None,
     })
 }
 
@@ -284,6 +285,7 @@ mod tests {
                 correlation_data: Some(Bytes::from_static(b"\x00\x01")),
                 user_properties: vec![("k".into(), "v".into())],
             },
+            command: None,
         })
     }
 

@@ -10,6 +10,10 @@
 //! sub:      3 | client str16 | filter str16 | qos u8 | flags u8 | id u32 (0: none)
 //! unsub:    4 | client str16 | filter str16
 //! queued:   5 | client str16 | id u64 | qos u8 | retain u8 | n u16 × sub id u32 | message
+//!           | command u8 (0: none; 1: topic str16 | partition i32 | offset i64
+//!             | key? | correlation? | status topic?, each `?` a u8 flag then bytes16)
+//! mark:     7 | topic str16 | partition i32 | offset i64     (a command handled: the
+//!                                                             downlink's position)
 //! done:     6 | client str16 | id u64                     (acknowledged, expired or dropped)
 //! flags:    bit 0 No Local | bit 1 Retain As Published
 //! ```
@@ -25,11 +29,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::Message;
 use super::index::Options;
 use super::journal::{Fields, put16};
 use super::mailbox::Outbound;
 use super::retained::{decode_message, encode_message};
+use super::{Command, Message};
 
 pub const MAGIC: &[u8; 8] = b"EGSESSNS";
 const SESSION: u8 = 1;
@@ -38,6 +42,7 @@ const SUB: u8 = 3;
 const UNSUB: u8 = 4;
 const QUEUED: u8 = 5;
 const DONE: u8 = 6;
+const MARK: u8 = 7;
 
 pub fn session(client: &str, interval_ms: u64) -> Vec<u8> {
     let mut b = vec![SESSION];
@@ -83,7 +88,68 @@ pub fn queued(client: &str, id: u64, out: &Outbound) -> Vec<u8> {
         b.extend_from_slice(&sid.to_le_bytes());
     }
     encode_message(&mut b, m);
+    match &m.command {
+        None => b.push(0),
+        Some(c) => {
+            b.push(1);
+            put16(&mut b, c.topic.as_bytes());
+            b.extend_from_slice(&c.partition.to_le_bytes());
+            b.extend_from_slice(&c.offset.to_le_bytes());
+            for field in [
+                c.key.as_deref(),
+                c.correlation.as_deref(),
+                c.status_topic.as_deref().map(str::as_bytes),
+            ] {
+                match field {
+                    None => b.push(0),
+                    Some(bytes) => {
+                        b.push(1);
+                        put16(&mut b, bytes);
+                    }
+                }
+            }
+        }
+    }
     b
+}
+
+/// The downlink handled the record at `offset` of `topic`/`partition` (delivered to nobody,
+/// expired, or queued: whatever it became, it is not to be taken again).
+pub fn mark(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let mut b = vec![MARK];
+    put16(&mut b, topic.as_bytes());
+    b.extend_from_slice(&partition.to_le_bytes());
+    b.extend_from_slice(&offset.to_le_bytes());
+    b
+}
+
+fn decode_command(f: &mut Fields) -> Option<Option<Arc<Command>>> {
+    if f.u8()? == 0 {
+        return Some(None);
+    }
+    let topic = f.str16()?;
+    let partition = f.u32()? as i32;
+    let offset = f.i64()?;
+    let mut opt = || -> Option<Option<Bytes>> {
+        match f.u8()? {
+            0 => Some(None),
+            _ => Some(Some(f.bytes16()?)),
+        }
+    };
+    let key = opt()?;
+    let correlation = opt()?;
+    let status_topic = match opt()? {
+        Some(b) => Some(Arc::from(std::str::from_utf8(&b).ok()?)),
+        None => None,
+    };
+    Some(Some(Arc::new(Command {
+        topic,
+        partition,
+        offset,
+        key,
+        correlation,
+        status_topic,
+    })))
 }
 
 pub fn done(client: &str, id: u64) -> Vec<u8> {
@@ -102,23 +168,47 @@ pub struct Restored {
     pub queue: BTreeMap<u64, Outbound>,
 }
 
-/// Replays the journal's records: the sessions alive at the end, and the highest message id
-/// used. Records that do not decode are skipped and counted.
-pub fn replay(bodies: &[Bytes]) -> (HashMap<String, Restored>, u64, usize) {
-    let mut sessions: HashMap<String, Restored> = HashMap::new();
-    let mut max_id = 0;
-    let mut bad = 0;
-    for body in bodies {
-        if apply(&mut sessions, &mut max_id, body.clone()).is_none() {
-            bad += 1;
-        }
-    }
-    (sessions, max_id, bad)
+/// The downlink's position: per Kafka topic and partition, the last offset handled.
+pub type Marks = HashMap<(String, i32), i64>;
+
+/// What the journal holds at its end.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub sessions: HashMap<String, Restored>,
+    /// The highest message id used.
+    pub max_id: u64,
+    pub marks: Marks,
+    /// Records that did not decode (skipped).
+    pub bad: usize,
 }
 
-fn apply(sessions: &mut HashMap<String, Restored>, max_id: &mut u64, body: Bytes) -> Option<()> {
+/// Replays the journal's records in order.
+pub fn replay(bodies: &[Bytes]) -> Replayed {
+    let mut r = Replayed::default();
+    for body in bodies {
+        if apply(&mut r, body.clone()).is_none() {
+            r.bad += 1;
+        }
+    }
+    r
+}
+
+fn advance(marks: &mut Marks, topic: &str, partition: i32, offset: i64) {
+    let at = marks.entry((topic.to_owned(), partition)).or_insert(offset);
+    *at = (*at).max(offset);
+}
+
+fn apply(r: &mut Replayed, body: Bytes) -> Option<()> {
     let mut f = Fields(body);
     let kind = f.u8()?;
+    if kind == MARK {
+        let topic = f.str16()?;
+        let partition = f.u32()? as i32;
+        let offset = f.i64()?;
+        advance(&mut r.marks, &topic, partition, offset);
+        return f.is_empty().then_some(());
+    }
+    let (sessions, max_id) = (&mut r.sessions, &mut r.max_id);
     let client = f.str16()?;
     match kind {
         SESSION => {
@@ -160,7 +250,11 @@ fn apply(sessions: &mut HashMap<String, Restored>, max_id: &mut u64, body: Bytes
             for _ in 0..n {
                 ids.push(f.u32()?);
             }
-            let message: Message = decode_message(&mut f, retain)?;
+            let mut message: Message = decode_message(&mut f, retain)?;
+            message.command = decode_command(&mut f)?;
+            if let Some(c) = &message.command {
+                advance(&mut r.marks, &c.topic, c.partition, c.offset);
+            }
             *max_id = (*max_id).max(id);
             if let Some(s) = sessions.get_mut(&client) {
                 let mut out = Outbound::new(Arc::new(message), qos, retain, ids);
@@ -200,6 +294,7 @@ mod tests {
             publisher: None,
             expires_ms: Some(123),
             props: Props::default(),
+            command: None,
         });
         let out = Outbound::new(m, 1, false, vec![5]);
         let bodies: Vec<Bytes> = [
@@ -218,7 +313,13 @@ mod tests {
         .into_iter()
         .map(Bytes::from)
         .collect();
-        let (sessions, max_id, bad) = replay(&bodies);
+        let Replayed {
+            sessions,
+            max_id,
+            bad,
+            marks,
+        } = replay(&bodies);
+        assert!(marks.is_empty());
         assert_eq!(bad, 1);
         assert_eq!(max_id, 3);
         assert_eq!(sessions.len(), 1);

@@ -36,6 +36,7 @@ fn message(topic: &str, payload: &str, qos: u8, retain: bool, from: Option<&str>
         publisher: from.map(Arc::from),
         expires_ms: None,
         props: Props::default(),
+        command: None,
     })
 }
 
@@ -267,7 +268,9 @@ async fn persistent_sessions_and_their_queued_messages_survive_a_reopen() {
     b.subscribe(&transient, &request("cmd/#", 1)).expect("sub");
     // One is delivered and acknowledged, one delivered and not, one waits.
     for i in 0..3 {
-        let durable = b.publish(&message("cmd/x", &format!("c{i}"), 1, false, None));
+        let durable = b
+            .publish(&message("cmd/x", &format!("c{i}"), 1, false, None))
+            .durable;
         durable
             .expect("journaled for the persistent session")
             .await
@@ -277,9 +280,13 @@ async fn persistent_sessions_and_their_queued_messages_survive_a_reopen() {
     assert_eq!(sent.len(), 2);
     dev.mailbox.finish(sent[0].store_id);
     // QoS 0 for a persistent session is not journaled.
-    assert!(b.publish(&message("cmd/x", "q0", 0, false, None)).is_none());
+    assert!(
+        b.publish(&message("cmd/x", "q0", 0, false, None))
+            .durable
+            .is_none()
+    );
     // The last write is durable once a later durable one is.
-    let durable = b.publish(&message("cmd/x", "c3", 1, false, None));
+    let durable = b.publish(&message("cmd/x", "c3", 1, false, None)).durable;
     durable.expect("journaled").await.expect("durable");
     drop((dev, transient, b));
 
@@ -304,13 +311,14 @@ async fn persistent_sessions_and_their_queued_messages_survive_a_reopen() {
     }
     b.detach(&dev, Vec::new(), None);
     let clean = b.attach("dev", true, None);
-    let durable = b.publish(&message("x", "x", 1, false, None));
+    let durable = b.publish(&message("x", "x", 1, false, None)).durable;
     assert!(durable.is_none());
     drop(clean);
     // Let the writer take the gone record: a later durable write follows it.
     let other = b.attach("other", false, Some(None));
     b.subscribe(&other, &request("z", 1)).expect("sub");
     b.publish(&message("z", "z", 1, false, None))
+        .durable
         .expect("journaled")
         .await
         .expect("durable");

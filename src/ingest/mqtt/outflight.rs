@@ -31,10 +31,10 @@ struct Sent {
 }
 
 /// What an ack from the client means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum AckResult {
-    /// The message is finished; a slot is free. Its journal id (0: none).
-    Finished(u64),
+    /// The message is finished; a slot is free.
+    Finished(Box<Outbound>),
     /// PUBREC accepted: send PUBREL.
     SendRel,
     /// No message in flight with this packet id in the state the ack belongs to.
@@ -114,7 +114,10 @@ impl Outflight {
         match self.sent.get(&pkid) {
             Some(Sent {
                 state: State::Ack, ..
-            }) => AckResult::Finished(self.sent.remove(&pkid).map_or(0, |s| s.out.store_id)),
+            }) => match self.sent.remove(&pkid) {
+                Some(sent) => AckResult::Finished(Box::new(sent.out)),
+                None => AckResult::Unknown,
+            },
             _ => AckResult::Unknown,
         }
     }
@@ -124,9 +127,10 @@ impl Outflight {
         match self.sent.get_mut(&pkid) {
             Some(sent) if matches!(sent.state, State::Rec | State::Comp) => {
                 if reason >= 0x80 {
-                    let id = sent.out.store_id;
-                    self.sent.remove(&pkid);
-                    return AckResult::Finished(id);
+                    return match self.sent.remove(&pkid) {
+                        Some(sent) => AckResult::Finished(Box::new(sent.out)),
+                        None => AckResult::Unknown,
+                    };
                 }
                 // A PUBREC again (the client did not see our PUBREL): send it again.
                 sent.state = State::Comp;
@@ -141,7 +145,10 @@ impl Outflight {
         match self.sent.get(&pkid) {
             Some(Sent {
                 state: State::Comp, ..
-            }) => AckResult::Finished(self.sent.remove(&pkid).map_or(0, |s| s.out.store_id)),
+            }) => match self.sent.remove(&pkid) {
+                Some(sent) => AckResult::Finished(Box::new(sent.out)),
+                None => AckResult::Unknown,
+            },
             _ => AckResult::Unknown,
         }
     }
@@ -172,6 +179,7 @@ mod tests {
             publisher: None,
             expires_ms: None,
             props: Props::default(),
+            command: None,
         });
         Outbound::new(m, qos, false, Vec::new())
     }
@@ -183,21 +191,25 @@ mod tests {
         let b = f.send(out(2, "b"));
         assert_eq!(f.slots(), 0);
         assert_ne!(a, b);
-        assert_eq!(
-            f.puback(b),
-            AckResult::Unknown,
+        assert!(
+            matches!(f.puback(b), AckResult::Unknown),
             "PUBACK for a QoS 2 message"
         );
-        assert_eq!(f.puback(a), AckResult::Finished(0));
-        assert_eq!(f.pubcomp(b), AckResult::Unknown, "PUBCOMP before PUBREC");
-        assert_eq!(f.pubrec(b, 0), AckResult::SendRel);
-        assert_eq!(f.pubrec(b, 0), AckResult::SendRel, "a repeated PUBREC");
-        assert_eq!(f.pubcomp(b), AckResult::Finished(0));
+        assert!(matches!(f.puback(a), AckResult::Finished(_)));
+        assert!(
+            matches!(f.pubcomp(b), AckResult::Unknown),
+            "PUBCOMP before PUBREC"
+        );
+        assert!(matches!(f.pubrec(b, 0), AckResult::SendRel));
+        assert!(
+            matches!(f.pubrec(b, 0), AckResult::SendRel),
+            "a repeated PUBREC"
+        );
+        assert!(matches!(f.pubcomp(b), AckResult::Finished(_)));
         assert_eq!(f.slots(), 2);
         let c = f.send(out(2, "c"));
-        assert_eq!(
-            f.pubrec(c, 0x80),
-            AckResult::Finished(0),
+        assert!(
+            matches!(f.pubrec(c, 0x80), AckResult::Finished(_)),
             "an error PUBREC ends it"
         );
     }
@@ -206,7 +218,7 @@ mod tests {
     fn unfinished_messages_go_back_in_order_with_their_packet_ids() {
         let mut f = Outflight::new(10);
         let ids: Vec<u16> = ["a", "b", "c"].iter().map(|t| f.send(out(2, t))).collect();
-        assert_eq!(f.pubrec(ids[1], 0), AckResult::SendRel);
+        assert!(matches!(f.pubrec(ids[1], 0), AckResult::SendRel));
         let back = f.into_unfinished();
         let texts: Vec<&[u8]> = back.iter().map(|o| &o.message.payload[..]).collect();
         assert_eq!(texts, [&b"a"[..], b"b", b"c"]);
@@ -218,7 +230,10 @@ mod tests {
             let pkid = o.pkid;
             assert_eq!(g.send(o), pkid);
         }
-        assert_eq!(g.pubcomp(ids[1]), AckResult::Finished(0), "PUBREL was owed");
+        assert!(
+            matches!(g.pubcomp(ids[1]), AckResult::Finished(_)),
+            "PUBREL was owed"
+        );
     }
 
     #[test]

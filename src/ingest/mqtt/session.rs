@@ -42,7 +42,9 @@ use super::registry::Registry;
 use crate::auth::{self, Auth, CertClaim, Claim, Failure, Identity};
 use crate::broker::index::Options;
 use crate::broker::mailbox::{Dropped, Outbound};
-use crate::broker::{self, Attached, Broker, Message, Props, Request, SubscribeRefused};
+use crate::broker::{
+    self, Attached, Broker, Message, OutcomeKind, Props, Request, SubscribeRefused,
+};
 use crate::buffer::{AppendError, Pressure};
 use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
 use crate::reload::Live;
@@ -573,11 +575,14 @@ impl<S: Stream> Session<S> {
                 Ok(())
             }
             Packet::PubAck { pkid, reason } => match self.outflight.puback(pkid) {
-                AckResult::Finished(id) => {
-                    if reason >= 0x80 {
+                AckResult::Finished(out) => {
+                    let kind = if reason >= 0x80 {
                         tracing::debug!(peer = %self.peer, client_id = %self.client_id, reason, "A subscriber refused a message.");
-                    }
-                    self.finished(id);
+                        OutcomeKind::Refused
+                    } else {
+                        OutcomeKind::Delivered
+                    };
+                    self.finished(&out, kind);
                     Ok(())
                 }
                 _ => self.unknown_ack("PUBACK for no QoS 1 message in flight"),
@@ -588,8 +593,9 @@ impl<S: Stream> Session<S> {
                         .queue(self.version, &Outgoing::PubRel { pkid, found: true });
                     Ok(())
                 }
-                AckResult::Finished(id) => {
-                    self.finished(id);
+                // An error PUBREC ends the flow: the device refused it.
+                AckResult::Finished(out) => {
+                    self.finished(&out, OutcomeKind::Refused);
                     Ok(())
                 }
                 AckResult::Unknown => {
@@ -604,8 +610,8 @@ impl<S: Stream> Session<S> {
                 }
             },
             Packet::PubComp { pkid } => match self.outflight.pubcomp(pkid) {
-                AckResult::Finished(id) => {
-                    self.finished(id);
+                AckResult::Finished(out) => {
+                    self.finished(&out, OutcomeKind::Delivered);
                     Ok(())
                 }
                 _ => self.unknown_ack("PUBCOMP for no PUBREL sent"),
@@ -675,9 +681,10 @@ impl<S: Stream> Session<S> {
         }
     }
 
-    /// A message the client finished: off the session's journal, and a slot is free.
-    fn finished(&mut self, store_id: u64) {
-        self.attached.mailbox.finish(store_id);
+    /// A message the client finished: off the session's journal (a command's outcome
+    /// reported), and a slot is free.
+    fn finished(&mut self, out: &Outbound, kind: OutcomeKind) {
+        self.shared.broker.finished(&self.attached, out, kind);
         self.deliver();
     }
 
@@ -688,10 +695,15 @@ impl<S: Stream> Session<S> {
             .attached
             .mailbox
             .take(self.outflight.slots(), DELIVER_BATCH, now);
-        if taken.expired > 0 {
+        if !taken.expired.is_empty() {
             self.shared
                 .broker
-                .count_dropped(Dropped::Expired, taken.expired as u64);
+                .count_dropped(Dropped::Expired, taken.expired.len() as u64);
+            for out in &taken.expired {
+                self.shared
+                    .broker
+                    .finished(&self.attached, out, OutcomeKind::Expired);
+            }
         }
         for out in taken.ready {
             self.send(out, now);
@@ -736,6 +748,13 @@ impl<S: Stream> Session<S> {
                 self.outflight.forget(pkid);
             }
             self.attached.mailbox.finish(store_id);
+            if let Some(command) = &message.command {
+                self.shared.broker.outcome(
+                    command,
+                    Some(&self.attached.client),
+                    OutcomeKind::Refused,
+                );
+            }
             self.shared.broker.count_dropped(Dropped::TooLarge, 1);
             return;
         }
@@ -804,6 +823,7 @@ impl<S: Stream> Session<S> {
                     correlation_data: publish.correlation_data.clone(),
                     user_properties: publish.user_properties.clone(),
                 },
+                command: None,
             })
         });
         let inbound = self.inbound(
@@ -1092,6 +1112,7 @@ async fn store_will(owner: WillOwner, will: Will) {
             correlation_data: will.correlation_data.clone(),
             user_properties: will.user_properties.clone(),
         },
+        command: None,
     });
     let record = inbound(
         owner.client_id.clone(),
@@ -1171,7 +1192,7 @@ fn hand_to_broker(
     message: Option<Arc<Message>>,
 ) -> Option<impl Future<Output = Result<(), String>> + Send + use<>> {
     let message = message?;
-    let queued = broker.publish(&message);
+    let queued = broker.publish(&message).durable;
     let retained = if message.retain {
         broker.start_retain(&message).ok()
     } else {
