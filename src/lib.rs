@@ -18,6 +18,7 @@ pub mod auth;
 pub mod broker;
 pub mod buffer;
 pub mod config;
+pub mod downlink;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod forward;
@@ -191,6 +192,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         shutdown.clone(),
     ));
     tokio::spawn(broker::sweep(broker.clone(), shutdown.clone()));
+    // downlink: Kafka → the broker, outcomes back through the log.
+    let downlink = downlink::run(
+        config.downlink.clone(),
+        config.kafka.clone(),
+        gateway_id.clone(),
+        broker.clone(),
+        log.clone(),
+        shutdown.clone(),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = downlink.await {
+            tracing::error!(error = %e, "The downlink stopped: commands from Kafka are not taken.");
+        }
+    });
     if let Some(mqtts_addr) = mqtts_addr {
         tracing::info!(%mqtts_addr, client_certs = ?config.mqtt.tls.client_certs, "Listening for MQTT over TLS.");
         tokio::spawn(ingest::mqtt::tls::watch_files(

@@ -52,6 +52,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
     pub default_route: Option<DefaultRoute>,
+    /// `[[downlink]]`: Kafka topics whose records go to devices.
+    pub downlink: Vec<crate::downlink::config::DownlinkConfig>,
     /// What the files the config names held when it was loaded.
     pub files: Files,
 }
@@ -424,6 +426,10 @@ impl Config {
                 "admin" => config.admin = section_of(value, &mut errors).unwrap_or_default(),
                 "auth" => config.auth = section_of(value, &mut errors).unwrap_or_default(),
                 "default_route" => config.default_route = section_of(value, &mut errors),
+                "downlink" => match value.get_ref().as_array() {
+                    Some(items) => config.downlink.extend(items.iter().filter_map(|item| section_of(item, &mut errors))),
+                    None => found.push(at(value.span(), "`downlink` must be an array of tables: write each as [[downlink]]".into())),
+                },
                 "routes" => match value.get_ref().as_array() {
                     // Each route on its own, so one bad route does not hide the next.
                     Some(items) => config.routes.extend(items.iter().filter_map(|item| section_of(item, &mut errors))),
@@ -431,7 +437,7 @@ impl Config {
                 },
                 other => found.push(at(
                     key.span(),
-                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, admin, auth, routes or default_route)"),
+                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, admin, auth, routes, default_route or downlink)"),
                 )),
             }
             found.extend(errors.into_iter().map(|e| {
@@ -494,6 +500,9 @@ impl Config {
         self.admin.validate("admin", &mut problems);
         self.auth.validate("auth", &mut problems);
         crate::route::Router::new(&self.routes, self.default_route.as_ref(), &mut problems);
+        for (i, d) in self.downlink.iter().enumerate() {
+            d.validate(&format!("downlink[{i}]"), &mut problems);
+        }
         if self.routes.is_empty() && self.default_route.is_none() {
             problems.push(
                 "routes",

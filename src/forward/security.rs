@@ -527,7 +527,7 @@ impl KafkaConfig {
 
     /// Sets `security.protocol` and the `ssl.*` / `sasl.*` properties from `[kafka.tls]` and
     /// `[kafka.sasl]`, reading the secrets. Sets nothing when neither is present.
-    pub(super) fn apply_security(&self, c: &mut ClientConfig) -> Result<(), SecretError> {
+    pub(crate) fn apply_security(&self, c: &mut ClientConfig) -> Result<(), SecretError> {
         let protocol = match (&self.tls, &self.sasl) {
             (None, None) => return Ok(()),
             (Some(_), None) => "ssl",

@@ -1,0 +1,331 @@
+//! The downlink: Kafka records become MQTT messages for the devices on site, held on the
+//! gateway's disk until the device is there to take them.
+//!
+//! ```text
+//! Kafka topic --consumer (group edgegate-<gateway id>)--> ours? --> MQTT topic (template)
+//!   --> broker.publish (a persistent session's copy is journaled)
+//!   --> mark the offset handled (same journal, after) --> store the offset --> Kafka commit
+//! device PUBACK/PUBCOMP, expiry, refusal, no session --> outcome --> status record --> log --> Kafka
+//! ```
+//!
+//! **Durable before committed.** A command is queued (journaled, fsync'd) for every
+//! persistent session that subscribes to its topic before its offset is marked handled in
+//! the same journal, and only then is the offset stored for Kafka's commit. A crash at any
+//! point loses nothing: the consumer re-reads from the last commit, and every record up to
+//! the journal's mark (which the queued records themselves carry) is skipped, so a command
+//! is not queued twice. A session that is not persistent gets the command only if it is
+//! connected (MQTT promises it nothing more).
+//!
+//! **Outcomes** go through the log like device data, so the cloud learns them across
+//! outages: one record per command and session on the `status_topic`, keyed like the
+//! command, JSON `{"outcome", "client_id", "topic", "partition", "offset", "mqtt_topic"}`
+//! with the correlation in the header `edgegate-correlation`.
+
+pub mod config;
+pub mod template;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, Command, Message, Outcome, OutcomeKind, Props};
+use crate::buffer::Log;
+use crate::forward::config::KafkaConfig;
+use crate::record::{Record, Source};
+use config::{Address, DownlinkConfig};
+use template::{Template, Values};
+
+/// The header whose value (seconds) overrides a downlink's `ttl` for one command.
+pub const EXPIRY_HEADER: &str = "edgegate-expiry";
+/// Headers a command's correlation is taken from, in order.
+const CORRELATION_HEADERS: [&str; 2] = ["mqtt-correlation-data", "correlation-id"];
+
+/// Why the downlink could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DownlinkError {
+    #[error("cannot read a Kafka secret: {0}")]
+    Secret(String),
+    #[error("cannot create the Kafka consumer: {0}")]
+    Consumer(String),
+}
+
+struct Downlink {
+    config: DownlinkConfig,
+    template: Template,
+    status_topic: Option<Arc<str>>,
+}
+
+/// Consumes the `[[downlink]]` topics until `shutdown`. Outcomes are written to `log`.
+pub async fn run(
+    downlinks: Vec<DownlinkConfig>,
+    kafka: KafkaConfig,
+    gateway_id: String,
+    broker: Broker,
+    log: Log,
+    shutdown: CancellationToken,
+) -> Result<(), DownlinkError> {
+    if downlinks.is_empty() {
+        return Ok(());
+    }
+    let consumer = consumer(&kafka, &gateway_id)?;
+    let by_topic: HashMap<String, Downlink> = downlinks
+        .into_iter()
+        .filter_map(|c| {
+            // Checked at load; a template that does not parse here is skipped, not a panic.
+            let template = Template::parse(&c.mqtt_topic).ok()?;
+            let status_topic = c.status_topic.as_deref().map(Arc::from);
+            Some((
+                c.topic.clone(),
+                Downlink {
+                    config: c,
+                    template,
+                    status_topic,
+                },
+            ))
+        })
+        .collect();
+    let topics: Vec<&str> = by_topic.keys().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| DownlinkError::Consumer(e.to_string()))?;
+    tracing::info!(topics = ?topics, group = %group(&gateway_id), "Consuming commands from Kafka.");
+
+    let (outcomes, rx) = mpsc::unbounded_channel();
+    broker.set_outcomes(outcomes);
+    tokio::spawn(write_outcomes(
+        rx,
+        log,
+        gateway_id.clone(),
+        shutdown.clone(),
+    ));
+
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "The downlink consumer reported an error.");
+                continue;
+            }
+        };
+        let Some(downlink) = by_topic.get(message.topic()) else {
+            continue;
+        };
+        take(&broker, downlink, &gateway_id, &message).await;
+        if let Err(e) = consumer.store_offset_from_message(&message) {
+            tracing::debug!(error = %e, "Cannot store a downlink offset.");
+        }
+    }
+    // What was stored is committed on the way out.
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(())
+}
+
+fn group(gateway_id: &str) -> String {
+    format!("edgegate-{gateway_id}")
+}
+
+fn consumer(kafka: &KafkaConfig, gateway_id: &str) -> Result<StreamConsumer, DownlinkError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", kafka.brokers.join(","))
+        .set(
+            "client.id",
+            format!("{}-downlink", kafka.client_id_for(gateway_id)),
+        )
+        .set("group.id", group(gateway_id))
+        // Offsets are stored only once the command is durable on the gateway; the stored
+        // ones are committed in the background.
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        // A new gateway takes the commands already waiting; the ttl expires stale ones.
+        .set("auto.offset.reset", "earliest")
+        .set("reconnect.backoff.max.ms", "1000");
+    kafka
+        .apply_security(&mut c)
+        .map_err(|e| DownlinkError::Secret(e.to_string()))?;
+    c.create()
+        .map_err(|e| DownlinkError::Consumer(e.to_string()))
+}
+
+/// One record: queued for the sessions that want it, or reported; then marked handled.
+async fn take(
+    broker: &Broker,
+    downlink: &Downlink,
+    gateway_id: &str,
+    record: &BorrowedMessage<'_>,
+) {
+    let (topic, partition, offset) = (record.topic(), record.partition(), record.offset());
+    if broker
+        .handled(topic, partition)
+        .is_some_and(|at| offset <= at)
+    {
+        return;
+    }
+    let headers = record.headers();
+    let header = |name: &str| -> Option<&[u8]> {
+        headers.and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value))
+    };
+    let mut key = record.key();
+    match downlink.config.address {
+        Address::All => {}
+        Address::Header => {
+            if header(&downlink.config.gateway_header) != Some(gateway_id.as_bytes()) {
+                return;
+            }
+        }
+        Address::KeyPrefix => {
+            let prefix = format!("{gateway_id}/");
+            match key.and_then(|k| k.strip_prefix(prefix.as_bytes())) {
+                Some(rest) => key = Some(rest),
+                None => return,
+            }
+        }
+    }
+    let now = crate::ingest::now_ms();
+    let sent_ms = record.timestamp().to_millis().unwrap_or(now);
+    let ttl_ms = header(EXPIRY_HEADER)
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u32>().ok())
+        .map_or_else(
+            || i64::try_from(downlink.config.ttl.get().as_millis()).unwrap_or(i64::MAX),
+            |secs| i64::from(secs) * 1000,
+        );
+    let expires_ms = sent_ms.saturating_add(ttl_ms);
+    let correlation = CORRELATION_HEADERS
+        .iter()
+        .find_map(|h| header(h))
+        .map(Bytes::copy_from_slice);
+    let command = Arc::new(Command {
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        key: record.key().map(Bytes::copy_from_slice),
+        correlation: correlation.clone(),
+        status_topic: downlink.status_topic.clone(),
+    });
+    let rendered = downlink.template.render(&Values {
+        key,
+        header: &header,
+        gateway_id,
+    });
+    let kind = match rendered {
+        _ if expires_ms <= now => Some(OutcomeKind::Expired),
+        Err(why) => {
+            tracing::warn!(
+                topic,
+                partition,
+                offset,
+                why,
+                "Refused a command: no MQTT topic for it."
+            );
+            Some(OutcomeKind::Refused)
+        }
+        Ok(mqtt_topic) => {
+            let text = |h: &str| header(h).and_then(|v| String::from_utf8(v.to_vec()).ok());
+            let message = Arc::new(Message {
+                topic: Arc::from(mqtt_topic.as_str()),
+                payload: record
+                    .payload()
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_default(),
+                qos: downlink.config.qos,
+                retain: false,
+                publisher: None,
+                expires_ms: Some(expires_ms),
+                props: Props {
+                    payload_format_utf8: false,
+                    content_type: text("content-type"),
+                    response_topic: text("mqtt-response-topic"),
+                    correlation_data: correlation,
+                    user_properties: Vec::new(),
+                },
+                command: Some(Arc::clone(&command)),
+            });
+            let published = broker.publish(&message);
+            tracing::debug!(
+                topic,
+                partition,
+                offset,
+                mqtt_topic,
+                sessions = published.queued,
+                "Took a command."
+            );
+            None
+        }
+    };
+    if let Some(kind) = kind {
+        broker.outcome(&command, None, kind);
+    }
+    // After the queued copies in the journal: durable, it covers them too.
+    if let Err(e) = broker.mark_handled(topic, partition, offset).await {
+        tracing::error!(error = %e, topic, partition, offset, "Cannot journal the downlink's position; the command may be taken again after a restart.");
+    }
+}
+
+/// Writes each outcome to its command's status topic, through the log.
+async fn write_outcomes(
+    mut rx: mpsc::UnboundedReceiver<Outcome>,
+    log: Log,
+    gateway_id: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            o = rx.recv() => match o {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        let Some(status_topic) = outcome.command.status_topic.as_deref() else {
+            continue;
+        };
+        let record = status_record(&outcome, status_topic, &gateway_id);
+        match log.append(&record) {
+            Ok(durable) => {
+                if let Err(e) = durable.await {
+                    tracing::warn!(error = %e, "A command's outcome was not stored.");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "A command's outcome was not stored."),
+        }
+    }
+}
+
+fn status_record(outcome: &Outcome, status_topic: &str, gateway_id: &str) -> Record {
+    let c = &outcome.command;
+    let client = outcome.client.as_deref().unwrap_or("");
+    let payload = serde_json::json!({
+        "outcome": outcome.kind.label(),
+        "client_id": outcome.client.as_deref(),
+        "topic": c.topic,
+        "partition": c.partition,
+        "offset": c.offset,
+        "gateway_id": gateway_id,
+    });
+    let mut headers = vec![(
+        "edgegate-outcome".to_owned(),
+        Bytes::from_static(outcome.kind.label().as_bytes()),
+    )];
+    if let Some(correlation) = &c.correlation {
+        headers.push(("edgegate-correlation".to_owned(), correlation.clone()));
+    }
+    Record {
+        source: Source::Mqtt,
+        received_ms: crate::ingest::now_ms(),
+        device: client.to_owned(),
+        origin: format!("$edgegate/downlink/{}", c.topic),
+        kafka_topic: status_topic.to_owned(),
+        key: c.key.clone(),
+        headers,
+        payload: Bytes::from(payload.to_string()),
+    }
+}

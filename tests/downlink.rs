@@ -1,0 +1,169 @@
+//! The downlink end to end: commands produced to a real Kafka with kcat, a real device
+//! (rumqttc, persistent session) that is offline while they arrive, the gateway SIGKILLed
+//! and restarted and Kafka stopped in between. Every unexpired command arrives exactly
+//! once, in order; what became of each is read back from the status topic.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::subscribe::{Received, Subscriber, SubscriberOptions};
+use common::{GatewayToml, gateway};
+
+const GATEWAY: &str = "gw-downlink";
+
+/// Produces `lines` to `topic` with kcat, keyed `key`, with `headers`.
+fn produce(topic: &str, key: &str, headers: &[(&str, &str)], lines: &[String]) {
+    let mut args = vec![
+        "-P".to_owned(),
+        "-b".to_owned(),
+        common::bootstrap(),
+        "-t".to_owned(),
+        topic.to_owned(),
+        "-k".to_owned(),
+        key.to_owned(),
+    ];
+    for (k, v) in headers {
+        args.push("-H".to_owned());
+        args.push(format!("{k}={v}"));
+    }
+    let mut kcat = Command::new("kcat")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat (Debian: kcat)");
+    let mut stdin = kcat.stdin.take().expect("stdin");
+    for line in lines {
+        writeln!(stdin, "{line}").expect("write");
+    }
+    drop(stdin);
+    assert!(kcat.wait().expect("kcat").success());
+}
+
+fn readiness(gw: &common::Process) -> serde_json::Value {
+    let (_, body) = common::http_get(gw.admin_addr(), "/readyz");
+    serde_json::from_str(&body).expect("/readyz")
+}
+
+#[test]
+fn commands_wait_at_the_edge_across_a_sigkill_and_a_kafka_outage() {
+    let kafka = common::exclusive();
+    let commands = common::unique_topic("commands");
+    let status = common::unique_topic("command-status");
+    let telemetry = common::unique_topic("dl-telemetry");
+    for t in [&commands, &status, &telemetry] {
+        common::create_topic(t, 1);
+    }
+    let mut gw = gateway(
+        GatewayToml::new()
+            .id(GATEWAY)
+            .route("#", &telemetry)
+            .raw(&format!(
+                r#"
+        [[downlink]]
+        topic = "{commands}"
+        mqtt_topic = "devices/{{key}}/commands"
+        status_topic = "{status}"
+        "#
+            )),
+    )
+    .pin_addresses()
+    .start_process();
+    let addr = gw.mqtt_addr();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let device = || SubscriberOptions::new("pump7").v5().persistent(3600);
+    runtime.block_on(async {
+        let mut d = Subscriber::connect(addr, device()).await;
+        assert_eq!(d.subscribe("devices/pump7/commands", 1).await, 1);
+        d.disconnect().await;
+    });
+
+    // While the device is away: 50 commands for it, 5 for another gateway (skipped), one
+    // that expires in a second, one for a device with no session.
+    let ours = [("edgegate-gateway", GATEWAY)];
+    let lines: Vec<String> = (0..50).map(|i| format!("cmd-{i}")).collect();
+    produce(&commands, "pump7", &ours, &lines);
+    produce(
+        &commands,
+        "pump7",
+        &[("edgegate-gateway", "gw-other")],
+        &(0..5).map(|i| format!("other-{i}")).collect::<Vec<_>>(),
+    );
+    produce(
+        &commands,
+        "pump7",
+        &[("edgegate-gateway", GATEWAY), ("edgegate-expiry", "1")],
+        &["stale".to_owned()],
+    );
+    produce(&commands, "nobody", &ours, &["lost".to_owned()]);
+    // "lost" was produced last: once it is reported, everything before it was taken. The
+    // stale one may have expired before the gateway read it (reported at once) or wait in
+    // the queue until the device comes (reported then).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, metrics) = common::http_get(gw.admin_addr(), "/metrics");
+        let no_session = common::metric(
+            &metrics,
+            "edgegate_downlink_outcomes_total{outcome=\"no_session\"}",
+        );
+        let queued = readiness(&gw)["broker"]["queued_messages"]
+            .as_u64()
+            .unwrap_or(0);
+        if no_session == Some(1.0) && queued >= 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the commands never arrived: {queued} queued, {no_session:?} reported"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The gateway dies, Kafka goes away, the gateway comes back without Kafka.
+    gw.kill();
+    kafka.stop_broker();
+    gw.restart();
+    runtime.block_on(async {
+        let mut d = Subscriber::connect(addr, device()).await;
+        assert!(d.session_present);
+        let got = d.recv(60, Duration::from_secs(3)).await;
+        assert_eq!(
+            got.iter().map(Received::text).collect::<Vec<_>>(),
+            lines,
+            "every unexpired command exactly once, in order, with Kafka down"
+        );
+        d.disconnect().await;
+    });
+    kafka.start_broker();
+    // Nothing is taken twice once Kafka is back (its offsets may be behind the journal).
+    std::thread::sleep(Duration::from_secs(5));
+    runtime.block_on(async {
+        let mut d = Subscriber::connect(addr, device()).await;
+        assert!(
+            d.recv(1, Duration::from_secs(3)).await.is_empty(),
+            "no command twice"
+        );
+        d.disconnect().await;
+    });
+
+    let outcomes = common::consume_all_blocking(&status, 52, Duration::from_secs(60));
+    let mut kinds = std::collections::HashMap::new();
+    for o in &outcomes {
+        let v: serde_json::Value =
+            serde_json::from_slice(o.payload.as_deref().unwrap_or_default()).expect("JSON");
+        *kinds
+            .entry(v["outcome"].as_str().unwrap_or("?").to_owned())
+            .or_insert(0) += 1;
+        assert_eq!(v["topic"], commands.as_str());
+    }
+    assert_eq!(kinds.get("delivered"), Some(&50), "{kinds:?}");
+    assert_eq!(kinds.get("expired"), Some(&1), "{kinds:?}");
+    assert_eq!(kinds.get("no_session"), Some(&1), "{kinds:?}");
+    assert_eq!(outcomes.len(), 52, "one outcome per command: {kinds:?}");
+}
