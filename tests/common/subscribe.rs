@@ -161,6 +161,19 @@ impl Subscriber {
         }
     }
 
+    /// MQTT 5: publishes a reply with a Response Topic-style correlation.
+    pub async fn publish_correlated(&self, topic: &str, payload: &[u8], correlation: &[u8]) {
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        let c = self.v5.as_ref().expect("an MQTT 5 client");
+        let props = PublishProperties {
+            correlation_data: Some(bytes::Bytes::copy_from_slice(correlation)),
+            ..PublishProperties::default()
+        };
+        c.publish_with_properties(topic, qos_v5(1), false, payload.to_vec(), props)
+            .await
+            .expect("publish");
+    }
+
     /// The next `n` messages, or fewer if none arrives for `quiet`.
     pub async fn recv(&mut self, n: usize, quiet: Duration) -> Vec<Received> {
         let mut out = Vec::with_capacity(n);
