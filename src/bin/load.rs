@@ -96,6 +96,11 @@ struct Args {
     hold: f64,
 }
 
+/// A connection the gateway closes before its CONNACK (its per-address connection rate,
+/// 100/s by default) is tried again this often, this many times, rather than lost.
+const CONNECT_RETRIES: u32 = 50;
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 /// The TLS client configuration built from `--tls-*`, shared by every connection.
 static TLS: std::sync::OnceLock<Option<Arc<tokio_rustls::rustls::ClientConfig>>> =
     std::sync::OnceLock::new();
@@ -230,6 +235,8 @@ struct ConnResult {
     failed: HashMap<String, u64>,
     /// CoAP requests sent again after their ACK timeout.
     retransmissions: u64,
+    /// Connections closed before CONNACK and tried again.
+    connect_retries: u64,
 }
 
 #[tokio::main]
@@ -336,6 +343,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if errors > 0 {
         println!("connection errors: {errors}");
+    }
+    let retries: u64 = results.iter().map(|r| r.connect_retries).sum();
+    if retries > 0 {
+        println!("connects retried: {retries} (closed by the gateway before CONNACK)");
     }
     if let Some(verifier) = verifier {
         let expected: HashSet<(usize, u64)> = results
@@ -463,6 +474,7 @@ async fn connection(
     let mut next_out = 0u64;
     let mut pending: HashMap<u16, (u64, Instant)> = HashMap::new();
     let mut published: Option<u64> = None;
+    let mut connected = false;
     loop {
         if stop.load(Ordering::Relaxed) {
             publisher.1.store(true, Ordering::Relaxed);
@@ -479,11 +491,16 @@ async fn connection(
         let event = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
         match event {
             Err(_) => continue,
+            Ok(Err(_)) if !connected && result.connect_retries < u64::from(CONNECT_RETRIES) => {
+                result.connect_retries += 1;
+                tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+            }
             Ok(Err(e)) => {
                 result.errors += 1;
                 eprintln!("connection {conn}: {e}");
                 break;
             }
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => connected = true,
             Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
                 if qos == QoS::AtMostOnce {
                     result.acked.push(next_out);
@@ -585,6 +602,7 @@ mod v5 {
         let mut next_out = 0u64;
         let mut pending: HashMap<u16, (u64, Instant)> = HashMap::new();
         let mut published: Option<u64> = None;
+        let mut connected = false;
         loop {
             if stop.load(Ordering::Relaxed) {
                 flag.store(true, Ordering::Relaxed);
@@ -599,11 +617,16 @@ mod v5 {
             }
             match tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await {
                 Err(_) => continue,
+                Ok(Err(_)) if !connected && result.connect_retries < u64::from(CONNECT_RETRIES) => {
+                    result.connect_retries += 1;
+                    tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                }
                 Ok(Err(e)) => {
                     result.errors += 1;
                     eprintln!("connection {conn}: {e}");
                     break;
                 }
+                Ok(Ok(Event5::Incoming(Packet5::ConnAck(_)))) => connected = true,
                 Ok(Ok(Event5::Outgoing(Outgoing::Publish(pkid)))) => {
                     if qos == QoS::AtMostOnce {
                         result.acked.push(next_out);
