@@ -974,14 +974,22 @@ mod subscribe {
                 let distinct = Arc::new(AtomicU64::new(0));
                 let (ready_tx, ready_rx) = oneshot::channel();
                 ready.push(ready_rx);
+                let check = Check {
+                    prefix: format!("{run}:"),
+                    topics: Arc::clone(&topics),
+                    wanted: Arc::clone(&wanted),
+                    size: args.payload,
+                    max_seq: if args.duration.is_some() {
+                        MAX_SEQ
+                    } else {
+                        per_conn
+                    },
+                };
                 let task = tokio::spawn(subscriber(
                     args.clone(),
                     format!("sub-{run}-{i}"),
-                    format!("{run}:"),
                     filters.clone(),
-                    Arc::clone(&wanted),
-                    Arc::clone(&topics),
-                    per_conn,
+                    check,
                     Arc::clone(&distinct),
                     ready_tx,
                     stop.clone(),
@@ -1104,11 +1112,11 @@ mod subscribe {
             })
         }
 
-        /// "N subscribers (...): k × [filters], ..." in the order the filters were given.
+        /// "N (...): k × filter, filter; k × filter" in the order the filters were given.
         pub fn describe(&self, args: &Args) -> String {
             let mut groups: Vec<(String, usize)> = Vec::new();
             for s in &self.subscribers {
-                let name = s.filters.join(",");
+                let name = s.filters.join(", ");
                 match groups.iter_mut().find(|(f, _)| *f == name) {
                     Some((_, n)) => *n += 1,
                     None => groups.push((name, 1)),
@@ -1119,22 +1127,32 @@ mod subscribe {
                 "{} (MQTT 3.1.1, QoS {}, subscribed before the first publish): {}",
                 self.subscribers.len(),
                 args.sub_qos,
-                groups.join(", ")
+                groups.join("; ")
             )
         }
     }
 
+    /// What a subscriber checks each delivery against.
+    struct Check {
+        /// This run's payloads start with it: `<run>:`.
+        prefix: String,
+        /// By publisher connection: its topic.
+        topics: Arc<[String]>,
+        /// By publisher connection: whether one of the subscriber's filters matches its topic.
+        wanted: Arc<[bool]>,
+        /// `--payload`.
+        size: usize,
+        /// Sequence numbers from here on are no publisher's.
+        max_seq: usize,
+    }
+
     /// One subscriber: connect, subscribe, say so on `ready`, then record every delivery
     /// until `stop`.
-    #[allow(clippy::too_many_arguments)]
     async fn subscriber(
         args: Args,
         client_id: String,
-        prefix: String,
         filters: Vec<String>,
-        wanted: Arc<[bool]>,
-        topics: Arc<[String]>,
-        per_conn: usize,
+        check: Check,
         distinct: Arc<AtomicU64>,
         ready: oneshot::Sender<Result<(), String>>,
         stop: CancellationToken,
@@ -1152,24 +1170,23 @@ mod subscribe {
             options.set_transport(t);
         }
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        // With `--count` each publisher's share is known: room for it up front, so the hot
+        // loop does not reallocate.
+        let room = if check.max_seq < MAX_SEQ {
+            check.max_seq
+        } else {
+            0
+        };
         let mut r = Received {
-            copies: wanted
+            copies: check
+                .wanted
                 .iter()
-                .map(|w| Vec::with_capacity(if *w { per_conn } else { 0 }))
+                .map(|w| Vec::with_capacity(if *w { room } else { 0 }))
                 .collect(),
-            highest: vec![None; wanted.len()],
+            highest: vec![None; check.wanted.len()],
             ..Received::default()
         };
         let mut ready = Some(ready);
-        let requests = filters
-            .iter()
-            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos));
-        if let Err(e) = client.subscribe_many(requests).await {
-            if let Some(tx) = ready.take() {
-                let _ = tx.send(Err(e.to_string()));
-            }
-            return r;
-        }
         let (mut connected, mut retries) = (false, 0u32);
         loop {
             let event = tokio::select! {
@@ -1178,10 +1195,19 @@ mod subscribe {
                 event = eventloop.poll() => event,
             };
             match event {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    r.record(&p, &prefix, &wanted, &topics, args.payload, &distinct)
+                Ok(Event::Incoming(Packet::Publish(p))) => r.record(&p, &check, &distinct),
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    let requests = filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos));
+                    if let Err(e) = client.try_subscribe_many(requests) {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                        break;
+                    }
                 }
-                Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     let refused = ack
                         .return_codes
@@ -1217,27 +1243,21 @@ mod subscribe {
         r
     }
 
-    /// Sequence numbers beyond this are not a run's: counted as corrupt, not stored.
-    const MAX_SEQ: usize = 1 << 32;
+    /// With `--duration`, sequence numbers beyond this are not a run's: counted as corrupt,
+    /// not stored (with `--count`, those beyond a connection's share are).
+    const MAX_SEQ: usize = 1 << 28;
 
     impl Received {
-        fn record(
-            &mut self,
-            p: &rumqttc::Publish,
-            prefix: &str,
-            wanted: &[bool],
-            topics: &[String],
-            size: usize,
-            distinct: &AtomicU64,
-        ) {
+        fn record(&mut self, p: &rumqttc::Publish, check: &Check, distinct: &AtomicU64) {
+            let prefix = check.prefix.as_str();
             let Some((conn, seq)) = parse_id(&p.payload, prefix) else {
                 return;
             };
             self.deliveries += 1;
             self.last = Some(Instant::now());
             let (Some(topic), Some(seq)) = (
-                topics.get(conn),
-                usize::try_from(seq).ok().filter(|s| *s < MAX_SEQ),
+                check.topics.get(conn),
+                usize::try_from(seq).ok().filter(|s| *s < check.max_seq),
             ) else {
                 self.corrupt += 1;
                 return;
@@ -1248,10 +1268,10 @@ mod subscribe {
                     .take_while(|b| **b != b'|')
                     .count()
                 + 1;
-            if p.topic != *topic || p.payload.len() != size.max(id_len) {
+            if p.topic != *topic || p.payload.len() != check.size.max(id_len) {
                 self.corrupt += 1;
             }
-            if !wanted[conn] {
+            if !check.wanted[conn] {
                 self.unmatched += 1;
             }
             let copies = &mut self.copies[conn];
