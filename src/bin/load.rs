@@ -304,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     let cpu_before = args.gateway_pid.and_then(cpu_seconds);
+    let own_cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for conn in 0..args.connections {
@@ -427,6 +428,16 @@ async fn main() -> anyhow::Result<()> {
                 "gateway CPU: user {user:.2} s + sys {sys:.2} s = {:.1} µs per acknowledged message (Kafka forwarding included)",
                 (user + sys) * 1e6 / acked.max(1) as f64
             );
+            // On a small machine the load generator competes with the gateway: say how much.
+            if let (Some((u0, s0)), Some((u1, s1))) =
+                (own_cpu_before, cpu_seconds(std::process::id()))
+            {
+                println!(
+                    "edgegate-load CPU: user {:.2} s + sys {:.2} s (publishers, subscribers, Kafka check)",
+                    u1 - u0,
+                    s1 - s0
+                );
+            }
             if let Some(fanout) = &fanout {
                 println!(
                     "gateway CPU per delivery: {:.2} µs (all of it, publishing and forwarding included, over {} deliveries)",
