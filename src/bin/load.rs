@@ -12,6 +12,12 @@
 //! window of `--inflight` outstanding requests; "acknowledged" is the 2.04 Changed, piggybacked
 //! or separate. The counting, latency percentiles, verification and report are shared.
 //!
+//! With `--subscribers N` the gateway's local broker is measured too (see [`subscribe`]): N
+//! MQTT 3.1.1 subscribers on `--filter`s that may overlap have their SUBACK before the first
+//! publish; the report adds deliveries per second (all subscribers, first publish to last
+//! delivery) beside the publish rate, and checks that each subscriber got every acknowledged
+//! message its filters match, once, in its publisher's order.
+//!
 //! Each payload starts with `<run>:<connection>:<sequence>|` and is padded to `--payload`
 //! bytes, so verification needs nothing but the topic.
 
@@ -94,7 +100,32 @@ struct Args {
     /// Seconds to hold idle connections open.
     #[arg(long, default_value_t = 5.0)]
     hold: f64,
+    /// Local subscribers: MQTT 3.1.1 connections that subscribe before the first publish,
+    /// then count what the gateway delivers them and check it against what they asked for.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    subscribers: usize,
+    /// A subscriber's topic filter (several for one subscriber: separated by `,`). Repeat it
+    /// to make filters overlap: subscriber i takes the (i mod n)-th value. Default: `--topic`
+    /// with `{conn}` as `+`, so every subscriber gets every message.
+    #[arg(long = "filter", value_name = "F")]
+    filters: Vec<String>,
+    /// QoS the subscribers ask for (a delivery has the lower of it and `--qos`).
+    #[arg(long, default_value_t = 1, value_name = "Q")]
+    sub_qos: u8,
+    /// Once every publish is acknowledged, how long subscribers may go without a new
+    /// message before what has not arrived counts as missing.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    drain_timeout: f64,
 }
+
+/// When the first publish of the run went out: where deliveries per second start from.
+static FIRST_PUBLISH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// A connection the gateway closes before its CONNACK (its per-address connection rate,
+/// 100/s by default, when subscribers connect too) is tried again this often, this many
+/// times, rather than lost.
+const CONNECT_RETRIES: u32 = 50;
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The TLS client configuration built from `--tls-*`, shared by every connection.
 static TLS: std::sync::OnceLock<Option<Arc<tokio_rustls::rustls::ClientConfig>>> =
@@ -230,13 +261,18 @@ struct ConnResult {
     failed: HashMap<String, u64>,
     /// CoAP requests sent again after their ACK timeout.
     retransmissions: u64,
+    /// Connections closed before CONNACK and tried again.
+    connect_retries: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.qos > 2 || !(args.protocol == 4 || args.protocol == 5) {
-        bail!("--qos must be 0..=2 and --protocol 4 or 5");
+    if args.qos > 2 || args.sub_qos > 2 || !(args.protocol == 4 || args.protocol == 5) {
+        bail!("--qos and --sub-qos must be 0..=2 and --protocol 4 or 5");
+    }
+    if args.subscribers > 0 && (args.coap.is_some() || args.idle.is_some()) {
+        bail!("--subscribers needs MQTT publishers (not --coap or --idle)");
     }
     if args.coap.is_some() && args.inflight > coap::GATEWAY_PER_PEER {
         eprintln!(
@@ -260,7 +296,15 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    // Every subscriber has its SUBACK before the first publish, so each should get every
+    // message its filters match.
+    let fanout = if args.subscribers > 0 {
+        Some(subscribe::Fanout::start(&args, &run, per_conn).await?)
+    } else {
+        None
+    };
     let cpu_before = args.gateway_pid.and_then(cpu_seconds);
+    let own_cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for conn in 0..args.connections {
@@ -337,6 +381,18 @@ async fn main() -> anyhow::Result<()> {
     if errors > 0 {
         println!("connection errors: {errors}");
     }
+    let retries: u64 = results.iter().map(|r| r.connect_retries).sum();
+    if retries > 0 {
+        println!("connects retried: {retries} (closed by the gateway before CONNACK)");
+    }
+    let fanout = match fanout {
+        Some(fanout) => {
+            println!("subscribers: {}", fanout.describe(&args));
+            let rate = acked as f64 / elapsed.as_secs_f64();
+            Some(fanout.finish(&args, &results, rate).await?)
+        }
+        None => None,
+    };
     if let Some(verifier) = verifier {
         let expected: HashSet<(usize, u64)> = results
             .iter()
@@ -371,6 +427,31 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "gateway CPU: user {user:.2} s + sys {sys:.2} s = {:.1} µs per acknowledged message (Kafka forwarding included)",
                 (user + sys) * 1e6 / acked.max(1) as f64
+            );
+            // On a small machine the load generator competes with the gateway: say how much.
+            if let (Some((u0, s0)), Some((u1, s1))) =
+                (own_cpu_before, cpu_seconds(std::process::id()))
+            {
+                println!(
+                    "edgegate-load CPU: user {:.2} s + sys {:.2} s (publishers, subscribers, Kafka check)",
+                    u1 - u0,
+                    s1 - s0
+                );
+            }
+            if let Some(fanout) = &fanout {
+                println!(
+                    "gateway CPU per delivery: {:.2} µs (all of it, publishing and forwarding included, over {} deliveries)",
+                    (user + sys) * 1e6 / fanout.deliveries.max(1) as f64,
+                    fanout.deliveries
+                );
+            }
+        }
+    }
+    if let Some(fanout) = fanout {
+        if fanout.violations > 0 {
+            bail!(
+                "{} deliveries broke the contract (out of order, duplicated, outside the filters or corrupt)",
+                fanout.violations
             );
         }
     }
@@ -463,6 +544,7 @@ async fn connection(
     let mut next_out = 0u64;
     let mut pending: HashMap<u16, (u64, Instant)> = HashMap::new();
     let mut published: Option<u64> = None;
+    let mut connected = false;
     loop {
         if stop.load(Ordering::Relaxed) {
             publisher.1.store(true, Ordering::Relaxed);
@@ -479,12 +561,20 @@ async fn connection(
         let event = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
         match event {
             Err(_) => continue,
+            Ok(Err(_)) if !connected && result.connect_retries < u64::from(CONNECT_RETRIES) => {
+                result.connect_retries += 1;
+                tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+            }
             Ok(Err(e)) => {
                 result.errors += 1;
                 eprintln!("connection {conn}: {e}");
                 break;
             }
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => connected = true,
             Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                if next_out == 0 {
+                    FIRST_PUBLISH.get_or_init(Instant::now);
+                }
                 if qos == QoS::AtMostOnce {
                     result.acked.push(next_out);
                 } else {
@@ -585,6 +675,7 @@ mod v5 {
         let mut next_out = 0u64;
         let mut pending: HashMap<u16, (u64, Instant)> = HashMap::new();
         let mut published: Option<u64> = None;
+        let mut connected = false;
         loop {
             if stop.load(Ordering::Relaxed) {
                 flag.store(true, Ordering::Relaxed);
@@ -599,12 +690,20 @@ mod v5 {
             }
             match tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await {
                 Err(_) => continue,
+                Ok(Err(_)) if !connected && result.connect_retries < u64::from(CONNECT_RETRIES) => {
+                    result.connect_retries += 1;
+                    tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                }
                 Ok(Err(e)) => {
                     result.errors += 1;
                     eprintln!("connection {conn}: {e}");
                     break;
                 }
+                Ok(Ok(Event5::Incoming(Packet5::ConnAck(_)))) => connected = true,
                 Ok(Ok(Event5::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if next_out == 0 {
+                        FIRST_PUBLISH.get_or_init(Instant::now);
+                    }
                     if qos == QoS::AtMostOnce {
                         result.acked.push(next_out);
                     } else {
@@ -777,6 +876,449 @@ fn parse_id(value: &[u8], prefix: &str) -> Option<(usize, u64)> {
     let text = std::str::from_utf8(&rest[..end]).ok()?;
     let (conn, seq) = text.split_once(':')?;
     Some((conn.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Local subscribers (`--subscribers`): MQTT 3.1.1 connections that subscribe before the
+/// first publish and check every delivery of this run against the publishers' results: each
+/// acknowledged message whose topic one of the subscriber's filters matches must arrive, once,
+/// in its publisher's order, on its topic, whole. Messages of other runs are ignored.
+mod subscribe {
+    use std::sync::atomic::AtomicU64;
+
+    use rumqttc::SubscribeReasonCode;
+    use tokio::sync::oneshot;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// How long a subscriber may take to connect and subscribe.
+    const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The subscribers of a run, subscribed and counting.
+    pub struct Fanout {
+        subscribers: Vec<Subscriber>,
+        stop: CancellationToken,
+    }
+
+    struct Subscriber {
+        filters: Vec<String>,
+        /// By publisher connection: whether one of the filters matches its topic.
+        wanted: Arc<[bool]>,
+        /// Messages received at least once so far, read to know when deliveries stop.
+        distinct: Arc<AtomicU64>,
+        task: tokio::task::JoinHandle<Received>,
+    }
+
+    /// What one subscriber received.
+    #[derive(Default)]
+    struct Received {
+        /// By publisher connection, by sequence number: copies received (saturating).
+        copies: Vec<Vec<u8>>,
+        /// By publisher connection: the highest sequence number received.
+        highest: Vec<Option<usize>>,
+        /// Copies of this run's messages, duplicates included.
+        deliveries: u64,
+        /// First copies that came after a later message of the same publisher.
+        out_of_order: u64,
+        /// Messages whose publisher's topic none of the filters match.
+        unmatched: u64,
+        /// Messages on another topic than their publisher's, or of another length.
+        corrupt: u64,
+        last: Option<Instant>,
+        errors: u64,
+    }
+
+    /// What [`Fanout::finish`] found, for the CPU line and the exit status.
+    pub struct Summary {
+        pub deliveries: u64,
+        /// Out of order, duplicated, outside the filters or corrupt: never allowed.
+        pub violations: u64,
+    }
+
+    /// Whether `topic` matches the MQTT topic filter `filter` (`+` one level, `#` the rest;
+    /// neither at the first level matches a `$` topic). Written apart from the gateway's
+    /// own matcher on purpose: this is what checks it.
+    pub fn matches(filter: &str, topic: &str) -> bool {
+        if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+            return false;
+        }
+        let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+        loop {
+            match (f.next(), t.next()) {
+                (Some("#"), _) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    impl Fanout {
+        /// Connects `--subscribers` subscribers and returns once every one has its SUBACK.
+        pub async fn start(args: &Args, run: &str, per_conn: usize) -> anyhow::Result<Fanout> {
+            let values = if args.filters.is_empty() {
+                vec![args.topic.replace("{conn}", "+")]
+            } else {
+                args.filters.clone()
+            };
+            let topics: Arc<[String]> = (0..args.connections)
+                .map(|c| args.topic.replace("{conn}", &c.to_string()))
+                .collect();
+            let stop = CancellationToken::new();
+            let mut subscribers = Vec::with_capacity(args.subscribers);
+            let mut ready = Vec::with_capacity(args.subscribers);
+            for i in 0..args.subscribers {
+                let filters: Vec<String> = values[i % values.len()]
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect();
+                if let Some(f) = filters.iter().find(|f| f.starts_with("$share/")) {
+                    bail!(
+                        "--filter {f}: a shared subscription splits messages between its members; the check needs every subscriber to get every match"
+                    );
+                }
+                let wanted: Arc<[bool]> = topics
+                    .iter()
+                    .map(|t| filters.iter().any(|f| matches(f, t)))
+                    .collect();
+                let distinct = Arc::new(AtomicU64::new(0));
+                let (ready_tx, ready_rx) = oneshot::channel();
+                ready.push(ready_rx);
+                let check = Check {
+                    prefix: format!("{run}:"),
+                    topics: Arc::clone(&topics),
+                    wanted: Arc::clone(&wanted),
+                    size: args.payload,
+                    max_seq: if args.duration.is_some() {
+                        MAX_SEQ
+                    } else {
+                        per_conn
+                    },
+                };
+                let task = tokio::spawn(subscriber(
+                    args.clone(),
+                    format!("sub-{run}-{i}"),
+                    filters.clone(),
+                    check,
+                    Arc::clone(&distinct),
+                    ready_tx,
+                    stop.clone(),
+                ));
+                subscribers.push(Subscriber {
+                    filters,
+                    wanted,
+                    distinct,
+                    task,
+                });
+            }
+            for (i, rx) in ready.into_iter().enumerate() {
+                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(why))) => bail!("subscriber {i}: {why}"),
+                    Ok(Err(_)) => bail!("subscriber {i} ended before its SUBACK"),
+                    Err(_) => bail!("subscriber {i}: no SUBACK within {SUBSCRIBE_TIMEOUT:?}"),
+                }
+            }
+            Ok(Fanout { subscribers, stop })
+        }
+
+        /// Once publishing is over: waits until every subscriber has what it should get, or
+        /// nothing new arrived for `--drain-timeout`, then reports what arrived.
+        pub async fn finish(
+            self,
+            args: &Args,
+            results: &[ConnResult],
+            publish_rate: f64,
+        ) -> anyhow::Result<Summary> {
+            let expected: Vec<u64> = self
+                .subscribers
+                .iter()
+                .map(|s| {
+                    results
+                        .iter()
+                        .zip(s.wanted.iter())
+                        .filter(|(_, wanted)| **wanted)
+                        .map(|(r, _)| r.acked.len() as u64)
+                        .sum()
+                })
+                .collect();
+            let drain = Duration::from_secs_f64(args.drain_timeout);
+            let (mut total, mut moved) = (0u64, Instant::now());
+            loop {
+                let distinct: Vec<u64> = self
+                    .subscribers
+                    .iter()
+                    .map(|s| s.distinct.load(Ordering::Relaxed))
+                    .collect();
+                if distinct.iter().zip(&expected).all(|(d, e)| d >= e) {
+                    break;
+                }
+                let now: u64 = distinct.iter().sum();
+                if now != total {
+                    (total, moved) = (now, Instant::now());
+                } else if moved.elapsed() >= drain {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.stop.cancel();
+            let (mut missing, mut duplicates) = (0u64, 0u64);
+            let (mut out_of_order, mut unmatched, mut corrupt, mut errors) = (0, 0, 0, 0);
+            let (mut deliveries, mut last) = (0u64, None::<Instant>);
+            let (mut fewest, mut most) = (u64::MAX, 0u64);
+            for s in self.subscribers {
+                let r = s.task.await.context("subscriber task")?;
+                for (c, result) in results.iter().enumerate() {
+                    let copies = r.copies.get(c).map_or(&[][..], Vec::as_slice);
+                    if s.wanted[c] {
+                        missing += result
+                            .acked
+                            .iter()
+                            .filter(|seq| {
+                                usize::try_from(**seq)
+                                    .ok()
+                                    .and_then(|i| copies.get(i))
+                                    .is_none_or(|n| *n == 0)
+                            })
+                            .count() as u64;
+                    }
+                    duplicates += copies
+                        .iter()
+                        .map(|n| u64::from(n.saturating_sub(1)))
+                        .sum::<u64>();
+                }
+                out_of_order += r.out_of_order;
+                unmatched += r.unmatched;
+                corrupt += r.corrupt;
+                errors += r.errors;
+                deliveries += r.deliveries;
+                (fewest, most) = (fewest.min(r.deliveries), most.max(r.deliveries));
+                last = last.max(r.last);
+            }
+            let expected_total: u64 = expected.iter().sum();
+            let secs = match (FIRST_PUBLISH.get(), last) {
+                (Some(first), Some(last)) => last.duration_since(*first).as_secs_f64(),
+                _ => f64::NAN,
+            };
+            println!(
+                "delivered: {deliveries} of {expected_total} expected in {secs:.2} s = {:.0} deliveries/s to {} subscribers (first publish to last delivery; published {publish_rate:.0} msgs/s)",
+                deliveries as f64 / secs,
+                expected.len(),
+            );
+            println!(
+                "delivery check: {missing} missing, {out_of_order} out of order, {duplicates} duplicates, {unmatched} outside the filters, {corrupt} corrupt; {fewest} to {most} per subscriber"
+            );
+            if missing > 0 {
+                println!(
+                    "note: a full session queue drops that subscriber's copy (max_queued_messages, max_queued_bytes): see edgegate_local_dropped_total"
+                );
+            }
+            if errors > 0 {
+                println!("subscriber errors: {errors}");
+            }
+            Ok(Summary {
+                deliveries,
+                violations: out_of_order + duplicates + unmatched + corrupt,
+            })
+        }
+
+        /// "N (...): k × filter, filter; k × filter" in the order the filters were given.
+        pub fn describe(&self, args: &Args) -> String {
+            let mut groups: Vec<(String, usize)> = Vec::new();
+            for s in &self.subscribers {
+                let name = s.filters.join(", ");
+                match groups.iter_mut().find(|(f, _)| *f == name) {
+                    Some((_, n)) => *n += 1,
+                    None => groups.push((name, 1)),
+                }
+            }
+            let groups: Vec<String> = groups.iter().map(|(f, n)| format!("{n} × {f}")).collect();
+            format!(
+                "{} (MQTT 3.1.1, QoS {}, subscribed before the first publish): {}",
+                self.subscribers.len(),
+                args.sub_qos,
+                groups.join("; ")
+            )
+        }
+    }
+
+    /// What a subscriber checks each delivery against.
+    struct Check {
+        /// This run's payloads start with it: `<run>:`.
+        prefix: String,
+        /// By publisher connection: its topic.
+        topics: Arc<[String]>,
+        /// By publisher connection: whether one of the subscriber's filters matches its topic.
+        wanted: Arc<[bool]>,
+        /// `--payload`.
+        size: usize,
+        /// Sequence numbers from here on are no publisher's.
+        max_seq: usize,
+    }
+
+    /// One subscriber: connect, subscribe, say so on `ready`, then record every delivery
+    /// until `stop`.
+    async fn subscriber(
+        args: Args,
+        client_id: String,
+        filters: Vec<String>,
+        check: Check,
+        distinct: Arc<AtomicU64>,
+        ready: oneshot::Sender<Result<(), String>>,
+        stop: CancellationToken,
+    ) -> Received {
+        let (host, port) = split_addr(&args.mqtt);
+        let qos = match args.sub_qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        if let Some(t) = transport() {
+            options.set_transport(t);
+        }
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        // With `--count` each publisher's share is known: room for it up front, so the hot
+        // loop does not reallocate.
+        let room = if check.max_seq < MAX_SEQ {
+            check.max_seq
+        } else {
+            0
+        };
+        let mut r = Received {
+            copies: check
+                .wanted
+                .iter()
+                .map(|w| Vec::with_capacity(if *w { room } else { 0 }))
+                .collect(),
+            highest: vec![None; check.wanted.len()],
+            ..Received::default()
+        };
+        let mut ready = Some(ready);
+        let (mut connected, mut retries) = (false, 0u32);
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => r.record(&p, &check, &distinct),
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    let requests = filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos));
+                    if let Err(e) = client.try_subscribe_many(requests) {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure));
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(if refused {
+                            Err(format!("the gateway refused {filters:?}"))
+                        } else {
+                            Ok(())
+                        });
+                    }
+                }
+                Ok(_) => {}
+                Err(_) if !connected && retries < CONNECT_RETRIES => {
+                    retries += 1;
+                    tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                }
+                Err(e) => {
+                    r.errors += 1;
+                    match ready.take() {
+                        Some(tx) => {
+                            let _ = tx.send(Err(e.to_string()));
+                        }
+                        None => eprintln!("subscriber {filters:?}: {e}"),
+                    }
+                    break;
+                }
+            }
+        }
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+        r
+    }
+
+    /// With `--duration`, sequence numbers beyond this are not a run's: counted as corrupt,
+    /// not stored (with `--count`, those beyond a connection's share are).
+    const MAX_SEQ: usize = 1 << 28;
+
+    impl Received {
+        fn record(&mut self, p: &rumqttc::Publish, check: &Check, distinct: &AtomicU64) {
+            let prefix = check.prefix.as_str();
+            let Some((conn, seq)) = parse_id(&p.payload, prefix) else {
+                return;
+            };
+            self.deliveries += 1;
+            self.last = Some(Instant::now());
+            let (Some(topic), Some(seq)) = (
+                check.topics.get(conn),
+                usize::try_from(seq).ok().filter(|s| *s < check.max_seq),
+            ) else {
+                self.corrupt += 1;
+                return;
+            };
+            let id_len = prefix.len()
+                + p.payload[prefix.len()..]
+                    .iter()
+                    .take_while(|b| **b != b'|')
+                    .count()
+                + 1;
+            if p.topic != *topic || p.payload.len() != check.size.max(id_len) {
+                self.corrupt += 1;
+            }
+            if !check.wanted[conn] {
+                self.unmatched += 1;
+            }
+            let copies = &mut self.copies[conn];
+            if copies.len() <= seq {
+                copies.resize(seq + 1, 0);
+            }
+            if copies[seq] == 0 {
+                distinct.fetch_add(1, Ordering::Relaxed);
+                if self.highest[conn].is_some_and(|h| h > seq) {
+                    self.out_of_order += 1;
+                }
+            }
+            copies[seq] = copies[seq].saturating_add(1);
+            self.highest[conn] = self.highest[conn].max(Some(seq));
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::matches;
+
+        #[test]
+        fn filters_match_as_mqtt_says() {
+            assert!(matches("load/#", "load/7/telemetry"));
+            assert!(matches("load/#", "load"));
+            assert!(matches("load/+/telemetry", "load/7/telemetry"));
+            assert!(matches("+/+/+", "load/7/telemetry"));
+            assert!(matches("#", "load/7/telemetry"));
+            assert!(!matches("load/+", "load/7/telemetry"));
+            assert!(!matches("load/+/telemetry", "load/7/status"));
+            assert!(!matches("load/7/telemetry/#", "load/7"));
+            assert!(!matches("#", "$SYS/x"));
+            assert!(!matches("+/x", "$SYS/x"));
+            assert!(matches("$SYS/#", "$SYS/x"));
+        }
+    }
 }
 
 /// CoAP mode: simulated devices sending confirmable POSTs (RFC 7252), encoded and decoded
