@@ -140,6 +140,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// The next frame if it is already whole in the read buffer; never reads. Lets the
+    /// session handle every packet one read brought (a subscriber's PUBACKs arrive dozens
+    /// at a time) before it writes, so what they free leaves in one write, not one each.
+    pub fn buffered_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        match parse_header(&self.read_buf, self.limit)? {
+            Some((header_len, frame_len)) if self.read_buf.len() >= frame_len => {
+                let raw = self.read_buf.split_to(frame_len);
+                Ok(Some(Frame { raw, header_len }))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Queues a packet; see [`packet::encode`] for when nothing is queued.
     pub fn queue(&mut self, version: Version, packet: &Outgoing) -> bool {
         packet::encode(version, packet, &mut self.write_buf)

@@ -77,7 +77,7 @@ use crate::reload::Live;
 use config::MqttConfig;
 use limit::Limiter;
 use registry::Registry;
-use session::Shared;
+use session::{Counters, Shared};
 use tokio_rustls::rustls::ServerConfig;
 
 /// Connections over the limit that may be answered "busy" at once; beyond that they are
@@ -196,6 +196,7 @@ pub async fn serve_listeners(
         auth,
         broker,
         shutdown: shutdown.clone(),
+        counters: Arc::new(Counters::new()),
     };
     let accepting = Accepting {
         shared,

@@ -64,6 +64,30 @@ pub struct Shared {
     /// Subscriptions, retained messages and session queues, shared by every connection.
     pub broker: Broker,
     pub shutdown: CancellationToken,
+    pub counters: Arc<Counters>,
+}
+
+/// Per-message counters as handles taken once for the listener: a lookup in the metrics
+/// registry per message (its labels hashed, a lock taken) showed in the uplink's profile.
+pub struct Counters {
+    /// `edgegate_mqtt_messages_total` by QoS.
+    received: [metrics::Counter; 3],
+    /// `edgegate_local_delivered_total` by QoS.
+    delivered: [metrics::Counter; 3],
+}
+
+impl Counters {
+    /// Takes the handles; call it after the metrics recorder is installed.
+    pub fn new() -> Counters {
+        let by_qos = |name: &'static str| {
+            [0, 1, 2]
+                .map(|qos: u8| metrics::counter!(name, "qos" => Delivery::Mqtt { qos }.label()))
+        };
+        Counters {
+            received: by_qos("edgegate_mqtt_messages_total"),
+            delivered: by_qos("edgegate_local_delivered_total"),
+        }
+    }
 }
 
 /// An append in flight and what to do when it resolves.
@@ -82,6 +106,10 @@ struct Completion {
 /// Messages from the broker written per turn of the loop, so a busy subscription does not
 /// starve reading.
 const DELIVER_BATCH: usize = 256;
+
+/// Packets already in the read buffer handled in one turn before writing, at most: enough to
+/// batch a read's worth of acks, few enough that one busy client does not hog its thread.
+const BUFFERED_PER_TURN: usize = 64;
 
 type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
 
@@ -288,8 +316,6 @@ struct Session<S> {
     outflight: Outflight,
     /// The client's Maximum Packet Size: larger messages are not sent [MQTT-3.1.2-24].
     client_max_packet: Option<u32>,
-    /// `edgegate_local_delivered_total` by QoS, kept as handles: bumped once per message.
-    delivered: [metrics::Counter; 3],
 }
 
 impl<S: Stream> Session<S> {
@@ -399,9 +425,6 @@ impl<S: Stream> Session<S> {
             attached,
             outflight,
             client_max_packet: connect.maximum_packet_size,
-            delivered: [0, 1, 2].map(|qos: u8| {
-                metrics::counter!("edgegate_local_delivered_total", "qos" => Delivery::Mqtt { qos }.label())
-            }),
         })
     }
 
@@ -409,6 +432,9 @@ impl<S: Stream> Session<S> {
     /// acknowledged before a server-side end (shutdown, takeover) returns.
     async fn serve(&mut self) -> End {
         let mailbox = Arc::clone(&self.attached.mailbox);
+        // One waiter for the session's life, renewed when it fires, not one per turn.
+        let notified = mailbox.notified();
+        tokio::pin!(notified);
         // What waited for this session while its client was away goes out first.
         self.deliver();
         let mut pressure = self.shared.pressure.clone();
@@ -439,10 +465,7 @@ impl<S: Stream> Session<S> {
                 }
             }
             let high = *pressure.borrow() == Pressure::High;
-            let slots_free = draining.is_none()
-                && self.pending_qos0 < receive_maximum
-                // 3.1.1 has no receive maximum: stop reading at the limit instead.
-                && (self.version == Version::V5 || self.inflight.storing() < receive_maximum);
+            let slots_free = draining.is_none() && self.slots_free(receive_maximum);
             let can_read = slots_free && (!high || throttled_read);
             if paused && can_read {
                 keepalive.as_mut().reset(Instant::now() + window);
@@ -466,7 +489,8 @@ impl<S: Stream> Session<S> {
                 }
                 // Messages for the client: taken as its Receive Maximum allows, so a full
                 // window leaves them queued in the mailbox (bounded) until acks free it.
-                () = mailbox.notified(), if draining.is_none() && self.outflight.slots() > 0 => {
+                () = &mut notified, if draining.is_none() && self.outflight.slots() > 0 => {
+                    notified.set(mailbox.notified());
                     self.deliver();
                 }
                 _ = self.shared.shutdown.cancelled(), if draining.is_none() => {
@@ -506,6 +530,29 @@ impl<S: Stream> Session<S> {
                     if let Err(end) = self.handle(packet) {
                         return end;
                     }
+                    // Whatever else that read brought is handled before the next write (a
+                    // subscriber's PUBACKs come dozens at a time, and the messages they free
+                    // should leave together). Not under pressure: there it is one read per
+                    // interval, and the slots are checked again before each packet.
+                    let mut more = BUFFERED_PER_TURN;
+                    while more > 0 && !high && self.slots_free(receive_maximum) {
+                        more -= 1;
+                        let frame = match self.conn.buffered_frame() {
+                            Ok(Some(frame)) => frame,
+                            Ok(None) => break,
+                            Err(e) => return self.framing_failed(&e),
+                        };
+                        let packet = match decode(self.version, frame, &self.shared) {
+                            Ok(packet) => packet,
+                            Err(e) => {
+                                protocol_error(self.peer, Some(&self.client_id), e);
+                                return End::new(Some(e.reason_code()), true, "protocol error");
+                            }
+                        };
+                        if let Err(end) = self.handle(packet) {
+                            return end;
+                        }
+                    }
                 }
                 _ = &mut keepalive, if can_read => {
                     timed_out(self.peer, Some(&self.client_id), "keepalive");
@@ -513,6 +560,13 @@ impl<S: Stream> Session<S> {
                 }
             }
         }
+    }
+
+    /// Whether another packet may be read: below the client's QoS 0 window and, for 3.1.1
+    /// (which has no receive maximum), below the limit of appends in flight.
+    fn slots_free(&self, receive_maximum: usize) -> bool {
+        self.pending_qos0 < receive_maximum
+            && (self.version == Version::V5 || self.inflight.storing() < receive_maximum)
     }
 
     fn framing_failed(&self, e: &FrameError) -> End {
@@ -763,7 +817,7 @@ impl<S: Stream> Session<S> {
             // Measured just above: cannot fail.
             let _ = encode_publish(version, &publish, buf);
         });
-        self.delivered[usize::from(qos.min(2))].increment(1);
+        self.shared.counters.delivered[usize::from(qos.min(2))].increment(1);
     }
 
     fn violation(&self, what: &'static str) -> End {
@@ -803,8 +857,7 @@ impl<S: Stream> Session<S> {
                 return Err(End::new(Some(0x93), true, "receive maximum exceeded"));
             }
         }
-        let delivery = Delivery::Mqtt { qos };
-        metrics::counter!("edgegate_mqtt_messages_total", "qos" => delivery.label()).increment(1);
+        self.shared.counters.received[usize::from(qos.min(2))].increment(1);
         // Built only when someone will use it: with no subscribers the uplink pays nothing.
         let message = (publish.retain || self.shared.broker.has_subscribers()).then(|| {
             Arc::new(Message {

@@ -159,6 +159,42 @@ async fn frames_split_across_reads_are_reassembled_and_eof_mid_frame_is_truncati
 }
 
 #[tokio::test]
+async fn buffered_frames_are_taken_without_reading_and_a_partial_one_waits() {
+    let (mut client, mut conn) = pair(1024).await;
+    // Three PUBACKs and the first byte of a fourth in one write, as a subscriber sends them.
+    client
+        .write_all(&[0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3, 0x40])
+        .await
+        .expect("write");
+    client.flush().await.expect("flush");
+    let first = conn.read_frame().await.expect("frame").expect("not eof");
+    assert_eq!(first.body(), &[0, 1]);
+    let mut ids = Vec::new();
+    while let Some(frame) = conn.buffered_frame().expect("frames") {
+        assert_eq!(frame.packet_type(), 4);
+        ids.push(frame.body()[1]);
+    }
+    assert_eq!(ids, [2, 3], "every whole frame already read, in order");
+    // The partial fourth is not taken until its bytes arrive, then it is read normally.
+    assert!(conn.buffered_frame().expect("no error").is_none());
+    client.write_all(&[2, 0, 4]).await.expect("write");
+    let fourth = conn.read_frame().await.expect("frame").expect("not eof");
+    assert_eq!(fourth.body(), &[0, 4]);
+    // A bad length in the buffer is the same error either way.
+    client
+        .write_all(&[0x40, 0xff, 0xff, 0xff, 0xff, 0x01])
+        .await
+        .expect("write");
+    client.flush().await.expect("flush");
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut result = conn.buffered_frame();
+    if matches!(result, Ok(None)) {
+        result = conn.read_frame().await;
+    }
+    assert!(matches!(result, Err(FrameError::BadLength)), "{result:?}");
+}
+
+#[tokio::test]
 async fn version_is_chosen_by_peeking_the_connect() {
     assert_eq!(
         peek_version(&frame(0x10, &connect_body("MQTT", 4)).await),
