@@ -178,6 +178,26 @@ impl Journal {
         }
     }
 
+    /// Resolves once everything appended before is durable.
+    pub fn sync(&self) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        let (done, result) = oneshot::channel();
+        let sent = self
+            .jobs
+            .send(Job {
+                record: Vec::new(),
+                done: Some(done),
+            })
+            .is_ok();
+        async move {
+            if !sent {
+                return Err("the journal's writer has stopped".to_owned());
+            }
+            result
+                .await
+                .unwrap_or_else(|_| Err("the journal's writer has stopped".to_owned()))
+        }
+    }
+
     /// Appends `body` without waiting: it is durable with the next batch.
     pub fn append_later(&self, body: &[u8]) {
         let _ = self.jobs.send(Job {

@@ -744,6 +744,12 @@ impl Broker {
         marks.get(&(topic.to_owned(), partition)).copied()
     }
 
+    /// Resolves once the sessions' journal holds everything recorded so far (the messages a
+    /// client acknowledged, in particular).
+    pub fn sync_sessions(&self) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        self.inner.journal.sync()
+    }
+
     /// Records that the downlink handled `offset`; resolves once durable. The journal
     /// commits in order, so anything queued before is durable then too.
     pub fn mark_handled(

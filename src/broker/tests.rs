@@ -327,3 +327,29 @@ async fn persistent_sessions_and_their_queued_messages_survive_a_reopen() {
     let dev = b.attach("dev", false, Some(None));
     assert!(!dev.session_present, "the clean start ended it for good");
 }
+
+#[tokio::test]
+async fn a_journal_sync_covers_what_was_appended_without_waiting() {
+    use super::journal::{self, Journal};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("j.journal");
+    let magic = *b"EGTESTJ1";
+    let found = journal::read(&path, &magic, 0).expect("read");
+    let j = Journal::start(&path, &magic, &found, Box::new(Vec::new)).expect("start");
+    for i in 0..100u32 {
+        j.append_later(&i.to_be_bytes());
+    }
+    j.sync().await.expect("sync");
+    // Read back as a restart would, while the writer is still running.
+    let bodies: Vec<Vec<u8>> = journal::read(&path, &magic, 0)
+        .expect("read")
+        .bodies
+        .iter()
+        .map(|b| b.to_vec())
+        .collect();
+    let want: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    assert_eq!(
+        bodies, want,
+        "every record appended before the sync, in order"
+    );
+}

@@ -1074,6 +1074,11 @@ impl<S: Stream> Session<S> {
                 .queue(self.version, &Outgoing::Disconnect { reason });
         }
         let limit = self.shared.config.connect_timeout.get();
+        if self.keep_session.is_some() {
+            // What the client acknowledged is on disk before it sees the connection close:
+            // a crash after a clean goodbye does not send those messages again.
+            let _ = tokio::time::timeout(limit, self.shared.broker.sync_sessions()).await;
+        }
         goodbye(&mut self.conn, limit).await;
         // Appends still pending finish in the log regardless; wait for them (briefly) so a
         // persistent session remembers which QoS 2 messages are stored.
