@@ -125,8 +125,25 @@ fn commands_wait_at_the_edge_across_a_sigkill_and_a_kafka_outage() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-
-    // The gateway dies, Kafka goes away, the gateway comes back without Kafka.
+    // What is held, how old the oldest is, and how far the consumer is behind: nothing,
+    // once its statistics (every 5 s) report.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = common::http_get(gw.admin_addr(), "/metrics");
+        let held = common::metric(&metrics, "edgegate_downlink_commands_held");
+        let age = common::metric(&metrics, "edgegate_downlink_oldest_command_age_seconds");
+        let lag = common::metric(&metrics, "edgegate_downlink_consumer_lag");
+        assert!(
+            matches!(held, Some(h) if h == 50.0 || h == 51.0),
+            "{held:?}"
+        );
+        assert!(matches!(age, Some(a) if a > 0.0 && a < 120.0), "{age:?}");
+        if lag == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "consumer lag {lag:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // Let the journal take the last mark (its group commit takes milliseconds): killed
     // before it, the gateway would take those records again and report them twice, which
     // outcomes allow (at least once, identified by topic, partition and offset).
@@ -134,6 +151,13 @@ fn commands_wait_at_the_edge_across_a_sigkill_and_a_kafka_outage() {
     gw.kill();
     kafka.stop_broker();
     gw.restart();
+    // Held on the gateway's disk, with their age, while Kafka is away.
+    let broker = &readiness(&gw)["broker"];
+    assert!(
+        matches!(broker["commands_held"].as_u64(), Some(50 | 51)),
+        "{broker}"
+    );
+    assert!(broker["oldest_command_ms"].as_i64().is_some(), "{broker}");
     // The stale command's second has passed by the time the device is back.
     std::thread::sleep(
         (stale_at + Duration::from_secs(2)).saturating_duration_since(Instant::now()),

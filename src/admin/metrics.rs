@@ -125,6 +125,14 @@ pub fn set_gauges(health: &Health, stats: &LogStats) {
         metrics::gauge!("edgegate_retained_messages").set(b.retained as f64);
         metrics::gauge!("edgegate_local_queued_messages").set(b.queued_messages as f64);
         metrics::gauge!("edgegate_local_queued_bytes").set(b.queued_bytes as f64);
+        metrics::gauge!("edgegate_downlink_commands_held").set(b.commands_held as f64);
+        let oldest = b.oldest_command_ms.map_or(0.0, |sent| {
+            (crate::ingest::now_ms().saturating_sub(sent)).max(0) as f64 / 1000.0
+        });
+        metrics::gauge!("edgegate_downlink_oldest_command_age_seconds").set(oldest);
+        if let Some(lag) = b.downlink_lag {
+            metrics::gauge!("edgegate_downlink_consumer_lag").set(lag as f64);
+        }
     }
 }
 

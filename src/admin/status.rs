@@ -277,6 +277,23 @@ impl fmt::Display for Summary {
                 b.retained,
                 b.queued_messages
             )?;
+            if b.commands_held > 0 || b.downlink_lag.is_some() {
+                let oldest = b.oldest_command_ms.map_or_else(String::new, |sent| {
+                    let age = crate::ingest::now_ms().saturating_sub(sent).max(0);
+                    format!(
+                        ", oldest {}",
+                        duration(Duration::from_millis(age.unsigned_abs()))
+                    )
+                });
+                let lag = b
+                    .downlink_lag
+                    .map_or_else(String::new, |l| format!(", consumer lag {l}"));
+                writeln!(
+                    f,
+                    "  downlink     {} commands held{oldest}{lag}",
+                    b.commands_held
+                )?;
+            }
         }
         if let Some(error) = &r.last_error {
             writeln!(f, "  last error   {error}")?;

@@ -159,6 +159,35 @@ struct Queue {
     /// Journaled messages not yet finished, in the mailbox or in flight: what a rewrite of
     /// the journal must keep.
     stored: BTreeMap<u64, Outbound>,
+    /// How many of `items` are commands from the downlink.
+    commands: usize,
+}
+
+impl Queue {
+    fn push_back(&mut self, out: Outbound) {
+        self.commands += usize::from(out.message.command.is_some());
+        self.items.push_back(out);
+    }
+
+    fn push_front(&mut self, out: Outbound) {
+        self.commands += usize::from(out.message.command.is_some());
+        self.items.push_front(out);
+    }
+
+    fn pop_front(&mut self) -> Option<Outbound> {
+        let out = self.items.pop_front()?;
+        self.commands -= usize::from(out.message.command.is_some());
+        Some(out)
+    }
+}
+
+/// What one mailbox holds, for the broker's statistics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Held {
+    pub messages: usize,
+    /// Commands from the downlink among them, and when the oldest was produced to Kafka.
+    pub commands: usize,
+    pub oldest_command_ms: Option<i64>,
 }
 
 /// Where a persistent session's messages are journaled.
@@ -223,7 +252,7 @@ impl Mailbox {
                 _ => None,
             };
             q.bytes += cost;
-            q.items.push_back(out);
+            q.push_back(out);
             durable
         };
         self.notify.notify_one();
@@ -240,7 +269,7 @@ impl Mailbox {
             q.bytes += cost;
             out.dup = true;
             q.stored.insert(out.store_id, out.clone());
-            q.items.push_back(out);
+            q.push_back(out);
         }
     }
 
@@ -290,7 +319,7 @@ impl Mailbox {
             self.totals.bytes.fetch_add(cost, Ordering::Relaxed);
             q.bytes += cost;
             out.dup = true;
-            q.items.push_front(out);
+            q.push_front(out);
         }
         drop(q);
         self.notify.notify_one();
@@ -309,7 +338,7 @@ impl Mailbox {
             if front.qos > 0 && slots == 0 {
                 break;
             }
-            let Some(out) = q.items.pop_front() else {
+            let Some(out) = q.pop_front() else {
                 break;
             };
             let cost = out.cost();
@@ -354,12 +383,31 @@ impl Mailbox {
         self.len() == 0
     }
 
+    /// What is waiting: messages, and the downlink's commands among them. The queue is in
+    /// the order commands were taken, so the first one found is the oldest.
+    pub fn held(&self) -> Held {
+        let q = self.lock();
+        let oldest_command_ms = if q.commands == 0 {
+            None
+        } else {
+            q.items
+                .iter()
+                .find_map(|o| o.message.command.as_ref().map(|c| c.sent_ms))
+        };
+        Held {
+            messages: q.items.len(),
+            commands: q.commands,
+            oldest_command_ms,
+        }
+    }
+
     /// Empties the mailbox (the session ended for good), returning its bytes to the total.
     pub fn clear(&self) {
         let mut q = self.lock();
         self.totals.release(q.bytes);
         q.bytes = 0;
         q.items.clear();
+        q.commands = 0;
         q.stored.clear();
     }
 }

@@ -79,6 +79,9 @@ pub struct Command {
     pub correlation: Option<Bytes>,
     /// Where its outcome goes.
     pub status_topic: Option<Arc<str>>,
+    /// When the cloud produced it (the Kafka record's timestamp), ms since the epoch; what
+    /// the age of a held command is measured from.
+    pub sent_ms: i64,
 }
 
 /// What became of a command for one session; reported to the command's status topic.
@@ -248,6 +251,7 @@ impl Counters {
 
 /// What the broker holds, for metrics and `edgegate status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct BrokerStats {
     pub sessions_online: usize,
     pub sessions_offline: usize,
@@ -255,6 +259,13 @@ pub struct BrokerStats {
     pub retained: usize,
     pub queued_messages: usize,
     pub queued_bytes: usize,
+    /// Commands from the downlink waiting for their devices (not yet sent).
+    pub commands_held: usize,
+    /// When the oldest of them was produced to Kafka (ms since the epoch).
+    pub oldest_command_ms: Option<i64>,
+    /// Records on the downlink's topics not yet consumed, as the consumer last reported
+    /// (`None`: no downlink, or no report yet).
+    pub downlink_lag: Option<i64>,
 }
 
 struct Inner {
@@ -273,6 +284,8 @@ struct Inner {
     subscriptions: std::sync::atomic::AtomicUsize,
     /// Where command outcomes go, once a downlink runs.
     outcomes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Outcome>>>,
+    /// The downlink consumer's lag as last reported; negative: unknown.
+    downlink_lag: std::sync::atomic::AtomicI64,
     /// The downlink's position as journaled (shared with the journal's snapshot).
     marks: Arc<Mutex<sessions::Marks>>,
 }
@@ -346,6 +359,7 @@ impl Broker {
                 next_holder: AtomicU64::new(1),
                 subscriptions: std::sync::atomic::AtomicUsize::new(0),
                 outcomes: Mutex::new(None),
+                downlink_lag: std::sync::atomic::AtomicI64::new(-1),
                 marks,
             }),
         };
@@ -768,6 +782,11 @@ impl Broker {
             .append(&sessions::mark(topic, partition, offset))
     }
 
+    /// The downlink consumer's lag (records not yet consumed), from its statistics.
+    pub fn set_downlink_lag(&self, lag: i64) {
+        self.inner.downlink_lag.store(lag, Ordering::Relaxed);
+    }
+
     /// Where command outcomes go (the downlink's status writer).
     pub fn set_outcomes(&self, sink: tokio::sync::mpsc::UnboundedSender<Outcome>) {
         *self
@@ -849,11 +868,20 @@ impl Broker {
     }
 
     pub fn stats(&self) -> BrokerStats {
-        let (online, offline, queued) = {
+        let (online, offline, held) = {
             let sessions = self.sessions();
             let online = sessions.values().filter(|s| s.holder.is_some()).count();
-            let queued: usize = sessions.values().map(|s| s.mailbox.len()).sum();
-            (online, sessions.len() - online, queued)
+            let mut held = mailbox::Held::default();
+            for s in sessions.values() {
+                let h = s.mailbox.held();
+                held.messages += h.messages;
+                held.commands += h.commands;
+                held.oldest_command_ms = match (held.oldest_command_ms, h.oldest_command_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            (online, sessions.len() - online, held)
         };
         BrokerStats {
             sessions_online: online,
@@ -865,8 +893,14 @@ impl Broker {
                 .unwrap_or_else(|p| p.into_inner())
                 .len(),
             retained: self.inner.retained.len(),
-            queued_messages: queued,
+            queued_messages: held.messages,
             queued_bytes: self.inner.totals.bytes(),
+            commands_held: held.commands,
+            oldest_command_ms: held.oldest_command_ms,
+            downlink_lag: match self.inner.downlink_lag.load(Ordering::Relaxed) {
+                lag if lag < 0 => None,
+                lag => Some(lag),
+            },
         }
     }
 }
@@ -885,6 +919,18 @@ pub fn describe() {
     describe_counter!(
         "edgegate_local_delivered_total",
         "Messages sent to local subscribers, by QoS."
+    );
+    describe_gauge!(
+        "edgegate_downlink_commands_held",
+        "Commands from the downlink waiting in sessions' queues for their devices."
+    );
+    describe_gauge!(
+        "edgegate_downlink_oldest_command_age_seconds",
+        "Age of the oldest command held (since it was produced to Kafka); 0 when none is held."
+    );
+    describe_gauge!(
+        "edgegate_downlink_consumer_lag",
+        "Records on the downlink's Kafka topics not yet consumed by this gateway (its consumer's last statistics)."
     );
     describe_gauge!(
         "edgegate_mqtt_sessions",

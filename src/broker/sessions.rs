@@ -10,8 +10,9 @@
 //! sub:      3 | client str16 | filter str16 | qos u8 | flags u8 | id u32 (0: none)
 //! unsub:    4 | client str16 | filter str16
 //! queued:   5 | client str16 | id u64 | qos u8 | retain u8 | n u16 × sub id u32 | message
-//!           | command u8 (0: none; 1: topic str16 | partition i32 | offset i64
-//!             | key? | correlation? | status topic?, each `?` a u8 flag then bytes16)
+//!           | command u8 (0: none; 2: topic str16 | partition i32 | offset i64
+//!             | key? | correlation? | status topic?, each `?` a u8 flag then bytes16
+//!             | sent ms i64; 1: the same without sent ms, as written before it existed)
 //! mark:     7 | topic str16 | partition i32 | offset i64     (a command handled: the
 //!                                                             downlink's position)
 //! done:     6 | client str16 | id u64                     (acknowledged, expired or dropped)
@@ -91,7 +92,7 @@ pub fn queued(client: &str, id: u64, out: &Outbound) -> Vec<u8> {
     match &m.command {
         None => b.push(0),
         Some(c) => {
-            b.push(1);
+            b.push(2);
             put16(&mut b, c.topic.as_bytes());
             b.extend_from_slice(&c.partition.to_le_bytes());
             b.extend_from_slice(&c.offset.to_le_bytes());
@@ -108,6 +109,7 @@ pub fn queued(client: &str, id: u64, out: &Outbound) -> Vec<u8> {
                     }
                 }
             }
+            b.extend_from_slice(&c.sent_ms.to_le_bytes());
         }
     }
     b
@@ -124,7 +126,8 @@ pub fn mark(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
 }
 
 fn decode_command(f: &mut Fields) -> Option<Option<Arc<Command>>> {
-    if f.u8()? == 0 {
+    let tag = f.u8()?;
+    if tag == 0 {
         return Some(None);
     }
     let topic = f.str16()?;
@@ -142,6 +145,12 @@ fn decode_command(f: &mut Fields) -> Option<Option<Arc<Command>>> {
         Some(b) => Some(Arc::from(std::str::from_utf8(&b).ok()?)),
         None => None,
     };
+    // A journal from before the timestamp was kept: its commands count as sent at restart.
+    let sent_ms = if tag == 1 {
+        crate::ingest::now_ms()
+    } else {
+        f.i64()?
+    };
     Some(Some(Arc::new(Command {
         topic,
         partition,
@@ -149,6 +158,7 @@ fn decode_command(f: &mut Fields) -> Option<Option<Arc<Command>>> {
         key,
         correlation,
         status_topic,
+        sent_ms,
     })))
 }
 

@@ -28,9 +28,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use futures::FutureExt as _;
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{ClientConfig, ClientContext, Statistics};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +46,11 @@ use template::{Template, Values};
 pub const EXPIRY_HEADER: &str = "edgegate-expiry";
 /// Headers a command's correlation is taken from, in order.
 const CORRELATION_HEADERS: [&str; 2] = ["mqtt-correlation-data", "correlation-id"];
+/// Records taken per journal commit at most: a backlog is queued in batches, one fsync each,
+/// not one per command.
+const BATCH: usize = 1024;
+/// Outcomes appended to the log per durability wait, at most.
+const OUTCOME_BATCH: usize = 1024;
 
 /// Why the downlink could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +79,7 @@ pub async fn run(
     if downlinks.is_empty() {
         return Ok(());
     }
-    let consumer = consumer(&kafka, &gateway_id)?;
+    let consumer = consumer(&kafka, &gateway_id, &broker)?;
     let by_topic: HashMap<String, Downlink> = downlinks
         .into_iter()
         .filter_map(|c| {
@@ -105,24 +111,48 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let message = tokio::select! {
+        let first = tokio::select! {
             () = shutdown.cancelled() => break,
             m = consumer.recv() => m,
         };
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(error = %e, "The downlink consumer reported an error.");
-                continue;
+        // Whatever else has arrived joins it: one journal commit for the lot.
+        batch.push(first);
+        while batch.len() < BATCH {
+            match consumer.recv().now_or_never() {
+                Some(m) => batch.push(m),
+                None => break,
             }
-        };
-        let Some(downlink) = by_topic.get(message.topic()) else {
-            continue;
-        };
-        take(&broker, downlink, &gateway_id, &message).await;
-        if let Err(e) = consumer.store_offset_from_message(&message) {
-            tracing::debug!(error = %e, "Cannot store a downlink offset.");
+        }
+        let mut marked = Vec::with_capacity(batch.len());
+        let mut taken = Vec::with_capacity(batch.len());
+        for message in batch.drain(..) {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "The downlink consumer reported an error.");
+                    continue;
+                }
+            };
+            if let Some(downlink) = by_topic.get(message.topic()) {
+                if let Some(mark) = take(&broker, downlink, &gateway_id, &message) {
+                    marked.push(mark);
+                }
+            }
+            taken.push(message);
+        }
+        // The journal commits in order: once the marks are durable, so is every copy queued
+        // before them.
+        for result in futures::future::join_all(marked).await {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "Cannot journal the downlink's position; commands may be taken again after a restart.");
+            }
+        }
+        for message in &taken {
+            if let Err(e) = consumer.store_offset_from_message(message) {
+                tracing::debug!(error = %e, "Cannot store a downlink offset.");
+            }
         }
     }
     // What was stored is committed on the way out.
@@ -134,7 +164,33 @@ fn group(gateway_id: &str) -> String {
     format!("edgegate-{gateway_id}")
 }
 
-fn consumer(kafka: &KafkaConfig, gateway_id: &str) -> Result<StreamConsumer, DownlinkError> {
+/// The consumer's context: its statistics give the lag behind the downlink's topics.
+struct LagReport {
+    broker: Broker,
+}
+
+impl ClientContext for LagReport {
+    fn stats(&self, stats: Statistics) {
+        // Partitions this consumer fetches; -1 is librdkafka's internal "unassigned" one,
+        // and a negative lag means not known yet.
+        let lag: i64 = stats
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        self.broker.set_downlink_lag(lag);
+    }
+}
+
+impl ConsumerContext for LagReport {}
+
+fn consumer(
+    kafka: &KafkaConfig,
+    gateway_id: &str,
+    broker: &Broker,
+) -> Result<StreamConsumer<LagReport>, DownlinkError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", kafka.brokers.join(","))
         .set(
@@ -148,27 +204,32 @@ fn consumer(kafka: &KafkaConfig, gateway_id: &str) -> Result<StreamConsumer, Dow
         .set("enable.auto.offset.store", "false")
         // A new gateway takes the commands already waiting; the ttl expires stale ones.
         .set("auto.offset.reset", "earliest")
-        .set("reconnect.backoff.max.ms", "1000");
+        .set("reconnect.backoff.max.ms", "1000")
+        // For the lag metric.
+        .set("statistics.interval.ms", "5000");
     kafka
         .apply_security(&mut c)
         .map_err(|e| DownlinkError::Secret(e.to_string()))?;
-    c.create()
-        .map_err(|e| DownlinkError::Consumer(e.to_string()))
+    c.create_with_context(LagReport {
+        broker: broker.clone(),
+    })
+    .map_err(|e| DownlinkError::Consumer(e.to_string()))
 }
 
 /// One record: queued for the sessions that want it, or reported; then marked handled.
-async fn take(
+/// Returns the mark's durability (`None`: taken before, or not for this gateway).
+fn take(
     broker: &Broker,
     downlink: &Downlink,
     gateway_id: &str,
     record: &BorrowedMessage<'_>,
-) {
+) -> Option<impl Future<Output = Result<(), String>> + Send + use<>> {
     let (topic, partition, offset) = (record.topic(), record.partition(), record.offset());
     if broker
         .handled(topic, partition)
         .is_some_and(|at| offset <= at)
     {
-        return;
+        return None;
     }
     let headers = record.headers();
     let header = |name: &str| -> Option<&[u8]> {
@@ -179,14 +240,14 @@ async fn take(
         Address::All => {}
         Address::Header => {
             if header(&downlink.config.gateway_header) != Some(gateway_id.as_bytes()) {
-                return;
+                return None;
             }
         }
         Address::KeyPrefix => {
             let prefix = format!("{gateway_id}/");
             match key.and_then(|k| k.strip_prefix(prefix.as_bytes())) {
                 Some(rest) => key = Some(rest),
-                None => return,
+                None => return None,
             }
         }
     }
@@ -210,6 +271,7 @@ async fn take(
         key: record.key().map(Bytes::copy_from_slice),
         correlation: correlation.clone(),
         status_topic: downlink.status_topic.clone(),
+        sent_ms,
     });
     let rendered = downlink.template.render(&Values {
         key,
@@ -265,9 +327,7 @@ async fn take(
         broker.outcome(&command, None, kind);
     }
     // After the queued copies in the journal: durable, it covers them too.
-    if let Err(e) = broker.mark_handled(topic, partition, offset).await {
-        tracing::error!(error = %e, topic, partition, offset, "Cannot journal the downlink's position; the command may be taken again after a restart.");
-    }
+    Some(broker.mark_handled(topic, partition, offset))
 }
 
 /// Writes each outcome to its command's status topic, through the log.
@@ -277,25 +337,31 @@ async fn write_outcomes(
     gateway_id: String,
     shutdown: CancellationToken,
 ) {
+    let mut outcomes = Vec::with_capacity(OUTCOME_BATCH);
     loop {
-        let outcome = tokio::select! {
+        let received = tokio::select! {
             () = shutdown.cancelled() => return,
-            o = rx.recv() => match o {
-                Some(o) => o,
-                None => return,
-            },
+            n = rx.recv_many(&mut outcomes, OUTCOME_BATCH) => n,
         };
-        let Some(status_topic) = outcome.command.status_topic.as_deref() else {
-            continue;
-        };
-        let record = status_record(&outcome, status_topic, &gateway_id);
-        match log.append(&record) {
-            Ok(durable) => {
-                if let Err(e) = durable.await {
-                    tracing::warn!(error = %e, "A command's outcome was not stored.");
-                }
+        if received == 0 {
+            return;
+        }
+        // Appended together, awaited together: one group commit, not one per outcome.
+        let mut durable = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes.drain(..) {
+            let Some(status_topic) = outcome.command.status_topic.as_deref() else {
+                continue;
+            };
+            let record = status_record(&outcome, status_topic, &gateway_id);
+            match log.append(&record) {
+                Ok(d) => durable.push(d),
+                Err(e) => tracing::warn!(error = %e, "A command's outcome was not stored."),
             }
-            Err(e) => tracing::warn!(error = %e, "A command's outcome was not stored."),
+        }
+        for result in futures::future::join_all(durable).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "A command's outcome was not stored.");
+            }
         }
     }
 }
