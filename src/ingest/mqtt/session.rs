@@ -79,13 +79,12 @@ pub struct Counters {
 impl Counters {
     /// Takes the handles; call it after the metrics recorder is installed.
     pub fn new() -> Counters {
-        let by_qos = |name: &'static str| {
-            [0, 1, 2]
-                .map(|qos: u8| metrics::counter!(name, "qos" => Delivery::Mqtt { qos }.label()))
-        };
+        let label = |qos: u8| Delivery::Mqtt { qos }.label();
         Counters {
-            received: by_qos("edgegate_mqtt_messages_total"),
-            delivered: by_qos("edgegate_local_delivered_total"),
+            received: [0, 1, 2]
+                .map(|q| metrics::counter!("edgegate_mqtt_messages_total", "qos" => label(q))),
+            delivered: [0, 1, 2]
+                .map(|q| metrics::counter!("edgegate_local_delivered_total", "qos" => label(q))),
         }
     }
 }
