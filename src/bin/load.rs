@@ -116,7 +116,26 @@ struct Args {
     /// message before what has not arrived counts as missing.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     drain_timeout: f64,
+    /// Instead of publishing: the downlink at scale. N devices make persistent sessions,
+    /// `--commands` commands for them are produced to `--kafka-topic` while they are away,
+    /// then they all come back and must each get theirs exactly once, in order (at most
+    /// `--connections` connecting at once). Needs the gateway's admin listener (`--admin`)
+    /// and a `[[downlink]]` with `mqtt_topic = "devices/{key}/commands"`.
+    #[arg(long, value_name = "N")]
+    downlink: Option<usize>,
+    /// Commands produced for `--downlink` (round robin over the devices).
+    #[arg(long, default_value_t = 100_000)]
+    commands: usize,
+    /// The gateway's id: the `edgegate-gateway` header of each command.
+    #[arg(long, default_value = "edgegate")]
+    gateway_id: String,
+    /// The gateway's admin listener (`/readyz` says how many commands it holds).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    admin: String,
 }
+
+#[path = "load/downlink.rs"]
+mod downlink;
 
 /// When the first publish of the run went out: where deliveries per second start from.
 static FIRST_PUBLISH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -284,6 +303,21 @@ async fn main() -> anyhow::Result<()> {
     let _ = TLS.set(tls_config(&args)?);
     if let Some(n) = args.idle {
         return idle(&args, n).await;
+    }
+    if let Some(devices) = args.downlink {
+        return downlink::run(downlink::Plan {
+            mqtt: args.mqtt.clone(),
+            admin: args.admin.clone(),
+            kafka: args.kafka.clone(),
+            topic: args.kafka_topic.clone(),
+            gateway_id: args.gateway_id.clone(),
+            devices,
+            commands: args.commands,
+            connecting: args.connections,
+            gateway_pid: args.gateway_pid,
+            timeout: Duration::from_secs_f64(args.verify_timeout),
+        })
+        .await;
     }
     let run = format!("{:08x}", rand::random::<u32>());
     let per_conn = args.count.div_ceil(args.connections.max(1));

@@ -206,7 +206,11 @@ fn consumer(
         .set("auto.offset.reset", "earliest")
         .set("reconnect.backoff.max.ms", "1000")
         // For the lag metric.
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // librdkafka prefetches up to 64 MiB by default; the backlog waits in Kafka, not in
+        // the gateway's memory (the sessions' journal holds what was taken).
+        .set("queued.max.messages.kbytes", "2048")
+        .set("queued.min.messages", "1000");
     kafka
         .apply_security(&mut c)
         .map_err(|e| DownlinkError::Secret(e.to_string()))?;

@@ -5,11 +5,15 @@
 //! Generic over the stream, so plaintext TCP and TLS share every line above the socket.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::packet::{self, Outgoing, Version};
 
-/// Initial read buffer: a few typical telemetry publishes.
+/// Read buffer, allocated when bytes arrive and released when all are handled: a few typical
+/// telemetry publishes.
 const READ_BUFFER: usize = 4096;
 
 /// One complete packet, fixed header included, not yet decoded.
@@ -111,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S, limit: usize) -> Connection<S> {
         Connection {
             stream,
-            read_buf: BytesMut::with_capacity(READ_BUFFER),
+            read_buf: BytesMut::new(),
             write_buf: BytesMut::new(),
             limit,
         }
@@ -129,8 +133,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 // Room for exactly this frame, now known to be within the limit.
                 self.read_buf.reserve(frame_len - self.read_buf.len());
+            } else if self.read_buf.is_empty() {
+                // Nothing pending: an idle connection keeps no buffer (most devices are idle
+                // most of the time); a busy one pays one allocation per read.
+                self.read_buf = BytesMut::new();
             }
-            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+            if self.fill().await? == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
                 } else {
@@ -138,6 +146,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 };
             }
         }
+    }
+
+    /// Reads what the socket has. With nothing buffered the read goes to the stack first,
+    /// so a connection waiting for its next packet holds no buffer; the bytes are copied
+    /// into a fresh one once they are there.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        if !self.read_buf.is_empty() || self.read_buf.capacity() > 0 {
+            if self.read_buf.capacity() == self.read_buf.len() {
+                self.read_buf.reserve(READ_BUFFER);
+            }
+            return self.stream.read_buf(&mut self.read_buf).await;
+        }
+        std::future::poll_fn(|cx| {
+            let mut stack = [0u8; READ_BUFFER];
+            let mut read = ReadBuf::new(&mut stack);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let got = read.filled();
+                    if !got.is_empty() {
+                        self.read_buf.reserve(READ_BUFFER);
+                        self.read_buf.extend_from_slice(got);
+                    }
+                    Poll::Ready(Ok(got.len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// The next frame if it is already whole in the read buffer; never reads. Lets the
@@ -174,6 +211,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
         }
+        // All written: the buffer goes until the next packet (an idle connection keeps none).
+        self.write_buf = BytesMut::new();
         self.stream.flush().await
     }
 
@@ -188,7 +227,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// can make the client drop our DISCONNECT (say, 0x95 after an oversize publish) unread.
     pub async fn linger(&mut self, wait: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut scratch = [0u8; 2048];
+        // On the heap: an array here would be part of every connection's future.
+        let mut scratch = vec![0u8; 2048];
         let mut budget = 1usize << 20;
         while budget > 0 {
             match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
@@ -202,5 +242,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     #[cfg(test)]
     pub fn read_capacity(&self) -> usize {
         self.read_buf.capacity()
+    }
+
+    #[cfg(test)]
+    pub fn write_capacity(&self) -> usize {
+        self.write_buf.capacity()
     }
 }

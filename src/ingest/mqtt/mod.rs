@@ -264,13 +264,25 @@ async fn accept_loop(listener: TcpListener, tls: Option<Live<ServerConfig>>, a: 
                 let handshakes = a.handshakes.clone();
                 a.tracker.spawn(async move {
                     connection_opened(transport);
+                    // Each phase boxed, so the task is as large as the phase it is in, not
+                    // as its largest branch (a plaintext connection would carry the TLS
+                    // branch). Bound by `let` first: a temporary in an awaited expression
+                    // keeps its space in the task even once moved.
                     match tls {
-                        None => session::run(socket, peer, shared, None).await,
+                        None => {
+                            let serve = Box::pin(session::run(socket, peer, shared, None));
+                            serve.await;
+                        }
                         Some(tls) => {
-                            if let Some((stream, cert)) =
-                                tls_handshake(socket, peer, &tls, &handshakes, &shared).await
-                            {
-                                session::run(stream, peer, shared, cert).await;
+                            let handshake =
+                                Box::pin(tls_handshake(socket, peer, &tls, &handshakes, &shared));
+                            // The TLS stream (1 KiB) goes straight into the boxed session,
+                            // never into a binding that lives across an await.
+                            let serve = handshake.await.map(|(stream, cert)| {
+                                Box::pin(session::run(stream, peer, shared, cert))
+                            });
+                            if let Some(serve) = serve {
+                                serve.await;
                             }
                         }
                     }

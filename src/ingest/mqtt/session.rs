@@ -146,10 +146,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 /// Serves one accepted connection until it closes. `cert` is what a client certificate
 /// verified during the TLS handshake says.
 pub async fn run<S: Stream>(stream: S, peer: SocketAddr, shared: Shared, cert: Option<CertClaim>) {
+    // Each phase boxed (and bound by `let`: a temporary in an awaited expression keeps its
+    // space even once moved), so the connection's future is the size of the phase it is in
+    // (the session and its loop while it serves), not of every phase at once.
+    let admit = Box::pin(admit(stream, peer, shared, cert));
+    let Some(mut session) = admit.await else {
+        return;
+    };
+    let end = session.serve().await;
+    // Its goodbye holds a scratch buffer for a moment.
+    let finish = Box::pin(session.finish(end));
+    finish.await;
+}
+
+/// CONNECT, authentication and the session it gets: `None` if refused (answered and closed).
+async fn admit<S: Stream>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Shared,
+    cert: Option<CertClaim>,
+) -> Option<Session<S>> {
     let mut conn = Connection::new(stream, shared.config.packet_limit());
     let Some((connect, version)) = handshake(&mut conn, peer, &shared).await else {
         goodbye(&mut conn, shared.config.connect_timeout.get()).await;
-        return;
+        return None;
     };
     let timeout = shared.config.connect_timeout.get();
     let auth = shared.auth.current();
@@ -165,7 +185,7 @@ pub async fn run<S: Stream>(stream: S, peer: SocketAddr, shared: Shared, cert: O
             Ok(r) => r,
             Err(_) => Err(Failure::Credentials("timeout")),
         },
-        _ = shared.shutdown.cancelled() => return,
+        _ = shared.shutdown.cancelled() => return None,
     };
     let identity = match authenticated {
         Ok(identity) => identity,
@@ -178,18 +198,16 @@ pub async fn run<S: Stream>(stream: S, peer: SocketAddr, shared: Shared, cert: O
             refused(peer, &connect.client_id, refusal);
             conn.queue(version, &Outgoing::ConnAck(Err(refusal)));
             goodbye(&mut conn, timeout).await;
-            return;
+            return None;
         }
     };
-    let mut session = match Session::accept(conn, peer, shared, *connect, version, identity, auth) {
-        Ok(session) => session,
+    match Session::accept(conn, peer, shared, *connect, version, identity, auth) {
+        Ok(session) => Some(session),
         Err(mut refused) => {
             goodbye(&mut refused, timeout).await;
-            return;
+            None
         }
-    };
-    let end = session.serve().await;
-    session.finish(end).await;
+    }
 }
 
 /// The identity a client claimed, for a log line: never the password.
@@ -298,7 +316,7 @@ struct Session<S> {
     keep_session: Option<Option<Duration>>,
     /// Cancelled when another connection takes this client id over.
     taken_over: CancellationToken,
-    will: Option<Will>,
+    will: Option<Box<Will>>,
     /// 1.5 × the keepalive in force (never unlimited: the gateway caps it).
     keepalive: Duration,
     /// Appends not yet durable, QoS 0 included (their failures are counted).
@@ -415,7 +433,7 @@ impl<S: Stream> Session<S> {
             conn_id: registered.conn_id,
             taken_over: registered.taken_over,
             keep_session,
-            will: connect.will,
+            will: connect.will.map(Box::new),
             keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
             pending: FuturesOrdered::new(),
             inflight: Inflight::new(registered.awaiting_rel),
@@ -1118,7 +1136,7 @@ impl<S: Stream> Session<S> {
                 conn_id: self.conn_id,
             };
             if delay.is_zero() {
-                store_will(owner, will).await;
+                store_will(owner, *will).await;
             } else {
                 tokio::spawn(async move {
                     tokio::select! {
@@ -1133,7 +1151,7 @@ impl<S: Stream> Session<S> {
                         tracing::debug!(client_id = %owner.client_id, "The client came back within its will delay: no will.");
                         return;
                     }
-                    store_will(owner, will).await;
+                    store_will(owner, *will).await;
                 });
             }
         }
