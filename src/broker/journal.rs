@@ -144,6 +144,7 @@ impl Journal {
             magic: *magic,
             file,
             file_len,
+            next_check: MIN_COMPACT_BYTES,
             snapshot,
         };
         let name = format!(
@@ -212,6 +213,8 @@ struct Writer {
     magic: [u8; 8],
     file: File,
     file_len: u64,
+    /// When the journal is next measured against what is live.
+    next_check: u64,
     snapshot: Snapshot,
 }
 
@@ -239,7 +242,10 @@ impl Writer {
         }
         self.file.write_all(&buf)?;
         self.file_len += buf.len() as u64;
-        if self.file_len >= MIN_COMPACT_BYTES {
+        // The snapshot costs as much as what is live, so it is taken only after at least
+        // that much more was appended: amortised, not once per commit (which made taking a
+        // backlog of commands quadratic).
+        if self.file_len >= self.next_check {
             let live = (self.snapshot)();
             let live_len: u64 = live
                 .iter()
@@ -247,27 +253,35 @@ impl Writer {
                 .sum::<u64>()
                 + HEADER_LEN as u64;
             if self.file_len > 2 * live_len {
-                return self.compact(&live);
+                self.compact(&live)?;
+            } else {
+                self.file.sync_data()?;
             }
+            self.next_check = self.file_len + live_len.max(MIN_COMPACT_BYTES);
+            return Ok(());
         }
         self.file.sync_data()
     }
 
     fn compact(&mut self, live: &[Vec<u8>]) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        let mut out = File::create(&tmp)?;
-        let mut buf = header(&self.magic).to_vec();
+        // Streamed: a copy of everything live in one buffer would double the rewrite's memory.
+        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        let mut len = HEADER_LEN as u64;
+        out.write_all(&header(&self.magic))?;
         for body in live {
-            buf.extend_from_slice(&frame(body));
+            let framed = frame(body);
+            out.write_all(&framed)?;
+            len += framed.len() as u64;
         }
-        out.write_all(&buf)?;
+        let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         out.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             sync_dir(dir)?;
         }
         self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.file_len = buf.len() as u64;
+        self.file_len = len;
         tracing::debug!(path = %self.path.display(), bytes = self.file_len, records = live.len(), "Rewrote a journal of the broker.");
         Ok(())
     }

@@ -353,3 +353,43 @@ async fn a_journal_sync_covers_what_was_appended_without_waiting() {
         "every record appended before the sync, in order"
     );
 }
+
+/// Measuring the journal against what is live costs a snapshot of everything live, so it
+/// happens after at least that much more was appended, not on every commit: a backlog of
+/// commands taken one commit at a time stayed linear.
+#[tokio::test]
+async fn the_journal_is_measured_against_its_live_records_amortised() {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::journal::{self, Journal, MIN_COMPACT_BYTES};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("j.journal");
+    let magic = *b"EGTESTJ2";
+    let found = journal::read(&path, &magic, 0).expect("read");
+    // Everything stays live: the journal only grows, and is never worth rewriting.
+    let live = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let snapshots = Arc::new(AtomicUsize::new(0));
+    let (l, n) = (Arc::clone(&live), Arc::clone(&snapshots));
+    let j = Journal::start(
+        &path,
+        &magic,
+        &found,
+        Box::new(move || {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            l.lock().expect("live").clone()
+        }),
+    )
+    .expect("start");
+    let record = vec![7u8; 1000];
+    let commits = 8 * MIN_COMPACT_BYTES as usize / record.len();
+    for _ in 0..commits {
+        live.lock().expect("live").push(record.clone());
+        // One commit each, as a command taken alone would be.
+        j.append(&record).await.expect("append");
+    }
+    let taken = snapshots.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (1..=6).contains(&taken),
+        "{taken} snapshots over {commits} commits of an 8 MiB journal"
+    );
+}
