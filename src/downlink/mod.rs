@@ -210,7 +210,10 @@ fn consumer(
         // librdkafka prefetches up to 64 MiB by default; the backlog waits in Kafka, not in
         // the gateway's memory (the sessions' journal holds what was taken).
         .set("queued.max.messages.kbytes", "2048")
-        .set("queued.min.messages", "1000");
+        .set("queued.min.messages", "1000")
+        // A commands topic created after the gateway started is found within 30 s, not at
+        // librdkafka's default metadata refresh of 5 minutes.
+        .set("topic.metadata.refresh.interval.ms", "30000");
     kafka
         .apply_security(&mut c)
         .map_err(|e| DownlinkError::Secret(e.to_string()))?;
