@@ -13,16 +13,18 @@
 //!
 //! | step | does | prints |
 //! |---|---|---|
-//! | [`connect`] | CONNECT (`version` 4 or 5, `clean`, `expiry`: Session Expiry Interval) | `connack`: `session_present`, `reason` |
+//! | [`connect`] | CONNECT (`version` 4 or 5, `clean`, `expiry`: Session Expiry Interval, `will`: [`will`]) | `connack`: `session_present`, `reason` |
 //! | [`subscribe`] | one SUBSCRIBE with every filter of `subs` ([`sub`]), `sub_id` | `suback`: `codes`, in the order of `subs` |
 //! | [`unsubscribe`] | one UNSUBSCRIBE | `unsuback`: `codes` (empty in 3.1.1) |
 //! | [`publish`] | PUBLISH, waiting for its acknowledgement (`expiry`, `alias` in MQTT 5) | nothing; a refusal fails the driver |
 //! | [`publish_many`] | `count` PUBLISHes with payloads `0`, `1`, ... sent back to back, then waits for every ack | nothing |
-//! | [`receive`] | waits until `count` messages came or `timeout_ms` passed | `message` for each: `topic`, `payload`, `qos`, `retain`, `dup`, `sub_ids`, `expiry` |
+//! | [`receive`] | waits until `count` messages came or `timeout_ms` passed | `message` for each: `topic`, `payload`, `qos`, `retain`, `dup`, `sub_ids`, `expiry`; `disconnect` ([`disconnected`]) where the server ended the connection |
 //! | [`disconnect`] / [`drop_connection`] | DISCONNECT / closes the socket without it | nothing |
 //! | [`sleep`] | waits `ms` | nothing |
 //!
-//! Messages wait in the client's inbox from their arrival until a `receive` takes them.
+//! Messages wait in the client's inbox from their arrival until a `receive` takes them; so
+//! does the end of a connection the client did not ask for (the server's DISCONNECT, or a
+//! closed socket), which is no error of the driver's.
 //! paho.golang keeps one Subscription Identifier per PUBLISH, so several are checked with
 //! MQTT.js; paho.mqtt.golang hands SUBACK codes back by filter, so the order of codes on the
 //! wire is checked with the other two.
@@ -129,6 +131,11 @@ pub fn connect_persistent(client: &str, version: u8, expiry: u32) -> Value {
            "clean": false, "expiry": expiry})
 }
 
+/// A Will Message for [`connect`]'s `will`; MQTT 5's Will Delay Interval is its `delay`.
+pub fn will(topic: &str, payload: &str, qos: u8, retain: bool) -> Value {
+    json!({"topic": topic, "payload": payload, "qos": qos, "retain": retain})
+}
+
 /// One filter of a SUBSCRIBE at `qos`, default options; set `nl`, `rap` or `rh` with [`with`].
 pub fn sub(filter: &str, qos: u8) -> Value {
     json!({"filter": filter, "qos": qos})
@@ -189,6 +196,12 @@ pub fn suback(client: &str, codes: &[u8]) -> Value {
 
 pub fn unsuback(client: &str, codes: &[u8]) -> Value {
     json!({"event": "unsuback", "client": client, "codes": codes})
+}
+
+/// The `disconnect` event: the server's DISCONNECT with its Reason Code (MQTT 5), or the
+/// socket closed without one (`None`).
+pub fn disconnected(client: &str, reason: Option<u8>) -> Value {
+    json!({"event": "disconnect", "client": client, "reason": reason})
 }
 
 /// The `message` event for a PUBLISH without DUP, Subscription Identifiers or expiry; set

@@ -6,8 +6,9 @@
 //
 // The scenario is a JSON array of steps, run in order (tests/common/drivers.rs documents
 // them). What the clients observe is printed as one JSON object per line: "connack",
-// "suback", "unsuback" and "message" events. A client error (refused connection, timeout,
-// lost connection) exits 1 with the error on stderr.
+// "suback", "unsuback", "message" and "disconnect" (the server's DISCONNECT or a closed
+// socket, reported in the inbox in arrival order) events. A client error (refused
+// connection, timeout, a step on a lost connection) exits 1 with the error on stderr.
 package main
 
 import (
@@ -20,6 +21,7 @@ import (
 	"net/url"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
@@ -45,6 +47,16 @@ type Step struct {
 	Count     int      `json:"count"`
 	TimeoutMs int      `json:"timeout_ms"`
 	Ms        int      `json:"ms"`
+	Will      *Will    `json:"will"`
+}
+
+// Will is the Will Message of a CONNECT; Delay is MQTT 5's Will Delay Interval.
+type Will struct {
+	Topic   string  `json:"topic"`
+	Payload string  `json:"payload"`
+	QoS     byte    `json:"qos"`
+	Retain  bool    `json:"retain"`
+	Delay   *uint32 `json:"delay"`
 }
 
 // Sub is one topic filter of a SUBSCRIBE with its options.
@@ -81,16 +93,25 @@ type Client interface {
 	Drop()
 }
 
-// Inbox holds what one client received until a "receive" step takes it.
+// Disconnected is the end of a connection the client did not ask for: a server DISCONNECT
+// (MQTT 5, with its Reason Code) or a closed socket (Reason nil).
+type Disconnected struct {
+	Event  string `json:"event"`
+	Client string `json:"client"`
+	Reason *byte  `json:"reason"`
+}
+
+// Inbox holds what one client received (Message, Disconnected) until a "receive" step
+// takes it.
 type Inbox struct {
 	mu       sync.Mutex
 	changed  chan struct{}
-	messages []Message
+	messages []any
 }
 
 func newInbox() *Inbox { return &Inbox{changed: make(chan struct{}, 1)} }
 
-func (b *Inbox) push(m Message) {
+func (b *Inbox) push(m any) {
 	b.mu.Lock()
 	b.messages = append(b.messages, m)
 	b.mu.Unlock()
@@ -101,13 +122,13 @@ func (b *Inbox) push(m Message) {
 }
 
 // take waits until count messages are there or timeout passes, and returns at most count.
-func (b *Inbox) take(count int, timeout time.Duration) []Message {
+func (b *Inbox) take(count int, timeout time.Duration) []any {
 	deadline := time.After(timeout)
 	for {
 		b.mu.Lock()
 		if len(b.messages) >= count {
 			out := b.messages[:count]
-			b.messages = append([]Message(nil), b.messages[count:]...)
+			b.messages = append([]any(nil), b.messages[count:]...)
 			b.mu.Unlock()
 			return out
 		}
@@ -232,6 +253,8 @@ func fail(err error) {
 type client5 struct {
 	c    *paho.Client
 	conn net.Conn
+	// ending is set before the client itself ends the connection, which is then not reported.
+	ending *atomic.Bool
 }
 
 func connect5(s Step, inbox *Inbox) (Client, bool, byte, error) {
@@ -240,8 +263,20 @@ func connect5(s Step, inbox *Inbox) (Client, bool, byte, error) {
 		return nil, false, 0, err
 	}
 	name := s.Client
+	ending := &atomic.Bool{}
+	reported := &atomic.Bool{}
 	c := paho.NewClient(paho.ClientConfig{
 		Conn: conn,
+		OnServerDisconnect: func(d *paho.Disconnect) {
+			if !ending.Load() && !reported.Swap(true) {
+				inbox.push(Disconnected{Event: "disconnect", Client: name, Reason: &d.ReasonCode})
+			}
+		},
+		OnClientError: func(error) {
+			if !ending.Load() && !reported.Swap(true) {
+				inbox.push(Disconnected{Event: "disconnect", Client: name})
+			}
+		},
 		OnPublishReceived: []func(paho.PublishReceived) (bool, error){
 			func(r paho.PublishReceived) (bool, error) {
 				p := r.Packet
@@ -261,6 +296,10 @@ func connect5(s Step, inbox *Inbox) (Client, bool, byte, error) {
 	})
 	cp := &paho.Connect{ClientID: s.ClientID, KeepAlive: 30, CleanStart: s.Clean == nil || *s.Clean,
 		Properties: &paho.ConnectProperties{SessionExpiryInterval: s.Expiry}}
+	if w := s.Will; w != nil {
+		cp.WillMessage = &paho.WillMessage{Topic: w.Topic, Payload: []byte(w.Payload), QoS: w.QoS, Retain: w.Retain}
+		cp.WillProperties = &paho.WillProperties{WillDelayInterval: w.Delay}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), patience)
 	defer cancel()
 	ca, err := c.Connect(ctx, cp)
@@ -268,7 +307,7 @@ func connect5(s Step, inbox *Inbox) (Client, bool, byte, error) {
 		conn.Close()
 		return nil, false, 0, err
 	}
-	return &client5{c, conn}, ca.SessionPresent, ca.ReasonCode, nil
+	return &client5{c, conn, ending}, ca.SessionPresent, ca.ReasonCode, nil
 }
 
 func (c *client5) Subscribe(subs []Sub, id int) ([]byte, error) {
@@ -337,12 +376,16 @@ func (c *client5) PublishMany(topic string, count int, qos byte) error {
 }
 
 func (c *client5) Disconnect() error {
+	c.ending.Store(true)
 	err := c.c.Disconnect(&paho.Disconnect{ReasonCode: 0})
 	<-c.c.Done()
 	return err
 }
 
-func (c *client5) Drop() { c.conn.Close() }
+func (c *client5) Drop() {
+	c.ending.Store(true)
+	c.conn.Close()
+}
 
 // --- MQTT 3.1.1: paho.mqtt.golang ---
 
@@ -350,6 +393,8 @@ type client4 struct {
 	c    mqtt.Client
 	mu   sync.Mutex
 	conn net.Conn
+	// ending is set before the client itself ends the connection, which is then not reported.
+	ending atomic.Bool
 }
 
 func connect4(s Step, inbox *Inbox) (Client, bool, byte, error) {
@@ -364,6 +409,11 @@ func connect4(s Step, inbox *Inbox) (Client, bool, byte, error) {
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
 		SetOrderMatters(true).
+		SetConnectionLostHandler(func(mqtt.Client, error) {
+			if !c4.ending.Load() {
+				inbox.push(Disconnected{Event: "disconnect", Client: name})
+			}
+		}).
 		SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) {
 			inbox.push(Message{Event: "message", Client: name, Topic: m.Topic(), Payload: string(m.Payload()),
 				QoS: m.Qos(), Retain: m.Retained(), Dup: m.Duplicate(), SubIDs: []int{}})
@@ -375,6 +425,9 @@ func connect4(s Step, inbox *Inbox) (Client, bool, byte, error) {
 			c4.mu.Unlock()
 			return conn, err
 		})
+	if w := s.Will; w != nil {
+		opts.SetWill(w.Topic, w.Payload, w.QoS, w.Retain)
+	}
 	c4.c = mqtt.NewClient(opts)
 	t := c4.c.Connect()
 	if !t.WaitTimeout(patience) {
@@ -435,11 +488,13 @@ func (c *client4) PublishMany(topic string, count int, qos byte) error {
 }
 
 func (c *client4) Disconnect() error {
+	c.ending.Store(true)
 	c.c.Disconnect(1000)
 	return nil
 }
 
 func (c *client4) Drop() {
+	c.ending.Store(true)
 	c.mu.Lock()
 	if c.conn != nil {
 		c.conn.Close()

@@ -6,8 +6,10 @@
 //
 // The scenario is a JSON array of steps, run in order (tests/common/drivers.rs documents
 // them), the same language as tests/clients/go. What the clients observe is printed as one
-// JSON object per line: "connack", "suback", "unsuback" and "message" events. A client error
-// (refused connection, timeout, lost connection) exits 1 with the error on stderr.
+// JSON object per line: "connack", "suback", "unsuback", "message" and "disconnect" (the
+// server's DISCONNECT or a closed socket, reported in the inbox in arrival order) events. A
+// client error (refused connection, timeout, a step on a lost connection) exits 1 with the
+// error on stderr.
 'use strict'
 
 const mqtt = require('mqtt')
@@ -86,6 +88,11 @@ async function connect (broker, step, inbox) {
   if (v5 && step.expiry !== undefined) {
     options.properties = { sessionExpiryInterval: step.expiry }
   }
+  if (step.will) {
+    const w = step.will
+    options.will = { topic: w.topic, payload: Buffer.from(w.payload || ''), qos: w.qos || 0, retain: !!w.retain }
+    if (v5 && w.delay !== undefined) options.will.properties = { willDelayInterval: w.delay }
+  }
   const client = mqtt.connect(options)
   client.on('message', (topic, payload, packet) => {
     const props = packet.properties || {}
@@ -109,7 +116,18 @@ async function connect (broker, step, inbox) {
     client.once('error', reject)
   }), 'CONNECT')
   client.on('error', (err) => fail(new Error(`${step.client}: ${err.message}`)))
-  client.on('disconnect', (packet) => fail(new Error(`${step.client}: the server sent DISCONNECT, reason ${packet.reasonCode}`)))
+  // An end the client did not ask for goes to the inbox, once: DISCONNECT, or the socket.
+  let reported = false
+  client.on('disconnect', (packet) => {
+    if (client.endedByDriver || reported) return
+    reported = true
+    inbox.push({ event: 'disconnect', client: step.client, reason: packet.reasonCode || 0 })
+  })
+  client.on('close', () => {
+    if (client.endedByDriver || reported) return
+    reported = true
+    inbox.push({ event: 'disconnect', client: step.client, reason: null })
+  })
   return { client, connack }
 }
 
@@ -181,10 +199,12 @@ async function run (broker, steps) {
           break
         }
         case 'disconnect':
+          client.endedByDriver = true
           await timeout(client.endAsync(), 'DISCONNECT')
           clients.delete(step.client)
           break
         case 'drop':
+          client.endedByDriver = true
           client.removeAllListeners('error')
           client.on('error', () => {})
           client.stream.destroy()
