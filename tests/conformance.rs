@@ -11,9 +11,9 @@ mod common;
 use serde_json::Value;
 
 use common::drivers::{
-    Driver, connack, connect, connect_persistent, disconnect, drop_connection, message, play,
-    publish, publish_many, receive, sleep, sub, suback, subscribe, subscribe_id, unsuback,
-    unsubscribe, with,
+    Driver, connack, connect, connect_persistent, disconnect, disconnected, drop_connection,
+    message, play, publish, publish_many, receive, sleep, sub, suback, subscribe, subscribe_id,
+    unsuback, unsubscribe, will, with,
 };
 use common::{GatewayToml, gateway};
 
@@ -403,9 +403,11 @@ fn mqtt5_subscription_identifiers_of_every_matching_subscription_mqtt_js() {
         subscribe_id("s", &[sub("si/#", 2)], 2),
         subscribe("s", &[sub("other/#", 1)]),
         connect("p", 5),
+        // One at a time: MQTT.js hands a QoS 2 message over only after PUBREL.
         publish("p", "si/a", "both", 2, false),
+        receive("s", 1, COME),
         publish("p", "other/x", "none", 1, false),
-        receive("s", 2, COME),
+        receive("s", 1, COME),
         subscribe_id("s", &[sub("si/+", 0)], 3),
         publish("p", "si/b", "replaced", 1, false),
         receive("s", 1, COME),
@@ -564,6 +566,87 @@ fn mqtt5_persistent_session_and_session_present_mqtt_js() {
 #[test]
 fn mqtt311_persistent_session_and_session_present_paho_go() {
     persistent_session(Driver::Go, 4);
+}
+
+/// MQTT 5, paho.golang: Clean Start 1 discards the previous session and starts a new one
+/// [MQTT-3.1.2-4], which a Session Expiry Interval above 0 keeps after the connection
+/// closes [MQTT-3.1.2-23]: a Clean Start 0 finds it, with Session Present 1 [MQTT-3.2.2-3]
+/// and what was queued for it. Its Will Message waits for the Will Delay Interval and is
+/// not sent if the client is back by then [MQTT-3.1.3-9]; if not, it is [MQTT-3.1.2-8].
+#[test]
+fn mqtt5_clean_start_session_with_expiry_outlives_the_connection_paho_go() {
+    let gw = gateway(config()).start();
+    let with_will = |step: Value| {
+        let gone = with(will("will/c", "c gone", 1, false), "delay", 1);
+        with(with(step, "expiry", 60), "will", gone)
+    };
+    let steps = [
+        connect("watch", 5),
+        subscribe("watch", &[sub("will/#", 1)]),
+        with_will(connect("c", 5)),
+        subscribe("c", &[sub("cmd/#", 1)]),
+        drop_connection("c"),
+        connect("p", 5),
+        publish("p", "cmd/c", "queued", 1, false),
+        with_will(connect_persistent("c", 5, 60)),
+        receive("c", 1, COME),
+        sleep(1500),
+        receive("watch", 1, 0),
+        drop_connection("c"),
+        receive("watch", 1, COME),
+    ];
+    assert_eq!(
+        play(Driver::Go, gw.mqtt_addr(), &steps),
+        [
+            connack("watch", false),
+            suback("watch", &[1]),
+            connack("c", false),
+            suback("c", &[1]),
+            connack("p", false),
+            connack("c", true),
+            message("c", "cmd/c", "queued", 1, false),
+            message("watch", "will/c", "c gone", 1, false),
+        ]
+    );
+}
+
+/// MQTT 3.1.1, MQTT.js: a Will Message is published when the connection closes without
+/// DISCONNECT [MQTT-3.1.2-8] and discarded on DISCONNECT [MQTT-3.1.2-10]; with Will Retain
+/// 1 it is also retained [MQTT-3.1.2-17], with 0 not [MQTT-3.1.2-16].
+#[test]
+fn mqtt311_will_messages_mqtt_js() {
+    let gw = gateway(config()).start();
+    let steps = [
+        connect("watch", 4),
+        subscribe("watch", &[sub("will/#", 1)]),
+        with(connect("a", 4), "will", will("will/a", "a gone", 1, true)),
+        with(connect("b", 4), "will", will("will/b", "b gone", 1, false)),
+        with(connect("c", 4), "will", will("will/c", "c left", 1, false)),
+        drop_connection("a"),
+        receive("watch", 1, COME),
+        drop_connection("b"),
+        receive("watch", 1, COME),
+        disconnect("c"),
+        receive("watch", 1, NO_MORE),
+        connect("late", 4),
+        subscribe("late", &[sub("will/#", 1)]),
+        receive("late", 2, NO_MORE),
+    ];
+    assert_eq!(
+        play(Driver::Js, gw.mqtt_addr(), &steps),
+        [
+            connack("watch", false),
+            suback("watch", &[1]),
+            connack("a", false),
+            connack("b", false),
+            connack("c", false),
+            message("watch", "will/a", "a gone", 1, false),
+            message("watch", "will/b", "b gone", 1, false),
+            connack("late", false),
+            suback("late", &[1]),
+            message("late", "will/a", "a gone", 1, true),
+        ]
+    );
 }
 
 /// MQTT 5, paho.golang: a message whose Message Expiry Interval passed while it waited for
@@ -781,4 +864,34 @@ fn mqtt5_topic_aliases_from_the_client_paho_go() {
         ));
     }
     assert_eq!(play(Driver::Go, gw.mqtt_addr(), &steps), expected);
+}
+
+/// MQTT 5, paho.golang: a Topic Alias mapping ends with its connection [MQTT-3.3.2-7]: on a
+/// new one, a PUBLISH with only that alias is a Protocol Error (DISCONNECT 0x82), and
+/// nothing reaches the subscriber.
+#[test]
+fn mqtt5_topic_aliases_do_not_outlive_the_connection_paho_go() {
+    let gw = gateway(config()).start();
+    let steps = [
+        connect("s", 5),
+        subscribe("s", &[sub("alias/#", 1)]),
+        connect("p", 5),
+        with(publish("p", "alias/t", "mapped", 1, false), "alias", 3),
+        disconnect("p"),
+        connect("p", 5),
+        with(publish("p", "", "unmapped", 0, false), "alias", 3),
+        receive("p", 1, COME),
+        receive("s", 2, NO_MORE),
+    ];
+    assert_eq!(
+        play(Driver::Go, gw.mqtt_addr(), &steps),
+        [
+            connack("s", false),
+            suback("s", &[1]),
+            connack("p", false),
+            connack("p", false),
+            disconnected("p", Some(0x82)),
+            message("s", "alias/t", "mapped", 1, false),
+        ]
+    );
 }
