@@ -649,6 +649,51 @@ fn mqtt311_will_messages_mqtt_js() {
     );
 }
 
+/// A client whose session ends with its connection is taken over by a CONNECT with its
+/// Client Identifier that asks to resume a session.
+fn takeover(driver: Driver, version: u8) {
+    let gw = gateway(config()).start();
+    let steps = [
+        connect("old", version),
+        subscribe("old", &[sub("t/#", 1)]),
+        with(connect_persistent("new", version, 60), "id", "old"),
+        receive("old", 1, COME),
+        connect("p", version),
+        publish("p", "t/1", "for the old session", 1, false),
+        receive("new", 1, NO_MORE),
+    ];
+    // MQTT 5 says why; a 3.1.1 server can only close the connection.
+    let reason = (version == 5).then_some(0x8e);
+    assert_eq!(
+        play(driver, gw.mqtt_addr(), &steps),
+        [
+            connack("old", false),
+            suback("old", &[1]),
+            connack("new", false),
+            disconnected("old", reason),
+            connack("p", false),
+        ]
+    );
+}
+
+/// MQTT 5, paho.golang: a CONNECT with a Client Identifier already connected gets the old
+/// connection a DISCONNECT 0x8E (Session taken over) and closed [MQTT-3.1.4-3]. The old
+/// session's Session Expiry Interval was 0, so it ended with that connection: the new one
+/// finds no session, Session Present 0 [MQTT-3.2.2-3], and none of its subscriptions.
+#[test]
+fn mqtt5_session_takeover_paho_go() {
+    takeover(Driver::Go, 5);
+}
+
+/// MQTT 3.1.1, MQTT.js: a CONNECT with a Client Identifier already connected closes the old
+/// connection [MQTT-3.1.4-2]. The old one had Clean Session 1, a session that lasts as long
+/// as its connection [MQTT-3.1.2-6]: the new one (Clean Session 0) finds none, Session
+/// Present 0 [MQTT-3.2.2-3], and none of its subscriptions.
+#[test]
+fn mqtt311_session_takeover_mqtt_js() {
+    takeover(Driver::Js, 4);
+}
+
 /// MQTT 5, paho.golang: a message whose Message Expiry Interval passed while it waited for
 /// a disconnected session is not delivered [MQTT-3.3.2-5]; one still valid is, with the
 /// interval less the time it waited [MQTT-3.3.2-6]; one without an interval keeps none.

@@ -373,7 +373,6 @@ impl<S: Stream> Session<S> {
         } else {
             (connect.keep_alive, None)
         };
-        let registered = shared.registry.register(&client_id, connect.clean_start);
         // MQTT 5 keeps a session by its Session Expiry Interval alone: Clean Start only
         // discards the previous one first [MQTT-3.1.2-4], and the new one outlives the
         // connection if the interval is above 0 [MQTT-3.1.2-23]. 3.1.1 keeps it without
@@ -384,6 +383,10 @@ impl<S: Stream> Session<S> {
             (Version::V4, false, _) | (Version::V5, _, u32::MAX) => Some(None),
             (Version::V5, _, secs) => Some(Some(Duration::from_secs(secs.into()))),
         };
+        let registered =
+            shared
+                .registry
+                .register(&client_id, connect.clean_start, keep_session.is_some());
         let attached = shared
             .broker
             .attach(&client_id, connect.clean_start, keep_session);
