@@ -453,9 +453,11 @@ impl Broker {
             .get_key_value(client_id)
             .map(|(k, _)| Arc::clone(k));
         if let Some(key) = existing {
-            let alive = sessions
-                .get(&key)
-                .is_some_and(|s| s.holder.is_some() || s.expires.is_none_or(|t| t > now));
+            // A session that ends with its connection (no interval) ends on a takeover too,
+            // so a new connection finds nothing to resume in it.
+            let alive = sessions.get(&key).is_some_and(|s| {
+                s.interval.is_some() && (s.holder.is_some() || s.expires.is_none_or(|t| t > now))
+            });
             if !clean_start && alive {
                 if let Some(session) = sessions.get_mut(&key) {
                     session.holder = Some(holder);

@@ -6,6 +6,8 @@
 //! - [`gateway`]: one gateway on that config, in a fresh directory, started in this process
 //!   or as the real binary; the addresses its listeners got come back from it.
 //! - [`mqtt`]: publishing with real clients ([`mosquitto_pub`], [`rumqttc`]) and raw packets.
+//! - [`drivers`]: scenarios played by independent clients (Eclipse Paho Go, MQTT.js), for
+//!   the conformance tests.
 //! - [`load`]: steady QoS 1 load from many rumqttc devices that reconnect through faults.
 //! - [`forwarder`]: the forwarder alone over a log the test fills, for tests of the Kafka side
 //!   that look at the log themselves.
@@ -51,6 +53,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod config;
+pub mod drivers;
 pub mod forwarder;
 pub mod gateway;
 pub mod http;

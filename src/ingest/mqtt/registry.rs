@@ -35,6 +35,9 @@ struct Entry {
     expires: Option<Instant>,
     /// The connection that registered last, connected or not.
     last_conn: u64,
+    /// Whether that connection's session outlives it. One that does not ends when a newer
+    /// connection takes its client id over, so there is nothing to resume.
+    keeps: bool,
 }
 
 /// What a CONNECT gets from the registry.
@@ -47,8 +50,9 @@ pub(super) struct Registered {
 
 impl Registry {
     /// Registers `client_id`, telling the connection that held it (if any) to close. Without
-    /// `clean_start` the previous session's QoS 2 state carries over.
-    pub(super) fn register(&self, client_id: &str, clean_start: bool) -> Registered {
+    /// `clean_start` the previous session's QoS 2 state carries over, if that session was
+    /// one to outlive its connection; `keeps` says whether the new one is.
+    pub(super) fn register(&self, client_id: &str, clean_start: bool, keeps: bool) -> Registered {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let taken_over = CancellationToken::new();
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
@@ -58,7 +62,7 @@ impl Registry {
         }
         let alive = previous.filter(|e| e.expires.is_none_or(|t| t > Instant::now()));
         let (awaiting_rel, session_present) = match alive {
-            Some(entry) if !clean_start => (entry.awaiting_rel, true),
+            Some(entry) if !clean_start && entry.keeps => (entry.awaiting_rel, true),
             _ => (Released::default(), false),
         };
         clients.insert(
@@ -68,6 +72,7 @@ impl Registry {
                 awaiting_rel: awaiting_rel.clone(),
                 expires: None,
                 last_conn: conn_id,
+                keeps,
             },
         );
         Registered {

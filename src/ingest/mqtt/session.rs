@@ -390,13 +390,20 @@ impl<S: Stream> Session<S> {
         } else {
             (connect.keep_alive, None)
         };
-        let registered = shared.registry.register(&client_id, connect.clean_start);
-        let keep_session = match (connect.clean_start, version, connect.session_expiry) {
-            (true, _, _) | (false, Version::V5, 0) => None,
-            // 3.1.1: kept until a clean session; MQTT 5 0xFFFFFFFF: never expires.
-            (false, Version::V4, _) | (false, Version::V5, u32::MAX) => Some(None),
-            (false, Version::V5, secs) => Some(Some(Duration::from_secs(secs.into()))),
+        // MQTT 5 keeps a session by its Session Expiry Interval alone: Clean Start only
+        // discards the previous one first [MQTT-3.1.2-4], and the new one outlives the
+        // connection if the interval is above 0 [MQTT-3.1.2-23]. 3.1.1 keeps it without
+        // Clean Session, until a clean session.
+        let keep_session = match (version, connect.clean_start, connect.session_expiry) {
+            (Version::V4, true, _) | (Version::V5, _, 0) => None,
+            // MQTT 5 0xFFFFFFFF: never expires.
+            (Version::V4, false, _) | (Version::V5, _, u32::MAX) => Some(None),
+            (Version::V5, _, secs) => Some(Some(Duration::from_secs(secs.into()))),
         };
+        let registered =
+            shared
+                .registry
+                .register(&client_id, connect.clean_start, keep_session.is_some());
         let attached = shared
             .broker
             .attach(&client_id, connect.clean_start, keep_session);

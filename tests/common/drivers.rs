@@ -1,0 +1,212 @@
+//! Independent MQTT clients playing a scenario: the Eclipse Paho Go clients ([`Driver::Go`]:
+//! paho.golang for MQTT 5, paho.mqtt.golang for 3.1.1; `tests/clients/go`) and MQTT.js
+//! ([`Driver::Js`], both versions; `tests/clients/js`). [`play`] hands a driver the scenario
+//! as JSON and returns what its clients observed, one JSON object per event; the test judges
+//! it. The drivers are built on first use (`tests/clients/build`, into `target/clients/`),
+//! from the Go module proxy and npm at the versions `go.sum` and `package-lock.json` pin.
+//!
+//! # Steps
+//!
+//! Each step names the client (`"client"`, the driver's own label; the MQTT Client
+//! Identifier is the same string unless `"id"` says otherwise) it acts for. The builders
+//! below write them:
+//!
+//! | step | does | prints |
+//! |---|---|---|
+//! | [`connect`] | CONNECT (`version` 4 or 5, `clean`, `expiry`: Session Expiry Interval, `will`: [`will`]) | `connack`: `session_present`, `reason` |
+//! | [`subscribe`] | one SUBSCRIBE with every filter of `subs` ([`sub`]), `sub_id` | `suback`: `codes`, in the order of `subs` |
+//! | [`unsubscribe`] | one UNSUBSCRIBE | `unsuback`: `codes` (empty in 3.1.1) |
+//! | [`publish`] | PUBLISH, waiting for its acknowledgement (`expiry`, `alias` in MQTT 5) | nothing; a refusal fails the driver |
+//! | [`publish_many`] | `count` PUBLISHes with payloads `0`, `1`, ... sent back to back, then waits for every ack | nothing |
+//! | [`receive`] | waits until `count` messages came or `timeout_ms` passed | `message` for each: `topic`, `payload`, `qos`, `retain`, `dup`, `sub_ids`, `expiry`; `disconnect` ([`disconnected`]) where the server ended the connection |
+//! | [`disconnect`] / [`drop_connection`] | DISCONNECT / closes the socket without it | nothing |
+//! | [`sleep`] | waits `ms` | nothing |
+//!
+//! Messages wait in the client's inbox from their arrival until a `receive` takes them; so
+//! does the end of a connection the client did not ask for (the server's DISCONNECT, or a
+//! closed socket), which is no error of the driver's.
+//! paho.golang keeps one Subscription Identifier per PUBLISH, so several are checked with
+//! MQTT.js; paho.mqtt.golang hands SUBACK codes back by filter, so the order of codes on the
+//! wire is checked with the other two.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// Eclipse Paho Go: paho.golang (MQTT 5) and paho.mqtt.golang (3.1.1).
+    Go,
+    /// MQTT.js (npm `mqtt`), MQTT 5 and 3.1.1.
+    Js,
+}
+
+/// `target/clients`, beside the test binaries' own target directory.
+fn out_dir() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_edgegate"));
+    let target = exe
+        .parent()
+        .and_then(|profile| profile.parent())
+        .expect("the edgegate binary is in target/<profile>/");
+    target.join("clients")
+}
+
+/// Builds both drivers once per test binary; the tests of a binary share the result.
+fn built() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = out_dir();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/build");
+        let status = Command::new("bash")
+            .arg(script)
+            .arg(&out)
+            .status()
+            .expect("run tests/clients/build");
+        assert!(
+            status.success(),
+            "tests/clients/build failed ({status}): it needs Go 1.24+ and Node.js 20+ with npm"
+        );
+        out
+    })
+}
+
+/// Runs `steps` with `driver` against the MQTT server at `addr`; returns the events it printed.
+/// Panics with the driver's stderr when it fails (a client error, a timeout).
+pub fn play(driver: Driver, addr: SocketAddr, steps: &[Value]) -> Vec<Value> {
+    let out = built();
+    let broker = addr.to_string();
+    let mut command = match driver {
+        Driver::Go => Command::new(out.join("go/driver")),
+        Driver::Js => {
+            let mut c = Command::new("node");
+            c.arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/clients/js/driver.js"
+            ))
+            .env("NODE_PATH", out.join("js/node_modules"));
+            c
+        }
+    };
+    let mut child = command
+        .args(["--broker", &broker])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the driver");
+    let scenario = serde_json::to_vec(steps).expect("scenario as JSON");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&scenario)
+        .expect("write the scenario");
+    let output = child.wait_with_output().expect("driver output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{driver:?} driver failed ({}): {}\nit printed:\n{stdout}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON event"))
+        .collect()
+}
+
+/// A clean connection (clean session / clean start) with MQTT `version` 4 or 5.
+pub fn connect(client: &str, version: u8) -> Value {
+    json!({"op": "connect", "client": client, "id": client, "version": version})
+}
+
+/// A connection that resumes or creates a persistent session (Clean Session / Clean Start 0;
+/// MQTT 5 with Session Expiry Interval `expiry` seconds).
+pub fn connect_persistent(client: &str, version: u8, expiry: u32) -> Value {
+    json!({"op": "connect", "client": client, "id": client, "version": version,
+           "clean": false, "expiry": expiry})
+}
+
+/// A Will Message for [`connect`]'s `will`; MQTT 5's Will Delay Interval is its `delay`.
+pub fn will(topic: &str, payload: &str, qos: u8, retain: bool) -> Value {
+    json!({"topic": topic, "payload": payload, "qos": qos, "retain": retain})
+}
+
+/// One filter of a SUBSCRIBE at `qos`, default options; set `nl`, `rap` or `rh` with [`with`].
+pub fn sub(filter: &str, qos: u8) -> Value {
+    json!({"filter": filter, "qos": qos})
+}
+
+pub fn subscribe(client: &str, subs: &[Value]) -> Value {
+    json!({"op": "subscribe", "client": client, "subs": subs})
+}
+
+/// MQTT 5: a SUBSCRIBE with a Subscription Identifier.
+pub fn subscribe_id(client: &str, subs: &[Value], id: u32) -> Value {
+    json!({"op": "subscribe", "client": client, "subs": subs, "sub_id": id})
+}
+
+pub fn unsubscribe(client: &str, filters: &[&str]) -> Value {
+    json!({"op": "unsubscribe", "client": client, "filters": filters})
+}
+
+pub fn publish(client: &str, topic: &str, payload: &str, qos: u8, retain: bool) -> Value {
+    json!({"op": "publish", "client": client, "topic": topic, "payload": payload,
+           "qos": qos, "retain": retain})
+}
+
+pub fn publish_many(client: &str, topic: &str, count: usize, qos: u8) -> Value {
+    json!({"op": "publish_many", "client": client, "topic": topic, "count": count, "qos": qos})
+}
+
+pub fn receive(client: &str, count: usize, timeout_ms: u64) -> Value {
+    json!({"op": "receive", "client": client, "count": count, "timeout_ms": timeout_ms})
+}
+
+pub fn disconnect(client: &str) -> Value {
+    json!({"op": "disconnect", "client": client})
+}
+
+pub fn drop_connection(client: &str) -> Value {
+    json!({"op": "drop", "client": client})
+}
+
+pub fn sleep(ms: u64) -> Value {
+    json!({"op": "sleep", "ms": ms})
+}
+
+/// `value` with `key` set: a step's or an expected event's optional field.
+pub fn with(mut value: Value, key: &str, field: impl Into<Value>) -> Value {
+    value[key] = field.into();
+    value
+}
+
+/// The `connack` event a driver prints for an accepted connection.
+pub fn connack(client: &str, session_present: bool) -> Value {
+    json!({"event": "connack", "client": client, "session_present": session_present, "reason": 0})
+}
+
+pub fn suback(client: &str, codes: &[u8]) -> Value {
+    json!({"event": "suback", "client": client, "codes": codes})
+}
+
+pub fn unsuback(client: &str, codes: &[u8]) -> Value {
+    json!({"event": "unsuback", "client": client, "codes": codes})
+}
+
+/// The `disconnect` event: the server's DISCONNECT with its Reason Code (MQTT 5), or the
+/// socket closed without one (`None`).
+pub fn disconnected(client: &str, reason: Option<u8>) -> Value {
+    json!({"event": "disconnect", "client": client, "reason": reason})
+}
+
+/// The `message` event for a PUBLISH without DUP, Subscription Identifiers or expiry; set
+/// those with [`with`].
+pub fn message(client: &str, topic: &str, payload: &str, qos: u8, retain: bool) -> Value {
+    json!({"event": "message", "client": client, "topic": topic, "payload": payload,
+           "qos": qos, "retain": retain, "dup": false, "sub_ids": [], "expiry": null})
+}
