@@ -5,16 +5,22 @@
 //! Generic over the stream, so plaintext TCP and TLS share every line above the socket.
 
 use bytes::{Buf, BytesMut};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use tokio_util::io::poll_read_buf;
 
 use super::packet::{self, Outgoing, Version};
 
 /// Read buffer, allocated when bytes arrive and released when all are handled: a few typical
 /// telemetry publishes.
 const READ_BUFFER: usize = 4096;
+
+/// Write buffer when packets are queued after a flush released it.
+const WRITE_BUFFER: usize = 2048;
 
 /// One complete packet, fixed header included, not yet decoded.
 #[derive(Debug)]
@@ -133,10 +139,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 // Room for exactly this frame, now known to be within the limit.
                 self.read_buf.reserve(frame_len - self.read_buf.len());
-            } else if self.read_buf.is_empty() {
-                // Nothing pending: an idle connection keeps no buffer (most devices are idle
-                // most of the time); a busy one pays one allocation per read.
-                self.read_buf = BytesMut::new();
             }
             if self.fill().await? == 0 {
                 return if self.read_buf.is_empty() {
@@ -152,15 +154,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// so a connection waiting for its next packet holds no buffer; the bytes are copied
     /// into a fresh one once they are there.
     async fn fill(&mut self) -> std::io::Result<usize> {
-        if !self.read_buf.is_empty() || self.read_buf.capacity() > 0 {
-            if self.read_buf.capacity() == self.read_buf.len() {
-                self.read_buf.reserve(READ_BUFFER);
-            }
-            return self.stream.read_buf(&mut self.read_buf).await;
-        }
         std::future::poll_fn(|cx| {
-            let mut stack = [0u8; READ_BUFFER];
-            let mut read = ReadBuf::new(&mut stack);
+            if self.read_buf.capacity() > 0 {
+                // A busy connection reads into the buffer it has, and lets it go only when
+                // the socket has nothing more for now.
+                if self.read_buf.capacity() == self.read_buf.len() {
+                    self.read_buf.reserve(READ_BUFFER);
+                }
+                let read = poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf);
+                if read.is_pending() && self.read_buf.is_empty() {
+                    self.read_buf = BytesMut::new();
+                }
+                return read;
+            }
+            // Uninitialised: nothing to zero on each wakeup.
+            let mut stack = [MaybeUninit::<u8>::uninit(); READ_BUFFER];
+            let mut read = ReadBuf::uninit(&mut stack);
             match Pin::new(&mut self.stream).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {
                     let got = read.filled();
@@ -192,11 +201,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Queues a packet; see [`packet::encode`] for when nothing is queued.
     pub fn queue(&mut self, version: Version, packet: &Outgoing) -> bool {
+        self.ready_to_write();
         packet::encode(version, packet, &mut self.write_buf)
+    }
+
+    /// The write buffer, dropped after each flush, comes back with room for a turn's worth
+    /// of acks rather than growing from nothing a few bytes at a time.
+    fn ready_to_write(&mut self) {
+        if self.write_buf.capacity() == 0 {
+            self.write_buf.reserve(WRITE_BUFFER);
+        }
     }
 
     /// Queues bytes encoded elsewhere (refusals sent before a version is known).
     pub fn queue_raw(&mut self, encode: impl FnOnce(&mut BytesMut)) {
+        self.ready_to_write();
         encode(&mut self.write_buf);
     }
 
