@@ -161,31 +161,24 @@ impl Journal {
 
     /// Appends `body`; resolves once it is durable.
     pub fn append(&self, body: &[u8]) -> impl Future<Output = Result<(), String>> + Send + use<> {
-        let (done, result) = oneshot::channel();
-        let sent = self
-            .jobs
-            .send(Job {
-                record: frame(body),
-                done: Some(done),
-            })
-            .is_ok();
-        async move {
-            if !sent {
-                return Err("the journal's writer has stopped".to_owned());
-            }
-            result
-                .await
-                .unwrap_or_else(|_| Err("the journal's writer has stopped".to_owned()))
-        }
+        self.commit_with(frame(body))
     }
 
-    /// Resolves once everything appended before is durable.
+    /// Resolves once everything appended before is durable (an empty record: the commit it
+    /// rides in is what counts).
     pub fn sync(&self) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        self.commit_with(Vec::new())
+    }
+
+    fn commit_with(
+        &self,
+        record: Vec<u8>,
+    ) -> impl Future<Output = Result<(), String>> + Send + use<> {
         let (done, result) = oneshot::channel();
         let sent = self
             .jobs
             .send(Job {
-                record: Vec::new(),
+                record,
                 done: Some(done),
             })
             .is_ok();

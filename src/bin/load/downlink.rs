@@ -22,7 +22,7 @@ use rumqttc::{Event, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-use super::{gateway_rss_kib, split_addr};
+use super::{gateway_rss_kib, proc_status_kib, split_addr};
 
 /// What the downlink run needs from the command line.
 pub struct Plan {
@@ -139,7 +139,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
             plan.devices
         );
     }
-    if let Some(hwm) = plan.gateway_pid.and_then(gateway_hwm_kib) {
+    if let Some(hwm) = plan
+        .gateway_pid
+        .and_then(|pid| proc_status_kib(pid, "VmHWM:"))
+    {
         println!("gateway VmHWM: {hwm} KiB");
     }
     if got != plan.commands || ok != plan.devices || remaining != 0 {
@@ -150,14 +153,6 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn gateway_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -542,16 +542,9 @@ impl<S: Stream> Session<S> {
                         Ok(None) => return End::PEER_CLOSED,
                         Err(e) => return self.framing_failed(&e),
                     };
-                    let packet = match decode(self.version, frame, &self.shared) {
-                        Ok(packet) => packet,
-                        Err(e) => {
-                            protocol_error(self.peer, Some(&self.client_id), e);
-                            return End::new(Some(e.reason_code()), true, "protocol error");
-                        }
-                    };
                     // On the client's side of an end, acks still pending are dropped: the
                     // client resends what it did not see acknowledged.
-                    if let Err(end) = self.handle(packet) {
+                    if let Err(end) = self.take(frame) {
                         return end;
                     }
                     // Whatever else that read brought is handled before the next write (a
@@ -566,14 +559,7 @@ impl<S: Stream> Session<S> {
                             Ok(None) => break,
                             Err(e) => return self.framing_failed(&e),
                         };
-                        let packet = match decode(self.version, frame, &self.shared) {
-                            Ok(packet) => packet,
-                            Err(e) => {
-                                protocol_error(self.peer, Some(&self.client_id), e);
-                                return End::new(Some(e.reason_code()), true, "protocol error");
-                            }
-                        };
-                        if let Err(end) = self.handle(packet) {
+                        if let Err(end) = self.take(frame) {
                             return end;
                         }
                     }
@@ -584,6 +570,15 @@ impl<S: Stream> Session<S> {
                 }
             }
         }
+    }
+
+    /// Decodes and handles one frame; `Err` ends the connection.
+    fn take(&mut self, frame: Frame) -> Result<(), End> {
+        let packet = decode(self.version, frame, &self.shared).map_err(|e| {
+            protocol_error(self.peer, Some(&self.client_id), e);
+            End::new(Some(e.reason_code()), true, "protocol error")
+        })?;
+        self.handle(packet)
     }
 
     /// Whether another packet may be read: below the client's QoS 0 window and, for 3.1.1
