@@ -32,7 +32,7 @@ const FRAME_LEN: usize = 8;
 pub const MIN_COMPACT_BYTES: u64 = 1 << 20;
 
 /// The live state as record bodies, for a rewrite.
-pub type Snapshot = Box<dyn Fn() -> Vec<Vec<u8>> + Send>;
+pub type Snapshot = Box<dyn Fn() -> Vec<Bytes> + Send>;
 
 struct Job {
     record: Vec<u8>,
@@ -256,7 +256,7 @@ impl Writer {
         self.file.sync_data()
     }
 
-    fn compact(&mut self, live: &[Vec<u8>]) -> io::Result<()> {
+    fn compact(&mut self, live: &[Bytes]) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         // Streamed: a copy of everything live in one buffer would double the rewrite's memory.
         let mut out = io::BufWriter::new(File::create(&tmp)?);

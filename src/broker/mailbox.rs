@@ -13,11 +13,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::Message;
 use super::journal::Journal;
-use super::sessions;
+use super::sessions::{self, Kept};
 
 /// Resolves once a journaled message is durable (or its write failed, said once in the log).
 pub type Durable = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -149,35 +150,108 @@ impl Dropped {
     }
 }
 
+/// One message in a queue.
+#[derive(Debug)]
+enum Entry {
+    Ready(Outbound),
+    /// A persistent session's QoS 1/2 message, kept only as its journal record (in
+    /// [`Queue::stored`]) and decoded when taken: a held backlog (commands for a device that
+    /// is away) costs its record's bytes, not the several allocations of the decoded form.
+    Journaled {
+        id: u64,
+        /// Restored from the journal: it may have been sent before the restart.
+        dup: bool,
+        cost: usize,
+        /// A downlink command's Kafka timestamp (`None`: not a command).
+        command_ms: Option<i64>,
+    },
+}
+
+impl Entry {
+    fn is_command(&self) -> bool {
+        match self {
+            Entry::Ready(out) => out.message.command.is_some(),
+            Entry::Journaled { command_ms, .. } => command_ms.is_some(),
+        }
+    }
+
+    fn command_ms(&self) -> Option<i64> {
+        match self {
+            Entry::Ready(out) => out.message.command.as_ref().map(|c| c.sent_ms),
+            Entry::Journaled { command_ms, .. } => *command_ms,
+        }
+    }
+
+    fn qos(&self) -> u8 {
+        match self {
+            Entry::Ready(out) => out.qos,
+            // Only QoS 1/2 messages are journaled.
+            Entry::Journaled { .. } => 1,
+        }
+    }
+
+    fn cost(&self) -> usize {
+        match self {
+            Entry::Ready(out) => out.cost(),
+            Entry::Journaled { cost, .. } => *cost,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
-    items: VecDeque<Outbound>,
+    items: VecDeque<Entry>,
     bytes: usize,
     online: bool,
     /// Set while the session is persistent: where its QoS 1/2 messages are journaled.
     persist: Option<Persist>,
-    /// Journaled messages not yet finished, in the mailbox or in flight: what a rewrite of
-    /// the journal must keep.
-    stored: BTreeMap<u64, Outbound>,
+    /// The records of journaled messages not yet finished, in the mailbox or in flight:
+    /// what a rewrite of the journal must keep, and what a [`Entry::Journaled`] is sent from.
+    stored: BTreeMap<u64, Bytes>,
     /// How many of `items` are commands from the downlink.
     commands: usize,
 }
 
 impl Queue {
-    fn push_back(&mut self, out: Outbound) {
-        self.commands += usize::from(out.message.command.is_some());
-        self.items.push_back(out);
+    fn push_back(&mut self, entry: Entry) {
+        self.commands += usize::from(entry.is_command());
+        self.items.push_back(entry);
     }
 
-    fn push_front(&mut self, out: Outbound) {
-        self.commands += usize::from(out.message.command.is_some());
-        self.items.push_front(out);
+    fn push_front(&mut self, entry: Entry) {
+        self.commands += usize::from(entry.is_command());
+        self.items.push_front(entry);
     }
 
-    fn pop_front(&mut self) -> Option<Outbound> {
-        let out = self.items.pop_front()?;
-        self.commands -= usize::from(out.message.command.is_some());
-        Some(out)
+    fn pop_front(&mut self) -> Option<Entry> {
+        let entry = self.items.pop_front()?;
+        self.commands -= usize::from(entry.is_command());
+        Some(entry)
+    }
+
+    /// The message an entry stands for; `None` for a journaled one whose record is gone
+    /// or does not decode (said in the log; it cannot be sent).
+    fn open(&mut self, entry: Entry) -> Option<Outbound> {
+        match entry {
+            Entry::Ready(out) => Some(out),
+            Entry::Journaled { id, dup, .. } => {
+                let body = self.stored.get(&id)?.clone();
+                match sessions::unqueue(body) {
+                    Some(mut out) => {
+                        out.dup = dup;
+                        Some(out)
+                    }
+                    None => {
+                        self.stored.remove(&id);
+                        tracing::error!(
+                            id,
+                            "A queued message of a persistent session does not decode; it is dropped."
+                        );
+                        None
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -240,19 +314,26 @@ impl Mailbox {
             if !self.totals.reserve(cost) {
                 return Err(Dropped::TotalFull);
             }
-            let durable = match &q.persist {
+            let (entry, durable) = match &q.persist {
                 Some(p) if out.qos > 0 => {
                     let id = p.ids.fetch_add(1, Ordering::Relaxed);
                     out.store_id = id;
+                    let body = sessions::queued(&p.client, id, &out);
                     // Appended under the queue's lock: the journal keeps the queue's order.
-                    let wait = p.journal.append(&sessions::queued(&p.client, id, &out));
-                    q.stored.insert(id, out.clone());
-                    Some(Box::pin(wait) as Durable)
+                    let wait = p.journal.append(&body);
+                    q.stored.insert(id, Bytes::from(body));
+                    let entry = Entry::Journaled {
+                        id,
+                        dup: false,
+                        cost,
+                        command_ms: out.message.command.as_ref().map(|c| c.sent_ms),
+                    };
+                    (entry, Some(Box::pin(wait) as Durable))
                 }
-                _ => None,
+                _ => (Entry::Ready(out), None),
             };
             q.bytes += cost;
-            q.push_back(out);
+            q.push_back(entry);
             durable
         };
         self.notify.notify_one();
@@ -261,15 +342,18 @@ impl Mailbox {
 
     /// Puts back messages restored from the journal, in order, whatever the limits (they
     /// were within them when queued).
-    pub fn restore(&self, restored: impl IntoIterator<Item = Outbound>) {
+    pub fn restore(&self, restored: impl IntoIterator<Item = (u64, Kept)>) {
         let mut q = self.lock();
-        for mut out in restored {
-            let cost = out.cost();
-            self.totals.bytes.fetch_add(cost, Ordering::Relaxed);
-            q.bytes += cost;
-            out.dup = true;
-            q.stored.insert(out.store_id, out.clone());
-            q.push_back(out);
+        for (id, kept) in restored {
+            self.totals.bytes.fetch_add(kept.cost, Ordering::Relaxed);
+            q.bytes += kept.cost;
+            q.stored.insert(id, kept.body);
+            q.push_back(Entry::Journaled {
+                id,
+                dup: true,
+                cost: kept.cost,
+                command_ms: kept.command_ms,
+            });
         }
     }
 
@@ -290,19 +374,30 @@ impl Mailbox {
     pub fn set_persist(&self, persist: Option<Persist>) {
         let mut q = self.lock();
         if persist.is_none() {
+            // No journal to send them from any more: decoded, in order.
+            let items = std::mem::take(&mut q.items);
+            let mut kept = VecDeque::with_capacity(items.len());
+            for entry in items {
+                let (cost, command) = (entry.cost(), entry.is_command());
+                match q.open(entry) {
+                    Some(out) => kept.push_back(Entry::Ready(out)),
+                    None => {
+                        q.bytes -= cost;
+                        q.commands -= usize::from(command);
+                        self.totals.release(cost);
+                    }
+                }
+            }
+            q.items = kept;
             q.stored.clear();
         }
         q.persist = persist;
     }
 
     /// The journal records a rewrite needs for this session's unfinished messages.
-    pub fn snapshot(&self, client: &str, out: &mut Vec<Vec<u8>>) {
+    pub fn snapshot(&self, out: &mut Vec<Bytes>) {
         let q = self.lock();
-        out.extend(
-            q.stored
-                .iter()
-                .map(|(id, o)| sessions::queued(client, *id, o)),
-        );
+        out.extend(q.stored.values().cloned());
     }
 
     /// Puts messages that were sent but not acknowledged back at the front, in order, for the
@@ -319,7 +414,7 @@ impl Mailbox {
             self.totals.bytes.fetch_add(cost, Ordering::Relaxed);
             q.bytes += cost;
             out.dup = true;
-            q.push_front(out);
+            q.push_front(Entry::Ready(out));
         }
         drop(q);
         self.notify.notify_one();
@@ -335,15 +430,18 @@ impl Mailbox {
             let Some(front) = q.items.front() else {
                 break;
             };
-            if front.qos > 0 && slots == 0 {
+            if front.qos() > 0 && slots == 0 {
                 break;
             }
-            let Some(out) = q.pop_front() else {
+            let Some(entry) = q.pop_front() else {
                 break;
             };
-            let cost = out.cost();
+            let cost = entry.cost();
             q.bytes -= cost;
             self.totals.release(cost);
+            let Some(out) = q.open(entry) else {
+                continue;
+            };
             if out.message.expired(now_ms) {
                 // Finished (off the journal) by whoever reports it.
                 taken.expired.push(out);
@@ -390,9 +488,7 @@ impl Mailbox {
         let oldest_command_ms = if q.commands == 0 {
             None
         } else {
-            q.items
-                .iter()
-                .find_map(|o| o.message.command.as_ref().map(|c| c.sent_ms))
+            q.items.iter().find_map(Entry::command_ms)
         };
         Held {
             messages: q.items.len(),

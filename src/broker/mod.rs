@@ -326,22 +326,24 @@ impl Broker {
         let live = Arc::clone(&map);
         let live_marks = Arc::clone(&marks);
         let snapshot: journal::Snapshot = Box::new(move || {
-            let mut out: Vec<Vec<u8>> = live_marks
+            let mut out: Vec<Bytes> = live_marks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .map(|((topic, partition), offset)| sessions::mark(topic, *partition, *offset))
+                .map(|((topic, partition), offset)| {
+                    Bytes::from(sessions::mark(topic, *partition, *offset))
+                })
                 .collect();
             let sessions = live.lock().unwrap_or_else(|p| p.into_inner());
             for (client, s) in sessions.iter() {
                 let Some(interval) = s.interval else {
                     continue;
                 };
-                out.push(sessions::session(client, millis(interval)));
+                out.push(Bytes::from(sessions::session(client, millis(interval))));
                 for (filter, o) in &s.subscriptions {
-                    out.push(sessions::sub(client, filter, o));
+                    out.push(Bytes::from(sessions::sub(client, filter, o)));
                 }
-                s.mailbox.snapshot(client, &mut out);
+                s.mailbox.snapshot(&mut out);
             }
             out
         });
@@ -385,7 +387,7 @@ impl Broker {
                 }
             }
             queued += r.queue.len();
-            mailbox.restore(r.queue.into_values());
+            mailbox.restore(r.queue);
             sessions.insert(
                 client,
                 Session {

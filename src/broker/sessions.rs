@@ -162,6 +162,55 @@ fn decode_command(f: &mut Fields) -> Option<Option<Arc<Command>>> {
     })))
 }
 
+/// What [`queued`] wrote after the client: the message as its session's queue sends it.
+fn decode_queued(f: &mut Fields) -> Option<Outbound> {
+    let id = f.u64()?;
+    let qos = f.u8().filter(|q| (1..=2).contains(q))?;
+    let retain = f.u8()? != 0;
+    let n = f.u16()?;
+    let mut ids = Vec::with_capacity(usize::from(n).min(16));
+    for _ in 0..n {
+        ids.push(f.u32()?);
+    }
+    let mut message: Message = decode_message(f, retain)?;
+    message.command = decode_command(f)?;
+    let mut out = Outbound::new(Arc::new(message), qos, retain, ids);
+    out.store_id = id;
+    Some(out)
+}
+
+/// Decodes a whole [`queued`] record (one a queue kept in its journaled form).
+pub fn unqueue(body: Bytes) -> Option<Outbound> {
+    let mut f = Fields(body);
+    if f.u8()? != QUEUED {
+        return None;
+    }
+    f.str16()?;
+    let out = decode_queued(&mut f)?;
+    f.is_empty().then_some(out)
+}
+
+/// A queued message kept as its journal record, with what its queue needs to know of it
+/// without decoding it.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub body: Bytes,
+    /// What it costs its queue ([`Message::cost`]).
+    pub cost: usize,
+    /// A downlink command's Kafka timestamp (`None`: not a command).
+    pub command_ms: Option<i64>,
+}
+
+impl Kept {
+    pub fn new(body: Bytes, decoded: &Outbound) -> Kept {
+        Kept {
+            body,
+            cost: decoded.message.cost(),
+            command_ms: decoded.message.command.as_ref().map(|c| c.sent_ms),
+        }
+    }
+}
+
 pub fn done(client: &str, id: u64) -> Vec<u8> {
     let mut b = vec![DONE];
     put16(&mut b, client.as_bytes());
@@ -175,7 +224,7 @@ pub struct Restored {
     pub interval_ms: u64,
     pub subscriptions: HashMap<String, Options>,
     /// By id, which is queue order.
-    pub queue: BTreeMap<u64, Outbound>,
+    pub queue: BTreeMap<u64, Kept>,
 }
 
 /// The downlink's position: per Kafka topic and partition, the last offset handled.
@@ -209,6 +258,7 @@ fn advance(marks: &mut Marks, topic: &str, partition: i32, offset: i64) {
 }
 
 fn apply(r: &mut Replayed, body: Bytes) -> Option<()> {
+    let whole = body.clone();
     let mut f = Fields(body);
     let kind = f.u8()?;
     if kind == MARK {
@@ -252,24 +302,17 @@ fn apply(r: &mut Replayed, body: Bytes) -> Option<()> {
             }
         }
         QUEUED => {
-            let id = f.u64()?;
-            let qos = f.u8().filter(|q| (1..=2).contains(q))?;
-            let retain = f.u8()? != 0;
-            let n = f.u16()?;
-            let mut ids = Vec::with_capacity(usize::from(n).min(16));
-            for _ in 0..n {
-                ids.push(f.u32()?);
-            }
-            let mut message: Message = decode_message(&mut f, retain)?;
-            message.command = decode_command(&mut f)?;
-            if let Some(c) = &message.command {
+            let out = decode_queued(&mut f)?;
+            if let Some(c) = &out.message.command {
                 advance(&mut r.marks, &c.topic, c.partition, c.offset);
             }
-            *max_id = (*max_id).max(id);
+            *max_id = (*max_id).max(out.store_id);
             if let Some(s) = sessions.get_mut(&client) {
-                let mut out = Outbound::new(Arc::new(message), qos, retain, ids);
-                out.store_id = id;
-                s.queue.insert(id, out);
+                // A copy: a slice would keep the whole file's buffer alive.
+                s.queue.insert(
+                    out.store_id,
+                    Kept::new(Bytes::copy_from_slice(&whole), &out),
+                );
             }
         }
         DONE => {
@@ -338,7 +381,10 @@ mod tests {
         assert_eq!(a.subscriptions.len(), 1);
         assert_eq!(a.subscriptions["cmd/#"], opts);
         assert_eq!(a.queue.keys().copied().collect::<Vec<_>>(), [2]);
-        let q = &a.queue[&2];
+        let kept = &a.queue[&2];
+        assert_eq!(kept.body, queued("a", 2, &out));
+        assert_eq!((kept.cost, kept.command_ms), (out.message.cost(), None));
+        let q = unqueue(kept.body.clone()).expect("decodes");
         assert_eq!(q.subscription_ids, [5]);
         assert_eq!(q.store_id, 2);
         assert_eq!(q.message.expires_ms, Some(123));

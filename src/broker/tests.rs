@@ -329,6 +329,50 @@ async fn persistent_sessions_and_their_queued_messages_survive_a_reopen() {
 }
 
 #[tokio::test]
+async fn held_messages_are_sent_whole_after_the_session_stops_being_persistent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let s = b.attach("dev", false, Some(None));
+    b.subscribe(&s, &request("cmd/#", 2)).expect("sub");
+    b.detach(&s, Vec::new(), Some(None));
+    // Held while the device is away (kept as journal records, decoded when taken).
+    let mut sent = Vec::new();
+    for (i, qos) in [1u8, 2, 1].into_iter().enumerate() {
+        let mut m = (*message(&format!("cmd/{i}"), &format!("c{i}"), qos, false, None)).clone();
+        m.expires_ms = Some(i64::MAX - 1);
+        m.props.correlation_data = Some(Bytes::from(vec![i as u8; 3]));
+        m.props.user_properties = vec![("k".into(), format!("v{i}"))];
+        let m = Arc::new(m);
+        b.publish(&m)
+            .durable
+            .expect("journaled")
+            .await
+            .expect("durable");
+        sent.push(m);
+    }
+    let held = b.stats();
+    assert_eq!(held.queued_messages, 3);
+    let cost: usize = sent.iter().map(|m| m.cost()).sum();
+    assert_eq!(held.queued_bytes, cost);
+    // Resumed to end with this connection (MQTT 5: no Clean Start, Session Expiry 0): the
+    // journal goes, the held messages stay, decoded.
+    let s = b.attach("dev", false, None);
+    assert!(s.session_present);
+    assert_eq!(b.stats().queued_bytes, cost);
+    let got = drain(&s.mailbox);
+    assert_eq!(b.stats().queued_bytes, 0);
+    assert_eq!(payloads(&got), ["c0", "c1", "c2"]);
+    for (out, m) in got.iter().zip(&sent) {
+        assert_eq!(out.qos, m.qos);
+        assert_eq!(&*out.message.topic, &*m.topic);
+        assert_eq!(out.message.expires_ms, m.expires_ms);
+        assert_eq!(out.message.props.correlation_data, m.props.correlation_data);
+        assert_eq!(out.message.props.user_properties, m.props.user_properties);
+        assert!(!out.dup, "never sent");
+    }
+}
+
+#[tokio::test]
 async fn a_journal_sync_covers_what_was_appended_without_waiting() {
     use super::journal::{self, Journal};
     let dir = tempfile::tempdir().expect("tempdir");
@@ -367,7 +411,7 @@ async fn the_journal_is_measured_against_its_live_records_amortised() {
     let magic = *b"EGTESTJ2";
     let found = journal::read(&path, &magic, 0).expect("read");
     // Everything stays live: the journal only grows, and is never worth rewriting.
-    let live = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let live = Arc::new(std::sync::Mutex::new(Vec::<bytes::Bytes>::new()));
     let snapshots = Arc::new(AtomicUsize::new(0));
     let (l, n) = (Arc::clone(&live), Arc::clone(&snapshots));
     let j = Journal::start(
@@ -383,7 +427,7 @@ async fn the_journal_is_measured_against_its_live_records_amortised() {
     let record = vec![7u8; 1000];
     let commits = 8 * MIN_COMPACT_BYTES as usize / record.len();
     for _ in 0..commits {
-        live.lock().expect("live").push(record.clone());
+        live.lock().expect("live").push(record.clone().into());
         // One commit each, as a command taken alone would be.
         j.append(&record).await.expect("append");
     }
