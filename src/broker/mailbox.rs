@@ -318,7 +318,9 @@ impl Mailbox {
                 Some(p) if out.qos > 0 => {
                     let id = p.ids.fetch_add(1, Ordering::Relaxed);
                     out.store_id = id;
-                    let body = sessions::queued(&p.client, id, &out);
+                    let mut body = sessions::queued(&p.client, id, &out);
+                    // Kept while the client is away: no spare capacity.
+                    body.shrink_to_fit();
                     // Appended under the queue's lock: the journal keeps the queue's order.
                     let wait = p.journal.append(&body);
                     q.stored.insert(id, Bytes::from(body));

@@ -77,7 +77,27 @@ pub fn unsub(client: &str, filter: &str) -> Vec<u8> {
 
 pub fn queued(client: &str, id: u64, out: &Outbound) -> Vec<u8> {
     let m = &out.message;
-    let mut b = Vec::with_capacity(48 + client.len() + m.topic.len() + m.payload.len());
+    // Sized to fit (a queue keeps this very buffer while the client is away): the fixed
+    // fields, the strings, and the command's.
+    let command = m.command.as_ref().map_or(0, |c| {
+        40 + c.topic.len()
+            + c.key.as_ref().map_or(0, Bytes::len)
+            + c.correlation.as_ref().map_or(0, Bytes::len)
+            + c.status_topic.as_ref().map_or(0, |t| t.len())
+    });
+    let props = &m.props;
+    let strings = client.len()
+        + m.topic.len()
+        + m.payload.len()
+        + props.content_type.as_ref().map_or(0, |t| t.len() + 2)
+        + props.response_topic.as_ref().map_or(0, |t| t.len() + 2)
+        + props.correlation_data.as_ref().map_or(0, |c| c.len() + 2)
+        + props
+            .user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>();
+    let mut b = Vec::with_capacity(48 + 4 * out.subscription_ids.len() + strings + command);
     b.push(QUEUED);
     put16(&mut b, client.as_bytes());
     b.extend_from_slice(&id.to_le_bytes());
@@ -330,6 +350,43 @@ fn apply(r: &mut Replayed, body: Bytes) -> Option<()> {
 mod tests {
     use super::*;
     use crate::broker::Props;
+
+    #[test]
+    fn a_queued_record_is_built_without_growing() {
+        let props = Props {
+            correlation_data: Some(Bytes::from_static(b"corr-123")),
+            user_properties: vec![("k".into(), "v".repeat(40))],
+            ..Props::default()
+        };
+        let m = Arc::new(Message {
+            topic: "devices/pump-7/commands".into(),
+            payload: Bytes::from(vec![b'x'; 300]),
+            qos: 1,
+            retain: false,
+            publisher: None,
+            expires_ms: Some(5),
+            props,
+            command: Some(Arc::new(Command {
+                topic: "iot.commands".repeat(4),
+                partition: 3,
+                offset: 99,
+                key: Some(Bytes::from_static(b"pump-7")),
+                correlation: Some(Bytes::from(vec![1; 64])),
+                status_topic: Some("iot.command-status".into()),
+                sent_ms: 7,
+            })),
+        });
+        let b = queued("client-1", 9, &Outbound::new(m, 1, false, vec![1, 2]));
+        // A queue keeps this buffer as it is: spare room would be held with it.
+        assert!(
+            b.capacity() >= b.len() && b.capacity() <= b.len() + 64,
+            "{} bytes in {}",
+            b.len(),
+            b.capacity()
+        );
+        let back = unqueue(Bytes::from(b)).expect("decodes");
+        assert_eq!(back.message.command.as_ref().map(|c| c.offset), Some(99));
+    }
 
     #[test]
     fn records_replay_to_the_last_state() {
