@@ -21,6 +21,7 @@ pub mod config;
 pub mod downlink;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod format;
 pub mod forward;
 pub mod ingest;
 pub mod logging;

@@ -14,10 +14,12 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::config::problems::{Problem, Problems};
+use crate::format::Format;
+use crate::format::sparkplug::Records;
 use crate::reload::Reloadable;
 
 /// `[[routes]]` in gateway.toml.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Topic filter; `+name` captures one level, `#` (or `#name`) the rest.
@@ -27,6 +29,11 @@ pub struct RouteConfig {
     pub topic: String,
     /// Kafka key template; the client id when absent.
     pub key: Option<String>,
+    /// What the payload becomes: `raw` (untouched, the default) or `sparkplug_b`.
+    #[serde(default)]
+    pub format: Format,
+    /// `sparkplug_b` only: `per_metric` (the default) or `per_payload` records.
+    pub records: Option<Records>,
 }
 
 /// `[default_route]` in gateway.toml: where messages that match no route go.
@@ -37,11 +44,13 @@ pub struct DefaultRoute {
     pub key: Option<String>,
 }
 
-/// Where one message goes.
+/// Where one message goes, and in what form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination {
     pub kafka_topic: String,
     pub key: Option<Bytes>,
+    pub format: Format,
+    pub records: Records,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +78,8 @@ struct Route {
     levels: Vec<Level>,
     topic: Template,
     key: Option<Template>,
+    format: Format,
+    records: Records,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,8 +132,20 @@ impl Router {
                 }
                 None => Some(None),
             };
+            if route.records.is_some() && route.format != Format::SparkplugB {
+                problems.push(
+                    format!("{path}.records"),
+                    "only routes with format = \"sparkplug_b\" have records".to_owned(),
+                );
+            }
             if let (Some(topic), Some(key)) = (topic, key) {
-                router.routes.push(Route { levels, topic, key });
+                router.routes.push(Route {
+                    levels,
+                    topic,
+                    key,
+                    format: route.format,
+                    records: route.records.unwrap_or_default(),
+                });
             }
         }
         if let Some(default) = default {
@@ -157,13 +180,15 @@ impl Router {
         for route in &self.routes {
             captures.clear();
             if matches(&route.levels, &levels, topic, &mut captures) {
-                return render(
+                let mut dest = render(
                     &route.topic,
                     route.key.as_ref(),
                     &captures,
                     topic,
                     client_id,
-                );
+                )?;
+                (dest.format, dest.records) = (route.format, route.records);
+                return Ok(dest);
             }
         }
         match &self.default {
@@ -194,6 +219,8 @@ fn render(
     Ok(Destination {
         kafka_topic,
         key: Some(Bytes::from(key)),
+        format: Format::Raw,
+        records: Records::default(),
     })
 }
 
@@ -406,6 +433,7 @@ mod tests {
                 filter: (*m).into(),
                 topic: (*t).into(),
                 key: k.map(Into::into),
+                ..Default::default()
             })
             .collect();
         let default = default.map(|t| DefaultRoute {
@@ -422,6 +450,8 @@ mod tests {
         Ok(Destination {
             kafka_topic: topic.into(),
             key: Some(Bytes::from(key.to_owned())),
+            format: Format::Raw,
+            records: Records::default(),
         })
     }
 
@@ -499,21 +529,32 @@ mod tests {
                 filter: "a/#/b".into(),
                 topic: "t".into(),
                 key: None,
+                ..Default::default()
             },
             RouteConfig {
                 filter: "a/+x".into(),
                 topic: "t/{y}".into(),
                 key: Some("{z}".into()),
+                ..Default::default()
             },
             RouteConfig {
                 filter: "a/+x/+x".into(),
                 topic: "t".into(),
                 key: None,
+                ..Default::default()
             },
             RouteConfig {
                 filter: "a/b+".into(),
                 topic: "t".into(),
                 key: None,
+                ..Default::default()
+            },
+            RouteConfig {
+                filter: "spBv1.0/#".into(),
+                topic: "t".into(),
+                key: None,
+                records: Some(Records::PerPayload),
+                ..Default::default()
             },
         ];
         let mut problems = Problems::default();
@@ -535,6 +576,7 @@ mod tests {
                 "routes[1].key",
                 "routes[2].match",
                 "routes[3].match",
+                "routes[4].records",
                 "default_route.topic"
             ]
         );

@@ -793,6 +793,7 @@ fn coap_con_throughput() {
             filter: "coap/#".into(),
             topic: "bench".into(),
             key: None,
+            ..Default::default()
         }];
         let pipeline = Pipeline::new(log.clone(), Router::new(&routes, None, &mut problems));
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")

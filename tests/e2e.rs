@@ -858,3 +858,185 @@ fn puback_reason(reply: &Reply) -> Option<u8> {
         .find(|(h, _)| *h == 0x40)
         .map(|(_, b)| b.get(2).copied().unwrap_or(0))
 }
+
+/// Sparkplug B (issue 15): payloads encoded by Eclipse Tahu's `sparkplug-payload` (npm), not
+/// by our code, become one JSON record per metric with names resolved from the births'
+/// aliases, datatypes named, signed values decoded, a sequence gap and the node's death
+/// reported; a payload that is not Sparkplug goes to the dead-letter log with its reason,
+/// and the records after it still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sparkplug_b_payloads_become_json_records_per_metric() {
+    use serde_json::{Value, json};
+    let _kafka = common::shared();
+    let topic = common::unique_topic("e2e-sparkplug");
+    let gateway = common::gateway(config().raw(&format!(
+        "[[routes]]\nmatch = \"spBv1.0/#\"\ntopic = \"{topic}\"\nformat = \"sparkplug_b\"\n"
+    )))
+    .start();
+    let node = "spBv1.0/plant/{}/edge1";
+    let at = |kind: &str| node.replace("{}", kind);
+    let messages = json!([
+        {"topic": at("NBIRTH"), "payload": {"timestamp": 1000, "seq": 0, "metrics": [
+            {"name": "bdSeq", "type": "UInt64", "value": 1},
+            {"name": "uptime", "alias": 2, "type": "Int64", "value": -100},
+        ]}},
+        {"topic": format!("{}/pump7", at("DBIRTH")), "payload": {"timestamp": 1001, "seq": 1, "metrics": [
+            {"name": "temp", "alias": 10, "type": "Double", "value": 20.5},
+            {"name": "rpm", "alias": 11, "type": "Int16", "value": -40},
+            {"name": "label", "alias": 12, "type": "String", "value": "ok"},
+            {"name": "on", "alias": 13, "type": "Boolean", "value": true},
+        ]}},
+        // By alias only, as a device sends data after its birth.
+        {"topic": format!("{}/pump7", at("DDATA")), "payload": {"timestamp": 1002, "seq": 2, "metrics": [
+            {"alias": 10, "type": "Double", "value": 21.25},
+            {"alias": 11, "type": "Int16", "value": -41},
+        ]}},
+        // seq 3 never arrives.
+        {"topic": at("NDATA"), "payload": {"timestamp": 1004, "seq": 4, "metrics": [
+            {"alias": 2, "type": "Int64", "value": 200},
+        ]}},
+        {"topic": at("NDEATH"), "payload": {"timestamp": 1005, "metrics": [
+            {"name": "bdSeq", "type": "UInt64", "value": 1},
+        ]}},
+    ]);
+    let mut encoded = common::drivers::sparkplug_encode(&messages);
+    // Not Sparkplug: stored, then dead-lettered; what follows is not held up by it.
+    encoded.insert(
+        4,
+        (format!("{}/pump7", at("DDATA")), b"\x0bgarbage".to_vec()),
+    );
+    for (i, (t, payload)) in encoded.into_iter().enumerate() {
+        let acked = common::rumqttc(gateway.mqtt_addr(), "edge1")
+            .qos(1)
+            .publish(&t, vec![payload])
+            .await;
+        assert_eq!(acked, [0], "message {i} on {t} acknowledged");
+    }
+
+    // NBIRTH: state + 2 metrics; DBIRTH: state + 4; DDATA 2; NDATA 1; NDEATH: state + 1.
+    let records = common::consume_all(&topic, 13, Duration::from_secs(60)).await;
+    assert_eq!(records.len(), 13);
+    let values: Vec<Value> = records
+        .iter()
+        .map(|r| serde_json::from_slice(r.payload.as_deref().expect("value")).expect("JSON"))
+        .collect();
+    for r in &records {
+        assert_eq!(header_str(r, "edgegate-format"), "sparkplug_b");
+        assert_eq!(header_str(r, "content-type"), "application/json");
+        assert_eq!(r.key.as_deref(), Some(&b"edge1"[..]));
+    }
+    let pick = |i: usize, keys: &[&str]| -> Vec<Value> {
+        keys.iter().map(|k| values[i][*k].clone()).collect()
+    };
+    let head = [
+        "message_type",
+        "group",
+        "edge_node",
+        "device",
+        "seq",
+        "state",
+    ];
+    assert_eq!(
+        pick(0, &head),
+        [
+            json!("NBIRTH"),
+            json!("plant"),
+            json!("edge1"),
+            Value::Null,
+            json!(0),
+            json!("online")
+        ]
+    );
+    assert_eq!(
+        pick(2, &["name", "datatype", "value"]),
+        [json!("uptime"), json!("Int64"), json!(-100)]
+    );
+    assert_eq!(
+        pick(3, &head),
+        [
+            json!("DBIRTH"),
+            json!("plant"),
+            json!("edge1"),
+            json!("pump7"),
+            json!(1),
+            json!("online")
+        ]
+    );
+    let metric = ["name", "alias", "datatype", "value", "timestamp"];
+    assert_eq!(
+        pick(5, &metric),
+        [
+            json!("rpm"),
+            json!(11),
+            json!("Int16"),
+            json!(-40),
+            json!(1001)
+        ]
+    );
+    assert_eq!(pick(6, &["value"]), [json!("ok")]);
+    assert_eq!(pick(7, &["value"]), [json!(true)]);
+    // Names from the birth's aliases.
+    assert_eq!(
+        pick(8, &metric),
+        [
+            json!("temp"),
+            json!(10),
+            json!("Double"),
+            json!(21.25),
+            json!(1002)
+        ]
+    );
+    assert_eq!(
+        pick(9, &metric),
+        [
+            json!("rpm"),
+            json!(11),
+            json!("Int16"),
+            json!(-41),
+            json!(1002)
+        ]
+    );
+    assert_eq!(values[8]["device"], "pump7");
+    assert!(values[9].get("seq_gap").is_none());
+    assert_eq!(
+        pick(10, &["message_type", "name", "value", "seq", "seq_gap"]),
+        [
+            json!("NDATA"),
+            json!("uptime"),
+            json!(200),
+            json!(4),
+            json!({"expected": 3})
+        ]
+    );
+    assert_eq!(
+        pick(11, &["message_type", "state"]),
+        [json!("NDEATH"), json!("offline")]
+    );
+    assert!(
+        values[11].get("stale").is_none(),
+        "the current session's death"
+    );
+
+    // The garbage payload is in the dead-letter log, with why.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["dead-letters", "--config"])
+        .arg(gateway.config_path())
+        .output()
+        .expect("run edgegate dead-letters");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let error = lines[0]["error"].as_str().expect("error");
+    assert!(
+        error.starts_with("format: not a Sparkplug B payload"),
+        "{error}"
+    );
+    assert_eq!(lines[0]["topic"], topic.as_str());
+}

@@ -52,6 +52,7 @@ async fn start(mqtt: MqttConfig, tune: impl FnOnce(&mut LogConfig)) -> Listener 
         filter: "dev/#".into(),
         topic: "telemetry".into(),
         key: None,
+        ..Default::default()
     }];
     let router = Router::new(&routes, None, &mut problems);
     assert!(problems.is_empty(), "{problems:?}");

@@ -475,7 +475,18 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     /// Hands one record to librdkafka.
     fn send(&mut self, seq: u64) -> Sent {
         let alone = match self.in_flight.get(&seq) {
-            Some(p) => p.alone,
+            Some(p) => {
+                // Ingest could not convert its payload (crate::format): it never goes to
+                // Kafka, whose consumers expect the converted form.
+                if let Some(reason) = p.record.headers.iter().find_map(|(k, v)| {
+                    (k == crate::format::ERROR_HEADER)
+                        .then(|| format!("format: {}", String::from_utf8_lossy(v)))
+                }) {
+                    self.dead_letter(seq, &reason);
+                    return Sent::Handled;
+                }
+                p.alone
+            }
             None => return Sent::Handled,
         };
         if alone && self.alone_producer.is_none() {
@@ -633,7 +644,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         p.state = State::DeadLettering;
         metric::dead_lettered();
         self.progress.send_modify(|pr| pr.dead_lettered += 1);
-        tracing::warn!(seq, topic = %p.record.kafka_topic, error, "Kafka refused a record for good; moving it to the dead-letter log.");
+        tracing::warn!(seq, topic = %p.record.kafka_topic, error, "A record cannot go to Kafka; moving it to the dead-letter log.");
         let dead = dead_letter::copy(&p.record, seq, error);
         let sink = self.dead_letter.clone();
         let done = self.dead_lettered_tx.clone();

@@ -6,12 +6,15 @@ pub mod coap;
 pub mod mqtt;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::buffer::{AppendError, Durable, Log, Pressure};
+use crate::format::sparkplug::{Anomaly, FormatError, Records, Sparkplug};
+use crate::format::{self, Format};
 use crate::record::{Record, Source};
 use crate::reload::Live;
 use crate::route::{RouteError, Router};
@@ -133,6 +136,8 @@ pub struct Pipeline {
     log: Log,
     /// The routes in force, read per message: a reload applies to the next one.
     routes: Live<Router>,
+    /// The Sparkplug B session state of `sparkplug_b` routes, applied in arrival order.
+    sparkplug: Arc<Mutex<Sparkplug>>,
 }
 
 impl Pipeline {
@@ -141,6 +146,7 @@ impl Pipeline {
         Pipeline {
             log,
             routes: routes.into(),
+            sparkplug: Arc::default(),
         }
     }
 
@@ -165,12 +171,63 @@ impl Pipeline {
             headers: msg.headers,
             payload: msg.payload,
         };
-        let durable = self.log.append(&record)?;
+        let durable = match dest.format {
+            Format::Raw => self.log.append(&record)?,
+            Format::SparkplugB => self.append_sparkplug(record, dest.records)?,
+        };
         metrics::counter!("edgegate_messages_received_total", "protocol" => protocol, "qos" => qos)
             .increment(1);
         metrics::counter!("edgegate_received_bytes_total", "protocol" => protocol, "qos" => qos)
             .increment(bytes);
         Ok(durable)
+    }
+
+    /// Appends the records a Sparkplug B message becomes (the first durable append covers
+    /// none of the later ones, so the last one is waited for: the log makes records durable
+    /// in order). A message that does not convert is stored as it came, marked for the
+    /// dead-letter log.
+    fn append_sparkplug(&self, mut record: Record, shape: Records) -> Result<Durable, Rejected> {
+        let converted = self
+            .sparkplug
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .convert(&record.origin, &record.payload, shape);
+        let converted = match converted {
+            Ok(c) if !c.records.is_empty() => c,
+            Ok(_) => return Ok(self.log.append(&record)?),
+            Err(e) => {
+                format_error(&record, &e);
+                record
+                    .headers
+                    .push((format::ERROR_HEADER.to_owned(), Bytes::from(e.to_string())));
+                return Ok(self.log.append(&record)?);
+            }
+        };
+        for anomaly in &converted.anomalies {
+            sparkplug_anomaly(&record, *anomaly);
+        }
+        record.headers.extend([
+            (
+                format::FORMAT_HEADER.to_owned(),
+                Bytes::from_static(b"sparkplug_b"),
+            ),
+            (
+                "content-type".to_owned(),
+                Bytes::from_static(b"application/json"),
+            ),
+        ]);
+        let mut last = None;
+        let count = converted.records.len();
+        for (i, value) in converted.records.into_iter().enumerate() {
+            let mut one = if i + 1 == count {
+                std::mem::replace(&mut record, empty_record())
+            } else {
+                record.clone()
+            };
+            one.payload = value;
+            last = Some(self.log.append(&one)?);
+        }
+        last.ok_or(Rejected::Closed)
     }
 
     /// Above the log's high watermark listeners stop reading their sockets.
@@ -191,6 +248,32 @@ pub fn refused(delivery: Delivery, rejected: &Rejected, peer: SocketAddr, client
     tracing::debug!(%peer, client_id, protocol, qos = delivery.label(), reason, error = %rejected, "Did not store a message.");
 }
 
+/// A message on a converting route whose payload does not convert: counted and logged here.
+fn format_error(record: &Record, error: &FormatError) {
+    metrics::counter!("edgegate_format_errors_total", "format" => "sparkplug_b").increment(1);
+    tracing::warn!(device = %record.device, topic = %record.origin, error = %error, "A payload does not convert; it goes to the dead-letter log.");
+}
+
+/// A Sparkplug B anomaly (sequence gap, data before its birth, a stale death): counted and
+/// logged here; the records carry it too.
+fn sparkplug_anomaly(record: &Record, anomaly: Anomaly) {
+    metrics::counter!("edgegate_sparkplug_anomalies_total", "kind" => anomaly.label()).increment(1);
+    tracing::info!(device = %record.device, topic = %record.origin, kind = anomaly.label(), "Sparkplug B anomaly.");
+}
+
+fn empty_record() -> Record {
+    Record {
+        source: Source::Mqtt,
+        received_ms: 0,
+        device: String::new(),
+        origin: String::new(),
+        kafka_topic: String::new(),
+        key: None,
+        headers: Vec::new(),
+        payload: Bytes::new(),
+    }
+}
+
 /// HELP text of the pipeline's metrics.
 pub(crate) fn describe() {
     metrics::describe_counter!(
@@ -200,6 +283,14 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         "edgegate_received_bytes_total",
         "Payload bytes stored in the log, by protocol and QoS."
+    );
+    metrics::describe_counter!(
+        "edgegate_format_errors_total",
+        "Messages on converting routes whose payload did not convert (stored as they came and moved to the dead-letter log), by format."
+    );
+    metrics::describe_counter!(
+        "edgegate_sparkplug_anomalies_total",
+        "Sparkplug B messages with a sequence gap, data before its birth, or a death of an older session, by kind."
     );
     metrics::describe_counter!(
         "edgegate_ingest_rejected_total",

@@ -119,6 +119,48 @@ pub fn play(driver: Driver, addr: SocketAddr, steps: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// Encodes Sparkplug B payloads with Eclipse Tahu's `sparkplug-payload` (npm): `messages` is
+/// `[{"topic": ..., "payload": <Tahu payload object>}]`; returns `(topic, payload bytes)`.
+pub fn sparkplug_encode(messages: &Value) -> Vec<(String, Vec<u8>)> {
+    let out = built();
+    let mut child = Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/js/sparkplug.js"
+        ))
+        .env("NODE_PATH", out.join("js/node_modules"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(messages.to_string().as_bytes())
+        .expect("write the messages");
+    let output = child.wait_with_output().expect("node output");
+    assert!(
+        output.status.success(),
+        "sparkplug.js failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let encoded: Vec<Value> = serde_json::from_slice(&output.stdout).expect("JSON");
+    encoded
+        .iter()
+        .map(|m| {
+            let hex = m["hex"].as_str().expect("hex");
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
+                .collect();
+            (m["topic"].as_str().expect("topic").to_owned(), bytes)
+        })
+        .collect()
+}
+
 /// A clean connection (clean session / clean start) with MQTT `version` 4 or 5.
 pub fn connect(client: &str, version: u8) -> Value {
     json!({"op": "connect", "client": client, "id": client, "version": version})

@@ -448,6 +448,7 @@ async fn start_as(
         filter: "coap/+device/#".into(),
         topic: "telemetry".into(),
         key: Some("{device}".into()),
+        ..Default::default()
     }];
     let router = Router::new(&routes, None, &mut problems);
     assert!(problems.is_empty(), "{problems:?}");

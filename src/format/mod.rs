@@ -1,0 +1,37 @@
+//! Payload formats per route: what a message's payload becomes before it is stored.
+//!
+//! `raw` (the default) stores the payload untouched. `sparkplug_b` decodes Sparkplug B
+//! payloads into JSON records ([`sparkplug`]). Conversion happens at ingest, before the
+//! record is stored and the device acknowledged: the log then holds what goes to Kafka, and
+//! the Sparkplug session state (births, aliases, sequence numbers) is applied in arrival
+//! order. A payload that cannot be converted is not refused (Sparkplug data is QoS 0, and a
+//! refusal would cost the device its message): it is stored as it came with an
+//! `edgegate-format-error` header, and the forwarder moves it to the dead-letter log with
+//! that reason instead of sending it, counted in `edgegate_format_errors_total`.
+
+pub mod sparkplug;
+
+use serde::Deserialize;
+
+/// A route's `format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    #[default]
+    Raw,
+    SparkplugB,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::SparkplugB => "sparkplug_b",
+        }
+    }
+}
+
+/// The header that marks a record whose payload could not be converted, with the reason.
+pub const ERROR_HEADER: &str = "edgegate-format-error";
+/// The header naming the format a record was converted from.
+pub const FORMAT_HEADER: &str = "edgegate-format";
