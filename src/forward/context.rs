@@ -288,7 +288,7 @@ impl LinkTracker {
             .clone()
     }
 
-    fn set_last_error(&self, reason: &str) {
+    pub fn set_last_error(&self, reason: &str) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
     }
 
