@@ -323,7 +323,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     }
 
     fn create_producer(&mut self, alone: bool) -> Result<Instance, ForwardError> {
-        let health = Arc::new(ClientHealth::default());
+        let bootstrap = self.settings.brokers.split(',').filter(|b| !b.is_empty());
+        let health = Arc::new(ClientHealth::new(bootstrap.count()));
         let context = ForwardContext {
             deliveries: self.deliveries_tx.clone(),
             link: self.link.clone(),
