@@ -130,6 +130,10 @@ pub(crate) fn describe() {
         "Current in-flight window (adaptive), in bytes."
     );
     describe_gauge!(
+        SHORT_OF_REPLICAS,
+        "1 while Kafka answers but refuses writes: a partition has fewer in-sync replicas than min.insync.replicas."
+    );
+    describe_gauge!(
         LINK_UP,
         "1 when Kafka is reachable, 0 when the gateway is buffering."
     );
