@@ -154,7 +154,7 @@ impl Health {
             Status::NotReady
         } else if progress.stalled {
             Status::Stalled
-        } else if kafka == Link::Down {
+        } else if kafka == Link::Down || progress.short_of_replicas {
             Status::Degraded
         } else {
             Status::Ready
@@ -231,7 +231,9 @@ pub struct Readiness {
 pub enum Status {
     /// Accepting, and Kafka is reachable.
     Ready,
-    /// Accepting and buffering; Kafka is unreachable. Still ready (HTTP 200).
+    /// Accepting and buffering; Kafka is unreachable, or answers but refuses writes because
+    /// a partition has fewer in-sync replicas than `min.insync.replicas` (`last_error` says
+    /// which). Still ready (HTTP 200).
     Degraded,
     /// Accepting and buffering, Kafka answers, but the forwarder delivers nothing: it is
     /// being rebuilt, and if that does not help systemd's watchdog restarts the gateway.

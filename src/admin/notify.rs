@@ -80,6 +80,7 @@ fn status_line(health: &Health) -> String {
     let stats = health.log_stats();
     let kafka = match health.link() {
         _ if health.progress().stalled => "answers, forwarder STALLED",
+        _ if health.progress().short_of_replicas => "answers, too few in-sync replicas",
         LinkState::Up => "up",
         LinkState::Down => "down",
     };

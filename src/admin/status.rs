@@ -16,7 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Readiness, Status};
+use super::{Link, Readiness, Status};
 
 /// Between the two `/metrics` samples the rates come from.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -218,6 +218,9 @@ impl fmt::Display for Summary {
         let r = &self.readiness;
         let state = match r.status {
             Status::Ready => "ready",
+            Status::Degraded if r.kafka == Link::Up => {
+                "degraded (Kafka refuses writes: too few in-sync replicas; buffering)"
+            }
             Status::Degraded => "degraded (Kafka unreachable, buffering)",
             Status::Stalled => "STALLED (Kafka answers, nothing delivered; buffering)",
             Status::NotReady => "NOT READY",

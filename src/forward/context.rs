@@ -53,24 +53,41 @@ pub struct ClientHealth {
     /// Brokers the client knows (bootstrap or learned), not counting its internal one. Zero
     /// means it can never reach Kafka again by itself: see [`ClientHealth::orphaned`].
     brokers: AtomicUsize,
+    /// Distinct brokers (by node id) the client has learned, per the last report; before
+    /// the first report, the number of bootstrap brokers configured.
+    nodes: AtomicUsize,
     /// Bytes written to and read from broker connections since the client was created.
     tx_bytes: AtomicU64,
     rx_bytes: AtomicU64,
 }
 
 impl ClientHealth {
+    /// A client bootstrapped from `bootstrap_brokers` addresses.
+    pub fn new(bootstrap_brokers: usize) -> ClientHealth {
+        ClientHealth {
+            nodes: AtomicUsize::new(bootstrap_brokers),
+            ..ClientHealth::default()
+        }
+    }
+
     fn update(&self, statistics: &Statistics) {
         let real = statistics
             .brokers
             .values()
             .filter(|b| b.source != "internal" && b.source != "logical");
         let (mut brokers, mut tx, mut rx) = (0, 0, 0);
+        let mut nodes = std::collections::BTreeSet::new();
         for b in real {
             brokers += 1;
             tx += b.txbytes;
             rx += b.rxbytes;
+            // Bootstrap entries have no node id, and may be the same broker as a learned one.
+            if b.nodeid >= 0 {
+                nodes.insert(b.nodeid);
+            }
         }
         self.brokers.store(brokers, Ordering::Relaxed);
+        self.nodes.store(nodes.len(), Ordering::Relaxed);
         self.tx_bytes.store(tx, Ordering::Relaxed);
         self.rx_bytes.store(rx, Ordering::Relaxed);
         self.reports.fetch_add(1, Ordering::Release);
@@ -95,6 +112,12 @@ impl ClientHealth {
     /// Bytes moved over broker connections (both directions) per the last report.
     pub fn bytes_moved(&self) -> u64 {
         self.tx_bytes.load(Ordering::Relaxed) + self.rx_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Distinct brokers learned from metadata per the last report (before the first one,
+    /// the bootstrap brokers configured).
+    pub fn nodes(&self) -> usize {
+        self.nodes.load(Ordering::Relaxed)
     }
 
     /// Brokers known per the last report.
@@ -154,6 +177,12 @@ impl ClientContext for ForwardContext {
             self.link.fatal(reason);
         } else if classify::is_refusal(code) {
             self.link.refused(reason);
+        } else if code == RDKafkaErrorCode::BrokerTransportFailure && self.health.nodes() > 1 {
+            // One broker of a cluster went away: librdkafka moves to the others (a new
+            // leader) by itself. Connections are sparse (the producer connects to leaders
+            // only), so the others need not be connected to be fine. The link is down when
+            // none answers: "all brokers down", or the statistics (no broker UP, one failing).
+            tracing::debug!(error = %error, reason, "Kafka client error; other brokers are up.");
         } else if classify::is_link_error(code) {
             tracing::debug!(error = %error, reason, "Kafka client error.");
             self.link.down(reason);
@@ -288,7 +317,7 @@ impl LinkTracker {
             .clone()
     }
 
-    fn set_last_error(&self, reason: &str) {
+    pub fn set_last_error(&self, reason: &str) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
     }
 

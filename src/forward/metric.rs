@@ -19,6 +19,7 @@ pub const LATENCY: &str = "edgegate_kafka_produce_latency_seconds";
 pub const REBUILDS: &str = "edgegate_kafka_producer_rebuilds_total";
 pub const REBOOTSTRAPS: &str = "edgegate_kafka_rebootstraps_total";
 pub const STALLS: &str = "edgegate_kafka_stalls_total";
+pub const SHORT_OF_REPLICAS: &str = "edgegate_kafka_short_of_replicas";
 
 pub fn delivered(n: u64) {
     metrics::counter!(DELIVERED).increment(n);
@@ -54,6 +55,11 @@ pub fn rebootstrapped() {
 /// The liveness probe found Kafka answering while the producer delivered nothing.
 pub fn stalled() {
     metrics::counter!(STALLS).increment(1);
+}
+
+/// 1 while Kafka refuses writes for want of in-sync replicas (see `Progress`), else 0.
+pub fn short_of_replicas(short: bool) {
+    metrics::gauge!(SHORT_OF_REPLICAS).set(if short { 1.0 } else { 0.0 });
 }
 
 pub fn in_flight(records: usize, bytes: usize) {
@@ -122,6 +128,10 @@ pub(crate) fn describe() {
     describe_gauge!(
         WINDOW_BYTES,
         "Current in-flight window (adaptive), in bytes."
+    );
+    describe_gauge!(
+        SHORT_OF_REPLICAS,
+        "1 while Kafka answers but refuses writes: a partition has fewer in-sync replicas than min.insync.replicas."
     );
     describe_gauge!(
         LINK_UP,

@@ -141,6 +141,10 @@ pub struct Progress {
     /// Kafka answers but the producer delivers nothing (see `liveness`); cleared by the next
     /// delivery.
     pub stalled: bool,
+    /// Kafka answers, but the partition of the oldest record in flight has fewer in-sync
+    /// replicas than `min.insync.replicas`, so it refuses every write (found by the liveness
+    /// probe); cleared by the next delivery.
+    pub short_of_replicas: bool,
     pub last_delivery: Option<std::time::Instant>,
     /// Refreshed twice a second while the forwarder's loop runs, whatever Kafka does: the
     /// watchdog pings on this, so an outage does not get the gateway restarted. It stops

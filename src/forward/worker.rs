@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -24,7 +26,7 @@ use super::classify::{self, Disposition};
 use super::context::{ClientHealth, Delivery, ForwardContext, LinkTracker, Tag};
 use super::liveness::{Liveness, Verdict};
 use super::window::{Backoff, Window};
-use super::{ForwardError, Progress, dead_letter, metric, record};
+use super::{ForwardError, LinkState, Progress, dead_letter, metric, record};
 use crate::buffer::{AppendError, Log, LogError, LogReader, StoredRecord};
 use crate::record::Record;
 
@@ -90,6 +92,11 @@ const MAX_REBOOTSTRAPS_IN_A_ROW: u32 = 3;
 const MAX_REBOOTSTRAPS: u32 = 100;
 /// How long a probe waits for a Metadata answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The oldest record in flight unreported this long, with the link up: ask whether its
+/// partition is short of in-sync replicas (at most once per this interval). Not the liveness
+/// watch's job: a producer retrying NOT_ENOUGH_REPLICAS keeps sending its batches, and
+/// bytes moving count as progress there.
+const REPLICA_CHECK_AFTER: Duration = Duration::from_secs(5);
 /// How long a rebuild waits for the old producer's threads to finish.
 const DROP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -204,15 +211,36 @@ pub struct Worker<S, D> {
     producers_created: u32,
     /// Records delivered since start (mirrored into `progress` once per batch of reports).
     delivered: u64,
+    /// A probe found the oldest record's partition below `min.insync.replicas`; cleared by
+    /// the next delivery. Mirrored into `progress`.
+    short_of_replicas: bool,
+    /// A replica check (a probe not asked by the liveness watch) is running.
+    replica_check_running: bool,
+    /// No replica check before this.
+    next_replica_check: Instant,
     progress: watch::Sender<Progress>,
 }
 
-/// A probe's outcome: when it started, and the partitions the brokers listed with a leader
-/// for the topic asked about, or why they did not answer.
+/// A probe's outcome: when it started, and what the brokers said about the topic asked
+/// about, or why they did not answer.
 struct Probed {
     started: Instant,
     topic: String,
-    result: Result<usize, String>,
+    /// Asked by the liveness watch (its verdict follows), or only to learn whether the
+    /// partition is short of in-sync replicas.
+    liveness: bool,
+    result: Result<Answer, String>,
+}
+
+/// What a probe learned about the topic of the oldest record in flight.
+#[derive(Debug, Default)]
+struct Answer {
+    /// Partitions with a leader.
+    leaders: usize,
+    /// The first partition with fewer in-sync replicas than the topic's
+    /// `min.insync.replicas`, described: the leader answers but refuses every `acks=all`
+    /// write (NOT_ENOUGH_REPLICAS), which librdkafka retries without telling anyone.
+    short_of_replicas: Option<String>,
 }
 
 enum Sent {
@@ -283,6 +311,9 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             slow: false,
             producers_created: 0,
             delivered: 0,
+            short_of_replicas: false,
+            replica_check_running: false,
+            next_replica_check: Instant::now(),
             progress,
         }
     }
@@ -292,7 +323,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     }
 
     fn create_producer(&mut self, alone: bool) -> Result<Instance, ForwardError> {
-        let health = Arc::new(ClientHealth::default());
+        let bootstrap = self.settings.brokers.split(',').filter(|b| !b.is_empty());
+        let health = Arc::new(ClientHealth::new(bootstrap.count()));
         let context = ForwardContext {
             deliveries: self.deliveries_tx.clone(),
             link: self.link.clone(),
@@ -589,6 +621,12 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             Ok(()) => {
                 metric::latency(p.sent_at.elapsed());
                 self.slow = false;
+                if self.short_of_replicas {
+                    self.short_of_replicas = false;
+                    metric::short_of_replicas(false);
+                    self.progress.send_modify(|pr| pr.short_of_replicas = false);
+                    tracing::info!("Kafka takes records again: enough replicas are in sync.");
+                }
                 self.backoff.reset();
                 self.finish(report.seq);
                 metric::delivered(1);
@@ -740,8 +778,18 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             .sum();
         if let Some((_, p)) = oldest {
             let topic = p.record.kafka_topic.clone();
+            if p.sent_at.elapsed() >= REPLICA_CHECK_AFTER
+                && !self.short_of_replicas
+                && !self.replica_check_running
+                && now >= self.next_replica_check
+                && self.link.state() == LinkState::Up
+            {
+                self.replica_check_running = true;
+                self.next_replica_check = now + REPLICA_CHECK_AFTER;
+                self.start_probe(now, topic.clone(), false);
+            }
             if self.liveness.check(now, true, bytes_moved) {
-                self.start_probe(now, topic);
+                self.start_probe(now, topic, true);
             }
         } else {
             self.liveness.check(now, false, bytes_moved);
@@ -790,7 +838,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     }
 
     /// Asks the brokers, through a client of its own, for `topic`'s partitions.
-    fn start_probe(&mut self, started: Instant, topic: String) {
+    fn start_probe(&mut self, started: Instant, topic: String, liveness: bool) {
         let config = self.probe_config.clone();
         let done = self.probe_tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -802,16 +850,41 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                         .client()
                         .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
                         .map_err(|e| e.to_string())?;
-                    Ok(metadata
+                    let partitions: Vec<_> = metadata
                         .topics()
                         .iter()
                         .flat_map(|t| t.partitions())
                         .filter(|p| p.leader() >= 0)
-                        .count())
+                        .collect();
+                    // Only a partition short of replicas is worth a DescribeConfigs request.
+                    let under_replicated = partitions
+                        .iter()
+                        .filter(|p| p.isr().len() < p.replicas().len())
+                        .map(|p| (p.id(), p.isr().len(), p.replicas().len()))
+                        .collect::<Vec<_>>();
+                    let short_of_replicas = if under_replicated.is_empty() {
+                        None
+                    } else {
+                        min_insync_replicas(&config, &topic).and_then(|min| {
+                            under_replicated.iter().find(|(_, isr, _)| *isr < min).map(
+                                |(id, isr, replicas)| {
+                                    format!(
+                                        "{topic} partition {id} has {isr} of {replicas} replicas in sync, \
+                                         min.insync.replicas={min}: Kafka refuses acks=all writes"
+                                    )
+                                },
+                            )
+                        })
+                    };
+                    Ok(Answer {
+                        leaders: partitions.len(),
+                        short_of_replicas,
+                    })
                 });
             let _ = done.send(Probed {
                 started,
                 topic,
+                liveness,
                 result,
             });
         });
@@ -821,11 +894,27 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     /// producer's own (its errors, statistics and deliveries): a second opinion from another
     /// client would only make the log lines flap.
     fn on_probe(&mut self, probed: Probed) {
+        let short_of_replicas = match &probed.result {
+            Ok(a) => a.short_of_replicas.clone(),
+            Err(_) => None,
+        };
+        if !probed.liveness {
+            self.replica_check_running = false;
+            if let Some(reason) = short_of_replicas {
+                self.found_short_of_replicas(&reason);
+            }
+            return;
+        }
         let now = Instant::now();
-        // A partition without a leader is Kafka's outage, not the producer's stall.
-        let answered = matches!(probed.result, Ok(leaders) if leaders > 0);
+        // A partition without a leader, or short of in-sync replicas, is Kafka's outage,
+        // not the producer's stall.
+        let answered =
+            matches!(&probed.result, Ok(a) if a.leaders > 0 && a.short_of_replicas.is_none());
         match self.liveness.probed(now, probed.started, answered) {
             Verdict::Moving => {}
+            Verdict::Unreachable if short_of_replicas.is_some() => {
+                self.found_short_of_replicas(&short_of_replicas.unwrap_or_default());
+            }
             Verdict::Answering => {
                 tracing::debug!(topic = %probed.topic, quiet_for = ?self.liveness.quiet_for(now), "Kafka answers while nothing was delivered; giving the producer time to get back to it.");
             }
@@ -863,6 +952,24 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 self.schedule_rebuild("the producer stalled while Kafka answers");
             }
         }
+    }
+
+    /// A probe found the oldest record's partition below `min.insync.replicas`: Kafka
+    /// refuses writes until enough replicas are back. Reported once; the next delivery
+    /// clears it.
+    fn found_short_of_replicas(&mut self, reason: &str) {
+        if self.short_of_replicas {
+            return;
+        }
+        self.short_of_replicas = true;
+        metric::short_of_replicas(true);
+        self.link.set_last_error(reason);
+        self.progress.send_modify(|pr| pr.short_of_replicas = true);
+        tracing::warn!(
+            reason,
+            in_flight = self.in_flight.len(),
+            "Kafka answers but has too few in-sync replicas to take records; they stay in the log until enough replicas return."
+        );
     }
 
     /// After the loop: give librdkafka a last moment, then drop the producers (which purges
@@ -904,4 +1011,23 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             ),
         }
     }
+}
+
+/// The topic's `min.insync.replicas`, asked through an admin client on the probe's settings;
+/// `None` when the brokers do not say (no DescribeConfigs permission, a timeout): then a
+/// partition short of replicas is not told apart from a stalled producer.
+fn min_insync_replicas(config: &ClientConfig, topic: &str) -> Option<usize> {
+    let admin: AdminClient<DefaultClientContext> = config.create().ok()?;
+    let options = AdminOptions::new().request_timeout(Some(PROBE_TIMEOUT));
+    let results = futures::executor::block_on(
+        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options),
+    )
+    .ok()?;
+    let resource = results.into_iter().next()?.ok()?;
+    resource
+        .get("min.insync.replicas")?
+        .value
+        .as_deref()?
+        .parse()
+        .ok()
 }

@@ -354,7 +354,7 @@ pub fn create_topic(name: &str, partitions: i32) {
 }
 
 /// How many partitions of `topic` have a leader; 0 if the topic does not exist (yet).
-fn partitions_with_leaders(consumer: &BaseConsumer, topic: &str) -> usize {
+pub fn partitions_with_leaders(consumer: &BaseConsumer, topic: &str) -> usize {
     let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
         return 0;
     };
@@ -408,9 +408,20 @@ pub fn consume_all_blocking(
     expected_count: usize,
     timeout: Duration,
 ) -> Vec<Consumed> {
+    consume_all_from(client_config(), topic, expected_count, timeout)
+}
+
+/// `consume_all_blocking` with the client settings given: another cluster's bootstrap
+/// (`bootstrap.servers`), or `isolation.level`.
+pub fn consume_all_from(
+    mut config: ClientConfig,
+    topic: &str,
+    expected_count: usize,
+    timeout: Duration,
+) -> Vec<Consumed> {
     const DUPLICATE_GRACE: Duration = Duration::from_secs(1);
     let deadline = Instant::now() + timeout;
-    let consumer: BaseConsumer = client_config()
+    let consumer: BaseConsumer = config
         // librdkafka needs a group for assign(); nothing is committed to it.
         .set("group.id", unique_topic("edgegate-test-consumer"))
         .set("enable.auto.commit", "false")

@@ -13,6 +13,7 @@
 //!   that look at the log themselves.
 //! - [`kafka`]: the one Kafka broker of the test run, the guards for tests that stop it, and
 //!   reading topics back ([`consume_all`]).
+//! - [`cluster`]: a three-broker Kafka cluster for the failover tests, started on first use.
 //! - [`http`]: the admin endpoint (`/metrics`, `/readyz`) over plain HTTP.
 //!
 //! # Starting a gateway
@@ -52,6 +53,7 @@
 // Each test binary uses a different part of this module (and of what it re-exports).
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod config;
 pub mod drivers;
 pub mod forwarder;
