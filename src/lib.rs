@@ -182,7 +182,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let forwarder = tokio::spawn(forwarder.run(shutdown.clone()));
 
     // ingest → route → buffer: the listeners start serving.
-    let pipeline = Pipeline::new(log.clone(), routes);
+    let sparkplug = broker_dir.join(format::sparkplug::JOURNAL);
+    let pipeline = Pipeline::new(log.clone(), routes)
+        .with_sparkplug_journal(&sparkplug)
+        .map_err(|source| RunError::Broker {
+            dir: broker_dir.clone(),
+            source,
+        })?;
     let listeners = TaskTracker::new();
     listeners.spawn(ingest::mqtt::serve_listeners(
         mqtt,

@@ -22,7 +22,7 @@ const TOPICS: [&str; 10] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let mut state = Sparkplug::default();
+    let state = Sparkplug::default();
     // Messages separated by 0xff 0x00; the first byte of each picks its topic and shape.
     for message in messages(data) {
         let Some((&pick, payload)) = message.split_first() else {

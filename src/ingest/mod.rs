@@ -6,7 +6,7 @@ pub mod coap;
 pub mod mqtt;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -137,7 +137,7 @@ pub struct Pipeline {
     /// The routes in force, read per message: a reload applies to the next one.
     routes: Live<Router>,
     /// The Sparkplug B session state of `sparkplug_b` routes, applied in arrival order.
-    sparkplug: Arc<Mutex<Sparkplug>>,
+    sparkplug: Arc<Sparkplug>,
 }
 
 impl Pipeline {
@@ -148,6 +148,13 @@ impl Pipeline {
             routes: routes.into(),
             sparkplug: Arc::default(),
         }
+    }
+
+    /// Keeps the Sparkplug B births in the journal at `path`, so they outlive a restart
+    /// (without it they are kept in memory only).
+    pub fn with_sparkplug_journal(mut self, path: &std::path::Path) -> std::io::Result<Self> {
+        self.sparkplug = Arc::new(Sparkplug::open(path)?);
+        Ok(self)
     }
 
     /// The log messages go to.
@@ -189,8 +196,6 @@ impl Pipeline {
     fn append_sparkplug(&self, mut record: Record, shape: Records) -> Result<Durable, Rejected> {
         let converted = self
             .sparkplug
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .convert(&record.origin, &record.payload, shape);
         let converted = match converted {
             Ok(c) if !c.records.is_empty() => c,

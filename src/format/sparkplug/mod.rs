@@ -20,14 +20,30 @@
 //!   a stale device. An NDEATH whose `bdSeq` is not the current NBIRTH's belongs to an older
 //!   session and is written with `"stale": true`, changing nothing.
 //!
-//! The state lives in memory: after a gateway restart data may arrive before the next birth;
-//! those records carry `birth_missing` until it comes.
+//! What the births declared (aliases, datatypes, the node's `bdSeq`) is kept on disk in a
+//! journal (`{buffer.dir}/broker/sparkplug.journal`, the broker's format), one record per
+//! node rewritten after each of its births:
+//!
+//! ```text
+//! node: 1 | group str16 | edge node str16 | bdSeq u64 (u64::MAX: none)
+//!       | n u32 × (alias u64 | name str16 | datatype u32 (u32::MAX: none))
+//!       | m u32 × (device u8 (0: the node) [device str16] | name str16 | datatype u32)
+//! ```
+//!
+//! so data sent by alias after a gateway restart still gets its names. Sequence numbers are
+//! not kept (they change with every message): the first message after a restart is never
+//! called a gap.
 
 pub mod proto;
 
 use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
+
+use crate::broker::journal::{self, Fields, Journal, put16};
 use serde_json::{Map, Value as Json, json};
 
 use proto::{Metric, Payload, Value};
@@ -121,11 +137,20 @@ struct Node {
     bd_seq: Option<u64>,
 }
 
+type Nodes = HashMap<(String, String), Node>;
+
 /// The state of every edge node seen on Sparkplug routes.
 #[derive(Debug, Default)]
 pub struct Sparkplug {
-    nodes: HashMap<(String, String), Node>,
+    nodes: Arc<Mutex<Nodes>>,
+    /// Where births are kept across restarts (`None`: in memory only).
+    journal: Option<Journal>,
 }
+
+/// The journal's file name, in the broker's directory.
+pub const JOURNAL: &str = "sparkplug.journal";
+const MAGIC: &[u8; 8] = b"EGSPARKB";
+const NODE: u8 = 1;
 
 /// An anomaly worth a counter and a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,9 +179,49 @@ pub struct Converted {
 }
 
 impl Sparkplug {
+    /// The state kept in the journal at `path`, which keeps what births declare from now on.
+    pub fn open(path: &Path) -> io::Result<Sparkplug> {
+        let found = journal::read(path, MAGIC, crate::ingest::now_ms())?;
+        let mut nodes = Nodes::new();
+        let mut bad = 0;
+        for body in &found.bodies {
+            match decode_node(body.clone()) {
+                Some((key, node)) => {
+                    nodes.insert(key, node);
+                }
+                None => bad += 1,
+            }
+        }
+        if bad > 0 {
+            tracing::warn!(records = bad, path = %path.display(), "Skipped Sparkplug B birth records that do not decode.");
+        }
+        let nodes = Arc::new(Mutex::new(nodes));
+        let live = Arc::clone(&nodes);
+        let snapshot: journal::Snapshot = Box::new(move || {
+            let nodes = live.lock().unwrap_or_else(|p| p.into_inner());
+            nodes
+                .iter()
+                .map(|(key, node)| Bytes::from(encode_node(key, node)))
+                .collect()
+        });
+        let journal = Journal::start(path, MAGIC, &found, snapshot)?;
+        Ok(Sparkplug {
+            nodes,
+            journal: Some(journal),
+        })
+    }
+
+    /// Resolves once the births converted so far are on disk.
+    pub async fn sync(&self) -> Result<(), String> {
+        match &self.journal {
+            Some(j) => j.sync().await,
+            None => Ok(()),
+        }
+    }
+
     /// Turns one message on a Sparkplug route into records, updating the node's state.
     pub fn convert(
-        &mut self,
+        &self,
         topic: &str,
         payload: &Bytes,
         shape: Records,
@@ -173,11 +238,16 @@ impl Sparkplug {
                 device,
             } => {
                 let decoded = proto::decode(payload.clone())?;
-                let node = self
-                    .nodes
-                    .entry((group.to_owned(), edge.to_owned()))
-                    .or_default();
-                Ok(node.convert(group, kind, edge, device, &decoded, shape))
+                let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+                let key = (group.to_owned(), edge.to_owned());
+                let node = nodes.entry(key.clone()).or_default();
+                let converted = node.convert(group, kind, edge, device, &decoded, shape);
+                if let (Some(journal), "NBIRTH" | "DBIRTH") = (&self.journal, kind) {
+                    // Durable with the next batch: a crash before it costs the names of
+                    // data sent by alias until the next birth, never a record.
+                    journal.append_later(&encode_node(&key, node));
+                }
+                Ok(converted)
             }
         }
     }
@@ -354,6 +424,60 @@ impl Node {
         }
         (f, missing)
     }
+}
+
+fn encode_node((group, edge): &(String, String), node: &Node) -> Vec<u8> {
+    let mut b = vec![NODE];
+    put16(&mut b, group.as_bytes());
+    put16(&mut b, edge.as_bytes());
+    b.put_u64_le(node.bd_seq.unwrap_or(u64::MAX));
+    b.put_u32_le(node.aliases.len() as u32);
+    for (alias, d) in &node.aliases {
+        b.put_u64_le(*alias);
+        put16(&mut b, d.name.as_bytes());
+        b.put_u32_le(d.datatype.unwrap_or(u32::MAX));
+    }
+    b.put_u32_le(node.datatypes.len() as u32);
+    for ((device, name), datatype) in &node.datatypes {
+        match device {
+            None => b.push(0),
+            Some(d) => {
+                b.push(1);
+                put16(&mut b, d.as_bytes());
+            }
+        }
+        put16(&mut b, name.as_bytes());
+        b.put_u32_le(*datatype);
+    }
+    b
+}
+
+fn decode_node(body: Bytes) -> Option<((String, String), Node)> {
+    let mut f = Fields(body);
+    if f.u8()? != NODE {
+        return None;
+    }
+    let key = (f.str16()?, f.str16()?);
+    let bd_seq = Some(f.u64()?).filter(|v| *v != u64::MAX);
+    let mut node = Node {
+        bd_seq,
+        ..Node::default()
+    };
+    for _ in 0..f.u32()? {
+        let alias = f.u64()?;
+        let name = f.str16()?;
+        let datatype = Some(f.u32()?).filter(|d| *d != u32::MAX);
+        node.aliases.insert(alias, Declared { name, datatype });
+    }
+    for _ in 0..f.u32()? {
+        let device = match f.u8()? {
+            0 => None,
+            _ => Some(f.str16()?),
+        };
+        let name = f.str16()?;
+        node.datatypes.insert((device, name), f.u32()?);
+    }
+    f.is_empty().then_some((key, node))
 }
 
 /// The `bdSeq` metric of an NBIRTH or NDEATH.

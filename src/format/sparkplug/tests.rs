@@ -37,7 +37,7 @@ fn bd(v: u64) -> Enc {
 
 #[test]
 fn data_gets_names_and_types_from_the_births() {
-    let mut sp = Sparkplug::default();
+    let sp = Sparkplug::default();
     let birth = payload(
         Some(0),
         &[bd(3), double(Some("temp"), Some(7), Some(10), 20.0)],
@@ -90,7 +90,7 @@ fn data_gets_names_and_types_from_the_births() {
 
 #[test]
 fn gaps_missing_births_and_stale_deaths_are_reported() {
-    let mut sp = Sparkplug::default();
+    let sp = Sparkplug::default();
     // Data before any birth (a restarted gateway): written, flagged.
     let c = sp
         .convert(
@@ -125,7 +125,7 @@ fn gaps_missing_births_and_stale_deaths_are_reported() {
         .expect("data");
     assert_eq!(c.anomalies, [Anomaly::SeqGap]);
     // Wrapping is not a gap.
-    let mut sp2 = Sparkplug::default();
+    let sp2 = Sparkplug::default();
     sp2.convert(
         "spBv1.0/g/NBIRTH/e",
         &payload(Some(255), &[bd(1)]),
@@ -163,7 +163,7 @@ fn gaps_missing_births_and_stale_deaths_are_reported() {
 
 #[test]
 fn per_payload_keeps_the_metrics_together() {
-    let mut sp = Sparkplug::default();
+    let sp = Sparkplug::default();
     let c = sp
         .convert(
             "spBv1.0/g/NBIRTH/e",
@@ -251,7 +251,7 @@ fn topics_and_state_messages() {
     ] {
         assert!(parse_topic(bad).is_err(), "{bad}");
     }
-    let mut sp = Sparkplug::default();
+    let sp = Sparkplug::default();
     let c = sp
         .convert(
             "spBv1.0/STATE/scada1",
@@ -288,4 +288,64 @@ fn topics_and_state_messages() {
         ),
         Err(FormatError::Payload(_))
     ));
+}
+
+#[tokio::test]
+async fn births_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(JOURNAL);
+    {
+        let sp = Sparkplug::open(&path).expect("open");
+        sp.convert(
+            "spBv1.0/g/NBIRTH/e",
+            &payload(
+                Some(0),
+                &[bd(4), double(Some("temp"), Some(7), Some(10), 1.0)],
+            ),
+            Records::PerMetric,
+        )
+        .expect("birth");
+        let mut rpm = metric(Some("rpm"), Some(8), Some(2));
+        rpm.uint(10, 1);
+        sp.convert(
+            "spBv1.0/g/DBIRTH/e/pump",
+            &payload(Some(1), &[rpm]),
+            Records::PerMetric,
+        )
+        .expect("dbirth");
+        sp.sync().await.expect("durable");
+    }
+    let sp = Sparkplug::open(&path).expect("reopen");
+    let mut rpm = metric(None, Some(8), None);
+    rpm.uint(10, u64::from(0xfffeu32));
+    let c = sp
+        .convert(
+            "spBv1.0/g/DDATA/e/pump",
+            &payload(Some(9), &[rpm, double(None, Some(7), None, 2.0)]),
+            Records::PerMetric,
+        )
+        .expect("data");
+    assert!(c.anomalies.is_empty(), "{:?}", c.anomalies);
+    let r = records(&c);
+    assert_eq!(
+        (&r[0]["name"], &r[0]["datatype"], &r[0]["value"]),
+        (&json!("rpm"), &json!("Int16"), &json!(-2))
+    );
+    assert_eq!(r[1]["name"], "temp");
+    // The birth's bdSeq came back too: a death of another session is stale.
+    let c = sp
+        .convert(
+            "spBv1.0/g/NDEATH/e",
+            &payload(None, &[bd(3)]),
+            Records::PerMetric,
+        )
+        .expect("death");
+    assert_eq!(c.anomalies, [Anomaly::StaleDeath]);
+    // A damaged record is skipped, not fatal.
+    drop(sp);
+    let mut data = std::fs::read(&path).expect("read");
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(&path, data).expect("write");
+    Sparkplug::open(&path).expect("opens past a damaged tail");
 }
