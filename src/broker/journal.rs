@@ -19,6 +19,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 
@@ -26,6 +27,9 @@ use bytes::{BufMut, Bytes};
 use tokio::sync::oneshot;
 
 const VERSION: u32 = 1;
+/// Journals hold device data (retained and queued messages): owner only, whatever the umask,
+/// as the log's files.
+const PRIVATE_FILE: u32 = 0o600;
 const HEADER_LEN: usize = 16;
 const FRAME_LEN: usize = 8;
 /// Compaction waits until the journal is at least this large, however much of it is dead.
@@ -125,7 +129,10 @@ impl Journal {
             .read(true)
             .append(true)
             .create(true)
+            .mode(PRIVATE_FILE)
             .open(path)?;
+        // A journal made before files were created private becomes so.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(PRIVATE_FILE))?;
         if found.good_len == 0 {
             file.set_len(0)?;
             file.write_all(&header(magic))?;
@@ -259,7 +266,13 @@ impl Writer {
     fn compact(&mut self, live: &[Bytes]) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         // Streamed: a copy of everything live in one buffer would double the rewrite's memory.
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        let tmp_file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE)
+            .open(&tmp)?;
+        let mut out = io::BufWriter::new(tmp_file);
         let mut len = HEADER_LEN as u64;
         out.write_all(&header(&self.magic))?;
         for body in live {
@@ -278,6 +291,14 @@ impl Writer {
         tracing::debug!(path = %self.path.display(), bytes = self.file_len, records = live.len(), "Rewrote a journal of the broker.");
         Ok(())
     }
+}
+
+/// Creates `dir` (and its parents) owner-only, as the log's directories.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -61,7 +61,7 @@ impl std::fmt::Debug for Retained {
 impl Retained {
     /// Opens (or creates) the journal in `dir` and starts its writer thread.
     pub fn open(dir: &Path, limit: usize, now_ms: i64) -> io::Result<Retained> {
-        std::fs::create_dir_all(dir)?;
+        journal::create_private_dir(dir)?;
         let path = dir.join("retained.journal");
         let found = journal::read(&path, MAGIC, now_ms)?;
         let mut map = BTreeMap::new();

@@ -373,6 +373,26 @@ async fn held_messages_are_sent_whole_after_the_session_stops_being_persistent()
 }
 
 #[tokio::test]
+async fn the_broker_keeps_its_files_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker_dir = dir.path().join("log/broker");
+    let b = broker(&broker_dir, 100);
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&broker_dir), 0o700);
+    for file in ["retained.journal", "sessions.journal"] {
+        assert_eq!(mode(&broker_dir.join(file)), 0o600, "{file}");
+    }
+    drop(b);
+    // One made before keeps its data and becomes private.
+    let path = broker_dir.join("sessions.journal");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let _b = broker(&broker_dir, 100);
+    assert_eq!(mode(&path), 0o600);
+}
+
+#[tokio::test]
 async fn a_journal_sync_covers_what_was_appended_without_waiting() {
     use super::journal::{self, Journal};
     let dir = tempfile::tempdir().expect("tempdir");
