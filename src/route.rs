@@ -96,6 +96,62 @@ enum Part {
     Literal(String),
     Capture(usize),
     ClientId,
+    /// `{yyyy}`, `{mm}`, `{dd}`, `{hh}`: the record's timestamp (UTC).
+    Time(TimePart),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimePart {
+    Year,
+    Month,
+    Day,
+    Hour,
+}
+
+impl TimePart {
+    fn from_name(name: &str) -> Option<TimePart> {
+        Some(match name {
+            "yyyy" => TimePart::Year,
+            "mm" => TimePart::Month,
+            "dd" => TimePart::Day,
+            "hh" => TimePart::Hour,
+            _ => return None,
+        })
+    }
+}
+
+/// A UTC date and hour, for the time parts of templates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Civil {
+    year: i64,
+    month: u32,
+    day: u32,
+    hour: u32,
+}
+
+impl Civil {
+    /// From milliseconds since the Unix epoch (H. Hinnant's `civil_from_days`, proleptic
+    /// Gregorian, any year).
+    fn from_ms(ms: i64) -> Civil {
+        let secs = ms.div_euclid(1000);
+        let days = secs.div_euclid(86_400);
+        let hour = (secs.rem_euclid(86_400) / 3600) as u32;
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Civil {
+            year,
+            month,
+            day,
+            hour,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,8 +229,15 @@ impl Router {
         }
     }
 
-    /// Routes one message by its topic (MQTT) or derived topic (CoAP).
-    pub fn route(&self, topic: &str, client_id: &str) -> Result<Destination, RouteError> {
+    /// Routes one message by its topic (MQTT) or derived topic (CoAP); `timestamp_ms` is its
+    /// record's timestamp, what `{yyyy}`, `{mm}`, `{dd}` and `{hh}` are taken from.
+    pub fn route(
+        &self,
+        topic: &str,
+        client_id: &str,
+        timestamp_ms: i64,
+    ) -> Result<Destination, RouteError> {
+        let at = Civil::from_ms(timestamp_ms);
         let levels: Vec<&str> = topic.split('/').collect();
         let mut captures: Vec<&str> = Vec::new();
         for route in &self.routes {
@@ -186,13 +249,14 @@ impl Router {
                     &captures,
                     topic,
                     client_id,
+                    at,
                 )?;
                 (dest.format, dest.records) = (route.format, route.records);
                 return Ok(dest);
             }
         }
         match &self.default {
-            Some((t, k)) => render(t, k.as_ref(), &[], topic, client_id),
+            Some((t, k)) => render(t, k.as_ref(), &[], topic, client_id, at),
             None => Err(RouteError::NoRoute(topic.to_owned())),
         }
     }
@@ -204,8 +268,9 @@ fn render(
     captures: &[&str],
     topic: &str,
     client_id: &str,
+    at: Civil,
 ) -> Result<Destination, RouteError> {
-    let kafka_topic = topic_t.render(captures, client_id);
+    let kafka_topic = topic_t.render(captures, client_id, at);
     if !valid_kafka_topic(&kafka_topic) {
         return Err(RouteError::InvalidKafkaTopic {
             topic: topic.to_owned(),
@@ -213,7 +278,7 @@ fn render(
         });
     }
     let key = match key_t {
-        Some(t) => t.render(captures, client_id),
+        Some(t) => t.render(captures, client_id, at),
         None => client_id.to_owned(),
     };
     Ok(Destination {
@@ -225,14 +290,20 @@ fn render(
 }
 
 impl Template {
-    fn render(&self, captures: &[&str], client_id: &str) -> String {
+    fn render(&self, captures: &[&str], client_id: &str, at: Civil) -> String {
+        use std::fmt::Write;
         let mut out = String::new();
         for part in &self.0 {
-            match part {
-                Part::Literal(s) => out.push_str(s),
-                Part::Capture(i) => out.push_str(captures.get(*i).copied().unwrap_or("")),
-                Part::ClientId => out.push_str(client_id),
-            }
+            // Writing to a String cannot fail.
+            let _ = match part {
+                Part::Literal(s) => out.write_str(s),
+                Part::Capture(i) => out.write_str(captures.get(*i).copied().unwrap_or("")),
+                Part::ClientId => out.write_str(client_id),
+                Part::Time(TimePart::Year) => write!(out, "{:04}", at.year),
+                Part::Time(TimePart::Month) => write!(out, "{:02}", at.month),
+                Part::Time(TimePart::Day) => write!(out, "{:02}", at.day),
+                Part::Time(TimePart::Hour) => write!(out, "{:02}", at.hour),
+            };
         }
         out
     }
@@ -368,10 +439,12 @@ fn compile_template(
                     parts.push(Part::ClientId);
                 } else if let Some(i) = names.iter().position(|n| n == name) {
                     parts.push(Part::Capture(i));
+                } else if let Some(t) = TimePart::from_name(name) {
+                    parts.push(Part::Time(t));
                 } else {
                     problems.push(
                         path,
-                        format!("`{{{name}}}` is neither a named wildcard of the route's `match` nor `{{client_id}}`"),
+                        format!("`{{{name}}}` is neither a named wildcard of the route's `match`, `{{client_id}}` nor one of `{{yyyy}}`, `{{mm}}`, `{{dd}}`, `{{hh}}`"),
                     );
                     ok = false;
                 }
@@ -466,17 +539,49 @@ mod tests {
             None,
         );
         assert_eq!(
-            r.route("plant/north/pump7/telemetry/temp", "c1"),
+            r.route("plant/north/pump7/telemetry/temp", "c1", 0),
             dest("iot.north.telemetry", "pump7")
         );
         assert_eq!(
-            r.route("plant/north/pump7/telemetry", "c1"),
+            r.route("plant/north/pump7/telemetry", "c1", 0),
             dest("iot.north.telemetry", "pump7")
         );
         assert_eq!(
-            r.route("plant/north/telemetry", "c1"),
+            r.route("plant/north/telemetry", "c1", 0),
             Err(RouteError::NoRoute("plant/north/telemetry".into()))
         );
+    }
+
+    #[test]
+    fn time_parts_come_from_the_records_timestamp_in_utc() {
+        let r = router(
+            &[(
+                "sensors/+kind/#",
+                "ts.{kind}.{yyyy}-{mm}-{dd}",
+                Some("{hh}/{client_id}"),
+            )],
+            None,
+        );
+        // 2026-12-04T23:59:59.999Z, then the next millisecond: a new day.
+        let before = 1_796_428_799_999;
+        assert_eq!(
+            r.route("sensors/temp/a", "c1", before),
+            dest("ts.temp.2026-12-04", "23/c1")
+        );
+        assert_eq!(
+            r.route("sensors/temp/a", "c1", before + 1),
+            dest("ts.temp.2026-12-05", "00/c1")
+        );
+        for (ms, want) in [
+            (0, (1970, 1, 1, 0)),
+            (951_782_400_000, (2000, 2, 29, 0)),
+            (4_107_542_400_000, (2100, 3, 1, 0)),
+            (-1, (1969, 12, 31, 23)),
+            (1_709_251_199_000, (2024, 2, 29, 23)),
+        ] {
+            let c = Civil::from_ms(ms);
+            assert_eq!((c.year, c.month, c.day, c.hour), want, "{ms}");
+        }
     }
 
     #[test]
@@ -485,32 +590,32 @@ mod tests {
             &[("a/+x", "first", None), ("a/#", "second", None)],
             Some("fallback"),
         );
-        assert_eq!(r.route("a/b", "dev"), dest("first", "dev"));
-        assert_eq!(r.route("a/b/c", "dev"), dest("second", "dev"));
-        assert_eq!(r.route("z", "dev"), dest("fallback", "dev"));
+        assert_eq!(r.route("a/b", "dev", 0), dest("first", "dev"));
+        assert_eq!(r.route("a/b/c", "dev", 0), dest("second", "dev"));
+        assert_eq!(r.route("z", "dev", 0), dest("fallback", "dev"));
     }
 
     #[test]
     fn key_defaults_to_client_id_and_client_id_is_a_placeholder() {
         let r = router(&[("d/#rest", "t.{client_id}", Some("{rest}"))], None);
-        assert_eq!(r.route("d/x/y", "gw-7"), dest("t.gw-7", "x/y"));
+        assert_eq!(r.route("d/x/y", "gw-7", 0), dest("t.gw-7", "x/y"));
     }
 
     #[test]
     fn rendered_topic_must_be_valid() {
         let r = router(&[("s/+site", "iot.{site}", None)], None);
         assert!(matches!(
-            r.route("s/bad site", "c"),
+            r.route("s/bad site", "c", 0),
             Err(RouteError::InvalidKafkaTopic { .. })
         ));
-        assert!(r.route("s/", "c").is_ok());
+        assert!(r.route("s/", "c", 0).is_ok());
         let r = router(&[("s/+site", "{site}", None)], None);
         assert!(matches!(
-            r.route("s/..", "c"),
+            r.route("s/..", "c", 0),
             Err(RouteError::InvalidKafkaTopic { .. })
         ));
         assert!(matches!(
-            r.route("s/", "c"),
+            r.route("s/", "c", 0),
             Err(RouteError::InvalidKafkaTopic { .. })
         ));
     }
@@ -518,8 +623,8 @@ mod tests {
     #[test]
     fn dollar_topics_need_a_literal_first_level() {
         let r = router(&[("#", "all", None), ("$SYS/#", "sys", None)], None);
-        assert_eq!(r.route("$SYS/x", "c"), dest("sys", "c"));
-        assert_eq!(r.route("x", "c"), dest("all", "c"));
+        assert_eq!(r.route("$SYS/x", "c", 0), dest("sys", "c"));
+        assert_eq!(r.route("x", "c", 0), dest("all", "c"));
     }
 
     #[test]

@@ -165,7 +165,10 @@ impl Pipeline {
     /// Routes and appends one message. On success the returned future resolves once the
     /// record is durable: only then may the device be acknowledged.
     pub fn submit(&self, msg: Inbound) -> Result<Durable, Rejected> {
-        let dest = self.routes.borrow().route(&msg.topic, &msg.device)?;
+        let dest = self
+            .routes
+            .borrow()
+            .route(&msg.topic, &msg.device, msg.received_ms)?;
         let (protocol, qos) = (msg.delivery.source().name(), msg.delivery.label());
         let bytes = msg.payload.len() as u64;
         let record = Record {
