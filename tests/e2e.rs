@@ -1040,3 +1040,52 @@ async fn sparkplug_b_payloads_become_json_records_per_metric() {
     );
     assert_eq!(lines[0]["topic"], topic.as_str());
 }
+
+/// `{yyyy}{mm}{dd}{hh}` in a route's topic: the record lands in the topic of the hour it was
+/// received (UTC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn time_parts_in_a_route_name_the_topic_of_the_hour() {
+    let _kafka = common::shared();
+    let prefix = common::unique_topic("e2e-time");
+    let gateway =
+        common::gateway(config().route("time/#", &format!("{prefix}.{{yyyy}}{{mm}}{{dd}}.{{hh}}")))
+            .start();
+    let hour = || {
+        let out = Command::new("date")
+            .args(["-u", "+%Y%m%d.%H"])
+            .output()
+            .expect("date");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let before = hour();
+    let acked = common::rumqttc(gateway.mqtt_addr(), "clock")
+        .qos(1)
+        .publish("time/x", vec![b"tick".to_vec()])
+        .await;
+    let after = hour();
+    assert_eq!(acked, [0]);
+    // The hour may turn between the two readings: the record is in one of them.
+    let mut found = Vec::new();
+    for h in [&before, &after] {
+        let records = common::consume_all(
+            &format!("{prefix}.{h}"),
+            1,
+            Duration::from_secs(if found.is_empty() && h == &after {
+                30
+            } else {
+                10
+            }),
+        )
+        .await;
+        found.extend(records);
+        if before == after {
+            break;
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "the record is in {prefix}.{before} or {prefix}.{after}"
+    );
+    assert_eq!(found[0].payload.as_deref(), Some(&b"tick"[..]));
+}
