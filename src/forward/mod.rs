@@ -18,8 +18,9 @@
 //!
 //! **Delete after Kafka.** A record read from the log stays in the worker's `in_flight` map
 //! until Kafka acknowledged it (`acks=all`) or its dead-letter copy is durable; only then is
-//! it acked in the log. Anything unfinished at shutdown or crash is still in the log and is
-//! read again at the next start.
+//! it acked in the log, at the end of the loop turn that finished it, consecutive sequence
+//! numbers as one range (one lock of the log's bookkeeping per run of a Kafka batch). Anything
+//! unfinished at shutdown or crash is still in the log and is read again at the next start.
 //!
 //! **Order.** The idempotent producer keeps the records of a partition in order across its
 //! own retries — as long as no record fails *out* of its queue. That is why

@@ -1,5 +1,7 @@
 //! What a log record looks like in Kafka (the dead-letter copy is in `dead_letter`).
 
+use std::fmt::Write;
+
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 
@@ -42,10 +44,21 @@ pub fn headers(gateway_id: &str, seq: u64, record: &Record) -> Vec<(String, Byte
 }
 
 /// The same headers, built straight into librdkafka's structure (the hot path: no
-/// intermediate vector).
-pub fn kafka_headers(gateway_id: &str, seq: u64, record: &Record) -> OwnedHeaders {
-    let id = record_id(gateway_id, seq);
-    let received = record.received_ms.to_string();
+/// intermediate vector). The record id and receive time are formatted into `scratch`, one
+/// buffer the caller keeps for every record, instead of two new strings each time;
+/// librdkafka copies every header.
+pub fn kafka_headers(
+    gateway_id: &str,
+    seq: u64,
+    record: &Record,
+    scratch: &mut String,
+) -> OwnedHeaders {
+    scratch.clear();
+    // Writing into a String cannot fail.
+    let _ = write!(scratch, "{gateway_id}:{seq}");
+    let id_end = scratch.len();
+    let _ = write!(scratch, "{}", record.received_ms);
+    let (id, received) = scratch.split_at(id_end);
     let mut h = OwnedHeaders::new_with_capacity(5 + record.headers.len())
         .insert(Header {
             key: RECORD_ID,
@@ -156,7 +169,8 @@ mod tests {
     fn librdkafka_headers_match_the_list() {
         let record = sample();
         let list = headers("gw-1", 42, &record);
-        let owned = kafka_headers("gw-1", 42, &record);
+        let mut scratch = String::from("left over from the last record");
+        let owned = kafka_headers("gw-1", 42, &record, &mut scratch);
         assert_eq!(owned.count(), list.len());
         for (i, (key, value)) in list.iter().enumerate() {
             let h = owned.get(i);

@@ -41,6 +41,12 @@ pub trait RecordSource: Send + 'static {
         max_bytes: usize,
     ) -> impl Future<Output = Result<Vec<StoredRecord>, LogError>> + Send;
     fn ack(&self, seq: u64);
+    /// Acknowledges every record with `start <= seq < end` that was read.
+    fn ack_range(&self, start: u64, end: u64) {
+        for seq in start..end {
+            self.ack(seq);
+        }
+    }
 }
 
 impl RecordSource for LogReader {
@@ -54,6 +60,10 @@ impl RecordSource for LogReader {
 
     fn ack(&self, seq: u64) {
         LogReader::ack(self, seq);
+    }
+
+    fn ack_range(&self, start: u64, end: u64) {
+        LogReader::ack_range(self, start, end);
     }
 }
 
@@ -209,7 +219,8 @@ pub struct Worker<S, D> {
     slow: bool,
     /// Main producer instances created so far (the first is 0).
     producers_created: u32,
-    /// Records delivered since start (mirrored into `progress` once per batch of reports).
+    /// Records delivered since start (mirrored into `progress` and the delivered counter
+    /// once per batch of reports).
     delivered: u64,
     /// A probe found the oldest record's partition below `min.insync.replicas`; cleared by
     /// the next delivery. Mirrored into `progress`.
@@ -219,6 +230,32 @@ pub struct Worker<S, D> {
     /// No replica check before this.
     next_replica_check: Instant,
     progress: watch::Sender<Progress>,
+    /// The per-record metrics' handles.
+    deliveries: metric::Deliveries,
+    /// Where each record's id and receive time are formatted for its headers.
+    header_scratch: String,
+    /// Finished records not yet acknowledged in the log: acknowledged at the end of the
+    /// loop turn that finished them, consecutive ones as one range (one lock of the log's
+    /// bookkeeping per run of a Kafka batch, not one per record).
+    finished: Vec<u64>,
+}
+
+/// Calls `f(start, end)` for each run of consecutive numbers `start..end` in `sorted`.
+fn for_each_run(sorted: &[u64], mut f: impl FnMut(u64, u64)) {
+    let mut run: Option<(u64, u64)> = None;
+    for &seq in sorted {
+        run = match run {
+            Some((start, end)) if seq == end => Some((start, end + 1)),
+            Some((start, end)) => {
+                f(start, end);
+                Some((seq, seq + 1))
+            }
+            None => Some((seq, seq + 1)),
+        };
+    }
+    if let Some((start, end)) = run {
+        f(start, end);
+    }
 }
 
 /// A probe's outcome: when it started, and what the brokers said about the topic asked
@@ -315,6 +352,9 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             replica_check_running: false,
             next_replica_check: Instant::now(),
             progress,
+            deliveries: metric::Deliveries::new(),
+            header_scratch: String::with_capacity(64),
+            finished: Vec::with_capacity(1024),
         }
     }
 
@@ -430,11 +470,13 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 n = self.deliveries_rx.recv_many(&mut reports, 4096) => {
                     if n > 0 {
                         let before = self.delivered;
+                        let now = Instant::now();
                         for report in reports.drain(..) {
-                            self.on_delivery(report);
+                            self.on_delivery(report, now);
                         }
                         if self.delivered != before {
                             let delivered = self.delivered;
+                            self.deliveries.delivered(delivered - before);
                             self.progress.send_modify(|pr| {
                                 pr.delivered = delivered;
                                 pr.last_delivery = Some(std::time::Instant::now());
@@ -444,6 +486,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 }
             }
 
+            self.ack_finished();
             if deadline.is_some() && self.in_flight.is_empty() {
                 break;
             }
@@ -468,6 +511,9 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     }
 
     fn admit(&mut self, batch: Vec<StoredRecord>, want_records: usize, want_bytes: usize) {
+        // One clock read per batch: the records of a batch are handed over within
+        // microseconds of each other.
+        let now = Instant::now();
         let mut bytes = 0;
         let count = batch.len();
         for stored in batch {
@@ -482,11 +528,11 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                     attempt: 0,
                     alone: false,
                     state: State::Queued,
-                    sent_at: Instant::now(),
+                    sent_at: now,
                 },
             );
             if self.resend.is_empty() && self.rebuild_at.is_none() {
-                match self.send(stored.seq) {
+                match self.send(stored.seq, now) {
                     Sent::Ok | Sent::Handled => {}
                     Sent::Blocked => {
                         self.resend.insert(stored.seq);
@@ -504,8 +550,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         }
     }
 
-    /// Hands one record to librdkafka.
-    fn send(&mut self, seq: u64) -> Sent {
+    /// Hands one record to librdkafka; `now` is its send time.
+    fn send(&mut self, seq: u64, now: Instant) -> Sent {
         let alone = match self.in_flight.get(&seq) {
             Some(p) => {
                 // Ingest could not convert its payload (crate::format): it never goes to
@@ -542,7 +588,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             return Sent::Handled;
         };
         p.attempt = p.attempt.wrapping_add(1);
-        let headers = record::kafka_headers(&self.gateway_id, seq, &p.record);
+        let headers =
+            record::kafka_headers(&self.gateway_id, seq, &p.record, &mut self.header_scratch);
         let tag = Box::new(Tag {
             seq,
             attempt: p.attempt,
@@ -559,7 +606,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         match sent {
             Ok(()) => {
                 p.state = State::Sending;
-                p.sent_at = Instant::now();
+                p.sent_at = now;
                 Sent::Ok
             }
             Err(e) => {
@@ -594,8 +641,9 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
     /// Sends queued records in sequence order until librdkafka pushes back.
     fn pump_resends(&mut self) {
         self.resend_at = None;
+        let now = Instant::now();
         while let Some(seq) = self.resend.pop_first() {
-            match self.send(seq) {
+            match self.send(seq, now) {
                 Sent::Ok | Sent::Handled => {}
                 Sent::Blocked => {
                     self.resend.insert(seq);
@@ -608,7 +656,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         }
     }
 
-    fn on_delivery(&mut self, report: Delivery) {
+    /// One delivery report, received at `now` (one clock read per batch of reports).
+    fn on_delivery(&mut self, report: Delivery, now: Instant) {
         let Some(p) = self.in_flight.get_mut(&report.seq) else {
             return;
         };
@@ -616,10 +665,11 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         if p.attempt != report.attempt || p.state != State::Sending {
             return;
         }
-        self.liveness.progress(Instant::now());
+        self.liveness.progress(now);
         match report.result {
             Ok(()) => {
-                metric::latency(p.sent_at.elapsed());
+                self.deliveries
+                    .latency(now.saturating_duration_since(p.sent_at));
                 self.slow = false;
                 if self.short_of_replicas {
                     self.short_of_replicas = false;
@@ -629,7 +679,6 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 }
                 self.backoff.reset();
                 self.finish(report.seq);
-                metric::delivered(1);
                 self.delivered += 1;
                 if let Some(change) = self.window.on_delivered(1) {
                     metric::window_changed(change);
@@ -665,12 +714,26 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         }
     }
 
-    /// The record is done with (delivered or dead-lettered): it may leave the log.
+    /// The record is done with (delivered or dead-lettered): it may leave the log, which is
+    /// told at the end of this loop turn ([`Worker::ack_finished`]).
     fn finish(&mut self, seq: u64) {
         if let Some(p) = self.in_flight.remove(&seq) {
             self.in_flight_bytes -= p.weight;
-            self.source.ack(seq);
+            self.finished.push(seq);
         }
+    }
+
+    /// Acknowledges the finished records in the log, each run of consecutive sequence
+    /// numbers at once.
+    fn ack_finished(&mut self) {
+        if self.finished.is_empty() {
+            return;
+        }
+        self.finished.sort_unstable();
+        for_each_run(&self.finished, |start, end| {
+            self.source.ack_range(start, end)
+        });
+        self.finished.clear();
     }
 
     /// Moves a record Kafka will never take to the dead-letter log; it is acknowledged in
@@ -990,12 +1053,16 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         })
         .await;
         // Reports that arrived during the flush still count.
+        let before = self.delivered;
+        let now = Instant::now();
         while let Ok(report) = self.deliveries_rx.try_recv() {
-            self.on_delivery(report);
+            self.on_delivery(report, now);
         }
+        self.deliveries.delivered(self.delivered - before);
         while let Ok(seq) = self.dead_lettered_rx.try_recv() {
             self.finish(seq);
         }
+        self.ack_finished();
         self.dead_letter_tasks.close();
         metric::in_flight(self.in_flight.len(), self.in_flight_bytes);
         let in_flight = self.in_flight.len();
@@ -1030,4 +1097,25 @@ fn min_insync_replicas(config: &ClientConfig, topic: &str) -> Option<usize> {
         .as_deref()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::for_each_run;
+
+    fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for_each_run(seqs, |start, end| out.push((start, end)));
+        out
+    }
+
+    #[test]
+    fn finished_records_are_acknowledged_in_runs() {
+        assert_eq!(runs(&[]), []);
+        assert_eq!(runs(&[7]), [(7, 8)]);
+        assert_eq!(runs(&[1, 2, 3, 4]), [(1, 5)]);
+        assert_eq!(runs(&[1, 2, 4, 5, 9]), [(1, 3), (4, 6), (9, 10)]);
+        // A duplicate cannot happen (a record finishes once) but must not widen a run.
+        assert_eq!(runs(&[3, 3, 4]), [(3, 4), (3, 5)]);
+    }
 }

@@ -138,15 +138,61 @@ pub struct Pipeline {
     routes: Live<Router>,
     /// The Sparkplug B session state of `sparkplug_b` routes, applied in arrival order.
     sparkplug: Arc<Sparkplug>,
+    /// Shared by the clones: every listener bumps the same handles.
+    counters: Arc<Counters>,
+}
+
+/// Handles of the counters every stored message bumps, taken once: `metrics::counter!`
+/// hashes its labels and looks the key up in the registry (a lock) on every call, which
+/// showed in the uplink's profile.
+struct Counters {
+    /// (`edgegate_messages_received_total`, `edgegate_received_bytes_total`) per
+    /// [`Delivery`]: MQTT QoS 0, 1, 2, then CoAP CON and NON.
+    by_delivery: [(metrics::Counter, metrics::Counter); 5],
+}
+
+impl Counters {
+    const DELIVERIES: [Delivery; 5] = [
+        Delivery::Mqtt { qos: 0 },
+        Delivery::Mqtt { qos: 1 },
+        Delivery::Mqtt { qos: 2 },
+        Delivery::Coap { confirmable: true },
+        Delivery::Coap { confirmable: false },
+    ];
+
+    fn new() -> Counters {
+        Counters {
+            by_delivery: Self::DELIVERIES.map(|d| {
+                let (protocol, qos) = (d.source().name(), d.label());
+                (
+                    metrics::counter!("edgegate_messages_received_total", "protocol" => protocol, "qos" => qos),
+                    metrics::counter!("edgegate_received_bytes_total", "protocol" => protocol, "qos" => qos),
+                )
+            }),
+        }
+    }
+
+    fn stored(&self, delivery: Delivery, bytes: u64) {
+        let i = match delivery {
+            Delivery::Mqtt { qos } => usize::from(qos.min(2)),
+            Delivery::Coap { confirmable: true } => 3,
+            Delivery::Coap { confirmable: false } => 4,
+        };
+        let (messages, payload) = &self.by_delivery[i];
+        messages.increment(1);
+        payload.increment(bytes);
+    }
 }
 
 impl Pipeline {
     /// Routes by `routes` (a [`Router`] that never changes, or the reloadable one) into `log`.
+    /// Takes its counter handles: build it after the metrics recorder is installed.
     pub fn new(log: Log, routes: impl Into<Live<Router>>) -> Self {
         Pipeline {
             log,
             routes: routes.into(),
             sparkplug: Arc::default(),
+            counters: Arc::new(Counters::new()),
         }
     }
 
@@ -169,7 +215,7 @@ impl Pipeline {
             .routes
             .borrow()
             .route(&msg.topic, &msg.device, msg.received_ms)?;
-        let (protocol, qos) = (msg.delivery.source().name(), msg.delivery.label());
+        let delivery = msg.delivery;
         let bytes = msg.payload.len() as u64;
         let record = Record {
             source: msg.delivery.source(),
@@ -185,10 +231,7 @@ impl Pipeline {
             Format::Raw => self.log.append(&record)?,
             Format::SparkplugB => self.append_sparkplug(record, dest.records)?,
         };
-        metrics::counter!("edgegate_messages_received_total", "protocol" => protocol, "qos" => qos)
-            .increment(1);
-        metrics::counter!("edgegate_received_bytes_total", "protocol" => protocol, "qos" => qos)
-            .increment(bytes);
+        self.counters.stored(delivery, bytes);
         Ok(durable)
     }
 

@@ -110,9 +110,10 @@ pub(super) fn will_stored(
     }
 }
 
-/// A durable message was acknowledged (PUBACK for QoS 1, PUBREC for QoS 2).
-pub(super) fn acknowledged(packet: &'static str) {
-    metrics::counter!("edgegate_mqtt_acks_total", "packet" => packet).increment(1);
+/// The counter of durable messages acknowledged by `packet` (PUBACK for QoS 1, PUBREC for
+/// QoS 2); the sessions take its handles once ([`super::session::Counters`]).
+pub(super) fn acknowledged(packet: &'static str) -> metrics::Counter {
+    metrics::counter!("edgegate_mqtt_acks_total", "packet" => packet)
 }
 
 /// HELP text of the sessions' metrics.

@@ -74,6 +74,8 @@ pub struct Counters {
     received: [metrics::Counter; 3],
     /// `edgegate_local_delivered_total` by QoS.
     delivered: [metrics::Counter; 3],
+    /// `edgegate_mqtt_acks_total`: PUBACK, PUBREC.
+    acks: [metrics::Counter; 2],
 }
 
 impl Counters {
@@ -85,6 +87,7 @@ impl Counters {
                 .map(|q| metrics::counter!("edgegate_mqtt_messages_total", "qos" => label(q))),
             delivered: [0, 1, 2]
                 .map(|q| metrics::counter!("edgegate_local_delivered_total", "qos" => label(q))),
+            acks: ["puback", "pubrec"].map(acknowledged),
         }
     }
 }
@@ -1036,13 +1039,13 @@ impl<S: Stream> Session<S> {
     }
 
     fn acknowledge(&mut self, qos: u8, pkid: u16) -> Result<(), End> {
-        let (ack, name) = match qos {
+        let (ack, counter) = match qos {
             0 => return Ok(()),
-            1 => (Outgoing::PubAck { pkid, reason: 0 }, "puback"),
-            _ => (Outgoing::PubRec { pkid, reason: 0 }, "pubrec"),
+            1 => (Outgoing::PubAck { pkid, reason: 0 }, 0),
+            _ => (Outgoing::PubRec { pkid, reason: 0 }, 1),
         };
         self.conn.queue(self.version, &ack);
-        acknowledged(name);
+        self.shared.counters.acks[counter].increment(1);
         Ok(())
     }
 
