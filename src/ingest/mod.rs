@@ -268,15 +268,11 @@ impl Pipeline {
             ),
         ]);
         let mut last = None;
-        let count = converted.records.len();
-        for (i, value) in converted.records.into_iter().enumerate() {
-            let mut one = if i + 1 == count {
-                std::mem::replace(&mut record, empty_record())
-            } else {
-                record.clone()
-            };
-            one.payload = value;
-            last = Some(self.log.append(&one)?);
+        for value in converted.records {
+            last = Some(self.log.append(&Record {
+                payload: value,
+                ..record.clone()
+            })?);
         }
         last.ok_or(Rejected::Closed)
     }
@@ -310,19 +306,6 @@ fn format_error(record: &Record, error: &FormatError) {
 fn sparkplug_anomaly(record: &Record, anomaly: Anomaly) {
     metrics::counter!("edgegate_sparkplug_anomalies_total", "kind" => anomaly.label()).increment(1);
     tracing::info!(device = %record.device, topic = %record.origin, kind = anomaly.label(), "Sparkplug B anomaly.");
-}
-
-fn empty_record() -> Record {
-    Record {
-        source: Source::Mqtt,
-        received_ms: 0,
-        device: String::new(),
-        origin: String::new(),
-        kafka_topic: String::new(),
-        key: None,
-        headers: Vec::new(),
-        payload: Bytes::new(),
-    }
 }
 
 /// HELP text of the pipeline's metrics.
