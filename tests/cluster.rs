@@ -315,6 +315,17 @@ fn wait_acked(s: &Scenario<'_>, more: u64, limit: Duration) {
     }
 }
 
+/// Waits until the gateway has delivered 1,000 more records: a new leader took over.
+fn delivers_to_a_new_leader(s: &Scenario<'_>) {
+    let delivered = s.readiness()["forwarder"]["delivered"]
+        .as_u64()
+        .unwrap_or(0);
+    s.wait_readiness(Duration::from_secs(30), |r| {
+        r["forwarder"]["delivered"].as_u64().unwrap_or(0) > delivered + 1000
+    })
+    .unwrap_or_else(|r| panic!("{}: no delivery to the new leader: {r}", s.name));
+}
+
 #[test]
 fn leader_sigkill_and_restart() {
     let Some(cluster) = cluster("leader_sigkill_and_restart") else {
@@ -332,13 +343,7 @@ fn leader_sigkill_and_restart() {
             wait_acked(s, 2000, Duration::from_secs(10));
             // A new leader takes over within the broker session timeout (3 s) and the gateway
             // delivers to it before the old leader is back.
-            let delivered = s.readiness()["forwarder"]["delivered"]
-                .as_u64()
-                .unwrap_or(0);
-            s.wait_readiness(Duration::from_secs(30), |r| {
-                r["forwarder"]["delivered"].as_u64().unwrap_or(0) > delivered + 1000
-            })
-            .unwrap_or_else(|r| panic!("{}: no delivery to the new leader: {r}", s.name));
+            delivers_to_a_new_leader(s);
             let new_leader = s.leader();
             assert_ne!(new_leader, leader, "{}: leadership did not move", s.name);
             eprintln!("{}: broker {new_leader} leads; restarting {leader}", s.name);
@@ -363,13 +368,7 @@ fn controlled_shutdown_and_restart() {
             eprintln!("{}: SIGTERM broker {leader}, the leader", s.name);
             s.cluster.stop(leader);
             wait_acked(s, 2000, Duration::from_secs(10));
-            let delivered = s.readiness()["forwarder"]["delivered"]
-                .as_u64()
-                .unwrap_or(0);
-            s.wait_readiness(Duration::from_secs(30), |r| {
-                r["forwarder"]["delivered"].as_u64().unwrap_or(0) > delivered + 1000
-            })
-            .unwrap_or_else(|r| panic!("{}: no delivery to the new leader: {r}", s.name));
+            delivers_to_a_new_leader(s);
             s.cluster.start(leader);
             s.recovered();
             s.cluster.wait_isr(&s.topic);
