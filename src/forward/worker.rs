@@ -80,7 +80,7 @@ impl DeadLetterSink for Log {
     }
 }
 
-type KafkaProducer = ThreadedProducer<ForwardContext>;
+pub(super) type KafkaProducer = ThreadedProducer<ForwardContext>;
 
 /// One producer instance and what its statistics say about it.
 struct Instance {
@@ -241,7 +241,7 @@ pub struct Worker<S, D> {
 }
 
 /// Calls `f(start, end)` for each run of consecutive numbers `start..end` in `sorted`.
-fn for_each_run(sorted: &[u64], mut f: impl FnMut(u64, u64)) {
+pub(super) fn for_each_run(sorted: &[u64], mut f: impl FnMut(u64, u64)) {
     let mut run: Option<(u64, u64)> = None;
     for &seq in sorted {
         run = match run {
@@ -271,13 +271,13 @@ struct Probed {
 
 /// What a probe learned about the topic of the oldest record in flight.
 #[derive(Debug, Default)]
-struct Answer {
+pub(super) struct Answer {
     /// Partitions with a leader.
-    leaders: usize,
+    pub leaders: usize,
     /// The first partition with fewer in-sync replicas than the topic's
     /// `min.insync.replicas`, described: the leader answers but refuses every `acks=all`
     /// write (NOT_ENOUGH_REPLICAS), which librdkafka retries without telling anyone.
-    short_of_replicas: Option<String>,
+    pub short_of_replicas: Option<String>,
 }
 
 enum Sent {
@@ -905,45 +905,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         let config = self.probe_config.clone();
         let done = self.probe_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let result = config
-                .create::<BaseProducer>()
-                .map_err(|e| e.to_string())
-                .and_then(|client| {
-                    let metadata = client
-                        .client()
-                        .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
-                        .map_err(|e| e.to_string())?;
-                    let partitions: Vec<_> = metadata
-                        .topics()
-                        .iter()
-                        .flat_map(|t| t.partitions())
-                        .filter(|p| p.leader() >= 0)
-                        .collect();
-                    // Only a partition short of replicas is worth a DescribeConfigs request.
-                    let under_replicated = partitions
-                        .iter()
-                        .filter(|p| p.isr().len() < p.replicas().len())
-                        .map(|p| (p.id(), p.isr().len(), p.replicas().len()))
-                        .collect::<Vec<_>>();
-                    let short_of_replicas = if under_replicated.is_empty() {
-                        None
-                    } else {
-                        min_insync_replicas(&config, &topic).and_then(|min| {
-                            under_replicated.iter().find(|(_, isr, _)| *isr < min).map(
-                                |(id, isr, replicas)| {
-                                    format!(
-                                        "{topic} partition {id} has {isr} of {replicas} replicas in sync, \
-                                         min.insync.replicas={min}: Kafka refuses acks=all writes"
-                                    )
-                                },
-                            )
-                        })
-                    };
-                    Ok(Answer {
-                        leaders: partitions.len(),
-                        short_of_replicas,
-                    })
-                });
+            let result = ask_brokers(&config, &topic);
             let _ = done.send(Probed {
                 started,
                 topic,
@@ -1083,6 +1045,48 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
 /// The topic's `min.insync.replicas`, asked through an admin client on the probe's settings;
 /// `None` when the brokers do not say (no DescribeConfigs permission, a timeout): then a
 /// partition short of replicas is not told apart from a stalled producer.
+/// Asks the brokers, through a client of its own made from `config`, about `topic`'s
+/// partitions: how many have a leader, and whether one is short of in-sync replicas.
+/// Blocking (at most about two `PROBE_TIMEOUT`s).
+pub(super) fn ask_brokers(config: &ClientConfig, topic: &str) -> Result<Answer, String> {
+    let client = config.create::<BaseProducer>().map_err(|e| e.to_string())?;
+    let metadata = client
+        .client()
+        .fetch_metadata(Some(topic), PROBE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let partitions: Vec<_> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .filter(|p| p.leader() >= 0)
+        .collect();
+    // Only a partition short of replicas is worth a DescribeConfigs request.
+    let under_replicated = partitions
+        .iter()
+        .filter(|p| p.isr().len() < p.replicas().len())
+        .map(|p| (p.id(), p.isr().len(), p.replicas().len()))
+        .collect::<Vec<_>>();
+    let short_of_replicas = if under_replicated.is_empty() {
+        None
+    } else {
+        min_insync_replicas(config, topic).and_then(|min| {
+            under_replicated
+                .iter()
+                .find(|(_, isr, _)| *isr < min)
+                .map(|(id, isr, replicas)| {
+                    format!(
+                        "{topic} partition {id} has {isr} of {replicas} replicas in sync, \
+                         min.insync.replicas={min}: Kafka refuses acks=all writes"
+                    )
+                })
+        })
+    };
+    Ok(Answer {
+        leaders: partitions.len(),
+        short_of_replicas,
+    })
+}
+
 fn min_insync_replicas(config: &ClientConfig, topic: &str) -> Option<usize> {
     let admin: AdminClient<DefaultClientContext> = config.create().ok()?;
     let options = AdminOptions::new().request_timeout(Some(PROBE_TIMEOUT));
