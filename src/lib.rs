@@ -172,8 +172,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         .ok_or_else(|| RunError::Task("the log's reader was already taken".into()))?;
     // The forwarder's own drain ends a little before the whole shutdown's, so it can log what
     // it left behind before `wait` gives up on it.
-    let forwarder = Forwarder::new(&config.kafka, &gateway_id, reader, dead_letter.clone())?
-        .with_shutdown_grace(config.gateway.shutdown_grace.get().mul_f64(0.9));
+    let forwarder = Forwarder::new(
+        &config.kafka,
+        &gateway_id,
+        log.dir(),
+        reader,
+        dead_letter.clone(),
+    )?
+    .with_shutdown_grace(config.gateway.shutdown_grace.get().mul_f64(0.9));
     let (link, progress, last_error) = (
         forwarder.link_state(),
         forwarder.progress(),

@@ -68,8 +68,38 @@ pub struct KafkaConfig {
     pub tls: Option<KafkaTls>,
     /// SASL authentication (SCRAM or PLAIN), over TLS only. Off when absent.
     pub sasl: Option<KafkaSasl>,
+    /// At least once (the default) or exactly once (Kafka transactions; see
+    /// `forward::transactional`).
+    pub delivery: Delivery,
+    /// Exactly once: live records gather this long before their transaction is committed
+    /// (a backlog fills transactions up to the in-flight bounds without waiting). Each
+    /// transaction costs a few round trips and a marker per partition, so shorter means
+    /// more overhead and less latency to a `read_committed` consumer.
+    pub transaction_interval: Duration,
+    /// Exactly once: `transaction.timeout.ms`. A transaction the gateway left open (it
+    /// crashed, or the link dropped mid-commit) is aborted by Kafka after this long, and
+    /// until then it holds back `read_committed` consumers of its partitions. Also the
+    /// longest a record may wait inside librdkafka before its transaction is aborted and
+    /// sent again. At most the brokers' `transaction.max.timeout.ms` (15 minutes by default).
+    pub transaction_timeout: Duration,
+    /// Exactly once: the topic whose committed offset (of the gateway's own consumer group)
+    /// carries the log position each transaction covers. It needs one partition; the
+    /// gateway creates it if it is missing.
+    pub positions_topic: String,
     /// Raw librdkafka properties, applied after ours (partitioner, socket options, ...).
     pub properties: RawProperties,
+}
+
+/// `[kafka] delivery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Idempotent producer; after a crash, records the gateway sent but had not yet marked
+    /// done are sent again (duplicates with the same `edgegate-record-id`).
+    AtLeastOnce,
+    /// Transactional producer; the log position each transaction covers is committed in
+    /// the same transaction, so a restarted gateway resumes exactly after it.
+    ExactlyOnce,
 }
 
 impl Default for KafkaConfig {
@@ -90,6 +120,10 @@ impl Default for KafkaConfig {
             stall_timeout: Duration::from_secs(60),
             tls: None,
             sasl: None,
+            delivery: Delivery::AtLeastOnce,
+            transaction_interval: Duration::from_millis(100),
+            transaction_timeout: Duration::from_secs(60),
+            positions_topic: "edgegate.positions".into(),
             properties: RawProperties::default(),
         }
     }
@@ -190,7 +224,15 @@ const FIXED_PROPERTIES: &[(&str, &str)] = &[
     ),
     (
         "transactional.id",
-        "transactions are not used by the gateway",
+        "derived from the gateway id under kafka.delivery = \"exactly_once\", so a restarted gateway fences its predecessor",
+    ),
+    (
+        "transaction.timeout.ms",
+        "set kafka.transaction_timeout instead",
+    ),
+    (
+        "isolation.level",
+        "the gateway reads its committed position with read_committed",
     ),
     ("bootstrap.servers", "set kafka.brokers instead"),
     ("metadata.broker.list", "set kafka.brokers instead"),
@@ -301,6 +343,30 @@ impl KafkaConfig {
             problems.push(format!("{path}.stall_timeout"), "must be at least 5s");
         }
 
+        let interval = self.transaction_interval.get();
+        if interval.is_zero() || interval > std::time::Duration::from_secs(60) {
+            problems.push(
+                format!("{path}.transaction_interval"),
+                "must be between 1ms and 60s",
+            );
+        }
+        let timeout = self.transaction_timeout.get();
+        if timeout < std::time::Duration::from_secs(10)
+            || timeout > std::time::Duration::from_secs(3600)
+            || timeout <= interval
+        {
+            problems.push(
+                format!("{path}.transaction_timeout"),
+                "must be between 10s and 1h, and longer than transaction_interval",
+            );
+        }
+        if !crate::route::valid_kafka_topic(&self.positions_topic) {
+            problems.push(
+                format!("{path}.positions_topic"),
+                "must be 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-'",
+            );
+        }
+
         let mut raw_ok = true;
         for (key, value) in &self.properties {
             let at = format!("{path}.properties.\"{key}\"");
@@ -401,12 +467,37 @@ impl KafkaConfig {
             c.set(key, value);
         }
         self.apply_security(&mut c)?;
-        c.set("enable.idempotence", "true")
-            .set("acks", "all")
+        c.set("enable.idempotence", "true").set("acks", "all");
+        match self.delivery {
             // Infinite: retriable errors are retried inside librdkafka, in order, forever.
-            .set("message.timeout.ms", "0");
+            Delivery::AtLeastOnce => c.set("message.timeout.ms", "0"),
+            // librdkafka refuses a message timeout longer than the transaction's; a record
+            // that times out aborts its transaction, which is then sent again whole, in
+            // order, so nothing is overtaken.
+            Delivery::ExactlyOnce => c
+                .set("transactional.id", transactional_id(gateway_id))
+                .set(
+                    "transaction.timeout.ms",
+                    millis(self.transaction_timeout).to_string(),
+                )
+                .set(
+                    "message.timeout.ms",
+                    millis(self.transaction_timeout).to_string(),
+                ),
+        };
         Ok(c)
     }
+}
+
+/// The transactional id of a gateway: stable across restarts, so the broker fences the
+/// instance before a crash and aborts the transaction it left open.
+pub fn transactional_id(gateway_id: &str) -> String {
+    format!("edgegate-{gateway_id}")
+}
+
+/// The consumer group under which a gateway commits its log position (exactly once).
+pub fn positions_group(gateway_id: &str) -> String {
+    format!("edgegate-{gateway_id}-positions")
 }
 
 fn millis(d: Duration) -> u64 {
@@ -543,5 +634,45 @@ pub(super) mod tests {
         assert_eq!(c.get("client.id"), Some("edgegate-gw1"));
         assert_eq!(c.get("compression.type"), Some("lz4"));
         assert!(c.create_native_config().is_ok());
+    }
+
+    #[test]
+    fn exactly_once_is_a_transactional_producer_named_after_the_gateway() {
+        let cfg: KafkaConfig = toml::from_str(
+            "delivery = \"exactly_once\"\ntransaction_timeout = \"30s\"\ntransaction_interval = \"20ms\"",
+        )
+        .expect("parses");
+        assert!(problems_of(&cfg).is_empty(), "{:?}", problems_of(&cfg));
+        let c = cfg.client_config("gw1").expect("no secrets to read");
+        assert_eq!(c.get("transactional.id"), Some("edgegate-gw1"));
+        assert_eq!(c.get("transaction.timeout.ms"), Some("30000"));
+        // librdkafka refuses a message timeout beyond the transaction's.
+        assert_eq!(c.get("message.timeout.ms"), Some("30000"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert!(c.create_native_config().is_ok());
+        assert_eq!(positions_group("gw1"), "edgegate-gw1-positions");
+
+        let at_least_once = KafkaConfig::default().client_config("gw1").expect("config");
+        assert_eq!(at_least_once.get("transactional.id"), None);
+        assert_eq!(at_least_once.get("message.timeout.ms"), Some("0"));
+    }
+
+    #[test]
+    fn transaction_settings_are_checked() {
+        let cfg: KafkaConfig = toml::from_str(
+            "delivery = \"exactly_once\"\ntransaction_timeout = \"2s\"\ntransaction_interval = \"0ms\"\npositions_topic = \"no spaces\"\n[properties]\n\"transactional.id\" = \"mine\"\n\"isolation.level\" = \"read_uncommitted\"",
+        )
+        .expect("parses");
+        let problems = problems_of(&cfg).join("\n");
+        for key in [
+            "kafka.transaction_timeout",
+            "kafka.transaction_interval",
+            "kafka.positions_topic",
+            "\"transactional.id\"",
+            "\"isolation.level\"",
+        ] {
+            assert!(problems.contains(key), "{key} missing in {problems}");
+        }
+        assert!(toml::from_str::<KafkaConfig>("delivery = \"twice\"").is_err());
     }
 }

@@ -20,6 +20,8 @@ pub const REBUILDS: &str = "edgegate_kafka_producer_rebuilds_total";
 pub const REBOOTSTRAPS: &str = "edgegate_kafka_rebootstraps_total";
 pub const STALLS: &str = "edgegate_kafka_stalls_total";
 pub const SHORT_OF_REPLICAS: &str = "edgegate_kafka_short_of_replicas";
+pub const TRANSACTIONS: &str = "edgegate_kafka_transactions_total";
+pub const TRANSACTION_SECONDS: &str = "edgegate_kafka_transaction_seconds";
 
 /// Handles of the metrics every delivered record touches, taken once when the forwarder
 /// starts: `metrics::counter!` looks its key up in the registry (a lock) on every call,
@@ -60,6 +62,12 @@ pub fn error(kind: &'static str) {
 /// An error reported by librdkafka's error callback (connections, authentication).
 pub fn client_error(kind: &'static str) {
     metrics::counter!(CLIENT_ERRORS, "kind" => kind).increment(1);
+}
+
+/// A transaction ended (`committed`, `aborted` or `failed`) after `took`.
+pub fn transaction(outcome: &'static str, took: Duration) {
+    metrics::counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
+    metrics::histogram!(TRANSACTION_SECONDS).record(took.as_secs_f64());
 }
 
 pub fn rebuilt() {

@@ -102,6 +102,7 @@ mod liveness;
 pub(crate) mod metric;
 mod rebootstrap;
 mod record;
+pub mod transactional;
 mod window;
 mod worker;
 
@@ -169,14 +170,26 @@ pub enum ForwardError {
     Config(String),
     #[error("cannot create the Kafka producer: {0}")]
     Client(#[source] rdkafka::error::KafkaError),
+    #[error("cannot read or write the log's identity in {dir}: {source}")]
+    Identity {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Shutdown grace used unless [`Forwarder::with_shutdown_grace`] says otherwise.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 
+/// The forwarding task of the configured delivery mode.
+enum Engine {
+    AtLeastOnce(Box<worker::Worker<LogReader, Log>>),
+    ExactlyOnce(Box<transactional::Transactional<LogReader, Log>>),
+}
+
 /// The forwarder, built but not started.
 pub struct Forwarder {
-    worker: worker::Worker<LogReader, Log>,
+    engine: Engine,
     link: Arc<context::LinkTracker>,
     progress: watch::Receiver<Progress>,
 }
@@ -184,9 +197,11 @@ pub struct Forwarder {
 impl Forwarder {
     /// Checks the configuration and prepares the producer's settings. No network, no
     /// threads: the producer is created when [`Forwarder::run`] starts.
+    /// `log_dir` is the main log's directory (where exactly-once keeps the log's identity).
     pub fn new(
         cfg: &KafkaConfig,
         gateway_id: &str,
+        log_dir: &std::path::Path,
         reader: LogReader,
         dead_letter: Log,
     ) -> Result<Forwarder, ForwardError> {
@@ -222,17 +237,43 @@ impl Forwarder {
             stall_timeout: cfg.stall_timeout.get(),
             brokers: cfg.brokers.join(","),
         };
-        let worker = worker::Worker::new(
-            settings,
-            gateway_id,
-            reader,
-            dead_letter,
-            client_config,
-            link.clone(),
-            progress_tx,
-        );
+        let engine = match cfg.delivery {
+            config::Delivery::AtLeastOnce => Engine::AtLeastOnce(Box::new(worker::Worker::new(
+                settings,
+                gateway_id,
+                reader,
+                dead_letter,
+                client_config,
+                link.clone(),
+                progress_tx,
+            ))),
+            config::Delivery::ExactlyOnce => {
+                let log_id = transactional::log_identity(log_dir).map_err(|source| {
+                    ForwardError::Identity {
+                        dir: log_dir.to_owned(),
+                        source,
+                    }
+                })?;
+                let txn = transactional::TxnSettings {
+                    interval: cfg.transaction_interval.get(),
+                    positions_topic: cfg.positions_topic.clone(),
+                    group: config::positions_group(gateway_id),
+                    log_id,
+                    gateway_id: gateway_id.into(),
+                };
+                Engine::ExactlyOnce(Box::new(transactional::Transactional::new(
+                    settings,
+                    txn,
+                    reader,
+                    dead_letter,
+                    client_config,
+                    link.clone(),
+                    progress_tx,
+                )))
+            }
+        };
         Ok(Forwarder {
-            worker,
+            engine,
             link,
             progress,
         })
@@ -240,7 +281,10 @@ impl Forwarder {
 
     /// How long [`Forwarder::run`] waits for in-flight deliveries after shutdown.
     pub fn with_shutdown_grace(mut self, grace: Duration) -> Forwarder {
-        self.worker.set_grace(grace);
+        match &mut self.engine {
+            Engine::AtLeastOnce(w) => w.set_grace(grace),
+            Engine::ExactlyOnce(t) => t.set_grace(grace),
+        }
         self
     }
 
@@ -261,6 +305,9 @@ impl Forwarder {
     /// waits up to the grace period for in-flight deliveries and returns. Records not
     /// delivered by then stay in the log.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ForwardError> {
-        self.worker.run(shutdown).await
+        match self.engine {
+            Engine::AtLeastOnce(w) => w.run(shutdown).await,
+            Engine::ExactlyOnce(t) => t.run(shutdown).await,
+        }
     }
 }

@@ -52,7 +52,7 @@ pub fn forward(
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
     let reader = log.reader().expect("the log's reader");
-    let forwarder = Forwarder::new(config, gateway_id, reader, dead.clone())
+    let forwarder = Forwarder::new(config, gateway_id, log.dir(), reader, dead.clone())
         .expect("forwarder")
         .with_shutdown_grace(grace);
     let shutdown = CancellationToken::new();

@@ -1,0 +1,1032 @@
+//! Exactly once into Kafka (`[kafka] delivery = "exactly_once"`): the log is forwarded in
+//! Kafka transactions, and the log position each transaction covers is committed in the same
+//! transaction, so a gateway that crashed resumes exactly after what Kafka has.
+//!
+//! ```text
+//! log --read--> batch [a, b] --begin, produce a..=b, position b+1, commit--> Kafka
+//!  ^                                                                          |
+//!  +------------------------- ack a..=b (after the commit) -------------------+
+//! ```
+//!
+//! # The position
+//!
+//! Each transaction ends with `send_offsets_to_transaction`: the offset of partition 0 of
+//! `[kafka] positions_topic` in the consumer group `edgegate-<gateway id>-positions` is set to
+//! `b + 1` (every record of the log below it is in Kafka or in the dead-letter log), with the
+//! metadata `edgegate-position v1 log=<log identity>`. Kafka stores it with the records, in
+//! one transaction: both or neither. The topic only has to exist (Kafka refuses offsets for an
+//! unknown partition); nothing is written to it. Reading the position is one OffsetFetch,
+//! whatever the age of the gateway, and `kafka-consumer-groups.sh --describe --group
+//! edgegate-<id>-positions` shows it to a person. A position under another log's identity
+//! (the log directory was replaced) is ignored: sequence numbers start again in a new log.
+//!
+//! # Start, and after any doubt
+//!
+//! A producer with `transactional.id = edgegate-<gateway id>` calls `init_transactions`,
+//! which fences any earlier instance and settles the transaction it left open (committed if
+//! its commit had reached the coordinator, aborted otherwise). Only then is the position read
+//! (`read_committed`, so a pending commit is waited for): the records of the log below it are
+//! acknowledged in the log without being sent. That is also what happens after a fatal error
+//! or a commit whose outcome is unknown: a new producer, the position read again, and the
+//! rest sent again in order. An abortable error (a record Kafka refused, a timeout) aborts the
+//! transaction and sends its records again in a new one, in order.
+//!
+//! # What the local log sees
+//!
+//! A record is acknowledged in the log only after the transaction that carries it committed,
+//! or after its dead-letter copy is durable and the transaction that moves the position past
+//! it committed. The log's own cursor (persisted every 500 ms) can lag; the position in Kafka
+//! is what decides what is sent again, so a crash anywhere costs re-reading, never a
+//! duplicate.
+//!
+//! # Batching
+//!
+//! One transaction at a time. Records that arrived while the last one committed go into the
+//! next at once; live traffic waits at most `transaction_interval` for more; a transaction
+//! holds at most `max_in_flight_records` records and `max_in_flight_bytes` of weight. A record
+//! Kafka rejected with its batch (too large for the topic) is sent again in a transaction of
+//! its own, and dead-lettered only if it fails alone.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
+use rdkafka::error::{KafkaError, RDKafkaError};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::classify::{self, Disposition};
+use super::context::{ClientHealth, Delivery, ForwardContext, LinkTracker, Tag};
+use super::window::Backoff;
+use super::worker::{DeadLetterSink, KafkaProducer, RecordSource, Settings, for_each_run};
+use super::{ForwardError, Progress, dead_letter, metric, record};
+use crate::buffer::{AppendError, LogError, StoredRecord};
+use crate::record::Record;
+
+/// Bound of one blocking transactional call; retriable timeouts are retried.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a replaced producer's threads are waited for.
+const DROP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the delivery reports of an aborted transaction are waited for.
+const REPORTS_TIMEOUT: Duration = Duration::from_secs(5);
+/// A transaction unfinished this long: ask whether its partition is short of in-sync
+/// replicas.
+const REPLICA_CHECK_AFTER: Duration = Duration::from_secs(5);
+/// Brokers added again this many times over one session: a new session instead.
+const MAX_REBOOTSTRAPS: u32 = 100;
+/// The metadata prefix of a committed position.
+const POSITION_TAG: &str = "edgegate-position v1 log=";
+/// The file in the log directory that names the log (see [`log_identity`]).
+pub const IDENTITY_FILE: &str = "identity";
+
+/// What exactly-once adds to the forwarder's settings.
+#[derive(Debug, Clone)]
+pub struct TxnSettings {
+    pub interval: Duration,
+    pub positions_topic: String,
+    pub group: String,
+    /// The log's identity: a position is valid only for the log that wrote it.
+    pub log_id: String,
+    /// For the record ids.
+    pub gateway_id: Arc<str>,
+}
+
+/// A record read from the log and not yet committed.
+struct Pending {
+    seq: u64,
+    record: Record,
+    /// Rejected with its batch once: sent in a transaction of its own.
+    alone: bool,
+    /// Its dead-letter copy is durable: it is only carried by the position.
+    dead: bool,
+}
+
+/// The producer and what goes with it for one run of transactions.
+struct Session {
+    producer: Arc<KafkaProducer>,
+    health: Arc<ClientHealth>,
+    /// Times the bootstrap brokers were added again (librdkafka keeps a copy of each list).
+    rebootstraps: AtomicU32,
+    group: Arc<ConsumerGroupMetadata>,
+}
+
+/// How a transaction ended.
+enum Outcome {
+    Committed,
+    /// Aborted; its records are sent again in a new transaction.
+    Aborted(String),
+    /// The producer is unusable or the outcome unknown: a new session reads the position.
+    Fatal(String),
+    /// Shutdown before it could finish: the transaction is left open (Kafka aborts it after
+    /// the transaction timeout, or the next start's `init_transactions` at once); its
+    /// records stay in the log.
+    Stopped,
+}
+
+pub struct Transactional<S, D> {
+    settings: Settings,
+    txn: TxnSettings,
+    gateway_id: Arc<str>,
+    source: S,
+    dead_letter: D,
+    client_config: ClientConfig,
+    /// The producer's connection and security settings only, for the admin client.
+    admin_config: ClientConfig,
+    consumer_config: ClientConfig,
+    link: Arc<LinkTracker>,
+    progress: watch::Sender<Progress>,
+    deliveries_tx: mpsc::UnboundedSender<Delivery>,
+    deliveries_rx: mpsc::UnboundedReceiver<Delivery>,
+    deliveries: metric::Deliveries,
+    header_scratch: String,
+    /// Read from the log and not yet committed, in sequence order.
+    pending: VecDeque<Pending>,
+    /// Every record below this is in Kafka (or dead-lettered) per the committed position.
+    committed: u64,
+    /// Transactions begun so far; a record's tag carries it, so a stale report is known.
+    transactions: u32,
+    delivered: u64,
+    dead_lettered: u64,
+    backoff: Backoff,
+    /// A probe found the oldest record's partition short of in-sync replicas; cleared by the
+    /// next commit. Mirrored into `progress`.
+    short_of_replicas: bool,
+    source_closed: bool,
+    stopping: bool,
+}
+
+impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
+    pub fn new(
+        settings: Settings,
+        txn: TxnSettings,
+        source: S,
+        dead_letter: D,
+        client_config: ClientConfig,
+        link: Arc<LinkTracker>,
+        progress: watch::Sender<Progress>,
+    ) -> Transactional<S, D> {
+        let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
+        let mut admin_config = ClientConfig::new();
+        // The producer's connection and security settings, none of its own.
+        for (key, value) in client_config.config_map() {
+            if is_connection_setting(key) {
+                admin_config.set(key, value);
+            }
+        }
+        admin_config.set(
+            "client.id",
+            format!(
+                "{}-positions",
+                client_config.get("client.id").unwrap_or("edgegate")
+            ),
+        );
+        let mut consumer_config = admin_config.clone();
+        consumer_config
+            .set("group.id", &txn.group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed");
+        let backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+        Transactional {
+            settings,
+            gateway_id: txn.gateway_id.clone(),
+            txn,
+            source,
+            dead_letter,
+            client_config,
+            admin_config,
+            consumer_config,
+            link,
+            progress,
+            deliveries_tx,
+            deliveries_rx,
+            deliveries: metric::Deliveries::new(),
+            header_scratch: String::with_capacity(64),
+            pending: VecDeque::new(),
+            committed: 0,
+            transactions: 0,
+            delivered: 0,
+            dead_lettered: 0,
+            backoff,
+            short_of_replicas: false,
+            source_closed: false,
+            stopping: false,
+        }
+    }
+
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.settings.grace = grace;
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ForwardError> {
+        let mut first = true;
+        'sessions: loop {
+            let Some(session) = self.open_session(&shutdown, first).await else {
+                break;
+            };
+            first = false;
+            self.backoff.reset();
+            loop {
+                if !self.gather(&shutdown).await {
+                    break 'sessions;
+                }
+                if self.pending.is_empty() {
+                    continue;
+                }
+                let started = Instant::now();
+                match self.transact(&session, &shutdown).await {
+                    Outcome::Committed => {
+                        self.backoff.reset();
+                        metric::transaction("committed", started.elapsed());
+                    }
+                    Outcome::Aborted(reason) => {
+                        metric::transaction("aborted", started.elapsed());
+                        let wait = self.backoff.next_delay();
+                        tracing::warn!(reason, records = self.pending.len(), retry_in = ?wait, "A Kafka transaction was aborted; sending its records again in a new one, in order.");
+                        if !self.sleep(wait, &shutdown).await {
+                            break 'sessions;
+                        }
+                    }
+                    Outcome::Fatal(reason) => {
+                        metric::transaction("failed", started.elapsed());
+                        metric::rebuilt();
+                        let wait = self.backoff.next_delay();
+                        tracing::error!(reason, records = self.pending.len(), rebuild_in = ?wait, "The transactional producer is unusable or a commit's outcome is unknown; starting a new one, which reads the committed position again.");
+                        self.close_session(session).await;
+                        if !self.sleep(wait, &shutdown).await {
+                            break 'sessions;
+                        }
+                        continue 'sessions;
+                    }
+                    Outcome::Stopped => break 'sessions,
+                }
+            }
+        }
+        self.stop();
+        Ok(())
+    }
+
+    /// Waits `wait`, refreshing the heartbeat; false on shutdown.
+    async fn sleep(&mut self, wait: Duration, shutdown: &CancellationToken) -> bool {
+        let until = Instant::now() + wait;
+        loop {
+            self.heartbeat();
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(until) => return true,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Runs `f` on the blocking pool, refreshing the heartbeat while it runs (the calls are
+    /// bounded by their own timeouts).
+    async fn blocking<T: Send + 'static>(&mut self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let mut call = tokio::task::spawn_blocking(f);
+        loop {
+            self.heartbeat();
+            tokio::select! {
+                done = &mut call => match done {
+                    Ok(v) => return v,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                },
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    fn heartbeat(&self) {
+        let in_flight = self.pending.len();
+        self.progress.send_modify(|pr| {
+            pr.in_flight = in_flight;
+            pr.heartbeat = Some(std::time::Instant::now());
+        });
+    }
+
+    /// A new producer, its transactions initialised, and the committed position read; the
+    /// pending records below it acknowledged. `None` on shutdown.
+    async fn open_session(&mut self, shutdown: &CancellationToken, first: bool) -> Option<Session> {
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            match self.try_open_session(first).await {
+                Ok(session) => return Some(session),
+                Err(reason) => {
+                    let wait = self.backoff.next_delay();
+                    metric::error("transactions");
+                    tracing::error!(reason, retry_in = ?wait, "Cannot start exactly-once forwarding; records stay in the log.");
+                    self.link.set_last_error(&reason);
+                    if !self.sleep(wait, shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_open_session(&mut self, first: bool) -> Result<Session, String> {
+        self.ensure_positions_topic().await?;
+        let health = Arc::new(ClientHealth::new(
+            self.settings
+                .brokers
+                .split(',')
+                .filter(|b| !b.is_empty())
+                .count(),
+        ));
+        let context = ForwardContext {
+            deliveries: self.deliveries_tx.clone(),
+            link: self.link.clone(),
+            health: health.clone(),
+        };
+        let producer = Arc::new(
+            KafkaProducer::from_config_and_context(&self.client_config, context)
+                .map_err(|e| format!("cannot create the transactional producer: {e}"))?,
+        );
+        let p = producer.clone();
+        let init = self
+            .blocking(move || p.init_transactions(CALL_TIMEOUT))
+            .await;
+        if let Err(e) = init {
+            drop_bounded(producer).await;
+            return Err(format!(
+                "init_transactions (transactional.id {}): {}",
+                self.client_config
+                    .get("transactional.id")
+                    .unwrap_or_default(),
+                reason(&e)
+            ));
+        }
+        self.link.take_fatal();
+        let consumer: BaseConsumer = self
+            .consumer_config
+            .create()
+            .map_err(|e| format!("cannot create the positions client: {e}"))?;
+        let consumer = Arc::new(consumer);
+        let group = consumer
+            .group_metadata()
+            .ok_or("the positions client has no group metadata")?;
+        let position = self.read_position(&consumer).await?;
+        match position {
+            Some(p) if p > self.committed => {
+                if first {
+                    tracing::info!(
+                        position = p,
+                        "Exactly once: resuming after the position committed in Kafka; records below it are not sent again."
+                    );
+                }
+                self.committed = p;
+            }
+            None if first => tracing::info!(
+                group = %self.txn.group,
+                "Exactly once: no position committed in Kafka for this log yet; sending from the log's head."
+            ),
+            _ => {}
+        }
+        self.drop_committed();
+        Ok(Session {
+            producer,
+            health,
+            rebootstraps: AtomicU32::new(0),
+            group: Arc::new(group),
+        })
+    }
+
+    async fn close_session(&mut self, session: Session) {
+        self.link.take_fatal();
+        drop_bounded(session).await;
+    }
+
+    /// Creates the positions topic if it is missing: one partition, compacted (nothing is
+    /// written to it; only its existence matters for the offsets).
+    async fn ensure_positions_topic(&mut self) -> Result<(), String> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .admin_config
+            .create()
+            .map_err(|e| format!("cannot create an admin client: {e}"))?;
+        let topic = NewTopic::new(&self.txn.positions_topic, 1, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact");
+        let options = AdminOptions::new().request_timeout(Some(CALL_TIMEOUT));
+        let result = admin
+            .create_topics([&topic], &options)
+            .await
+            .map_err(|e| format!("cannot create topic {}: {e}", self.txn.positions_topic))?;
+        for r in result {
+            match r {
+                Ok(_) => {
+                    tracing::info!(topic = %self.txn.positions_topic, "Created the topic of the exactly-once positions.")
+                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(format!("cannot create topic {name}: {code}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The position committed for this log, if any.
+    async fn read_position(&mut self, consumer: &Arc<BaseConsumer>) -> Result<Option<u64>, String> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.txn.positions_topic, 0);
+        let c = consumer.clone();
+        let committed = self
+            .blocking(move || c.committed_offsets(tpl, CALL_TIMEOUT))
+            .await
+            .map_err(|e| format!("cannot read the committed position: {}", reason(&e)))?;
+        let Some(elem) = committed.elements().into_iter().next() else {
+            return Ok(None);
+        };
+        let Offset::Offset(offset) = elem.offset() else {
+            return Ok(None);
+        };
+        match parse_position(elem.metadata(), &self.txn.log_id, offset) {
+            Ok(p) => Ok(Some(p)),
+            Err(other) => {
+                tracing::warn!(
+                    found = other,
+                    this_log = %self.txn.log_id,
+                    "The position committed in Kafka belongs to another log (the log directory was replaced); sending from this log's head."
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Acknowledges the pending records the committed position covers.
+    fn drop_committed(&mut self) {
+        let mut acked = Vec::new();
+        while self.pending.front().is_some_and(|p| p.seq < self.committed) {
+            if let Some(p) = self.pending.pop_front() {
+                acked.push(p.seq);
+            }
+        }
+        for_each_run(&acked, |start, end| self.source.ack_range(start, end));
+    }
+
+    /// Fills `pending` for the next transaction: what is left from an aborted one goes at
+    /// once; otherwise waits for a record, then up to `transaction_interval` for more, within
+    /// the bounds. False when the forwarder is to stop.
+    async fn gather(&mut self, shutdown: &CancellationToken) -> bool {
+        if !self.pending.is_empty() {
+            return !self.stopping;
+        }
+        if self.stopping || self.source_closed {
+            return false;
+        }
+        let max_records = self.settings.max_in_flight_records;
+        let max_weight = self.settings.max_in_flight_bytes;
+        let mut weight = 0;
+        let mut until: Option<Instant> = None;
+        let mut read_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        loop {
+            let room = max_records.saturating_sub(self.pending.len());
+            let room_bytes = max_weight.saturating_sub(weight);
+            if room == 0 || room_bytes < record::MIN_WEIGHT {
+                return true;
+            }
+            let room = room.min((room_bytes / record::MIN_WEIGHT).max(1));
+            self.heartbeat();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.stopping = true;
+                    return !self.pending.is_empty();
+                }
+                _ = tokio::time::sleep_until(until.unwrap_or_else(Instant::now)), if until.is_some() => return true,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                read = self.source.read_batch(room, room_bytes) => match read {
+                    Ok(batch) => {
+                        read_backoff.reset();
+                        weight += self.admit(batch);
+                        if !self.pending.is_empty() && until.is_none() {
+                            until = Some(Instant::now() + self.txn.interval);
+                        }
+                    }
+                    Err(LogError::Closed) => {
+                        self.source_closed = true;
+                        return !self.pending.is_empty();
+                    }
+                    Err(e) => {
+                        let wait = read_backoff.next_delay();
+                        tracing::error!(error = %e, retry_in = ?wait, "Cannot read the log.");
+                        metric::error("log_read");
+                        if !self.sleep(wait, shutdown).await {
+                            self.stopping = true;
+                            return !self.pending.is_empty();
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Takes records read from the log; those the committed position covers are only
+    /// acknowledged. Returns the weight added.
+    fn admit(&mut self, batch: Vec<StoredRecord>) -> usize {
+        let mut weight = 0;
+        let mut covered = Vec::new();
+        for stored in batch {
+            if stored.seq < self.committed {
+                covered.push(stored.seq);
+                continue;
+            }
+            let w = record::weight(&stored.record);
+            weight += w;
+            self.pending.push_back(Pending {
+                seq: stored.seq,
+                record: stored.record,
+                alone: false,
+                dead: false,
+            });
+        }
+        for_each_run(&covered, |start, end| self.source.ack_range(start, end));
+        weight
+    }
+
+    /// One transaction over the head of `pending`: up to the first record that must go
+    /// alone, or that record alone.
+    async fn transact(&mut self, session: &Session, shutdown: &CancellationToken) -> Outcome {
+        let count = match self.pending.front() {
+            Some(p) if p.alone => 1,
+            _ => self
+                .pending
+                .iter()
+                .position(|p| p.alone)
+                .unwrap_or(self.pending.len()),
+        };
+        // Payloads ingest could not convert (crate::format) never go to Kafka.
+        for i in 0..count {
+            let p = &self.pending[i];
+            if p.dead {
+                continue;
+            }
+            if let Some(reason) = p.record.headers.iter().find_map(|(k, v)| {
+                (k == crate::format::ERROR_HEADER)
+                    .then(|| format!("format: {}", String::from_utf8_lossy(v)))
+            }) {
+                if !self.dead_letter(i, &reason, shutdown).await {
+                    return Outcome::Stopped;
+                }
+            }
+        }
+
+        self.transactions = self.transactions.wrapping_add(1);
+        let txn = self.transactions;
+        if let Err(e) = session.producer.begin_transaction() {
+            return Outcome::Fatal(format!("begin_transaction: {}", reason(&e)));
+        }
+        let mut produced = 0usize;
+        let started = Instant::now();
+        let mut i = 0;
+        while i < count {
+            if self.pending[i].dead {
+                i += 1;
+                continue;
+            }
+            match self.produce(session, i, txn) {
+                Ok(()) => {
+                    produced += 1;
+                    i += 1;
+                }
+                Err(code) => match classify::enqueue(code) {
+                    Disposition::Retry => {
+                        // librdkafka's queue is full: it drains as the batches go out.
+                        if !self.sleep(Duration::from_millis(1), shutdown).await {
+                            return Outcome::Stopped;
+                        }
+                    }
+                    Disposition::DeadLetter | Disposition::Isolate => {
+                        metric::error(classify::kind(code));
+                        if !self.dead_letter(i, &code.to_string(), shutdown).await {
+                            return Outcome::Stopped;
+                        }
+                        i += 1;
+                    }
+                    Disposition::Rebuild => {
+                        return Outcome::Fatal(format!("librdkafka refused a record: {code}"));
+                    }
+                },
+            }
+        }
+
+        let last = self.pending[count - 1].seq;
+        let mut offsets = TopicPartitionList::new();
+        if let Err(e) = offsets.add_partition_offset(
+            &self.txn.positions_topic,
+            0,
+            Offset::Offset(position_offset(last + 1)),
+        ) {
+            return Outcome::Fatal(format!("cannot build the position: {e}"));
+        }
+        if let Some(mut elem) = offsets.find_partition(&self.txn.positions_topic, 0) {
+            elem.set_metadata(format!("{POSITION_TAG}{}", self.txn.log_id));
+        }
+        let offsets = Arc::new(offsets);
+
+        let deadline = started + self.settings.delivery_timeout.max(CALL_TIMEOUT) * 4;
+        // The position, then the commit; retriable errors are retried in place.
+        let mut step = 0;
+        let mut retriable_since: Option<Instant> = None;
+        loop {
+            let producer = session.producer.clone();
+            let result = if step == 0 {
+                let (offsets, group) = (offsets.clone(), session.group.clone());
+                self.blocking(move || {
+                    producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
+                })
+                .await
+            } else {
+                self.blocking(move || producer.commit_transaction(CALL_TIMEOUT))
+                    .await
+            };
+            match result {
+                Ok(()) if step == 0 => step = 1,
+                Ok(()) => break,
+                Err(e) => {
+                    let Some(txn_error) = transaction_error(&e) else {
+                        return Outcome::Fatal(format!("transaction: {e}"));
+                    };
+                    if txn_error.is_fatal() {
+                        return Outcome::Fatal(reason(&e));
+                    }
+                    if txn_error.txn_requires_abort() {
+                        return self
+                            .abort(session, txn, produced, &reason(&e), shutdown)
+                            .await;
+                    }
+                    if txn_error.is_retriable() {
+                        metric::error("timeout");
+                        retriable_since.get_or_insert_with(Instant::now);
+                        if self.stopping && started.elapsed() > self.settings.grace {
+                            return Outcome::Stopped;
+                        }
+                        if Instant::now() > deadline {
+                            // Kafka has long aborted it by now (transaction timeout) or the
+                            // client is stuck: let a new producer settle it.
+                            return Outcome::Fatal(format!(
+                                "the transaction could not finish: {}",
+                                reason(&e)
+                            ));
+                        }
+                        if shutdown.is_cancelled() {
+                            self.stopping = true;
+                        }
+                        if started.elapsed() >= REPLICA_CHECK_AFTER && !self.short_of_replicas {
+                            self.check_replicas().await;
+                        }
+                        if !self.heal_orphans(session) {
+                            return Outcome::Fatal(
+                                "the Kafka client keeps forgetting every broker".into(),
+                            );
+                        }
+                        continue;
+                    }
+                    return Outcome::Fatal(reason(&e));
+                }
+            }
+        }
+
+        // Committed: every record of the transaction is in Kafka.
+        let done: Vec<u64> = self.pending.drain(..count).map(|p| p.seq).collect();
+        self.committed = last + 1;
+        for_each_run(&done, |start, end| self.source.ack_range(start, end));
+        self.delivered += produced as u64;
+        self.deliveries.delivered(produced as u64);
+        self.deliveries.latency(started.elapsed());
+        let delivered = self.delivered;
+        self.progress.send_modify(|pr| {
+            pr.delivered = delivered;
+            pr.last_delivery = Some(std::time::Instant::now());
+            pr.short_of_replicas = false;
+        });
+        if self.short_of_replicas {
+            self.short_of_replicas = false;
+            metric::short_of_replicas(false);
+            tracing::info!("Kafka takes records again: enough replicas are in sync.");
+        }
+        // Reports of a committed transaction say nothing new.
+        while self.deliveries_rx.try_recv().is_ok() {}
+        Outcome::Committed
+    }
+
+    /// Hands record `i` of `pending` to librdkafka in transaction `txn`.
+    fn produce(&mut self, session: &Session, i: usize, txn: u32) -> Result<(), RDKafkaErrorCode> {
+        let p = &self.pending[i];
+        let headers =
+            record::kafka_headers(&self.gateway_id, p.seq, &p.record, &mut self.header_scratch);
+        let tag = Box::new(Tag {
+            seq: p.seq,
+            attempt: txn,
+        });
+        let mut base =
+            BaseRecord::<[u8], [u8], Box<Tag>>::with_opaque_to(&p.record.kafka_topic, tag)
+                .payload(&p.record.payload[..])
+                .timestamp(p.record.received_ms)
+                .headers(headers);
+        if let Some(key) = &p.record.key {
+            base = base.key(&key[..]);
+        }
+        session
+            .producer
+            .send(base)
+            .map_err(|(e, _)| e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown))
+    }
+
+    /// Aborts transaction `txn`: reads its delivery reports to learn which records Kafka
+    /// refused for good (dead-lettered) or with their batch (sent alone next), then aborts.
+    async fn abort(
+        &mut self,
+        session: &Session,
+        txn: u32,
+        produced: usize,
+        why: &str,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let p = session.producer.clone();
+        let aborted = loop {
+            let p = p.clone();
+            match self
+                .blocking(move || p.abort_transaction(CALL_TIMEOUT))
+                .await
+            {
+                Ok(()) => break Ok(()),
+                Err(e) if transaction_error(&e).is_some_and(|t| t.is_retriable()) => {
+                    if shutdown.is_cancelled() {
+                        break Err(reason(&e));
+                    }
+                }
+                Err(e) => break Err(reason(&e)),
+            }
+        };
+        // Every message of the transaction has reported by now (delivered, failed or
+        // purged); take what the reports say.
+        let mut reports = Vec::new();
+        let until = Instant::now() + REPORTS_TIMEOUT;
+        while reports.len() < produced {
+            match tokio::time::timeout_at(until, self.deliveries_rx.recv()).await {
+                Ok(Some(d)) if d.attempt == txn => reports.push(d),
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        let mut refused = Vec::new();
+        let mut short_of_replicas = false;
+        for d in reports {
+            let Err(code) = d.result else { continue };
+            metric::error(classify::kind(code));
+            short_of_replicas |= matches!(
+                code,
+                RDKafkaErrorCode::NotEnoughReplicas
+                    | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            );
+            let Some(i) = self.pending.iter().position(|p| p.seq == d.seq) else {
+                continue;
+            };
+            let alone = self.pending[i].alone;
+            match classify::delivery(code, alone) {
+                Disposition::Isolate => self.pending[i].alone = true,
+                Disposition::DeadLetter => refused.push((i, code.to_string())),
+                Disposition::Rebuild | Disposition::Retry => {}
+            }
+        }
+        if short_of_replicas && !self.short_of_replicas {
+            self.check_replicas().await;
+        }
+        for (i, error) in refused {
+            if !self.dead_letter(i, &error, shutdown).await {
+                return Outcome::Stopped;
+            }
+        }
+        match aborted {
+            Ok(()) => Outcome::Aborted(why.to_owned()),
+            Err(e) => Outcome::Fatal(format!("{why}; then abort_transaction: {e}")),
+        }
+    }
+
+    /// Moves record `i` of `pending` to the dead-letter log and waits until that is durable
+    /// (the next committed position passes it). False on shutdown.
+    async fn dead_letter(&mut self, i: usize, error: &str, shutdown: &CancellationToken) -> bool {
+        let p = &mut self.pending[i];
+        if p.dead {
+            return true;
+        }
+        let seq = p.seq;
+        metric::dead_lettered();
+        self.dead_lettered += 1;
+        let dead_lettered = self.dead_lettered;
+        self.progress
+            .send_modify(|pr| pr.dead_lettered = dead_lettered);
+        tracing::warn!(seq, topic = %p.record.kafka_topic, error, "A record cannot go to Kafka; moving it to the dead-letter log.");
+        let dead = dead_letter::copy(&p.record, seq, error);
+        let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        loop {
+            match self.dead_letter.store(dead.clone()).await {
+                Ok(()) => break,
+                Err(AppendError::Closed) => return false,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::error!(seq, error = %e, retry_in = ?wait, "Cannot write to the dead-letter log; the record stays in the main log.");
+                    if !self.sleep(wait, shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        self.pending[i].dead = true;
+        true
+    }
+
+    /// Asks the brokers whether the partition of the oldest pending record is short of
+    /// in-sync replicas (it refuses every write, and librdkafka retries without a word); if
+    /// so, the gateway reports itself degraded with the reason until a commit goes through.
+    async fn check_replicas(&mut self) {
+        let Some(topic) = self.pending.front().map(|p| p.record.kafka_topic.clone()) else {
+            return;
+        };
+        let config = self.admin_config.clone();
+        let answer = self
+            .blocking(move || super::worker::ask_brokers(&config, &topic))
+            .await;
+        if let Ok(super::worker::Answer {
+            short_of_replicas: Some(reason),
+            ..
+        }) = answer
+        {
+            self.short_of_replicas = true;
+            metric::short_of_replicas(true);
+            self.link.set_last_error(&reason);
+            self.progress.send_modify(|pr| pr.short_of_replicas = true);
+            tracing::warn!(
+                reason,
+                in_flight = self.pending.len(),
+                "Kafka answers but has too few in-sync replicas to take records; they stay in the log until enough replicas return."
+            );
+        }
+    }
+
+    /// A client that forgot every broker (see [`ClientHealth::orphaned`]) gets the
+    /// bootstrap brokers again; a commit retried meanwhile then finds its coordinator.
+    /// False when that was done too often: the session is to be replaced.
+    fn heal_orphans(&self, session: &Session) -> bool {
+        if session.health.orphaned() {
+            if session.rebootstraps.fetch_add(1, Ordering::Relaxed) >= MAX_REBOOTSTRAPS {
+                return false;
+            }
+            let added =
+                super::rebootstrap::add_brokers(session.producer.client(), &self.settings.brokers);
+            if added > 0 {
+                metric::rebootstrapped();
+                tracing::warn!(brokers = %self.settings.brokers, "The Kafka client forgot every broker (librdkafka issue 5301); adding the bootstrap brokers again.");
+            }
+        }
+        true
+    }
+
+    fn stop(&mut self) {
+        let in_flight = self.pending.len();
+        self.progress.send_modify(|pr| pr.in_flight = in_flight);
+        match self.pending.front() {
+            None => tracing::info!(
+                "Forwarder stopped; every record read from the log was committed to Kafka."
+            ),
+            Some(first) => tracing::warn!(
+                uncommitted = in_flight,
+                first_seq = first.seq,
+                "Forwarder stopped before its last transaction committed; those records stay in the log, and the committed position decides after the restart what is sent again."
+            ),
+        }
+    }
+}
+
+/// Drops a producer (or what holds one) on the blocking pool, waiting for its threads at
+/// most [`DROP_TIMEOUT`].
+async fn drop_bounded<T: Send + 'static>(producer: T) {
+    let dropped = tokio::task::spawn_blocking(move || drop(producer));
+    if tokio::time::timeout(DROP_TIMEOUT, dropped).await.is_err() {
+        tracing::error!(waited = ?DROP_TIMEOUT, "The old Kafka producer did not shut down; leaving it behind and going on with a new one.");
+    }
+}
+
+/// The offset a position is stored as. Kafka offsets are signed; a log's sequence numbers
+/// never come near 2^63.
+fn position_offset(next: u64) -> i64 {
+    i64::try_from(next).unwrap_or(i64::MAX)
+}
+
+/// The position in a committed offset and its metadata, or the other log's identity found.
+fn parse_position(metadata: &str, log_id: &str, offset: i64) -> Result<u64, String> {
+    match metadata.strip_prefix(POSITION_TAG) {
+        Some(id) if id == log_id => Ok(u64::try_from(offset).unwrap_or(0)),
+        Some(id) => Err(id.to_owned()),
+        None => Err(format!("(not a position: {metadata:?})")),
+    }
+}
+
+fn transaction_error(e: &KafkaError) -> Option<&RDKafkaError> {
+    match e {
+        KafkaError::Transaction(t) => Some(t),
+        _ => None,
+    }
+}
+
+fn reason(e: &KafkaError) -> String {
+    match e {
+        KafkaError::Transaction(t) => format!("{} ({})", t.string(), t.code()),
+        other => other.to_string(),
+    }
+}
+
+/// The producer settings a client of the same cluster needs too: where, and how to prove
+/// itself.
+fn is_connection_setting(key: &str) -> bool {
+    key == "bootstrap.servers"
+        || key.starts_with("security.")
+        || key.starts_with("ssl.")
+        || key.starts_with("sasl.")
+        || key.starts_with("reconnect.backoff")
+        || key.starts_with("socket.")
+        || key == "client.dns.lookup"
+        || key == "broker.address.family"
+}
+
+/// The identity of the log in `dir`: read from its identity file, or made up (random) and
+/// written there (durably) the first time.
+pub fn log_identity(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if valid_identity(s.trim()) => return Ok(s.trim().to_owned()),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} does not hold a log identity", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{id}\n").as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(id)
+}
+
+fn valid_identity(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_is_valid_only_for_its_log() {
+        let meta = format!("{POSITION_TAG}abc");
+        assert_eq!(parse_position(&meta, "abc", 42), Ok(42));
+        assert_eq!(parse_position(&meta, "def", 42), Err("abc".to_owned()));
+        assert!(parse_position("", "abc", 42).is_err());
+        assert_eq!(parse_position(&meta, "abc", -5), Ok(0));
+    }
+
+    #[test]
+    fn the_log_identity_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = log_identity(dir.path()).expect("made");
+        assert!(valid_identity(&first));
+        assert_eq!(log_identity(dir.path()).expect("read"), first);
+        let other = tempfile::tempdir().expect("tempdir");
+        assert_ne!(log_identity(other.path()).expect("made"), first);
+        std::fs::write(dir.path().join(IDENTITY_FILE), "garbage").expect("write");
+        assert!(log_identity(dir.path()).is_err());
+    }
+
+    #[test]
+    fn the_positions_client_takes_only_connection_settings() {
+        assert!(is_connection_setting("bootstrap.servers"));
+        assert!(is_connection_setting("sasl.password"));
+        assert!(is_connection_setting("ssl.ca.location"));
+        assert!(!is_connection_setting("transactional.id"));
+        assert!(!is_connection_setting("linger.ms"));
+    }
+}
