@@ -35,11 +35,11 @@ const WINDOW: usize = 8;
 /// Longest accepted time from "the last broker is back" to "the backlog is drained".
 const DRAIN_LIMIT: Duration = Duration::from_secs(90);
 
-/// How the gateway delivers to Kafka. Only at-least-once exists today; exactly-once
-/// (issue 14's other half) adds its variant, its `[kafka]` setting and its read isolation.
+/// How the gateway delivers to Kafka (`[kafka] delivery`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
     AtLeastOnce,
+    ExactlyOnce,
 }
 
 impl Delivery {
@@ -47,6 +47,9 @@ impl Delivery {
     fn configure(self, config: GatewayToml) -> GatewayToml {
         match self {
             Delivery::AtLeastOnce => config,
+            Delivery::ExactlyOnce => config
+                .kafka("delivery", "exactly_once")
+                .kafka("transaction_interval", "50ms"),
         }
     }
 
@@ -54,6 +57,7 @@ impl Delivery {
     fn isolation_level(self) -> &'static str {
         match self {
             Delivery::AtLeastOnce => "read_uncommitted",
+            Delivery::ExactlyOnce => "read_committed",
         }
     }
 
@@ -61,6 +65,7 @@ impl Delivery {
     fn allows_duplicates(self) -> bool {
         match self {
             Delivery::AtLeastOnce => true,
+            Delivery::ExactlyOnce => false,
         }
     }
 }
@@ -328,144 +333,163 @@ fn delivers_to_a_new_leader(s: &Scenario<'_>) {
 
 #[test]
 fn leader_sigkill_and_restart() {
-    let Some(cluster) = cluster("leader_sigkill_and_restart") else {
+    leader_sigkill_and_restart_in(Delivery::AtLeastOnce, "cluster-leader-kill");
+}
+
+#[test]
+fn leader_sigkill_and_restart_exactly_once() {
+    leader_sigkill_and_restart_in(Delivery::ExactlyOnce, "cluster-leader-kill-eos");
+}
+
+fn leader_sigkill_and_restart_in(mode: Delivery, scenario: &'static str) {
+    let Some(cluster) = cluster(scenario) else {
         return;
     };
-    run_scenario(
-        &cluster,
-        "cluster-leader-kill",
-        Delivery::AtLeastOnce,
-        |s| {
-            let leader = s.leader();
-            eprintln!("{}: SIGKILL broker {leader}, the leader", s.name);
-            s.cluster.kill(leader);
-            // The devices are served throughout: the log is the buffer.
-            wait_acked(s, 2000, Duration::from_secs(10));
-            // A new leader takes over within the broker session timeout (3 s) and the gateway
-            // delivers to it before the old leader is back.
-            delivers_to_a_new_leader(s);
-            let new_leader = s.leader();
-            assert_ne!(new_leader, leader, "{}: leadership did not move", s.name);
-            eprintln!("{}: broker {new_leader} leads; restarting {leader}", s.name);
-            s.cluster.start(leader);
-            s.recovered();
-            s.cluster.wait_isr(&s.topic);
-        },
-    );
+    run_scenario(&cluster, scenario, mode, |s| {
+        let leader = s.leader();
+        eprintln!("{}: SIGKILL broker {leader}, the leader", s.name);
+        s.cluster.kill(leader);
+        // The devices are served throughout: the log is the buffer.
+        wait_acked(s, 2000, Duration::from_secs(10));
+        // A new leader takes over within the broker session timeout (3 s) and the gateway
+        // delivers to it before the old leader is back.
+        delivers_to_a_new_leader(s);
+        let new_leader = s.leader();
+        assert_ne!(new_leader, leader, "{}: leadership did not move", s.name);
+        eprintln!("{}: broker {new_leader} leads; restarting {leader}", s.name);
+        s.cluster.start(leader);
+        s.recovered();
+        s.cluster.wait_isr(&s.topic);
+    });
 }
 
 #[test]
 fn controlled_shutdown_and_restart() {
-    let Some(cluster) = cluster("controlled_shutdown_and_restart") else {
+    controlled_shutdown_and_restart_in(Delivery::AtLeastOnce, "cluster-controlled-shutdown");
+}
+
+#[test]
+fn controlled_shutdown_and_restart_exactly_once() {
+    controlled_shutdown_and_restart_in(Delivery::ExactlyOnce, "cluster-controlled-shutdown-eos");
+}
+
+fn controlled_shutdown_and_restart_in(mode: Delivery, scenario: &'static str) {
+    let Some(cluster) = cluster(scenario) else {
         return;
     };
-    run_scenario(
-        &cluster,
-        "cluster-controlled-shutdown",
-        Delivery::AtLeastOnce,
-        |s| {
-            let leader = s.leader();
-            eprintln!("{}: SIGTERM broker {leader}, the leader", s.name);
-            s.cluster.stop(leader);
-            wait_acked(s, 2000, Duration::from_secs(10));
-            delivers_to_a_new_leader(s);
-            s.cluster.start(leader);
-            s.recovered();
-            s.cluster.wait_isr(&s.topic);
-        },
-    );
+    run_scenario(&cluster, scenario, mode, |s| {
+        let leader = s.leader();
+        eprintln!("{}: SIGTERM broker {leader}, the leader", s.name);
+        s.cluster.stop(leader);
+        wait_acked(s, 2000, Duration::from_secs(10));
+        delivers_to_a_new_leader(s);
+        s.cluster.start(leader);
+        s.recovered();
+        s.cluster.wait_isr(&s.topic);
+    });
 }
 
 #[test]
 fn two_brokers_down_below_min_insync_replicas() {
-    let Some(cluster) = cluster("two_brokers_down_below_min_insync_replicas") else {
+    two_brokers_down_below_min_insync_replicas_in(Delivery::AtLeastOnce, "cluster-below-min-isr");
+}
+
+#[test]
+fn two_brokers_down_below_min_insync_replicas_exactly_once() {
+    two_brokers_down_below_min_insync_replicas_in(
+        Delivery::ExactlyOnce,
+        "cluster-below-min-isr-eos",
+    );
+}
+
+fn two_brokers_down_below_min_insync_replicas_in(mode: Delivery, scenario: &'static str) {
+    let Some(cluster) = cluster(scenario) else {
         return;
     };
-    run_scenario(
-        &cluster,
-        "cluster-below-min-isr",
-        Delivery::AtLeastOnce,
-        |s| {
-            let leader = s.leader();
-            let followers: Vec<u32> = (1..=3).filter(|&n| n != leader).collect();
-            eprintln!(
-                "{}: SIGKILL brokers {followers:?}; broker {leader} leads alone",
-                s.name
-            );
-            for &n in &followers {
-                s.cluster.kill(n);
-            }
-            // Devices are still acknowledged: the records wait in the log.
-            wait_acked(s, 3000, Duration::from_secs(15));
-            // Found by the forwarder's replica check (the oldest record waited 5 s), reported
-            // as degraded with the reason, never as a stalled producer.
-            let degraded = s
-                .wait_readiness(Duration::from_secs(40), |r| r["status"] == "degraded")
-                .unwrap_or_else(|r| panic!("{}: never degraded below min ISR: {r}", s.name));
-            eprintln!("{}: degraded: {degraded}", s.name);
-            assert_eq!(degraded["kafka"], "up", "{degraded}");
-            let reason = degraded["last_error"].as_str().unwrap_or_default();
-            assert!(
-                reason.contains("min.insync.replicas=2"),
-                "{}: reason {reason:?}",
-                s.name
-            );
-            assert!(degraded["log"]["records"].as_u64().unwrap_or(0) > 0);
-            let (_, metrics) = common::http_get(s.gateway.admin_addr(), "/metrics");
-            assert_eq!(
-                common::metric(&metrics, "edgegate_kafka_short_of_replicas"),
-                Some(1.0),
-                "{}: the gauge",
-                s.name
-            );
-            s.gateway.wait_for_log(&["too few in-sync replicas"]);
-            // Still buffering, still degraded.
-            wait_acked(s, 2000, Duration::from_secs(10));
-            assert_eq!(s.readiness()["status"], "degraded");
+    run_scenario(&cluster, scenario, mode, |s| {
+        let leader = s.leader();
+        let followers: Vec<u32> = (1..=3).filter(|&n| n != leader).collect();
+        eprintln!(
+            "{}: SIGKILL brokers {followers:?}; broker {leader} leads alone",
+            s.name
+        );
+        for &n in &followers {
+            s.cluster.kill(n);
+        }
+        // Devices are still acknowledged: the records wait in the log.
+        wait_acked(s, 3000, Duration::from_secs(15));
+        // Found by the forwarder's replica check (the oldest record waited 5 s), reported
+        // as degraded with the reason, never as a stalled producer.
+        let degraded = s
+            .wait_readiness(Duration::from_secs(40), |r| r["status"] == "degraded")
+            .unwrap_or_else(|r| panic!("{}: never degraded below min ISR: {r}", s.name));
+        eprintln!("{}: degraded: {degraded}", s.name);
+        assert_eq!(degraded["kafka"], "up", "{degraded}");
+        let reason = degraded["last_error"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("min.insync.replicas=2"),
+            "{}: reason {reason:?}",
+            s.name
+        );
+        assert!(degraded["log"]["records"].as_u64().unwrap_or(0) > 0);
+        let (_, metrics) = common::http_get(s.gateway.admin_addr(), "/metrics");
+        assert_eq!(
+            common::metric(&metrics, "edgegate_kafka_short_of_replicas"),
+            Some(1.0),
+            "{}: the gauge",
+            s.name
+        );
+        s.gateway.wait_for_log(&["too few in-sync replicas"]);
+        // Still buffering, still degraded.
+        wait_acked(s, 2000, Duration::from_secs(10));
+        assert_eq!(s.readiness()["status"], "degraded");
 
-            // One broker back is enough: two replicas in sync.
-            eprintln!("{}: starting broker {}", s.name, followers[0]);
-            s.cluster.start(followers[0]);
-            s.recovered();
-            s.wait_readiness(DRAIN_LIMIT, |r| r["status"] == "ready")
-                .unwrap_or_else(|r| panic!("{}: not ready with two brokers: {r}", s.name));
-            s.gateway.wait_for_log(&["Kafka takes records again"]);
-            let (_, metrics) = common::http_get(s.gateway.admin_addr(), "/metrics");
-            assert_eq!(
-                common::metric(&metrics, "edgegate_kafka_short_of_replicas"),
-                Some(0.0)
-            );
-            s.wait_readiness(DRAIN_LIMIT, |r| {
-                r["log"]["records"].as_u64().unwrap_or(u64::MAX) < 2000
-            })
-            .unwrap_or_else(|r| panic!("{}: the backlog did not drain: {r}", s.name));
-            s.cluster.start(followers[1]);
-        },
-    );
+        // One broker back is enough: two replicas in sync.
+        eprintln!("{}: starting broker {}", s.name, followers[0]);
+        s.cluster.start(followers[0]);
+        s.recovered();
+        s.wait_readiness(DRAIN_LIMIT, |r| r["status"] == "ready")
+            .unwrap_or_else(|r| panic!("{}: not ready with two brokers: {r}", s.name));
+        s.gateway.wait_for_log(&["Kafka takes records again"]);
+        let (_, metrics) = common::http_get(s.gateway.admin_addr(), "/metrics");
+        assert_eq!(
+            common::metric(&metrics, "edgegate_kafka_short_of_replicas"),
+            Some(0.0)
+        );
+        s.wait_readiness(DRAIN_LIMIT, |r| {
+            r["log"]["records"].as_u64().unwrap_or(u64::MAX) < 2000
+        })
+        .unwrap_or_else(|r| panic!("{}: the backlog did not drain: {r}", s.name));
+        s.cluster.start(followers[1]);
+    });
 }
 
 #[test]
 fn rolling_restart_of_all_three() {
-    let Some(cluster) = cluster("rolling_restart_of_all_three") else {
+    rolling_restart_of_all_three_in(Delivery::AtLeastOnce, "cluster-rolling-restart");
+}
+
+#[test]
+fn rolling_restart_of_all_three_exactly_once() {
+    rolling_restart_of_all_three_in(Delivery::ExactlyOnce, "cluster-rolling-restart-eos");
+}
+
+fn rolling_restart_of_all_three_in(mode: Delivery, scenario: &'static str) {
+    let Some(cluster) = cluster(scenario) else {
         return;
     };
-    run_scenario(
-        &cluster,
-        "cluster-rolling-restart",
-        Delivery::AtLeastOnce,
-        |s| {
-            for n in 1..=3 {
-                eprintln!(
-                    "{}: restarting broker {n} (leader now {})",
-                    s.name,
-                    s.leader()
-                );
-                s.cluster.stop(n);
-                wait_acked(s, 500, Duration::from_secs(10));
-                s.cluster.start(n);
-                s.cluster.wait_isr(&s.topic);
-            }
-            s.recovered();
-        },
-    );
+    run_scenario(&cluster, scenario, mode, |s| {
+        for n in 1..=3 {
+            eprintln!(
+                "{}: restarting broker {n} (leader now {})",
+                s.name,
+                s.leader()
+            );
+            s.cluster.stop(n);
+            wait_acked(s, 500, Duration::from_secs(10));
+            s.cluster.start(n);
+            s.cluster.wait_isr(&s.topic);
+        }
+        s.recovered();
+    });
 }
