@@ -256,3 +256,85 @@ async fn kafka_stopped_and_killed_mid_transaction_loses_and_repeats_nothing() {
     .expect("consumer");
     assert_exactly_once(&verdict(&records, &acknowledged), expected);
 }
+
+/// The crash loop (issue 14's figure; not in CI: `tools/crash-loop`): QoS 2 devices with
+/// persistent sessions publish steadily while the gateway is SIGKILLed `EDGEGATE_CRASH_KILLS`
+/// times (30 by default) at random moments and restarted at once; then everything
+/// acknowledged (PUBREC'd) is looked for with a read_committed consumer. Prints a FIGURES
+/// line: acknowledged, found, missing, duplicates.
+#[test]
+#[ignore = "a long run: tools/crash-loop"]
+fn crash_loop() {
+    use common::load::{parse_payload, persistent_qos2_load};
+    use rand::Rng;
+
+    let kills: usize = std::env::var("EDGEGATE_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let devices: usize = std::env::var("EDGEGATE_CRASH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let _kafka = common::shared();
+    let topic = common::unique_topic("eos-crash-loop");
+    let mut gateway = common::gateway(exactly_once(&topic, "eos-crash-loop-gw"))
+        .pin_addresses()
+        .start_process();
+    let load = persistent_qos2_load(
+        gateway.mqtt_addr(),
+        "crash",
+        devices,
+        Duration::from_millis(5),
+        8,
+    );
+    let mut rng = rand::rng();
+    let started = std::time::Instant::now();
+    for kill in 1..=kills {
+        let wait = rng.random_range(500..2500);
+        std::thread::sleep(Duration::from_millis(wait));
+        gateway.kill();
+        gateway.restart();
+        eprintln!(
+            "crash loop: kill {kill}/{kills} after {wait} ms; {} acknowledged so far",
+            load.acked()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let acked = load.stop();
+    let expected: usize = acked.iter().map(Vec::len).sum();
+    let records = committed_records(&topic, expected, Duration::from_secs(180));
+    let mut seen: HashMap<(usize, u64), usize> = HashMap::new();
+    let mut ids = HashSet::new();
+    let mut duplicate_ids = 0;
+    for r in &records {
+        let (d, seq) = parse_payload(r.payload.as_deref().unwrap_or_default())
+            .unwrap_or_else(|| panic!("a foreign record: {:?}", r.payload));
+        *seen.entry((d, seq)).or_default() += 1;
+        if !ids.insert(r.header("edgegate-record-id").expect("id").to_vec()) {
+            duplicate_ids += 1;
+        }
+    }
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let missing: Vec<(usize, u64)> = acked
+        .iter()
+        .enumerate()
+        .flat_map(|(d, seqs)| seqs.iter().map(move |&s| (d, s)))
+        .filter(|k| !seen.contains_key(k))
+        .collect();
+    eprintln!(
+        "FIGURES crash loop: {kills} SIGKILLs in {:.0} s, {devices} QoS 2 persistent-session devices: \
+         acknowledged {expected}, found {}, missing {}, duplicates {duplicates} (of which the \
+         gateway's own re-sends, same record id: {duplicate_ids}), records read {}",
+        started.elapsed().as_secs_f64(),
+        expected - missing.len(),
+        missing.len(),
+        records.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "missing, first: {:?}",
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(duplicates, 0, "duplicates in exactly-once mode");
+}

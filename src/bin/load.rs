@@ -77,6 +77,10 @@ struct Args {
     /// The Kafka topic the route sends these messages to.
     #[arg(long, default_value = "load")]
     kafka_topic: String,
+    /// Read Kafka back with `isolation.level = read_committed` (a gateway in exactly-once
+    /// mode: only committed records count as arrived).
+    #[arg(long)]
+    read_committed: bool,
     /// How long to wait for Kafka to hold everything.
     #[arg(long, default_value_t = 300.0)]
     verify_timeout: f64,
@@ -806,6 +810,14 @@ impl Verifier {
             .set("group.id", format!("edgegate-load-{run}"))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
+            .set(
+                "isolation.level",
+                if args.read_committed {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
             .create()
             .context("creating the Kafka consumer")?;
         // Partitions that exist now start at their end; a topic that does not exist yet

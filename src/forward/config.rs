@@ -71,10 +71,10 @@ pub struct KafkaConfig {
     /// At least once (the default) or exactly once (Kafka transactions; see
     /// `forward::transactional`).
     pub delivery: Delivery,
-    /// Exactly once: live records gather this long before their transaction is committed
-    /// (a backlog fills transactions up to the in-flight bounds without waiting). Each
-    /// transaction costs a few round trips and a marker per partition, so shorter means
-    /// more overhead and less latency to a `read_committed` consumer.
+    /// Exactly once: how long a transaction stays open taking new records (each is sent as
+    /// it is read) before it commits; a full one (the in-flight bounds) commits at once. Each
+    /// commit costs a few round trips and a marker per partition, so shorter means more
+    /// overhead and less latency to a `read_committed` consumer.
     pub transaction_interval: Duration,
     /// Exactly once: `transaction.timeout.ms`. A transaction the gateway left open (it
     /// crashed, or the link dropped mid-commit) is aborted by Kafka after this long, and
@@ -474,7 +474,15 @@ impl KafkaConfig {
             // librdkafka refuses a message timeout longer than the transaction's; a record
             // that times out aborts its transaction, which is then sent again whole, in
             // order, so nothing is overtaken.
+            // A transaction's AddOffsetsToTxn meets CONCURRENT_TRANSACTIONS while the broker
+            // still writes the previous one's markers, and librdkafka retries it after
+            // retry.backoff.ms: 100 ms lost on one transaction in five at the default.
+            // Retries still back off exponentially up to retry.backoff.max.ms.
             Delivery::ExactlyOnce => c
+                .set(
+                    "retry.backoff.ms",
+                    millis(self.retry_backoff_min).min(20).to_string(),
+                )
                 .set("transactional.id", transactional_id(gateway_id))
                 .set(
                     "transaction.timeout.ms",

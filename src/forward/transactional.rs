@@ -474,75 +474,84 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         for_each_run(&acked, |start, end| self.source.ack_range(start, end));
     }
 
-    /// Fills `pending` for the next transaction: what is left from an aborted one goes at
-    /// once; otherwise waits for a record, then up to `transaction_interval` for more, within
-    /// the bounds. False when the forwarder is to stop.
+    /// Waits until there is something to send: what is left of an aborted transaction, or a
+    /// record read from the log. False when the forwarder is to stop.
     async fn gather(&mut self, shutdown: &CancellationToken) -> bool {
         if !self.pending.is_empty() {
             return !self.stopping;
         }
-        if self.stopping || self.source_closed {
-            return false;
-        }
-        let max_records = self.settings.max_in_flight_records;
-        let max_weight = self.settings.max_in_flight_bytes;
-        let mut weight = 0;
-        let mut until: Option<Instant> = None;
         let mut read_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
-        loop {
-            let room = max_records.saturating_sub(self.pending.len());
-            let room_bytes = max_weight.saturating_sub(weight);
-            if room == 0 || room_bytes < record::MIN_WEIGHT {
-                return true;
+        while self.pending.is_empty() {
+            if self.stopping || self.source_closed {
+                return false;
             }
-            let room = room.min((room_bytes / record::MIN_WEIGHT).max(1));
+            let (room, room_bytes) = self.room(0, 0);
             self.heartbeat();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    self.stopping = true;
-                    return !self.pending.is_empty();
-                }
-                _ = tokio::time::sleep_until(until.unwrap_or_else(Instant::now)), if until.is_some() => return true,
+                _ = shutdown.cancelled() => self.stopping = true,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                read = self.source.read_batch(room, room_bytes) => match read {
-                    Ok(batch) => {
-                        read_backoff.reset();
-                        weight += self.admit(batch);
-                        if !self.pending.is_empty() && until.is_none() {
-                            until = Some(Instant::now() + self.txn.interval);
-                        }
-                    }
-                    Err(LogError::Closed) => {
-                        self.source_closed = true;
-                        return !self.pending.is_empty();
-                    }
-                    Err(e) => {
-                        let wait = read_backoff.next_delay();
-                        tracing::error!(error = %e, retry_in = ?wait, "Cannot read the log.");
-                        metric::error("log_read");
+                read = self.source.read_batch(room, room_bytes) => {
+                    if let Some(wait) = self.take_read(read, &mut read_backoff) {
                         if !self.sleep(wait, shutdown).await {
                             self.stopping = true;
-                            return !self.pending.is_empty();
                         }
                     }
-                },
+                }
+            }
+        }
+        true
+    }
+
+    /// What one transaction may still take, as (records, bytes) for a log read, given the
+    /// records and weight it holds.
+    fn room(&self, records: usize, weight: usize) -> (usize, usize) {
+        let room = self.settings.max_in_flight_records.saturating_sub(records);
+        let room_bytes = self.settings.max_in_flight_bytes.saturating_sub(weight);
+        if room_bytes < record::MIN_WEIGHT {
+            return (0, 0);
+        }
+        (
+            room.min((room_bytes / record::MIN_WEIGHT).max(1)),
+            room_bytes,
+        )
+    }
+
+    /// Takes the outcome of a log read; returns how long to wait before reading again after
+    /// an error.
+    fn take_read(
+        &mut self,
+        read: Result<Vec<StoredRecord>, LogError>,
+        backoff: &mut Backoff,
+    ) -> Option<Duration> {
+        match read {
+            Ok(batch) => {
+                backoff.reset();
+                self.admit(batch);
+                None
+            }
+            Err(LogError::Closed) => {
+                self.source_closed = true;
+                None
+            }
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::error!(error = %e, retry_in = ?wait, "Cannot read the log.");
+                metric::error("log_read");
+                Some(wait)
             }
         }
     }
 
     /// Takes records read from the log; those the committed position covers are only
-    /// acknowledged. Returns the weight added.
-    fn admit(&mut self, batch: Vec<StoredRecord>) -> usize {
-        let mut weight = 0;
+    /// acknowledged.
+    fn admit(&mut self, batch: Vec<StoredRecord>) {
         let mut covered = Vec::new();
         for stored in batch {
             if stored.seq < self.committed {
                 covered.push(stored.seq);
                 continue;
             }
-            let w = record::weight(&stored.record);
-            weight += w;
             self.pending.push_back(Pending {
                 seq: stored.seq,
                 record: stored.record,
@@ -551,13 +560,14 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             });
         }
         for_each_run(&covered, |start, end| self.source.ack_range(start, end));
-        weight
     }
 
     /// One transaction over the head of `pending`: up to the first record that must go
-    /// alone, or that record alone.
+    /// alone, or that record alone. A fresh transaction keeps taking records from the log,
+    /// sending each at once, until `transaction_interval` has passed since it began or it is
+    /// full; then the position, then the commit.
     async fn transact(&mut self, session: &Session, shutdown: &CancellationToken) -> Outcome {
-        let count = match self.pending.front() {
+        let mut count = match self.pending.front() {
             Some(p) if p.alone => 1,
             _ => self
                 .pending
@@ -565,62 +575,100 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 .position(|p| p.alone)
                 .unwrap_or(self.pending.len()),
         };
-        // Payloads ingest could not convert (crate::format) never go to Kafka.
-        for i in 0..count {
-            let p = &self.pending[i];
-            if p.dead {
-                continue;
-            }
-            if let Some(reason) = p.record.headers.iter().find_map(|(k, v)| {
-                (k == crate::format::ERROR_HEADER)
-                    .then(|| format!("format: {}", String::from_utf8_lossy(v)))
-            }) {
-                if !self.dead_letter(i, &reason, shutdown).await {
-                    return Outcome::Stopped;
-                }
-            }
-        }
+        // Only a transaction over everything pending (no record waiting to go alone) may
+        // grow: records read now come after all of them.
+        let growing = count == self.pending.len() && !self.pending[0].alone;
+        let mut weight: usize = self
+            .pending
+            .iter()
+            .take(count)
+            .map(|p| record::weight(&p.record))
+            .sum();
 
         self.transactions = self.transactions.wrapping_add(1);
         let txn = self.transactions;
         if let Err(e) = session.producer.begin_transaction() {
             return Outcome::Fatal(format!("begin_transaction: {}", reason(&e)));
         }
-        let mut produced = 0usize;
         let started = Instant::now();
+        let deadline = started + self.txn.interval;
+        let mut produced = 0usize;
+        let mut read_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         let mut i = 0;
-        while i < count {
-            if self.pending[i].dead {
-                i += 1;
-                continue;
-            }
-            match self.produce(session, i, txn) {
-                Ok(()) => {
-                    produced += 1;
+        loop {
+            while i < count {
+                if self.pending[i].dead {
                     i += 1;
+                    continue;
                 }
-                Err(code) => match classify::enqueue(code) {
-                    Disposition::Retry => {
-                        // librdkafka's queue is full: it drains as the batches go out.
-                        if !self.sleep(Duration::from_millis(1), shutdown).await {
-                            return Outcome::Stopped;
-                        }
+                // Payloads ingest could not convert (crate::format) never go to Kafka.
+                if let Some(why) = self.pending[i].record.headers.iter().find_map(|(k, v)| {
+                    (k == crate::format::ERROR_HEADER)
+                        .then(|| format!("format: {}", String::from_utf8_lossy(v)))
+                }) {
+                    if !self.dead_letter(i, &why, shutdown).await {
+                        return Outcome::Stopped;
                     }
-                    Disposition::DeadLetter | Disposition::Isolate => {
-                        metric::error(classify::kind(code));
-                        if !self.dead_letter(i, &code.to_string(), shutdown).await {
-                            return Outcome::Stopped;
-                        }
+                    i += 1;
+                    continue;
+                }
+                match self.produce(session, i, txn) {
+                    Ok(()) => {
+                        produced += 1;
                         i += 1;
                     }
-                    Disposition::Rebuild => {
-                        return Outcome::Fatal(format!("librdkafka refused a record: {code}"));
+                    Err(code) => match classify::enqueue(code) {
+                        Disposition::Retry => {
+                            // librdkafka's queue is full: it drains as the batches go out.
+                            if !self.sleep(Duration::from_millis(1), shutdown).await {
+                                return Outcome::Stopped;
+                            }
+                        }
+                        Disposition::DeadLetter | Disposition::Isolate => {
+                            metric::error(classify::kind(code));
+                            if !self.dead_letter(i, &code.to_string(), shutdown).await {
+                                return Outcome::Stopped;
+                            }
+                            i += 1;
+                        }
+                        Disposition::Rebuild => {
+                            return Outcome::Fatal(format!("librdkafka refused a record: {code}"));
+                        }
+                    },
+                }
+            }
+            if !growing || self.stopping || self.source_closed || Instant::now() >= deadline {
+                break;
+            }
+            let (room, room_bytes) = self.room(count, weight);
+            if room == 0 {
+                break;
+            }
+            self.heartbeat();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => self.stopping = true,
+                _ = tokio::time::sleep_until(deadline) => break,
+                read = self.source.read_batch(room, room_bytes) => {
+                    let before = self.pending.len();
+                    if let Some(wait) = self.take_read(read, &mut read_backoff) {
+                        if !self.sleep(wait.min(deadline.saturating_duration_since(Instant::now())), shutdown).await {
+                            self.stopping = true;
+                        }
                     }
-                },
+                    weight += self
+                        .pending
+                        .iter()
+                        .skip(before)
+                        .map(|p| record::weight(&p.record))
+                        .sum::<usize>();
+                    count = self.pending.len();
+                }
             }
         }
 
         let last = self.pending[count - 1].seq;
+        let filled = started.elapsed();
         let mut offsets = TopicPartitionList::new();
         if let Err(e) = offsets.add_partition_offset(
             &self.txn.positions_topic,
@@ -635,25 +683,40 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let offsets = Arc::new(offsets);
 
         let deadline = started + self.settings.delivery_timeout.max(CALL_TIMEOUT) * 4;
-        // The position, then the commit; retriable errors are retried in place.
+        // The position, then the commit, in one call on the blocking pool; retriable errors
+        // are retried in place, from the step that failed. Meanwhile the next transaction's
+        // records are read from the log.
         let mut step = 0;
         let mut retriable_since: Option<Instant> = None;
-        loop {
+        let offsets_took = loop {
             let producer = session.producer.clone();
-            let result = if step == 0 {
-                let (offsets, group) = (offsets.clone(), session.group.clone());
-                self.blocking(move || {
-                    producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
-                })
-                .await
-            } else {
-                self.blocking(move || producer.commit_transaction(CALL_TIMEOUT))
-                    .await
-            };
-            match result {
-                Ok(()) if step == 0 => step = 1,
-                Ok(()) => break,
-                Err(e) => {
+            let (offsets, group) = (offsets.clone(), session.group.clone());
+            let call =
+                tokio::task::spawn_blocking(move || -> Result<Duration, (u8, KafkaError)> {
+                    let at = std::time::Instant::now();
+                    if step == 0 {
+                        producer
+                            .send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
+                            .map_err(|e| (0, e))?;
+                    }
+                    let offsets_took = at.elapsed();
+                    // rdkafka's commit_transaction flushes first, and its flush waits in steps of
+                    // up to 100 ms on an event queue that the producer's own polling thread
+                    // empties: 100 ms lost per transaction. Waiting here for librdkafka's queue to
+                    // empty (delivery reports served) makes that flush return at once.
+                    let flushed_by = std::time::Instant::now() + CALL_TIMEOUT;
+                    while producer.in_flight_count() > 0 && std::time::Instant::now() < flushed_by {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    producer
+                        .commit_transaction(CALL_TIMEOUT)
+                        .map_err(|e| (1, e))?;
+                    Ok(offsets_took)
+                });
+            match self.read_ahead(call, count, shutdown).await {
+                Ok(took) => break took,
+                Err((failed, e)) => {
+                    step = failed;
                     let Some(txn_error) = transaction_error(&e) else {
                         return Outcome::Fatal(format!("transaction: {e}"));
                     };
@@ -695,8 +758,16 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     return Outcome::Fatal(reason(&e));
                 }
             }
-        }
+        };
 
+        tracing::debug!(
+            records = count,
+            produced,
+            filled = ?filled,
+            position = ?offsets_took,
+            commit = ?started.elapsed().saturating_sub(filled + offsets_took),
+            "Kafka transaction committed."
+        );
         // Committed: every record of the transaction is in Kafka.
         let done: Vec<u64> = self.pending.drain(..count).map(|p| p.seq).collect();
         self.committed = last + 1;
@@ -718,6 +789,54 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         // Reports of a committed transaction say nothing new.
         while self.deliveries_rx.try_recv().is_ok() {}
         Outcome::Committed
+    }
+
+    /// Waits for `call` (the position and the commit of the transaction over the first
+    /// `count` pending records), reading the next transaction's records from the log
+    /// meanwhile, within the bounds of one transaction.
+    async fn read_ahead<T: Send + 'static>(
+        &mut self,
+        mut call: tokio::task::JoinHandle<T>,
+        count: usize,
+        shutdown: &CancellationToken,
+    ) -> T {
+        let mut weight: usize = self
+            .pending
+            .iter()
+            .skip(count)
+            .map(|p| record::weight(&p.record))
+            .sum();
+        let mut read_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        let mut read_after: Option<Instant> = None;
+        loop {
+            self.heartbeat();
+            let (room, room_bytes) = self.room(self.pending.len() - count, weight);
+            let can_read = room > 0
+                && !self.stopping
+                && !self.source_closed
+                && read_after.is_none_or(|at| at <= Instant::now());
+            tokio::select! {
+                biased;
+                done = &mut call => match done {
+                    Ok(v) => return v,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                },
+                _ = shutdown.cancelled(), if !self.stopping => self.stopping = true,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                read = self.source.read_batch(room, room_bytes), if can_read => {
+                    let before = self.pending.len();
+                    if let Some(wait) = self.take_read(read, &mut read_backoff) {
+                        read_after = Some(Instant::now() + wait);
+                    }
+                    weight += self
+                        .pending
+                        .iter()
+                        .skip(before)
+                        .map(|p| record::weight(&p.record))
+                        .sum::<usize>();
+                }
+            }
+        }
     }
 
     /// Hands record `i` of `pending` to librdkafka in transaction `txn`.

@@ -30,6 +30,32 @@ pub fn steady_load(
     every: Duration,
     window: usize,
 ) -> SteadyLoad {
+    start(addr, prefix, devices, every, window, false)
+}
+
+/// [`steady_load`] with QoS 2 and persistent sessions (`clean_session = 0`, client ids
+/// `persistent-dev<d>`): each device keeps its client state across reconnects, so rumqttc
+/// re-sends what was in flight (the PUBLISH with DUP before a PUBREC, the PUBREL after one)
+/// and no message is abandoned. A message counts as acknowledged at its PUBREC: from then on
+/// the gateway owns it.
+pub fn persistent_qos2_load(
+    addr: SocketAddr,
+    prefix: &str,
+    devices: usize,
+    every: Duration,
+    window: usize,
+) -> SteadyLoad {
+    start(addr, prefix, devices, every, window, true)
+}
+
+fn start(
+    addr: SocketAddr,
+    prefix: &str,
+    devices: usize,
+    every: Duration,
+    window: usize,
+    persistent: bool,
+) -> SteadyLoad {
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let prefix = prefix.to_owned();
@@ -46,15 +72,15 @@ pub fn steady_load(
                 runtime.block_on(async move {
                     let tasks: Vec<_> = (0..devices)
                         .map(|d| {
-                            tokio::spawn(device(
-                                addr,
-                                format!("{prefix}/dev{d}/t"),
-                                d,
-                                every,
-                                window,
-                                stop.clone(),
-                                acked.clone(),
-                            ))
+                            let topic = format!("{prefix}/dev{d}/t");
+                            let (stop, acked) = (stop.clone(), acked.clone());
+                            if persistent {
+                                tokio::spawn(persistent_device(
+                                    addr, topic, d, every, window, stop, acked,
+                                ))
+                            } else {
+                                tokio::spawn(device(addr, topic, d, every, window, stop, acked))
+                            }
                         })
                         .collect();
                     let mut out = Vec::with_capacity(devices);
@@ -182,6 +208,91 @@ async fn device(
                     }
                 },
             }
+        }
+    }
+    acked
+}
+
+/// One QoS 2 device with a persistent session: one rumqttc client for its whole life, so a
+/// failed connection is reconnected by polling again and what was in flight is re-sent by
+/// rumqttc (PUBLISH with DUP, or PUBREL) under the same packet ids.
+async fn persistent_device(
+    addr: SocketAddr,
+    topic: String,
+    d: usize,
+    every: Duration,
+    window: usize,
+    stop: Arc<AtomicBool>,
+    acked_total: Arc<AtomicU64>,
+) -> Vec<u64> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    let mut options = MqttOptions::new(
+        format!("persistent-dev{d}"),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    options
+        .set_inflight(u16::try_from(window).unwrap_or(u16::MAX))
+        .set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(options, window * 2);
+    let mut acked = Vec::new();
+    let mut next: u64 = 0;
+    // Handed to the client, not yet seen going out; then packet id -> seq until PUBREC.
+    let mut queued: VecDeque<u64> = VecDeque::new();
+    let mut pending: HashMap<u16, u64> = HashMap::new();
+    // PUBREC'd, waiting for PUBCOMP (they still take a place in the window).
+    let mut releasing = 0usize;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping_since: Option<tokio::time::Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            let since = *stopping_since.get_or_insert_with(tokio::time::Instant::now);
+            if (queued.is_empty() && pending.is_empty() && releasing == 0)
+                || since.elapsed() > Duration::from_secs(10)
+            {
+                let _ = client.try_disconnect();
+                break;
+            }
+        }
+        tokio::select! {
+            _ = tick.tick(), if stopping_since.is_none() && queued.len() + pending.len() + releasing < window => {
+                if client
+                    .try_publish(topic.as_str(), QoS::ExactlyOnce, false, payload(d, next))
+                    .is_ok()
+                {
+                    queued.push_back(next);
+                    next += 1;
+                }
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    // A re-send after a reconnect goes out under its packet id again.
+                    if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(pkid) {
+                        if let Some(seq) = queued.pop_front() {
+                            slot.insert(seq);
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubRec(rec))) => {
+                    if let Some(seq) = pending.remove(&rec.pkid) {
+                        acked.push(seq);
+                        acked_total.fetch_add(1, Ordering::Relaxed);
+                        releasing += 1;
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubComp(_))) => releasing = releasing.saturating_sub(1),
+                Ok(_) => {}
+                Err(_) => {
+                    failures += 1;
+                    if failures % 50 == 0 {
+                        eprintln!("load: device {d} reconnecting (failure {failures})");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
         }
     }
     acked
