@@ -632,6 +632,13 @@ impl Log {
         lock(&self.shared().state).next_seq
     }
 
+    /// The outcome of the append that got `seq`, once it has one (appends resolve in
+    /// sequence order). For a caller that kept only the number.
+    pub fn outcome(&self, seq: u64) -> Option<Result<u64, AppendError>> {
+        let shared = self.shared();
+        (seq < shared.resolved.load(Ordering::Acquire)).then(|| shared.outcome(seq))
+    }
+
     /// Keeps every segment holding a record at or above `seq` after it was acknowledged
     /// (`u64::MAX`: no pin). `drop_oldest` and `max_age` are the operator's choice to lose
     /// records and still drop such segments.

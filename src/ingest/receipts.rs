@@ -1,0 +1,797 @@
+//! Receipts: how a listener recognises, after a crash, a retransmission of a message it
+//! already stored (issue 14, "exactly once into Kafka across gateway crashes").
+//!
+//! An MQTT QoS 2 PUBLISH from a persistent session is stored, PUBREC'd and then awaits
+//! PUBREL; a client that missed the PUBREC (or whose PUBREL went unanswered) sends the
+//! PUBLISH again with DUP=1 and the same packet id, possibly to a gateway that was SIGKILLed
+//! meanwhile. The set of packet ids awaiting PUBREL must therefore survive the crash, and
+//! must never say less than the log holds (a duplicate) nor more (a new message reusing a
+//! released id would be dropped).
+//!
+//! # What is on disk
+//!
+//! * **In the log**, the receipt of each QoS 2 record of a persistent session, inside the
+//!   record's own frame (`buffer`, body flag 0x20), so record and receipt are made durable
+//!   by one fsync or not at all:
+//!   `kind:u8 (=1 MQTT) client:u16 length + UTF-8 packet_id:u16`.
+//! * **`<buffer dir>/broker/receipts.journal`**, the broker's journal framing
+//!   (`broker/journal.rs`, magic `EGRECEIP`), records:
+//!   `awaiting` (1: client, packet id, the record's sequence number), `released` (2: the
+//!   same three), `gone` (3: client, `below`: every receipt of the client with a lower
+//!   sequence number is void), `checkpoint` (4: `seq`, only ever rising) and `restart`
+//!   (5: `seq`, the checkpoint set at start, which may be lower).
+//!
+//! # The argument
+//!
+//! Let C be the last checkpoint the journal made durable. Three invariants:
+//!
+//! 1. Every receipt with a sequence number below C is reflected in the journal (an
+//!    `awaiting` record, or it was released or voided). The absorber writes `checkpoint(C)`
+//!    only after sending the `awaiting` records of every receipt below C, in the same or an
+//!    earlier journal commit: C is the lowest sequence number of a receipt whose outcome it
+//!    has not absorbed yet, or, with none pending, the number after the last receipt
+//!    appended. Receipt appends take the store's lock around `Log::append_with_receipt`, so
+//!    no receipt can get a number below a C computed under that lock without being pending.
+//! 2. The log keeps every segment holding a record at or above C ([`Log::set_pin`], set only
+//!    once `checkpoint(C)` is durable, and passed to `Log::open_pinned` at start before the
+//!    commit thread can remove anything). So every receipt at or above C is still in the log.
+//! 3. A release is durable (`released`) before PUBCOMP is sent, and `gone` is durable before
+//!    a new session of the client is served. Both carry the record's sequence number, so a
+//!    receipt read back from the log is matched against them exactly.
+//!
+//! At start the journal is replayed, then the receipts of the log from C on are read
+//! ([`buffer::scan_receipts`]) and applied the same way as `awaiting` records: by (1) and (2)
+//! that is every receipt ever made durable, and by (3) none that was released. A record that
+//! reached the file but whose fsync never returned (a SIGKILL leaves the page cache) is in the
+//! log, goes to Kafka, and its receipt is found: the resent PUBLISH gets PUBREC without a
+//! second copy. A record that never reached the file has no receipt either: the resent
+//! PUBLISH is stored then, once. Then the store writes the receipts it found as `awaiting`
+//! records and `restart(next)` with the log's next sequence number (a crash may give the
+//! numbers of unsynced appends out again, so the checkpoint may go down here), waits for
+//! that commit, and only then does the gateway serve.
+//!
+//! What can still go wrong is bounded and named: `drop_oldest` and `max_age` (the operator's
+//! choice to lose records) ignore the pin, and a record whose body cannot be read (damage, a
+//! missing key) loses its receipt; either may cost one duplicate, never a lost message. The
+//! state kept is one entry per stored and unreleased packet id of a persistent session, so
+//! it is bounded by the sessions times the receive maximum; the entries of a session that
+//! expires while its client stays away are dropped when the client returns (`gone`) or at
+//! the next start, once the broker's sessions are known.
+//!
+//! Cost: nothing for QoS 0 and QoS 1 (no receipt, no lock, no journal); for QoS 2 of a
+//! persistent session a receipt of a few dozen bytes in the frame, the store's lock around
+//! the append, an `awaiting` record written without waiting, and one journal commit
+//! (group-committed) before each PUBCOMP.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::journal::{self, Fields, Journal, put16};
+use crate::buffer::seal::LogKeys;
+use crate::buffer::{self, Durable, Log, LogError};
+
+/// The receipt store's journal, in the broker's directory.
+pub const JOURNAL: &str = "receipts.journal";
+const MAGIC: &[u8; 8] = b"EGRECEIP";
+
+/// The kind byte of a receipt in the log.
+const RECEIPT_MQTT: u8 = 1;
+
+/// Journal record kinds.
+const AWAITING: u8 = 1;
+const RELEASED: u8 = 2;
+const GONE: u8 = 3;
+const CHECKPOINT: u8 = 4;
+const RESTART: u8 = 5;
+
+/// How often the absorber looks at the outcomes of pending receipts while there are any.
+/// It bounds how long the log's pin lags behind, nothing a device waits for.
+const ABSORB_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Why the receipt store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptsError {
+    #[error("the receipt store {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the receipts in the log: {0}")]
+    Log(#[from] LogError),
+    #[error("the receipt store {path} could not be written: {error}")]
+    Write { path: PathBuf, error: String },
+}
+
+/// A persistent MQTT session's QoS 2 packet ids awaiting PUBREL, with the sequence number of
+/// each one's record.
+pub type Awaiting = HashMap<u16, u64>;
+
+/// The state the journal and the log's receipts describe.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Replayed {
+    mqtt: HashMap<String, Awaiting>,
+    /// Every receipt below this is reflected in the journal.
+    checkpoint: u64,
+    /// Releases, to match receipts read back from the log exactly.
+    released: HashSet<(String, u16, u64)>,
+    /// Per client, receipts below this are void.
+    gone: HashMap<String, u64>,
+}
+
+impl Replayed {
+    fn replay(bodies: &[Bytes]) -> (Replayed, usize) {
+        let mut r = Replayed::default();
+        let mut bad = 0;
+        for body in bodies {
+            if r.apply(body.clone()).is_none() {
+                bad += 1;
+            }
+        }
+        (r, bad)
+    }
+
+    fn apply(&mut self, body: Bytes) -> Option<()> {
+        let mut f = Fields(body);
+        match f.u8()? {
+            CHECKPOINT => self.checkpoint = self.checkpoint.max(f.u64()?),
+            RESTART => self.checkpoint = f.u64()?,
+            kind @ (AWAITING | RELEASED) => {
+                let client = f.str16()?;
+                let (pkid, seq) = (f.u16()?, f.u64()?);
+                if kind == AWAITING {
+                    self.awaiting(client, pkid, seq);
+                } else {
+                    if let Some(ids) = self.mqtt.get_mut(&client) {
+                        if ids.get(&pkid) == Some(&seq) {
+                            ids.remove(&pkid);
+                        }
+                        if ids.is_empty() {
+                            self.mqtt.remove(&client);
+                        }
+                    }
+                    self.released.insert((client, pkid, seq));
+                }
+            }
+            GONE => {
+                let client = f.str16()?;
+                let below = f.u64()?;
+                if let Some(ids) = self.mqtt.get_mut(&client) {
+                    ids.retain(|_, seq| *seq >= below);
+                    if ids.is_empty() {
+                        self.mqtt.remove(&client);
+                    }
+                }
+                let at = self.gone.entry(client).or_insert(below);
+                *at = (*at).max(below);
+            }
+            _ => return None,
+        }
+        f.is_empty().then_some(())
+    }
+
+    /// A stored record's receipt (from an `awaiting` record or from the log): applied unless
+    /// released or voided. A newer record under the same packet id replaces an older one
+    /// (the id was released in between, or the client could not have reused it).
+    fn awaiting(&mut self, client: String, pkid: u16, seq: u64) -> bool {
+        if self.gone.get(&client).is_some_and(|&below| seq < below)
+            || self.released.contains(&(client.clone(), pkid, seq))
+        {
+            return false;
+        }
+        let ids = self.mqtt.entry(client).or_default();
+        match ids.get(&pkid) {
+            Some(&known) if known >= seq => false,
+            _ => {
+                ids.insert(pkid, seq);
+                true
+            }
+        }
+    }
+
+    /// A receipt read back from the log.
+    fn read_back(&mut self, seq: u64, receipt: Bytes) -> Option<(String, u16)> {
+        let (client, pkid) = decode_mqtt(receipt)?;
+        self.awaiting(client.clone(), pkid, seq)
+            .then_some((client, pkid))
+    }
+}
+
+/// The journal read at start, before the log is opened: its checkpoint is the pin the log
+/// must open with.
+pub struct Found {
+    path: PathBuf,
+    found: journal::Found,
+    replayed: Replayed,
+}
+
+impl Found {
+    /// The sequence number from which the log's receipts are still needed.
+    pub fn checkpoint(&self) -> u64 {
+        self.replayed.checkpoint
+    }
+}
+
+/// Reads `<dir>/receipts.journal` (creating `dir` if needed).
+pub fn read(dir: &Path) -> Result<Found, ReceiptsError> {
+    let path = dir.join(JOURNAL);
+    let io = |source| ReceiptsError::Journal {
+        path: path.clone(),
+        source,
+    };
+    journal::create_private_dir(dir).map_err(io)?;
+    let found = journal::read(&path, MAGIC, crate::ingest::now_ms()).map_err(io)?;
+    let (replayed, bad) = Replayed::replay(&found.bodies);
+    if bad > 0 {
+        tracing::warn!(path = %path.display(), records = bad, "Skipped receipt records this version cannot read.");
+    }
+    Ok(Found {
+        path,
+        found,
+        replayed,
+    })
+}
+
+/// The durable QoS 2 state of persistent MQTT sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Receipts {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Receipts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receipts").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    log: Log,
+    journal: Journal,
+    path: PathBuf,
+    /// Journal records are sent to the writer under this lock, so their order in the file
+    /// is the order of the changes they describe.
+    state: Mutex<State>,
+    /// Wakes the absorber when the first receipt is pending.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    mqtt: HashMap<String, Awaiting>,
+    /// Receipts appended whose outcome the absorber has not taken yet, by sequence number.
+    pending: BTreeMap<u64, Pending>,
+    /// Every receipt appended so far has a lower sequence number.
+    appended_to: u64,
+    /// The checkpoint last sent to the journal.
+    checkpoint: u64,
+}
+
+struct Pending {
+    client: String,
+    pkid: u16,
+    /// Released (PUBREL) or its session gone before the absorber took it: not `awaiting`.
+    void: bool,
+}
+
+impl Receipts {
+    /// Rebuilds the state from what [`read`] found and the receipts in `log` from its
+    /// checkpoint on, makes that durable with the new checkpoint, and pins the log there.
+    /// Call it after opening the log (with [`Found::checkpoint`] as its pin) and before
+    /// anything appends.
+    pub async fn start(
+        found: Found,
+        log: &Log,
+        keys: Option<&LogKeys>,
+    ) -> Result<Receipts, ReceiptsError> {
+        let Found {
+            path,
+            found,
+            mut replayed,
+        } = found;
+        let next = log.next_seq();
+        let mut from_log = Vec::new();
+        buffer::scan_receipts(log.dir(), keys, replayed.checkpoint, |seq, receipt| {
+            if seq < next {
+                if let Some((client, pkid)) = replayed.read_back(seq, receipt) {
+                    from_log.push(awaiting_record(&client, pkid, seq));
+                }
+            }
+        })?;
+        let state = State {
+            mqtt: std::mem::take(&mut replayed.mqtt),
+            pending: BTreeMap::new(),
+            appended_to: next,
+            checkpoint: next,
+        };
+        let counted: usize = state.mqtt.values().map(HashMap::len).sum();
+        let io = |source| ReceiptsError::Journal {
+            path: path.clone(),
+            source,
+        };
+        // The journal's writer asks for a snapshot when it rewrites; the store it snapshots
+        // is built after the journal, so the closure finds it through this slot.
+        let holder: Arc<Mutex<Option<std::sync::Weak<Inner>>>> = Arc::default();
+        let for_snapshot = Arc::clone(&holder);
+        let snapshot: journal::Snapshot = Box::new(move || {
+            let weak = lock(&for_snapshot).clone();
+            weak.and_then(|w| w.upgrade())
+                .map(|inner| inner.snapshot())
+                .unwrap_or_default()
+        });
+        let journal = Journal::start(&path, MAGIC, &found, snapshot).map_err(io)?;
+        let inner = Arc::new(Inner {
+            log: log.clone(),
+            journal,
+            path: path.clone(),
+            state: Mutex::new(state),
+            wake: Notify::new(),
+        });
+        *lock(&holder) = Some(Arc::downgrade(&inner));
+        let done = {
+            let _st = lock(&inner.state);
+            for record in &from_log {
+                inner.journal.append_later(record);
+            }
+            inner.journal.append(&checkpoint_record(RESTART, next))
+        };
+        done.await.map_err(|error| ReceiptsError::Write {
+            path: path.clone(),
+            error,
+        })?;
+        log.set_pin(next);
+        tracing::info!(
+            awaiting_release = counted,
+            from_log = from_log.len(),
+            checkpoint = next,
+            "Rebuilt the QoS 2 state of persistent sessions."
+        );
+        Ok(Receipts { inner })
+    }
+
+    /// Takes the outcomes of pending receipts into the journal until `shutdown`, moving the
+    /// checkpoint and the log's pin behind them.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let idle = self.inner.lock().pending.is_empty();
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.inner.wake.notified(), if idle => {}
+                () = tokio::time::sleep(ABSORB_INTERVAL), if !idle => {}
+            }
+            self.inner.absorb().await;
+        }
+        self.inner.absorb().await;
+    }
+
+    /// Appends a QoS 2 message of a persistent session with its receipt: `append` is given
+    /// the receipt's bytes and appends the record with them.
+    pub fn append_mqtt<E>(
+        &self,
+        client: &str,
+        pkid: u16,
+        append: impl FnOnce(&[u8]) -> Result<Durable, E>,
+    ) -> Result<Durable, E> {
+        let receipt = mqtt_receipt(client, pkid);
+        let mut st = self.inner.lock();
+        let durable = append(&receipt)?;
+        let seq = durable.seq();
+        let first = st.pending.is_empty();
+        st.pending.insert(
+            seq,
+            Pending {
+                client: client.to_owned(),
+                pkid,
+                void: false,
+            },
+        );
+        st.appended_to = st.appended_to.max(seq + 1);
+        drop(st);
+        if first {
+            self.inner.wake.notify_one();
+        }
+        Ok(durable)
+    }
+
+    /// The packet ids of `client`'s session awaiting PUBREL, for a client that comes back
+    /// to a session the gateway does not have in memory (after a restart).
+    pub fn awaiting(&self, client: &str) -> Awaiting {
+        self.inner
+            .lock()
+            .mqtt
+            .get(client)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// PUBREL for `pkid`, whose record got `seq`: `None` if the store never had it (the
+    /// PUBCOMP may go at once), else a future that resolves once the release is durable.
+    pub fn release(
+        &self,
+        client: &str,
+        pkid: u16,
+        seq: u64,
+    ) -> Option<impl Future<Output = Result<(), String>> + Send + use<>> {
+        let mut st = self.inner.lock();
+        let mut known = false;
+        if let Some(p) = st.pending.get_mut(&seq) {
+            known = p.client == client && p.pkid == pkid;
+            p.void |= known;
+        }
+        if let Some(ids) = st.mqtt.get_mut(client) {
+            if ids.get(&pkid) == Some(&seq) {
+                ids.remove(&pkid);
+                known = true;
+            }
+            if ids.is_empty() {
+                st.mqtt.remove(client);
+            }
+        }
+        known.then(|| {
+            self.inner
+                .journal
+                .append(&id_record(RELEASED, client, pkid, seq))
+        })
+    }
+
+    /// `client`'s session ended or starts afresh: its packet ids are forgotten. `None` if
+    /// there were none; else a future that resolves once that is durable, which the new
+    /// session waits for before it is served.
+    pub fn forget(
+        &self,
+        client: &str,
+    ) -> Option<impl Future<Output = Result<(), String>> + Send + use<>> {
+        let mut st = self.inner.lock();
+        let mut had = st.mqtt.remove(client).is_some();
+        for p in st.pending.values_mut() {
+            if p.client == client && !p.void {
+                p.void = true;
+                had = true;
+            }
+        }
+        if !had {
+            return None;
+        }
+        // Every receipt of the ended session was appended before this: appends of a session
+        // that is ending are made without a receipt (the caller saw to it).
+        let below = self.inner.log.next_seq();
+        let mut body = vec![GONE];
+        put16(&mut body, client.as_bytes());
+        body.put_u64_le(below);
+        Some(self.inner.journal.append(&body))
+    }
+
+    /// Drops the state of clients `keep` says have no session any more (at start, once the
+    /// broker's persistent sessions are known).
+    pub fn retain_clients(&self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = {
+            let st = self.inner.lock();
+            st.mqtt.keys().filter(|c| !keep(c)).cloned().collect()
+        };
+        for client in gone {
+            drop(self.forget(&client));
+        }
+    }
+
+    /// The journal's path, for log lines.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Takes the resolved pending receipts (in sequence order: appends resolve in order),
+    /// writes them as `awaiting` and the new checkpoint, and pins the log there once durable.
+    async fn absorb(&self) {
+        let (checkpoint, done) = {
+            let mut st = self.lock();
+            while let Some(entry) = st.pending.first_entry() {
+                let seq = *entry.key();
+                let Some(outcome) = self.log.outcome(seq) else {
+                    break;
+                };
+                let p = entry.remove();
+                if outcome.is_ok() && !p.void {
+                    self.journal
+                        .append_later(&awaiting_record(&p.client, p.pkid, seq));
+                    st.mqtt.entry(p.client).or_default().insert(p.pkid, seq);
+                }
+            }
+            let checkpoint = st
+                .pending
+                .first_key_value()
+                .map_or(st.appended_to, |(seq, _)| *seq);
+            if checkpoint <= st.checkpoint {
+                return;
+            }
+            st.checkpoint = checkpoint;
+            let done = self
+                .journal
+                .append(&checkpoint_record(CHECKPOINT, checkpoint));
+            (checkpoint, done)
+        };
+        match done.await {
+            Ok(()) => self.log.set_pin(checkpoint),
+            // The pin stays: the log keeps the segments until a later checkpoint is written.
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.path.display(), "Cannot write the receipt store; the log keeps its segments meanwhile.")
+            }
+        }
+    }
+
+    /// The live state as journal records, for a rewrite: every awaiting id and the checkpoint
+    /// it reflects.
+    fn snapshot(&self) -> Vec<Bytes> {
+        let st = self.lock();
+        let mut out: Vec<Bytes> = st
+            .mqtt
+            .iter()
+            .flat_map(|(client, ids)| {
+                ids.iter()
+                    .map(|(&pkid, &seq)| Bytes::from(awaiting_record(client, pkid, seq)))
+            })
+            .collect();
+        out.push(Bytes::from(checkpoint_record(CHECKPOINT, st.checkpoint)));
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn mqtt_receipt(client: &str, pkid: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + client.len());
+    out.push(RECEIPT_MQTT);
+    put16(&mut out, client.as_bytes());
+    out.put_u16_le(pkid);
+    out
+}
+
+fn decode_mqtt(receipt: Bytes) -> Option<(String, u16)> {
+    let mut f = Fields(receipt);
+    if f.u8()? != RECEIPT_MQTT {
+        return None;
+    }
+    let client = f.str16()?;
+    let pkid = f.u16()?;
+    f.is_empty().then_some((client, pkid))
+}
+
+fn id_record(kind: u8, client: &str, pkid: u16, seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13 + client.len());
+    out.push(kind);
+    put16(&mut out, client.as_bytes());
+    out.put_u16_le(pkid);
+    out.put_u64_le(seq);
+    out
+}
+
+fn awaiting_record(client: &str, pkid: u16, seq: u64) -> Vec<u8> {
+    id_record(AWAITING, client, pkid, seq)
+}
+
+fn checkpoint_record(kind: u8, seq: u64) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.put_u64_le(seq);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::LogConfig;
+    use crate::record::{Record, Source};
+
+    fn record(i: u64) -> Record {
+        Record {
+            source: Source::Mqtt,
+            received_ms: 1_764_000_000_000,
+            device: "dev".into(),
+            origin: format!("t/{i}"),
+            kafka_topic: "telemetry".into(),
+            key: None,
+            headers: Vec::new(),
+            payload: Bytes::from(vec![1u8; 200]),
+        }
+    }
+
+    fn config(dir: &Path) -> LogConfig {
+        LogConfig {
+            segment_bytes: 4096,
+            commit_delay: Duration::from_millis(1),
+            ..LogConfig::new(dir.join("log"))
+        }
+    }
+
+    /// Opens the log and the store as the gateway's start does.
+    async fn open(dir: &Path) -> (Log, Receipts) {
+        let found = read(&dir.join("broker")).expect("read");
+        let (log, _) = Log::open_pinned(config(dir), found.checkpoint()).expect("open");
+        let receipts = Receipts::start(found, &log, None).await.expect("start");
+        (log, receipts)
+    }
+
+    async fn store(receipts: &Receipts, log: &Log, client: &str, pkid: u16, i: u64) -> u64 {
+        let durable = receipts
+            .append_mqtt(client, pkid, |receipt| {
+                log.append_with_receipt(&record(i), receipt)
+            })
+            .expect("append");
+        durable.await.expect("durable")
+    }
+
+    /// The crash window the receipt closes: the record (and its receipt) is durable, the
+    /// store never heard of it. After the restart the id is awaiting release again.
+    #[tokio::test]
+    async fn a_record_durable_before_the_store_caught_up_is_found_in_the_log() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (log, receipts) = open(tmp.path()).await;
+        let seq = store(&receipts, &log, "dev-1", 7, 0).await;
+        // No absorber ran: the store's journal has no `awaiting` record.
+        assert!(!receipts.awaiting("dev-1").contains_key(&7));
+        drop(receipts);
+        log.close().await.expect("close");
+        drop(log);
+
+        let (log, receipts) = open(tmp.path()).await;
+        assert_eq!(receipts.awaiting("dev-1"), HashMap::from([(7, seq)]));
+        assert!(receipts.awaiting("dev-2").is_empty());
+        // Absorbed at start: a second restart finds it in the journal alone.
+        drop(receipts);
+        log.close().await.expect("close");
+        drop(log);
+        let (_log, receipts) = open(tmp.path()).await;
+        assert_eq!(receipts.awaiting("dev-1"), HashMap::from([(7, seq)]));
+    }
+
+    /// PUBREL is durable before PUBCOMP, whether the absorber took the receipt already or
+    /// not: after a restart the id is free, and a new message under it is stored.
+    #[tokio::test]
+    async fn a_durable_release_frees_the_id_across_a_restart() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (log, receipts) = open(tmp.path()).await;
+        let shutdown = CancellationToken::new();
+        let absorber = tokio::spawn(receipts.clone().run(shutdown.clone()));
+        let absorbed = store(&receipts, &log, "dev-1", 1, 0).await;
+        while !receipts.awaiting("dev-1").contains_key(&1) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shutdown.cancel();
+        absorber.await.expect("absorber");
+        // Released before the absorber saw it: only the log holds its receipt.
+        let pending = store(&receipts, &log, "dev-1", 2, 1).await;
+        let kept = store(&receipts, &log, "dev-1", 3, 2).await;
+        for (pkid, seq) in [(1, absorbed), (2, pending)] {
+            receipts
+                .release("dev-1", pkid, seq)
+                .expect("known")
+                .await
+                .expect("durable");
+        }
+        assert!(receipts.release("dev-1", 9, 99).is_none(), "never stored");
+        drop(receipts);
+        log.close().await.expect("close");
+        drop(log);
+
+        let (_log, receipts) = open(tmp.path()).await;
+        assert_eq!(receipts.awaiting("dev-1"), HashMap::from([(3, kept)]));
+    }
+
+    /// A new session forgets the old one's ids durably, including a receipt still pending.
+    #[tokio::test]
+    async fn a_new_session_forgets_the_old_ones_ids() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (log, receipts) = open(tmp.path()).await;
+        store(&receipts, &log, "dev-1", 5, 0).await;
+        let other = store(&receipts, &log, "dev-2", 5, 1).await;
+        receipts
+            .forget("dev-1")
+            .expect("had ids")
+            .await
+            .expect("durable");
+        assert!(receipts.forget("dev-1").is_none(), "nothing left to forget");
+        // The new session stores under the same id: that one counts.
+        let new = store(&receipts, &log, "dev-1", 5, 2).await;
+        drop(receipts);
+        log.close().await.expect("close");
+        drop(log);
+
+        let (_log, receipts) = open(tmp.path()).await;
+        assert_eq!(receipts.awaiting("dev-1"), HashMap::from([(5, new)]));
+        assert_eq!(receipts.awaiting("dev-2"), HashMap::from([(5, other)]));
+    }
+
+    /// The log keeps acknowledged segments whose receipts the store has not absorbed, and
+    /// lets them go once the checkpoint passes them.
+    #[tokio::test]
+    async fn the_log_keeps_segments_until_the_store_has_their_receipts() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (log, receipts) = open(tmp.path()).await;
+        for i in 0..60 {
+            store(&receipts, &log, "dev-1", (i % 10) as u16 + 1, i).await;
+        }
+        let mut reader = log.reader().expect("reader");
+        let mut read = 0;
+        while read < 60 {
+            let batch = reader.read_batch(100, 1 << 20).await.expect("read");
+            if let (Some(first), Some(last)) = (batch.first(), batch.last()) {
+                reader.ack_range(first.seq, last.seq + 1);
+            }
+            read += batch.len();
+        }
+        let segments = || {
+            std::fs::read_dir(tmp.path().join("log"))
+                .expect("read_dir")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                })
+                .count()
+        };
+        // Past the cursor interval: without the pin the head's segments would go now.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(segments() > 3, "kept: {}", segments());
+        let shutdown = CancellationToken::new();
+        let absorber = tokio::spawn(receipts.clone().run(shutdown.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while segments() > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(segments(), 1, "only the tail once the store caught up");
+        shutdown.cancel();
+        absorber.await.expect("absorber");
+        log.close().await.expect("close");
+    }
+
+    #[test]
+    fn replay_matches_releases_and_voids_exactly() {
+        let bodies: Vec<Bytes> = [
+            awaiting_record("a", 1, 10),
+            awaiting_record("a", 2, 11),
+            id_record(RELEASED, "a", 1, 10),
+            // A release of an older record under a reused id leaves the newer one.
+            awaiting_record("b", 1, 20),
+            id_record(RELEASED, "b", 1, 3),
+            awaiting_record("c", 1, 12),
+            {
+                let mut g = vec![GONE];
+                put16(&mut g, b"c");
+                g.put_u64_le(13);
+                g
+            },
+            checkpoint_record(CHECKPOINT, 30),
+            checkpoint_record(CHECKPOINT, 25),
+            vec![99],
+        ]
+        .into_iter()
+        .map(Bytes::from)
+        .collect();
+        let (mut r, bad) = Replayed::replay(&bodies);
+        assert_eq!(bad, 1);
+        assert_eq!(r.checkpoint, 30);
+        assert_eq!(r.mqtt.get("a"), Some(&HashMap::from([(2, 11)])));
+        assert_eq!(r.mqtt.get("b"), Some(&HashMap::from([(1, 20)])));
+        assert_eq!(r.mqtt.get("c"), None);
+        // Receipts read back from the log: released and voided ones stay out.
+        assert_eq!(r.read_back(10, Bytes::from(mqtt_receipt("a", 1))), None);
+        assert_eq!(r.read_back(12, Bytes::from(mqtt_receipt("c", 1))), None);
+        assert_eq!(
+            r.read_back(14, Bytes::from(mqtt_receipt("c", 1))),
+            Some(("c".to_owned(), 1))
+        );
+        assert_eq!(r.read_back(15, Bytes::from_static(b"\x07junk")), None);
+        let (r2, _) = Replayed::replay(&[Bytes::from(checkpoint_record(RESTART, 4))]);
+        assert_eq!(r2.checkpoint, 4);
+    }
+}
