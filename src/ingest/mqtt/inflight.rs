@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::registry::Released;
+use super::registry::{Qos2, Released};
 
 /// The QoS 1/2 packet-id state of one connection, apart from I/O so it can be tested alone.
 ///
@@ -37,7 +37,9 @@ impl Inflight {
         }
     }
 
-    fn released(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+    /// The session's QoS 2 state, locked: a QoS 2 append of a persistent session is made
+    /// under it (see [`Qos2::ended`]).
+    pub(super) fn released(&self) -> std::sync::MutexGuard<'_, Qos2> {
         self.awaiting_rel.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -50,10 +52,10 @@ impl Inflight {
             return OnPublish::Duplicate;
         }
         let awaiting_rel = self.released();
-        if qos == 2 && awaiting_rel.contains(&pkid) {
+        if qos == 2 && awaiting_rel.ids.contains_key(&pkid) {
             return OnPublish::ResendPubRec;
         }
-        let in_flight = self.storing.len() + awaiting_rel.len();
+        let in_flight = self.storing.len() + awaiting_rel.ids.len();
         drop(awaiting_rel);
         if limit.is_some_and(|limit| in_flight >= limit) {
             return OnPublish::OverLimit;
@@ -62,24 +64,26 @@ impl Inflight {
         OnPublish::Store
     }
 
-    /// The append of `pkid` resolved, or was refused at once.
-    pub(super) fn stored(&mut self, qos: u8, pkid: u16, ok: bool) {
+    /// The append of `pkid` resolved (`Some` with its record's sequence number if stored),
+    /// or was refused at once.
+    pub(super) fn stored(&mut self, qos: u8, pkid: u16, seq: Option<u64>) {
         if qos == 0 {
             return;
         }
         self.storing.remove(&pkid);
-        if qos == 2 && ok {
-            self.released().insert(pkid);
+        if let (2, Some(seq)) = (qos, seq) {
+            self.released().ids.insert(pkid, seq);
         }
     }
 
-    /// PUBREL: `Ok(found)`, or `Err` if the id is still being stored (no PUBREC was sent
-    /// yet, so the client skipped a step).
-    pub(super) fn release(&mut self, pkid: u16) -> Result<bool, ()> {
+    /// PUBREL: `Ok` with the released record's sequence number if the id was awaiting
+    /// release, or `Err` if the id is still being stored (no PUBREC was sent yet, so the
+    /// client skipped a step).
+    pub(super) fn release(&mut self, pkid: u16) -> Result<Option<u64>, ()> {
         if self.storing.contains(&pkid) {
             return Err(());
         }
-        Ok(self.released().remove(&pkid))
+        Ok(self.released().ids.remove(&pkid))
     }
 
     /// QoS 1/2 appends pending.
