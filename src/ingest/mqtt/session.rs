@@ -346,8 +346,8 @@ struct Session<S> {
     /// PUBRELs whose release is being made durable (`ingest::receipts`); each one's PUBCOMP
     /// goes when it is, in order.
     releasing: FuturesOrdered<Releasing>,
-    /// A previous session's QoS 2 state being forgotten durably; the new session is served
-    /// only once it is (`ingest::receipts`).
+    /// A previous session's QoS 2 state being forgotten, and a new persistent session being
+    /// journaled; the new session is served only once both are durable (`ingest::receipts`).
     forgetting: Option<Durably>,
     /// QoS 0 appends pending; capped like QoS 1/2 so a QoS 0 flood cannot queue without bound.
     pending_qos0: usize,
@@ -440,7 +440,24 @@ impl<S: Stream> Session<S> {
         let mut forgetting = None;
         if let Some(receipts) = shared.pipeline.receipts() {
             if !session_present {
-                forgetting = receipts.forget(&client_id).map(|f| Box::pin(f) as Durably);
+                // A new persistent session is in the broker's journal before anything is
+                // acknowledged to it, or a crash could leave receipts of a session the
+                // restarted gateway does not know, and the client's DUP would be stored again.
+                let forget = receipts.forget(&client_id);
+                let sync = keep_session
+                    .is_some()
+                    .then(|| shared.broker.sync_sessions());
+                if forget.is_some() || sync.is_some() {
+                    forgetting = Some(Box::pin(async move {
+                        if let Some(forget) = forget {
+                            forget.await?;
+                        }
+                        if let Some(sync) = sync {
+                            sync.await?;
+                        }
+                        Ok(())
+                    }) as Durably);
+                }
             } else if !registered.session_present {
                 let mut state = registered
                     .awaiting_rel
