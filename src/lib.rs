@@ -136,10 +136,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
             source,
         }
     })?;
-    // QoS 2 packet ids awaiting PUBREL: the store and the receipts in the log, before any
-    // append; then only for sessions the broker still has.
-    let receipts =
-        ingest::receipts::Receipts::start(receipts_found, &log, log_config.keys.as_deref()).await?;
+    // QoS 2 packet ids awaiting PUBREL and CoAP dedup keys: the store and the receipts in
+    // the log, before any append; then only for sessions the broker still has.
+    let coap_limits = config.coap.enabled.then(|| ingest::receipts::CoapLimits {
+        lifetime: config.coap.exchange_lifetime.get(),
+        capacity: config.coap.dedup_capacity,
+    });
+    let receipts = ingest::receipts::Receipts::start(
+        receipts_found,
+        &log,
+        log_config.keys.as_deref(),
+        coap_limits,
+    )
+    .await?;
     receipts.retain_clients(|client| broker.has_persistent_session(client));
     tokio::spawn(receipts.clone().run(shutdown.clone()));
 

@@ -270,3 +270,71 @@ async fn mqtt311_a_clean_session_forgets_the_unreleased_ids_of_the_previous_one(
     assert_eq!(got, ["new-session", "old-session"]);
     gateway.kill();
 }
+
+/// RFC 7252 4.5: a confirmable request retransmitted within EXCHANGE_LIFETIME is answered
+/// again and not processed twice, here across a SIGKILL of the gateway: the identical
+/// datagram, from the same socket, gets the same 2.04 and the record is in Kafka once. A
+/// second request (a new message id) after the restart is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coap_con_retransmitted_after_a_sigkill_is_answered_again_and_stored_once() {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+
+    let _kafka = common::shared();
+    let topic = common::unique_topic("eo-coap");
+    let mut gateway = common::gateway(config(&topic))
+        .pin_addresses()
+        .start_process();
+    let coap = gateway.coap_addr();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let con = |mid: u16, payload: &[u8]| {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = mid;
+        p.set_token(vec![0xee, (mid >> 8) as u8, mid as u8]);
+        for segment in ["t", "pump9", "temp"] {
+            p.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+        }
+        p.payload = payload.to_vec();
+        p.to_bytes().expect("encode")
+    };
+    let exchange = |datagram: &[u8]| {
+        socket.send_to(datagram, coap).expect("send");
+        let mut buf = [0u8; 1500];
+        let (n, _) = socket.recv_from(&mut buf).expect("an answer within 10 s");
+        Packet::from_bytes(&buf[..n]).expect("a well-formed answer")
+    };
+    let check = |answer: &Packet, mid: u16| {
+        assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(answer.header.message_id, mid);
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::Changed)
+        );
+        assert_eq!(answer.get_token(), &[0xee, (mid >> 8) as u8, mid as u8][..]);
+    };
+
+    let first = con(0x4242, b"coap-once");
+    check(&exchange(&first), 0x4242);
+    gateway.kill();
+    gateway.restart();
+    assert_eq!(
+        gateway.coap_addr(),
+        coap,
+        "restarted where the device sends"
+    );
+    check(&exchange(&first), 0x4242);
+    check(&exchange(&con(0x4243, b"coap-next")), 0x4243);
+
+    let mut got = payloads(&topic, 2).await;
+    got.sort();
+    assert_eq!(
+        got,
+        ["coap-next", "coap-once"],
+        "the retransmission was not stored"
+    );
+    gateway.kill();
+}

@@ -6,20 +6,25 @@
 //! PUBLISH again with DUP=1 and the same packet id, possibly to a gateway that was SIGKILLed
 //! meanwhile. The set of packet ids awaiting PUBREL must therefore survive the crash, and
 //! must never say less than the log holds (a duplicate) nor more (a new message reusing a
-//! released id would be dropped).
+//! released id would be dropped). A confirmable CoAP request is the same case with a simpler
+//! end: its dedup key (peer, message id) counts for `exchange_lifetime` (RFC 7252
+//! EXCHANGE_LIFETIME, 247 s) after it was received, and nothing releases it early.
 //!
 //! # What is on disk
 //!
-//! * **In the log**, the receipt of each QoS 2 record of a persistent session, inside the
-//!   record's own frame (`buffer`, body flag 0x20), so record and receipt are made durable
-//!   by one fsync or not at all:
-//!   `kind:u8 (=1 MQTT) client:u16 length + UTF-8 packet_id:u16`.
+//! * **In the log**, the receipt of each QoS 2 record of a persistent session and of each
+//!   confirmable CoAP request, inside the record's own frame (`buffer`, body flag 0x20), so
+//!   record and receipt are made durable by one fsync or not at all:
+//!   `kind:u8 (1 MQTT) client:u16 length + UTF-8 packet_id:u16`, or
+//!   `kind:u8 (2 CoAP) family:u8 (4, 6) address[4 | 16] port:u16 message_id:u16
+//!   received_ms:i64`.
 //! * **`<buffer dir>/broker/receipts.journal`**, the broker's journal framing
 //!   (`broker/journal.rs`, magic `EGRECEIP`), records:
 //!   `awaiting` (1: client, packet id, the record's sequence number), `released` (2: the
 //!   same three), `gone` (3: client, `below`: every receipt of the client with a lower
-//!   sequence number is void), `checkpoint` (4: `seq`, only ever rising) and `restart`
-//!   (5: `seq`, the checkpoint set at start, which may be lower).
+//!   sequence number is void), `checkpoint` (4: `seq`, only ever rising), `restart`
+//!   (5: `seq`, the checkpoint set at start, which may be lower) and `coap` (6: the CoAP
+//!   receipt's fields after its kind, then the record's sequence number).
 //!
 //! # The argument
 //!
@@ -50,6 +55,13 @@
 //! numbers of unsynced appends out again, so the checkpoint may go down here), waits for
 //! that commit, and only then does the gateway serve.
 //!
+//! CoAP keys follow the same path (receipt, absorbed into `coap` records, the checkpoint and
+//! the pin); at start those received within `exchange_lifetime` (the newest
+//! `dedup_capacity` of them) are handed to the endpoint, which answers a retransmission of
+//! one with the 2.04 it got (the token and Block1 option come from the retransmission, which
+//! repeats them) instead of storing it again. The journal keeps them until a rewrite, which
+//! keeps only the live ones.
+//!
 //! What can still go wrong is bounded and named: `drop_oldest` and `max_age` (the operator's
 //! choice to lose records) ignore the pin, and a record whose body cannot be read (damage, a
 //! missing key) loses its receipt; either may cost one duplicate, never a lost message. The
@@ -61,10 +73,13 @@
 //! Cost: nothing for QoS 0 and QoS 1 (no receipt, no lock, no journal); for QoS 2 of a
 //! persistent session a receipt of a few dozen bytes in the frame, the store's lock around
 //! the append, an `awaiting` record written without waiting, and one journal commit
-//! (group-committed) before each PUBCOMP.
+//! (group-committed) before each PUBCOMP. A confirmable CoAP request pays the receipt, the
+//! lock and a `coap` record written without waiting (the journal's writer group-commits
+//! them, one fsync per batch off the request's path); nothing waits for the journal.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -83,6 +98,7 @@ const MAGIC: &[u8; 8] = b"EGRECEIP";
 
 /// The kind byte of a receipt in the log.
 const RECEIPT_MQTT: u8 = 1;
+const RECEIPT_COAP: u8 = 2;
 
 /// Journal record kinds.
 const AWAITING: u8 = 1;
@@ -90,6 +106,7 @@ const RELEASED: u8 = 2;
 const GONE: u8 = 3;
 const CHECKPOINT: u8 = 4;
 const RESTART: u8 = 5;
+const COAP_STORED: u8 = 6;
 
 /// How often the absorber looks at the outcomes of pending receipts while there are any.
 /// It bounds how long the log's pin lags behind, nothing a device waits for.
@@ -114,10 +131,69 @@ pub enum ReceiptsError {
 /// each one's record.
 pub type Awaiting = HashMap<u16, u64>;
 
+/// A CoAP request's dedup key (RFC 7252 4.5): the peer and the message id.
+pub type CoapKey = (SocketAddr, u16);
+
+/// How long and how many CoAP dedup keys are kept: `[coap] exchange_lifetime` and
+/// `dedup_capacity`.
+#[derive(Debug, Clone, Copy)]
+pub struct CoapLimits {
+    pub lifetime: Duration,
+    pub capacity: usize,
+}
+
+/// What a receipt says was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Receipt {
+    Mqtt { client: String, pkid: u16 },
+    Coap { key: CoapKey, received_ms: i64 },
+}
+
+/// The CoAP requests stored within their lifetime, oldest first, at most `capacity`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct CoapStored {
+    keys: HashMap<CoapKey, (u64, i64)>,
+    /// (key, record's sequence number), in the order they were stored.
+    order: VecDeque<(CoapKey, u64)>,
+}
+
+impl CoapStored {
+    fn insert(&mut self, key: CoapKey, seq: u64, received_ms: i64, capacity: usize) {
+        self.keys.insert(key, (seq, received_ms));
+        self.order.push_back((key, seq));
+        while self.keys.len() > capacity.max(1) {
+            let Some((old, old_seq)) = self.order.pop_front() else {
+                break;
+            };
+            if self.keys.get(&old).is_some_and(|(s, _)| *s == old_seq) {
+                self.keys.remove(&old);
+            }
+        }
+    }
+
+    /// Forgets keys received before `before_ms`.
+    fn expire(&mut self, before_ms: i64) {
+        while let Some(&(key, seq)) = self.order.front() {
+            match self.keys.get(&key) {
+                Some(&(s, received_ms)) if s == seq => {
+                    if received_ms >= before_ms {
+                        break;
+                    }
+                    self.keys.remove(&key);
+                }
+                _ => {}
+            }
+            self.order.pop_front();
+        }
+    }
+}
+
 /// The state the journal and the log's receipts describe.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Replayed {
     mqtt: HashMap<String, Awaiting>,
+    /// Every CoAP request stored, in order (the lifetime and capacity apply at the end).
+    coap: Vec<(CoapKey, u64, i64)>,
     /// Every receipt below this is reflected in the journal.
     checkpoint: u64,
     /// Releases, to match receipts read back from the log exactly.
@@ -160,6 +236,11 @@ impl Replayed {
                     self.released.insert((client, pkid, seq));
                 }
             }
+            COAP_STORED => {
+                let (key, received_ms) = decode_coap(&mut f)?;
+                let seq = f.u64()?;
+                self.coap.push((key, seq, received_ms));
+            }
             GONE => {
                 let client = f.str16()?;
                 let below = f.u64()?;
@@ -196,11 +277,28 @@ impl Replayed {
         }
     }
 
-    /// A receipt read back from the log.
-    fn read_back(&mut self, seq: u64, receipt: Bytes) -> Option<(String, u16)> {
-        let (client, pkid) = decode_mqtt(receipt)?;
-        self.awaiting(client.clone(), pkid, seq)
-            .then_some((client, pkid))
+    /// A receipt read back from the log: what it stored, if that still counts.
+    fn read_back(&mut self, seq: u64, receipt: Bytes) -> Option<Receipt> {
+        match decode_receipt(receipt)? {
+            Receipt::Mqtt { client, pkid } => self
+                .awaiting(client.clone(), pkid, seq)
+                .then_some(Receipt::Mqtt { client, pkid }),
+            Receipt::Coap { key, received_ms } => {
+                self.coap.push((key, seq, received_ms));
+                Some(Receipt::Coap { key, received_ms })
+            }
+        }
+    }
+
+    /// The CoAP keys still within `limits` at `now_ms`.
+    fn coap_stored(&mut self, limits: CoapLimits, now_ms: i64) -> CoapStored {
+        let mut stored = CoapStored::default();
+        self.coap.sort_by_key(|&(_, seq, _)| seq);
+        for (key, seq, received_ms) in self.coap.drain(..) {
+            stored.insert(key, seq, received_ms, limits.capacity);
+        }
+        stored.expire(now_ms - limits.lifetime.as_millis() as i64);
+        stored
     }
 }
 
@@ -265,6 +363,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     mqtt: HashMap<String, Awaiting>,
+    coap: CoapStored,
+    coap_limits: Option<CoapLimits>,
     /// Receipts appended whose outcome the absorber has not taken yet, by sequence number.
     pending: BTreeMap<u64, Pending>,
     /// Every receipt appended so far has a lower sequence number.
@@ -274,8 +374,7 @@ struct State {
 }
 
 struct Pending {
-    client: String,
-    pkid: u16,
+    receipt: Receipt,
     /// Released (PUBREL) or its session gone before the absorber took it: not `awaiting`.
     void: bool,
 }
@@ -285,10 +384,12 @@ impl Receipts {
     /// checkpoint on, makes that durable with the new checkpoint, and pins the log there.
     /// Call it after opening the log (with [`Found::checkpoint`] as its pin) and before
     /// anything appends.
+    /// `coap` bounds the CoAP keys (`None`: no CoAP listener, none are kept).
     pub async fn start(
         found: Found,
         log: &Log,
         keys: Option<&LogKeys>,
+        coap: Option<CoapLimits>,
     ) -> Result<Receipts, ReceiptsError> {
         let Found {
             path,
@@ -299,18 +400,25 @@ impl Receipts {
         let mut from_log = Vec::new();
         buffer::scan_receipts(log.dir(), keys, replayed.checkpoint, |seq, receipt| {
             if seq < next {
-                if let Some((client, pkid)) = replayed.read_back(seq, receipt) {
-                    from_log.push(awaiting_record(&client, pkid, seq));
+                if let Some(receipt) = replayed.read_back(seq, receipt) {
+                    from_log.push(stored_record(&receipt, seq));
                 }
             }
         })?;
+        let now = crate::ingest::now_ms();
+        let coap_stored = coap
+            .map(|limits| replayed.coap_stored(limits, now))
+            .unwrap_or_default();
         let state = State {
             mqtt: std::mem::take(&mut replayed.mqtt),
+            coap: coap_stored,
+            coap_limits: coap,
             pending: BTreeMap::new(),
             appended_to: next,
             checkpoint: next,
         };
         let counted: usize = state.mqtt.values().map(HashMap::len).sum();
+        let coap_keys = state.coap.keys.len();
         let io = |source| ReceiptsError::Journal {
             path: path.clone(),
             source,
@@ -348,9 +456,10 @@ impl Receipts {
         log.set_pin(next);
         tracing::info!(
             awaiting_release = counted,
+            coap_keys,
             from_log = from_log.len(),
             checkpoint = next,
-            "Rebuilt the QoS 2 state of persistent sessions."
+            "Rebuilt the QoS 2 state of persistent sessions and the CoAP dedup keys."
         );
         Ok(Receipts { inner })
     }
@@ -378,16 +487,48 @@ impl Receipts {
         pkid: u16,
         append: impl FnOnce(&[u8]) -> Result<Durable, E>,
     ) -> Result<Durable, E> {
-        let receipt = mqtt_receipt(client, pkid);
+        let receipt = Receipt::Mqtt {
+            client: client.to_owned(),
+            pkid,
+        };
+        self.append_with(receipt, append)
+    }
+
+    /// Appends a confirmable CoAP request with its receipt (see [`Receipts::append_mqtt`]).
+    pub fn append_coap<E>(
+        &self,
+        key: CoapKey,
+        received_ms: i64,
+        append: impl FnOnce(&[u8]) -> Result<Durable, E>,
+    ) -> Result<Durable, E> {
+        self.append_with(Receipt::Coap { key, received_ms }, append)
+    }
+
+    /// The CoAP requests stored before the gateway started and still within their lifetime,
+    /// with their receive times: the endpoint answers a retransmission of one as stored.
+    pub fn coap_stored(&self) -> HashMap<CoapKey, i64> {
+        let st = self.inner.lock();
+        st.coap
+            .keys
+            .iter()
+            .map(|(key, &(_, received_ms))| (*key, received_ms))
+            .collect()
+    }
+
+    fn append_with<E>(
+        &self,
+        receipt: Receipt,
+        append: impl FnOnce(&[u8]) -> Result<Durable, E>,
+    ) -> Result<Durable, E> {
+        let bytes = encode_receipt(&receipt);
         let mut st = self.inner.lock();
-        let durable = append(&receipt)?;
+        let durable = append(&bytes)?;
         let seq = durable.seq();
         let first = st.pending.is_empty();
         st.pending.insert(
             seq,
             Pending {
-                client: client.to_owned(),
-                pkid,
+                receipt,
                 void: false,
             },
         );
@@ -421,7 +562,7 @@ impl Receipts {
         let mut st = self.inner.lock();
         let mut known = false;
         if let Some(p) = st.pending.get_mut(&seq) {
-            known = p.client == client && p.pkid == pkid;
+            known = p.receipt.is_mqtt(client, Some(pkid));
             p.void |= known;
         }
         if let Some(ids) = st.mqtt.get_mut(client) {
@@ -450,7 +591,7 @@ impl Receipts {
         let mut st = self.inner.lock();
         let mut had = st.mqtt.remove(client).is_some();
         for p in st.pending.values_mut() {
-            if p.client == client && !p.void {
+            if p.receipt.is_mqtt(client, None) && !p.void {
                 p.void = true;
                 had = true;
             }
@@ -501,11 +642,24 @@ impl Inner {
                     break;
                 };
                 let p = entry.remove();
-                if outcome.is_ok() && !p.void {
-                    self.journal
-                        .append_later(&awaiting_record(&p.client, p.pkid, seq));
-                    st.mqtt.entry(p.client).or_default().insert(p.pkid, seq);
+                if outcome.is_err() || p.void {
+                    continue;
                 }
+                self.journal.append_later(&stored_record(&p.receipt, seq));
+                match p.receipt {
+                    Receipt::Mqtt { client, pkid } => {
+                        st.mqtt.entry(client).or_default().insert(pkid, seq);
+                    }
+                    Receipt::Coap { key, received_ms } => {
+                        if let Some(limits) = st.coap_limits {
+                            st.coap.insert(key, seq, received_ms, limits.capacity);
+                        }
+                    }
+                }
+            }
+            if let Some(limits) = st.coap_limits {
+                let before = crate::ingest::now_ms() - limits.lifetime.as_millis() as i64;
+                st.coap.expire(before);
             }
             let checkpoint = st
                 .pending
@@ -541,6 +695,18 @@ impl Inner {
                     .map(|(&pkid, &seq)| Bytes::from(awaiting_record(client, pkid, seq)))
             })
             .collect();
+        out.extend(st.coap.order.iter().filter_map(|(key, seq)| {
+            let &(s, received_ms) = st.coap.keys.get(key)?;
+            (s == *seq).then(|| {
+                Bytes::from(stored_record(
+                    &Receipt::Coap {
+                        key: *key,
+                        received_ms,
+                    },
+                    s,
+                ))
+            })
+        }));
         out.push(Bytes::from(checkpoint_record(CHECKPOINT, st.checkpoint)));
         out
     }
@@ -550,22 +716,93 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn mqtt_receipt(client: &str, pkid: u16) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + client.len());
-    out.push(RECEIPT_MQTT);
-    put16(&mut out, client.as_bytes());
-    out.put_u16_le(pkid);
+impl Receipt {
+    /// Whether this is a receipt of `client` (and of `pkid`, if given).
+    fn is_mqtt(&self, of: &str, pkid_of: Option<u16>) -> bool {
+        matches!(self, Receipt::Mqtt { client, pkid } if client == of && pkid_of.is_none_or(|p| p == *pkid))
+    }
+}
+
+/// A receipt as the log carries it: `kind:u8`, then for MQTT `client:str16 packet_id:u16`,
+/// for CoAP `peer message_id:u16 received_ms:i64`, `peer` being
+/// `family:u8 (4 or 6) address[4 or 16] port:u16`.
+fn encode_receipt(receipt: &Receipt) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    match receipt {
+        Receipt::Mqtt { client, pkid } => {
+            out.push(RECEIPT_MQTT);
+            put16(&mut out, client.as_bytes());
+            out.put_u16_le(*pkid);
+        }
+        Receipt::Coap { key, received_ms } => {
+            out.push(RECEIPT_COAP);
+            put_coap(&mut out, *key, *received_ms);
+        }
+    }
     out
 }
 
-fn decode_mqtt(receipt: Bytes) -> Option<(String, u16)> {
+fn decode_receipt(receipt: Bytes) -> Option<Receipt> {
     let mut f = Fields(receipt);
-    if f.u8()? != RECEIPT_MQTT {
-        return None;
+    let receipt = match f.u8()? {
+        RECEIPT_MQTT => Receipt::Mqtt {
+            client: f.str16()?,
+            pkid: f.u16()?,
+        },
+        RECEIPT_COAP => {
+            let (key, received_ms) = decode_coap(&mut f)?;
+            Receipt::Coap { key, received_ms }
+        }
+        _ => return None,
+    };
+    f.is_empty().then_some(receipt)
+}
+
+fn put_coap(out: &mut Vec<u8>, (peer, mid): CoapKey, received_ms: i64) {
+    match peer.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
     }
-    let client = f.str16()?;
-    let pkid = f.u16()?;
-    f.is_empty().then_some((client, pkid))
+    out.put_u16_le(peer.port());
+    out.put_u16_le(mid);
+    out.put_i64_le(received_ms);
+}
+
+fn decode_coap(f: &mut Fields) -> Option<(CoapKey, i64)> {
+    let ip = match f.u8()? {
+        4 => IpAddr::from(f.u32()?.to_le_bytes()),
+        6 => {
+            let (hi, lo) = (f.u64()?, f.u64()?);
+            let mut octets = [0u8; 16];
+            octets[..8].copy_from_slice(&hi.to_le_bytes());
+            octets[8..].copy_from_slice(&lo.to_le_bytes());
+            IpAddr::from(octets)
+        }
+        _ => return None,
+    };
+    let port = f.u16()?;
+    let mid = f.u16()?;
+    let received_ms = f.i64()?;
+    Some(((SocketAddr::new(ip, port), mid), received_ms))
+}
+
+/// The journal record saying `receipt`'s record (`seq`) is stored.
+fn stored_record(receipt: &Receipt, seq: u64) -> Vec<u8> {
+    match receipt {
+        Receipt::Mqtt { client, pkid } => awaiting_record(client, *pkid, seq),
+        Receipt::Coap { key, received_ms } => {
+            let mut out = vec![COAP_STORED];
+            put_coap(&mut out, *key, *received_ms);
+            out.put_u64_le(seq);
+            out
+        }
+    }
 }
 
 fn id_record(kind: u8, client: &str, pkid: u16, seq: u64) -> Vec<u8> {
@@ -618,7 +855,9 @@ mod tests {
     async fn open(dir: &Path) -> (Log, Receipts) {
         let found = read(&dir.join("broker")).expect("read");
         let (log, _) = Log::open_pinned(config(dir), found.checkpoint()).expect("open");
-        let receipts = Receipts::start(found, &log, None).await.expect("start");
+        let receipts = Receipts::start(found, &log, None, Some(LIMITS))
+            .await
+            .expect("start");
         (log, receipts)
     }
 
@@ -754,6 +993,83 @@ mod tests {
         log.close().await.expect("close");
     }
 
+    fn mqtt(client: &str, pkid: u16) -> Receipt {
+        Receipt::Mqtt {
+            client: client.to_owned(),
+            pkid,
+        }
+    }
+
+    const LIMITS: CoapLimits = CoapLimits {
+        lifetime: Duration::from_secs(247),
+        capacity: 3,
+    };
+
+    /// A confirmable CoAP request stored just before a crash (the store never absorbed it)
+    /// is known after the restart, with its receive time; keys past their lifetime or
+    /// beyond the capacity are forgotten, the newest kept.
+    #[tokio::test]
+    async fn coap_keys_survive_a_restart_within_their_lifetime_and_capacity() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (log, receipts) = open(tmp.path()).await;
+        let peer: SocketAddr = "10.0.0.7:5683".parse().expect("addr");
+        let v6: SocketAddr = "[2001:db8::1]:40000".parse().expect("addr");
+        let now = crate::ingest::now_ms();
+        let coap = |key: CoapKey, received_ms: i64, i: u64| {
+            let durable = receipts
+                .append_coap(key, received_ms, |r| log.append_with_receipt(&record(i), r))
+                .expect("append");
+            async move { durable.await.expect("durable") }
+        };
+        // Too old by the time the gateway starts again.
+        coap((peer, 1), now - 300_000, 0).await;
+        let shutdown = CancellationToken::new();
+        let absorber = tokio::spawn(receipts.clone().run(shutdown.clone()));
+        coap((peer, 2), now, 1).await;
+        coap((v6, 2), now, 2).await;
+        while receipts.inner.lock().coap.keys.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shutdown.cancel();
+        absorber.await.expect("absorber");
+        // Durable in the log only.
+        coap((peer, 3), now, 3).await;
+        coap((peer, 4), now, 4).await;
+        drop(receipts);
+        log.close().await.expect("close");
+        drop(log);
+
+        let (_log, receipts) = open(tmp.path()).await;
+        let stored = receipts.coap_stored();
+        assert_eq!(
+            stored,
+            HashMap::from([((v6, 2), now), ((peer, 3), now), ((peer, 4), now)]),
+            "the newest three within the lifetime"
+        );
+    }
+
+    #[test]
+    fn receipts_round_trip_and_junk_is_refused() {
+        for receipt in [
+            mqtt("dev-ü", 65535),
+            Receipt::Coap {
+                key: ("192.0.2.1:1".parse().expect("addr"), 7),
+                received_ms: -1,
+            },
+            Receipt::Coap {
+                key: ("[::1]:5683".parse().expect("addr"), 0),
+                received_ms: i64::MAX,
+            },
+        ] {
+            let bytes = Bytes::from(encode_receipt(&receipt));
+            assert_eq!(decode_receipt(bytes.clone()), Some(receipt));
+            for cut in 0..bytes.len() {
+                assert_eq!(decode_receipt(bytes.slice(..cut)), None);
+            }
+        }
+        assert_eq!(decode_receipt(Bytes::from_static(b"\x02\x05")), None);
+    }
+
     #[test]
     fn replay_matches_releases_and_voids_exactly() {
         let bodies: Vec<Bytes> = [
@@ -784,11 +1100,17 @@ mod tests {
         assert_eq!(r.mqtt.get("b"), Some(&HashMap::from([(1, 20)])));
         assert_eq!(r.mqtt.get("c"), None);
         // Receipts read back from the log: released and voided ones stay out.
-        assert_eq!(r.read_back(10, Bytes::from(mqtt_receipt("a", 1))), None);
-        assert_eq!(r.read_back(12, Bytes::from(mqtt_receipt("c", 1))), None);
         assert_eq!(
-            r.read_back(14, Bytes::from(mqtt_receipt("c", 1))),
-            Some(("c".to_owned(), 1))
+            r.read_back(10, Bytes::from(encode_receipt(&mqtt("a", 1)))),
+            None
+        );
+        assert_eq!(
+            r.read_back(12, Bytes::from(encode_receipt(&mqtt("c", 1)))),
+            None
+        );
+        assert_eq!(
+            r.read_back(14, Bytes::from(encode_receipt(&mqtt("c", 1)))),
+            Some(mqtt("c", 1))
         );
         assert_eq!(r.read_back(15, Bytes::from_static(b"\x07junk")), None);
         let (r2, _) = Replayed::replay(&[Bytes::from(checkpoint_record(RESTART, 4))]);
