@@ -31,7 +31,8 @@ pub(super) struct Qos2 {
 }
 
 /// Client ids the gateway knows: connected ones (for takeover) and disconnected persistent
-/// sessions (for their QoS 2 state). In memory only: a restart forgets them.
+/// sessions (for their QoS 2 state). In memory only: after a restart a resumed session's QoS
+/// 2 state comes from the receipt store (`ingest::receipts`).
 #[derive(Clone, Default)]
 pub struct Registry {
     clients: Arc<Mutex<HashMap<String, Entry>>>,

@@ -2,7 +2,9 @@
 //!
 //! One task per connection owns its socket and its state; nothing is shared but the
 //! [`Registry`] of client ids (`registry.rs`: takeover, and the QoS 2 state of persistent
-//! sessions, so a PUBLISH resent after a reconnect is not stored twice). The loop keeps
+//! sessions, so a PUBLISH resent after a reconnect is not stored twice; a persistent
+//! session's QoS 2 ids are made durable with their records, and their releases before
+//! PUBCOMP, through `ingest::receipts`, so that holds across a gateway crash too). The loop keeps
 //! reading while earlier appends are pending, so many publishes of one connection share a
 //! group commit, and sends each PUBACK/PUBREC only when its append has resolved as durable;
 //! which packet ids are in flight is `inflight.rs`, and every event is logged and counted by
