@@ -641,13 +641,11 @@ impl Log {
 
     /// Keeps every segment holding a record at or above `seq` after it was acknowledged
     /// (`u64::MAX`: no pin). `drop_oldest` and `max_age` are the operator's choice to lose
-    /// records and still drop such segments.
+    /// records and still drop such segments. A segment the pin lets go is removed at the
+    /// commit thread's next housekeeping (within `CURSOR_INTERVAL`): moving the pin does not
+    /// wake it.
     pub fn set_pin(&self, seq: u64) {
         self.shared().pin.store(seq, Ordering::Release);
-        let mut st = lock(&self.shared().state);
-        st.maintenance = true;
-        drop(st);
-        self.shared().wake_writer.notify_one();
     }
 
     /// The single reader; `None` if it was already taken.
