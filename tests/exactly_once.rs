@@ -24,27 +24,47 @@ fn config(topic: &str) -> GatewayToml {
 /// A device on a raw socket.
 struct Device {
     stream: TcpStream,
+    /// MQTT 5 rather than 3.1.1.
+    v5: bool,
 }
 
 impl Device {
     /// Connects with `clean_session` as given (false: a persistent session) and returns the
     /// device with CONNACK's session-present flag.
     fn connect(addr: SocketAddr, client_id: &str, clean_session: bool) -> (Device, bool) {
+        Device::connect_as(addr, client_id, clean_session, None)
+    }
+
+    /// MQTT 5 when `expiry` is given: Clean Start as `clean_start`, that Session Expiry
+    /// Interval.
+    fn connect_as(
+        addr: SocketAddr,
+        client_id: &str,
+        clean_session: bool,
+        expiry: Option<u32>,
+    ) -> (Device, bool) {
         let stream = TcpStream::connect(addr).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let mut device = Device { stream };
+        let v5 = expiry.is_some();
+        let mut device = Device { stream, v5 };
         let mut body = Vec::new();
         put_str(&mut body, "MQTT");
-        body.push(4);
+        body.push(if v5 { 5 } else { 4 });
         body.push(if clean_session { 0x02 } else { 0x00 });
         body.extend_from_slice(&60u16.to_be_bytes());
+        if let Some(expiry) = expiry {
+            // Properties: Session Expiry Interval (0x11).
+            body.push(5);
+            body.push(0x11);
+            body.extend_from_slice(&expiry.to_be_bytes());
+        }
         put_str(&mut body, client_id);
         device.send(0x10, &body);
         let (kind, body) = device.read();
         assert_eq!(kind, 0x20, "CONNACK");
-        assert_eq!(body.len(), 2);
+        assert!(body.len() >= 2);
         assert_eq!(body[1], 0, "connection accepted");
         (device, body[0] & 1 == 1)
     }
@@ -91,14 +111,20 @@ impl Device {
         let mut body = Vec::new();
         put_str(&mut body, topic);
         body.extend_from_slice(&pkid.to_be_bytes());
+        if self.v5 {
+            body.push(0); // no properties
+        }
         body.extend_from_slice(payload);
         self.send(if dup { 0x3c } else { 0x34 }, &body);
     }
 
-    /// Expects the ack `kind` (0x50 PUBREC, 0x70 PUBCOMP) for `pkid`.
+    /// Expects the ack `kind` (0x50 PUBREC, 0x70 PUBCOMP) for `pkid`, with reason 0x00
+    /// Success if MQTT 5 says one.
     fn expect_ack(&mut self, kind: u8, pkid: u16) {
         let (got, body) = self.read();
-        assert_eq!((got, body), (kind, pkid.to_be_bytes().to_vec()));
+        assert_eq!(got, kind);
+        assert_eq!(body.get(..2), Some(&pkid.to_be_bytes()[..]), "packet id");
+        assert_eq!(body.get(2).copied().unwrap_or(0), 0, "reason: success");
     }
 
     fn pubrel(&mut self, pkid: u16) {
@@ -336,5 +362,40 @@ async fn coap_con_retransmitted_after_a_sigkill_is_answered_again_and_stored_onc
         ["coap-next", "coap-once"],
         "the retransmission was not stored"
     );
+    gateway.kill();
+}
+
+/// MQTT 5 [MQTT-4.3.3-10]: until the PUBREL the receiver answers a re-sent PUBLISH with
+/// PUBREC and does not cause a duplicate; [MQTT-4.3.3-11]: PUBREL is answered PUBCOMP;
+/// [MQTT-3.1.2-23]: a session with a Session Expiry Interval above 0 outlives the network
+/// connection, here a SIGKILL of the gateway between PUBREC and PUBREL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_qos2_resent_with_dup_after_a_sigkill_before_pubrel_is_stored_once() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("eo-qos2-v5");
+    let mut gateway = common::gateway(config(&topic))
+        .pin_addresses()
+        .start_process();
+    let addr = gateway.mqtt_addr();
+
+    let (mut device, present) = Device::connect_as(addr, "eo-dev-5", true, Some(3600));
+    assert!(!present);
+    device.publish_qos2("plant/5", 11, b"v5-once", false);
+    device.expect_ack(0x50, 11);
+
+    gateway.kill();
+    gateway.restart();
+    drop(device);
+
+    let (mut device, present) = Device::connect_as(addr, "eo-dev-5", false, Some(3600));
+    assert!(present, "the session outlived the SIGKILL");
+    device.publish_qos2("plant/5", 11, b"v5-once", true);
+    device.expect_ack(0x50, 11);
+    device.pubrel(11);
+    device.expect_ack(0x70, 11);
+    device.disconnect();
+
+    let got = payloads(&topic, 1).await;
+    assert_eq!(got, ["v5-once"], "stored once");
     gateway.kill();
 }
