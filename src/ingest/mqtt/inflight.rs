@@ -10,10 +10,20 @@ use super::registry::{Qos2, Released};
 /// *awaiting release* until PUBREL. A PUBLISH reusing an id in either state is a
 /// retransmission and is not stored again, whatever its DUP flag says (an id stays in use
 /// until its flow completes).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Inflight {
     storing: HashSet<u16>,
     awaiting_rel: Released,
+    /// At most this many ids awaiting release. MQTT 5's receive maximum counts them anyway;
+    /// 3.1.1 has none, and a client that never sends PUBREL would otherwise grow the
+    /// session's state (in memory and in the receipt store) up to every packet id.
+    max_awaiting: usize,
+}
+
+impl Default for Inflight {
+    fn default() -> Inflight {
+        Inflight::new(Released::default(), usize::from(u16::MAX))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -30,10 +40,11 @@ pub(super) enum OnPublish {
 
 impl Inflight {
     /// `awaiting_rel` is the session's, shared with its other connections.
-    pub(super) fn new(awaiting_rel: Released) -> Inflight {
+    pub(super) fn new(awaiting_rel: Released, max_awaiting: usize) -> Inflight {
         Inflight {
             storing: HashSet::new(),
             awaiting_rel,
+            max_awaiting,
         }
     }
 
@@ -55,9 +66,12 @@ impl Inflight {
         if qos == 2 && awaiting_rel.ids.contains_key(&pkid) {
             return OnPublish::ResendPubRec;
         }
-        let in_flight = self.storing.len() + awaiting_rel.ids.len();
+        let awaiting = awaiting_rel.ids.len();
         drop(awaiting_rel);
-        if limit.is_some_and(|limit| in_flight >= limit) {
+        let in_flight = self.storing.len() + awaiting;
+        if limit.is_some_and(|limit| in_flight >= limit)
+            || (qos == 2 && awaiting >= self.max_awaiting)
+        {
             return OnPublish::OverLimit;
         }
         self.storing.insert(pkid);

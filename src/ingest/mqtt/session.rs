@@ -436,6 +436,7 @@ impl<S: Stream> Session<S> {
             .broker
             .attach(&client_id, connect.clean_start, keep_session);
         let session_present = registered.session_present || attached.session_present;
+        let max_awaiting = usize::from(config.receive_maximum);
         // The durable QoS 2 state: a session resumed after a restart (the broker's journal
         // kept it, the registry did not) finds its ids awaiting PUBREL again; a new session
         // forgets the old one's.
@@ -504,7 +505,7 @@ impl<S: Stream> Session<S> {
             will: connect.will.map(Box::new),
             keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
             pending: FuturesOrdered::new(),
-            inflight: Inflight::new(registered.awaiting_rel),
+            inflight: Inflight::new(registered.awaiting_rel, max_awaiting),
             releasing: FuturesOrdered::new(),
             forgetting,
             pending_qos0: 0,

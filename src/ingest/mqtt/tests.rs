@@ -587,6 +587,23 @@ fn receive_maximum_counts_qos2_until_pubrel() {
     assert_eq!(inflight.publish(1, 6, None), OnPublish::Store);
 }
 
+#[test]
+fn qos2_ids_awaiting_release_are_bounded_without_a_receive_maximum() {
+    // 3.1.1 has no receive maximum: a client that never sends PUBREL is stopped at the
+    // gateway's own, or its session's state would grow to every packet id.
+    let mut inflight = Inflight::new(Default::default(), 2);
+    for pkid in 1..=2 {
+        assert_eq!(inflight.publish(2, pkid, None), OnPublish::Store);
+        inflight.stored(2, pkid, Some(u64::from(pkid)));
+    }
+    assert_eq!(inflight.publish(2, 3, None), OnPublish::OverLimit);
+    // QoS 1 is not held after its PUBACK, and a DUP of a held id is still answered.
+    assert_eq!(inflight.publish(1, 4, None), OnPublish::Store);
+    assert_eq!(inflight.publish(2, 1, None), OnPublish::ResendPubRec);
+    assert_eq!(inflight.release(1), Ok(Some(1)));
+    assert_eq!(inflight.publish(2, 3, None), OnPublish::Store);
+}
+
 pub(super) mod robustness {
     //! Decoding never panics, whatever the bytes (the fuzz target of a later issue goes
     //! further; this keeps the property in every `cargo test`).
