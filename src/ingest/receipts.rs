@@ -53,7 +53,9 @@
 //! PUBLISH is stored then, once. Then the store writes the receipts it found as `awaiting`
 //! records and `restart(next)` with the log's next sequence number (a crash may give the
 //! numbers of unsynced appends out again, so the checkpoint may go down here), waits for
-//! that commit, and only then does the gateway serve.
+//! that commit, and only then does the gateway serve. The scan starts at the segment holding
+//! C, normally the tail recovery has just read; with no journal at all (the first start of a
+//! build with receipts) no record can carry one and nothing is scanned.
 //!
 //! CoAP keys follow the same path (receipt, absorbed into `coap` records, the checkpoint and
 //! the pin); at start those received within `exchange_lifetime` (the newest
@@ -312,12 +314,20 @@ pub struct Found {
     path: PathBuf,
     found: journal::Found,
     replayed: Replayed,
+    /// No journal yet: the first start of a build with receipts (or the broker's state was
+    /// removed), so no record in the log carries one and there is nothing to scan.
+    fresh: bool,
 }
 
 impl Found {
-    /// The sequence number from which the log's receipts are still needed.
+    /// The sequence number from which the log's receipts are still needed (`u64::MAX`:
+    /// none are).
     pub fn checkpoint(&self) -> u64 {
-        self.replayed.checkpoint
+        if self.fresh {
+            u64::MAX
+        } else {
+            self.replayed.checkpoint
+        }
     }
 }
 
@@ -329,6 +339,7 @@ pub fn read(dir: &Path) -> Result<Found, ReceiptsError> {
         source,
     };
     journal::create_private_dir(dir).map_err(io)?;
+    let fresh = !path.try_exists().map_err(io)?;
     let found = journal::read(&path, MAGIC, crate::ingest::now_ms()).map_err(io)?;
     let (replayed, bad) = Replayed::replay(&found.bodies);
     if bad > 0 {
@@ -338,6 +349,7 @@ pub fn read(dir: &Path) -> Result<Found, ReceiptsError> {
         path,
         found,
         replayed,
+        fresh,
     })
 }
 
@@ -395,20 +407,25 @@ impl Receipts {
         keys: Option<&LogKeys>,
         coap: Option<CoapLimits>,
     ) -> Result<Receipts, ReceiptsError> {
+        let from = found.checkpoint();
         let Found {
             path,
             found,
             mut replayed,
+            ..
         } = found;
         let next = log.next_seq();
         let mut from_log = Vec::new();
-        buffer::scan_receipts(log.dir(), keys, replayed.checkpoint, |seq, receipt| {
-            if seq < next {
-                if let Some(receipt) = replayed.read_back(seq, receipt) {
-                    from_log.push(stored_record(&receipt, seq));
+        // Fresh: a gateway upgraded with a backlog does not read all of it for nothing.
+        if from != u64::MAX {
+            buffer::scan_receipts(log.dir(), keys, from, |seq, receipt| {
+                if seq < next {
+                    if let Some(receipt) = replayed.read_back(seq, receipt) {
+                        from_log.push(stored_record(&receipt, seq));
+                    }
                 }
-            }
-        })?;
+            })?;
+        }
         let now = crate::ingest::now_ms();
         let coap_stored = coap
             .map(|limits| replayed.coap_stored(limits, now))
@@ -885,6 +902,13 @@ mod tests {
     #[tokio::test]
     async fn a_record_durable_before_the_store_caught_up_is_found_in_the_log() {
         let tmp = tempfile::tempdir().expect("tempdir");
+        let fresh = read(&tmp.path().join("broker")).expect("read");
+        assert_eq!(
+            fresh.checkpoint(),
+            u64::MAX,
+            "no journal: no receipt to look for"
+        );
+        drop(fresh);
         let (log, receipts) = open(tmp.path()).await;
         let seq = store(&receipts, &log, "dev-1", 7, 0).await;
         // No absorber ran: the store's journal has no `awaiting` record.
@@ -893,6 +917,9 @@ mod tests {
         log.close().await.expect("close");
         drop(log);
 
+        let found = read(&tmp.path().join("broker")).expect("read");
+        assert_eq!(found.checkpoint(), 0, "the store never absorbed record 0");
+        drop(found);
         let (log, receipts) = open(tmp.path()).await;
         assert_eq!(receipts.awaiting("dev-1"), HashMap::from([(7, seq)]));
         assert!(receipts.awaiting("dev-2").is_empty());
