@@ -40,6 +40,12 @@
 //! 2. The log keeps every segment holding a record at or above C ([`Log::set_pin`], set only
 //!    once `checkpoint(C)` is durable, and passed to `Log::open_pinned` at start before the
 //!    commit thread can remove anything). So every receipt at or above C is still in the log.
+//!    The one exception is harmless by construction: while no receipt is pending and C is
+//!    past the last one appended, no record from C on carries a receipt, so the log is not
+//!    pinned at all (QoS 0/1 traffic alone deletes as it always did); the next receipt pins
+//!    it at C again under the store's lock *before* its own append, and a segment chosen
+//!    for deletion before that holds only records already read and acknowledged, which the
+//!    new one cannot be.
 //! 3. A release is durable (`released`) before PUBCOMP is sent, and `gone` is durable before
 //!    a new session of the client is served. Both carry the record's sequence number, so a
 //!    receipt read back from the log is matched against them exactly.
@@ -387,6 +393,13 @@ struct State {
     appended_to: u64,
     /// The checkpoint last sent to the journal.
     checkpoint: u64,
+    /// The checkpoint last made durable.
+    durable: u64,
+    /// The log is not pinned: every receipt appended is in the journal, so no record from
+    /// the checkpoint on carries one it lacks (with only QoS 0/1 traffic the log deletes as
+    /// it always did). The next receipt pins the log at the durable checkpoint before it
+    /// is appended.
+    unpinned: bool,
 }
 
 struct Pending {
@@ -437,6 +450,8 @@ impl Receipts {
             pending: BTreeMap::new(),
             appended_to: next,
             checkpoint: next,
+            durable: next,
+            unpinned: false,
         };
         let counted: usize = state.mqtt.values().map(HashMap::len).sum();
         let coap_keys = state.coap.keys.len();
@@ -474,7 +489,7 @@ impl Receipts {
             path: path.clone(),
             error,
         })?;
-        log.set_pin(next);
+        inner.pin(&mut inner.lock());
         tracing::info!(
             awaiting_release = counted,
             coap_keys,
@@ -549,7 +564,20 @@ impl Receipts {
     ) -> Result<Durable, E> {
         let bytes = encode_receipt(&receipt);
         let mut st = self.inner.lock();
-        let durable = append(&bytes)?;
+        if st.unpinned {
+            // Before the append, under the lock: the record cannot be in a segment the log
+            // chose to delete while it was not pinned (those were read and acknowledged).
+            st.unpinned = false;
+            self.inner.log.set_pin(st.durable);
+        }
+        let durable = match append(&bytes) {
+            Ok(durable) => durable,
+            Err(e) => {
+                // Refused at once: nothing to protect after all.
+                self.inner.pin(&mut st);
+                return Err(e);
+            }
+        };
         let seq = durable.seq();
         let first = st.pending.is_empty();
         st.pending.insert(
@@ -702,12 +730,25 @@ impl Inner {
             (checkpoint, done)
         };
         match done.await {
-            Ok(()) => self.log.set_pin(checkpoint),
+            Ok(()) => {
+                let mut st = self.lock();
+                st.durable = st.durable.max(checkpoint);
+                self.pin(&mut st);
+            }
             // The pin stays: the log keeps the segments until a later checkpoint is written.
             Err(e) => {
                 tracing::error!(error = %e, path = %self.path.display(), "Cannot write the receipt store; the log keeps its segments meanwhile.")
             }
         }
+    }
+
+    /// Pins the log at the durable checkpoint, or not at all once every receipt appended is
+    /// durable in the journal. Under the lock, so a receipt appended meanwhile is not left
+    /// unprotected by a pin computed before it.
+    fn pin(&self, st: &mut State) {
+        st.unpinned = st.pending.is_empty() && st.durable >= st.appended_to;
+        self.log
+            .set_pin(if st.unpinned { u64::MAX } else { st.durable });
     }
 
     /// The live state as journal records, for a rewrite: every awaiting id and the checkpoint
@@ -1083,6 +1124,62 @@ mod tests {
             HashMap::from([((v6, 2), now), ((peer, 3), now), ((peer, 4), now)]),
             "the newest three within the lifetime"
         );
+    }
+
+    /// With only QoS 0/1 traffic (no receipts) the log deletes acknowledged segments as it
+    /// always did, also after a receipt append the log refused; a receipt pins it again.
+    #[tokio::test]
+    async fn without_receipts_pending_the_log_is_not_pinned() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (log, receipts) = open(tmp.path()).await;
+        let refused = receipts.append_mqtt("dev-1", 1, |_| -> Result<Durable, ()> { Err(()) });
+        assert!(refused.is_err());
+        let segments = || {
+            std::fs::read_dir(tmp.path().join("log"))
+                .expect("read_dir")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+                })
+                .count()
+        };
+        let mut reader = log.reader().expect("reader");
+        let (mut appended, mut acked) = (0, 0);
+        for round in 0..2u64 {
+            for i in 0..60 {
+                log.append(&record(i))
+                    .expect("append")
+                    .await
+                    .expect("durable");
+            }
+            appended += 60;
+            while acked < appended {
+                let batch = reader.read_batch(100, 1 << 20).await.expect("read");
+                if let (Some(first), Some(last)) = (batch.first(), batch.last()) {
+                    reader.ack_range(first.seq, last.seq + 1);
+                }
+                acked += batch.len() as u64;
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while segments() > 1 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(segments(), 1, "round {round}: acknowledged segments go");
+            if round == 0 {
+                // A receipt absorbed and durable leaves the log unpinned again.
+                let shutdown = CancellationToken::new();
+                let absorber = tokio::spawn(receipts.clone().run(shutdown.clone()));
+                store(&receipts, &log, "dev-1", 2, 60).await;
+                while !receipts.awaiting("dev-1").contains_key(&2) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                shutdown.cancel();
+                absorber.await.expect("absorber");
+                appended += 1;
+            }
+        }
+        log.close().await.expect("close");
     }
 
     #[test]
