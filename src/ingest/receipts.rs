@@ -72,7 +72,10 @@
 //!
 //! What can still go wrong is bounded and named: `drop_oldest` and `max_age` (the operator's
 //! choice to lose records) ignore the pin, and a record whose body cannot be read (damage, a
-//! missing key) loses its receipt; either may cost one duplicate, never a lost message. The
+//! missing key) loses its receipt; either may cost one duplicate, never a lost message.
+//! Under `durability = "none"` a power cut may lose records the store already absorbed (the
+//! journal is always synced): a DUP of such a QoS 2 message is then answered and not stored,
+//! the loss that mode already accepts for everything it acknowledged. The
 //! state kept is one entry per stored and unreleased packet id of a persistent session, so
 //! it is bounded by the sessions times the receive maximum; the entries of a session that
 //! expires while its client stays away are dropped when the client returns (`gone`) or at
