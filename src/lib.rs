@@ -64,6 +64,8 @@ pub enum RunError {
     },
     #[error("cannot set up [auth]: {0}")]
     Auth(#[from] auth::AuthError),
+    #[error("cannot rebuild the QoS 2 state: {0}")]
+    Receipts(#[from] ingest::receipts::ReceiptsError),
     #[error("cannot start the Kafka forwarder: {0}")]
     Forward(#[from] forward::ForwardError),
     #[error("{0}")]
@@ -121,16 +123,34 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     if let Some(keys) = &log_config.keys {
         tracing::info!(key_id = %format_args!("{:08x}", keys.current_id()), "Records are encrypted in the log.");
     }
-    let (log, _) = Log::open_async(log_config.clone()).await?;
+    // The receipt store's checkpoint first: the log opens pinned there, so no segment whose
+    // receipts the store has not absorbed can be removed before it is rebuilt.
+    let broker_dir = log_config.dir.join(ingest::mqtt::BROKER_DIR);
+    let receipts_found = ingest::receipts::read(&broker_dir)?;
+    let (log, _) = Log::open_pinned_async(log_config.clone(), receipts_found.checkpoint()).await?;
     let (dead_letter, _) = Log::open_async(forward::dead_letter::log_config(&log_config)).await?;
     // The local broker's retained messages, beside the log.
-    let broker_dir = log_config.dir.join(ingest::mqtt::BROKER_DIR);
     let broker = broker::Broker::open(&broker_dir, config.mqtt.broker()).map_err(|source| {
         RunError::Broker {
             dir: broker_dir.clone(),
             source,
         }
     })?;
+    // QoS 2 packet ids awaiting PUBREL and CoAP dedup keys: the store and the receipts in
+    // the log, before any append; then only for sessions the broker still has.
+    let coap_limits = config.coap.enabled.then(|| ingest::receipts::CoapLimits {
+        lifetime: config.coap.exchange_lifetime.get(),
+        capacity: config.coap.dedup_capacity,
+    });
+    let receipts = ingest::receipts::Receipts::start(
+        receipts_found,
+        &log,
+        log_config.keys.as_deref(),
+        coap_limits,
+    )
+    .await?;
+    receipts.retain_clients(|client| broker.has_persistent_session(client));
+    tokio::spawn(receipts.clone().run(shutdown.clone()));
 
     // What a reload replaces, published to the stages that read it.
     let mut settings = reload::Settings::new(&config);
@@ -194,7 +214,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         .map_err(|source| RunError::Broker {
             dir: broker_dir.clone(),
             source,
-        })?;
+        })?
+        .with_receipts(receipts);
     let listeners = TaskTracker::new();
     listeners.spawn(ingest::mqtt::serve_listeners(
         mqtt,

@@ -437,6 +437,15 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether `client_id` has a session that outlives its connection and has not expired
+    /// (the receipt store drops the QoS 2 state of clients without one at start).
+    pub fn has_persistent_session(&self, client_id: &str) -> bool {
+        let now = Instant::now();
+        self.sessions().get(client_id).is_some_and(|s| {
+            s.interval.is_some() && (s.holder.is_some() || s.expires.is_none_or(|t| t > now))
+        })
+    }
+
     /// Attaches a new connection to `client_id`'s session: a fresh one on a clean start (or
     /// when none is alive), the earlier one otherwise. `keep` is how long the session is to
     /// outlive this connection (`None`: not at all, `Some(None)`: up to

@@ -25,8 +25,11 @@ const SOURCE_MQTT: u8 = 1;
 const SOURCE_COAP: u8 = 2;
 const FLAG_KEY: u8 = 0x04;
 const FLAG_HEADERS: u8 = 0x08;
+/// A receipt follows the headers: what the listener needs to recognise a retransmission of
+/// this message after a restart (`ingest::receipts`). Opaque to the log.
+const FLAG_RECEIPT: u8 = 0x20;
 /// Flag bits a version-1 reader understands; anything else means a newer writer.
-const FLAG_KNOWN: u8 = FLAG_SOURCE_MASK | FLAG_KEY | FLAG_HEADERS;
+const FLAG_KNOWN: u8 = FLAG_SOURCE_MASK | FLAG_KEY | FLAG_HEADERS | FLAG_RECEIPT;
 
 /// Smallest possible body: version, flags, a one-byte time and three empty strings.
 pub(crate) const MIN_BODY_LEN: usize = 6;
@@ -73,9 +76,12 @@ fn header_crc(b: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&b[0..12]), &b[16..32])
 }
 
-/// Body length of `record` once encoded.
-pub(crate) fn body_len(record: &Record) -> usize {
+/// Body length of `record` with `receipt` (empty: none) once encoded.
+pub(crate) fn body_len(record: &Record, receipt: &[u8]) -> usize {
     let mut n = 2 + varint_len(zigzag(record.received_ms));
+    if !receipt.is_empty() {
+        n += varint_len(receipt.len() as u64) + receipt.len();
+    }
     for s in [&record.device, &record.origin, &record.kafka_topic] {
         n += varint_len(s.len() as u64) + s.len();
     }
@@ -92,13 +98,20 @@ pub(crate) fn body_len(record: &Record) -> usize {
     n + record.payload.len()
 }
 
-/// Appends one whole frame for `record` (whose body is `body_len` bytes) to `out`.
-pub(crate) fn encode_frame(out: &mut Vec<u8>, seq: u64, record: &Record, body_len: usize) {
+/// Appends one whole frame for `record` and `receipt` (whose body is `body_len` bytes) to
+/// `out`.
+pub(crate) fn encode_frame(
+    out: &mut Vec<u8>,
+    seq: u64,
+    record: &Record,
+    receipt: &[u8],
+    body_len: usize,
+) {
     let start = out.len();
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&seq.to_le_bytes());
-    put_body(out, record);
+    put_body(out, record, receipt);
     debug_assert_eq!(out.len() - start, FRAME_HEADER_LEN + body_len);
     let crc = frame_crc(&out[start..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -115,14 +128,14 @@ pub(crate) fn encode_frame_of(out: &mut Vec<u8>, seq: u64, body: &[u8]) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// The body of `record` alone, as `encode_frame` writes it.
-pub(crate) fn encode_body(record: &Record, body_len: usize) -> Vec<u8> {
+/// The body of `record` and `receipt` alone, as `encode_frame` writes it.
+pub(crate) fn encode_body(record: &Record, receipt: &[u8], body_len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(body_len);
-    put_body(&mut out, record);
+    put_body(&mut out, record, receipt);
     out
 }
 
-fn put_body(out: &mut Vec<u8>, record: &Record) {
+fn put_body(out: &mut Vec<u8>, record: &Record, receipt: &[u8]) {
     let mut flags = match record.source {
         Source::Mqtt => SOURCE_MQTT,
         Source::Coap => SOURCE_COAP,
@@ -132,6 +145,9 @@ fn put_body(out: &mut Vec<u8>, record: &Record) {
     }
     if !record.headers.is_empty() {
         flags |= FLAG_HEADERS;
+    }
+    if !receipt.is_empty() {
+        flags |= FLAG_RECEIPT;
     }
     out.push(BODY_VERSION);
     out.push(flags);
@@ -148,6 +164,9 @@ fn put_body(out: &mut Vec<u8>, record: &Record) {
             put_bytes(out, name.as_bytes());
             put_bytes(out, value);
         }
+    }
+    if !receipt.is_empty() {
+        put_bytes(out, receipt);
     }
     out.extend_from_slice(&record.payload);
 }
@@ -205,6 +224,14 @@ pub(crate) fn check_frame(buf: &[u8], max_body: usize) -> Frame {
 /// it as corrupt. `UnknownKey` means a sealed body whose key is not configured: the record is
 /// fine, and must wait for its key.
 pub(crate) fn decode_body(body: &Bytes, keys: Option<&LogKeys>) -> Result<Record, Unsealed> {
+    decode_with_receipt(body, keys).map(|(record, _)| record)
+}
+
+/// [`decode_body`], with the record's receipt if it carries one.
+pub(crate) fn decode_with_receipt(
+    body: &Bytes,
+    keys: Option<&LogKeys>,
+) -> Result<(Record, Option<Bytes>), Unsealed> {
     if body.get(1).is_some_and(|flags| flags & FLAG_SEALED != 0) {
         let Some(keys) = keys else {
             return Err(sealed_key_id(body).map_or(Unsealed::Corrupt, Unsealed::UnknownKey));
@@ -219,7 +246,7 @@ pub(crate) fn decode_body(body: &Bytes, keys: Option<&LogKeys>) -> Result<Record
     decode_plain(body).ok_or(Unsealed::Corrupt)
 }
 
-fn decode_plain(body: &Bytes) -> Option<Record> {
+fn decode_plain(body: &Bytes) -> Option<(Record, Option<Bytes>)> {
     let mut r = Cursor { buf: body, pos: 0 };
     if r.u8()? != BODY_VERSION {
         return None;
@@ -251,8 +278,13 @@ fn decode_plain(body: &Bytes) -> Option<Record> {
             headers.push((name, value));
         }
     }
+    let receipt = if flags & FLAG_RECEIPT != 0 {
+        Some(r.bytes()?)
+    } else {
+        None
+    };
     let payload = body.slice(r.pos..);
-    Some(Record {
+    let record = Record {
         source,
         received_ms,
         device,
@@ -261,7 +293,8 @@ fn decode_plain(body: &Bytes) -> Option<Record> {
         key,
         headers,
         payload,
-    })
+    };
+    Some((record, receipt))
 }
 
 struct Cursor<'a> {
@@ -359,8 +392,8 @@ mod tests {
             },
         ] {
             let mut out = Vec::new();
-            let n = body_len(&rec);
-            encode_frame(&mut out, 42, &rec, n);
+            let n = body_len(&rec, &[]);
+            encode_frame(&mut out, 42, &rec, &[], n);
             assert_eq!(out.len(), FRAME_HEADER_LEN + n);
             assert_eq!(
                 check_frame(&out, 1 << 20),
@@ -375,10 +408,47 @@ mod tests {
     }
 
     #[test]
+    fn a_receipt_rides_in_the_body_and_readers_skip_it() {
+        for rec in [
+            sample(),
+            Record {
+                key: None,
+                headers: vec![],
+                ..sample()
+            },
+        ] {
+            let receipt = b"\x01client-7\x00\x2a";
+            let mut out = Vec::new();
+            let n = body_len(&rec, receipt);
+            encode_frame(&mut out, 9, &rec, receipt, n);
+            assert_eq!(out.len(), FRAME_HEADER_LEN + n);
+            let body = Bytes::from(out).slice(FRAME_HEADER_LEN..);
+            assert_eq!(body[1] & FLAG_RECEIPT, FLAG_RECEIPT);
+            // The forwarder's decode sees the record alone, payload untouched.
+            assert_eq!(decode_body(&body, None).ok(), Some(rec.clone()));
+            let (back, got) = decode_with_receipt(&body, None).expect("decodes");
+            assert_eq!(back, rec);
+            assert_eq!(got.as_deref(), Some(&receipt[..]));
+        }
+    }
+
+    #[test]
+    fn a_body_written_before_receipts_existed_still_reads() {
+        // Bytes as the previous build wrote them (flags 0x0e: CoAP, key, headers).
+        let rec = sample();
+        let mut out = Vec::new();
+        encode_frame(&mut out, 3, &rec, &[], body_len(&rec, &[]));
+        let body = Bytes::from(out).slice(FRAME_HEADER_LEN..);
+        assert_eq!(body[1], 0x0e);
+        let (back, receipt) = decode_with_receipt(&body, None).expect("decodes");
+        assert_eq!((back, receipt), (rec, None));
+    }
+
+    #[test]
     fn every_flipped_bit_is_caught() {
         let mut out = Vec::new();
         let rec = sample();
-        encode_frame(&mut out, 1, &rec, body_len(&rec));
+        encode_frame(&mut out, 1, &rec, &[], body_len(&rec, &[]));
         for i in 0..out.len() * 8 {
             let mut bad = out.clone();
             bad[i / 8] ^= 1 << (i % 8);

@@ -30,6 +30,7 @@
 //!            device origin kafka_topic (varint length + UTF-8 each)
 //!            [key: varint length + bytes]                 if flags & 0x04
 //!            [headers: varint count, (name, value)*]      if flags & 0x08
+//!            [receipt: varint length + bytes]             if flags & 0x20
 //!            payload (the rest of the body)
 //!            flags & 0x03 = source (1 MQTT, 2 CoAP); 0x10 is clear
 //! sealed   = version:u8 (=1) flags:u8 (=0x10, nothing else) cipher:u8 key_id:u32
@@ -45,9 +46,13 @@
 //!            head_offset:u64 crc32c:u32; the valid slot with the higher generation wins.
 //! ```
 //!
-//! The body's flag bits 0x20, 0x40 and 0x80 are reserved for later fields, and a new layout
-//! gets a new version byte: old segments stay readable, a body this code cannot read is
-//! skipped and counted as corrupt. A sealed body whose key is not configured is not skipped:
+//! The receipt (flag 0x20, added for issue 14) is opaque to the log: a listener's proof
+//! that this message is stored (`ingest::receipts`: an MQTT QoS 2 packet id, a CoAP
+//! message id), in the same frame and so the same fsync as the record. Bodies written
+//! before it have the bit clear and read as before; a build older than the receipt counts a
+//! body with it as corrupt, so a downgrade skips such records. The body's flag bits 0x40
+//! and 0x80 are reserved for later fields, and a new layout gets a new version byte: old
+//! segments stay readable, a body this code cannot read is skipped and counted as corrupt. A sealed body whose key is not configured is not skipped:
 //! reading stops there with [`LogError::MissingKey`] until its key file is listed again.
 //!
 //! # Guarantees
@@ -75,7 +80,9 @@
 //!   and never refuses to start because of damaged data. Earlier segments are trusted by name
 //!   and size; damage inside them is skipped and counted when the reader reaches it. Open
 //!   time therefore grows with the number of segments, not with the backlog.
-//! * Segments wholly behind the persisted head are deleted. `max_bytes` counts segment files
+//! * Segments wholly behind the persisted head and the receipt pin ([`Log::set_pin`], the
+//!   receipt store's checkpoint: the receipts from there on are only in the log) are
+//!   deleted. `max_bytes` counts segment files
 //!   plus pending bytes: `reject_new` fails appends with [`AppendError::Full`],
 //!   `drop_oldest` deletes the oldest segment and counts its unacknowledged records as
 //!   dropped (one WARN line with the sequence range). `max_age` works per segment: a
@@ -369,8 +376,15 @@ impl Log {
     /// Opens (creating if needed) and recovers the log in `config.dir`. Blocking I/O: call it
     /// at startup or from `spawn_blocking`.
     pub fn open(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
+        Log::open_pinned(config, u64::MAX)
+    }
+
+    /// [`Log::open`] with the receipt pin at `pin` from the first moment (see
+    /// [`Log::set_pin`]): the gateway passes its receipt store's checkpoint, so no segment it
+    /// still has to scan is removed before it has.
+    pub fn open_pinned(config: LogConfig, pin: u64) -> Result<(Log, RecoveryReport), LogError> {
         let lock = lock_dir(&config.dir)?;
-        let (mut log, report) = Log::open_with(config, Arc::new(OsStorage))?;
+        let (mut log, report) = Log::open_with(config, Arc::new(OsStorage), pin)?;
         if let Some(handle) = Arc::get_mut(&mut log.handle) {
             handle.dir_lock = Mutex::new(Some(lock));
         }
@@ -379,7 +393,15 @@ impl Log {
 
     /// [`Log::open`] on the blocking pool, for a caller on the runtime (the gateway's start).
     pub async fn open_async(config: LogConfig) -> Result<(Log, RecoveryReport), LogError> {
-        match tokio::task::spawn_blocking(move || Log::open(config)).await {
+        Log::open_pinned_async(config, u64::MAX).await
+    }
+
+    /// [`Log::open_pinned`] on the blocking pool.
+    pub async fn open_pinned_async(
+        config: LogConfig,
+        pin: u64,
+    ) -> Result<(Log, RecoveryReport), LogError> {
+        match tokio::task::spawn_blocking(move || Log::open_pinned(config, pin)).await {
             Ok(opened) => opened,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Only when the runtime is shutting down.
@@ -393,12 +415,13 @@ impl Log {
         config: LogConfig,
         delay: Duration,
     ) -> Result<(Log, RecoveryReport), LogError> {
-        Log::open_with(config, Arc::new(io::SlowSync { delay }))
+        Log::open_with(config, Arc::new(io::SlowSync { delay }), u64::MAX)
     }
 
     pub(crate) fn open_with(
         config: LogConfig,
         storage: Arc<dyn Storage>,
+        pin: u64,
     ) -> Result<(Log, RecoveryReport), LogError> {
         let started = Instant::now();
         let cfg = effective_config(config);
@@ -457,6 +480,7 @@ impl Log {
             corrupt: AtomicU64::new(report.corrupt_records),
             fsyncs: AtomicU64::new(0),
             commit_loops: AtomicU64::new(0),
+            pin: AtomicU64::new(pin),
             high_bytes,
             low_bytes,
             cfg,
@@ -535,11 +559,22 @@ impl Log {
     /// Assigns the next sequence number and queues the record for the next group commit.
     /// Fails fast with `Full` under `reject_new`.
     pub fn append(&self, record: &Record) -> Result<Durable, AppendError> {
+        self.append_with_receipt(record, &[])
+    }
+
+    /// [`Log::append`] with a receipt in the same frame (empty: none), so the record and the
+    /// listener's "this message is stored" become durable in one fsync or not at all.
+    /// [`scan_receipts`] reads them back.
+    pub fn append_with_receipt(
+        &self,
+        record: &Record,
+        receipt: &[u8],
+    ) -> Result<Durable, AppendError> {
         let shared = self.shared();
-        let mut body_len = format::body_len(record);
+        let mut body_len = format::body_len(record, receipt);
         // Sealing happens before the lock, so appenders seal in parallel.
         let sealed = shared.cfg.keys.as_ref().map(|keys| {
-            let sealed = keys.seal(&format::encode_body(record, body_len));
+            let sealed = keys.seal(&format::encode_body(record, receipt, body_len));
             body_len = sealed.len();
             sealed
         });
@@ -572,7 +607,7 @@ impl Log {
         let before = st.pending.len();
         match &sealed {
             Some(body) => format::encode_frame_of(&mut st.pending, seq, body),
-            None => format::encode_frame(&mut st.pending, seq, record, body_len),
+            None => format::encode_frame(&mut st.pending, seq, record, receipt, body_len),
         }
         st.pending_records += 1;
         st.used_bytes += frame_len;
@@ -589,6 +624,28 @@ impl Log {
             shared: shared.clone(),
             seq,
         })
+    }
+
+    /// The sequence number the next append will get. Every record appended before this
+    /// call has a lower one.
+    pub fn next_seq(&self) -> u64 {
+        lock(&self.shared().state).next_seq
+    }
+
+    /// The outcome of the append that got `seq`, once it has one (appends resolve in
+    /// sequence order). For a caller that kept only the number.
+    pub fn outcome(&self, seq: u64) -> Option<Result<u64, AppendError>> {
+        let shared = self.shared();
+        (seq < shared.resolved.load(Ordering::Acquire)).then(|| shared.outcome(seq))
+    }
+
+    /// Keeps every segment holding a record at or above `seq` after it was acknowledged
+    /// (`u64::MAX`: no pin). `drop_oldest` and `max_age` are the operator's choice to lose
+    /// records and still drop such segments. A segment the pin lets go is removed at the
+    /// commit thread's next housekeeping (within `CURSOR_INTERVAL`): moving the pin does not
+    /// wake it.
+    pub fn set_pin(&self, seq: u64) {
+        self.shared().pin.store(seq, Ordering::Release);
     }
 
     /// The single reader; `None` if it was already taken.
@@ -881,6 +938,48 @@ pub fn fuzz_recovery(
         .map_err(io_error)?;
     runtime.block_on(log.close())?;
     Ok(read)
+}
+
+/// Reads the receipts ([`Log::append_with_receipt`]) of the records from sequence number
+/// `from` on, in sequence order, skipping segments wholly before it. For the gateway's start,
+/// between opening the log and the first append: the files are read as [`inspect`] reads
+/// them. A record whose body cannot be read (damage, a missing key) is skipped: its receipt,
+/// if it had one, is lost, which can cost one duplicate, never a lost message.
+pub fn scan_receipts(
+    dir: &std::path::Path,
+    keys: Option<&LogKeys>,
+    from: u64,
+    mut each: impl FnMut(u64, bytes::Bytes),
+) -> Result<(), LogError> {
+    let dir_error = |source| LogError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut firsts: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(dir_error)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| segment::parse_segment_name(&name))
+        .collect();
+    firsts.sort_unstable();
+    // The segments from the last one starting at or before `from`.
+    let start = firsts.iter().rposition(|&f| f <= from).unwrap_or(0);
+    for &first in &firsts[start..] {
+        let path = segment::segment_path(dir, first);
+        let data = match std::fs::read(&path) {
+            Ok(data) => bytes::Bytes::from(data),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(LogError::Io { path, source }),
+        };
+        walk_frames(&data, SEGMENT_HEADER_LEN, data.len(), |seq, body| {
+            if seq >= from {
+                if let Ok((_, Some(receipt))) = format::decode_with_receipt(&body, keys) {
+                    each(seq, receipt);
+                }
+            }
+            true
+        });
+    }
+    Ok(())
 }
 
 /// Reads every record in a log directory without opening it as a log: no lock taken and

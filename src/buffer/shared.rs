@@ -57,6 +57,10 @@ pub(crate) struct Shared {
     /// Bumped on every turn of the commit thread's loop (at least every `CURSOR_INTERVAL`,
     /// idle or not): the systemd watchdog pings only while it moves.
     pub commit_loops: AtomicU64,
+    /// Segments holding a record at or above this sequence number are not removed once
+    /// acknowledged (only `drop_oldest` and `max_age` still drop them): the receipts in them
+    /// are not yet in the receipt store (`ingest::receipts`). `u64::MAX`: no pin.
+    pub pin: AtomicU64,
     /// `high_watermark * max_bytes` and `low_watermark * max_bytes`.
     pub high_bytes: u64,
     pub low_bytes: u64,

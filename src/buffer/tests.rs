@@ -46,7 +46,7 @@ fn record(i: u64, payload_len: usize) -> Record {
 }
 
 fn open(fs: &MemFs, cfg: LogConfig) -> (Log, RecoveryReport) {
-    Log::open_with(cfg, Arc::new(fs.clone())).expect("open")
+    Log::open_with(cfg, Arc::new(fs.clone()), u64::MAX).expect("open")
 }
 
 /// Appends concurrently; returns (seq, record, outcome) in append order.
@@ -960,5 +960,82 @@ async fn the_log_directory_and_files_are_private() {
     );
     for (path, _) in files {
         assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+}
+
+/// Acknowledged segments behind the receipt pin stay until the pin moves past them; the
+/// receipts of the records in them read back from the pinned sequence number on, sealed or
+/// not, and records without one are passed over.
+#[tokio::test]
+async fn the_receipt_pin_keeps_acknowledged_segments_and_their_receipts_read_back() {
+    for sealed in [false, true] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("log");
+        let config = || LogConfig {
+            segment_bytes: 4096,
+            commit_delay: Duration::from_millis(1),
+            keys: if sealed { keys(3, &[]) } else { None },
+            ..LogConfig::new(&dir)
+        };
+        let (log, _) = Log::open_pinned(config(), 40).expect("open");
+        let mut durable = Vec::new();
+        for i in 0..120u64 {
+            let receipt = format!("r{i}");
+            let receipt = if i % 3 == 0 {
+                receipt.as_bytes()
+            } else {
+                &[][..]
+            };
+            durable.push(
+                log.append_with_receipt(&record(i, 100), receipt)
+                    .expect("append"),
+            );
+        }
+        for d in durable {
+            d.await.expect("durable");
+        }
+        assert_eq!(log.next_seq(), 120);
+        let mut reader = log.reader().expect("reader");
+        let got = drain(&mut reader).await;
+        assert_eq!(got.len(), 120, "the forwarder's reader skips receipts");
+        assert_eq!(got[3].record, record(3, 100));
+        reader.ack_range(0, 120);
+        log.close().await.expect("close");
+        drop((reader, log));
+        let firsts = || {
+            let mut f: Vec<u64> = std::fs::read_dir(&dir)
+                .expect("read_dir")
+                .filter_map(|e| segment::parse_segment_name(e.ok()?.file_name().to_str()?))
+                .collect();
+            f.sort_unstable();
+            f
+        };
+        let kept = firsts();
+        assert!(kept.len() > 3, "{kept:?}");
+        assert!(
+            kept[0] <= 40 && kept[1] > 40,
+            "segments from the pin on stay: {kept:?}"
+        );
+
+        let mut seen = Vec::new();
+        scan_receipts(&dir, config().keys.as_deref(), 40, |seq, r| {
+            seen.push((seq, r));
+        })
+        .expect("scan");
+        let expected: Vec<(u64, Bytes)> = (40..120)
+            .filter(|i| i % 3 == 0)
+            .map(|i| (i, Bytes::from(format!("r{i}"))))
+            .collect();
+        assert_eq!(seen, expected);
+
+        // The store caught up: the pin moves and the segments go.
+        let (log, _) = Log::open_pinned(config(), 40).expect("reopen");
+        log.set_pin(u64::MAX);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while firsts().len() > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(firsts().len(), 1, "only the tail is kept once unpinned");
+        log.close().await.expect("close");
     }
 }

@@ -402,14 +402,19 @@ impl Writer {
         self.remove_acknowledged();
     }
 
-    /// Removes segments wholly behind the persisted head (never the tail).
+    /// Removes segments wholly behind the persisted head and the receipt pin (never the
+    /// tail).
     fn remove_acknowledged(&mut self) {
         let mut removed = false;
         loop {
+            let behind = self
+                .persisted
+                .head_seq
+                .min(self.shared.pin.load(Ordering::Acquire));
             let front = {
                 let st = lock(&self.shared.state);
                 match (st.segments.front(), st.segments.get(1)) {
-                    (Some(f), Some(n)) if n.first_seq <= self.persisted.head_seq => f.first_seq,
+                    (Some(f), Some(n)) if n.first_seq <= behind => f.first_seq,
                     _ => break,
                 }
             };

@@ -4,6 +4,7 @@
 
 pub mod coap;
 pub mod mqtt;
+pub mod receipts;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::format::{self, Format};
 use crate::record::{Record, Source};
 use crate::reload::Live;
 use crate::route::{RouteError, Router};
+use receipts::Receipts;
 
 /// How a message was delivered, in its protocol's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +142,9 @@ pub struct Pipeline {
     sparkplug: Arc<Sparkplug>,
     /// Shared by the clones: every listener bumps the same handles.
     counters: Arc<Counters>,
+    /// Where listeners keep what must survive a crash to recognise a retransmission
+    /// (`receipts.rs`); `None` in tests that do not need it.
+    receipts: Option<Receipts>,
 }
 
 /// Handles of the counters every stored message bumps, taken once: `metrics::counter!`
@@ -193,7 +198,19 @@ impl Pipeline {
             routes: routes.into(),
             sparkplug: Arc::default(),
             counters: Arc::new(Counters::new()),
+            receipts: None,
         }
+    }
+
+    /// Keeps receipts of QoS 2 messages of persistent sessions in `receipts`.
+    pub fn with_receipts(mut self, receipts: Receipts) -> Self {
+        self.receipts = Some(receipts);
+        self
+    }
+
+    /// The receipt store, when there is one.
+    pub fn receipts(&self) -> Option<&Receipts> {
+        self.receipts.as_ref()
     }
 
     /// Keeps the Sparkplug B births in the journal at `path`, so they outlive a restart
@@ -211,6 +228,13 @@ impl Pipeline {
     /// Routes and appends one message. On success the returned future resolves once the
     /// record is durable: only then may the device be acknowledged.
     pub fn submit(&self, msg: Inbound) -> Result<Durable, Rejected> {
+        self.submit_with_receipt(msg, &[])
+    }
+
+    /// [`Pipeline::submit`] with a receipt (`receipts.rs`) in the record's frame; a message
+    /// that becomes several records carries it in the last, the one whose durability is
+    /// waited for.
+    pub fn submit_with_receipt(&self, msg: Inbound, receipt: &[u8]) -> Result<Durable, Rejected> {
         let dest = self
             .routes
             .borrow()
@@ -228,8 +252,8 @@ impl Pipeline {
             payload: msg.payload,
         };
         let durable = match dest.format {
-            Format::Raw => self.log.append(&record)?,
-            Format::SparkplugB => self.append_sparkplug(record, dest.records)?,
+            Format::Raw => self.log.append_with_receipt(&record, receipt)?,
+            Format::SparkplugB => self.append_sparkplug(record, dest.records, receipt)?,
         };
         self.counters.stored(delivery, bytes);
         Ok(durable)
@@ -239,19 +263,24 @@ impl Pipeline {
     /// none of the later ones, so the last one is waited for: the log makes records durable
     /// in order). A message that does not convert is stored as it came, marked for the
     /// dead-letter log.
-    fn append_sparkplug(&self, mut record: Record, shape: Records) -> Result<Durable, Rejected> {
+    fn append_sparkplug(
+        &self,
+        mut record: Record,
+        shape: Records,
+        receipt: &[u8],
+    ) -> Result<Durable, Rejected> {
         let converted = self
             .sparkplug
             .convert(&record.origin, &record.payload, shape);
         let converted = match converted {
             Ok(c) if !c.records.is_empty() => c,
-            Ok(_) => return Ok(self.log.append(&record)?),
+            Ok(_) => return Ok(self.log.append_with_receipt(&record, receipt)?),
             Err(e) => {
                 format_error(&record, &e);
                 record
                     .headers
                     .push((format::ERROR_HEADER.to_owned(), Bytes::from(e.to_string())));
-                return Ok(self.log.append(&record)?);
+                return Ok(self.log.append_with_receipt(&record, receipt)?);
             }
         };
         for anomaly in &converted.anomalies {
@@ -268,11 +297,16 @@ impl Pipeline {
             ),
         ]);
         let mut last = None;
-        for value in converted.records {
-            last = Some(self.log.append(&Record {
-                payload: value,
-                ..record.clone()
-            })?);
+        let n = converted.records.len();
+        for (i, value) in converted.records.into_iter().enumerate() {
+            let receipt = if i + 1 == n { receipt } else { &[] };
+            last = Some(self.log.append_with_receipt(
+                &Record {
+                    payload: value,
+                    ..record.clone()
+                },
+                receipt,
+            )?);
         }
         last.ok_or(Rejected::Closed)
     }

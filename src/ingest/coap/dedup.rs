@@ -2,6 +2,9 @@
 //! message id) for EXCHANGE_LIFETIME (CON) or NON_LIFETIME (NON), so a retransmission is
 //! answered again instead of being stored again.
 //!
+//! In memory; the keys of stored CON requests also outlive a restart through the receipt
+//! store (`ingest::receipts`, `Server::recovered`).
+//!
 //! Bounded: at `capacity` entries the oldest answered one is forgotten (counted by the
 //! caller). Entries still waiting for their append are never forgotten that way; there are
 //! at most `max_exchanges` of them, which validation keeps below the capacity.

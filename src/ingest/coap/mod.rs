@@ -30,7 +30,8 @@
 //! Every request is deduplicated by (peer, message id): a retransmission is answered from the
 //! cache (or ignored while its append is in progress) and never stored again, for
 //! `exchange_lifetime` (CON) / `non_lifetime` (NON), in at most `dedup_capacity` entries.
-//! Refusals are not cached: nothing of the request was stored, so a retransmission is judged
+//! A stored CON request's key rides in its record and outlives a gateway crash
+//! (`ingest::receipts`): its retransmission after the restart gets 2.04 again. Refusals are not cached: nothing of the request was stored, so a retransmission is judged
 //! afresh. Kafka being unreachable is not a reason to refuse: only the log's state is.
 //!
 //! # Answers

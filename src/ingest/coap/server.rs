@@ -55,6 +55,10 @@ pub(super) struct Server {
     pub(super) pipeline: Pipeline,
     pub(super) pressure: watch::Receiver<Pressure>,
     pub(super) dedup: Dedup,
+    /// Confirmable requests stored before the gateway (re)started, by dedup key, with their
+    /// receive times (`ingest::receipts`): a retransmission within `exchange_lifetime` is
+    /// answered as stored, not stored again. Emptied as they age out.
+    pub(super) recovered: HashMap<Key, i64>,
     pub(super) blocks: Assembler,
     pub(super) outbox: Outbox,
     pub(super) exchanges: HashMap<u64, Exchange>,
@@ -88,6 +92,10 @@ pub(super) async fn run(
         socket: socket.clone(),
         pressure: pipeline.pressure(),
         dedup: Dedup::new(config.dedup_capacity),
+        recovered: pipeline
+            .receipts()
+            .map(|r| r.coap_stored())
+            .unwrap_or_default(),
         blocks: Assembler::new(
             config.max_block_transfers,
             config.body_limit(),
@@ -224,6 +232,20 @@ impl Server {
             }
             None => {}
         }
+        if confirmable && self.recovered.remove(&key).is_some() {
+            // Stored before a restart (its receipt says so): the answer it got, again. The
+            // final block of an upload echoes its Block1 option, as when it was stored.
+            duplicate(peer, "stored_before_restart");
+            let options = message::first(&packet, opt::BLOCK1)
+                .map(|block| vec![(opt::BLOCK1, block.to_vec())])
+                .unwrap_or_default();
+            let reply = Refusal {
+                code: code::CHANGED,
+                options,
+                diagnostic: "",
+            };
+            return self.reply(&packet, peer, reply, true).await;
+        }
         match self.check(&packet, peer) {
             Err(reply) => self.reply(&packet, peer, reply, false).await,
             Ok(accepted) => self.accept(packet, peer, accepted).await,
@@ -338,7 +360,19 @@ impl Server {
             headers,
             received_ms: now_ms(),
         };
-        let durable = match self.pipeline.submit(inbound) {
+        // A confirmable request's dedup key rides in its record, so a retransmission after a
+        // crash is recognised (`ingest::receipts`). A NON is not retransmitted by its sender.
+        let received_ms = inbound.received_ms;
+        let submitted = match self.pipeline.receipts().filter(|_| confirmable) {
+            Some(receipts) => {
+                let key = (peer, packet.header.message_id);
+                receipts.append_coap(key, received_ms, |receipt| {
+                    self.pipeline.submit_with_receipt(inbound, receipt)
+                })
+            }
+            None => self.pipeline.submit(inbound),
+        };
+        let durable = match submitted {
             Ok(durable) => durable,
             Err(rejected) => {
                 let reply = rejection(&rejected, peer, confirmable, self.size1());
@@ -470,6 +504,11 @@ impl Server {
     fn housekeeping(&mut self) {
         let now = Instant::now();
         self.dedup.expire(now);
+        if !self.recovered.is_empty() {
+            let before = now_ms() - self.config.exchange_lifetime.get().as_millis() as i64;
+            self.recovered
+                .retain(|_, received_ms| *received_ms >= before);
+        }
         let expired = self.blocks.expire(now);
         if expired > 0 {
             metrics::counter!("edgegate_coap_block_transfers_total", "outcome" => "expired")

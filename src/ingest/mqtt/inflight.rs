@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::registry::Released;
+use super::registry::{Qos2, Released};
 
 /// The QoS 1/2 packet-id state of one connection, apart from I/O so it can be tested alone.
 ///
@@ -10,10 +10,20 @@ use super::registry::Released;
 /// *awaiting release* until PUBREL. A PUBLISH reusing an id in either state is a
 /// retransmission and is not stored again, whatever its DUP flag says (an id stays in use
 /// until its flow completes).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Inflight {
     storing: HashSet<u16>,
     awaiting_rel: Released,
+    /// At most this many ids awaiting release. MQTT 5's receive maximum counts them anyway;
+    /// 3.1.1 has none, and a client that never sends PUBREL would otherwise grow the
+    /// session's state (in memory and in the receipt store) up to every packet id.
+    max_awaiting: usize,
+}
+
+impl Default for Inflight {
+    fn default() -> Inflight {
+        Inflight::new(Released::default(), usize::from(u16::MAX))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -30,14 +40,17 @@ pub(super) enum OnPublish {
 
 impl Inflight {
     /// `awaiting_rel` is the session's, shared with its other connections.
-    pub(super) fn new(awaiting_rel: Released) -> Inflight {
+    pub(super) fn new(awaiting_rel: Released, max_awaiting: usize) -> Inflight {
         Inflight {
             storing: HashSet::new(),
             awaiting_rel,
+            max_awaiting,
         }
     }
 
-    fn released(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+    /// The session's QoS 2 state, locked: a QoS 2 append of a persistent session is made
+    /// under it (see [`Qos2::ended`]).
+    pub(super) fn released(&self) -> std::sync::MutexGuard<'_, Qos2> {
         self.awaiting_rel.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -50,36 +63,41 @@ impl Inflight {
             return OnPublish::Duplicate;
         }
         let awaiting_rel = self.released();
-        if qos == 2 && awaiting_rel.contains(&pkid) {
+        if qos == 2 && awaiting_rel.ids.contains_key(&pkid) {
             return OnPublish::ResendPubRec;
         }
-        let in_flight = self.storing.len() + awaiting_rel.len();
+        let awaiting = awaiting_rel.ids.len();
         drop(awaiting_rel);
-        if limit.is_some_and(|limit| in_flight >= limit) {
+        let in_flight = self.storing.len() + awaiting;
+        if limit.is_some_and(|limit| in_flight >= limit)
+            || (qos == 2 && awaiting >= self.max_awaiting)
+        {
             return OnPublish::OverLimit;
         }
         self.storing.insert(pkid);
         OnPublish::Store
     }
 
-    /// The append of `pkid` resolved, or was refused at once.
-    pub(super) fn stored(&mut self, qos: u8, pkid: u16, ok: bool) {
+    /// The append of `pkid` resolved (`Some` with its record's sequence number if stored),
+    /// or was refused at once.
+    pub(super) fn stored(&mut self, qos: u8, pkid: u16, seq: Option<u64>) {
         if qos == 0 {
             return;
         }
         self.storing.remove(&pkid);
-        if qos == 2 && ok {
-            self.released().insert(pkid);
+        if let (2, Some(seq)) = (qos, seq) {
+            self.released().ids.insert(pkid, seq);
         }
     }
 
-    /// PUBREL: `Ok(found)`, or `Err` if the id is still being stored (no PUBREC was sent
-    /// yet, so the client skipped a step).
-    pub(super) fn release(&mut self, pkid: u16) -> Result<bool, ()> {
+    /// PUBREL: `Ok` with the released record's sequence number if the id was awaiting
+    /// release, or `Err` if the id is still being stored (no PUBREC was sent yet, so the
+    /// client skipped a step).
+    pub(super) fn release(&mut self, pkid: u16) -> Result<Option<u64>, ()> {
         if self.storing.contains(&pkid) {
             return Err(());
         }
-        Ok(self.released().remove(&pkid))
+        Ok(self.released().ids.remove(&pkid))
     }
 
     /// QoS 1/2 appends pending.

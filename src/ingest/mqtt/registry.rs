@@ -2,7 +2,7 @@
 //! takes the first connection over (on either listener), and disconnected persistent
 //! sessions, whose QoS 2 state a reconnecting client finds again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,10 +17,22 @@ const SAVED_SESSIONS: usize = 16_384;
 /// QoS 2 packet ids stored and PUBREC'd, awaiting PUBREL. Shared by every connection of one
 /// persistent session, so a client that reconnects (or takes over its own half-dead
 /// connection) and resends an unreleased QoS 2 PUBLISH does not get it stored twice.
-pub(super) type Released = Arc<Mutex<HashSet<u16>>>;
+pub(super) type Released = Arc<Mutex<Qos2>>;
+
+/// A session's QoS 2 state (see [`Released`]).
+#[derive(Debug, Default)]
+pub(super) struct Qos2 {
+    /// Packet id → the log sequence number of its record.
+    pub(super) ids: HashMap<u16, u64>,
+    /// Set when a newer connection of the client starts a new session: this one's
+    /// connections store without receipts from then on (`ingest::receipts`), so the new
+    /// session's "forget" covers every receipt the old one wrote.
+    pub(super) ended: bool,
+}
 
 /// Client ids the gateway knows: connected ones (for takeover) and disconnected persistent
-/// sessions (for their QoS 2 state). In memory only: a restart forgets them.
+/// sessions (for their QoS 2 state). In memory only: after a restart a resumed session's QoS
+/// 2 state comes from the receipt store (`ingest::receipts`).
 #[derive(Clone, Default)]
 pub struct Registry {
     clients: Arc<Mutex<HashMap<String, Entry>>>,
@@ -60,10 +72,20 @@ impl Registry {
         if let Some((_, old)) = previous.as_ref().and_then(|e| e.conn.as_ref()) {
             old.cancel();
         }
-        let alive = previous.filter(|e| e.expires.is_none_or(|t| t > Instant::now()));
-        let (awaiting_rel, session_present) = match alive {
-            Some(entry) if !clean_start && entry.keeps => (entry.awaiting_rel, true),
-            _ => (Released::default(), false),
+        let now = Instant::now();
+        let (awaiting_rel, session_present) = match previous {
+            Some(entry) if !clean_start && entry.keeps && entry.expires.is_none_or(|t| t > now) => {
+                (entry.awaiting_rel, true)
+            }
+            Some(entry) => {
+                entry
+                    .awaiting_rel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ended = true;
+                (Released::default(), false)
+            }
+            None => (Released::default(), false),
         };
         clients.insert(
             client_id.to_owned(),

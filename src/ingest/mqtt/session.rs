@@ -2,7 +2,9 @@
 //!
 //! One task per connection owns its socket and its state; nothing is shared but the
 //! [`Registry`] of client ids (`registry.rs`: takeover, and the QoS 2 state of persistent
-//! sessions, so a PUBLISH resent after a reconnect is not stored twice). The loop keeps
+//! sessions, so a PUBLISH resent after a reconnect is not stored twice; a persistent
+//! session's QoS 2 ids are made durable with their records, and their releases before
+//! PUBCOMP, through `ingest::receipts`, so that holds across a gateway crash too). The loop keeps
 //! reading while earlier appends are pending, so many publishes of one connection share a
 //! group commit, and sends each PUBACK/PUBREC only when its append has resolved as durable;
 //! which packet ids are in flight is `inflight.rs`, and every event is logged and counted by
@@ -45,6 +47,7 @@ use crate::broker::mailbox::{Dropped, Outbound};
 use crate::broker::{
     self, Attached, Broker, Message, OutcomeKind, Props, Request, SubscribeRefused,
 };
+use crate::buffer::Durable;
 use crate::buffer::{AppendError, Pressure};
 use crate::ingest::{Delivery, Inbound, Pipeline, Rejected, now_ms};
 use crate::reload::Live;
@@ -114,6 +117,11 @@ const DELIVER_BATCH: usize = 256;
 const BUFFERED_PER_TURN: usize = 64;
 
 type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
+/// A change of the receipt store being made durable.
+type Durably = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+/// A packet id released, whether it was awaiting release, and whether its release was made
+/// durable.
+type Releasing = Pin<Box<dyn Future<Output = (u16, bool, Result<(), String>)> + Send>>;
 
 /// Why a connection ended, and what that means for the client.
 #[derive(Debug, Clone, Copy)]
@@ -205,7 +213,18 @@ async fn admit<S: Stream>(
         }
     };
     match Session::accept(conn, peer, shared, *connect, version, identity, auth) {
-        Ok(session) => Some(session),
+        Ok(mut session) => {
+            if let Some(forgetting) = session.forgetting.take() {
+                if let Err(e) = forgetting.await {
+                    tracing::error!(client_id = %session.client_id, error = %e, "Cannot forget a previous session's QoS 2 state; refusing the connection.");
+                    session
+                        .finish(End::new(Some(0x80), false, "receipt store failed"))
+                        .await;
+                    return None;
+                }
+            }
+            Some(session)
+        }
         Err(mut refused) => {
             goodbye(&mut refused, timeout).await;
             None
@@ -326,6 +345,12 @@ struct Session<S> {
     pending: FuturesOrdered<Pending>,
     /// QoS 1/2 packet-id state: what is being stored, what awaits PUBREL.
     inflight: Inflight,
+    /// PUBRELs whose release is being made durable (`ingest::receipts`); each one's PUBCOMP
+    /// goes when it is, in order.
+    releasing: FuturesOrdered<Releasing>,
+    /// A previous session's QoS 2 state being forgotten, and a new persistent session being
+    /// journaled; the new session is served only once both are durable (`ingest::receipts`).
+    forgetting: Option<Durably>,
     /// QoS 0 appends pending; capped like QoS 1/2 so a QoS 0 flood cannot queue without bound.
     pending_qos0: usize,
     /// MQTT 5 topic aliases set by the client.
@@ -410,10 +435,44 @@ impl<S: Stream> Session<S> {
         let attached = shared
             .broker
             .attach(&client_id, connect.clean_start, keep_session);
+        let session_present = registered.session_present || attached.session_present;
+        let max_awaiting = usize::from(config.receive_maximum);
+        // The durable QoS 2 state: a session resumed after a restart (the broker's journal
+        // kept it, the registry did not) finds its ids awaiting PUBREL again; a new session
+        // forgets the old one's.
+        let mut forgetting = None;
+        if let Some(receipts) = shared.pipeline.receipts() {
+            if !session_present {
+                // A new persistent session is in the broker's journal before anything is
+                // acknowledged to it, or a crash could leave receipts of a session the
+                // restarted gateway does not know, and the client's DUP would be stored again.
+                let forget = receipts.forget(&client_id);
+                let sync = keep_session
+                    .is_some()
+                    .then(|| shared.broker.sync_sessions());
+                if forget.is_some() || sync.is_some() {
+                    forgetting = Some(Box::pin(async move {
+                        if let Some(forget) = forget {
+                            forget.await?;
+                        }
+                        if let Some(sync) = sync {
+                            sync.await?;
+                        }
+                        Ok(())
+                    }) as Durably);
+                }
+            } else if !registered.session_present {
+                let mut state = registered
+                    .awaiting_rel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                state.ids = receipts.awaiting(&client_id);
+            }
+        }
         conn.queue(
             version,
             &Outgoing::ConnAck(Ok(ConnAckProps {
-                session_present: registered.session_present || attached.session_present,
+                session_present,
                 assigned_client_id: ((assigned || replaced) && version == Version::V5)
                     .then(|| client_id.clone()),
                 server_keep_alive,
@@ -446,7 +505,9 @@ impl<S: Stream> Session<S> {
             will: connect.will.map(Box::new),
             keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
             pending: FuturesOrdered::new(),
-            inflight: Inflight::new(registered.awaiting_rel),
+            inflight: Inflight::new(registered.awaiting_rel, max_awaiting),
+            releasing: FuturesOrdered::new(),
+            forgetting,
             pending_qos0: 0,
             aliases: HashMap::new(),
             attached,
@@ -513,6 +574,13 @@ impl<S: Stream> Session<S> {
                             draining.get_or_insert(end);
                         }
                     }
+                }
+                Some((pkid, found, durable)) = self.releasing.next(), if !self.releasing.is_empty() => {
+                    if let Err(e) = durable {
+                        tracing::error!(client_id = %self.client_id, error = %e, "Cannot make a QoS 2 release durable; closing the connection.");
+                        return End::new(Some(0x80), false, "receipt store failed");
+                    }
+                    self.conn.queue(self.version, &Outgoing::PubComp { pkid, found });
                 }
                 // Messages for the client: taken as its Receive Maximum allows, so a full
                 // window leaves them queued in the mailbox (bounded) until acks free it.
@@ -608,8 +676,28 @@ impl<S: Stream> Session<S> {
                 let Ok(found) = self.inflight.release(pkid) else {
                     return Err(self.violation("PUBREL before PUBREC"));
                 };
-                self.conn
-                    .queue(self.version, &Outgoing::PubComp { pkid, found });
+                // A persistent session's release is durable before PUBCOMP, or a new message
+                // reusing the id after a crash would be taken for this one and dropped.
+                let durable = found
+                    .filter(|_| self.keep_session.is_some())
+                    .zip(self.shared.pipeline.receipts())
+                    .and_then(|(seq, receipts)| receipts.release(&self.client_id, pkid, seq));
+                let found = found.is_some();
+                match durable {
+                    Some(durable) => {
+                        self.releasing
+                            .push_back(Box::pin(async move { (pkid, found, durable.await) }));
+                    }
+                    // PUBCOMPs leave in the order of their PUBRELs.
+                    None if !self.releasing.is_empty() => {
+                        self.releasing
+                            .push_back(Box::pin(async move { (pkid, found, Ok(())) }));
+                    }
+                    None => {
+                        self.conn
+                            .queue(self.version, &Outgoing::PubComp { pkid, found });
+                    }
+                }
                 Ok(())
             }
             Packet::Subscribe(subscribe) => {
@@ -912,7 +1000,7 @@ impl<S: Stream> Session<S> {
                 user_properties: publish.user_properties,
             },
         );
-        match self.shared.pipeline.submit(inbound) {
+        match self.submit(qos, pkid, inbound) {
             Ok(durable) => {
                 if qos == 0 {
                     self.pending_qos0 += 1;
@@ -929,10 +1017,33 @@ impl<S: Stream> Session<S> {
                 Ok(())
             }
             Err(rejected) => {
-                self.inflight.stored(qos, pkid, false);
+                self.inflight.stored(qos, pkid, None);
                 self.reject(qos, pkid, &rejected)
             }
         }
+    }
+
+    /// Appends a message. A QoS 2 message of a persistent session carries a receipt
+    /// (`ingest::receipts`), so its "stored, awaiting PUBREL" survives a crash with it: made
+    /// under the session's QoS 2 lock, and without a receipt once a newer connection has
+    /// started a new session for the client (this one is ending; see `Qos2::ended`).
+    fn submit(&self, qos: u8, pkid: u16, inbound: Inbound) -> Result<Durable, Rejected> {
+        let pipeline = &self.shared.pipeline;
+        let receipts = pipeline
+            .receipts()
+            .filter(|_| qos == 2 && self.keep_session.is_some());
+        let Some(receipts) = receipts else {
+            return pipeline.submit(inbound);
+        };
+        let session = self.inflight.released();
+        if session.ended {
+            return pipeline.submit(inbound);
+        }
+        let durable = receipts.append_mqtt(&self.client_id, pkid, |receipt| {
+            pipeline.submit_with_receipt(inbound, receipt)
+        });
+        drop(session);
+        durable
     }
 
     /// A publish outside the client's rights: not stored. MQTT 5 hears 0x87 in its
@@ -1018,7 +1129,8 @@ impl<S: Stream> Session<S> {
                             persisted: Some(wait.await),
                         }
                     }));
-                    self.inflight.stored(qos, pkid, true);
+                    self.inflight
+                        .stored(qos, pkid, done.result.as_ref().ok().copied());
                     return Ok(());
                 }
             }
@@ -1031,7 +1143,7 @@ impl<S: Stream> Session<S> {
             return Ok(());
         }
         self.inflight
-            .stored(done.qos, done.pkid, done.result.is_ok());
+            .stored(done.qos, done.pkid, done.result.as_ref().ok().copied());
         match done.result {
             Ok(_seq) => self.acknowledge(done.qos, done.pkid),
             Err(e) => self.reject(done.qos, done.pkid, &Rejected::from(e)),
@@ -1106,12 +1218,16 @@ impl<S: Stream> Session<S> {
         // persistent session remembers which QoS 2 messages are stored.
         let _ = tokio::time::timeout(limit, async {
             while let Some(mut done) = self.pending.next().await {
-                if done.result.is_ok() && done.persisted.is_none() {
+                if done.persisted.is_some() {
+                    // The second completion of a publish whose record was taken before.
+                    continue;
+                }
+                if done.result.is_ok() {
                     // Stored: local subscribers get it even though its ack will not go out.
                     drop(hand_to_broker(&self.shared.broker, done.message.take()));
                 }
                 self.inflight
-                    .stored(done.qos, done.pkid, done.result.is_ok());
+                    .stored(done.qos, done.pkid, done.result.as_ref().ok().copied());
             }
         })
         .await;

@@ -554,18 +554,18 @@ fn qos2_retransmission_is_not_stored_twice() {
     assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::Store);
     // DUP while the first append is pending: not stored, no ack yet.
     assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::Duplicate);
-    inflight.stored(2, 9, true);
+    inflight.stored(2, 9, Some(40));
     // DUP after PUBREC: PUBREC again, not stored.
     assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::ResendPubRec);
-    assert_eq!(inflight.release(9), Ok(true));
+    assert_eq!(inflight.release(9), Ok(Some(40)));
     // PUBREL again: PUBCOMP "not found"; the id is free for a new message.
-    assert_eq!(inflight.release(9), Ok(false));
+    assert_eq!(inflight.release(9), Ok(None));
     assert_eq!(inflight.publish(2, 9, Some(10)), OnPublish::Store);
     // PUBREL before PUBREC is a protocol error.
     assert_eq!(inflight.release(9), Err(()));
     // A failed append frees the id without waiting for PUBREL.
-    inflight.stored(2, 9, false);
-    assert_eq!(inflight.release(9), Ok(false));
+    inflight.stored(2, 9, None);
+    assert_eq!(inflight.release(9), Ok(None));
 }
 
 #[test]
@@ -575,16 +575,33 @@ fn receive_maximum_counts_qos2_until_pubrel() {
     assert_eq!(inflight.publish(2, 2, Some(2)), OnPublish::Store);
     assert_eq!(inflight.publish(1, 3, Some(2)), OnPublish::OverLimit);
     assert_eq!(inflight.publish(0, 0, Some(2)), OnPublish::Store);
-    inflight.stored(1, 1, true);
-    inflight.stored(2, 2, true);
+    inflight.stored(1, 1, Some(1));
+    inflight.stored(2, 2, Some(2));
     assert_eq!(inflight.storing(), 0);
     // The QoS 2 message still counts until its PUBREL.
     assert_eq!(inflight.publish(1, 4, Some(2)), OnPublish::Store);
     assert_eq!(inflight.publish(1, 5, Some(2)), OnPublish::OverLimit);
-    assert_eq!(inflight.release(2), Ok(true));
+    assert_eq!(inflight.release(2), Ok(Some(2)));
     assert_eq!(inflight.publish(1, 5, Some(2)), OnPublish::Store);
     // 3.1.1: no limit enforced here (the connection is not read instead).
     assert_eq!(inflight.publish(1, 6, None), OnPublish::Store);
+}
+
+#[test]
+fn qos2_ids_awaiting_release_are_bounded_without_a_receive_maximum() {
+    // 3.1.1 has no receive maximum: a client that never sends PUBREL is stopped at the
+    // gateway's own, or its session's state would grow to every packet id.
+    let mut inflight = Inflight::new(Default::default(), 2);
+    for pkid in 1..=2 {
+        assert_eq!(inflight.publish(2, pkid, None), OnPublish::Store);
+        inflight.stored(2, pkid, Some(u64::from(pkid)));
+    }
+    assert_eq!(inflight.publish(2, 3, None), OnPublish::OverLimit);
+    // QoS 1 is not held after its PUBACK, and a DUP of a held id is still answered.
+    assert_eq!(inflight.publish(1, 4, None), OnPublish::Store);
+    assert_eq!(inflight.publish(2, 1, None), OnPublish::ResendPubRec);
+    assert_eq!(inflight.release(1), Ok(Some(1)));
+    assert_eq!(inflight.publish(2, 3, None), OnPublish::Store);
 }
 
 pub(super) mod robustness {
