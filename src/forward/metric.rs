@@ -165,4 +165,12 @@ pub(crate) fn describe() {
         "1 when Kafka is reachable, 0 when the gateway is buffering."
     );
     describe_histogram!(LATENCY, "Time from send to Kafka's acknowledgement.");
+    describe_counter!(
+        TRANSACTIONS,
+        "Exactly once: Kafka transactions ended, by outcome (committed, aborted and sent again, failed and the producer replaced)."
+    );
+    describe_histogram!(
+        TRANSACTION_SECONDS,
+        "Exactly once: time from a transaction's begin to its end."
+    );
 }
