@@ -3,7 +3,7 @@
 //! librdkafka's log lines go to `tracing` at levels that do not flood the journal during an
 //! outage.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::ClientContext;
@@ -59,6 +59,8 @@ pub struct ClientHealth {
     /// Bytes written to and read from broker connections since the client was created.
     tx_bytes: AtomicU64,
     rx_bytes: AtomicU64,
+    /// Statistics reports in a row with no broker connected and one failing.
+    unconnected_reports: AtomicU32,
 }
 
 impl ClientHealth {
@@ -159,12 +161,24 @@ impl ClientContext for ForwardContext {
                 .filter(|b| b.source != "internal" && b.source != "logical")
         };
         if real().any(|b| b.state == "UP") {
+            self.health.unconnected_reports.store(0, Ordering::Relaxed);
             self.link.up();
         } else if let Some(b) = real().find(|b| failing(&b.state, b.stateage)) {
-            self.link.down(&format!(
-                "{}: no connection to any broker (state {})",
-                b.name, b.state
-            ));
+            // With several brokers, a leader moving during a broker's restart can leave the
+            // client without a connection for a report or so while the others answer (it
+            // connects only to the brokers it needs): two reports in a row make an outage.
+            // Every broker unreachable is also reported at once by the error callback.
+            let reports = self
+                .health
+                .unconnected_reports
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if self.health.nodes() <= 1 || reports >= 2 {
+                self.link.down(&format!(
+                    "{}: no connection to any broker (state {})",
+                    b.name, b.state
+                ));
+            }
         }
     }
 
