@@ -70,7 +70,7 @@ use super::classify::{self, Disposition};
 use super::context::{ClientHealth, Delivery, ForwardContext, LinkTracker, Tag};
 use super::window::Backoff;
 use super::worker::{DeadLetterSink, KafkaProducer, RecordSource, Settings, for_each_run};
-use super::{ForwardError, Progress, dead_letter, metric, record};
+use super::{ForwardError, LinkState, Progress, dead_letter, metric, record};
 use crate::buffer::{AppendError, LogError, StoredRecord};
 use crate::record::Record;
 
@@ -230,50 +230,63 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ForwardError> {
         let mut first = true;
-        'sessions: loop {
+        loop {
             let Some(session) = self.open_session(&shutdown, first).await else {
                 break;
             };
             first = false;
             self.backoff.reset();
-            loop {
-                if !self.gather(&shutdown).await {
-                    break 'sessions;
-                }
-                if self.pending.is_empty() {
-                    continue;
-                }
-                let started = Instant::now();
-                match self.transact(&session, &shutdown).await {
-                    Outcome::Committed => {
-                        self.backoff.reset();
-                        metric::transaction("committed", started.elapsed());
-                    }
-                    Outcome::Aborted(reason) => {
-                        metric::transaction("aborted", started.elapsed());
-                        let wait = self.backoff.next_delay();
-                        tracing::warn!(reason, records = self.pending.len(), retry_in = ?wait, "A Kafka transaction was aborted; sending its records again in a new one, in order.");
-                        if !self.sleep(wait, &shutdown).await {
-                            break 'sessions;
-                        }
-                    }
-                    Outcome::Fatal(reason) => {
-                        metric::transaction("failed", started.elapsed());
-                        metric::rebuilt();
-                        let wait = self.backoff.next_delay();
-                        tracing::error!(reason, records = self.pending.len(), rebuild_in = ?wait, "The transactional producer is unusable or a commit's outcome is unknown; starting a new one, which reads the committed position again.");
-                        self.close_session(session).await;
-                        if !self.sleep(wait, &shutdown).await {
-                            break 'sessions;
-                        }
-                        continue 'sessions;
-                    }
-                    Outcome::Stopped => break 'sessions,
-                }
+            let replace = self.transactions_of(&session, &shutdown).await;
+            self.close_session(session).await;
+            if !replace {
+                break;
+            }
+            let wait = self.backoff.next_delay();
+            if !self.sleep(wait, &shutdown).await {
+                break;
             }
         }
         self.stop();
         Ok(())
+    }
+
+    /// Runs transactions on `session` until the forwarder stops (false) or the session must
+    /// be replaced (true).
+    async fn transactions_of(&mut self, session: &Session, shutdown: &CancellationToken) -> bool {
+        loop {
+            if !self.gather(shutdown).await {
+                return false;
+            }
+            if self.pending.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            match self.transact(session, shutdown).await {
+                Outcome::Committed => {
+                    self.backoff.reset();
+                    metric::transaction("committed", started.elapsed());
+                }
+                Outcome::Aborted(reason) => {
+                    metric::transaction("aborted", started.elapsed());
+                    let wait = self.backoff.next_delay();
+                    tracing::warn!(reason, records = self.pending.len(), retry_in = ?wait, "A Kafka transaction was aborted; sending its records again in a new one, in order.");
+                    if !self.sleep(wait, shutdown).await {
+                        return false;
+                    }
+                }
+                Outcome::Fatal(reason) => {
+                    metric::transaction("failed", started.elapsed());
+                    metric::rebuilt();
+                    tracing::error!(
+                        reason,
+                        records = self.pending.len(),
+                        "The transactional producer is unusable or a commit's outcome is unknown; starting a new one, which reads the committed position again."
+                    );
+                    return true;
+                }
+                Outcome::Stopped => return false,
+            }
+        }
     }
 
     /// Waits `wait`, refreshing the heartbeat; false on shutdown.
@@ -325,8 +338,14 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 Err(reason) => {
                     let wait = self.backoff.next_delay();
                     metric::error("transactions");
-                    tracing::error!(reason, retry_in = ?wait, "Cannot start exactly-once forwarding; records stay in the log.");
-                    self.link.set_last_error(&reason);
+                    // Kafka away is the link's news (one WARN when it goes down); a broker
+                    // that answers and still refuses is an ERROR every time.
+                    if self.link.state() == LinkState::Down {
+                        tracing::debug!(reason, retry_in = ?wait, "Cannot start exactly-once forwarding while Kafka is unreachable; records stay in the log.");
+                    } else {
+                        tracing::error!(reason, retry_in = ?wait, "Cannot start exactly-once forwarding; records stay in the log.");
+                        self.link.set_last_error(&reason);
+                    }
                     if !self.sleep(wait, shutdown).await {
                         return None;
                     }
@@ -591,7 +610,10 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             return Outcome::Fatal(format!("begin_transaction: {}", reason(&e)));
         }
         let started = Instant::now();
-        let deadline = started + self.txn.interval;
+        let close_at = started + self.txn.interval;
+        // Longer than any retry inside the transaction should take: then the outcome is in
+        // doubt, and a new producer settles it.
+        let give_up = started + self.settings.delivery_timeout.max(CALL_TIMEOUT) * 4;
         let mut produced = 0usize;
         let mut read_backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         let mut i = 0;
@@ -617,12 +639,33 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                         produced += 1;
                         i += 1;
                     }
+                    Err(RDKafkaErrorCode::QueueFull) => {
+                        // librdkafka's queue is full: it drains as the batches go out.
+                        if Instant::now() > give_up {
+                            return Outcome::Fatal(
+                                "librdkafka's queue stayed full for the whole transaction".into(),
+                            );
+                        }
+                        if !self.sleep(Duration::from_millis(1), shutdown).await {
+                            return Outcome::Stopped;
+                        }
+                    }
                     Err(code) => match classify::enqueue(code) {
                         Disposition::Retry => {
-                            // librdkafka's queue is full: it drains as the batches go out.
-                            if !self.sleep(Duration::from_millis(1), shutdown).await {
-                                return Outcome::Stopped;
-                            }
+                            // The transaction can take no more (it hit an abortable error:
+                            // librdkafka answers _STATE): never commit it short of its
+                            // records; abort it and send them all again.
+                            metric::error(classify::kind(code));
+                            return self
+                                .abort(
+                                    session,
+                                    txn,
+                                    produced,
+                                    &format!("librdkafka refused a record mid-transaction: {code}"),
+                                    give_up,
+                                    shutdown,
+                                )
+                                .await;
                         }
                         Disposition::DeadLetter | Disposition::Isolate => {
                             metric::error(classify::kind(code));
@@ -637,7 +680,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     },
                 }
             }
-            if !growing || self.stopping || self.source_closed || Instant::now() >= deadline {
+            if !growing || self.stopping || self.source_closed || Instant::now() >= close_at {
                 break;
             }
             let (room, room_bytes) = self.room(count, weight);
@@ -648,11 +691,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => self.stopping = true,
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(close_at) => break,
                 read = self.source.read_batch(room, room_bytes) => {
                     let before = self.pending.len();
                     if let Some(wait) = self.take_read(read, &mut read_backoff) {
-                        if !self.sleep(wait.min(deadline.saturating_duration_since(Instant::now())), shutdown).await {
+                        if !self.sleep(wait.min(close_at.saturating_duration_since(Instant::now())), shutdown).await {
                             self.stopping = true;
                         }
                     }
@@ -682,12 +725,12 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         }
         let offsets = Arc::new(offsets);
 
-        let deadline = started + self.settings.delivery_timeout.max(CALL_TIMEOUT) * 4;
         // The position, then the commit, in one call on the blocking pool; retriable errors
         // are retried in place, from the step that failed. Meanwhile the next transaction's
         // records are read from the log.
         let mut step = 0;
         let mut retriable_since: Option<Instant> = None;
+        let mut warned = false;
         let offsets_took = loop {
             let producer = session.producer.clone();
             let (offsets, group) = (offsets.clone(), session.group.clone());
@@ -725,16 +768,20 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     }
                     if txn_error.txn_requires_abort() {
                         return self
-                            .abort(session, txn, produced, &reason(&e), shutdown)
+                            .abort(session, txn, produced, &reason(&e), give_up, shutdown)
                             .await;
                     }
                     if txn_error.is_retriable() {
                         metric::error("timeout");
-                        retriable_since.get_or_insert_with(Instant::now);
+                        let since = *retriable_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= CALL_TIMEOUT && !warned {
+                            warned = true;
+                            tracing::warn!(error = %reason(&e), records = count, waited = ?started.elapsed(), "A Kafka transaction cannot commit yet; retrying.");
+                        }
                         if self.stopping && started.elapsed() > self.settings.grace {
                             return Outcome::Stopped;
                         }
-                        if Instant::now() > deadline {
+                        if Instant::now() > give_up {
                             // Kafka has long aborted it by now (transaction timeout) or the
                             // client is stuck: let a new producer settle it.
                             return Outcome::Fatal(format!(
@@ -870,9 +917,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         txn: u32,
         produced: usize,
         why: &str,
+        give_up: Instant,
         shutdown: &CancellationToken,
     ) -> Outcome {
         let p = session.producer.clone();
+        let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         let aborted = loop {
             let p = p.clone();
             match self
@@ -881,7 +930,12 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             {
                 Ok(()) => break Ok(()),
                 Err(e) if transaction_error(&e).is_some_and(|t| t.is_retriable()) => {
-                    if shutdown.is_cancelled() {
+                    if shutdown.is_cancelled() || Instant::now() > give_up {
+                        break Err(reason(&e));
+                    }
+                    let wait = backoff.next_delay();
+                    tracing::debug!(error = %reason(&e), retry_in = ?wait, "Cannot abort a Kafka transaction yet; retrying.");
+                    if !self.sleep(wait, shutdown).await {
                         break Err(reason(&e));
                     }
                 }
