@@ -11,13 +11,14 @@
 //! - a rolling restart of all three brokers, each back in sync before the next goes.
 //!
 //! After each: every acknowledged message is in Kafka, first copies in per-device order;
-//! duplicates (at-least-once allows them) are counted and printed on a `FIGURES` line; the
+//! duplicates (at least once allows them) are counted and printed on a `FIGURES` line; the
 //! backlog drains; the link was never reported down (a broker or two answered throughout)
 //! and the liveness safety net did not take a broker fault for a stalled producer.
 //!
-//! One cluster for the whole target (`common::cluster`), the scenarios one after another on
-//! it. [`run_scenario`] takes the delivery mode, so exactly-once runs of the same faults can
-//! reuse it (and [`check_in_kafka`] reads with `read_committed` in that mode).
+//! Each scenario runs twice: at least once, and with the gateway in `delivery =
+//! "exactly_once"`, where [`check_in_kafka`] reads with `read_committed` and a single
+//! duplicate fails it. One cluster for the whole target (`common::cluster`), the scenarios
+//! one after another on it.
 
 mod common;
 

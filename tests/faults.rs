@@ -10,6 +10,10 @@
 //! - the liveness safety net did not have to act (no stall, no rebuilt producer): the root
 //!   cause is fixed, not papered over.
 //!
+//! Two patterns (quick restarts, a frozen broker) run again with the gateway in
+//! `delivery = "exactly_once"` (issue 14): read back with `read_committed`, and there a
+//! duplicate fails the pattern too.
+//!
 //! Timings are random within bounds; the seed is printed, and `EDGEGATE_FAULT_SEED=<seed>`
 //! replays a run. Each pattern prints one `FIGURES` line: acknowledged, in Kafka, duplicates,
 //! seconds from "broker answers" to "backlog drained", whether the safety net acted.
@@ -92,6 +96,9 @@ struct Run {
     restarts: Vec<SystemTime>,
     /// When the broker last started answering.
     answered_at: Instant,
+    /// The gateway runs with `delivery = "exactly_once"`: read back with read_committed, and
+    /// a duplicate is a failure.
+    exactly_once: bool,
 }
 
 impl Run {
@@ -131,7 +138,23 @@ impl Run {
             outages: Vec::new(),
             restarts: Vec::new(),
             answered_at: Instant::now(),
+            exactly_once: false,
         }
+    }
+
+    /// The same pattern with the gateway in `delivery = "exactly_once"`.
+    fn start_exactly_once(
+        name: &'static str,
+        configure: impl FnOnce(GatewayToml) -> GatewayToml,
+    ) -> Run {
+        let mut run = Run::start(name, |c| {
+            configure(
+                c.kafka("delivery", "exactly_once")
+                    .kafka("transaction_interval", "50ms"),
+            )
+        });
+        run.exactly_once = true;
+        run
     }
 
     fn sleep(&mut self, lo: u64, hi: u64) {
@@ -249,7 +272,12 @@ impl Run {
         assert_eq!(r["log"]["oldest_age_seconds"], serde_json::Value::Null);
 
         // Every acknowledged message is in Kafka, first copies in per-device order.
-        let records = common::consume_all_blocking(&self.topic, total, Duration::from_secs(60));
+        let mut client = common::client_config();
+        if self.exactly_once {
+            client.set("isolation.level", "read_committed");
+        }
+        let records =
+            common::kafka::consume_all_from(client, &self.topic, total, Duration::from_secs(60));
         let mut seen: HashSet<(usize, u64)> = HashSet::new();
         let mut last: HashMap<usize, u64> = HashMap::new();
         let mut duplicates = 0;
@@ -318,6 +346,13 @@ impl Run {
             missing.len(),
             &missing[..missing.len().min(10)]
         );
+        if self.exactly_once {
+            assert_eq!(
+                duplicates, 0,
+                "{}: duplicates in exactly-once mode",
+                self.name
+            );
+        }
         assert_eq!(
             (stalls, rebuilds),
             (0, 0),
@@ -565,6 +600,20 @@ fn quick_restarts() {
     run.finish();
 }
 
+/// `quick_restarts` with the gateway in exactly-once mode: transactions cut by every stop.
+#[test]
+fn quick_restarts_exactly_once() {
+    let mut run = Run::start_exactly_once("quick-restarts-eos", |c| c);
+    run.sleep(1000, 2000);
+    for _ in 0..6 {
+        run.stop_broker();
+        run.sleep(1000, 3000);
+        run.start_broker();
+        run.sleep(1000, 3000);
+    }
+    run.finish();
+}
+
 /// SIGKILL the broker and start it again, five times.
 #[test]
 fn killed_broker() {
@@ -632,6 +681,21 @@ fn frozen_broker() {
         run.resume_broker();
         run.sleep(2000, 4000);
     }
+    run.finish();
+}
+
+/// `frozen_broker` with the gateway in exactly-once mode: a commit that nobody answers.
+#[test]
+fn frozen_broker_exactly_once() {
+    let mut run = Run::start_exactly_once("frozen-broker-eos", |c| {
+        c.kafka_property("request.timeout.ms", "5000")
+            .kafka_property("socket.timeout.ms", "10000")
+    });
+    run.sleep(1000, 2000);
+    run.pause_broker();
+    run.sleep(25_000, 30_000);
+    run.resume_broker();
+    run.sleep(2000, 4000);
     run.finish();
 }
 
