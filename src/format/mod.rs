@@ -10,6 +10,7 @@
 //! that reason instead of sending it, counted in `edgegate_format_errors_total`.
 
 pub mod sparkplug;
+pub mod timestamp;
 
 use serde::Deserialize;
 
