@@ -14,7 +14,6 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_json::Value;
 
 /// The stored header carrying an accepted device time, milliseconds since the Unix epoch:
 /// the Kafka timestamp of the record.
@@ -121,16 +120,24 @@ pub const SPARKPLUG_POINTERS: [&str; 2] = ["/metric_timestamp", "/timestamp"];
 impl DeviceTime {
     /// The device time of `payload` judged against `now_ms`, the receive time.
     pub fn extract(&self, payload: &[u8], now_ms: i64) -> Outcome {
-        let Ok(doc) = serde_json::from_slice::<Value>(payload) else {
-            return Outcome::Missing;
-        };
-        let Some(value) = self.pointers.iter().find_map(|p| doc.pointer(p)) else {
+        let mut found = None;
+        for pointer in &self.pointers {
+            match lookup(payload, pointer) {
+                Ok(Some(value)) => {
+                    found = Some(value);
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => return Outcome::Missing,
+            }
+        }
+        let Some(value) = found else {
             return Outcome::Missing;
         };
         let ms = match value {
-            Value::Number(n) => self.unit.to_ms(n),
-            Value::String(s) => parse_rfc3339(s),
-            _ => None,
+            Found::Number(n) => self.unit.to_ms(&n),
+            Found::String(s) => parse_rfc3339(&s),
+            Found::Other => None,
         };
         let Some(ms) = ms else {
             return Outcome::Invalid;
@@ -141,6 +148,180 @@ impl DeviceTime {
             return Outcome::OutOfWindow;
         }
         Outcome::Used(ms)
+    }
+}
+
+/// The value a JSON pointer found, as far as a time needs it.
+#[derive(Debug, Clone, PartialEq)]
+enum Found {
+    Number(serde_json::Number),
+    String(String),
+    /// `null`, a bool, an array or an object.
+    Other,
+}
+
+/// The value at `pointer` (RFC 6901, already checked) in the JSON document `payload`;
+/// `Err` if `payload` is not one JSON document. `serde_json::Value::pointer` without the
+/// `Value`: one pass that skips what is off the path instead of building a tree of it (a
+/// device payload is mostly what is not its timestamp). The same answers, duplicate keys
+/// included (the last one wins), except that nesting deeper than serde_json's limit (128)
+/// off the path is skipped (without recursion) instead of failing the document.
+fn lookup(payload: &[u8], pointer: &str) -> Result<Option<Found>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let found = serde::de::DeserializeSeed::deserialize(At(pointer), &mut de)?;
+    de.end()?;
+    Ok(found)
+}
+
+/// A [`DeserializeSeed`](serde::de::DeserializeSeed) that walks the rest of a pointer
+/// (`""` at the target, else `/token...`).
+struct At<'p>(&'p str);
+
+impl<'p> At<'p> {
+    /// The first token (still escaped) and the pointer after it.
+    fn split(&self) -> Option<(&'p str, At<'p>)> {
+        let rest = self.0.strip_prefix('/')?;
+        Some(match rest.find('/') {
+            Some(i) => (&rest[..i], At(&rest[i..])),
+            None => (rest, At("")),
+        })
+    }
+
+    fn at_target(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for At<'_> {
+    type Value = Option<Found>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for At<'_> {
+    type Value = Option<Found>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(self.at_target().then_some(Found::Other))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(self.at_target().then_some(Found::Other))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(self.at_target().then(|| Found::Number(v.into())))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(self.at_target().then(|| Found::Number(v.into())))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(self
+            .at_target()
+            .then(|| serde_json::Number::from_f64(v).map_or(Found::Other, Found::Number)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.at_target().then(|| Found::String(v.to_owned())))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        use serde::de::IgnoredAny;
+        let target = self
+            .split()
+            .and_then(|(token, rest)| Some((index(token)?, rest)));
+        let mut found = self.at_target().then_some(Found::Other);
+        let mut i = 0usize;
+        loop {
+            match &target {
+                Some((want, rest)) if *want == i => match seq.next_element_seed(At(rest.0))? {
+                    Some(value) => found = value,
+                    None => break,
+                },
+                _ => {
+                    if seq.next_element::<IgnoredAny>()?.is_none() {
+                        break;
+                    }
+                }
+            }
+            i += 1;
+        }
+        Ok(found)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::IgnoredAny;
+        let target = self.split();
+        let mut found = self.at_target().then_some(Found::Other);
+        while let Some(hit) = map.next_key_seed(Key(target.as_ref().map(|(t, _)| *t)))? {
+            match (&target, hit) {
+                (Some((_, rest)), true) => found = map.next_value_seed(At(rest.0))?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// An array index token as RFC 6901 and `serde_json` read it: digits, no leading zero.
+fn index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.starts_with('0') && token.len() != 1) {
+        return None;
+    }
+    token.parse().ok()
+}
+
+/// Deserializes an object key into whether it is the pointer's (escaped) token, without
+/// keeping it.
+struct Key<'t>(Option<&'t str>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
+        Ok(self.0.is_some_and(|token| token_is(token, key)))
+    }
+}
+
+/// Whether the escaped pointer token `token` names `key` (`~1` is `/`, `~0` is `~`).
+fn token_is(token: &str, key: &str) -> bool {
+    let mut t = token.chars();
+    let mut k = key.chars();
+    loop {
+        let want = match t.next() {
+            None => return k.next().is_none(),
+            Some('~') => match t.next() {
+                Some('0') => '~',
+                Some('1') => '/',
+                _ => return false,
+            },
+            Some(c) => c,
+        };
+        if k.next() != Some(want) {
+            return false;
+        }
     }
 }
 
@@ -346,6 +527,14 @@ mod tests {
         ] {
             assert_eq!(p.extract(payload, NOW), Outcome::Missing, "{payload:?}");
         }
+        // Deep nesting is skipped without recursion, no stack overflow: only the pointer's
+        // path is walked recursively.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(p.extract(deep.as_bytes(), NOW), Outcome::Missing);
+        let deep_on = format!(r#"{{"ts":{deep}}}"#);
+        assert_eq!(p.extract(deep_on.as_bytes(), NOW), Outcome::Invalid);
+        let deep_off = format!(r#"{{"x":{deep},"ts":{}}}"#, NOW * 1_000_000);
+        assert_eq!(p.extract(deep_off.as_bytes(), NOW), Outcome::Used(NOW));
         for payload in [
             &br#"{"ts":true}"#[..],
             br#"{"ts":null}"#,
@@ -380,6 +569,74 @@ mod tests {
         }
         for bad in ["ts", "/a~2", "/a~", "#/ts"] {
             assert!(valid_pointer(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The one-pass lookup answers as `serde_json::Value::pointer` does.
+    #[test]
+    fn lookup_agrees_with_serde_json_pointer() {
+        use serde_json::Value;
+        let docs = [
+            r#"{"ts":1,"a":{"b":[10,{"c~d/e":"x"},[true,null]],"":{"":2.5}},"ts":-3}"#,
+            r#"[{"ts":1},{"ts":"2026-12-04T16:00:00Z"},[],{}]"#,
+            r#"{"a":{"b":1},"a":{"c":2}}"#,
+            r#"{"0":{"01":7},"-":8,"~":9,"/":10}"#,
+            r#"17"#,
+            r#""s""#,
+            r#"null"#,
+            r#"{"a":[0,1,2,3,4,5,6,7,8,9,10,11]}"#,
+            r#"{"big":18446744073709551615,"neg":-9223372036854775808,"f":1e-7}"#,
+        ];
+        let pointers = [
+            "",
+            "/",
+            "/ts",
+            "/a",
+            "/a/b",
+            "/a/b/0",
+            "/a/b/1/c~0d~1e",
+            "/a/b/2/1",
+            "/a/b/3",
+            "/a//",
+            "/a/",
+            "/a/c",
+            "/0",
+            "/0/ts",
+            "/1/ts",
+            "/3",
+            "/0/01",
+            "/-",
+            "/~0",
+            "/~1",
+            "/a/b/01",
+            "/a/b/+1",
+            "/a/11",
+            "/a/12",
+            "/big",
+            "/neg",
+            "/f",
+            "/ts/x",
+        ];
+        for doc in docs {
+            let value: Value = serde_json::from_str(doc).expect("JSON");
+            for pointer in pointers {
+                let want = value.pointer(pointer).map(|v| match v {
+                    Value::Number(n) => Found::Number(n.clone()),
+                    Value::String(s) => Found::String(s.clone()),
+                    _ => Found::Other,
+                });
+                let got = lookup(doc.as_bytes(), pointer).expect("JSON");
+                assert_eq!(got, want, "{pointer} in {doc}");
+            }
+        }
+        for bad in [
+            &b"{\"ts\":1} trailing"[..],
+            b"{\"ts\":1",
+            b"\xff",
+            b"",
+            b"[1,]",
+        ] {
+            assert!(lookup(bad, "/ts").is_err(), "{bad:?}");
         }
     }
 }
