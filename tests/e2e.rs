@@ -1147,12 +1147,21 @@ async fn device_timestamps_in_the_window_become_the_kafka_timestamp() {
             vec![format!(r#"{{"t":{three_days_ago}}}"#).into_bytes()],
         )
         .await;
+    // A device cannot pass a refused time as the gateway's own header.
+    let forged = br#"{"meta":{"ts":0},"v":7}"#.to_vec();
+    let acked_forged = common::rumqttc(gateway.mqtt_addr(), "rtc-forger")
+        .v5(true)
+        .qos(1)
+        .properties("application/json", &[("edgegate-device-ms", "1234")])
+        .publish("ts/b", vec![forged.clone()])
+        .await;
     let after = now_ms();
     assert_eq!(acked, (0..n).collect::<Vec<_>>());
     assert_eq!(acked_day, [0]);
+    assert_eq!(acked_forged, [0]);
 
-    let records = common::consume_all(&topic, n, Duration::from_secs(30)).await;
-    assert_eq!(records.len(), n);
+    let records = common::consume_all(&topic, n + 1, Duration::from_secs(30)).await;
+    assert_eq!(records.len(), n + 1);
     let received = |r: &Consumed| -> i64 {
         let ms: i64 = header_str(r, "edgegate-received-ms").parse().expect("ms");
         assert!(
@@ -1163,15 +1172,16 @@ async fn device_timestamps_in_the_window_become_the_kafka_timestamp() {
     };
     let hour_ago_ms = hour_ago * 1000 + 250;
     // (device time used, or the reason it was not)
-    let want: [Result<i64, &str>; 6] = [
+    let want: [Result<i64, &str>; 7] = [
         Ok(two_days_ago),
         Err("out_of_window"),
         Ok(hour_ago_ms),
         Err("missing"),
         Err("out_of_window"),
         Err("invalid"),
+        Err("out_of_window"),
     ];
-    for (payload, want) in payloads.iter().zip(want) {
+    for (payload, want) in payloads.iter().chain([&forged]).zip(want) {
         let r = records
             .iter()
             .find(|r| r.payload.as_deref() == Some(&payload[..]))

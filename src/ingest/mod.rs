@@ -247,8 +247,11 @@ impl Pipeline {
         if let (Some(policy), Format::Raw) = (&dest.device_time, dest.format) {
             let outcome = policy.extract(&msg.payload, msg.received_ms);
             if let (Outcome::Used(at), true) = (outcome, dest.timed) {
-                // Rendered again at the device's time, by the table in force now.
-                dest = self.routes.borrow().route(&msg.topic, &msg.device, at)?;
+                // Rendered again at the device's time by the table in force now (a reload
+                // in between may have dropped the route: then the first rendering stands).
+                if let Ok(d) = self.routes.borrow().route(&msg.topic, &msg.device, at) {
+                    (dest.kafka_topic, dest.key) = (d.kafka_topic, d.key);
+                }
             }
             device_time(&mut headers, outcome);
         }
@@ -318,8 +321,7 @@ impl Pipeline {
             if let Some(policy) = &dest.device_time {
                 let outcome = policy.extract(&one.payload, one.received_ms);
                 if let (Outcome::Used(at), true) = (outcome, dest.timed) {
-                    // The table in force now, which may be newer than the one that routed
-                    // the message: a record that no longer routes keeps its first place.
+                    // As for raw payloads above.
                     if let Ok(d) = self.routes.borrow().route(&one.origin, &one.device, at) {
                         (one.kafka_topic, one.key) = (d.kafka_topic, d.key);
                     }
@@ -367,6 +369,9 @@ fn sparkplug_anomaly(record: &Record, anomaly: Anomaly) {
 fn device_time(headers: &mut Vec<(String, Bytes)>, outcome: Outcome) {
     metrics::counter!("edgegate_device_timestamps_total", "outcome" => outcome.label())
         .increment(1);
+    // Only this function says what the Kafka timestamp is: a device's MQTT 5 user property
+    // of the same name would otherwise pass a time the window refused.
+    headers.retain(|(k, _)| k != timestamp::DEVICE_MS_HEADER && k != timestamp::REJECTED_HEADER);
     headers.push(match outcome {
         Outcome::Used(at) => (
             timestamp::DEVICE_MS_HEADER.to_owned(),
