@@ -28,7 +28,8 @@ impl Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub source: Source,
-    /// Receive time, milliseconds since the Unix epoch (becomes the Kafka timestamp).
+    /// Receive time, milliseconds since the Unix epoch: the Kafka timestamp, unless ingest
+    /// accepted the device's own time (`format::timestamp`, carried as a header).
     pub received_ms: i64,
     /// Device identity: MQTT client id or CoAP device id.
     pub device: String,

@@ -9,13 +9,17 @@
 //!
 //! CoAP requests are routed the same way by the topic their listener derives from the URI.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::config::Duration;
 use crate::config::problems::{Problem, Problems};
 use crate::format::Format;
 use crate::format::sparkplug::Records;
+use crate::format::timestamp::{self, DeviceTime};
 use crate::reload::Reloadable;
 
 /// `[[routes]]` in gateway.toml.
@@ -34,6 +38,17 @@ pub struct RouteConfig {
     pub format: Format,
     /// `sparkplug_b` only: `per_metric` (the default) or `per_payload` records.
     pub records: Option<Records>,
+    /// Where the record's timestamp comes from: `received` (the default) or `payload`.
+    #[serde(default)]
+    pub timestamp: timestamp::Source,
+    /// `payload` on a JSON route: the RFC 6901 pointer to the device's time (`/ts`).
+    pub timestamp_pointer: Option<String>,
+    /// What a number at the pointer counts: `s`, `ms` (the default), `us` or `ns`.
+    pub timestamp_unit: Option<timestamp::Unit>,
+    /// How far ahead of the gateway's clock a device time is still believed (1h).
+    pub timestamp_max_future: Option<Duration>,
+    /// How far behind it a device time is still believed (7d).
+    pub timestamp_max_age: Option<Duration>,
 }
 
 /// `[default_route]` in gateway.toml: where messages that match no route go.
@@ -51,6 +66,10 @@ pub struct Destination {
     pub key: Option<Bytes>,
     pub format: Format,
     pub records: Records,
+    /// The route's device-time policy, `None` under `timestamp = "received"`.
+    pub device_time: Option<Arc<DeviceTime>>,
+    /// Whether the topic or key has a time part: a device time changes them.
+    pub timed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +99,7 @@ struct Route {
     key: Option<Template>,
     format: Format,
     records: Records,
+    device_time: Option<Arc<DeviceTime>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +214,7 @@ impl Router {
                     "only routes with format = \"sparkplug_b\" have records".to_owned(),
                 );
             }
+            let device_time = device_time(route, &path, problems);
             if let (Some(topic), Some(key)) = (topic, key) {
                 router.routes.push(Route {
                     levels,
@@ -201,6 +222,7 @@ impl Router {
                     key,
                     format: route.format,
                     records: route.records.unwrap_or_default(),
+                    device_time,
                 });
             }
         }
@@ -252,6 +274,11 @@ impl Router {
                     at,
                 )?;
                 (dest.format, dest.records) = (route.format, route.records);
+                if route.device_time.is_some() {
+                    dest.device_time.clone_from(&route.device_time);
+                    dest.timed =
+                        route.topic.timed() || route.key.as_ref().is_some_and(Template::timed);
+                }
                 return Ok(dest);
             }
         }
@@ -286,10 +313,86 @@ fn render(
         key: Some(Bytes::from(key)),
         format: Format::Raw,
         records: Records::default(),
+        device_time: None,
+        timed: false,
     })
 }
 
+/// A route's device-time policy, checked; problems under `routes[i].timestamp*`.
+fn device_time(
+    route: &RouteConfig,
+    path: &str,
+    problems: &mut Problems,
+) -> Option<Arc<DeviceTime>> {
+    if route.timestamp == timestamp::Source::Received {
+        for (set, key) in [
+            (route.timestamp_pointer.is_some(), "timestamp_pointer"),
+            (route.timestamp_unit.is_some(), "timestamp_unit"),
+            (route.timestamp_max_future.is_some(), "timestamp_max_future"),
+            (route.timestamp_max_age.is_some(), "timestamp_max_age"),
+        ] {
+            if set {
+                problems.push(
+                    format!("{path}.{key}"),
+                    "only routes with timestamp = \"payload\" take it".to_owned(),
+                );
+            }
+        }
+        return None;
+    }
+    let pointers = match (route.format, route.timestamp_pointer.as_deref()) {
+        (Format::SparkplugB, None) => timestamp::SPARKPLUG_POINTERS.map(str::to_owned).to_vec(),
+        (Format::SparkplugB, Some(_)) => {
+            problems.push(
+                format!("{path}.timestamp_pointer"),
+                "a sparkplug_b route takes the Sparkplug timestamp: leave timestamp_pointer out"
+                    .to_owned(),
+            );
+            return None;
+        }
+        (Format::Raw, None) => {
+            problems.push(
+                format!("{path}.timestamp"),
+                "timestamp = \"payload\" needs timestamp_pointer, the JSON pointer to the device's time (e.g. \"/ts\")".to_owned(),
+            );
+            return None;
+        }
+        (Format::Raw, Some(pointer)) => {
+            if let Err(message) = timestamp::valid_pointer(pointer) {
+                problems.push(format!("{path}.timestamp_pointer"), message);
+                return None;
+            }
+            vec![pointer.to_owned()]
+        }
+    };
+    if route.format == Format::SparkplugB
+        && route
+            .timestamp_unit
+            .is_some_and(|u| u != timestamp::Unit::Ms)
+    {
+        problems.push(
+            format!("{path}.timestamp_unit"),
+            "Sparkplug timestamps are milliseconds".to_owned(),
+        );
+    }
+    Some(Arc::new(DeviceTime {
+        pointers,
+        unit: route.timestamp_unit.unwrap_or_default(),
+        max_future: route
+            .timestamp_max_future
+            .map_or(timestamp::DEFAULT_MAX_FUTURE, Duration::get),
+        max_age: route
+            .timestamp_max_age
+            .map_or(timestamp::DEFAULT_MAX_AGE, Duration::get),
+    }))
+}
+
 impl Template {
+    /// Whether it renders a time part.
+    fn timed(&self) -> bool {
+        self.0.iter().any(|p| matches!(p, Part::Time(_)))
+    }
+
     fn render(&self, captures: &[&str], client_id: &str, at: Civil) -> String {
         use std::fmt::Write;
         let mut out = String::new();
@@ -525,6 +628,8 @@ mod tests {
             key: Some(Bytes::from(key.to_owned())),
             format: Format::Raw,
             records: Records::default(),
+            device_time: None,
+            timed: false,
         })
     }
 
@@ -685,5 +790,108 @@ mod tests {
                 "default_route.topic"
             ]
         );
+    }
+
+    #[test]
+    fn device_time_routes_carry_their_policy_and_whether_time_renders() {
+        let routes = vec![
+            RouteConfig {
+                filter: "j/#".into(),
+                topic: "j.{yyyy}{mm}{dd}".into(),
+                timestamp: timestamp::Source::Payload,
+                timestamp_pointer: Some("/ts".into()),
+                timestamp_unit: Some(timestamp::Unit::S),
+                timestamp_max_age: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+            RouteConfig {
+                filter: "spBv1.0/#".into(),
+                topic: "sp".into(),
+                format: Format::SparkplugB,
+                timestamp: timestamp::Source::Payload,
+                ..Default::default()
+            },
+            RouteConfig {
+                filter: "#".into(),
+                topic: "rest.{yyyy}".into(),
+                ..Default::default()
+            },
+        ];
+        let mut problems = Problems::default();
+        let r = Router::new(&routes, None, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let json = r.route("j/x", "c", 0).expect("routes");
+        assert!(json.timed);
+        assert_eq!(
+            json.device_time.as_deref(),
+            Some(&DeviceTime {
+                pointers: vec!["/ts".into()],
+                unit: timestamp::Unit::S,
+                max_future: timestamp::DEFAULT_MAX_FUTURE,
+                max_age: std::time::Duration::from_secs(60),
+            })
+        );
+        let sp = r.route("spBv1.0/g/DDATA/n/d", "c", 0).expect("routes");
+        assert!(!sp.timed);
+        let sp = sp.device_time.expect("a policy");
+        assert_eq!(sp.pointers, ["/metric_timestamp", "/timestamp"]);
+        assert_eq!(sp.unit, timestamp::Unit::Ms);
+        // The default path: no policy, and nothing to render again.
+        let rest = r.route("other", "c", 0).expect("routes");
+        assert_eq!((rest.device_time, rest.timed), (None, false));
+    }
+
+    #[test]
+    fn device_time_problems_are_all_reported() {
+        let payload = |filter: &str| RouteConfig {
+            filter: filter.into(),
+            topic: "t".into(),
+            timestamp: timestamp::Source::Payload,
+            ..Default::default()
+        };
+        let routes = vec![
+            RouteConfig {
+                timestamp_unit: Some(timestamp::Unit::Us),
+                timestamp_max_future: Some(Duration::from_secs(1)),
+                ..router_config("a/#")
+            },
+            payload("b/#"),
+            RouteConfig {
+                timestamp_pointer: Some("/a~2".into()),
+                ..payload("c/#")
+            },
+            RouteConfig {
+                format: Format::SparkplugB,
+                timestamp_pointer: Some("/ts".into()),
+                ..payload("d/#")
+            },
+            RouteConfig {
+                format: Format::SparkplugB,
+                timestamp_unit: Some(timestamp::Unit::S),
+                ..payload("e/#")
+            },
+        ];
+        let mut problems = Problems::default();
+        Router::new(&routes, None, &mut problems);
+        let paths: Vec<&str> = problems.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].timestamp_unit",
+                "routes[0].timestamp_max_future",
+                "routes[1].timestamp",
+                "routes[2].timestamp_pointer",
+                "routes[3].timestamp_pointer",
+                "routes[4].timestamp_unit",
+            ]
+        );
+    }
+
+    fn router_config(filter: &str) -> RouteConfig {
+        RouteConfig {
+            filter: filter.into(),
+            topic: "t".into(),
+            ..Default::default()
+        }
     }
 }

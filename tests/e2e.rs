@@ -1089,3 +1089,181 @@ async fn time_parts_in_a_route_name_the_topic_of_the_hour() {
     );
     assert_eq!(found[0].payload.as_deref(), Some(&b"tick"[..]));
 }
+
+/// `timestamp = "payload"` (issue 15): the Kafka timestamp is the device's time when it is in
+/// the window around the gateway's clock, else the receive time with the reason in a header;
+/// `edgegate-received-ms` is the receive time either way, and a daily topic is the device's
+/// day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_timestamps_in_the_window_become_the_kafka_timestamp() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("e2e-devtime");
+    let gateway = common::gateway(config().raw(&format!(
+        "[[routes]]\nmatch = \"ts/#\"\ntopic = \"{topic}\"\ntimestamp = \"payload\"\n\
+         timestamp_pointer = \"/meta/ts\"\n\n\
+         [[routes]]\nmatch = \"day/#\"\ntopic = \"{topic}.{{yyyy}}{{mm}}{{dd}}\"\n\
+         timestamp = \"payload\"\ntimestamp_pointer = \"/t\"\ntimestamp_unit = \"s\"\n"
+    )))
+    .start();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as i64
+    };
+    let date = |secs: i64, format: &str| {
+        let out = Command::new("date")
+            .args(["-u", "-d", &format!("@{secs}"), format])
+            .output()
+            .expect("date");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let before = now_ms();
+    let two_days_ago = before - 2 * 86_400_000;
+    let hour_ago = (before - 3_600_000) / 1000;
+    let rfc3339 = format!("{}.250Z", date(hour_ago, "+%Y-%m-%dT%H:%M:%S"));
+    let payloads: Vec<Vec<u8>> = [
+        format!(r#"{{"meta":{{"ts":{two_days_ago}}},"v":1}}"#),
+        r#"{"meta":{"ts":0},"v":2}"#.to_owned(),
+        format!(r#"{{"meta":{{"ts":"{rfc3339}"}},"v":3}}"#),
+        "v=4, not JSON".to_owned(),
+        format!(r#"{{"meta":{{"ts":{}}},"v":5}}"#, before + 2 * 3_600_000),
+        r#"{"meta":{"ts":true},"v":6}"#.to_owned(),
+    ]
+    .into_iter()
+    .map(String::into_bytes)
+    .collect();
+    let n = payloads.len();
+    let acked = common::rumqttc(gateway.mqtt_addr(), "rtc-dev")
+        .v5(true)
+        .qos(1)
+        .publish("ts/a", payloads.clone())
+        .await;
+    let three_days_ago = (before - 3 * 86_400_000) / 1000;
+    let acked_day = common::rumqttc(gateway.mqtt_addr(), "rtc-day")
+        .qos(1)
+        .publish(
+            "day/a",
+            vec![format!(r#"{{"t":{three_days_ago}}}"#).into_bytes()],
+        )
+        .await;
+    // A device cannot pass a refused time as the gateway's own header.
+    let forged = br#"{"meta":{"ts":0},"v":7}"#.to_vec();
+    let acked_forged = common::rumqttc(gateway.mqtt_addr(), "rtc-forger")
+        .v5(true)
+        .qos(1)
+        .properties("application/json", &[("edgegate-device-ms", "1234")])
+        .publish("ts/b", vec![forged.clone()])
+        .await;
+    let after = now_ms();
+    assert_eq!(acked, (0..n).collect::<Vec<_>>());
+    assert_eq!(acked_day, [0]);
+    assert_eq!(acked_forged, [0]);
+
+    let records = common::consume_all(&topic, n + 1, Duration::from_secs(30)).await;
+    assert_eq!(records.len(), n + 1);
+    let received = |r: &Consumed| -> i64 {
+        let ms: i64 = header_str(r, "edgegate-received-ms").parse().expect("ms");
+        assert!(
+            (before..=after).contains(&ms),
+            "{ms} not in {before}..={after}"
+        );
+        ms
+    };
+    let hour_ago_ms = hour_ago * 1000 + 250;
+    // (device time used, or the reason it was not)
+    let want: [Result<i64, &str>; 7] = [
+        Ok(two_days_ago),
+        Err("out_of_window"),
+        Ok(hour_ago_ms),
+        Err("missing"),
+        Err("out_of_window"),
+        Err("invalid"),
+        Err("out_of_window"),
+    ];
+    for (payload, want) in payloads.iter().chain([&forged]).zip(want) {
+        let r = records
+            .iter()
+            .find(|r| r.payload.as_deref() == Some(&payload[..]))
+            .unwrap_or_else(|| panic!("{} not in Kafka", String::from_utf8_lossy(payload)));
+        let received = received(r);
+        match want {
+            Ok(device) => {
+                assert_eq!(r.timestamp_ms, Some(device));
+                assert_eq!(header_str(r, "edgegate-device-ms"), device.to_string());
+                assert_eq!(r.header("edgegate-timestamp-rejected"), None);
+            }
+            Err(why) => {
+                assert_eq!(r.timestamp_ms, Some(received));
+                assert_eq!(header_str(r, "edgegate-timestamp-rejected"), why);
+                assert_eq!(r.header("edgegate-device-ms"), None);
+            }
+        }
+    }
+
+    let day = date(three_days_ago, "+%Y%m%d");
+    let records = common::consume_all(&format!("{topic}.{day}"), 1, Duration::from_secs(30)).await;
+    assert_eq!(records.len(), 1, "in the device's day, {day}");
+    assert_eq!(records[0].timestamp_ms, Some(three_days_ago * 1000));
+    received(&records[0]);
+}
+
+/// `timestamp = "payload"` on a `sparkplug_b` route: each record's Kafka timestamp is its
+/// metric's timestamp, else its payload's, when in the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sparkplug_records_take_the_metric_or_payload_timestamp() {
+    use serde_json::{Value, json};
+    let _kafka = common::shared();
+    let topic = common::unique_topic("e2e-sp-time");
+    let gateway = common::gateway(config().raw(&format!(
+        "[[routes]]\nmatch = \"spBv1.0/#\"\ntopic = \"{topic}\"\nformat = \"sparkplug_b\"\n\
+         timestamp = \"payload\"\n"
+    )))
+    .start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    let (hour_ago, two_hours_ago) = (now - 3_600_000, now - 7_200_000);
+    let messages = json!([
+        {"topic": "spBv1.0/plant/NBIRTH/edge1", "payload": {"timestamp": hour_ago, "seq": 0, "metrics": [
+            {"name": "bdSeq", "type": "UInt64", "value": 1},
+            {"name": "temp", "alias": 10, "type": "Double", "value": 20.5, "timestamp": two_hours_ago},
+        ]}},
+        // A node whose clock restarted at 1970.
+        {"topic": "spBv1.0/plant/NDATA/edge1", "payload": {"timestamp": 1000, "seq": 1, "metrics": [
+            {"alias": 10, "type": "Double", "value": 21.0},
+        ]}},
+    ]);
+    for (t, payload) in common::drivers::sparkplug_encode(&messages) {
+        let acked = common::rumqttc(gateway.mqtt_addr(), "edge1")
+            .qos(1)
+            .publish(&t, vec![payload])
+            .await;
+        assert_eq!(acked, [0], "{t} acknowledged");
+    }
+    // NBIRTH: state + 2 metrics; NDATA: 1.
+    let records = common::consume_all(&topic, 4, Duration::from_secs(30)).await;
+    assert_eq!(records.len(), 4);
+    let mut seen = Vec::new();
+    for r in &records {
+        let value: Value =
+            serde_json::from_slice(r.payload.as_deref().expect("value")).expect("JSON");
+        let received: i64 = header_str(r, "edgegate-received-ms").parse().expect("ms");
+        assert!(received >= now, "{received} is the receive time");
+        let rejected = r.header("edgegate-timestamp-rejected");
+        seen.push((value["name"].clone(), value["message_type"].clone()));
+        match (value["message_type"].as_str(), value["name"].as_str()) {
+            (Some("NBIRTH"), Some("temp")) => assert_eq!(r.timestamp_ms, Some(two_hours_ago)),
+            (Some("NBIRTH"), _) => assert_eq!(r.timestamp_ms, Some(hour_ago)),
+            (Some("NDATA"), _) => {
+                assert_eq!(r.timestamp_ms, Some(received));
+                assert_eq!(rejected, Some(&b"out_of_window"[..]));
+                continue;
+            }
+            other => panic!("unexpected record {other:?}"),
+        }
+        assert_eq!(rejected, None);
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}

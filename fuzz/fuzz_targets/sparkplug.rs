@@ -1,11 +1,15 @@
 //! Sparkplug B conversion (`edgegate::format::sparkplug`): a sequence of messages on one edge
 //! node, each a topic picked by one byte and a payload of hostile bytes, through the same
 //! state (births, aliases, sequence numbers). Converting must never panic; a payload it
-//! cannot decode is an error, not a crash.
+//! cannot decode is an error, not a crash. Each record's device time (`format::timestamp`)
+//! is taken as a `timestamp = "payload"` route would.
 #![no_main]
 
 use bytes::Bytes;
 use edgegate::format::sparkplug::{Records, Sparkplug};
+use edgegate::format::timestamp::{
+    DEFAULT_MAX_AGE, DEFAULT_MAX_FUTURE, DeviceTime, SPARKPLUG_POINTERS, Unit, parse_rfc3339,
+};
 use libfuzzer_sys::fuzz_target;
 
 const TOPICS: [&str; 10] = [
@@ -34,7 +38,25 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Records::PerPayload
         };
-        let _ = state.convert(topic, &Bytes::copy_from_slice(payload), shape);
+        let Ok(converted) = state.convert(topic, &Bytes::copy_from_slice(payload), shape) else {
+            continue;
+        };
+        // What a route with timestamp = "payload" does with each record, and with the raw
+        // bytes as a JSON route would: never a panic, whatever the time in them.
+        let device_time = DeviceTime {
+            pointers: SPARKPLUG_POINTERS.map(str::to_owned).to_vec(),
+            unit: Unit::Ms,
+            max_future: DEFAULT_MAX_FUTURE,
+            max_age: DEFAULT_MAX_AGE,
+        };
+        let now = i64::from(pick) * 1_000_000_000_000 - 1;
+        for record in &converted.records {
+            let _ = device_time.extract(record, now);
+        }
+        let _ = device_time.extract(payload, now);
+        if let Ok(text) = std::str::from_utf8(payload) {
+            let _ = parse_rfc3339(text);
+        }
     }
 });
 

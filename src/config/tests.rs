@@ -330,3 +330,52 @@ fn tls_and_password_files_are_checked_where_they_are_named() {
     };
     assert_eq!(found[0].key.as_deref(), Some("mqtt.tls.cert"), "{found:#?}");
 }
+
+/// Device timestamps (issue 15): every misused `timestamp*` key is reported at its place.
+#[test]
+fn device_timestamp_problems_point_at_their_keys() {
+    let text = "[[routes]]\nmatch = \"a/#\"\ntopic = \"t\"\ntimestamp_pointer = \"/ts\"\n\n\
+                [[routes]]\nmatch = \"b/#\"\ntopic = \"t\"\ntimestamp = \"payload\"\n\n\
+                [[routes]]\nmatch = \"c/#\"\ntopic = \"t\"\ntimestamp = \"payload\"\ntimestamp_pointer = \"ts\"\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:4:21: routes[0].timestamp_pointer"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[1].starts_with("gw.toml:9:13: routes[1].timestamp"),
+        "{}",
+        found[1]
+    );
+    assert!(
+        found[2].starts_with("gw.toml:15:21: routes[2].timestamp_pointer"),
+        "{}",
+        found[2]
+    );
+    assert!(found[2].contains("RFC 6901"), "{}", found[2]);
+    let unit = format!(
+        "{ROUTE}timestamp = \"payload\"\ntimestamp_pointer = \"/ts\"\ntimestamp_unit = \"fortnights\"\n"
+    );
+    let found = problems(&unit);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:6:18: [routes]") && found[0].contains("fortnights"),
+        "{}",
+        found[0]
+    );
+
+    let good = "[[routes]]\nmatch = \"a/#\"\ntopic = \"t\"\ntimestamp = \"payload\"\n\
+                timestamp_pointer = \"/meta/ts\"\ntimestamp_unit = \"s\"\n\
+                timestamp_max_future = \"5m\"\ntimestamp_max_age = \"30d\"\n";
+    assert_eq!(problems(good), Vec::<String>::new());
+    let exactly_once = format!("[kafka]\ndelivery = \"exactly_once\"\n\n{good}");
+    let found = problems(&exactly_once);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:7:13: routes[0].timestamp"),
+        "{}",
+        found[0]
+    );
+}

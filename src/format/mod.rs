@@ -8,8 +8,12 @@
 //! refusal would cost the device its message): it is stored as it came with an
 //! `edgegate-format-error` header, and the forwarder moves it to the dead-letter log with
 //! that reason instead of sending it, counted in `edgegate_format_errors_total`.
+//!
+//! [`timestamp`] is the other per-route transform at ingest: a record's timestamp taken from
+//! its payload (`timestamp = "payload"`), JSON or converted Sparkplug alike.
 
 pub mod sparkplug;
+pub mod timestamp;
 
 use serde::Deserialize;
 

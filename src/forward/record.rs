@@ -5,6 +5,7 @@ use std::fmt::Write;
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 
+use crate::format::timestamp::DEVICE_MS_HEADER;
 use crate::record::Record;
 
 /// The header carrying `<gateway id>:<log sequence>`: the same on every re-send, so a
@@ -14,6 +15,19 @@ pub const SOURCE: &str = "edgegate-source";
 pub const DEVICE: &str = "edgegate-device";
 pub const ORIGIN: &str = "edgegate-origin";
 pub const RECEIVED_MS: &str = "edgegate-received-ms";
+
+/// The Kafka timestamp of a record: the device's time when ingest accepted it
+/// (`format::timestamp`), else the receive time. Only records of routes that take device
+/// timestamps carry the header, so for the others this is a walk over a few header names.
+pub fn timestamp_ms(record: &Record) -> i64 {
+    record
+        .headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == DEVICE_MS_HEADER)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(record.received_ms)
+}
 
 pub fn record_id(gateway_id: &str, seq: u64) -> String {
     format!("{gateway_id}:{seq}")
@@ -184,5 +198,20 @@ mod tests {
         let mut record = sample();
         record.source = Source::Coap;
         assert_eq!(headers("g", 1, &record)[1].1, "coap");
+    }
+
+    #[test]
+    fn kafka_timestamp_is_the_accepted_device_time_else_the_receive_time() {
+        let mut record = sample();
+        assert_eq!(timestamp_ms(&record), 1_700_000_000_123);
+        record.headers.push((
+            DEVICE_MS_HEADER.into(),
+            Bytes::from_static(b"1699999999000"),
+        ));
+        assert_eq!(timestamp_ms(&record), 1_699_999_999_000);
+        // The receive time header stays the receive time.
+        assert_eq!(headers("g", 1, &record)[4].1, "1700000000123");
+        record.headers.last_mut().expect("pushed").1 = Bytes::from_static(b"soon");
+        assert_eq!(timestamp_ms(&record), 1_700_000_000_123);
     }
 }

@@ -597,7 +597,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         let mut base =
             BaseRecord::<[u8], [u8], Box<Tag>>::with_opaque_to(&p.record.kafka_topic, tag)
                 .payload(&p.record.payload[..])
-                .timestamp(p.record.received_ms)
+                .timestamp(record::timestamp_ms(&p.record))
                 .headers(headers);
         if let Some(key) = &p.record.key {
             base = base.key(&key[..]);

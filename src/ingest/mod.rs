@@ -14,11 +14,12 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::buffer::{AppendError, Durable, Log, Pressure};
-use crate::format::sparkplug::{Anomaly, FormatError, Records, Sparkplug};
+use crate::format::sparkplug::{Anomaly, FormatError, Sparkplug};
+use crate::format::timestamp::{self, Outcome};
 use crate::format::{self, Format};
 use crate::record::{Record, Source};
 use crate::reload::Live;
-use crate::route::{RouteError, Router};
+use crate::route::{Destination, RouteError, Router};
 use receipts::Receipts;
 
 /// How a message was delivered, in its protocol's terms.
@@ -235,25 +236,38 @@ impl Pipeline {
     /// that becomes several records carries it in the last, the one whose durability is
     /// waited for.
     pub fn submit_with_receipt(&self, msg: Inbound, receipt: &[u8]) -> Result<Durable, Rejected> {
-        let dest = self
+        let mut dest = self
             .routes
             .borrow()
             .route(&msg.topic, &msg.device, msg.received_ms)?;
         let delivery = msg.delivery;
         let bytes = msg.payload.len() as u64;
+        let mut headers = msg.headers;
+        // Sparkplug records are timed one by one, after conversion.
+        if let (Some(policy), Format::Raw) = (&dest.device_time, dest.format) {
+            let outcome = policy.extract(&msg.payload, msg.received_ms);
+            if let (Outcome::Used(at), true) = (outcome, dest.timed) {
+                // Rendered again at the device's time by the table in force now (a reload
+                // in between may have dropped the route: then the first rendering stands).
+                if let Ok(d) = self.routes.borrow().route(&msg.topic, &msg.device, at) {
+                    (dest.kafka_topic, dest.key) = (d.kafka_topic, d.key);
+                }
+            }
+            device_time(&mut headers, outcome);
+        }
         let record = Record {
             source: msg.delivery.source(),
             received_ms: msg.received_ms,
             device: msg.device,
             origin: msg.topic,
-            kafka_topic: dest.kafka_topic,
-            key: dest.key,
-            headers: msg.headers,
+            kafka_topic: std::mem::take(&mut dest.kafka_topic),
+            key: dest.key.take(),
+            headers,
             payload: msg.payload,
         };
         let durable = match dest.format {
             Format::Raw => self.log.append_with_receipt(&record, receipt)?,
-            Format::SparkplugB => self.append_sparkplug(record, dest.records, receipt)?,
+            Format::SparkplugB => self.append_sparkplug(record, &dest, receipt)?,
         };
         self.counters.stored(delivery, bytes);
         Ok(durable)
@@ -266,12 +280,12 @@ impl Pipeline {
     fn append_sparkplug(
         &self,
         mut record: Record,
-        shape: Records,
+        dest: &Destination,
         receipt: &[u8],
     ) -> Result<Durable, Rejected> {
         let converted = self
             .sparkplug
-            .convert(&record.origin, &record.payload, shape);
+            .convert(&record.origin, &record.payload, dest.records);
         let converted = match converted {
             Ok(c) if !c.records.is_empty() => c,
             Ok(_) => return Ok(self.log.append_with_receipt(&record, receipt)?),
@@ -300,13 +314,21 @@ impl Pipeline {
         let n = converted.records.len();
         for (i, value) in converted.records.into_iter().enumerate() {
             let receipt = if i + 1 == n { receipt } else { &[] };
-            last = Some(self.log.append_with_receipt(
-                &Record {
-                    payload: value,
-                    ..record.clone()
-                },
-                receipt,
-            )?);
+            let mut one = Record {
+                payload: value,
+                ..record.clone()
+            };
+            if let Some(policy) = &dest.device_time {
+                let outcome = policy.extract(&one.payload, one.received_ms);
+                if let (Outcome::Used(at), true) = (outcome, dest.timed) {
+                    // As for raw payloads above.
+                    if let Ok(d) = self.routes.borrow().route(&one.origin, &one.device, at) {
+                        (one.kafka_topic, one.key) = (d.kafka_topic, d.key);
+                    }
+                }
+                device_time(&mut one.headers, outcome);
+            }
+            last = Some(self.log.append_with_receipt(&one, receipt)?);
         }
         last.ok_or(Rejected::Closed)
     }
@@ -342,6 +364,26 @@ fn sparkplug_anomaly(record: &Record, anomaly: Anomaly) {
     tracing::info!(device = %record.device, topic = %record.origin, kind = anomaly.label(), "Sparkplug B anomaly.");
 }
 
+/// A record's device-time outcome on a route that takes device timestamps: the header the
+/// forwarder and consumers read, and the one place it is counted.
+fn device_time(headers: &mut Vec<(String, Bytes)>, outcome: Outcome) {
+    metrics::counter!("edgegate_device_timestamps_total", "outcome" => outcome.label())
+        .increment(1);
+    // Only this function says what the Kafka timestamp is: a device's MQTT 5 user property
+    // of the same name would otherwise pass a time the window refused.
+    headers.retain(|(k, _)| k != timestamp::DEVICE_MS_HEADER && k != timestamp::REJECTED_HEADER);
+    headers.push(match outcome {
+        Outcome::Used(at) => (
+            timestamp::DEVICE_MS_HEADER.to_owned(),
+            Bytes::from(at.to_string()),
+        ),
+        rejected => (
+            timestamp::REJECTED_HEADER.to_owned(),
+            Bytes::from_static(rejected.label().as_bytes()),
+        ),
+    });
+}
+
 /// HELP text of the pipeline's metrics.
 pub(crate) fn describe() {
     metrics::describe_counter!(
@@ -359,6 +401,10 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         "edgegate_sparkplug_anomalies_total",
         "Sparkplug B messages with a sequence gap, data before its birth, or a death of an older session, by kind."
+    );
+    metrics::describe_counter!(
+        "edgegate_device_timestamps_total",
+        "Records on routes with timestamp = \"payload\", by outcome: used (the Kafka timestamp is the device's), missing, invalid or out_of_window (the receive time is kept)."
     );
     metrics::describe_counter!(
         "edgegate_ingest_rejected_total",
