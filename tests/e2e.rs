@@ -513,12 +513,16 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
         .filter(|p| !ids.contains_key(*p))
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged messages missing, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
+    if !missing.is_empty() {
+        let log = gateway.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        panic!(
+            "{} acknowledged messages missing, e.g. {:?}; the gateway's last log lines:\n{}",
+            missing.len(),
+            &missing[..missing.len().min(5)],
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        );
+    }
     dedup_and_check_order(&records);
 }
 

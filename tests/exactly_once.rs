@@ -266,6 +266,66 @@ async fn kafka_stopped_and_killed_mid_transaction_loses_and_repeats_nothing() {
     assert_exactly_once(&verdict(&records, &acknowledged), expected);
 }
 
+/// A broker that refuses the gateway's transactions (here: a transaction timeout above the
+/// broker's `transaction.max.timeout.ms`, 15 minutes) is an ERROR saying why, shown in
+/// `/readyz`; the gateway keeps acknowledging and buffering, and never falls back to at least
+/// once by itself: nothing reaches the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_refuses_transactions_is_an_error_not_a_fallback() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("eos-refused");
+    let gateway =
+        common::gateway(exactly_once(&topic, "eos-refused-gw").kafka("transaction_timeout", "20m"))
+            .start_process();
+    let acked = publish(gateway.mqtt_addr(), "dev-r", 1, payloads("dev-r", 0, 20)).await;
+    assert_eq!(acked.len(), 20, "the gateway acknowledges and buffers");
+    let line = tokio::task::spawn_blocking({
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let log = gateway.log_path();
+        move || loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.contains("ERROR") && l.contains("Cannot start exactly-once forwarding"))
+            {
+                return line.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no ERROR line in:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .expect("log watcher");
+    assert!(
+        line.contains("init_transactions") && line.contains("edgegate-eos-refused-gw"),
+        "the reason names the call and the transactional id: {line}"
+    );
+    let (_, body) = common::http_get(gateway.admin_addr(), "/readyz");
+    let r: serde_json::Value = serde_json::from_str(&body).expect("/readyz json");
+    assert!(
+        r["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("init_transactions"),
+        "{r}"
+    );
+    assert_eq!(r["forwarder"]["delivered"], 0, "{r}");
+    let records = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || common::consume_all_blocking(&topic, 1, Duration::from_secs(3))
+    })
+    .await
+    .expect("consumer");
+    assert!(
+        records.is_empty(),
+        "no silent fallback: {} records",
+        records.len()
+    );
+}
+
 /// The crash loop (issue 14's figure; not in CI: `tools/crash-loop`): QoS 2 devices with
 /// persistent sessions publish steadily while the gateway is SIGKILLed `EDGEGATE_CRASH_KILLS`
 /// times (30 by default) at random moments and restarted at once; then everything

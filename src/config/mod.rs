@@ -500,16 +500,6 @@ impl Config {
         self.admin.validate("admin", &mut problems);
         self.auth.validate("auth", &mut problems);
         crate::route::Router::new(&self.routes, self.default_route.as_ref(), &mut problems);
-        if self.kafka.delivery == crate::forward::config::Delivery::ExactlyOnce {
-            for (i, route) in self.routes.iter().enumerate() {
-                if route.timestamp == crate::format::timestamp::Source::Payload {
-                    problems.push(
-                        format!("routes[{i}].timestamp"),
-                        "device timestamps are not sent under kafka.delivery = \"exactly_once\" yet: its producer stamps the receive time",
-                    );
-                }
-            }
-        }
         for (i, d) in self.downlink.iter().enumerate() {
             d.validate(&format!("downlink[{i}]"), &mut problems);
         }

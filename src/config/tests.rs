@@ -370,12 +370,7 @@ fn device_timestamp_problems_point_at_their_keys() {
                 timestamp_pointer = \"/meta/ts\"\ntimestamp_unit = \"s\"\n\
                 timestamp_max_future = \"5m\"\ntimestamp_max_age = \"30d\"\n";
     assert_eq!(problems(good), Vec::<String>::new());
+    // Exactly once stamps the device time too (forward::transactional takes it the same way).
     let exactly_once = format!("[kafka]\ndelivery = \"exactly_once\"\n\n{good}");
-    let found = problems(&exactly_once);
-    assert_eq!(found.len(), 1, "{found:#?}");
-    assert!(
-        found[0].starts_with("gw.toml:7:13: routes[0].timestamp"),
-        "{}",
-        found[0]
-    );
+    assert_eq!(problems(&exactly_once), Vec::<String>::new());
 }

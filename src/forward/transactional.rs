@@ -70,7 +70,7 @@ use super::classify::{self, Disposition};
 use super::context::{ClientHealth, Delivery, ForwardContext, LinkTracker, Tag};
 use super::window::Backoff;
 use super::worker::{DeadLetterSink, KafkaProducer, RecordSource, Settings, for_each_run};
-use super::{ForwardError, LinkState, Progress, dead_letter, metric, record};
+use super::{ForwardError, Progress, dead_letter, metric, record};
 use crate::buffer::{AppendError, LogError, StoredRecord};
 use crate::record::Record;
 
@@ -119,6 +119,44 @@ struct Session {
     /// Times the bootstrap brokers were added again (librdkafka keeps a copy of each list).
     rebootstraps: AtomicU32,
     group: Arc<ConsumerGroupMetadata>,
+}
+
+/// Why a session could not be opened: Kafka not reachable (yet), which the link state
+/// reports, or a broker that answered and refused, which is an ERROR every time.
+struct OpenError {
+    reason: String,
+    unreachable: bool,
+}
+
+impl OpenError {
+    fn refused(reason: impl Into<String>) -> OpenError {
+        OpenError {
+            reason: reason.into(),
+            unreachable: false,
+        }
+    }
+
+    /// `reason`, unreachable if `code` says the brokers did not answer (in time).
+    fn from_code(reason: String, code: Option<RDKafkaErrorCode>) -> OpenError {
+        let unreachable = code.is_some_and(|code| {
+            classify::is_link_error(code)
+                || matches!(
+                    code,
+                    RDKafkaErrorCode::OperationTimedOut
+                        | RDKafkaErrorCode::RequestTimedOut
+                        | RDKafkaErrorCode::MessageTimedOut
+                        | RDKafkaErrorCode::CoordinatorNotAvailable
+                        | RDKafkaErrorCode::NotCoordinator
+                        | RDKafkaErrorCode::CoordinatorLoadInProgress
+                        | RDKafkaErrorCode::LeaderNotAvailable
+                        | RDKafkaErrorCode::NotController
+                )
+        });
+        OpenError {
+            reason,
+            unreachable,
+        }
+    }
 }
 
 /// How a transaction ended.
@@ -335,12 +373,15 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             }
             match self.try_open_session(first).await {
                 Ok(session) => return Some(session),
-                Err(reason) => {
+                Err(OpenError {
+                    reason,
+                    unreachable,
+                }) => {
                     let wait = self.backoff.next_delay();
                     metric::error("transactions");
                     // Kafka away is the link's news (one WARN when it goes down); a broker
                     // that answers and still refuses is an ERROR every time.
-                    if self.link.state() == LinkState::Down {
+                    if unreachable {
                         tracing::debug!(reason, retry_in = ?wait, "Cannot start exactly-once forwarding while Kafka is unreachable; records stay in the log.");
                     } else {
                         tracing::error!(reason, retry_in = ?wait, "Cannot start exactly-once forwarding; records stay in the log.");
@@ -354,7 +395,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         }
     }
 
-    async fn try_open_session(&mut self, first: bool) -> Result<Session, String> {
+    async fn try_open_session(&mut self, first: bool) -> Result<Session, OpenError> {
         self.ensure_positions_topic().await?;
         let health = Arc::new(ClientHealth::new(
             self.settings
@@ -369,8 +410,9 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             health: health.clone(),
         };
         let producer = Arc::new(
-            KafkaProducer::from_config_and_context(&self.client_config, context)
-                .map_err(|e| format!("cannot create the transactional producer: {e}"))?,
+            KafkaProducer::from_config_and_context(&self.client_config, context).map_err(|e| {
+                OpenError::refused(format!("cannot create the transactional producer: {e}"))
+            })?,
         );
         let p = producer.clone();
         let init = self
@@ -378,23 +420,26 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             .await;
         if let Err(e) = init {
             drop_bounded(producer).await;
-            return Err(format!(
-                "init_transactions (transactional.id {}): {}",
-                self.client_config
-                    .get("transactional.id")
-                    .unwrap_or_default(),
-                reason(&e)
+            return Err(OpenError::from_code(
+                format!(
+                    "init_transactions (transactional.id {}): {}",
+                    self.client_config
+                        .get("transactional.id")
+                        .unwrap_or_default(),
+                    reason(&e)
+                ),
+                e.rdkafka_error_code(),
             ));
         }
         self.link.take_fatal();
         let consumer: BaseConsumer = self
             .consumer_config
             .create()
-            .map_err(|e| format!("cannot create the positions client: {e}"))?;
+            .map_err(|e| OpenError::refused(format!("cannot create the positions client: {e}")))?;
         let consumer = Arc::new(consumer);
         let group = consumer
             .group_metadata()
-            .ok_or("the positions client has no group metadata")?;
+            .ok_or_else(|| OpenError::refused("the positions client has no group metadata"))?;
         let position = self.read_position(&consumer).await?;
         match position {
             Some(p) if p > self.committed => {
@@ -428,18 +473,20 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
 
     /// Creates the positions topic if it is missing: one partition, compacted (nothing is
     /// written to it; only its existence matters for the offsets).
-    async fn ensure_positions_topic(&mut self) -> Result<(), String> {
+    async fn ensure_positions_topic(&mut self) -> Result<(), OpenError> {
         let admin: AdminClient<DefaultClientContext> = self
             .admin_config
             .create()
-            .map_err(|e| format!("cannot create an admin client: {e}"))?;
+            .map_err(|e| OpenError::refused(format!("cannot create an admin client: {e}")))?;
         let topic = NewTopic::new(&self.txn.positions_topic, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact");
         let options = AdminOptions::new().request_timeout(Some(CALL_TIMEOUT));
-        let result = admin
-            .create_topics([&topic], &options)
-            .await
-            .map_err(|e| format!("cannot create topic {}: {e}", self.txn.positions_topic))?;
+        let result = admin.create_topics([&topic], &options).await.map_err(|e| {
+            OpenError::from_code(
+                format!("cannot create topic {}: {e}", self.txn.positions_topic),
+                e.rdkafka_error_code(),
+            )
+        })?;
         for r in result {
             match r {
                 Ok(_) => {
@@ -447,7 +494,10 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 }
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
-                    return Err(format!("cannot create topic {name}: {code}"));
+                    return Err(OpenError::from_code(
+                        format!("cannot create topic {name}: {code}"),
+                        Some(code),
+                    ));
                 }
             }
         }
@@ -455,14 +505,22 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     }
 
     /// The position committed for this log, if any.
-    async fn read_position(&mut self, consumer: &Arc<BaseConsumer>) -> Result<Option<u64>, String> {
+    async fn read_position(
+        &mut self,
+        consumer: &Arc<BaseConsumer>,
+    ) -> Result<Option<u64>, OpenError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.txn.positions_topic, 0);
         let c = consumer.clone();
         let committed = self
             .blocking(move || c.committed_offsets(tpl, CALL_TIMEOUT))
             .await
-            .map_err(|e| format!("cannot read the committed position: {}", reason(&e)))?;
+            .map_err(|e| {
+                OpenError::from_code(
+                    format!("cannot read the committed position: {}", reason(&e)),
+                    e.rdkafka_error_code(),
+                )
+            })?;
         let Some(elem) = committed.elements().into_iter().next() else {
             return Ok(None);
         };
@@ -898,7 +956,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let mut base =
             BaseRecord::<[u8], [u8], Box<Tag>>::with_opaque_to(&p.record.kafka_topic, tag)
                 .payload(&p.record.payload[..])
-                .timestamp(p.record.received_ms)
+                .timestamp(record::timestamp_ms(&p.record))
                 .headers(headers);
         if let Some(key) = &p.record.key {
             base = base.key(&key[..]);

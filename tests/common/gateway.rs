@@ -533,6 +533,11 @@ impl Process {
         self.wait_started();
     }
 
+    /// Where the binary's output goes (every run's).
+    pub fn log_path(&self) -> PathBuf {
+        self.log_path.clone()
+    }
+
     /// Everything the binary printed, over every run.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

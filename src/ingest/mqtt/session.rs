@@ -1335,6 +1335,12 @@ async fn store_will(owner: WillOwner, will: Will) {
     will_stored(owner.peer, &owner.client_id, qos, result);
 }
 
+/// A header name only the gateway may write.
+fn reserved_header(name: &str) -> bool {
+    name.get(..9)
+        .is_some_and(|p| p.eq_ignore_ascii_case("edgegate-"))
+}
+
 /// The record a publish or will becomes, with its MQTT properties as Kafka headers.
 fn inbound(
     device: String,
@@ -1360,10 +1366,14 @@ fn inbound(
     if let Some(data) = extra.correlation_data {
         headers.push(("mqtt-correlation-data".to_owned(), data));
     }
+    // Header names beginning `edgegate-` are the gateway's (the record id consumers dedupe
+    // by, the device time, the format error): a device's user property must not pass for
+    // one of them, so such properties are left out.
     headers.extend(
         extra
             .user_properties
             .into_iter()
+            .filter(|(k, _)| !reserved_header(k))
             .map(|(k, v)| (k, Bytes::from(v))),
     );
     if will {
@@ -1439,4 +1449,32 @@ pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Shared) {
     refused(peer, "", Refusal::Busy);
     conn.queue(version, &Outgoing::ConnAck(Err(Refusal::Busy)));
     goodbye(&mut conn, timeout).await;
+}
+
+#[cfg(test)]
+mod reserved_tests {
+    use super::*;
+
+    #[test]
+    fn user_properties_cannot_pass_for_the_gateways_headers() {
+        assert!(reserved_header("edgegate-record-id"));
+        assert!(reserved_header("EdgeGate-Device-Ms"));
+        assert!(!reserved_header("edgegate"));
+        assert!(!reserved_header("unit"));
+        assert!(!reserved_header("é"));
+        let extra = Extra {
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![
+                ("unit".into(), "C".into()),
+                ("edgegate-device-ms".into(), "0".into()),
+                ("edgegate-record-id".into(), "forged:1".into()),
+                ("edgegate-format-error".into(), "forged".into()),
+            ],
+        };
+        let record = inbound("dev".into(), "t".into(), Bytes::new(), 1, extra, false);
+        let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["mqtt-qos", "unit"]);
+    }
 }
