@@ -859,11 +859,25 @@ impl Verifier {
                     }
                 }
                 consumer.assign(&assignment)?;
+                let mut reported = false;
                 while !stop.load(Ordering::Relaxed) {
                     let Some(message) = consumer.poll(Duration::from_millis(100)) else {
                         continue;
                     };
-                    let Some(value) = message?.payload().map(<[u8]>::to_vec) else {
+                    // A topic the gateway's first record just created is unknown to some
+                    // brokers of a cluster for a moment: consumption errors are transient
+                    // here (the verify timeout bounds the wait), said once.
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(e) => {
+                            if !reported {
+                                reported = true;
+                                eprintln!("verifier: {e}; reading on");
+                            }
+                            continue;
+                        }
+                    };
+                    let Some(value) = message.payload().map(<[u8]>::to_vec) else {
                         continue;
                     };
                     let Some(id) = parse_id(&value, &prefix) else {
