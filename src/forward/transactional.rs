@@ -126,6 +126,10 @@ struct Session {
 struct OpenError {
     reason: String,
     unreachable: bool,
+    /// No broker answered at all (a timeout, no connection): the link is down. A fresh
+    /// client's statistics cannot say so when each attempt makes a new one (a frozen broker
+    /// accepts connections and answers nothing, so each looks like it is still connecting).
+    silent: bool,
 }
 
 impl OpenError {
@@ -133,28 +137,36 @@ impl OpenError {
         OpenError {
             reason: reason.into(),
             unreachable: false,
+            silent: false,
         }
     }
 
     /// `reason`, unreachable if `code` says the brokers did not answer (in time).
     fn from_code(reason: String, code: Option<RDKafkaErrorCode>) -> OpenError {
-        let unreachable = code.is_some_and(|code| {
+        let silent = code.is_some_and(|code| {
             classify::is_link_error(code)
                 || matches!(
                     code,
                     RDKafkaErrorCode::OperationTimedOut
                         | RDKafkaErrorCode::RequestTimedOut
                         | RDKafkaErrorCode::MessageTimedOut
-                        | RDKafkaErrorCode::CoordinatorNotAvailable
+                )
+        });
+        let unreachable = silent
+            || code.is_some_and(|code| {
+                matches!(
+                    code,
+                    RDKafkaErrorCode::CoordinatorNotAvailable
                         | RDKafkaErrorCode::NotCoordinator
                         | RDKafkaErrorCode::CoordinatorLoadInProgress
                         | RDKafkaErrorCode::LeaderNotAvailable
                         | RDKafkaErrorCode::NotController
                 )
-        });
+            });
         OpenError {
             reason,
             unreachable,
+            silent,
         }
     }
 }
@@ -376,7 +388,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 Err(OpenError {
                     reason,
                     unreachable,
+                    silent,
                 }) => {
+                    if silent {
+                        self.link.down(&reason);
+                    }
                     let wait = self.backoff.next_delay();
                     metric::error("transactions");
                     // Kafka away is the link's news (one WARN when it goes down); a broker
@@ -432,6 +448,8 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             ));
         }
         self.link.take_fatal();
+        // The transaction coordinator answered.
+        self.link.up();
         let consumer: BaseConsumer = self
             .consumer_config
             .create()
@@ -850,8 +868,8 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                         if shutdown.is_cancelled() {
                             self.stopping = true;
                         }
-                        if started.elapsed() >= REPLICA_CHECK_AFTER && !self.short_of_replicas {
-                            self.check_replicas().await;
+                        if started.elapsed() >= REPLICA_CHECK_AFTER {
+                            self.probe_brokers().await;
                         }
                         if !self.heal_orphans(session) {
                             return Outcome::Fatal(
@@ -886,6 +904,8 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             pr.last_delivery = Some(std::time::Instant::now());
             pr.short_of_replicas = false;
         });
+        // A commit is Kafka's answer.
+        self.link.up();
         if self.short_of_replicas {
             self.short_of_replicas = false;
             metric::short_of_replicas(false);
@@ -1032,7 +1052,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             }
         }
         if short_of_replicas && !self.short_of_replicas {
-            self.check_replicas().await;
+            self.probe_brokers().await;
         }
         for (i, error) in refused {
             if !self.dead_letter(i, &error, shutdown).await {
@@ -1078,31 +1098,44 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         true
     }
 
-    /// Asks the brokers whether the partition of the oldest pending record is short of
-    /// in-sync replicas (it refuses every write, and librdkafka retries without a word); if
-    /// so, the gateway reports itself degraded with the reason until a commit goes through.
-    async fn check_replicas(&mut self) {
+    /// Asks the brokers, through a client of its own, about the partition of the oldest
+    /// pending record while a transaction cannot finish. No answer: the link is down (a
+    /// frozen broker keeps its connections open and the transaction's requests only time
+    /// out, which the producer's statistics do not show while nothing else is sent). An
+    /// answer with the partition short of in-sync replicas: it refuses every write and
+    /// librdkafka retries without a word, so the gateway reports itself degraded with the
+    /// reason until a commit goes through.
+    async fn probe_brokers(&mut self) {
         let Some(topic) = self.pending.front().map(|p| p.record.kafka_topic.clone()) else {
             return;
         };
         let config = self.admin_config.clone();
+        let asked = topic.clone();
         let answer = self
-            .blocking(move || super::worker::ask_brokers(&config, &topic))
+            .blocking(move || super::worker::ask_brokers(&config, &asked))
             .await;
-        if let Ok(super::worker::Answer {
-            short_of_replicas: Some(reason),
-            ..
-        }) = answer
-        {
-            self.short_of_replicas = true;
-            metric::short_of_replicas(true);
-            self.link.set_last_error(&reason);
-            self.progress.send_modify(|pr| pr.short_of_replicas = true);
-            tracing::warn!(
-                reason,
-                in_flight = self.pending.len(),
-                "Kafka answers but has too few in-sync replicas to take records; they stay in the log until enough replicas return."
-            );
+        match answer {
+            Err(e) => self.link.down(&format!(
+                "the brokers do not answer a metadata request: {e}"
+            )),
+            Ok(super::worker::Answer { leaders: 0, .. }) => self
+                .link
+                .down(&format!("no partition of {topic} has a leader")),
+            Ok(super::worker::Answer {
+                short_of_replicas: Some(reason),
+                ..
+            }) if !self.short_of_replicas => {
+                self.short_of_replicas = true;
+                metric::short_of_replicas(true);
+                self.link.set_last_error(&reason);
+                self.progress.send_modify(|pr| pr.short_of_replicas = true);
+                tracing::warn!(
+                    reason,
+                    in_flight = self.pending.len(),
+                    "Kafka answers but has too few in-sync replicas to take records; they stay in the log until enough replicas return."
+                );
+            }
+            Ok(_) => {}
         }
     }
 
