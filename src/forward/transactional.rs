@@ -121,6 +121,9 @@ struct Session {
     group: Arc<ConsumerGroupMetadata>,
 }
 
+/// A probe's topic and what the brokers said about it.
+type ProbeAnswer = (String, Result<super::worker::Answer, String>);
+
 /// Why a session could not be opened: Kafka not reachable (yet), which the link state
 /// reports, or a broker that answered and refused, which is an ERROR every time.
 struct OpenError {
@@ -832,7 +835,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                         .map_err(|e| (1, e))?;
                     Ok(offsets_took)
                 });
-            match self.read_ahead(call, count, shutdown).await {
+            match self.read_ahead(call, count, started, shutdown).await {
                 Ok(took) => break took,
                 Err((failed, e)) => {
                     step = failed;
@@ -919,12 +922,19 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     /// Waits for `call` (the position and the commit of the transaction over the first
     /// `count` pending records), reading the next transaction's records from the log
     /// meanwhile, within the bounds of one transaction.
+    /// While the transaction (begun at `started`) has been unfinished for
+    /// `REPLICA_CHECK_AFTER`, the brokers are asked about it meanwhile, every
+    /// `REPLICA_CHECK_AFTER` at most (see [`Transactional::probe_brokers`]): the blocking
+    /// call itself may take up to three of its timeouts before it says anything.
     async fn read_ahead<T: Send + 'static>(
         &mut self,
         mut call: tokio::task::JoinHandle<T>,
         count: usize,
+        started: Instant,
         shutdown: &CancellationToken,
     ) -> T {
+        let mut probe: Option<tokio::task::JoinHandle<ProbeAnswer>> = None;
+        let mut next_probe = started + REPLICA_CHECK_AFTER;
         let mut weight: usize = self
             .pending
             .iter()
@@ -940,12 +950,22 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 && !self.stopping
                 && !self.source_closed
                 && read_after.is_none_or(|at| at <= Instant::now());
+            if probe.is_none() && Instant::now() >= next_probe {
+                next_probe = Instant::now() + REPLICA_CHECK_AFTER;
+                probe = self.start_probe();
+            }
             tokio::select! {
                 biased;
                 done = &mut call => match done {
                     Ok(v) => return v,
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 },
+                answer = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                    probe = None;
+                    if let Ok((topic, answer)) = answer {
+                        self.take_probe(&topic, answer);
+                    }
+                }
                 _ = shutdown.cancelled(), if !self.stopping => self.stopping = true,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 read = self.source.read_batch(room, room_bytes), if can_read => {
@@ -1106,14 +1126,25 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     /// librdkafka retries without a word, so the gateway reports itself degraded with the
     /// reason until a commit goes through.
     async fn probe_brokers(&mut self) {
-        let Some(topic) = self.pending.front().map(|p| p.record.kafka_topic.clone()) else {
-            return;
-        };
+        if let Some(probe) = self.start_probe() {
+            if let Ok((topic, answer)) = probe.await {
+                self.take_probe(&topic, answer);
+            }
+        }
+    }
+
+    /// Starts a probe of the oldest pending record's topic on the blocking pool.
+    fn start_probe(&self) -> Option<tokio::task::JoinHandle<ProbeAnswer>> {
+        let topic = self.pending.front()?.record.kafka_topic.clone();
         let config = self.admin_config.clone();
-        let asked = topic.clone();
-        let answer = self
-            .blocking(move || super::worker::ask_brokers(&config, &asked))
-            .await;
+        Some(tokio::task::spawn_blocking(move || {
+            let answer = super::worker::ask_brokers(&config, &topic);
+            (topic, answer)
+        }))
+    }
+
+    /// What a probe of `topic` found: see [`Transactional::probe_brokers`].
+    fn take_probe(&mut self, topic: &str, answer: Result<super::worker::Answer, String>) {
         match answer {
             Err(e) => self.link.down(&format!(
                 "the brokers do not answer a metadata request: {e}"
