@@ -146,6 +146,16 @@ pub fn print(
     Some(result.map(|()| printed))
 }
 
+/// Why ingest could not convert a record's payload (`crate::format`), if it could not: such a
+/// record never goes to Kafka, whose consumers expect the converted form. Both delivery modes
+/// dead-letter it with this reason.
+pub(super) fn format_error(record: &Record) -> Option<String> {
+    record.headers.iter().find_map(|(k, v)| {
+        (k == crate::format::ERROR_HEADER)
+            .then(|| format!("format: {}", String::from_utf8_lossy(v)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

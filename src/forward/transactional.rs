@@ -703,10 +703,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     continue;
                 }
                 // Payloads ingest could not convert (crate::format) never go to Kafka.
-                if let Some(why) = self.pending[i].record.headers.iter().find_map(|(k, v)| {
-                    (k == crate::format::ERROR_HEADER)
-                        .then(|| format!("format: {}", String::from_utf8_lossy(v)))
-                }) {
+                if let Some(why) = dead_letter::format_error(&self.pending[i].record) {
                     if !self.dead_letter(i, &why, shutdown).await {
                         return Outcome::Stopped;
                     }

@@ -556,10 +556,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             Some(p) => {
                 // Ingest could not convert its payload (crate::format): it never goes to
                 // Kafka, whose consumers expect the converted form.
-                if let Some(reason) = p.record.headers.iter().find_map(|(k, v)| {
-                    (k == crate::format::ERROR_HEADER)
-                        .then(|| format!("format: {}", String::from_utf8_lossy(v)))
-                }) {
+                if let Some(reason) = dead_letter::format_error(&p.record) {
                     self.dead_letter(seq, &reason);
                     return Sent::Handled;
                 }
