@@ -9,6 +9,13 @@
 //!   liveness watch must find it stalled and rebuild it (`forward::liveness`).
 //! - `stall-every-producer`: every producer does, so rebuilding does not help and the gateway
 //!   must stop feeding systemd's watchdog.
+//! - `hang-first-commit`: the exactly-once forwarder's first position-and-commit call never
+//!   returns, as `send_offsets_to_transaction` does when its group coordinator left the
+//!   cluster (librdkafka issues 5456, 5511). The forwarder must give up on it and go on with
+//!   a new producer, nothing lost or sent twice (`forward::transactional`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
@@ -33,4 +40,14 @@ pub fn producer_config(config: &ClientConfig, instance: u32) -> Option<ClientCon
     let mut stalled = config.clone();
     stalled.set("linger.ms", "900000");
     Some(stalled)
+}
+
+/// Under `hang-first-commit`, the first call blocks the calling thread for an hour: a
+/// librdkafka call that does not return.
+pub fn maybe_hang_commit() {
+    static HUNG: AtomicBool = AtomicBool::new(false);
+    if enabled("hang-first-commit") && !HUNG.swap(true, Ordering::Relaxed) {
+        tracing::warn!("Fault injected: this position-and-commit call will not return.");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }

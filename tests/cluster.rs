@@ -161,6 +161,8 @@ pub fn run_scenario(
         .route_keyed("cluster/+dev/t", &topic, "{dev}");
     let gateway = common::gateway(mode.configure(config))
         .pin_addresses()
+        // What the forwarder did, transaction by transaction, in the log a failure prints.
+        .rust_log("info,edgegate::forward=debug")
         .start_process();
     let load = steady_load(gateway.mqtt_addr(), "cluster", DEVICES, EVERY, WINDOW);
     let mut s = Scenario {

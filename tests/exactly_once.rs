@@ -326,6 +326,44 @@ async fn a_broker_that_refuses_transactions_is_an_error_not_a_fallback() {
     );
 }
 
+/// A position-and-commit call that never returns (injected: librdkafka's
+/// `send_offsets_to_transaction` does so when its group coordinator left the cluster,
+/// librdkafka issues 5456 and 5511). The forwarder gives up on it, says why, counts it and
+/// goes on with a new producer: every message once, none lost.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_call_that_never_returns_is_left_behind() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("eos-hung");
+    let gateway = common::gateway(exactly_once(&topic, "eos-hung-gw"))
+        .env("EDGEGATE_FAULTS", "hang-first-commit")
+        .start_process();
+    let addr = gateway.mqtt_addr();
+    let sent = payloads("dev-h", 0, 2000);
+    let acked = publish(addr, "dev-h", 1, sent.clone()).await;
+    assert_eq!(
+        acked.len(),
+        sent.len(),
+        "the gateway acknowledges meanwhile"
+    );
+    let records = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || committed_records(&topic, 2000, Duration::from_secs(90))
+    })
+    .await
+    .expect("consumer");
+    let line = gateway.wait_for_log(&["ERROR", "send_offsets_to_transaction has not returned"]);
+    assert!(line.contains("starting a new one"), "{line}");
+    let (_, metrics) = common::http_get(gateway.admin_addr(), "/metrics");
+    assert!(
+        metrics.contains(r#"edgegate_kafka_errors_total{kind="hung_call"} 1"#),
+        "the hung call is counted:\n{metrics}"
+    );
+    let v = verdict(&records, &sent);
+    assert_exactly_once(&v, sent.len());
+    assert_eq!(v.found, 2000);
+}
+
 /// The crash loop (issue 14's figure; not in CI: `tools/crash-loop`): QoS 2 devices with
 /// persistent sessions publish steadily while the gateway is SIGKILLed `EDGEGATE_CRASH_KILLS`
 /// times (30 by default) at random moments and restarted at once; then everything

@@ -76,6 +76,11 @@ use crate::record::Record;
 
 /// Bound of one blocking transactional call; retriable timeouts are retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A blocking librdkafka call still running this long after its own timeout is hung: some
+/// never return (librdkafka issues 5456 and 5511: `send_offsets_to_transaction` ignores its
+/// timeout, and waits for good on a group coordinator that left the cluster's metadata).
+/// The session is then replaced and the call left behind.
+const HUNG_SLACK: Duration = Duration::from_secs(3);
 /// How long a replaced producer's threads are waited for.
 const DROP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the delivery reports of an aborted transaction are waited for.
@@ -355,17 +360,25 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         }
     }
 
-    /// Runs `f` on the blocking pool, refreshing the heartbeat while it runs (the calls are
-    /// bounded by their own timeouts).
-    async fn blocking<T: Send + 'static>(&mut self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `f`, librdkafka call `name` bounded by its own `timeout`, on the blocking pool,
+    /// refreshing the heartbeat while it runs; [`Hung`] if it outlives that timeout by
+    /// [`HUNG_SLACK`] (it is left running).
+    async fn blocking<T: Send + 'static>(
+        &mut self,
+        name: &'static str,
+        timeout: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Hung> {
         let mut call = tokio::task::spawn_blocking(f);
+        let hung_at = Instant::now() + timeout + HUNG_SLACK;
         loop {
             self.heartbeat();
             tokio::select! {
                 done = &mut call => match done {
-                    Ok(v) => return v,
+                    Ok(v) => return Ok(v),
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 },
+                _ = tokio::time::sleep_until(hung_at) => return Err(Hung::new(name, timeout)),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
@@ -434,9 +447,15 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             })?,
         );
         let p = producer.clone();
-        let init = self
-            .blocking(move || p.init_transactions(CALL_TIMEOUT))
-            .await;
+        let init = match self
+            .blocking("init_transactions", CALL_TIMEOUT, move || {
+                p.init_transactions(CALL_TIMEOUT)
+            })
+            .await
+        {
+            Ok(init) => init,
+            Err(hung) => return Err(OpenError::refused(hung.to_string())),
+        };
         if let Err(e) = init {
             drop_bounded(producer).await;
             return Err(OpenError::from_code(
@@ -534,8 +553,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         tpl.add_partition(&self.txn.positions_topic, 0);
         let c = consumer.clone();
         let committed = self
-            .blocking(move || c.committed_offsets(tpl, CALL_TIMEOUT))
+            .blocking("committed_offsets", CALL_TIMEOUT, move || {
+                c.committed_offsets(tpl, CALL_TIMEOUT)
+            })
             .await
+            .map_err(|hung| OpenError::refused(hung.to_string()))?
             .map_err(|e| {
                 OpenError::from_code(
                     format!("cannot read the committed position: {}", reason(&e)),
@@ -810,15 +832,21 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let offsets_took = loop {
             let producer = session.producer.clone();
             let (offsets, group) = (offsets.clone(), session.group.clone());
+            let clock = Arc::new(CallClock::default());
+            let steps = clock.clone();
             let call =
                 tokio::task::spawn_blocking(move || -> Result<Duration, (u8, KafkaError)> {
                     let at = std::time::Instant::now();
                     if step == 0 {
+                        steps.begin("send_offsets_to_transaction", CALL_TIMEOUT);
+                        #[cfg(feature = "fault-injection")]
+                        crate::fault::maybe_hang_commit();
                         producer
                             .send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
                             .map_err(|e| (0, e))?;
                     }
                     let offsets_took = at.elapsed();
+                    steps.begin("the deliveries before commit_transaction", CALL_TIMEOUT);
                     // rdkafka's commit_transaction flushes first, and its flush waits in steps of
                     // up to 100 ms on an event queue that the producer's own polling thread
                     // empties: 100 ms lost per transaction. Waiting here for librdkafka's queue to
@@ -827,12 +855,20 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     while producer.in_flight_count() > 0 && std::time::Instant::now() < flushed_by {
                         std::thread::sleep(Duration::from_millis(1));
                     }
+                    steps.begin("commit_transaction", CALL_TIMEOUT);
                     producer
                         .commit_transaction(CALL_TIMEOUT)
                         .map_err(|e| (1, e))?;
                     Ok(offsets_took)
                 });
-            match self.read_ahead(call, count, started, shutdown).await {
+            let done = match self
+                .read_ahead(call, &clock, count, started, shutdown)
+                .await
+            {
+                Ok(done) => done,
+                Err(hung) => return Outcome::Fatal(hung.to_string()),
+            };
+            match done {
                 Ok(took) => break took,
                 Err((failed, e)) => {
                     step = failed;
@@ -926,10 +962,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     async fn read_ahead<T: Send + 'static>(
         &mut self,
         mut call: tokio::task::JoinHandle<T>,
+        clock: &CallClock,
         count: usize,
         started: Instant,
         shutdown: &CancellationToken,
-    ) -> T {
+    ) -> Result<T, Hung> {
         let mut probe: Option<tokio::task::JoinHandle<ProbeAnswer>> = None;
         let mut next_probe = started + REPLICA_CHECK_AFTER;
         let mut weight: usize = self
@@ -951,10 +988,13 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 next_probe = Instant::now() + REPLICA_CHECK_AFTER;
                 probe = self.start_probe();
             }
+            if let Some(hung) = clock.hung() {
+                return Err(hung);
+            }
             tokio::select! {
                 biased;
                 done = &mut call => match done {
-                    Ok(v) => return v,
+                    Ok(v) => return Ok(v),
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 },
                 answer = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
@@ -1020,11 +1060,14 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let aborted = loop {
             let p = p.clone();
             match self
-                .blocking(move || p.abort_transaction(CALL_TIMEOUT))
+                .blocking("abort_transaction", CALL_TIMEOUT, move || {
+                    p.abort_transaction(CALL_TIMEOUT)
+                })
                 .await
             {
-                Ok(()) => break Ok(()),
-                Err(e) if transaction_error(&e).is_some_and(|t| t.is_retriable()) => {
+                Err(hung) => break Err(hung.to_string()),
+                Ok(Ok(())) => break Ok(()),
+                Ok(Err(e)) if transaction_error(&e).is_some_and(|t| t.is_retriable()) => {
                     if shutdown.is_cancelled() || Instant::now() > give_up {
                         break Err(reason(&e));
                     }
@@ -1034,7 +1077,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                         break Err(reason(&e));
                     }
                 }
-                Err(e) => break Err(reason(&e)),
+                Ok(Err(e)) => break Err(reason(&e)),
             }
         };
         // Every message of the transaction has reported by now (delivered, failed or
@@ -1197,6 +1240,56 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 first_seq = first.seq,
                 "Forwarder stopped before its last transaction committed; those records stay in the log, and the committed position decides after the restart what is sent again."
             ),
+        }
+    }
+}
+
+/// A librdkafka call that outlived its own timeout by [`HUNG_SLACK`].
+#[derive(Debug)]
+struct Hung {
+    call: &'static str,
+    timeout: Duration,
+}
+
+impl Hung {
+    fn new(call: &'static str, timeout: Duration) -> Hung {
+        metric::error("hung_call");
+        Hung { call, timeout }
+    }
+}
+
+impl std::fmt::Display for Hung {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "librdkafka's {} has not returned {:?} after its own timeout of {:?} (librdkafka issues 5456, 5511); the call is left behind",
+            self.call, HUNG_SLACK, self.timeout
+        )
+    }
+}
+
+/// Which step of a blocking call made of several librdkafka calls runs, and when it is due
+/// to return: [`Transactional::read_ahead`] watches it for [`Hung`] steps.
+#[derive(Default)]
+struct CallClock {
+    step: std::sync::Mutex<Option<(&'static str, Duration, Instant)>>,
+}
+
+impl CallClock {
+    /// Step `name` starts, bounded by `timeout`.
+    fn begin(&self, name: &'static str, timeout: Duration) {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((name, timeout, Instant::now() + timeout + HUNG_SLACK));
+    }
+
+    /// The running step, if it is hung.
+    fn hung(&self) -> Option<Hung> {
+        let step = *self.step.lock().unwrap_or_else(|e| e.into_inner());
+        match step {
+            Some((name, timeout, hung_at)) if Instant::now() >= hung_at => {
+                Some(Hung::new(name, timeout))
+            }
+            _ => None,
         }
     }
 }

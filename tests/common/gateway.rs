@@ -564,6 +564,21 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what the gateway said last, wherever it failed.
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let kept = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("failed-gateway-{}.log", std::process::id()));
+            let _ = std::fs::write(&kept, &text);
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(80);
+            eprintln!(
+                "---- the gateway's last {} lines (all of them in {}):\n{}",
+                lines.len() - from,
+                kept.display(),
+                lines[from..].join("\n")
+            );
+        }
     }
 }
 
