@@ -503,21 +503,9 @@ impl Device {
     }
 
     fn send(&mut self, first: u8, body: &[u8]) {
-        let mut out = vec![first];
-        let mut len = body.len();
-        loop {
-            let mut byte = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                byte |= 0x80;
-            }
-            out.push(byte);
-            if len == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(body);
-        self.stream.write_all(&out).expect("write");
+        self.stream
+            .write_all(&common::mqtt_frame(first, body))
+            .expect("write");
     }
 
     /// The next packet: its first byte and its body.
@@ -564,14 +552,21 @@ impl Device {
         self.send(0x62, &pkid.to_be_bytes());
     }
 
+    /// A whole QoS 2 exchange: PUBLISH (DUP when `dup`), PUBREC, PUBREL, PUBCOMP.
+    fn qos2_exchange(&mut self, topic: &str, pkid: u16, payload: &[u8], dup: bool) {
+        self.publish_qos2(topic, pkid, payload, dup);
+        self.expect_ack(0x50, pkid);
+        self.pubrel(pkid);
+        self.expect_ack(0x70, pkid);
+    }
+
     fn disconnect(mut self) {
         self.send(0xe0, &[]);
     }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
+    common::mqtt_string(out, s.as_bytes());
 }
 
 /// Payloads of the records in `topic`, in order, once `expected` have arrived (and a second
@@ -625,10 +620,7 @@ async fn mqtt311_qos2_resent_with_dup_after_a_sigkill_before_pubrel_is_stored_on
         let (mut device, present) = Device::connect(addr, client, false);
         assert!(present, "{client}: the session outlived the SIGKILL");
         for (&pkid, payload) in pkids.iter().zip(payload) {
-            device.publish_qos2(topic_of, pkid, payload, true);
-            device.expect_ack(0x50, pkid);
-            device.pubrel(pkid);
-            device.expect_ack(0x70, pkid);
+            device.qos2_exchange(topic_of, pkid, payload, true);
         }
         device.disconnect();
     }
@@ -656,10 +648,7 @@ async fn mqtt311_qos2_id_released_before_a_sigkill_is_a_new_message_after_it() {
     let addr = gateway.mqtt_addr();
 
     let (mut device, _) = Device::connect(addr, "eo-dev-r", false);
-    device.publish_qos2("plant/r", 3, b"first", false);
-    device.expect_ack(0x50, 3);
-    device.pubrel(3);
-    device.expect_ack(0x70, 3);
+    device.qos2_exchange("plant/r", 3, b"first", false);
     // Another id stays unreleased across the kill: it must still be recognised.
     device.publish_qos2("plant/r", 4, b"held", false);
     device.expect_ack(0x50, 4);
@@ -670,14 +659,8 @@ async fn mqtt311_qos2_id_released_before_a_sigkill_is_a_new_message_after_it() {
 
     let (mut device, present) = Device::connect(addr, "eo-dev-r", false);
     assert!(present);
-    device.publish_qos2("plant/r", 3, b"second", false);
-    device.expect_ack(0x50, 3);
-    device.pubrel(3);
-    device.expect_ack(0x70, 3);
-    device.publish_qos2("plant/r", 4, b"held", true);
-    device.expect_ack(0x50, 4);
-    device.pubrel(4);
-    device.expect_ack(0x70, 4);
+    device.qos2_exchange("plant/r", 3, b"second", false);
+    device.qos2_exchange("plant/r", 4, b"held", true);
     device.disconnect();
 
     let mut got = kafka_payloads(&topic, 3).await;
@@ -718,10 +701,7 @@ async fn mqtt311_a_clean_session_forgets_the_unreleased_ids_of_the_previous_one(
 
     let (mut device, present) = Device::connect(addr, "eo-dev-c", false);
     assert!(present);
-    device.publish_qos2("plant/c", 5, b"new-session", false);
-    device.expect_ack(0x50, 5);
-    device.pubrel(5);
-    device.expect_ack(0x70, 5);
+    device.qos2_exchange("plant/c", 5, b"new-session", false);
     device.disconnect();
 
     let mut got = kafka_payloads(&topic, 2).await;
@@ -822,10 +802,7 @@ async fn mqtt5_qos2_resent_with_dup_after_a_sigkill_before_pubrel_is_stored_once
 
     let (mut device, present) = Device::connect_as(addr, "eo-dev-5", false, Some(3600));
     assert!(present, "the session outlived the SIGKILL");
-    device.publish_qos2("plant/5", 11, b"v5-once", true);
-    device.expect_ack(0x50, 11);
-    device.pubrel(11);
-    device.expect_ack(0x70, 11);
+    device.qos2_exchange("plant/5", 11, b"v5-once", true);
     device.disconnect();
 
     let got = kafka_payloads(&topic, 1).await;

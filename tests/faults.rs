@@ -589,38 +589,31 @@ fn link_lines(log: &str) -> String {
 /// Stop and start the broker ten times, 1-3 s down and 1-3 s up each time.
 #[test]
 fn quick_restarts() {
-    let mut run = Run::start("quick-restarts", |c| c);
-    run.sleep(1000, 2000);
-    for _ in 0..10 {
-        run.stop_broker();
-        run.sleep(1000, 3000);
-        run.start_broker();
-        run.sleep(1000, 3000);
-    }
-    run.finish();
+    outages(Run::start("quick-restarts", |c| c), 10, Run::stop_broker);
 }
 
 /// `quick_restarts` with the gateway in exactly-once mode: transactions cut by every stop.
 #[test]
 fn quick_restarts_exactly_once() {
-    let mut run = Run::start_exactly_once("quick-restarts-eos", |c| c);
-    run.sleep(1000, 2000);
-    for _ in 0..6 {
-        run.stop_broker();
-        run.sleep(1000, 3000);
-        run.start_broker();
-        run.sleep(1000, 3000);
-    }
-    run.finish();
+    outages(
+        Run::start_exactly_once("quick-restarts-eos", |c| c),
+        6,
+        Run::stop_broker,
+    );
 }
 
 /// SIGKILL the broker and start it again, five times.
 #[test]
 fn killed_broker() {
-    let mut run = Run::start("killed-broker", |c| c);
+    outages(Run::start("killed-broker", |c| c), 5, Run::kill_broker);
+}
+
+/// `times` outages in quick succession under steady load: the broker taken down by `fault`
+/// (stopped or SIGKILLed) for 1-3 s, then started, then 1-3 s of delivery.
+fn outages(mut run: Run, times: usize, fault: fn(&mut Run)) {
     run.sleep(1000, 2000);
-    for _ in 0..5 {
-        run.kill_broker();
+    for _ in 0..times {
+        fault(&mut run);
         run.sleep(1000, 3000);
         run.start_broker();
         run.sleep(1000, 3000);
