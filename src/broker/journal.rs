@@ -16,6 +16,12 @@
 //!
 //! [`read`] returns the bodies of the good prefix; a torn or corrupt tail is cut (logged),
 //! and a file whose header is not this journal's is set aside, not deleted.
+//!
+//! A failed write (a full disk) must not leave a torn record in the middle of the file, where
+//! the next start would cut everything after it, nor a file short of changes the state holds
+//! while later records go after them: the writer cuts the file back to its last good length,
+//! and its next commit rewrites the journal whole from the snapshot (which holds the failed
+//! batch's changes too, made before their records were sent).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -153,6 +159,7 @@ impl Journal {
             file_len,
             next_check: MIN_COMPACT_BYTES,
             snapshot,
+            stale: false,
         };
         let name = format!(
             "edgegate-{}",
@@ -216,6 +223,9 @@ struct Writer {
     /// When the journal is next measured against what is live.
     next_check: u64,
     snapshot: Snapshot,
+    /// A write failed: the file may lack records whose changes the state holds. The next
+    /// commit rewrites it whole.
+    stale: bool,
 }
 
 impl Writer {
@@ -236,6 +246,27 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &[Job]) -> io::Result<()> {
+        if self.stale {
+            let live = (self.snapshot)();
+            self.compact(&live)?;
+            self.stale = false;
+            self.next_check = self.file_len + self.file_len.max(MIN_COMPACT_BYTES);
+            tracing::info!(path = %self.path.display(), records = live.len(), "Rewrote a journal of the broker whole after a failed write.");
+            return Ok(());
+        }
+        let good_len = self.file_len;
+        let result = self.append(batch);
+        if result.is_err() {
+            // No torn record may stay before the next one: cut back to the last good length
+            // (best effort: the rewrite replaces the file anyway).
+            let _ = self.file.set_len(good_len);
+            self.file_len = good_len;
+            self.stale = true;
+        }
+        result
+    }
+
+    fn append(&mut self, batch: &[Job]) -> io::Result<()> {
         let mut buf = Vec::with_capacity(batch.iter().map(|j| j.record.len()).sum());
         for job in batch {
             buf.extend_from_slice(&job.record);
@@ -265,13 +296,31 @@ impl Writer {
 
     fn compact(&mut self, live: &[Bytes]) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
+        let written = self.write_whole(&tmp, live);
+        if written.is_err() {
+            // A full disk: the partial copy would only take the space that is missing.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let len = written?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            sync_dir(dir)?;
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file_len = len;
+        tracing::debug!(path = %self.path.display(), bytes = self.file_len, records = live.len(), "Rewrote a journal of the broker.");
+        Ok(())
+    }
+
+    /// Writes the header and `live` to `tmp` and syncs it; its length.
+    fn write_whole(&self, tmp: &Path, live: &[Bytes]) -> io::Result<u64> {
         // Streamed: a copy of everything live in one buffer would double the rewrite's memory.
         let tmp_file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(PRIVATE_FILE)
-            .open(&tmp)?;
+            .open(tmp)?;
         let mut out = io::BufWriter::new(tmp_file);
         let mut len = HEADER_LEN as u64;
         out.write_all(&header(&self.magic))?;
@@ -282,14 +331,7 @@ impl Writer {
         }
         let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         out.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.file_len = len;
-        tracing::debug!(path = %self.path.display(), bytes = self.file_len, records = live.len(), "Rewrote a journal of the broker.");
-        Ok(())
+        Ok(len)
     }
 }
 
@@ -372,4 +414,61 @@ pub fn put16(out: &mut Vec<u8>, s: &[u8]) {
 pub fn put32(out: &mut Vec<u8>, s: &[u8]) {
     out.put_u32_le(s.len() as u32);
     out.extend_from_slice(s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAGIC: &[u8; 8] = b"TESTJRNL";
+
+    /// A writer whose file is `/dev/full` (every write fails with ENOSPC, as on a full disk)
+    /// until its rewrite replaces it with the real journal at `path`.
+    fn writer_on_a_full_disk(path: &Path, live: Arc<Mutex<Vec<Bytes>>>) -> Writer {
+        std::fs::write(path, header(MAGIC)).expect("journal");
+        Writer {
+            path: path.to_owned(),
+            magic: *MAGIC,
+            file: OpenOptions::new()
+                .append(true)
+                .open("/dev/full")
+                .expect("/dev/full"),
+            file_len: HEADER_LEN as u64,
+            next_check: MIN_COMPACT_BYTES,
+            snapshot: Box::new(move || live.lock().expect("live").clone()),
+            stale: false,
+        }
+    }
+
+    fn job(body: &[u8]) -> Job {
+        Job {
+            record: frame(body),
+            done: None,
+        }
+    }
+
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn after_a_failed_write_the_next_commit_rewrites_the_whole_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.journal");
+        // The owner changes its state before it sends the change's record.
+        let live = Arc::new(Mutex::new(vec![Bytes::from_static(b"a")]));
+        let mut writer = writer_on_a_full_disk(&path, live.clone());
+        let failed = writer.commit(&[job(b"a")]);
+        assert_eq!(
+            failed.expect_err("the disk is full").raw_os_error(),
+            Some(libc::ENOSPC)
+        );
+        live.lock().expect("live").push(Bytes::from_static(b"b"));
+        // Space is back: the next commit writes everything the state holds, the failed
+        // batch's change included, not only its own record.
+        writer.commit(&[job(b"b")]).expect("rewritten");
+        live.lock().expect("live").push(Bytes::from_static(b"c"));
+        writer.commit(&[job(b"c")]).expect("appended");
+        let found = read(&path, MAGIC, 0).expect("read");
+        assert_eq!(found.bodies, [&b"a"[..], b"b", b"c"]);
+        assert!(!path.with_extension("tmp").exists());
+    }
 }

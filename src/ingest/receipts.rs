@@ -126,6 +126,8 @@ const COAP_STORED: u8 = 6;
 /// one journal commit per turn at most, whatever the request rate. It bounds how long the
 /// log's pin lags behind, nothing a device waits for.
 const ABSORB_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a checkpoint that could not be written is tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why the receipt store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -488,10 +490,14 @@ impl Receipts {
             }
             inner.journal.append(&checkpoint_record(RESTART, next))
         };
-        done.await.map_err(|error| ReceiptsError::Write {
-            path: path.clone(),
-            error,
-        })?;
+        if let Err(error) = done.await {
+            // A full disk must not keep the gateway from starting (and draining the log,
+            // which frees space). The old checkpoint stays the durable one: the log keeps
+            // what it found from there, and the journal is rewritten whole at its next
+            // write.
+            tracing::error!(%error, path = %path.display(), "Cannot write the receipt store at start; going on with its last durable checkpoint.");
+            inner.lock().durable = from.min(next);
+        }
         inner.pin(&mut inner.lock());
         tracing::info!(
             awaiting_release = counted,
@@ -507,17 +513,26 @@ impl Receipts {
     /// checkpoint and the log's pin behind them.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            let idle = self.inner.lock().pending.is_empty();
-            if idle {
+            let (idle, behind) = {
+                let st = self.inner.lock();
+                (st.pending.is_empty(), st.durable < st.checkpoint)
+            };
+            if idle && !behind {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.inner.wake.notified() => {}
                 }
             }
-            // A turn's receipts (resolved in the meantime) go in one journal commit.
+            // A turn's receipts (resolved in the meantime) go in one journal commit; a
+            // checkpoint that could not be written (a full disk) is tried again, less often.
+            let wait = if behind {
+                RETRY_INTERVAL
+            } else {
+                ABSORB_INTERVAL
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(ABSORB_INTERVAL) => {}
+                () = tokio::time::sleep(wait) => {}
             }
             self.inner.absorb().await;
         }
@@ -723,7 +738,9 @@ impl Inner {
                 .pending
                 .first_key_value()
                 .map_or(st.appended_to, |(seq, _)| *seq);
-            if checkpoint <= st.checkpoint {
+            // Again after a failed write too, until the durable checkpoint catches up.
+            let checkpoint = checkpoint.max(st.checkpoint);
+            if checkpoint == st.checkpoint && st.durable >= st.checkpoint {
                 return;
             }
             st.checkpoint = checkpoint;
