@@ -521,7 +521,13 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let topic = NewTopic::new(&self.txn.positions_topic, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact");
         let options = AdminOptions::new().request_timeout(Some(CALL_TIMEOUT));
-        let result = admin.create_topics([&topic], &options).await.map_err(|e| {
+        let created = tokio::time::timeout(
+            CALL_TIMEOUT + HUNG_SLACK,
+            admin.create_topics([&topic], &options),
+        )
+        .await
+        .map_err(|_| OpenError::refused(Hung::new("create_topics", CALL_TIMEOUT).to_string()))?;
+        let result = created.map_err(|e| {
             OpenError::from_code(
                 format!("cannot create topic {}: {e}", self.txn.positions_topic),
                 e.rdkafka_error_code(),
