@@ -878,18 +878,21 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 Ok(took) => break took,
                 Err((failed, e)) => {
                     step = failed;
-                    let Some(txn_error) = transaction_error(&e) else {
-                        return Outcome::Fatal(format!("transaction: {e}"));
+                    let retriable = match transaction_error(&e) {
+                        Some(t) if t.is_fatal() => return Outcome::Fatal(reason(&e)),
+                        Some(t) if t.txn_requires_abort() => {
+                            return self
+                                .abort(session, txn, produced, &reason(&e), give_up, shutdown)
+                                .await;
+                        }
+                        Some(t) => t.is_retriable(),
+                        // rdkafka's commit_transaction flushes first; a flush that timed out
+                        // (Kafka away longer than the call) leaves the transaction open, to be
+                        // committed again like a retriable commit.
+                        None if commit_flush_timed_out(&e) => true,
+                        None => return Outcome::Fatal(format!("transaction: {e}")),
                     };
-                    if txn_error.is_fatal() {
-                        return Outcome::Fatal(reason(&e));
-                    }
-                    if txn_error.txn_requires_abort() {
-                        return self
-                            .abort(session, txn, produced, &reason(&e), give_up, shutdown)
-                            .await;
-                    }
-                    if txn_error.is_retriable() {
+                    if retriable {
                         metric::error("timeout");
                         let since = *retriable_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= CALL_TIMEOUT && !warned {
@@ -1324,6 +1327,11 @@ fn parse_position(metadata: &str, log_id: &str, offset: i64) -> Result<u64, Stri
     }
 }
 
+/// What rdkafka's `commit_transaction` returns when its flush before the commit timed out.
+fn commit_flush_timed_out(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+}
+
 fn transaction_error(e: &KafkaError) -> Option<&RDKafkaError> {
     match e {
         KafkaError::Transaction(t) => Some(t),
@@ -1390,6 +1398,17 @@ fn valid_identity(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_whose_flush_timed_out_is_retried_not_rebuilt() {
+        assert!(commit_flush_timed_out(&KafkaError::Flush(
+            RDKafkaErrorCode::OperationTimedOut
+        )));
+        assert!(!commit_flush_timed_out(&KafkaError::Flush(
+            RDKafkaErrorCode::Fatal
+        )));
+        assert!(!commit_flush_timed_out(&KafkaError::Canceled));
+    }
 
     #[test]
     fn a_position_is_valid_only_for_its_log() {
