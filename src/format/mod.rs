@@ -12,6 +12,7 @@
 //! [`timestamp`] is the other per-route transform at ingest: a record's timestamp taken from
 //! its payload (`timestamp = "payload"`), JSON or converted Sparkplug alike.
 
+pub mod registry;
 pub mod sparkplug;
 pub mod timestamp;
 
