@@ -34,7 +34,8 @@ pub struct RouteConfig {
     pub topic: String,
     /// Kafka key template; the client id when absent.
     pub key: Option<String>,
-    /// What the payload becomes: `raw` (untouched, the default), `sparkplug_b` or `avro`.
+    /// What the payload becomes: `raw` (untouched, the default), `json` (checked to be
+    /// JSON), `sparkplug_b` or `avro`.
     #[serde(default)]
     pub format: Format,
     /// `sparkplug_b` only: `per_metric` (the default) or `per_payload` records.
@@ -412,14 +413,14 @@ fn device_time(
             );
             return None;
         }
-        (Format::Raw | Format::Avro, None) => {
+        (Format::Raw | Format::Json | Format::Avro, None) => {
             problems.push(
                 format!("{path}.timestamp"),
                 "timestamp = \"payload\" needs timestamp_pointer, the JSON pointer to the device's time (e.g. \"/ts\")".to_owned(),
             );
             return None;
         }
-        (Format::Raw | Format::Avro, Some(pointer)) => {
+        (Format::Raw | Format::Json | Format::Avro, Some(pointer)) => {
             if let Err(message) = timestamp::valid_pointer(pointer) {
                 problems.push(format!("{path}.timestamp_pointer"), message);
                 return None;

@@ -9,7 +9,8 @@
 //! `edgegate-format-error` header, and the forwarder moves it to the dead-letter log with
 //! that reason instead of sending it, counted in `edgegate_format_errors_total`.
 //!
-//! `avro` encodes JSON payloads with a schema from a schema registry ([`registry`]), at
+//! `json` only checks that a payload is JSON (it is stored untouched); `avro` encodes JSON
+//! payloads with a schema from a schema registry ([`registry`]), at
 //! ingest when the schema is known, else when the forwarder sends the record; a payload
 //! that does not match is treated like a Sparkplug payload that does not convert.
 //!
@@ -31,6 +32,8 @@ pub enum Format {
     SparkplugB,
     /// JSON encoded to Avro by the subject's schema in `[schema_registry]` ([`registry`]).
     Avro,
+    /// JSON, validated and stored untouched: a payload that is not JSON is dead-lettered.
+    Json,
 }
 
 impl Format {
@@ -39,6 +42,7 @@ impl Format {
             Format::Raw => "raw",
             Format::SparkplugB => "sparkplug_b",
             Format::Avro => "avro",
+            Format::Json => "json",
         }
     }
 }
