@@ -192,6 +192,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         .ok_or_else(|| RunError::Task("the log's reader was already taken".into()))?;
     // The forwarder's own drain ends a little before the whole shutdown's, so it can log what
     // it left behind before `wait` gives up on it.
+    // The schemas of `avro` routes, from the cache under the buffer directory, kept fresh
+    // from the registry by a task of their own.
+    let schemas = Arc::new(format::registry::Registry::open(
+        format::registry::cache::path(log.dir()),
+    ));
+    if let Some(registry) = &config.schema_registry {
+        let client = format::registry::client::Client::new(registry)
+            .map_err(|e| RunError::Task(format!("[schema_registry]: {e}")))?;
+        tokio::spawn(
+            schemas
+                .clone()
+                .run(client, registry.refresh.get(), shutdown.clone()),
+        );
+    }
     let forwarder = Forwarder::new(
         &config.kafka,
         &gateway_id,
@@ -199,6 +213,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         reader,
         dead_letter.clone(),
     )?
+    .with_schemas(schemas.clone())
     .with_shutdown_grace(config.gateway.shutdown_grace.get().mul_f64(0.9));
     let (link, progress, last_error) = (
         forwarder.link_state(),
@@ -215,7 +230,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
             dir: broker_dir.clone(),
             source,
         })?
-        .with_receipts(receipts);
+        .with_receipts(receipts)
+        .with_schemas(schemas);
     let listeners = TaskTracker::new();
     listeners.spawn(ingest::mqtt::serve_listeners(
         mqtt,

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::config::Duration;
 use crate::config::problems::{Problem, Problems};
 use crate::format::Format;
+use crate::format::registry::config::{Naming, SubjectStrategy};
 use crate::format::sparkplug::Records;
 use crate::format::timestamp::{self, DeviceTime};
 use crate::reload::Reloadable;
@@ -33,11 +34,17 @@ pub struct RouteConfig {
     pub topic: String,
     /// Kafka key template; the client id when absent.
     pub key: Option<String>,
-    /// What the payload becomes: `raw` (untouched, the default) or `sparkplug_b`.
+    /// What the payload becomes: `raw` (untouched, the default), `json` (checked to be
+    /// JSON), `sparkplug_b` or `avro`.
     #[serde(default)]
     pub format: Format,
     /// `sparkplug_b` only: `per_metric` (the default) or `per_payload` records.
     pub records: Option<Records>,
+    /// `avro` only: the registry subject of the schema, `topic_name` (the default),
+    /// `record_name` or `topic_record_name`.
+    pub subject_strategy: Option<SubjectStrategy>,
+    /// `avro` only: the record's fully qualified name, for the two strategies that use it.
+    pub record_name: Option<String>,
     /// Where the record's timestamp comes from: `received` (the default) or `payload`.
     #[serde(default)]
     pub timestamp: timestamp::Source,
@@ -66,6 +73,8 @@ pub struct Destination {
     pub key: Option<Bytes>,
     pub format: Format,
     pub records: Records,
+    /// How an `avro` route names its schema's subject; `None` on other routes.
+    pub naming: Option<Arc<Naming>>,
     /// The route's device-time policy, `None` under `timestamp = "received"`.
     pub device_time: Option<Arc<DeviceTime>>,
     /// Whether the topic or key has a time part: a device time changes them.
@@ -99,6 +108,7 @@ struct Route {
     key: Option<Template>,
     format: Format,
     records: Records,
+    naming: Option<Arc<Naming>>,
     device_time: Option<Arc<DeviceTime>>,
 }
 
@@ -214,6 +224,7 @@ impl Router {
                     "only routes with format = \"sparkplug_b\" have records".to_owned(),
                 );
             }
+            let naming = naming(route, &path, problems);
             let device_time = device_time(route, &path, problems);
             if let (Some(topic), Some(key)) = (topic, key) {
                 router.routes.push(Route {
@@ -222,6 +233,7 @@ impl Router {
                     key,
                     format: route.format,
                     records: route.records.unwrap_or_default(),
+                    naming,
                     device_time,
                 });
             }
@@ -274,6 +286,7 @@ impl Router {
                     at,
                 )?;
                 (dest.format, dest.records) = (route.format, route.records);
+                dest.naming.clone_from(&route.naming);
                 if route.device_time.is_some() {
                     dest.device_time.clone_from(&route.device_time);
                     dest.timed =
@@ -313,9 +326,59 @@ fn render(
         key: Some(Bytes::from(key)),
         format: Format::Raw,
         records: Records::default(),
+        naming: None,
         device_time: None,
         timed: false,
     })
+}
+
+/// An `avro` route's subject naming, checked; problems under `routes[i].subject_strategy`
+/// and `routes[i].record_name`.
+fn naming(route: &RouteConfig, path: &str, problems: &mut Problems) -> Option<Arc<Naming>> {
+    if route.format != Format::Avro {
+        for (set, key) in [
+            (route.subject_strategy.is_some(), "subject_strategy"),
+            (route.record_name.is_some(), "record_name"),
+        ] {
+            if set {
+                problems.push(
+                    format!("{path}.{key}"),
+                    "only routes with format = \"avro\" have a schema subject",
+                );
+            }
+        }
+        return None;
+    }
+    let strategy = route.subject_strategy.unwrap_or_default();
+    match (strategy, route.record_name.as_deref()) {
+        (SubjectStrategy::TopicName, Some(_)) => problems.push(
+            format!("{path}.record_name"),
+            "subject_strategy = \"topic_name\" names the subject after the topic: leave record_name out, or choose record_name or topic_record_name",
+        ),
+        (SubjectStrategy::RecordName | SubjectStrategy::TopicRecordName, None) => problems.push(
+            format!("{path}.subject_strategy"),
+            "this strategy names the subject after the record: set record_name (\"com.example.Reading\")",
+        ),
+        (_, Some(name)) if !valid_record_name(name) => problems.push(
+            format!("{path}.record_name"),
+            "must be a fully qualified Avro name: letters, digits and `_`, dot-separated, not starting with a digit",
+        ),
+        _ => {}
+    }
+    Some(Arc::new(Naming {
+        strategy,
+        record_name: route.record_name.clone(),
+    }))
+}
+
+fn valid_record_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|part| {
+            part.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
 }
 
 /// A route's device-time policy, checked; problems under `routes[i].timestamp*`.
@@ -350,14 +413,14 @@ fn device_time(
             );
             return None;
         }
-        (Format::Raw, None) => {
+        (Format::Raw | Format::Json | Format::Avro, None) => {
             problems.push(
                 format!("{path}.timestamp"),
                 "timestamp = \"payload\" needs timestamp_pointer, the JSON pointer to the device's time (e.g. \"/ts\")".to_owned(),
             );
             return None;
         }
-        (Format::Raw, Some(pointer)) => {
+        (Format::Raw | Format::Json | Format::Avro, Some(pointer)) => {
             if let Err(message) = timestamp::valid_pointer(pointer) {
                 problems.push(format!("{path}.timestamp_pointer"), message);
                 return None;
@@ -628,9 +691,71 @@ mod tests {
             key: Some(Bytes::from(key.to_owned())),
             format: Format::Raw,
             records: Records::default(),
+            naming: None,
             device_time: None,
             timed: false,
         })
+    }
+
+    #[test]
+    fn avro_routes_name_their_subject_and_check_it() {
+        let avro = |strategy, record_name: Option<&str>| RouteConfig {
+            filter: "plant/+line/temp".into(),
+            topic: "plant.{line}".into(),
+            format: Format::Avro,
+            subject_strategy: strategy,
+            record_name: record_name.map(str::to_owned),
+            ..Default::default()
+        };
+        let mut problems = Problems::default();
+        let r = Router::new(&[avro(None, None)], None, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let d = r.route("plant/a/temp", "c", 0).unwrap();
+        assert_eq!(d.format, Format::Avro);
+        assert_eq!(
+            d.naming.map(|n| n.subject(&d.kafka_topic)),
+            Some("plant.a-value".to_owned())
+        );
+        let routes = [
+            avro(Some(SubjectStrategy::RecordName), None),
+            avro(Some(SubjectStrategy::TopicName), Some("acme.R")),
+            avro(Some(SubjectStrategy::TopicRecordName), Some("acme.9R")),
+            RouteConfig {
+                filter: "x".into(),
+                topic: "x".into(),
+                record_name: Some("acme.R".into()),
+                subject_strategy: Some(SubjectStrategy::TopicName),
+                ..Default::default()
+            },
+        ];
+        let mut problems = Problems::default();
+        Router::new(&routes, None, &mut problems);
+        let paths: Vec<_> = problems.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].subject_strategy",
+                "routes[1].record_name",
+                "routes[2].record_name",
+                "routes[3].subject_strategy",
+                "routes[3].record_name",
+            ]
+        );
+        let mut problems = Problems::default();
+        let r = Router::new(
+            &[avro(
+                Some(SubjectStrategy::TopicRecordName),
+                Some("acme.Reading"),
+            )],
+            None,
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let d = r.route("plant/b/temp", "c", 0).unwrap();
+        assert_eq!(
+            d.naming.map(|n| n.subject(&d.kafka_topic)),
+            Some("plant.b-acme.Reading".to_owned())
+        );
     }
 
     #[test]

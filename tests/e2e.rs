@@ -1045,6 +1045,73 @@ async fn sparkplug_b_payloads_become_json_records_per_metric() {
     assert_eq!(lines[0]["topic"], topic.as_str());
 }
 
+/// `format = "json"`: JSON goes to Kafka untouched; a payload that is not JSON goes to the
+/// dead-letter log with the reason, and the records after it still arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_routes_dead_letter_what_is_not_json() {
+    use serde_json::Value;
+    let _kafka = common::shared();
+    let topic = common::unique_topic("e2e-json");
+    let gateway = common::gateway(config().raw(&format!(
+        "[[routes]]\nmatch = \"json/#\"\ntopic = \"{topic}\"\nformat = \"json\"\n"
+    )))
+    .start();
+    let payloads: Vec<Vec<u8>> = vec![
+        br#"{"seq":0,"temp":20.5}"#.to_vec(),
+        b"temp=21".to_vec(),
+        br#"{"seq":2,"temp":21.5}"#.to_vec(),
+        br#"{"seq":3,"#.to_vec(),
+        br#"[4, {"nested": true}]"#.to_vec(),
+    ];
+    let acked = common::rumqttc(gateway.mqtt_addr(), "sensor-1")
+        .qos(1)
+        .publish("json/sensor-1", payloads.clone())
+        .await;
+    assert_eq!(acked, [0, 1, 2, 3, 4], "every message acknowledged");
+
+    let records = common::consume_all(&topic, 3, Duration::from_secs(60)).await;
+    let values: Vec<&[u8]> = records
+        .iter()
+        .map(|r| r.payload.as_deref().expect("value"))
+        .collect();
+    assert_eq!(
+        values,
+        [&payloads[0][..], &payloads[2][..], &payloads[4][..]]
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.header("edgegate-format-error").is_none())
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["dead-letters", "--config"])
+        .arg(gateway.config_path())
+        .output()
+        .expect("run edgegate dead-letters");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    lines.sort_by_key(|l| l["failed_seq"].as_str().and_then(|s| s.parse::<u64>().ok()));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["payload"], "temp=21");
+    assert_eq!(lines[1]["payload"], r#"{"seq":3,"#);
+    for line in &lines {
+        let error = line["error"].as_str().expect("error");
+        assert!(
+            error.starts_with("format: the payload is not JSON: "),
+            "{error}"
+        );
+        assert_eq!(line["topic"], topic.as_str());
+    }
+}
+
 /// `{yyyy}{mm}{dd}{hh}` in a route's topic: the record lands in the topic of the hour it was
 /// received (UTC).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

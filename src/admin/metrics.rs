@@ -139,6 +139,7 @@ pub fn set_gauges(health: &Health, stats: &LogStats) {
 fn describe() {
     use metrics::describe_gauge;
     crate::ingest::describe();
+    crate::format::registry::describe();
     crate::ingest::mqtt::describe();
     crate::ingest::coap::describe();
     crate::auth::describe();

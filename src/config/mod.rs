@@ -52,6 +52,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub routes: Vec<RouteConfig>,
     pub default_route: Option<DefaultRoute>,
+    /// `[schema_registry]`: where `avro` routes find their schemas.
+    pub schema_registry: Option<crate::format::registry::config::RegistryConfig>,
     /// `[[downlink]]`: Kafka topics whose records go to devices.
     pub downlink: Vec<crate::downlink::config::DownlinkConfig>,
     /// What the files the config names held when it was loaded.
@@ -426,6 +428,7 @@ impl Config {
                 "admin" => config.admin = section_of(value, &mut errors).unwrap_or_default(),
                 "auth" => config.auth = section_of(value, &mut errors).unwrap_or_default(),
                 "default_route" => config.default_route = section_of(value, &mut errors),
+                "schema_registry" => config.schema_registry = section_of(value, &mut errors),
                 "downlink" => match value.get_ref().as_array() {
                     Some(items) => config.downlink.extend(items.iter().filter_map(|item| section_of(item, &mut errors))),
                     None => found.push(at(value.span(), "`downlink` must be an array of tables: write each as [[downlink]]".into())),
@@ -437,7 +440,7 @@ impl Config {
                 },
                 other => found.push(at(
                     key.span(),
-                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, admin, auth, routes, default_route or downlink)"),
+                    format!("unknown section `{other}` (expected gateway, buffer, mqtt, coap, kafka, admin, auth, routes, default_route, schema_registry or downlink)"),
                 )),
             }
             found.extend(errors.into_iter().map(|e| {
@@ -477,6 +480,9 @@ impl Config {
         self.mqtt.tls.resolve_paths(base);
         self.auth.resolve_paths(base);
         self.kafka.resolve_paths(base);
+        if let Some(registry) = &mut self.schema_registry {
+            registry.resolve_paths(base);
+        }
     }
 
     /// Reads what the files named by the config hold, each problem at the key naming the file.
@@ -500,6 +506,19 @@ impl Config {
         self.admin.validate("admin", &mut problems);
         self.auth.validate("auth", &mut problems);
         crate::route::Router::new(&self.routes, self.default_route.as_ref(), &mut problems);
+        match &self.schema_registry {
+            Some(registry) => registry.validate("schema_registry", &mut problems),
+            None => {
+                for (i, route) in self.routes.iter().enumerate() {
+                    if route.format == crate::format::Format::Avro {
+                        problems.push(
+                            format!("routes[{i}].format"),
+                            "format = \"avro\" takes its schemas from a registry: add [schema_registry] with its url",
+                        );
+                    }
+                }
+            }
+        }
         for (i, d) in self.downlink.iter().enumerate() {
             d.validate(&format!("downlink[{i}]"), &mut problems);
         }

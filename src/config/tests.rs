@@ -153,6 +153,11 @@ fn shipped_gateway_toml_documents_every_key_with_its_default() {
         format!("{:?}", defaults.kafka),
         format!("{:?}", defaults.admin),
         format!("{:?}", defaults.auth),
+        // Commented out in the shipped file: it has no default url.
+        format!(
+            "{:?}",
+            crate::format::registry::config::RegistryConfig::default()
+        ),
     ];
     for debug in sections {
         // `Name { field: value, other: value }`: every field name followed by ": ".
@@ -373,4 +378,55 @@ fn device_timestamp_problems_point_at_their_keys() {
     // Exactly once stamps the device time too (forward::transactional takes it the same way).
     let exactly_once = format!("[kafka]\ndelivery = \"exactly_once\"\n\n{good}");
     assert_eq!(problems(&exactly_once), Vec::<String>::new());
+}
+
+#[test]
+fn schema_registry_problems_point_at_their_keys() {
+    // An avro route without a registry, and a registry that is wrong in three ways.
+    let text = "[[routes]]\nmatch = \"a/#\"\ntopic = \"t\"\nformat = \"avro\"\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:4:10: routes[0].format")
+            && found[0].contains("[schema_registry]"),
+        "{}",
+        found[0]
+    );
+    let text = "[schema_registry]\nurl = \"registry:8081\"\nusername = \"edge\"\nrefresh = \"10ms\"\n\n\
+                [[routes]]\nmatch = \"a/#\"\ntopic = \"t\"\nformat = \"avro\"\nsubject_strategy = \"record_name\"\n\n\
+                [[routes]]\nmatch = \"b/#\"\ntopic = \"t\"\nrecord_name = \"acme.R\"\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 5, "{found:#?}");
+    // In the order sections are validated: routes, then the registry.
+    let starts = [
+        "gw.toml:10:20: routes[0].subject_strategy",
+        "gw.toml:15:15: routes[1].record_name",
+        "gw.toml:2:7: schema_registry.url",
+        "gw.toml:3:12: schema_registry.username",
+        "gw.toml:4:11: schema_registry.refresh",
+    ];
+    for (found, start) in found.iter().zip(starts) {
+        assert!(
+            found.starts_with(start),
+            "{found} does not start with {start}"
+        );
+    }
+    let unknown = "[schema_registry]\nurl = \"http://r:8081\"\nschema_type = \"avro\"\n";
+    let found = problems(&format!("{unknown}\n{ROUTE}"));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:3:1: [schema_registry]"),
+        "{}",
+        found[0]
+    );
+
+    let good = "[schema_registry]\nurl = \"https://registry.example:8081/api\"\n\
+                username = \"edge\"\npassword = \"secret\"\nrefresh = \"5m\"\n\n\
+                [[routes]]\nmatch = \"a/#\"\ntopic = \"t\"\nformat = \"avro\"\n\
+                subject_strategy = \"topic_record_name\"\nrecord_name = \"acme.Reading\"\n";
+    assert_eq!(problems(good), Vec::<String>::new());
+    let config = Config::parse(good, Path::new("gw.toml")).expect("valid");
+    let registry = config.schema_registry.expect("the section");
+    assert_eq!(registry.refresh, Duration::from_secs(300));
+    assert_eq!(registry.timeout, Duration::from_secs(10));
 }

@@ -9,9 +9,15 @@
 //! `edgegate-format-error` header, and the forwarder moves it to the dead-letter log with
 //! that reason instead of sending it, counted in `edgegate_format_errors_total`.
 //!
+//! `json` only checks that a payload is JSON (it is stored untouched); `avro` encodes JSON
+//! payloads with a schema from a schema registry ([`registry`]), at
+//! ingest when the schema is known, else when the forwarder sends the record; a payload
+//! that does not match is treated like a Sparkplug payload that does not convert.
+//!
 //! [`timestamp`] is the other per-route transform at ingest: a record's timestamp taken from
 //! its payload (`timestamp = "payload"`), JSON or converted Sparkplug alike.
 
+pub mod registry;
 pub mod sparkplug;
 pub mod timestamp;
 
@@ -24,6 +30,10 @@ pub enum Format {
     #[default]
     Raw,
     SparkplugB,
+    /// JSON encoded to Avro by the subject's schema in `[schema_registry]` ([`registry`]).
+    Avro,
+    /// JSON, validated and stored untouched: a payload that is not JSON is dead-lettered.
+    Json,
 }
 
 impl Format {
@@ -31,6 +41,8 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::SparkplugB => "sparkplug_b",
+            Format::Avro => "avro",
+            Format::Json => "json",
         }
     }
 }

@@ -156,6 +156,45 @@ pub(super) fn format_error(record: &Record) -> Option<String> {
     })
 }
 
+/// A record ingest stored before its subject's schema was known (`format::registry`),
+/// encoded now if the schema is known: its payload framed for Kafka, or, when it cannot
+/// match, marked with the format-error header ([`format_error`] then dead-letters it).
+/// False while the schema is still unknown: the record must wait, in log order.
+pub(super) fn encode_pending(
+    record: &mut Record,
+    schemas: Option<&crate::format::registry::Registry>,
+) -> bool {
+    use crate::format::registry::{self, Encoded};
+    let Some(at) = record
+        .headers
+        .iter()
+        .position(|(k, _)| k == registry::PENDING_HEADER)
+    else {
+        return true;
+    };
+    let subject = String::from_utf8_lossy(&record.headers[at].1).into_owned();
+    let encoded = schemas.map_or(Encoded::Pending, |s| s.encode(&subject, &record.payload));
+    match encoded {
+        Encoded::Pending => return false,
+        Encoded::Done(framed) => {
+            record.payload = framed;
+            record.headers.remove(at);
+            record.headers.push((
+                crate::format::FORMAT_HEADER.to_owned(),
+                Bytes::from_static(b"avro"),
+            ));
+        }
+        Encoded::Invalid(why) => {
+            registry::invalid(record, &why);
+            record.headers.remove(at);
+            record
+                .headers
+                .push((crate::format::ERROR_HEADER.to_owned(), Bytes::from(why)));
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +234,59 @@ mod tests {
         assert_eq!(read.failed_seq.as_deref(), Some("99"));
         assert_eq!(read.record, copy);
         assert_eq!(DeadLetter::read(record).error, None);
+    }
+
+    #[test]
+    fn a_pending_record_is_encoded_once_its_schema_is_known() {
+        use crate::format::registry::{PENDING_HEADER, Registry, cache::Entry};
+        let pending = |payload: &'static [u8]| Record {
+            source: Source::Mqtt,
+            received_ms: 1,
+            device: "d".into(),
+            origin: "o".into(),
+            kafka_topic: "t".into(),
+            key: None,
+            headers: vec![(PENDING_HEADER.into(), Bytes::from_static(b"t-value"))],
+            payload: Bytes::from_static(payload),
+        };
+        let schemas = Registry::in_memory();
+        let mut record = pending(br#"{"a":1}"#);
+        assert!(!encode_pending(&mut record, Some(&schemas)));
+        assert!(!encode_pending(&mut record, None));
+        assert_eq!(record, pending(br#"{"a":1}"#));
+        schemas
+            .learn(
+                "t-value",
+                Entry {
+                    id: 3,
+                    version: 1,
+                    schema: r#"{"type":"record","name":"R","fields":[{"name":"a","type":"int"}]}"#
+                        .into(),
+                },
+            )
+            .unwrap();
+        assert!(encode_pending(&mut record, Some(&schemas)));
+        assert_eq!(&record.payload[..], &[0, 0, 0, 0, 3, 2]);
+        assert_eq!(
+            record.headers,
+            vec![(
+                crate::format::FORMAT_HEADER.to_owned(),
+                Bytes::from_static(b"avro")
+            )]
+        );
+        assert_eq!(format_error(&record), None);
+        // Encoded records and records of other routes pass as they are.
+        assert!(encode_pending(&mut record, Some(&schemas)));
+        assert_eq!(&record.payload[..], &[0, 0, 0, 0, 3, 2]);
+
+        let mut bad = pending(br#"{"a":"x"}"#);
+        assert!(encode_pending(&mut bad, Some(&schemas)));
+        assert_eq!(&bad.payload[..], br#"{"a":"x"}"#);
+        let why = format_error(&bad).expect("marked");
+        assert!(
+            why.starts_with("format: the payload does not match schema 3"),
+            "{why}"
+        );
     }
 
     #[test]

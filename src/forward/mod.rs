@@ -117,6 +117,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{Log, LogReader};
 use crate::config::problems::Problems;
+use crate::format::registry::Registry;
 use config::KafkaConfig;
 pub use dead_letter::{ERROR as HEADER_ERROR, FAILED_SEQ as HEADER_FAILED_SEQ};
 pub use record::{
@@ -277,6 +278,16 @@ impl Forwarder {
             link,
             progress,
         })
+    }
+
+    /// The schemas of `avro` routes, for the records ingest stored before their schema was
+    /// known (`format::registry`): encoded when sent, or waited for.
+    pub fn with_schemas(mut self, schemas: Arc<Registry>) -> Forwarder {
+        match &mut self.engine {
+            Engine::AtLeastOnce(w) => w.set_schemas(schemas),
+            Engine::ExactlyOnce(t) => t.set_schemas(schemas),
+        }
+        self
     }
 
     /// How long [`Forwarder::run`] waits for in-flight deliveries after shutdown.

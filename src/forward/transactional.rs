@@ -208,6 +208,8 @@ pub struct Transactional<S, D> {
     deliveries_rx: mpsc::UnboundedReceiver<Delivery>,
     deliveries: metric::Deliveries,
     header_scratch: String,
+    /// The schemas of `avro` routes, for records stored before theirs was known.
+    schemas: Option<Arc<crate::format::registry::Registry>>,
     /// Read from the log and not yet committed, in sequence order.
     pending: VecDeque<Pending>,
     /// Every record below this is in Kafka (or dead-lettered) per the committed position.
@@ -270,6 +272,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             deliveries_rx,
             deliveries: metric::Deliveries::new(),
             header_scratch: String::with_capacity(64),
+            schemas: None,
             pending: VecDeque::new(),
             committed: 0,
             transactions: 0,
@@ -280,6 +283,10 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             source_closed: false,
             stopping: false,
         }
+    }
+
+    pub fn set_schemas(&mut self, schemas: Arc<crate::format::registry::Registry>) {
+        self.schemas = Some(schemas);
     }
 
     pub fn set_grace(&mut self, grace: Duration) {
@@ -729,6 +736,23 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 if self.pending[i].dead {
                     i += 1;
                     continue;
+                }
+                // Stored before its schema was known: encoded now, or the transaction is
+                // aborted and tried again after a back-off, until the registry has answered.
+                if !dead_letter::encode_pending(
+                    &mut self.pending[i].record,
+                    self.schemas.as_deref(),
+                ) {
+                    return self
+                        .abort(
+                            session,
+                            txn,
+                            produced,
+                            "a record waits for its schema from the schema registry",
+                            give_up,
+                            shutdown,
+                        )
+                        .await;
                 }
                 // Payloads ingest could not convert (crate::format) never go to Kafka.
                 if let Some(why) = dead_letter::format_error(&self.pending[i].record) {

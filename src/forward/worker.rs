@@ -234,6 +234,8 @@ pub struct Worker<S, D> {
     deliveries: metric::Deliveries,
     /// Where each record's id and receive time are formatted for its headers.
     header_scratch: String,
+    /// The schemas of `avro` routes, for records stored before theirs was known.
+    schemas: Option<Arc<crate::format::registry::Registry>>,
     /// Finished records not yet acknowledged in the log: acknowledged at the end of the
     /// loop turn that finished them, consecutive ones as one range (one lock of the log's
     /// bookkeeping per run of a Kafka batch, not one per record).
@@ -354,8 +356,13 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             progress,
             deliveries: metric::Deliveries::new(),
             header_scratch: String::with_capacity(64),
+            schemas: None,
             finished: Vec::with_capacity(1024),
         }
+    }
+
+    pub fn set_schemas(&mut self, schemas: Arc<crate::format::registry::Registry>) {
+        self.schemas = Some(schemas);
     }
 
     pub fn set_grace(&mut self, grace: Duration) {
@@ -552,8 +559,13 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
 
     /// Hands one record to librdkafka; `now` is its send time.
     fn send(&mut self, seq: u64, now: Instant) -> Sent {
-        let alone = match self.in_flight.get(&seq) {
+        let alone = match self.in_flight.get_mut(&seq) {
             Some(p) => {
+                // Stored before its schema was known: encoded now, or it waits (and every
+                // record after it, in order) until the registry has answered.
+                if !dead_letter::encode_pending(&mut p.record, self.schemas.as_deref()) {
+                    return Sent::Blocked;
+                }
                 // Ingest could not convert its payload (crate::format): it never goes to
                 // Kafka, whose consumers expect the converted form.
                 if let Some(reason) = dead_letter::format_error(&p.record) {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::buffer::{AppendError, Durable, Log, Pressure};
+use crate::format::registry::{self, Encoded, Registry};
 use crate::format::sparkplug::{Anomaly, FormatError, Sparkplug};
 use crate::format::timestamp::{self, Outcome};
 use crate::format::{self, Format};
@@ -141,6 +142,8 @@ pub struct Pipeline {
     routes: Live<Router>,
     /// The Sparkplug B session state of `sparkplug_b` routes, applied in arrival order.
     sparkplug: Arc<Sparkplug>,
+    /// The schemas of `avro` routes; `None` stores their payloads as pending (tests).
+    schemas: Option<Arc<Registry>>,
     /// Shared by the clones: every listener bumps the same handles.
     counters: Arc<Counters>,
     /// Where listeners keep what must survive a crash to recognise a retransmission
@@ -198,6 +201,7 @@ impl Pipeline {
             log,
             routes: routes.into(),
             sparkplug: Arc::default(),
+            schemas: None,
             counters: Arc::new(Counters::new()),
             receipts: None,
         }
@@ -219,6 +223,12 @@ impl Pipeline {
     pub fn with_sparkplug_journal(mut self, path: &std::path::Path) -> std::io::Result<Self> {
         self.sparkplug = Arc::new(Sparkplug::open(path)?);
         Ok(self)
+    }
+
+    /// Encodes the payloads of `avro` routes with the schemas of `schemas`.
+    pub fn with_schemas(mut self, schemas: Arc<Registry>) -> Self {
+        self.schemas = Some(schemas);
+        self
     }
 
     /// The log messages go to.
@@ -244,7 +254,8 @@ impl Pipeline {
         let bytes = msg.payload.len() as u64;
         let mut headers = msg.headers;
         // Sparkplug records are timed one by one, after conversion.
-        if let (Some(policy), Format::Raw) = (&dest.device_time, dest.format) {
+        let json = matches!(dest.format, Format::Raw | Format::Json | Format::Avro);
+        if let (Some(policy), true) = (&dest.device_time, json) {
             let outcome = policy.extract(&msg.payload, msg.received_ms);
             if let (Outcome::Used(at), true) = (outcome, dest.timed) {
                 // Rendered again at the device's time by the table in force now (a reload
@@ -267,10 +278,57 @@ impl Pipeline {
         };
         let durable = match dest.format {
             Format::Raw => self.log.append_with_receipt(&record, receipt)?,
+            Format::Json => {
+                let mut record = record;
+                check_json(&mut record);
+                self.log.append_with_receipt(&record, receipt)?
+            }
+            Format::Avro => {
+                let mut record = record;
+                self.encode_avro(&mut record, &dest);
+                self.log.append_with_receipt(&record, receipt)?
+            }
             Format::SparkplugB => self.append_sparkplug(record, &dest, receipt)?,
         };
         self.counters.stored(delivery, bytes);
         Ok(durable)
+    }
+
+    /// Encodes an `avro` route's payload with its subject's schema. A payload that cannot
+    /// match is stored as it came, marked for the dead-letter log; one whose schema is not
+    /// known yet is stored as it came, marked pending, and encoded by the forwarder.
+    fn encode_avro(&self, record: &mut Record, dest: &Destination) {
+        let subject = dest
+            .naming
+            .as_ref()
+            .map(|n| n.subject(&record.kafka_topic))
+            .unwrap_or_default();
+        let encoded = match &self.schemas {
+            Some(schemas) => schemas.encode(&subject, &record.payload),
+            None => Encoded::Pending,
+        };
+        // Only the gateway says what a record's payload is.
+        record.headers.retain(|(k, _)| {
+            k != registry::PENDING_HEADER && k != format::ERROR_HEADER && k != format::FORMAT_HEADER
+        });
+        match encoded {
+            Encoded::Done(framed) => {
+                record.payload = framed;
+                record.headers.push((
+                    format::FORMAT_HEADER.to_owned(),
+                    Bytes::from_static(b"avro"),
+                ));
+            }
+            Encoded::Pending => record
+                .headers
+                .push((registry::PENDING_HEADER.to_owned(), Bytes::from(subject))),
+            Encoded::Invalid(why) => {
+                registry::invalid(record, &why);
+                record
+                    .headers
+                    .push((format::ERROR_HEADER.to_owned(), Bytes::from(why)));
+            }
+        }
     }
 
     /// Appends the records a Sparkplug B message becomes (the first durable append covers
@@ -357,6 +415,21 @@ fn format_error(record: &Record, error: &FormatError) {
     tracing::warn!(device = %record.device, topic = %record.origin, error = %error, "A payload does not convert; it goes to the dead-letter log.");
 }
 
+/// A `json` route's payload, checked: one that is not JSON (a single value, UTF-8, nothing
+/// after it) is stored as it came, marked for the dead-letter log, counted and logged here.
+fn check_json(record: &mut Record) {
+    // Only the gateway says what is wrong with a payload.
+    record.headers.retain(|(k, _)| k != format::ERROR_HEADER);
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&record.payload) {
+        let why = format!("the payload is not JSON: {e}");
+        metrics::counter!("edgegate_format_errors_total", "format" => "json").increment(1);
+        tracing::warn!(device = %record.device, topic = %record.origin, error = why, "A payload is not JSON; it goes to the dead-letter log.");
+        record
+            .headers
+            .push((format::ERROR_HEADER.to_owned(), Bytes::from(why)));
+    }
+}
+
 /// A Sparkplug B anomaly (sequence gap, data before its birth, a stale death): counted and
 /// logged here; the records carry it too.
 fn sparkplug_anomaly(record: &Record, anomaly: Anomaly) {
@@ -418,4 +491,47 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: &'static [u8], headers: Vec<(String, Bytes)>) -> Record {
+        Record {
+            source: Source::Mqtt,
+            received_ms: 1,
+            device: "d".into(),
+            origin: "o".into(),
+            kafka_topic: "t".into(),
+            key: None,
+            headers,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn a_json_route_marks_what_is_not_json_and_nothing_else() {
+        for good in [&br#"{"a":[1,2.5,null]}"#[..], b" 42 ", b"\"x\"", b"[]"] {
+            let mut r = record(good, vec![]);
+            check_json(&mut r);
+            assert!(r.headers.is_empty(), "{}", String::from_utf8_lossy(good));
+            assert_eq!(&r.payload[..], good);
+        }
+        for bad in [&b"{\"a\":"[..], b"", b"{} {}", b"\xff", b"NaN", b"{'a':1}"] {
+            let mut r = record(bad, vec![]);
+            check_json(&mut r);
+            assert_eq!(r.headers.len(), 1, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(r.headers[0].0, format::ERROR_HEADER);
+            assert!(r.headers[0].1.starts_with(b"the payload is not JSON: "));
+            assert_eq!(&r.payload[..], bad);
+        }
+        // A device's own header of that name does not send good JSON to the dead letters.
+        let mut r = record(
+            b"{}",
+            vec![(format::ERROR_HEADER.to_owned(), Bytes::from_static(b"x"))],
+        );
+        check_json(&mut r);
+        assert!(r.headers.is_empty());
+    }
 }

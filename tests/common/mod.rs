@@ -15,6 +15,7 @@
 //!   reading topics back ([`consume_all`]).
 //! - [`cluster`]: a three-broker Kafka cluster for the failover tests, started on first use.
 //! - [`http`]: the admin endpoint (`/metrics`, `/readyz`) over plain HTTP.
+//! - [`registry`]: a schema registry (Confluent's REST API) for the `avro` routes' tests.
 //!
 //! # Starting a gateway
 //!
@@ -62,6 +63,7 @@ pub mod http;
 pub mod kafka;
 pub mod load;
 pub mod mqtt;
+pub mod registry;
 pub mod subscribe;
 
 pub use config::{GatewayToml, Password};

@@ -1,0 +1,85 @@
+//! Figures for `format = "avro"` (`cargo bench --bench avro`): what encoding one JSON
+//! payload costs on this CPU (`Registry::encode`, the call ingest makes per message), and the
+//! bytes a record's value takes in Kafka as JSON and as Avro, for telemetry payloads of about
+//! 100 B, 300 B and 1 KB. Prints; asserts nothing. Not the whole pipeline: see README
+//! ("Load generator") for messages per second through a gateway.
+
+use std::time::Instant;
+
+use edgegate::format::registry::cache::Entry;
+use edgegate::format::registry::{Encoded, Registry};
+
+/// A schema of `n` double fields besides the device and a sequence number.
+fn schema(n: usize) -> String {
+    let mut fields = vec![
+        r#"{"name":"device","type":"string"}"#.to_owned(),
+        r#"{"name":"seq","type":"long"}"#.to_owned(),
+        r#"{"name":"ts","type":"long"}"#.to_owned(),
+    ];
+    fields.extend((0..n).map(|i| format!(r#"{{"name":"sensor_{i:02}","type":"double"}}"#)));
+    format!(
+        r#"{{"type":"record","name":"Reading","namespace":"bench","fields":[{}]}}"#,
+        fields.join(",")
+    )
+}
+
+fn payload(n: usize, seq: u64) -> Vec<u8> {
+    let mut object = serde_json::Map::new();
+    object.insert("device".into(), format!("pump-{:03}", seq % 100).into());
+    object.insert("seq".into(), seq.into());
+    object.insert("ts".into(), (1_764_000_000_000u64 + seq).into());
+    for i in 0..n {
+        object.insert(
+            format!("sensor_{i:02}"),
+            (20.0 + (seq % 97) as f64 / 8.0 + i as f64).into(),
+        );
+    }
+    serde_json::to_vec(&serde_json::Value::Object(object)).unwrap_or_default()
+}
+
+fn main() {
+    println!("json B  avro B  avro/json  encode µs/msg  msgs/s (one core)");
+    for fields in [3usize, 15, 55] {
+        let registry = Registry::in_memory();
+        let learnt = registry.learn(
+            "bench-value",
+            Entry {
+                id: 1,
+                version: 1,
+                schema: schema(fields),
+            },
+        );
+        if let Err(e) = learnt {
+            eprintln!("schema: {e}");
+            return;
+        }
+        let payloads: Vec<Vec<u8>> = (0..1000).map(|s| payload(fields, s)).collect();
+        let json_bytes: usize = payloads.iter().map(Vec::len).sum();
+        let mut avro_bytes = 0usize;
+        let rounds = 50;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            avro_bytes = 0;
+            for p in &payloads {
+                match registry.encode("bench-value", p) {
+                    Encoded::Done(framed) => avro_bytes += framed.len(),
+                    other => {
+                        eprintln!("not encoded: {other:?}");
+                        return;
+                    }
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        let n = (rounds * payloads.len()) as f64;
+        let per = elapsed.as_secs_f64() / n;
+        println!(
+            "{:>6}  {:>6}  {:>8.0}%  {:>13.2}  {:>17.0}",
+            json_bytes / payloads.len(),
+            avro_bytes / payloads.len(),
+            100.0 * avro_bytes as f64 / json_bytes as f64,
+            per * 1e6,
+            1.0 / per
+        );
+    }
+}

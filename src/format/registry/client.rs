@@ -1,0 +1,215 @@
+//! The registry's REST API, the one call the gateway needs: a subject's latest version
+//! (`GET /subjects/{subject}/versions/latest`). Blocking (ureq): it runs on tokio's blocking
+//! pool, a few requests a minute.
+
+use std::sync::Arc;
+
+use base64::Engine;
+
+use super::cache::Entry;
+use super::config::RegistryConfig;
+
+/// Why a subject's latest version could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// The registry answered that the subject has no version (yet): records wait.
+    #[error("the registry has no subject `{0}`")]
+    NoSubject(String),
+    /// The registry could not be reached or answered an error: records wait.
+    #[error("the registry is unreachable or failed: {0}")]
+    Unreachable(String),
+    /// It answered something that is not a schema version.
+    #[error("the registry's answer is not a schema version: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: Arc<str>,
+    authorization: Option<Arc<str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Version {
+    id: u32,
+    version: i32,
+    schema: String,
+    #[serde(default, rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+impl Client {
+    pub fn new(config: &RegistryConfig) -> Result<Client, String> {
+        let mut agent = ureq::AgentBuilder::new()
+            .timeout(config.timeout.get())
+            .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = config.tls()? {
+            agent = agent.tls_config(tls);
+        }
+        let authorization = match (&config.username, &config.password) {
+            (Some(u), Some(p)) => Some(
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                )
+                .into(),
+            ),
+            _ => None,
+        };
+        Ok(Client {
+            agent: agent.build(),
+            base: config.url.trim_end_matches('/').into(),
+            authorization,
+        })
+    }
+
+    /// The latest version of `subject`.
+    pub fn latest(&self, subject: &str) -> Result<Entry, FetchError> {
+        let url = format!(
+            "{}/subjects/{}/versions/latest",
+            self.base,
+            percent_encode(subject)
+        );
+        let mut request = self
+            .agent
+            .get(&url)
+            .set("Accept", "application/vnd.schemaregistry.v1+json");
+        if let Some(auth) = &self.authorization {
+            request = request.set("Authorization", auth);
+        }
+        let body = match request.call() {
+            Ok(response) => response
+                .into_string()
+                .map_err(|e| FetchError::Unreachable(e.to_string()))?,
+            Err(ureq::Error::Status(404, _)) => {
+                return Err(FetchError::NoSubject(subject.to_owned()));
+            }
+            Err(ureq::Error::Status(code, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                return Err(FetchError::Unreachable(format!(
+                    "HTTP {code}: {}",
+                    text.chars().take(200).collect::<String>()
+                )));
+            }
+            Err(e) => return Err(FetchError::Unreachable(e.to_string())),
+        };
+        parse_version(&body)
+    }
+}
+
+/// A `GET .../versions/latest` answer, if it is an Avro schema version.
+pub fn parse_version(body: &str) -> Result<Entry, FetchError> {
+    let v: Version = serde_json::from_str(body).map_err(|e| FetchError::Invalid(e.to_string()))?;
+    match v.schema_type.as_deref() {
+        None | Some("AVRO") => Ok(Entry {
+            id: v.id,
+            version: v.version,
+            schema: v.schema,
+        }),
+        Some(other) => Err(FetchError::Invalid(format!(
+            "schema {} is {other}, not AVRO",
+            v.id
+        ))),
+    }
+}
+
+/// A subject as one path segment: everything but unreserved characters escaped.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_answer_parses() {
+        let body = r#"{"subject":"t-value","version":3,"id":21,"schema":"\"string\""}"#;
+        assert_eq!(
+            parse_version(body).unwrap(),
+            Entry {
+                id: 21,
+                version: 3,
+                schema: r#""string""#.into()
+            }
+        );
+        let protobuf = r#"{"subject":"t-value","version":1,"id":2,"schemaType":"PROTOBUF","schema":"syntax = \"proto3\";"}"#;
+        assert!(matches!(
+            parse_version(protobuf),
+            Err(FetchError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_version(r#"{"error_code":40401}"#),
+            Err(FetchError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn subjects_are_one_path_segment() {
+        assert_eq!(percent_encode("plant/a b-value"), "plant%2Fa%20b-value");
+        assert_eq!(percent_encode("acme.Reading"), "acme.Reading");
+    }
+
+    /// One request to a registry that answers `answer` on a local socket.
+    fn against(answer: &'static str) -> (Result<Entry, FetchError>, String) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(answer.as_bytes()).unwrap();
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        let client = Client::new(&RegistryConfig {
+            url: format!("http://{addr}/"),
+            username: Some("edge".into()),
+            password: Some("s3cret".into()),
+            ..RegistryConfig::default()
+        })
+        .unwrap();
+        let result = client.latest("plant.t-value");
+        (result, server.join().unwrap())
+    }
+
+    #[test]
+    fn the_client_asks_for_the_latest_version_with_basic_auth() {
+        let body = r#"{"subject":"plant.t-value","version":1,"id":7,"schema":"\"long\""}"#;
+        let answer: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let (result, request) = against(answer);
+        assert_eq!(result.unwrap().id, 7);
+        assert!(
+            request.starts_with("GET /subjects/plant.t-value/versions/latest HTTP/1.1"),
+            "{request}"
+        );
+        // base64("edge:s3cret")
+        assert!(request.contains("Basic ZWRnZTpzM2NyZXQ="), "{request}");
+        let (result, _) = against("HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}");
+        assert_eq!(result, Err(FetchError::NoSubject("plant.t-value".into())));
+        let (result, _) = against("HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
+        assert!(matches!(result, Err(FetchError::Unreachable(_))));
+    }
+}

@@ -1,0 +1,209 @@
+//! A Confluent-compatible schema registry for `tests/schema_registry.rs`: the subset of the
+//! REST API that the gateway and the Avro decoder of the tests use (`GET
+//! /subjects/{subject}/versions/latest`, `GET /schemas/ids/{id}`), on `127.0.0.1`, with
+//! schemas the test registers, and the faults a test needs: [`Registry::stop`] closes the
+//! port (connection refused, as when the registry is down), [`Registry::resume`] opens the
+//! same port again.
+//!
+//! A fixture, not a real registry: none could be installed from the package registries this
+//! project's machines reach (Karapace is not on the PyPI they reach; Apicurio has no runnable
+//! artifact on Maven Central and its build dependencies are not served). Answers follow
+//! Confluent's API reference; the decoder on the other side is independent of the gateway
+//! (Python `fastavro`, `tests/clients/avro_decode.py`).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Default)]
+struct State {
+    /// Schema texts; id `i + 1`.
+    schemas: Vec<String>,
+    /// Each subject's versions, oldest first: schema ids.
+    subjects: HashMap<String, Vec<u32>>,
+    /// Requests answered, for tests that check the gateway asked.
+    requests: usize,
+}
+
+pub struct Registry {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    serving: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+impl Registry {
+    /// Serving, on a port of its own.
+    pub fn start() -> Registry {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the registry");
+        let addr = listener.local_addr().expect("its address");
+        let mut registry = Registry {
+            addr,
+            state: Arc::default(),
+            serving: None,
+        };
+        registry.serve(listener);
+        registry
+    }
+
+    /// Not serving: its port refuses connections until [`Registry::resume`].
+    pub fn start_stopped() -> Registry {
+        let mut registry = Registry::start();
+        registry.stop();
+        registry
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes the port.
+    pub fn stop(&mut self) {
+        if let Some((stop, thread)) = self.serving.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = thread.join();
+        }
+    }
+
+    /// Opens the same port again.
+    pub fn resume(&mut self) {
+        if self.serving.is_none() {
+            let listener = TcpListener::bind(self.addr).expect("bind the registry's port again");
+            self.serve(listener);
+        }
+    }
+
+    /// Registers `schema` as the next version of `subject` (the same text again is the
+    /// same id, as in Confluent's registry); its id.
+    pub fn register(&self, subject: &str, schema: &str) -> u32 {
+        let mut state = self.state.lock().expect("registry state");
+        let id = match state.schemas.iter().position(|s| s == schema) {
+            Some(i) => i as u32 + 1,
+            None => {
+                state.schemas.push(schema.to_owned());
+                state.schemas.len() as u32
+            }
+        };
+        state
+            .subjects
+            .entry(subject.to_owned())
+            .or_default()
+            .push(id);
+        id
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.lock().expect("registry state").requests
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (state, stopping) = (self.state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => answer(stream, &state),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        self.serving = Some((stop, thread));
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn answer(mut stream: TcpStream, state: &Mutex<State>) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&request);
+    let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let (status, body) = {
+        let mut state = state.lock().expect("registry state");
+        state.requests += 1;
+        route(&state, &path)
+    };
+    let body = body.to_string();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn route(state: &State, path: &str) -> (&'static str, serde_json::Value) {
+    let not_found = |code: u32, message: &str| {
+        (
+            "404 Not Found",
+            serde_json::json!({"error_code": code, "message": message}),
+        )
+    };
+    let path = path.split('?').next().unwrap_or_default();
+    if let Some(rest) = path.strip_prefix("/subjects/") {
+        if let Some(subject) = rest.strip_suffix("/versions/latest") {
+            let subject = decode(subject);
+            return match state.subjects.get(&subject) {
+                Some(ids) => {
+                    let id = ids[ids.len() - 1];
+                    (
+                        "200 OK",
+                        serde_json::json!({
+                            "subject": subject,
+                            "version": ids.len(),
+                            "id": id,
+                            "schema": state.schemas[id as usize - 1],
+                        }),
+                    )
+                }
+                None => not_found(40401, "Subject not found."),
+            };
+        }
+    }
+    if let Some(id) = path.strip_prefix("/schemas/ids/") {
+        return match id
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| state.schemas.get(i.wrapping_sub(1)))
+        {
+            Some(schema) => ("200 OK", serde_json::json!({ "schema": schema })),
+            None => not_found(40403, "Schema not found"),
+        };
+    }
+    not_found(404, "HTTP 404 Not Found")
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,259 @@
+//! `format = "avro"` routes end to end: JSON published by a real MQTT client
+//! (mosquitto_pub), encoded by the gateway with the schema registry's schemas, read back
+//! from the run's Kafka and decoded by an independent reader (Python fastavro, which fetches
+//! the writer's schema by the id in each record: `tests/clients/avro_decode.py`), field by
+//! field; through the faults of issue 15: the registry down at start, stopped mid-run, a new
+//! schema version mid-run, payloads that do not match, a restart without the registry.
+//!
+//! The registry is `common::registry`'s (see there why it is not a real one).
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::registry::Registry;
+use common::{GatewayToml, Process};
+
+const V1: &str = r#"{"type":"record","name":"Reading","namespace":"acme","fields":[{"name":"device","type":"string"},{"name":"temp","type":"double"},{"name":"seq","type":"long"},{"name":"unit","type":["null","string"],"default":null}]}"#;
+/// V1 plus a field with a default: a compatible evolution.
+const V2: &str = r#"{"type":"record","name":"Reading","namespace":"acme","fields":[{"name":"device","type":"string"},{"name":"temp","type":"double"},{"name":"seq","type":"long"},{"name":"unit","type":["null","string"],"default":null},{"name":"battery","type":"int","default":-1}]}"#;
+
+fn config(registry: &Registry, topic: &str) -> GatewayToml {
+    GatewayToml::new().raw(&format!(
+        "[schema_registry]\nurl = \"{}\"\nrefresh = \"1s\"\ntimeout = \"2s\"\n\n\
+         [[routes]]\nmatch = \"sensors/+device/reading\"\ntopic = \"{topic}\"\nkey = \"{{device}}\"\nformat = \"avro\"\n",
+        registry.url()
+    ))
+}
+
+fn reading(device: &str, seq: u64) -> String {
+    json!({"device": device, "temp": 20.5 + seq as f64, "seq": seq, "unit": "C"}).to_string()
+}
+
+/// Publishes each payload at QoS 1, acknowledged (mosquitto_pub exits 0).
+fn publish(gw: &Process, device: &str, payloads: &[String]) {
+    let out = common::mosquitto_pub(gw.mqtt_addr())
+        .id(device)
+        .topic(&format!("sensors/{device}/reading"))
+        .qos(1)
+        .lines(payloads);
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every record's value decoded by fastavro: `{"id", "value"}` each.
+fn decode(registry: &Registry, records: &[common::Consumed]) -> Vec<Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/avro_decode.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(registry.url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 tests/clients/avro_decode.py (pip: fastavro)");
+    let mut input = String::new();
+    for r in records {
+        let payload = r.payload.as_deref().unwrap_or_default();
+        input.extend(payload.iter().map(|b| format!("{b:02x}")));
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("feed the decoder");
+    drop(stdin);
+    let out = child.wait_with_output().expect("the decoder's output");
+    assert!(
+        out.status.success(),
+        "avro_decode.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// The dead-letter log, in the main log's order (each is written by a task of its own, so
+/// the dead-letter log's order is not always the main log's).
+fn dead_letters(gw: &Process) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["dead-letters", "--config"])
+        .arg(gw.config_path())
+        .output()
+        .expect("run edgegate dead-letters");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dead: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    dead.sort_by_key(|d| {
+        d["failed_seq"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    });
+    dead
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The whole life of an `avro` route through the registry's faults. Nothing is lost: every
+/// payload published is in Kafka (decoded, field by field) or in the dead-letter log with
+/// its reason, and the order of each device's records is kept.
+#[test]
+fn avro_records_survive_the_registry_being_down_changing_and_gone() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("registry-avro");
+    let subject = format!("{topic}-value");
+    let mut registry = Registry::start_stopped();
+    let mut gw = common::gateway(config(&registry, &topic))
+        .pin_addresses()
+        .start_process();
+
+    // 1. The registry has never been reached: records wait in the log, JSON, in order.
+    let first: Vec<String> = (0..5).map(|i| reading("d1", i)).collect();
+    publish(&gw, "d1", &first);
+    let early = common::consume_all_blocking(&topic, 1, Duration::from_secs(3));
+    assert!(
+        early.is_empty(),
+        "sent before the schema was known: {early:?}"
+    );
+
+    // 2. The registry comes up with the schema: the waiting records go out encoded.
+    let v1 = registry.register(&subject, V1);
+    registry.resume();
+    let records = common::consume_all_blocking(&topic, 5, Duration::from_secs(60));
+    assert_eq!(records.len(), 5, "{records:?}");
+    let decoded = decode(&registry, &records);
+    for (i, d) in decoded.iter().enumerate() {
+        assert_eq!(d["id"], v1, "{d}");
+        assert_eq!(d["value"]["device"], "d1");
+        assert_eq!(d["value"]["temp"], 20.5 + i as f64);
+        assert_eq!(d["value"]["seq"], i as u64);
+        assert_eq!(d["value"]["unit"], "C");
+        assert_eq!(records[i].header("edgegate-format"), Some(&b"avro"[..]));
+        assert_eq!(records[i].header("edgegate-schema-pending"), None);
+        assert_eq!(records[i].key.as_deref(), Some(&b"d1"[..]));
+    }
+
+    // 3. Payloads that do not match go to the dead-letter log; the ones after them are not
+    //    held up.
+    let mixed = vec![
+        json!({"device": "d1", "temp": "hot", "seq": 5}).to_string(),
+        reading("d1", 6),
+        "not json at all".to_owned(),
+        json!({"device": "d1", "seq": 8}).to_string(),
+        reading("d1", 9),
+    ];
+    publish(&gw, "d1", &mixed);
+    let records = common::consume_all_blocking(&topic, 7, Duration::from_secs(60));
+    assert_eq!(records.len(), 7, "{records:?}");
+    let decoded = decode(&registry, &records[5..]);
+    assert_eq!(decoded[0]["value"]["seq"], 6);
+    assert_eq!(decoded[1]["value"]["seq"], 9);
+    wait_until("three dead letters", Duration::from_secs(30), || {
+        dead_letters(&gw).len() == 3
+    });
+    let dead = dead_letters(&gw);
+    let errors: Vec<&str> = dead
+        .iter()
+        .map(|d| d["error"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        errors[0].starts_with(&format!("format: the payload does not match schema {v1}")),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("format: the payload is not JSON"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].starts_with(&format!("format: the payload does not match schema {v1}")),
+        "{errors:?}"
+    );
+    assert_eq!(dead[0]["payload"], mixed[0].as_str());
+    assert_eq!(dead[1]["payload"], "not json at all");
+    let (_, metrics) = common::http_get(gw.admin_addr(), "/metrics");
+    assert_eq!(
+        common::metric(&metrics, "edgegate_format_errors_total{format=\"avro\"}"),
+        Some(3.0),
+        "{metrics}"
+    );
+
+    // 4. The registry stops: the cached schema keeps encoding.
+    registry.stop();
+    publish(&gw, "d1", &[reading("d1", 10), reading("d1", 11)]);
+    let records = common::consume_all_blocking(&topic, 9, Duration::from_secs(60));
+    assert_eq!(records.len(), 9, "{records:?}");
+
+    // 5. A restart while it is still down: the schema comes from the cache on disk.
+    let status = gw.terminate();
+    assert!(status.success(), "{status:?}");
+    gw.restart();
+    publish(&gw, "d1", &[reading("d1", 12)]);
+    let records = common::consume_all_blocking(&topic, 10, Duration::from_secs(60));
+    assert_eq!(records.len(), 10, "{records:?}");
+    // (Decoded below, once the registry is back: the decoder asks it for the schema.)
+
+    // 6. A new version mid-run: picked up without a restart, within the refresh interval.
+    let v2 = registry.register(&subject, V2);
+    assert_ne!(v1, v2);
+    registry.resume();
+    let mut seq = 13;
+    let mut sent = 10;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let newest = loop {
+        publish(
+            &gw,
+            "d1",
+            &[json!({"device": "d1", "temp": 1.0, "seq": seq, "battery": 87}).to_string()],
+        );
+        seq += 1;
+        sent += 1;
+        let records = common::consume_all_blocking(&topic, sent, Duration::from_secs(30));
+        assert_eq!(records.len(), sent, "{records:?}");
+        let last = decode(&registry, &records[sent - 1..]).remove(0);
+        if last["id"] == v2 {
+            break last;
+        }
+        // Under v1 the extra field is dropped, never an error.
+        assert_eq!(last["id"], v1);
+        assert!(Instant::now() < deadline, "v2 was not picked up");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(newest["value"]["battery"], 87);
+    assert_eq!(newest["value"]["unit"], Value::Null);
+    // Every record published is in Kafka or dead-lettered; each device's order is kept.
+    let records = common::consume_all_blocking(&topic, sent, Duration::from_secs(10));
+    assert_eq!(records.len(), sent);
+    let decoded = decode(&registry, &records);
+    let all: Vec<u64> = decoded
+        .iter()
+        .map(|d| d["value"]["seq"].as_u64().expect("seq"))
+        .collect();
+    // Encoded with v1 while the registry was down, before and after the restart.
+    for d in &decoded[7..10] {
+        assert_eq!(d["id"], v1, "{d}");
+    }
+    let mut expected: Vec<u64> = (0..seq).filter(|s| ![5, 7, 8].contains(s)).collect();
+    expected.truncate(sent);
+    assert_eq!(all, expected);
+    assert_eq!(dead_letters(&gw).len(), 3);
+}
