@@ -200,6 +200,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     if let Some(registry) = &config.schema_registry {
         let client = format::registry::client::Client::new(registry)
             .map_err(|e| RunError::Task(format!("[schema_registry]: {e}")))?;
+        schemas.will_learn();
         tokio::spawn(
             schemas
                 .clone()

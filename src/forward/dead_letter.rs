@@ -173,7 +173,13 @@ pub(super) fn encode_pending(
         return true;
     };
     let subject = String::from_utf8_lossy(&record.headers[at].1).into_owned();
-    let encoded = schemas.map_or(Encoded::Pending, |s| s.encode(&subject, &record.payload));
+    let encoded = match schemas {
+        Some(s) => s.encode(&subject, &record.payload),
+        // Nothing could ever encode it: waiting would hold every record behind it.
+        None => Encoded::Invalid(format!(
+            "stored waiting for the schema of subject {subject}, and this forwarder has no schemas"
+        )),
+    };
     match encoded {
         Encoded::Pending => return false,
         Encoded::Done(framed) => {
@@ -252,8 +258,13 @@ mod tests {
         let schemas = Registry::in_memory();
         let mut record = pending(br#"{"a":1}"#);
         assert!(!encode_pending(&mut record, Some(&schemas)));
-        assert!(!encode_pending(&mut record, None));
         assert_eq!(record, pending(br#"{"a":1}"#));
+        let mut orphan = pending(br#"{"a":1}"#);
+        assert!(encode_pending(&mut orphan, None));
+        assert!(
+            format_error(&orphan).is_some(),
+            "dead-lettered, not waiting"
+        );
         schemas
             .learn(
                 "t-value",

@@ -24,6 +24,7 @@ pub mod config;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -65,6 +66,10 @@ pub struct Registry {
     wake: Notify,
     /// The cache file; `None` keeps the cache in memory only (tests).
     path: Option<PathBuf>,
+    /// [`Registry::run`] learns subjects from a configured registry. Without one, a subject
+    /// not in the cache is never learnt: its records are marked invalid rather than left
+    /// waiting, which would hold every record behind them for good.
+    learns: AtomicBool,
 }
 
 impl Registry {
@@ -84,8 +89,14 @@ impl Registry {
         }
         Registry {
             path: Some(path),
+            learns: AtomicBool::new(false),
             ..registry
         }
+    }
+
+    /// Says that [`Registry::run`] keeps the subjects fresh from a configured registry.
+    pub fn will_learn(&self) {
+        self.learns.store(true, Ordering::Relaxed);
     }
 
     pub fn in_memory() -> Registry {
@@ -94,6 +105,7 @@ impl Registry {
             wanted: Mutex::default(),
             wake: Notify::new(),
             path: None,
+            learns: AtomicBool::new(true),
         }
     }
 
@@ -101,6 +113,11 @@ impl Registry {
     pub fn encode(&self, subject: &str, payload: &[u8]) -> Encoded {
         let known = self.known.read().ok().and_then(|k| k.get(subject).cloned());
         let Some(known) = known else {
+            if !self.learns.load(Ordering::Relaxed) {
+                return Encoded::Invalid(format!(
+                    "no schema of subject {subject} is known, and without [schema_registry] none can be learnt"
+                ));
+            }
             self.want(subject);
             return Encoded::Pending;
         };
@@ -301,7 +318,27 @@ mod tests {
         assert_eq!(r.wanted.lock().unwrap().len(), 2);
         std::fs::write(&path, b"{\"version\":1,\"subj").unwrap();
         let r = Registry::open(path);
+        r.will_learn();
         assert_eq!(r.schema_id("t-value"), None);
         assert_eq!(r.encode("t-value", br#"{"a":1}"#), Encoded::Pending);
+    }
+
+    #[test]
+    fn without_a_registry_an_unknown_subject_is_invalid_not_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = cache::path(dir.path());
+        let mut subjects = BTreeMap::new();
+        subjects.insert("t-value".to_owned(), entry(5, 1, V1));
+        cache::store(&path, &subjects).unwrap();
+        // No [schema_registry]: what the cache knows still encodes; nothing else waits.
+        let r = Registry::open(path);
+        assert!(matches!(
+            r.encode("t-value", br#"{"a":1}"#),
+            Encoded::Done(_)
+        ));
+        match r.encode("u-value", br#"{"a":1}"#) {
+            Encoded::Invalid(why) => assert!(why.contains("[schema_registry]"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
