@@ -1022,20 +1022,7 @@ async fn sparkplug_b_payloads_become_json_records_per_metric() {
     );
 
     // The garbage payload is in the dead-letter log, with why.
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["dead-letters", "--config"])
-        .arg(gateway.config_path())
-        .output()
-        .expect("run edgegate dead-letters");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let lines = common::dead_letters(gateway.config_path());
     assert_eq!(lines.len(), 1, "{lines:?}");
     let error = lines[0]["error"].as_str().expect("error");
     assert!(
@@ -1049,7 +1036,6 @@ async fn sparkplug_b_payloads_become_json_records_per_metric() {
 /// dead-letter log with the reason, and the records after it still arrive, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn json_routes_dead_letter_what_is_not_json() {
-    use serde_json::Value;
     let _kafka = common::shared();
     let topic = common::unique_topic("e2e-json");
     let gateway = common::gateway(config().raw(&format!(
@@ -1084,21 +1070,7 @@ async fn json_routes_dead_letter_what_is_not_json() {
             .all(|r| r.header("edgegate-format-error").is_none())
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["dead-letters", "--config"])
-        .arg(gateway.config_path())
-        .output()
-        .expect("run edgegate dead-letters");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
-    lines.sort_by_key(|l| l["failed_seq"].as_str().and_then(|s| s.parse::<u64>().ok()));
+    let lines = common::dead_letters(gateway.config_path());
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["payload"], "temp=21");
     assert_eq!(lines[1]["payload"], r#"{"seq":3,"#);

@@ -80,30 +80,9 @@ fn decode(registry: &Registry, records: &[common::Consumed]) -> Vec<Value> {
         .collect()
 }
 
-/// The dead-letter log, in the main log's order (each is written by a task of its own, so
-/// the dead-letter log's order is not always the main log's).
+/// The dead-letter log, in the main log's order.
 fn dead_letters(gw: &Process) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["dead-letters", "--config"])
-        .arg(gw.config_path())
-        .output()
-        .expect("run edgegate dead-letters");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut dead: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
-    dead.sort_by_key(|d| {
-        d["failed_seq"]
-            .as_str()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(u64::MAX)
-    });
-    dead
+    common::dead_letters(gw.config_path())
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {

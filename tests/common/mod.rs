@@ -74,3 +74,31 @@ pub use kafka::{
     create_topic, exclusive, secured, shared, unique_topic,
 };
 pub use mqtt::{mosquitto_pub, mqtt_frame, mqtt_string, rumqttc};
+
+/// The gateway's dead-letter log as `edgegate dead-letters --config <config>` prints it, one
+/// JSON object a record, in the main log's order (`failed_seq`: each record is written by a
+/// task of its own, so the dead-letter log's own order is not always the main log's).
+#[allow(dead_code)]
+pub fn dead_letters(config: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["dead-letters", "--config"])
+        .arg(config)
+        .output()
+        .expect("run edgegate dead-letters");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dead: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    dead.sort_by_key(|d| {
+        d["failed_seq"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    });
+    dead
+}
