@@ -70,16 +70,19 @@ use super::classify::{self, Disposition};
 use super::context::{ClientHealth, Delivery, ForwardContext, LinkTracker, Tag};
 use super::window::Backoff;
 use super::worker::{DeadLetterSink, KafkaProducer, RecordSource, Settings, for_each_run};
-use super::{ForwardError, Progress, dead_letter, metric, record};
+use super::{ForwardError, LinkState, Progress, dead_letter, metric, record};
 use crate::buffer::{AppendError, LogError, StoredRecord};
 use crate::record::Record;
 
 /// Bound of one blocking transactional call; retriable timeouts are retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// A blocking librdkafka call still running this long after its own timeout is hung: some
-/// never return (librdkafka issues 5456 and 5511: `send_offsets_to_transaction` ignores its
-/// timeout, and waits for good on a group coordinator that left the cluster's metadata).
-/// The session is then replaced and the call left behind.
+/// A blocking librdkafka call still running this long after its own timeout, with Kafka
+/// reachable all that time, is hung: some never return (librdkafka issues 5456 and 5511:
+/// `send_offsets_to_transaction` ignores its timeout, and waits for good on a group
+/// coordinator that left the cluster's metadata). The session is then replaced and the call
+/// left behind. While the link is down a call may rightly outlive its timeout (its request
+/// waits for the coordinator with librdkafka's own, longer, request timeout), so the clock
+/// starts again whenever the link is seen down: an outage alone never replaces a session.
 const HUNG_SLACK: Duration = Duration::from_secs(3);
 /// How long a replaced producer's threads are waited for.
 const DROP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -369,7 +372,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
 
     /// Runs `f`, librdkafka call `name` bounded by its own `timeout`, on the blocking pool,
     /// refreshing the heartbeat while it runs; [`Hung`] if it outlives that timeout by
-    /// [`HUNG_SLACK`] (it is left running).
+    /// [`HUNG_SLACK`] with the link up (it is left running).
     async fn blocking<T: Send + 'static>(
         &mut self,
         name: &'static str,
@@ -377,9 +380,12 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Hung> {
         let mut call = tokio::task::spawn_blocking(f);
-        let hung_at = Instant::now() + timeout + HUNG_SLACK;
+        let mut hung_at = Instant::now() + timeout + HUNG_SLACK;
         loop {
             self.heartbeat();
+            if self.link.state() == LinkState::Down {
+                hung_at = hung_at.max(Instant::now() + timeout + HUNG_SLACK);
+            }
             tokio::select! {
                 done = &mut call => match done {
                     Ok(v) => return Ok(v),
@@ -1021,7 +1027,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 next_probe = Instant::now() + REPLICA_CHECK_AFTER;
                 probe = self.start_probe();
             }
-            if let Some(hung) = clock.hung() {
+            if let Some(hung) = clock.hung(self.link.state()) {
                 return Err(hung);
             }
             tokio::select! {
@@ -1277,7 +1283,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     }
 }
 
-/// A librdkafka call that outlived its own timeout by [`HUNG_SLACK`].
+/// A librdkafka call that outlived its own timeout by [`HUNG_SLACK`], Kafka reachable.
 #[derive(Debug)]
 struct Hung {
     call: &'static str,
@@ -1295,7 +1301,7 @@ impl std::fmt::Display for Hung {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "librdkafka's {} has not returned {:?} after its own timeout of {:?} (librdkafka issues 5456, 5511); the call is left behind",
+            "librdkafka's {} has not returned {:?} after its own timeout of {:?} with Kafka reachable (librdkafka issues 5456, 5511); the call is left behind",
             self.call, HUNG_SLACK, self.timeout
         )
     }
@@ -1315,13 +1321,20 @@ impl CallClock {
             Some((name, timeout, Instant::now() + timeout + HUNG_SLACK));
     }
 
-    /// The running step, if it is hung.
-    fn hung(&self) -> Option<Hung> {
-        let step = *self.step.lock().unwrap_or_else(|e| e.into_inner());
-        match step {
-            Some((name, timeout, hung_at)) if Instant::now() >= hung_at => {
-                Some(Hung::new(name, timeout))
-            }
+    /// The running step, if it is hung; with the link `Down` its clock starts again.
+    fn hung(&self, link: LinkState) -> Option<Hung> {
+        self.hung_at(link, Instant::now())
+    }
+
+    fn hung_at(&self, link: LinkState, now: Instant) -> Option<Hung> {
+        let mut step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+        if link == LinkState::Down
+            && let Some((_, timeout, hung_at)) = step.as_mut()
+        {
+            *hung_at = (*hung_at).max(now + *timeout + HUNG_SLACK);
+        }
+        match *step {
+            Some((name, timeout, hung_at)) if now >= hung_at => Some(Hung::new(name, timeout)),
             _ => None,
         }
     }
@@ -1432,6 +1445,37 @@ mod tests {
             RDKafkaErrorCode::Fatal
         )));
         assert!(!commit_flush_timed_out(&KafkaError::Canceled));
+    }
+
+    /// A call waiting out an outage is not hung: its clock runs only while Kafka is
+    /// reachable (a 25 s outage mid-commit once replaced the session).
+    #[test]
+    fn a_call_is_hung_only_after_its_timeout_with_the_link_up() {
+        let clock = CallClock::default();
+        let mut now = Instant::now();
+        assert!(clock.hung_at(LinkState::Up, now).is_none(), "no step yet");
+        clock.begin("send_offsets_to_transaction", CALL_TIMEOUT);
+        let tick = Duration::from_millis(500);
+        // Down for three of its timeouts: never hung.
+        let until = now + 3 * CALL_TIMEOUT;
+        while now < until {
+            assert!(clock.hung_at(LinkState::Down, now).is_none());
+            now += tick;
+        }
+        // Up again: hung once its timeout and the slack have passed since, not before.
+        let up = now;
+        while clock.hung_at(LinkState::Up, now).is_none() {
+            now += tick;
+            assert!(now - up <= CALL_TIMEOUT + HUNG_SLACK + tick, "never hung");
+        }
+        assert!(now - up >= CALL_TIMEOUT + HUNG_SLACK - tick);
+        // Up all along: hung after its timeout and the slack.
+        clock.begin("commit_transaction", CALL_TIMEOUT);
+        let start = Instant::now();
+        assert!(clock.hung_at(LinkState::Up, start).is_none());
+        assert!(clock.hung_at(LinkState::Up, start + CALL_TIMEOUT).is_none());
+        let hung = clock.hung_at(LinkState::Up, start + CALL_TIMEOUT + HUNG_SLACK + tick);
+        assert_eq!(hung.map(|h| h.call), Some("commit_transaction"));
     }
 
     #[test]
