@@ -1,5 +1,6 @@
 //! Figures for `format = "avro"` (`cargo bench --bench avro`): what encoding one JSON
-//! payload costs on this CPU (`Registry::encode`, the call ingest makes per message), and the
+//! payload costs on this CPU (`Registry::encode`, the call ingest makes per message, beside
+//! apache-avro's own path, `avro::encode`, the reference in the same run), and the
 //! bytes a record's value takes in Kafka as JSON and as Avro, for telemetry payloads of about
 //! 100 B, 300 B and 1 KB. Prints; asserts nothing. Not the whole pipeline: see README
 //! ("Load generator") for messages per second through a gateway.
@@ -7,7 +8,7 @@
 use std::time::Instant;
 
 use edgegate::format::registry::cache::Entry;
-use edgegate::format::registry::{Encoded, Registry};
+use edgegate::format::registry::{Encoded, Registry, avro};
 
 /// A schema of `n` double fields besides the device and a sequence number.
 fn schema(n: usize) -> String {
@@ -38,7 +39,9 @@ fn payload(n: usize, seq: u64) -> Vec<u8> {
 }
 
 fn main() {
-    println!("json B  avro B  avro/json  encode µs/msg  msgs/s (one core)");
+    println!(
+        "json B  avro B  avro/json  encode µs/msg  apache-avro µs/msg  JSON parse µs/msg  msgs/s (one core)"
+    );
     for fields in [3usize, 15, 55] {
         let registry = Registry::in_memory();
         let learnt = registry.learn(
@@ -53,10 +56,14 @@ fn main() {
             eprintln!("schema: {e}");
             return;
         }
+        let Ok(parsed) = apache_avro::Schema::parse_str(&schema(fields)) else {
+            return;
+        };
         let payloads: Vec<Vec<u8>> = (0..1000).map(|s| payload(fields, s)).collect();
         let json_bytes: usize = payloads.iter().map(Vec::len).sum();
         let mut avro_bytes = 0usize;
         let rounds = 50;
+        let n = (rounds * payloads.len()) as f64;
         let started = Instant::now();
         for _ in 0..rounds {
             avro_bytes = 0;
@@ -70,15 +77,31 @@ fn main() {
                 }
             }
         }
-        let elapsed = started.elapsed();
-        let n = (rounds * payloads.len()) as f64;
-        let per = elapsed.as_secs_f64() / n;
+        let per = started.elapsed().as_secs_f64() / n;
+        // The same payloads by apache-avro's own path (the encoder before the writer).
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for p in &payloads {
+                std::hint::black_box(avro::encode(&parsed, 1, p).is_ok());
+            }
+        }
+        let reference = started.elapsed().as_secs_f64() / n;
+        // What parsing the JSON alone costs, which both do.
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for p in &payloads {
+                std::hint::black_box(serde_json::from_slice::<serde_json::Value>(p).is_ok());
+            }
+        }
+        let parse = started.elapsed().as_secs_f64() / n;
         println!(
-            "{:>6}  {:>6}  {:>8.0}%  {:>13.2}  {:>17.0}",
+            "{:>6}  {:>6}  {:>8.0}%  {:>13.2}  {:>18.2}  {:>17.2}  {:>17.0}",
             json_bytes / payloads.len(),
             avro_bytes / payloads.len(),
             100.0 * avro_bytes as f64 / json_bytes as f64,
             per * 1e6,
+            reference * 1e6,
+            parse * 1e6,
             1.0 / per
         );
     }

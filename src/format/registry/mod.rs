@@ -42,7 +42,7 @@ pub const PENDING_HEADER: &str = "edgegate-schema-pending";
 /// A subject's schema as the gateway uses it.
 struct Known {
     entry: Entry,
-    schema: Schema,
+    writer: avro::Writer,
 }
 
 /// What became of one payload.
@@ -121,7 +121,7 @@ impl Registry {
             self.want(subject);
             return Encoded::Pending;
         };
-        match avro::encode(&known.schema, known.entry.id, payload) {
+        match known.writer.encode(known.entry.id, payload) {
             Ok(framed) => Encoded::Done(Bytes::from(framed)),
             Err(e) => Encoded::Invalid(e.to_string()),
         }
@@ -153,7 +153,8 @@ impl Registry {
         }
         let schema = Schema::parse_str(&entry.schema)?;
         if let Ok(mut known) = self.known.write() {
-            known.insert(subject.to_owned(), Arc::new(Known { entry, schema }));
+            let writer = avro::Writer::new(schema);
+            known.insert(subject.to_owned(), Arc::new(Known { entry, writer }));
         }
         Ok(true)
     }
