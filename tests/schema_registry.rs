@@ -236,3 +236,70 @@ fn avro_records_survive_the_registry_being_down_changing_and_gone() {
     assert_eq!(all, expected);
     assert_eq!(dead_letters(&gw).len(), 3);
 }
+
+/// Exactly once with records waiting for their schema: the forwarder aborts and begins
+/// again until the registry answers, then every waiting record is committed once, encoded,
+/// in order, with the one that does not match dead-lettered and nothing behind it held up.
+#[test]
+fn exactly_once_records_wait_for_their_schema_and_go_once() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("registry-avro-eos");
+    let subject = format!("{topic}-value");
+    let mut registry = Registry::start_stopped();
+    let gw = common::gateway(
+        config(&registry, &topic)
+            .kafka("delivery", "exactly_once")
+            .kafka("transaction_interval", "50ms")
+            .kafka("transaction_timeout", "15s"),
+    )
+    .start_process();
+    let committed = |expected: usize, timeout: Duration| {
+        let mut config = common::client_config();
+        config.set("isolation.level", "read_committed");
+        common::kafka::consume_all_from(config, &topic, expected, timeout)
+    };
+
+    let mut payloads: Vec<String> = (0..20).map(|i| reading("d1", i)).collect();
+    payloads[7] = json!({"device": "d1", "temp": "hot", "seq": 7}).to_string();
+    publish(&gw, "d1", &payloads[..10]);
+    // Several aborted attempts while the registry is away; nothing committed.
+    std::thread::sleep(Duration::from_secs(3));
+    let early = committed(1, Duration::from_secs(2));
+    assert!(
+        early.is_empty(),
+        "committed before the schema was known: {early:?}"
+    );
+
+    let v1 = registry.register(&subject, V1);
+    registry.resume();
+    publish(&gw, "d1", &payloads[10..]);
+    let records = committed(19, Duration::from_secs(60));
+    // Nothing more than the 19 that match: a second copy would show here.
+    let again = committed(20, Duration::from_secs(3));
+    assert_eq!(again.len(), 19, "a record committed twice: {again:?}");
+    let decoded = decode(&registry, &records);
+    let seqs: Vec<u64> = decoded
+        .iter()
+        .map(|d| {
+            assert_eq!(d["id"], v1, "{d}");
+            d["value"]["seq"].as_u64().expect("seq")
+        })
+        .collect();
+    let expected: Vec<u64> = (0..20).filter(|s| *s != 7).collect();
+    assert_eq!(seqs, expected);
+    wait_until("the dead letter", Duration::from_secs(30), || {
+        dead_letters(&gw).len() == 1
+    });
+    let dead = dead_letters(&gw);
+    assert_eq!(dead[0]["payload"], payloads[7].as_str());
+    assert_eq!(
+        dead[0]["error"].as_str(),
+        Some(
+            format!(
+                "format: the payload does not match schema {v1}: field temp: expected a double, found \"hot\""
+            )
+            .as_str()
+        ),
+        "{dead:?}"
+    );
+}
