@@ -55,6 +55,16 @@ struct Args {
     /// Payload size in bytes (at least the 30-odd byte id prefix).
     #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// Payloads are JSON telemetry of about `--payload` bytes instead of text:
+    /// `{"id":"<id>","seq":N,"s00":21.5,...}`, one `sNN` double per 13 bytes beyond the first
+    /// 48 (the same fields for every message of a size), spaces before the `}` to make up the
+    /// size. For `format = "avro"` and `"json"` routes; see [`json_schema`] for its schema.
+    #[arg(long, conflicts_with = "subscribers")]
+    json: bool,
+    /// Print the Avro schema of `--json` payloads of `--payload` bytes, and exit (what to
+    /// register for an `avro` route they go to).
+    #[arg(long)]
+    print_schema: bool,
     #[arg(long, default_value_t = 1)]
     qos: u8,
     /// MQTT protocol: 4 (3.1.1) or 5.
@@ -296,6 +306,10 @@ struct ConnResult {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.print_schema {
+        println!("{}", json_schema(args.payload));
+        return Ok(());
+    }
     if args.qos > 2 || args.sub_qos > 2 || !(args.protocol == 4 || args.protocol == 5) {
         bail!("--qos and --sub-qos must be 0..=2 and --protocol 4 or 5");
     }
@@ -564,7 +578,7 @@ async fn connection(
         rumqttc::AsyncClient::new(options, usize::from(args.inflight).max(10));
     let mut publisher = {
         let (client, run, topic, size) =
-            (client.clone(), run.to_owned(), topic.clone(), args.payload);
+            (client.clone(), run.to_owned(), topic.clone(), args.shape());
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = tokio::spawn(async move {
@@ -697,7 +711,7 @@ mod v5 {
                 client.clone(),
                 run.to_owned(),
                 topic.to_owned(),
-                args.payload,
+                args.shape(),
                 flag.clone(),
             );
             tokio::spawn(async move {
@@ -774,12 +788,69 @@ mod v5 {
     }
 }
 
-fn payload(run: &str, conn: usize, seq: u64, size: usize) -> Vec<u8> {
+/// What a message's payload looks like.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    size: usize,
+    json: bool,
+}
+
+impl Args {
+    fn shape(&self) -> Shape {
+        Shape {
+            size: self.payload,
+            json: self.json,
+        }
+    }
+}
+
+fn payload(run: &str, conn: usize, seq: u64, shape: Shape) -> Vec<u8> {
+    if shape.json {
+        return json_payload(run, conn, seq, shape.size);
+    }
     let mut p = format!("{run}:{conn}:{seq}|").into_bytes();
-    if p.len() < size {
-        p.resize(size, b'x');
+    if p.len() < shape.size {
+        p.resize(shape.size, b'x');
     }
     p
+}
+
+/// The `sNN` fields of a `--json` payload of `size` bytes.
+fn json_sensors(size: usize) -> usize {
+    size.saturating_sub(48) / 13
+}
+
+fn json_payload(run: &str, conn: usize, seq: u64, size: usize) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut p = format!(r#"{{"id":"{run}:{conn}:{seq}|","seq":{seq}"#);
+    for i in 0..json_sensors(size) {
+        // Readings that change with the message, as a sensor's would.
+        let _ = write!(
+            p,
+            r#","s{i:02}":{}"#,
+            20.0 + ((seq + i as u64) % 97) as f64 / 8.0
+        );
+    }
+    while p.len() + 1 < size {
+        p.push(' ');
+    }
+    p.push('}');
+    p.into_bytes()
+}
+
+/// The Avro schema of `--json` payloads of `size` bytes (`--print-schema`).
+fn json_schema(size: usize) -> String {
+    let mut fields = vec![
+        r#"{"name":"id","type":"string"}"#.to_owned(),
+        r#"{"name":"seq","type":"long"}"#.to_owned(),
+    ];
+    fields.extend(
+        (0..json_sensors(size)).map(|i| format!(r#"{{"name":"s{i:02}","type":"double"}}"#)),
+    );
+    format!(
+        r#"{{"type":"record","name":"Telemetry","namespace":"edgegate.load","fields":[{}]}}"#,
+        fields.join(",")
+    )
 }
 
 fn split_addr(addr: &str) -> (String, u16) {
@@ -935,8 +1006,14 @@ impl Verifier {
 }
 
 /// `(connection, sequence)` of one of this run's payloads.
+/// The id starts the payload, or (`--json`, and what a route encoded from it) is found in
+/// its first bytes.
 fn parse_id(value: &[u8], prefix: &str) -> Option<(usize, u64)> {
-    let rest = value.strip_prefix(prefix.as_bytes())?;
+    let start = value
+        .windows(prefix.len())
+        .take(32)
+        .position(|w| w == prefix.as_bytes())?;
+    let rest = &value[start + prefix.len()..];
     let end = rest.iter().position(|b| *b == b'|')?;
     let text = std::str::from_utf8(&rest[..end]).ok()?;
     let (conn, seq) = text.split_once(':')?;
@@ -1462,7 +1539,7 @@ mod coap {
                     next_mid,
                     seq,
                     &device,
-                    payload(run, conn, seq, args.payload),
+                    payload(run, conn, seq, args.shape()),
                 ) else {
                     result.fail("encode");
                     continue;
@@ -1638,5 +1715,38 @@ mod coap {
                 let _ = socket.send(&p.datagram).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--json` payloads are JSON of the size asked for, their id is found, and they encode
+    /// with the schema `--print-schema` gives, the id readable in the Avro record too.
+    #[test]
+    fn json_payloads_fit_their_size_and_their_schema() {
+        for size in [60, 100, 300, 1000] {
+            let schema = apache_avro::Schema::parse_str(&json_schema(size)).unwrap();
+            let writer = edgegate::format::registry::avro::Writer::new(schema);
+            for (conn, seq) in [(0, 0), (42, 123_456), (99, 99_999_999)] {
+                let p = json_payload("1234567", conn, seq, size);
+                let value: serde_json::Value = serde_json::from_slice(&p).unwrap();
+                assert_eq!(value["seq"], seq);
+                if seq < 1_000_000 {
+                    assert_eq!(p.len(), size, "{}", String::from_utf8_lossy(&p));
+                }
+                assert_eq!(parse_id(&p, "1234567:"), Some((conn, seq)));
+                let framed = writer.encode(1, &p).unwrap();
+                assert_eq!(parse_id(&framed, "1234567:"), Some((conn, seq)));
+                assert!(framed.len() < p.len());
+            }
+        }
+        assert_eq!(
+            parse_id(b"1234567:3:4|xxx", "1234567:"),
+            Some((3, 4)),
+            "text payloads"
+        );
+        assert_eq!(parse_id(b"7654321:3:4|xxx", "1234567:"), None);
     }
 }
