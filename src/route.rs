@@ -19,7 +19,7 @@ use crate::config::Duration;
 use crate::config::problems::{Problem, Problems};
 use crate::format::Format;
 use crate::format::registry::config::{Naming, SubjectStrategy};
-use crate::format::sparkplug::Records;
+use crate::format::sparkplug::{Encoding, Records};
 use crate::format::timestamp::{self, DeviceTime};
 use crate::reload::Reloadable;
 
@@ -40,8 +40,11 @@ pub struct RouteConfig {
     pub format: Format,
     /// `sparkplug_b` only: `per_metric` (the default) or `per_payload` records.
     pub records: Option<Records>,
-    /// `avro` only: the registry subject of the schema, `topic_name` (the default),
-    /// `record_name` or `topic_record_name`.
+    /// `sparkplug_b` only: records as `json` (the default) or `avro` (by the registry's
+    /// schema of the route's subject, as on an `avro` route).
+    pub encoding: Option<Encoding>,
+    /// `avro` (and `sparkplug_b` with `encoding = "avro"`) only: the registry subject of
+    /// the schema, `topic_name` (the default), `record_name` or `topic_record_name`.
     pub subject_strategy: Option<SubjectStrategy>,
     /// `avro` only: the record's fully qualified name, for the two strategies that use it.
     pub record_name: Option<String>,
@@ -56,6 +59,14 @@ pub struct RouteConfig {
     pub timestamp_max_future: Option<Duration>,
     /// How far behind it a device time is still believed (7d).
     pub timestamp_max_age: Option<Duration>,
+}
+
+impl RouteConfig {
+    /// Its records are Avro by a registry's schema.
+    pub fn encodes_avro(&self) -> bool {
+        self.format == Format::Avro
+            || (self.format == Format::SparkplugB && self.encoding == Some(Encoding::Avro))
+    }
 }
 
 /// `[default_route]` in gateway.toml: where messages that match no route go.
@@ -73,7 +84,8 @@ pub struct Destination {
     pub key: Option<Bytes>,
     pub format: Format,
     pub records: Records,
-    /// How an `avro` route names its schema's subject; `None` on other routes.
+    /// How a route that encodes Avro (`avro`, or `sparkplug_b` with `encoding = "avro"`)
+    /// names its schema's subject; `None` on other routes.
     pub naming: Option<Arc<Naming>>,
     /// The route's device-time policy, `None` under `timestamp = "received"`.
     pub device_time: Option<Arc<DeviceTime>>,
@@ -224,6 +236,12 @@ impl Router {
                     "only routes with format = \"sparkplug_b\" have records".to_owned(),
                 );
             }
+            if route.encoding.is_some() && route.format != Format::SparkplugB {
+                problems.push(
+                    format!("{path}.encoding"),
+                    "only routes with format = \"sparkplug_b\" have an encoding (an avro route's records are Avro)".to_owned(),
+                );
+            }
             let naming = naming(route, &path, problems);
             let device_time = device_time(route, &path, problems);
             if let (Some(topic), Some(key)) = (topic, key) {
@@ -332,10 +350,10 @@ fn render(
     })
 }
 
-/// An `avro` route's subject naming, checked; problems under `routes[i].subject_strategy`
-/// and `routes[i].record_name`.
+/// A route's subject naming if it encodes Avro, checked; problems under
+/// `routes[i].subject_strategy` and `routes[i].record_name`.
 fn naming(route: &RouteConfig, path: &str, problems: &mut Problems) -> Option<Arc<Naming>> {
-    if route.format != Format::Avro {
+    if !route.encodes_avro() {
         for (set, key) in [
             (route.subject_strategy.is_some(), "subject_strategy"),
             (route.record_name.is_some(), "record_name"),
@@ -343,7 +361,7 @@ fn naming(route: &RouteConfig, path: &str, problems: &mut Problems) -> Option<Ar
             if set {
                 problems.push(
                     format!("{path}.{key}"),
-                    "only routes with format = \"avro\" have a schema subject",
+                    "only routes that encode Avro (format = \"avro\", or \"sparkplug_b\" with encoding = \"avro\") have a schema subject",
                 );
             }
         }

@@ -303,3 +303,170 @@ fn exactly_once_records_wait_for_their_schema_and_go_once() {
         "{dead:?}"
     );
 }
+
+/// Sparkplug B through the registry (issue 15): payloads encoded by Eclipse Tahu's
+/// `sparkplug-payload` (npm) become Avro records by the schema the gateway ships
+/// (`schemas/sparkplug_b.avsc`), per metric and per payload, read back and decoded by
+/// fastavro field by field: names resolved from the births' aliases, values typed, the
+/// sequence gap reported. A UInt64 above Avro's long goes to the dead-letter log with the
+/// reason, and the records after it still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_records_encoded_to_avro_by_the_shipped_schema() {
+    let _kafka = common::shared();
+    let metrics_topic = common::unique_topic("registry-spb-metric");
+    let payloads_topic = common::unique_topic("registry-spb-payload");
+    let registry = Registry::start();
+    let schema = include_str!("../schemas/sparkplug_b.avsc");
+    let id = registry.register(&format!("{metrics_topic}-value"), schema);
+    assert_eq!(
+        registry.register(&format!("{payloads_topic}-value"), schema),
+        id
+    );
+    let gw = common::gateway(GatewayToml::new().raw(&format!(
+        "[schema_registry]\nurl = \"{}\"\n\n\
+         [[routes]]\nmatch = \"spBv1.0/plant/#\"\ntopic = \"{metrics_topic}\"\nformat = \"sparkplug_b\"\nencoding = \"avro\"\n\n\
+         [[routes]]\nmatch = \"spBv1.0/lab/#\"\ntopic = \"{payloads_topic}\"\nformat = \"sparkplug_b\"\nencoding = \"avro\"\nrecords = \"per_payload\"\n",
+        registry.url()
+    )))
+    .start_process();
+
+    let node = "spBv1.0/plant/{}/edge1";
+    let at = |kind: &str| node.replace("{}", kind);
+    let messages = json!([
+        {"topic": at("NBIRTH"), "payload": {"timestamp": 1000, "seq": 0, "metrics": [
+            {"name": "bdSeq", "type": "UInt64", "value": 1},
+            {"name": "uptime", "alias": 2, "type": "Int64", "value": -100},
+        ]}},
+        {"topic": format!("{}/pump7", at("DBIRTH")), "payload": {"timestamp": 1001, "seq": 1, "metrics": [
+            {"name": "temp", "alias": 10, "type": "Double", "value": 20.5},
+            {"name": "rpm", "alias": 11, "type": "Int16", "value": -40},
+            {"name": "label", "alias": 12, "type": "String", "value": "ok"},
+            {"name": "on", "alias": 13, "type": "Boolean", "value": true},
+        ]}},
+        {"topic": format!("{}/pump7", at("DDATA")), "payload": {"timestamp": 1002, "seq": 2, "metrics": [
+            {"alias": 10, "type": "Double", "value": 21.25},
+            {"alias": 11, "type": "Int16", "value": -41},
+        ]}},
+        // seq 3 never arrives; a UInt64 beyond i64 does not fit Avro's long.
+        {"topic": at("NDATA"), "payload": {"timestamp": 1004, "seq": 4, "metrics": [
+            {"name": "odometer", "type": "UInt64", "value": 1u64 << 63},
+            {"alias": 2, "type": "Int64", "value": 200},
+        ]}},
+        {"topic": "spBv1.0/lab/NBIRTH/edge2", "payload": {"timestamp": 2000, "seq": 0, "metrics": [
+            {"name": "bdSeq", "type": "UInt64", "value": 0},
+            {"name": "x", "alias": 1, "type": "Float", "value": 1.5},
+        ]}},
+    ]);
+    for (i, (t, payload)) in common::drivers::sparkplug_encode(&messages)
+        .into_iter()
+        .enumerate()
+    {
+        let acked = common::rumqttc(gw.mqtt_addr(), "edge1")
+            .qos(1)
+            .publish(&t, vec![payload])
+            .await;
+        assert_eq!(acked, [0], "message {i} on {t} acknowledged");
+    }
+
+    // NBIRTH: state + 2 metrics; DBIRTH: state + 4; DDATA 2; NDATA 1 (+1 dead-lettered).
+    let records = common::consume_all_blocking(&metrics_topic, 11, Duration::from_secs(60));
+    assert_eq!(records.len(), 11, "{records:?}");
+    for r in &records {
+        assert_eq!(r.header("edgegate-format"), Some(&b"avro"[..]));
+        assert_eq!(r.header("content-type"), None);
+    }
+    let decoded = decode(&registry, &records);
+    let values: Vec<&Value> = decoded
+        .iter()
+        .map(|d| {
+            assert_eq!(d["id"], id, "{d}");
+            &d["value"]
+        })
+        .collect();
+    let pick = |i: usize, keys: &[&str]| -> Vec<Value> {
+        keys.iter().map(|k| values[i][*k].clone()).collect()
+    };
+    let head = [
+        "message_type",
+        "group",
+        "edge_node",
+        "device",
+        "seq",
+        "state",
+    ];
+    assert_eq!(
+        pick(0, &head),
+        [
+            json!("NBIRTH"),
+            json!("plant"),
+            json!("edge1"),
+            Value::Null,
+            json!(0),
+            json!("online")
+        ]
+    );
+    let metric = ["name", "alias", "datatype", "value", "timestamp"];
+    assert_eq!(
+        pick(2, &metric),
+        [
+            json!("uptime"),
+            json!(2),
+            json!("Int64"),
+            json!(-100),
+            json!(1000)
+        ]
+    );
+    assert_eq!(
+        pick(3, &["device", "state"]),
+        [json!("pump7"), json!("online")]
+    );
+    assert_eq!(pick(5, &["name", "value"]), [json!("rpm"), json!(-40)]);
+    assert_eq!(pick(6, &["name", "value"]), [json!("label"), json!("ok")]);
+    assert_eq!(pick(7, &["name", "value"]), [json!("on"), json!(true)]);
+    // Names from the births' aliases; the flags at their defaults.
+    assert_eq!(
+        pick(8, &metric),
+        [
+            json!("temp"),
+            json!(10),
+            json!("Double"),
+            json!(21.25),
+            json!(1002)
+        ]
+    );
+    assert_eq!(
+        pick(8, &["birth_missing", "is_null", "seq_gap", "metrics"]),
+        [json!(false), json!(false), Value::Null, Value::Null]
+    );
+    assert_eq!(pick(9, &["name", "value"]), [json!("rpm"), json!(-41)]);
+    // The NDATA after the gap: its odometer dead-lettered, uptime here, the gap reported.
+    assert_eq!(pick(10, &["name", "value"]), [json!("uptime"), json!(200)]);
+    assert_eq!(values[10]["seq_gap"], json!({"expected": 3}));
+    let all = common::consume_all_blocking(&metrics_topic, 12, Duration::from_secs(3));
+    assert_eq!(all.len(), 11, "a record beyond the 11th");
+    wait_until("the dead letter", Duration::from_secs(30), || {
+        dead_letters(&gw).len() == 1
+    });
+    let dead = dead_letters(&gw);
+    let error = dead[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!(
+            "format: the payload does not match schema {id}: field value:"
+        )),
+        "{dead:?}"
+    );
+    assert!(error.contains("9223372036854775808"), "{error}");
+
+    // Per payload: one record, its metrics in `metrics`.
+    let records = common::consume_all_blocking(&payloads_topic, 1, Duration::from_secs(60));
+    let payload = decode(&registry, &records).remove(0);
+    assert_eq!(payload["value"]["message_type"], "NBIRTH");
+    assert_eq!(payload["value"]["state"], "online");
+    assert_eq!(payload["value"]["name"], Value::Null);
+    let metrics = payload["value"]["metrics"].as_array().expect("metrics");
+    assert_eq!(metrics.len(), 2, "{payload}");
+    assert_eq!(metrics[1]["name"], "x");
+    assert_eq!(metrics[1]["alias"], 1);
+    assert_eq!(metrics[1]["datatype"], "Float");
+    assert_eq!(metrics[1]["value"], 1.5);
+}

@@ -515,6 +515,11 @@ impl Config {
                             format!("routes[{i}].format"),
                             "format = \"avro\" takes its schemas from a registry: add [schema_registry] with its url",
                         );
+                    } else if route.encodes_avro() {
+                        problems.push(
+                            format!("routes[{i}].encoding"),
+                            "encoding = \"avro\" takes its schema from a registry: add [schema_registry] with its url",
+                        );
                     }
                 }
             }

@@ -392,6 +392,25 @@ fn schema_registry_problems_point_at_their_keys() {
         "{}",
         found[0]
     );
+    // Sparkplug encoded to Avro needs the registry too; `encoding` is Sparkplug's alone.
+    let text = "[[routes]]\nmatch = \"spBv1.0/#\"\ntopic = \"t\"\nformat = \"sparkplug_b\"\nencoding = \"avro\"\n\n\
+                [[routes]]\nmatch = \"a/#\"\ntopic = \"u\"\nencoding = \"avro\"\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("gw.toml:5:12: routes[0].encoding")
+                && p.contains("[schema_registry]")),
+        "{found:#?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("gw.toml:10:12: routes[1].encoding")
+                && p.contains("only routes with format = \"sparkplug_b\"")),
+        "{found:#?}"
+    );
     let text = "[schema_registry]\nurl = \"registry:8081\"\nusername = \"edge\"\nrefresh = \"10ms\"\n\n\
                 [[routes]]\nmatch = \"a/#\"\ntopic = \"t\"\nformat = \"avro\"\nsubject_strategy = \"record_name\"\n\n\
                 [[routes]]\nmatch = \"b/#\"\ntopic = \"t\"\nrecord_name = \"acme.R\"\n";

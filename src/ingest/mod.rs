@@ -294,7 +294,8 @@ impl Pipeline {
         Ok(durable)
     }
 
-    /// Encodes an `avro` route's payload with its subject's schema. A payload that cannot
+    /// Encodes an `avro` route's payload (or a converted Sparkplug record of a route with
+    /// `encoding = "avro"`) with its subject's schema. A payload that cannot
     /// match is stored as it came, marked for the dead-letter log; one whose schema is not
     /// known yet is stored as it came, marked pending, and encoded by the forwarder.
     fn encode_avro(&self, record: &mut Record, dest: &Destination) {
@@ -358,16 +359,20 @@ impl Pipeline {
         for anomaly in &converted.anomalies {
             sparkplug_anomaly(&record, *anomaly);
         }
-        record.headers.extend([
-            (
-                format::FORMAT_HEADER.to_owned(),
-                Bytes::from_static(b"sparkplug_b"),
-            ),
-            (
-                "content-type".to_owned(),
-                Bytes::from_static(b"application/json"),
-            ),
-        ]);
+        // Records encoded to Avro say so themselves (`encode_avro`).
+        let avro = dest.naming.is_some();
+        if !avro {
+            record.headers.extend([
+                (
+                    format::FORMAT_HEADER.to_owned(),
+                    Bytes::from_static(b"sparkplug_b"),
+                ),
+                (
+                    "content-type".to_owned(),
+                    Bytes::from_static(b"application/json"),
+                ),
+            ]);
+        }
         let mut last = None;
         let n = converted.records.len();
         for (i, value) in converted.records.into_iter().enumerate() {
@@ -385,6 +390,10 @@ impl Pipeline {
                     }
                 }
                 device_time(&mut one.headers, outcome);
+            }
+            if avro {
+                // With the topic final: the subject may be named after it.
+                self.encode_avro(&mut one, dest);
             }
             last = Some(self.log.append_with_receipt(&one, receipt)?);
         }

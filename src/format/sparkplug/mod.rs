@@ -60,6 +60,22 @@ pub enum Records {
     PerPayload,
 }
 
+/// What a Sparkplug route's records are in Kafka (`encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// JSON, as converted.
+    #[default]
+    Json,
+    /// Avro by the registry's schema of the route's subject, the converted JSON encoded as
+    /// an `avro` route's payload is: [`AVRO_SCHEMA`] fits both record shapes.
+    Avro,
+}
+
+/// The Avro schema of Sparkplug records (`schemas/sparkplug_b.avsc`): what to register
+/// under the subject of a route with `encoding = "avro"`.
+pub const AVRO_SCHEMA: &str = include_str!("../../../schemas/sparkplug_b.avsc");
+
 /// Why a message on a Sparkplug route could not be turned into records.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {

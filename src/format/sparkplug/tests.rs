@@ -349,3 +349,81 @@ async fn births_survive_a_restart() {
     std::fs::write(&path, data).expect("write");
     Sparkplug::open(&path).expect("opens past a damaged tail");
 }
+
+/// The shipped Avro schema fits every record the converter writes: both shapes, state
+/// records, gaps, missing births, stale deaths, and values of each kind (scalars, arrays,
+/// nulls and unsupported ones); fastavro reading them back is `tests/schema_registry.rs`'s.
+#[test]
+fn the_shipped_avro_schema_fits_every_record_shape() {
+    use crate::format::registry::avro::Writer;
+    let schema = apache_avro::Schema::parse_str(AVRO_SCHEMA).expect("the shipped schema");
+    let writer = Writer::new(schema.clone());
+    let fits = |c: &Converted| {
+        for r in &c.records {
+            let framed = writer
+                .encode(1, r)
+                .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(r)));
+            apache_avro::from_avro_datum(&schema, &mut &framed[5..], None).expect("reads back");
+        }
+    };
+    let mut ints = metric(Some("ints"), Some(20), Some(24));
+    ints.bytes(16, &[(-1i32).to_le_bytes(), 7i32.to_le_bytes()].concat());
+    let mut label = metric(Some("label"), Some(21), Some(12));
+    label.bytes(15, b"ok");
+    let mut flag = metric(Some("on"), Some(22), Some(11));
+    flag.uint(14, 1);
+    let mut dataset = metric(Some("table"), Some(23), Some(16));
+    dataset.bytes(17, &[]);
+    let mut raw = metric(Some("blob"), Some(24), Some(17));
+    raw.bytes(16, &[0xde, 0xad]);
+    let metrics = [
+        bd(1),
+        double(Some("temp"), Some(7), Some(10), 20.0),
+        ints,
+        label,
+        flag,
+        dataset,
+        raw,
+    ];
+    for shape in [Records::PerMetric, Records::PerPayload] {
+        let sp = Sparkplug::default();
+        let mut steps = vec![
+            (
+                "spBv1.0/g/NDATA/e",
+                payload(Some(9), &[double(None, Some(1), None, 1.0)]),
+            ),
+            ("spBv1.0/g/NBIRTH/e", payload(Some(0), &metrics)),
+            ("spBv1.0/g/DBIRTH/e/d", payload(Some(1), &metrics[1..])),
+            (
+                "spBv1.0/g/DDATA/e/d",
+                payload(Some(5), &[double(None, Some(7), None, 1.5)]),
+            ),
+            ("spBv1.0/g/DDEATH/e/d", payload(Some(6), &[])),
+            ("spBv1.0/g/NDEATH/e", payload(None, &[bd(0)])),
+            ("spBv1.0/g/NDEATH/e", payload(None, &[bd(1)])),
+            (
+                "spBv1.0/STATE/host1",
+                Bytes::from_static(br#"{"online":true,"timestamp":5}"#),
+            ),
+            ("spBv1.0/STATE/host1", Bytes::from_static(b"OFFLINE")),
+        ];
+        for (topic, p) in steps.drain(..) {
+            let c = sp.convert(topic, &p, shape).expect(topic);
+            fits(&c);
+            if topic == "spBv1.0/g/NBIRTH/e" && shape == Records::PerMetric {
+                let values: Vec<Json> = records(&c).iter().map(|r| r["value"].clone()).collect();
+                assert_eq!(
+                    values[2..],
+                    [
+                        json!(20.0),
+                        json!([-1, 7]),
+                        json!("ok"),
+                        json!(true),
+                        Json::Null,
+                        json!("dead")
+                    ]
+                );
+            }
+        }
+    }
+}
