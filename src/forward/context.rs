@@ -160,7 +160,8 @@ impl ClientContext for ForwardContext {
                 .values()
                 .filter(|b| b.source != "internal" && b.source != "logical")
         };
-        if real().any(|b| b.state == "UP") {
+        let down_for = self.link.down_for();
+        if real().any(|b| news_of_up(&b.state, b.stateage, down_for)) {
             self.health.unconnected_reports.store(0, Ordering::Relaxed);
             self.link.up();
         } else if let Some(b) = real().find(|b| failing(&b.state, b.stateage)) {
@@ -241,6 +242,14 @@ fn failing(state: &str, age_us: i64) -> bool {
     }
 }
 
+/// Whether a broker in `state` for `age_us` microseconds says the link is up, the link
+/// having been down for `down_for`. A connection UP since before the link was found down is
+/// no news: a frozen (SIGSTOPped) broker keeps its connections UP until their requests time
+/// out, after a metadata probe over them has already failed.
+fn news_of_up(state: &str, age_us: i64, down_for: Option<std::time::Duration>) -> bool {
+    state == "UP" && down_for.is_none_or(|d| i128::from(age_us) < d.as_micros() as i128)
+}
+
 /// The Kafka link state, logged once per transition (WARN down with the reason, INFO up).
 pub struct LinkTracker {
     state: watch::Sender<LinkState>,
@@ -254,6 +263,8 @@ pub struct LinkTracker {
     refused: AtomicBool,
     /// The reason of the last outage or fatal error, for `/readyz` and `edgegate status`.
     last_error: Mutex<Option<String>>,
+    /// When the link was last found down, while it is.
+    down_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl LinkTracker {
@@ -265,7 +276,15 @@ impl LinkTracker {
             fatal: AtomicBool::new(false),
             refused: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            down_since: Mutex::new(None),
         }
+    }
+
+    /// How long the link has been down since it was found down (`None`: up, or never
+    /// found down yet).
+    pub fn down_for(&self) -> Option<std::time::Duration> {
+        let since = *self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.map(|t| t.elapsed())
     }
 
     pub fn subscribe(&self) -> watch::Receiver<LinkState> {
@@ -348,6 +367,8 @@ impl LinkTracker {
         if self.announced.swap(code, Ordering::AcqRel) == code {
             return false;
         }
+        *self.down_since.lock().unwrap_or_else(|e| e.into_inner()) =
+            (to == LinkState::Down).then(std::time::Instant::now);
         self.state.send_replace(to);
         true
     }
@@ -378,6 +399,25 @@ mod tests {
         assert_eq!(*rx.borrow(), LinkState::Up);
         assert!(link.transition(LinkState::Down));
         assert_eq!(*rx.borrow(), LinkState::Down);
+    }
+
+    #[test]
+    fn a_connection_older_than_the_outage_does_not_end_it() {
+        use std::time::Duration;
+        let link = LinkTracker::new();
+        assert_eq!(link.down_for(), None, "never down yet");
+        assert!(news_of_up("UP", 60_000_000, None));
+        link.down("the brokers do not answer a metadata request");
+        std::thread::sleep(Duration::from_millis(20));
+        let down_for = link.down_for();
+        assert!(down_for.is_some_and(|d| d >= Duration::from_millis(20)));
+        // The frozen broker's old connection: UP for 22 s, the outage found 20 ms ago.
+        assert!(!news_of_up("UP", 22_000_000, down_for));
+        // A connection made since.
+        assert!(news_of_up("UP", 5_000, down_for));
+        assert!(!news_of_up("APIVERSION_QUERY", 5_000, down_for));
+        link.up();
+        assert_eq!(link.down_for(), None);
     }
 
     #[test]
