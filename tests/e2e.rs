@@ -879,31 +879,17 @@ async fn sparkplug_b_payloads_become_json_records_per_metric() {
     .start();
     let node = "spBv1.0/plant/{}/edge1";
     let at = |kind: &str| node.replace("{}", kind);
-    let messages = json!([
-        {"topic": at("NBIRTH"), "payload": {"timestamp": 1000, "seq": 0, "metrics": [
-            {"name": "bdSeq", "type": "UInt64", "value": 1},
-            {"name": "uptime", "alias": 2, "type": "Int64", "value": -100},
-        ]}},
-        {"topic": format!("{}/pump7", at("DBIRTH")), "payload": {"timestamp": 1001, "seq": 1, "metrics": [
-            {"name": "temp", "alias": 10, "type": "Double", "value": 20.5},
-            {"name": "rpm", "alias": 11, "type": "Int16", "value": -40},
-            {"name": "label", "alias": 12, "type": "String", "value": "ok"},
-            {"name": "on", "alias": 13, "type": "Boolean", "value": true},
-        ]}},
-        // By alias only, as a device sends data after its birth.
-        {"topic": format!("{}/pump7", at("DDATA")), "payload": {"timestamp": 1002, "seq": 2, "metrics": [
-            {"alias": 10, "type": "Double", "value": 21.25},
-            {"alias": 11, "type": "Int16", "value": -41},
-        ]}},
+    let mut messages = common::drivers::sparkplug_pump_session();
+    messages.extend([
         // seq 3 never arrives.
-        {"topic": at("NDATA"), "payload": {"timestamp": 1004, "seq": 4, "metrics": [
+        json!({"topic": at("NDATA"), "payload": {"timestamp": 1004, "seq": 4, "metrics": [
             {"alias": 2, "type": "Int64", "value": 200},
-        ]}},
-        {"topic": at("NDEATH"), "payload": {"timestamp": 1005, "metrics": [
+        ]}}),
+        json!({"topic": at("NDEATH"), "payload": {"timestamp": 1005, "metrics": [
             {"name": "bdSeq", "type": "UInt64", "value": 1},
-        ]}},
+        ]}}),
     ]);
-    let mut encoded = common::drivers::sparkplug_encode(&messages);
+    let mut encoded = common::drivers::sparkplug_encode(&json!(messages));
     // Not Sparkplug: stored, then dead-lettered; what follows is not held up by it.
     encoded.insert(
         4,

@@ -330,34 +330,20 @@ async fn sparkplug_records_encoded_to_avro_by_the_shipped_schema() {
     )))
     .start_process();
 
-    let node = "spBv1.0/plant/{}/edge1";
-    let at = |kind: &str| node.replace("{}", kind);
-    let messages = json!([
-        {"topic": at("NBIRTH"), "payload": {"timestamp": 1000, "seq": 0, "metrics": [
-            {"name": "bdSeq", "type": "UInt64", "value": 1},
-            {"name": "uptime", "alias": 2, "type": "Int64", "value": -100},
-        ]}},
-        {"topic": format!("{}/pump7", at("DBIRTH")), "payload": {"timestamp": 1001, "seq": 1, "metrics": [
-            {"name": "temp", "alias": 10, "type": "Double", "value": 20.5},
-            {"name": "rpm", "alias": 11, "type": "Int16", "value": -40},
-            {"name": "label", "alias": 12, "type": "String", "value": "ok"},
-            {"name": "on", "alias": 13, "type": "Boolean", "value": true},
-        ]}},
-        {"topic": format!("{}/pump7", at("DDATA")), "payload": {"timestamp": 1002, "seq": 2, "metrics": [
-            {"alias": 10, "type": "Double", "value": 21.25},
-            {"alias": 11, "type": "Int16", "value": -41},
-        ]}},
+    let at = |kind: &str| format!("spBv1.0/plant/{kind}/edge1");
+    let mut messages = common::drivers::sparkplug_pump_session();
+    messages.extend([
         // seq 3 never arrives; a UInt64 beyond i64 does not fit Avro's long.
-        {"topic": at("NDATA"), "payload": {"timestamp": 1004, "seq": 4, "metrics": [
+        json!({"topic": at("NDATA"), "payload": {"timestamp": 1004, "seq": 4, "metrics": [
             {"name": "odometer", "type": "UInt64", "value": 1u64 << 63},
             {"alias": 2, "type": "Int64", "value": 200},
-        ]}},
-        {"topic": "spBv1.0/lab/NBIRTH/edge2", "payload": {"timestamp": 2000, "seq": 0, "metrics": [
+        ]}}),
+        json!({"topic": "spBv1.0/lab/NBIRTH/edge2", "payload": {"timestamp": 2000, "seq": 0, "metrics": [
             {"name": "bdSeq", "type": "UInt64", "value": 0},
             {"name": "x", "alias": 1, "type": "Float", "value": 1.5},
-        ]}},
+        ]}}),
     ]);
-    for (i, (t, payload)) in common::drivers::sparkplug_encode(&messages)
+    for (i, (t, payload)) in common::drivers::sparkplug_encode(&json!(messages))
         .into_iter()
         .enumerate()
     {

@@ -119,6 +119,30 @@ pub fn play(driver: Driver, addr: SocketAddr, steps: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// The start of a Sparkplug session of node `spBv1.0/plant/.../edge1` and its device
+/// `pump7`, as Tahu payload objects for [`sparkplug_encode`]: NBIRTH (seq 0, `bdSeq` 1,
+/// `uptime` alias 2), DBIRTH (seq 1: `temp` 10, `rpm` 11 an Int16, `label` 12, `on` 13) and a
+/// DDATA by alias only (seq 2: temp 21.25, rpm -41), as a device sends data after its birth.
+pub fn sparkplug_pump_session() -> Vec<Value> {
+    let at = |kind: &str| format!("spBv1.0/plant/{kind}/edge1");
+    vec![
+        json!({"topic": at("NBIRTH"), "payload": {"timestamp": 1000, "seq": 0, "metrics": [
+            {"name": "bdSeq", "type": "UInt64", "value": 1},
+            {"name": "uptime", "alias": 2, "type": "Int64", "value": -100},
+        ]}}),
+        json!({"topic": format!("{}/pump7", at("DBIRTH")), "payload": {"timestamp": 1001, "seq": 1, "metrics": [
+            {"name": "temp", "alias": 10, "type": "Double", "value": 20.5},
+            {"name": "rpm", "alias": 11, "type": "Int16", "value": -40},
+            {"name": "label", "alias": 12, "type": "String", "value": "ok"},
+            {"name": "on", "alias": 13, "type": "Boolean", "value": true},
+        ]}}),
+        json!({"topic": format!("{}/pump7", at("DDATA")), "payload": {"timestamp": 1002, "seq": 2, "metrics": [
+            {"alias": 10, "type": "Double", "value": 21.25},
+            {"alias": 11, "type": "Int16", "value": -41},
+        ]}}),
+    ]
+}
+
 /// Encodes Sparkplug B payloads with Eclipse Tahu's `sparkplug-payload` (npm): `messages` is
 /// `[{"topic": ..., "payload": <Tahu payload object>}]`; returns `(topic, payload bytes)`.
 pub fn sparkplug_encode(messages: &Value) -> Vec<(String, Vec<u8>)> {
