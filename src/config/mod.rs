@@ -510,15 +510,15 @@ impl Config {
             Some(registry) => registry.validate("schema_registry", &mut problems),
             None => {
                 for (i, route) in self.routes.iter().enumerate() {
-                    if route.format == crate::format::Format::Avro {
+                    if route.encodes_avro() {
+                        // The key that asked for Avro.
+                        let key = match route.format {
+                            crate::format::Format::Avro => "format",
+                            _ => "encoding",
+                        };
                         problems.push(
-                            format!("routes[{i}].format"),
-                            "format = \"avro\" takes its schemas from a registry: add [schema_registry] with its url",
-                        );
-                    } else if route.encodes_avro() {
-                        problems.push(
-                            format!("routes[{i}].encoding"),
-                            "encoding = \"avro\" takes its schema from a registry: add [schema_registry] with its url",
+                            format!("routes[{i}].{key}"),
+                            format!("{key} = \"avro\" takes its schemas from a registry: add [schema_registry] with its url"),
                         );
                     }
                 }

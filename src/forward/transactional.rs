@@ -380,18 +380,18 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Hung> {
         let mut call = tokio::task::spawn_blocking(f);
-        let mut hung_at = Instant::now() + timeout + HUNG_SLACK;
+        let clock = CallClock::default();
+        clock.begin(name, timeout);
         loop {
             self.heartbeat();
-            if self.link.state() == LinkState::Down {
-                hung_at = hung_at.max(Instant::now() + timeout + HUNG_SLACK);
+            if let Some(hung) = clock.hung(self.link.state()) {
+                return Err(hung);
             }
             tokio::select! {
                 done = &mut call => match done {
                     Ok(v) => return Ok(v),
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 },
-                _ = tokio::time::sleep_until(hung_at) => return Err(Hung::new(name, timeout)),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
