@@ -362,69 +362,22 @@ async fn sparkplug_records_encoded_to_avro_by_the_shipped_schema() {
         assert_eq!(r.header("content-type"), None);
     }
     let decoded = decode(&registry, &records);
-    let values: Vec<&Value> = decoded
+    let values: Vec<Value> = decoded
         .iter()
         .map(|d| {
             assert_eq!(d["id"], id, "{d}");
-            &d["value"]
+            d["value"].clone()
         })
         .collect();
+    common::drivers::assert_pump_session(&values);
     let pick = |i: usize, keys: &[&str]| -> Vec<Value> {
         keys.iter().map(|k| values[i][*k].clone()).collect()
     };
-    let head = [
-        "message_type",
-        "group",
-        "edge_node",
-        "device",
-        "seq",
-        "state",
-    ];
-    assert_eq!(
-        pick(0, &head),
-        [
-            json!("NBIRTH"),
-            json!("plant"),
-            json!("edge1"),
-            Value::Null,
-            json!(0),
-            json!("online")
-        ]
-    );
-    let metric = ["name", "alias", "datatype", "value", "timestamp"];
-    assert_eq!(
-        pick(2, &metric),
-        [
-            json!("uptime"),
-            json!(2),
-            json!("Int64"),
-            json!(-100),
-            json!(1000)
-        ]
-    );
-    assert_eq!(
-        pick(3, &["device", "state"]),
-        [json!("pump7"), json!("online")]
-    );
-    assert_eq!(pick(5, &["name", "value"]), [json!("rpm"), json!(-40)]);
-    assert_eq!(pick(6, &["name", "value"]), [json!("label"), json!("ok")]);
-    assert_eq!(pick(7, &["name", "value"]), [json!("on"), json!(true)]);
-    // Names from the births' aliases; the flags at their defaults.
-    assert_eq!(
-        pick(8, &metric),
-        [
-            json!("temp"),
-            json!(10),
-            json!("Double"),
-            json!(21.25),
-            json!(1002)
-        ]
-    );
+    // The flags at their defaults.
     assert_eq!(
         pick(8, &["birth_missing", "is_null", "seq_gap", "metrics"]),
         [json!(false), json!(false), Value::Null, Value::Null]
     );
-    assert_eq!(pick(9, &["name", "value"]), [json!("rpm"), json!(-41)]);
     // The NDATA after the gap: its odometer dead-lettered, uptime here, the gap reported.
     assert_eq!(pick(10, &["name", "value"]), [json!("uptime"), json!(200)]);
     assert_eq!(values[10]["seq_gap"], json!({"expected": 3}));

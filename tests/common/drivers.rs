@@ -143,6 +143,90 @@ pub fn sparkplug_pump_session() -> Vec<Value> {
     ]
 }
 
+/// The first ten records a route writes for [`sparkplug_pump_session`] per metric, as JSON
+/// values (read from Kafka, or decoded from Avro): the NBIRTH's state record and its two
+/// metrics, the DBIRTH's state record and its four, and the DDATA's two, named from the
+/// births' aliases.
+pub fn assert_pump_session(values: &[Value]) {
+    let pick = |i: usize, keys: &[&str]| -> Vec<Value> {
+        keys.iter().map(|k| values[i][*k].clone()).collect()
+    };
+    let head = [
+        "message_type",
+        "group",
+        "edge_node",
+        "device",
+        "seq",
+        "state",
+    ];
+    assert_eq!(
+        pick(0, &head),
+        [
+            json!("NBIRTH"),
+            json!("plant"),
+            json!("edge1"),
+            Value::Null,
+            json!(0),
+            json!("online")
+        ]
+    );
+    let metric = ["name", "alias", "datatype", "value", "timestamp"];
+    assert_eq!(
+        pick(2, &metric),
+        [
+            json!("uptime"),
+            json!(2),
+            json!("Int64"),
+            json!(-100),
+            json!(1000)
+        ]
+    );
+    assert_eq!(
+        pick(3, &head),
+        [
+            json!("DBIRTH"),
+            json!("plant"),
+            json!("edge1"),
+            json!("pump7"),
+            json!(1),
+            json!("online")
+        ]
+    );
+    assert_eq!(
+        pick(5, &metric),
+        [
+            json!("rpm"),
+            json!(11),
+            json!("Int16"),
+            json!(-40),
+            json!(1001)
+        ]
+    );
+    assert_eq!(pick(6, &["name", "value"]), [json!("label"), json!("ok")]);
+    assert_eq!(pick(7, &["name", "value"]), [json!("on"), json!(true)]);
+    // Names from the births' aliases.
+    assert_eq!(
+        pick(8, &metric),
+        [
+            json!("temp"),
+            json!(10),
+            json!("Double"),
+            json!(21.25),
+            json!(1002)
+        ]
+    );
+    assert_eq!(
+        pick(9, &metric),
+        [
+            json!("rpm"),
+            json!(11),
+            json!("Int16"),
+            json!(-41),
+            json!(1002)
+        ]
+    );
+}
+
 /// Encodes Sparkplug B payloads with Eclipse Tahu's `sparkplug-payload` (npm): `messages` is
 /// `[{"topic": ..., "payload": <Tahu payload object>}]`; returns `(topic, payload bytes)`.
 pub fn sparkplug_encode(messages: &Value) -> Vec<(String, Vec<u8>)> {
