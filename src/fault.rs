@@ -13,6 +13,9 @@
 //!   returns, as `send_offsets_to_transaction` does when its group coordinator left the
 //!   cluster (librdkafka issues 5456, 5511). The forwarder must give up on it and go on with
 //!   a new producer, nothing lost or sent twice (`forward::transactional`).
+//! - `hang-commit-in-outage`: the first position-and-commit call begun while the Kafka link is
+//!   down never returns. The hang watch waits while the link is down, so it must learn that
+//!   Kafka is back although the stuck producer sends nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -43,10 +46,12 @@ pub fn producer_config(config: &ClientConfig, instance: u32) -> Option<ClientCon
 }
 
 /// Under `hang-first-commit`, the first call blocks the calling thread for an hour: a
-/// librdkafka call that does not return.
-pub fn maybe_hang_commit() {
+/// librdkafka call that does not return; under `hang-commit-in-outage`, the first call begun
+/// with the link down (`link_down`) does.
+pub fn maybe_hang_commit(link_down: bool) {
     static HUNG: AtomicBool = AtomicBool::new(false);
-    if enabled("hang-first-commit") && !HUNG.swap(true, Ordering::Relaxed) {
+    let hang = enabled("hang-first-commit") || (link_down && enabled("hang-commit-in-outage"));
+    if hang && !HUNG.swap(true, Ordering::Relaxed) {
         tracing::warn!("Fault injected: this position-and-commit call will not return.");
         std::thread::sleep(Duration::from_secs(3600));
     }

@@ -376,6 +376,59 @@ async fn a_commit_call_that_never_returns_is_left_behind() {
     assert_eq!(v.found, 2000);
 }
 
+/// A position-and-commit call that never returns, begun while Kafka is stopped mid-stream
+/// (the CI failure of `kafka_stopped_and_killed_mid_transaction_loses_and_repeats_nothing`).
+/// The broker's shutdown can leave the producer's partition without a leader, so once Kafka
+/// is back the stuck producer, with nothing to send, reconnects at most its transaction
+/// coordinator, and no delivery says that Kafka is there. The hang watch, which waits while
+/// the link is down, must still learn that it is up (the coordinator's connection, the
+/// probe's answer; at worst its outage slack) and leave the call behind: it once waited for
+/// minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_call_hung_in_an_outage_is_left_behind_once_kafka_is_back() {
+    let kafka = common::exclusive();
+    let topic = common::unique_topic("eos-hung-outage");
+    let gateway = common::gateway(exactly_once(&topic, "eos-hung-outage-gw"))
+        .env("EDGEGATE_FAULTS", "hang-commit-in-outage")
+        .start_process();
+    let addr = gateway.mqtt_addr();
+    // Forwarding first, so that the stop comes mid-stream.
+    let mut sent = payloads("dev-ho", 0, 10);
+    assert_eq!(publish(addr, "dev-ho", 1, sent.clone()).await.len(), 10);
+    tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || committed_records(&topic, 10, Duration::from_secs(60))
+    })
+    .await
+    .expect("consumer");
+    let stream = payloads("dev-ho", 10, 4000);
+    sent.extend(stream.clone());
+    let publisher = tokio::spawn(async move { publish(addr, "dev-ho", 1, stream).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kafka.stop_broker_async().await;
+    let acked = publisher.await.expect("publisher");
+    assert_eq!(acked.len(), 4000, "the gateway acknowledges meanwhile");
+    // Longer than the call in flight may take to return (two of its timeouts), so that the
+    // next one begins with the link down.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    kafka.start_broker_async().await;
+    let records = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        let expected = sent.len();
+        move || committed_records(&topic, expected, Duration::from_secs(90))
+    })
+    .await
+    .expect("consumer");
+    let v = verdict(&records, &sent);
+    assert_exactly_once(&v, sent.len());
+    assert_eq!(v.found, sent.len());
+    // The injected hang, if a real one did not come first, was left behind.
+    if gateway.log_text().contains("Fault injected") {
+        let line = gateway.wait_for_log(&["ERROR", "has not returned"]);
+        assert!(line.contains("starting a new one"), "{line}");
+    }
+}
+
 /// The crash loop (issue 14's figure; not in CI: `tools/crash-loop`): QoS 2 devices with
 /// persistent sessions publish steadily while the gateway is SIGKILLed `EDGEGATE_CRASH_KILLS`
 /// times (30 by default) at random moments and restarted at once; then everything

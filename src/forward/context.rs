@@ -160,8 +160,7 @@ impl ClientContext for ForwardContext {
                 .values()
                 .filter(|b| b.source != "internal" && b.source != "logical")
         };
-        let down_for = self.link.down_for();
-        if real().any(|b| news_of_up(&b.state, b.stateage, down_for)) {
+        if any_news_of_up(statistics.brokers.values(), self.link.down_for()) {
             self.health.unconnected_reports.store(0, Ordering::Relaxed);
             self.link.up();
         } else if let Some(b) = real().find(|b| failing(&b.state, b.stateage)) {
@@ -240,6 +239,22 @@ fn failing(state: &str, age_us: i64) -> bool {
         "UP" | "UPDATE" | "INIT" => false,
         _ => age_us > SLOW_US,
     }
+}
+
+/// Whether one of `brokers` says the link is up, the link having been down for `down_for`.
+/// A transactional producer's coordinator (a "logical" broker: a connection of its own to a
+/// real one) counts: it reconnects by itself, while a producer with nothing to send may not
+/// reconnect to any other broker for minutes (a partition left without a leader by the
+/// broker's shutdown is not looked up again until a record needs it, or the 5-minute
+/// metadata refresh), and a commit waiting for the link would wait that long.
+fn any_news_of_up<'a>(
+    brokers: impl IntoIterator<Item = &'a rdkafka::statistics::Broker>,
+    down_for: Option<std::time::Duration>,
+) -> bool {
+    brokers
+        .into_iter()
+        .filter(|b| b.source != "internal")
+        .any(|b| news_of_up(&b.state, b.stateage, down_for))
 }
 
 /// Whether a broker in `state` for `age_us` microseconds says the link is up, the link
@@ -420,6 +435,37 @@ mod tests {
         assert_eq!(link.down_for(), None);
     }
 
+    /// After a broker's restart, a transactional producer waiting on a commit may have only
+    /// its coordinator connected again: that ends the outage; the internal broker never does.
+    #[test]
+    fn a_reconnected_transaction_coordinator_ends_an_outage() {
+        use rdkafka::statistics::Broker;
+        use std::time::Duration;
+        let broker = |source: &str, state: &str, stateage: i64| Broker {
+            source: source.into(),
+            state: state.into(),
+            stateage,
+            ..Broker::default()
+        };
+        let down_for = Some(Duration::from_secs(30));
+        let learned_down = broker("learned", "DOWN", 25_000_000);
+        let bootstrap = broker("configured", "INIT", 60_000_000);
+        let internal = broker("internal", "UP", 1_000);
+        let coordinator = broker("logical", "UP", 2_000_000);
+        assert!(!any_news_of_up(
+            [&learned_down, &bootstrap, &internal],
+            down_for
+        ));
+        assert!(any_news_of_up(
+            [&learned_down, &bootstrap, &internal, &coordinator],
+            down_for
+        ));
+        let stale_coordinator = broker("logical", "UP", 40_000_000);
+        assert!(!any_news_of_up(
+            [&learned_down, &stale_coordinator],
+            down_for
+        ));
+    }
     #[test]
     fn a_refusal_is_kept_as_the_last_error_even_when_already_down() {
         let link = LinkTracker::new();

@@ -82,8 +82,15 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// coordinator that left the cluster's metadata). The session is then replaced and the call
 /// left behind. While the link is down a call may rightly outlive its timeout (its request
 /// waits for the coordinator with librdkafka's own, longer, request timeout), so the clock
-/// starts again whenever the link is seen down: an outage alone never replaces a session.
+/// starts again whenever the link is seen down: an outage alone does not replace a session,
+/// up to [`OUTAGE_SLACK`].
 const HUNG_SLACK: Duration = Duration::from_secs(3);
+/// A blocking call still running this long after its own timeout is hung, whatever the link
+/// state says: librdkafka's request timeout (30 s) bounds a call that waits out an outage,
+/// and the link state may be stale (learned from a producer's connections and deliveries;
+/// a stuck producer makes neither). Kafka away for good costs a session every so often,
+/// never a stall for good.
+const OUTAGE_SLACK: Duration = Duration::from_secs(60);
 /// How long a replaced producer's threads are waited for.
 const DROP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the delivery reports of an aborted transaction are waited for.
@@ -539,7 +546,9 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             admin.create_topics([&topic], &options),
         )
         .await
-        .map_err(|_| OpenError::refused(Hung::new("create_topics", CALL_TIMEOUT).to_string()))?;
+        .map_err(|_| {
+            OpenError::refused(Hung::new("create_topics", CALL_TIMEOUT, true).to_string())
+        })?;
         let result = created.map_err(|e| {
             OpenError::from_code(
                 format!("cannot create topic {}: {e}", self.txn.positions_topic),
@@ -870,13 +879,15 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             let (offsets, group) = (offsets.clone(), session.group.clone());
             let clock = Arc::new(CallClock::default());
             let steps = clock.clone();
+            #[cfg(feature = "fault-injection")]
+            let link_down = self.link.state() == LinkState::Down;
             let call =
                 tokio::task::spawn_blocking(move || -> Result<Duration, (u8, KafkaError)> {
                     let at = std::time::Instant::now();
                     if step == 0 {
                         steps.begin("send_offsets_to_transaction", CALL_TIMEOUT);
                         #[cfg(feature = "fault-injection")]
-                        crate::fault::maybe_hang_commit();
+                        crate::fault::maybe_hang_commit(link_down);
                         producer
                             .send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
                             .map_err(|e| (0, e))?;
@@ -1224,17 +1235,25 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
 
     /// What a probe of `topic` found: see [`Transactional::probe_brokers`].
     fn take_probe(&mut self, topic: &str, answer: Result<super::worker::Answer, String>) {
-        match answer {
-            Err(e) => self.link.down(&format!(
-                "the brokers do not answer a metadata request: {e}"
-            )),
-            Ok(super::worker::Answer { leaders: 0, .. }) => self
-                .link
-                .down(&format!("no partition of {topic} has a leader")),
-            Ok(super::worker::Answer {
-                short_of_replicas: Some(reason),
-                ..
-            }) if !self.short_of_replicas => {
+        let answer = match answer {
+            Err(e) => {
+                return self.link.down(&format!(
+                    "the brokers do not answer a metadata request: {e}"
+                ));
+            }
+            Ok(super::worker::Answer { leaders: 0, .. }) => {
+                return self
+                    .link
+                    .down(&format!("no partition of {topic} has a leader"));
+            }
+            Ok(answer) => answer,
+        };
+        // The brokers answered: the link is up, whatever the producer's own connections
+        // say. A producer stuck in a call sends nothing that would reconnect them, and the
+        // hang watch waits while the link is down.
+        self.link.up();
+        match answer.short_of_replicas {
+            Some(reason) if !self.short_of_replicas => {
                 self.short_of_replicas = true;
                 metric::short_of_replicas(true);
                 self.link.set_last_error(&reason);
@@ -1245,7 +1264,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     "Kafka answers but has too few in-sync replicas to take records; they stay in the log until enough replicas return."
                 );
             }
-            Ok(_) => {}
+            _ => {}
         }
     }
 
@@ -1283,27 +1302,41 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     }
 }
 
-/// A librdkafka call that outlived its own timeout by [`HUNG_SLACK`], Kafka reachable.
+/// A librdkafka call that outlived its own timeout by [`HUNG_SLACK`] with Kafka reachable,
+/// or by [`OUTAGE_SLACK`] in any case.
 #[derive(Debug)]
 struct Hung {
     call: &'static str,
     timeout: Duration,
+    /// Kafka was reachable all along the slack.
+    reachable: bool,
 }
 
 impl Hung {
-    fn new(call: &'static str, timeout: Duration) -> Hung {
+    fn new(call: &'static str, timeout: Duration, reachable: bool) -> Hung {
         metric::error("hung_call");
-        Hung { call, timeout }
+        Hung {
+            call,
+            timeout,
+            reachable,
+        }
     }
 }
 
 impl std::fmt::Display for Hung {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "librdkafka's {} has not returned {:?} after its own timeout of {:?} with Kafka reachable (librdkafka issues 5456, 5511); the call is left behind",
-            self.call, HUNG_SLACK, self.timeout
-        )
+        let (call, timeout) = (self.call, self.timeout);
+        if self.reachable {
+            write!(
+                f,
+                "librdkafka's {call} has not returned {HUNG_SLACK:?} after its own timeout of {timeout:?} with Kafka reachable (librdkafka issues 5456, 5511); the call is left behind"
+            )
+        } else {
+            write!(
+                f,
+                "librdkafka's {call} has not returned {OUTAGE_SLACK:?} after its own timeout of {timeout:?}, Kafka unreachable for part of it; the call is left behind"
+            )
+        }
     }
 }
 
@@ -1311,32 +1344,46 @@ impl std::fmt::Display for Hung {
 /// to return: [`Transactional::read_ahead`] watches it for [`Hung`] steps.
 #[derive(Default)]
 struct CallClock {
-    step: std::sync::Mutex<Option<(&'static str, Duration, Instant)>>,
+    step: std::sync::Mutex<Option<Step>>,
+}
+
+/// A running step of a blocking call.
+struct Step {
+    name: &'static str,
+    timeout: Duration,
+    /// Hung from then on; moved on while the link is down.
+    hung_at: Instant,
+    /// Hung from then on, whatever the link.
+    hung_anyway_at: Instant,
 }
 
 impl CallClock {
     /// Step `name` starts, bounded by `timeout`.
     fn begin(&self, name: &'static str, timeout: Duration) {
-        *self.step.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((name, timeout, Instant::now() + timeout + HUNG_SLACK));
+        let now = Instant::now();
+        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = Some(Step {
+            name,
+            timeout,
+            hung_at: now + timeout + HUNG_SLACK,
+            hung_anyway_at: now + timeout + OUTAGE_SLACK,
+        });
     }
 
-    /// The running step, if it is hung; with the link `Down` its clock starts again.
+    /// The running step, if it is hung; with the link `Down` its clock starts again, up to
+    /// [`OUTAGE_SLACK`] after its timeout.
     fn hung(&self, link: LinkState) -> Option<Hung> {
         self.hung_at(link, Instant::now())
     }
 
     fn hung_at(&self, link: LinkState, now: Instant) -> Option<Hung> {
         let mut step = self.step.lock().unwrap_or_else(|e| e.into_inner());
-        if link == LinkState::Down
-            && let Some((_, timeout, hung_at)) = step.as_mut()
-        {
-            *hung_at = (*hung_at).max(now + *timeout + HUNG_SLACK);
+        let step = step.as_mut()?;
+        if link == LinkState::Down {
+            step.hung_at = step.hung_at.max(now + step.timeout + HUNG_SLACK);
         }
-        match *step {
-            Some((name, timeout, hung_at)) if now >= hung_at => Some(Hung::new(name, timeout)),
-            _ => None,
-        }
+        let reachable = now >= step.hung_at;
+        (reachable || now >= step.hung_anyway_at)
+            .then(|| Hung::new(step.name, step.timeout, reachable))
     }
 }
 
@@ -1476,6 +1523,31 @@ mod tests {
         assert!(clock.hung_at(LinkState::Up, start + CALL_TIMEOUT).is_none());
         let hung = clock.hung_at(LinkState::Up, start + CALL_TIMEOUT + HUNG_SLACK + tick);
         assert_eq!(hung.map(|h| h.call), Some("commit_transaction"));
+    }
+
+    /// The link state comes from the producer's own connections, which a stuck producer may
+    /// never make again: a call is hung [`OUTAGE_SLACK`] past its timeout whatever the link.
+    #[test]
+    fn a_call_is_hung_after_the_outage_slack_even_with_the_link_down() {
+        let clock = CallClock::default();
+        clock.begin("send_offsets_to_transaction", CALL_TIMEOUT);
+        let start = Instant::now();
+        let tick = Duration::from_millis(500);
+        let mut now = start;
+        while clock.hung_at(LinkState::Down, now).is_none() {
+            now += tick;
+            assert!(
+                now - start <= CALL_TIMEOUT + OUTAGE_SLACK + tick,
+                "never hung"
+            );
+        }
+        assert!(now - start >= CALL_TIMEOUT + OUTAGE_SLACK);
+        let hung = clock.hung_at(LinkState::Down, now).expect("hung");
+        assert!(!hung.reachable);
+        assert!(
+            hung.to_string().contains("unreachable for part of it"),
+            "{hung}"
+        );
     }
 
     #[test]

@@ -546,7 +546,12 @@ impl Process {
     /// Waits (at most 10 s) until one line of the log contains every one of `parts`;
     /// returns that line.
     pub fn wait_for_log(&self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_for_log_within(parts, Duration::from_secs(10))
+    }
+
+    /// [`Process::wait_for_log`], waiting at most `within`.
+    pub fn wait_for_log_within(&self, parts: &[&str], within: Duration) -> String {
+        let deadline = Instant::now() + within;
         loop {
             let text = self.log_text();
             if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
