@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use edgegate::format::registry::cache::Entry;
+use edgegate::format::registry::cache::{Entry, SchemaType};
 use edgegate::format::registry::{Encoded, Registry, avro};
 
 /// A schema of `n` double fields besides the device and a sequence number.
@@ -50,6 +50,7 @@ fn main() {
                 id: 1,
                 version: 1,
                 schema: schema(fields),
+                schema_type: SchemaType::Avro,
             },
         );
         if let Err(e) = learnt {
@@ -68,7 +69,7 @@ fn main() {
         for _ in 0..rounds {
             avro_bytes = 0;
             for p in &payloads {
-                match registry.encode("bench-value", p) {
+                match registry.encode("bench-value", SchemaType::Avro, p) {
                     Encoded::Done(framed) => avro_bytes += framed.len(),
                     other => {
                         eprintln!("not encoded: {other:?}");

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::config::Duration;
 use crate::config::problems::{Problem, Problems};
 use crate::format::Format;
+use crate::format::registry::cache::SchemaType;
 use crate::format::registry::config::{Naming, SubjectStrategy};
 use crate::format::sparkplug::{Encoding, Records};
 use crate::format::timestamp::{self, DeviceTime};
@@ -62,10 +63,15 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
-    /// Its records are Avro by a registry's schema.
-    pub fn encodes_avro(&self) -> bool {
-        self.format == Format::Avro
-            || (self.format == Format::SparkplugB && self.encoding == Some(Encoding::Avro))
+    /// The type of the registry schema its records are encoded by, if any: Avro
+    /// (`format = "avro"`, or Sparkplug with `encoding = "avro"`) or JSON Schema.
+    pub fn registry_schema(&self) -> Option<SchemaType> {
+        match self.format {
+            Format::Avro => Some(SchemaType::Avro),
+            Format::JsonSchema => Some(SchemaType::Json),
+            Format::SparkplugB if self.encoding == Some(Encoding::Avro) => Some(SchemaType::Avro),
+            _ => None,
+        }
     }
 }
 
@@ -350,10 +356,10 @@ fn render(
     })
 }
 
-/// A route's subject naming if it encodes Avro, checked; problems under
+/// A route's subject naming if it encodes by a registry's schema, checked; problems under
 /// `routes[i].subject_strategy` and `routes[i].record_name`.
 fn naming(route: &RouteConfig, path: &str, problems: &mut Problems) -> Option<Arc<Naming>> {
-    if !route.encodes_avro() {
+    if route.registry_schema().is_none() {
         for (set, key) in [
             (route.subject_strategy.is_some(), "subject_strategy"),
             (route.record_name.is_some(), "record_name"),
@@ -431,14 +437,14 @@ fn device_time(
             );
             return None;
         }
-        (Format::Raw | Format::Json | Format::Avro, None) => {
+        (Format::Raw | Format::Json | Format::Avro | Format::JsonSchema, None) => {
             problems.push(
                 format!("{path}.timestamp"),
                 "timestamp = \"payload\" needs timestamp_pointer, the JSON pointer to the device's time (e.g. \"/ts\")".to_owned(),
             );
             return None;
         }
-        (Format::Raw | Format::Json | Format::Avro, Some(pointer)) => {
+        (Format::Raw | Format::Json | Format::Avro | Format::JsonSchema, Some(pointer)) => {
             if let Err(message) = timestamp::valid_pointer(pointer) {
                 problems.push(format!("{path}.timestamp_pointer"), message);
                 return None;

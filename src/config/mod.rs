@@ -510,15 +510,15 @@ impl Config {
             Some(registry) => registry.validate("schema_registry", &mut problems),
             None => {
                 for (i, route) in self.routes.iter().enumerate() {
-                    if route.encodes_avro() {
-                        // The key that asked for Avro.
-                        let key = match route.format {
-                            crate::format::Format::Avro => "format",
-                            _ => "encoding",
+                    if route.registry_schema().is_some() {
+                        // The key that asked for a registry's schema.
+                        let (key, value) = match route.format {
+                            crate::format::Format::SparkplugB => ("encoding", "avro"),
+                            format => ("format", format.name()),
                         };
                         problems.push(
                             format!("routes[{i}].{key}"),
-                            format!("{key} = \"avro\" takes its schemas from a registry: add [schema_registry] with its url"),
+                            format!("{key} = \"{value}\" takes its schemas from a registry: add [schema_registry] with its url"),
                         );
                     }
                 }

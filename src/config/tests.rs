@@ -392,6 +392,16 @@ fn schema_registry_problems_point_at_their_keys() {
         "{}",
         found[0]
     );
+    // So does a json_schema route, and the problem names that format.
+    let text = "[[routes]]\nmatch = \"m/#\"\ntopic = \"t\"\nformat = \"json_schema\"\nsubject_strategy = \"record_name\"\nrecord_name = \"acme.Meter\"\n";
+    let found = problems(text);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("gw.toml:4:10: routes[0].format")
+            && found[0].contains("format = \"json_schema\" takes its schemas from a registry"),
+        "{}",
+        found[0]
+    );
     // Sparkplug encoded to Avro needs the registry too; `encoding` is Sparkplug's alone.
     let text = "[[routes]]\nmatch = \"spBv1.0/#\"\ntopic = \"t\"\nformat = \"sparkplug_b\"\nencoding = \"avro\"\n\n\
                 [[routes]]\nmatch = \"a/#\"\ntopic = \"u\"\nencoding = \"avro\"\n";

@@ -10,7 +10,8 @@
 //! that reason instead of sending it, counted in `edgegate_format_errors_total`.
 //!
 //! `json` only checks that a payload is JSON (it is stored untouched); `avro` encodes JSON
-//! payloads with a schema from a schema registry ([`registry`]), at
+//! payloads with a schema from a schema registry ([`registry`]), and `json_schema` validates
+//! them with one and frames them with its id, at
 //! ingest when the schema is known, else when the forwarder sends the record; a payload
 //! that does not match is treated like a Sparkplug payload that does not convert.
 //!
@@ -34,6 +35,9 @@ pub enum Format {
     Avro,
     /// JSON, validated and stored untouched: a payload that is not JSON is dead-lettered.
     Json,
+    /// JSON validated by the subject's JSON Schema in `[schema_registry]` and framed with
+    /// its id ([`registry`]).
+    JsonSchema,
 }
 
 impl Format {
@@ -43,6 +47,7 @@ impl Format {
             Format::SparkplugB => "sparkplug_b",
             Format::Avro => "avro",
             Format::Json => "json",
+            Format::JsonSchema => "json_schema",
         }
     }
 }

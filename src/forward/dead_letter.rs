@@ -164,7 +164,7 @@ pub(super) fn encode_pending(
     record: &mut Record,
     schemas: Option<&crate::format::registry::Registry>,
 ) -> bool {
-    use crate::format::registry::{self, Encoded};
+    use crate::format::registry::{self, Encoded, cache::SchemaType};
     let Some(at) = record
         .headers
         .iter()
@@ -173,26 +173,40 @@ pub(super) fn encode_pending(
         return true;
     };
     let subject = String::from_utf8_lossy(&record.headers[at].1).into_owned();
+    let json = record
+        .headers
+        .iter()
+        .any(|(k, v)| k == registry::PENDING_TYPE_HEADER && v.as_ref() == b"JSON");
+    let kind = if json {
+        SchemaType::Json
+    } else {
+        SchemaType::Avro
+    };
     let encoded = match schemas {
-        Some(s) => s.encode(&subject, &record.payload),
+        Some(s) => s.encode(&subject, kind, &record.payload),
         // Nothing could ever encode it: waiting would hold every record behind it.
         None => Encoded::Invalid(format!(
             "stored waiting for the schema of subject {subject}, and this forwarder has no schemas"
         )),
     };
-    match encoded {
+    let encoded = match encoded {
         Encoded::Pending => return false,
-        Encoded::Done(framed) => {
+        Encoded::Done(framed) => Ok(framed),
+        Encoded::Invalid(why) => Err(why),
+    };
+    record
+        .headers
+        .retain(|(k, _)| k != registry::PENDING_HEADER && k != registry::PENDING_TYPE_HEADER);
+    match encoded {
+        Ok(framed) => {
             record.payload = framed;
-            record.headers.remove(at);
             record.headers.push((
                 crate::format::FORMAT_HEADER.to_owned(),
-                Bytes::from_static(b"avro"),
+                Bytes::from_static(kind.format().as_bytes()),
             ));
         }
-        Encoded::Invalid(why) => {
-            registry::invalid(record, &why);
-            record.headers.remove(at);
+        Err(why) => {
+            registry::invalid(record, kind, &why);
             record
                 .headers
                 .push((crate::format::ERROR_HEADER.to_owned(), Bytes::from(why)));
@@ -244,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_pending_record_is_encoded_once_its_schema_is_known() {
-        use crate::format::registry::{PENDING_HEADER, Registry, cache::Entry};
+        use crate::format::registry::{PENDING_HEADER, Registry, cache::Entry, cache::SchemaType};
         let pending = |payload: &'static [u8]| Record {
             source: Source::Mqtt,
             received_ms: 1,
@@ -273,6 +287,7 @@ mod tests {
                     version: 1,
                     schema: r#"{"type":"record","name":"R","fields":[{"name":"a","type":"int"}]}"#
                         .into(),
+                    schema_type: SchemaType::Avro,
                 },
             )
             .unwrap();
@@ -297,6 +312,69 @@ mod tests {
         assert!(
             why.starts_with("format: the payload does not match schema 3"),
             "{why}"
+        );
+    }
+
+    /// A `json_schema` route's pending record says so, and waits for a JSON Schema: the
+    /// subject's Avro schema is a mismatch, not a way to encode it.
+    #[test]
+    fn a_pending_json_schema_record_is_validated_by_its_kind() {
+        use crate::format::registry::{
+            PENDING_HEADER, PENDING_TYPE_HEADER, Registry, cache::Entry, cache::SchemaType,
+        };
+        let pending = |payload: &'static [u8]| Record {
+            source: Source::Mqtt,
+            received_ms: 1,
+            device: "d".into(),
+            origin: "o".into(),
+            kafka_topic: "t".into(),
+            key: None,
+            headers: vec![
+                (PENDING_HEADER.into(), Bytes::from_static(b"j-value")),
+                (PENDING_TYPE_HEADER.into(), Bytes::from_static(b"JSON")),
+            ],
+            payload: Bytes::from_static(payload),
+        };
+        let schemas = Registry::in_memory();
+        let mut record = pending(br#"{"a":1}"#);
+        assert!(!encode_pending(&mut record, Some(&schemas)));
+        assert_eq!(record, pending(br#"{"a":1}"#), "untouched while it waits");
+        let entry = |schema_type, schema: &str| Entry {
+            id: 8,
+            version: 1,
+            schema: schema.into(),
+            schema_type,
+        };
+        schemas
+            .learn(
+                "j-value",
+                entry(
+                    SchemaType::Avro,
+                    r#"{"type":"record","name":"R","fields":[{"name":"a","type":"int"}]}"#,
+                ),
+            )
+            .unwrap();
+        let mut mismatched = pending(br#"{"a":1}"#);
+        assert!(encode_pending(&mut mismatched, Some(&schemas)));
+        let why = format_error(&mismatched).expect("marked");
+        assert!(why.contains("is AVRO"), "{why}");
+        schemas
+            .learn(
+                "j-value",
+                entry(
+                    SchemaType::Json,
+                    r#"{"properties":{"a":{"type":"integer"}}}"#,
+                ),
+            )
+            .unwrap();
+        assert!(encode_pending(&mut record, Some(&schemas)));
+        assert_eq!(&record.payload[..], b"\0\0\0\0\x08{\"a\":1}");
+        assert_eq!(
+            record.headers,
+            vec![(
+                crate::format::FORMAT_HEADER.to_owned(),
+                Bytes::from_static(b"json_schema")
+            )]
         );
     }
 

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::buffer::{AppendError, Durable, Log, Pressure};
+use crate::format::registry::cache::SchemaType;
 use crate::format::registry::{self, Encoded, Registry};
 use crate::format::sparkplug::{Anomaly, FormatError, Sparkplug};
 use crate::format::timestamp::{self, Outcome};
@@ -254,7 +255,7 @@ impl Pipeline {
         let bytes = msg.payload.len() as u64;
         let mut headers = msg.headers;
         // Sparkplug records are timed one by one, after conversion.
-        let json = matches!(dest.format, Format::Raw | Format::Json | Format::Avro);
+        let json = !matches!(dest.format, Format::SparkplugB);
         if let (Some(policy), true) = (&dest.device_time, json) {
             let outcome = policy.extract(&msg.payload, msg.received_ms);
             if let (Outcome::Used(at), true) = (outcome, dest.timed) {
@@ -285,7 +286,12 @@ impl Pipeline {
             }
             Format::Avro => {
                 let mut record = record;
-                self.encode_avro(&mut record, &dest);
+                self.encode_registry(&mut record, &dest, SchemaType::Avro);
+                self.log.append_with_receipt(&record, receipt)?
+            }
+            Format::JsonSchema => {
+                let mut record = record;
+                self.encode_registry(&mut record, &dest, SchemaType::Json);
                 self.log.append_with_receipt(&record, receipt)?
             }
             Format::SparkplugB => self.append_sparkplug(record, &dest, receipt)?,
@@ -294,37 +300,49 @@ impl Pipeline {
         Ok(durable)
     }
 
-    /// Encodes an `avro` route's payload (or a converted Sparkplug record of a route with
-    /// `encoding = "avro"`) with its subject's schema. A payload that cannot
-    /// match is stored as it came, marked for the dead-letter log; one whose schema is not
-    /// known yet is stored as it came, marked pending, and encoded by the forwarder.
-    fn encode_avro(&self, record: &mut Record, dest: &Destination) {
+    /// Encodes an `avro` or `json_schema` route's payload (or a converted Sparkplug record of
+    /// a route with `encoding = "avro"`) with its subject's schema, of type `kind`. A payload
+    /// that cannot match is stored as it came, marked for the dead-letter log; one whose
+    /// schema is not known yet is stored as it came, marked pending (with its type when not
+    /// Avro), and encoded by the forwarder.
+    fn encode_registry(&self, record: &mut Record, dest: &Destination, kind: SchemaType) {
         let subject = dest
             .naming
             .as_ref()
             .map(|n| n.subject(&record.kafka_topic))
             .unwrap_or_default();
         let encoded = match &self.schemas {
-            Some(schemas) => schemas.encode(&subject, &record.payload),
+            Some(schemas) => schemas.encode(&subject, kind, &record.payload),
             None => Encoded::Pending,
         };
         // Only the gateway says what a record's payload is.
         record.headers.retain(|(k, _)| {
-            k != registry::PENDING_HEADER && k != format::ERROR_HEADER && k != format::FORMAT_HEADER
+            k != registry::PENDING_HEADER
+                && k != registry::PENDING_TYPE_HEADER
+                && k != format::ERROR_HEADER
+                && k != format::FORMAT_HEADER
         });
         match encoded {
             Encoded::Done(framed) => {
                 record.payload = framed;
                 record.headers.push((
                     format::FORMAT_HEADER.to_owned(),
-                    Bytes::from_static(b"avro"),
+                    Bytes::from_static(kind.format().as_bytes()),
                 ));
             }
-            Encoded::Pending => record
-                .headers
-                .push((registry::PENDING_HEADER.to_owned(), Bytes::from(subject))),
+            Encoded::Pending => {
+                record
+                    .headers
+                    .push((registry::PENDING_HEADER.to_owned(), Bytes::from(subject)));
+                if !kind.is_avro() {
+                    record.headers.push((
+                        registry::PENDING_TYPE_HEADER.to_owned(),
+                        Bytes::from_static(kind.name().as_bytes()),
+                    ));
+                }
+            }
             Encoded::Invalid(why) => {
-                registry::invalid(record, &why);
+                registry::invalid(record, kind, &why);
                 record
                     .headers
                     .push((format::ERROR_HEADER.to_owned(), Bytes::from(why)));
@@ -359,7 +377,7 @@ impl Pipeline {
         for anomaly in &converted.anomalies {
             sparkplug_anomaly(&record, *anomaly);
         }
-        // Records encoded to Avro say so themselves (`encode_avro`).
+        // Records encoded to Avro say so themselves (`encode_registry`).
         let avro = dest.naming.is_some();
         if !avro {
             record.headers.extend([
@@ -393,7 +411,7 @@ impl Pipeline {
             }
             if avro {
                 // With the topic final: the subject may be named after it.
-                self.encode_avro(&mut one, dest);
+                self.encode_registry(&mut one, dest, SchemaType::Avro);
             }
             last = Some(self.log.append_with_receipt(&one, receipt)?);
         }

@@ -25,6 +25,41 @@ pub struct Entry {
     pub id: u32,
     pub version: i32,
     pub schema: String,
+    /// Absent in files written before JSON Schema was supported: Avro.
+    #[serde(default, rename = "type", skip_serializing_if = "SchemaType::is_avro")]
+    pub schema_type: SchemaType,
+}
+
+/// A schema's language, as the registry's `schemaType` names it (absent: Avro).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SchemaType {
+    #[default]
+    #[serde(rename = "AVRO")]
+    Avro,
+    #[serde(rename = "JSON")]
+    Json,
+}
+
+impl SchemaType {
+    pub fn is_avro(&self) -> bool {
+        *self == SchemaType::Avro
+    }
+
+    /// The registry's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchemaType::Avro => "AVRO",
+            SchemaType::Json => "JSON",
+        }
+    }
+
+    /// The route format that uses it.
+    pub fn format(self) -> &'static str {
+        match self {
+            SchemaType::Avro => "avro",
+            SchemaType::Json => "json_schema",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -90,6 +125,7 @@ mod tests {
 
     fn entry(id: u32) -> Entry {
         Entry {
+            schema_type: SchemaType::Avro,
             id,
             version: 2,
             schema: r#""string""#.into(),
@@ -106,8 +142,20 @@ mod tests {
         store(&path, &subjects).unwrap();
         subjects.insert("u-value".to_owned(), entry(5));
         store(&path, &subjects).unwrap();
-        assert_eq!(load(&path), (subjects, None));
+        assert_eq!(load(&path), (subjects.clone(), None));
         assert!(!path.with_extension("json.tmp").exists());
+        // A JSON Schema says so; an Avro one is written as before, so older files load.
+        subjects.insert(
+            "j-value".to_owned(),
+            Entry {
+                schema_type: SchemaType::Json,
+                ..entry(6)
+            },
+        );
+        store(&path, &subjects).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches(r#""type":"JSON""#).count(), 1, "{text}");
+        assert_eq!(load(&path), (subjects, None));
     }
 
     #[test]

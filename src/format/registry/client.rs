@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 
-use super::cache::Entry;
+use super::cache::{Entry, SchemaType};
 use super::config::RegistryConfig;
 
 /// Why a subject's latest version could not be read.
@@ -98,20 +98,25 @@ impl Client {
     }
 }
 
-/// A `GET .../versions/latest` answer, if it is an Avro schema version.
+/// A `GET .../versions/latest` answer, if it is an Avro or a JSON Schema version.
 pub fn parse_version(body: &str) -> Result<Entry, FetchError> {
     let v: Version = serde_json::from_str(body).map_err(|e| FetchError::Invalid(e.to_string()))?;
-    match v.schema_type.as_deref() {
-        None | Some("AVRO") => Ok(Entry {
-            id: v.id,
-            version: v.version,
-            schema: v.schema,
-        }),
-        Some(other) => Err(FetchError::Invalid(format!(
-            "schema {} is {other}, not AVRO",
-            v.id
-        ))),
-    }
+    let schema_type = match v.schema_type.as_deref() {
+        None | Some("AVRO") => SchemaType::Avro,
+        Some("JSON") => SchemaType::Json,
+        Some(other) => {
+            return Err(FetchError::Invalid(format!(
+                "schema {} is {other}; the gateway encodes AVRO and JSON",
+                v.id
+            )));
+        }
+    };
+    Ok(Entry {
+        id: v.id,
+        version: v.version,
+        schema: v.schema,
+        schema_type,
+    })
 }
 
 /// A subject as one path segment: everything but unreserved characters escaped.
@@ -139,9 +144,12 @@ mod tests {
             Entry {
                 id: 21,
                 version: 3,
-                schema: r#""string""#.into()
+                schema: r#""string""#.into(),
+                schema_type: SchemaType::Avro,
             }
         );
+        let json = r#"{"subject":"t-value","version":2,"id":4,"schemaType":"JSON","schema":"{\"type\":\"object\"}"}"#;
+        assert_eq!(parse_version(json).unwrap().schema_type, SchemaType::Json);
         let protobuf = r#"{"subject":"t-value","version":1,"id":2,"schemaType":"PROTOBUF","schema":"syntax = \"proto3\";"}"#;
         assert!(matches!(
             parse_version(protobuf),

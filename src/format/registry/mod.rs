@@ -1,6 +1,10 @@
 //! Schema-registry formats: `format = "avro"` routes encode JSON device payloads with the
 //! latest schema of their subject in a Confluent-compatible registry, in the Confluent wire
-//! format (magic byte 0, schema id, Avro body).
+//! format (magic byte 0, schema id, Avro body); `format = "json_schema"` routes validate them
+//! against the subject's JSON Schema and frame them the same way (magic byte 0, schema id,
+//! the payload's JSON as it came), as Confluent's JSON Schema serializer does. A subject's
+//! schema must be of the route's kind: an Avro schema under a `json_schema` route is a
+//! mismatch, said in the dead-letter reason.
 //!
 //! Where: at ingest when the subject's schema is known, so the log holds what goes to Kafka
 //! and a payload that cannot match is marked there and then ([`crate::format::ERROR_HEADER`]:
@@ -33,16 +37,74 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use cache::Entry;
+use cache::{Entry, SchemaType};
 use client::{Client, FetchError};
 
 /// The stored header of a record whose payload waits for its subject's schema: the subject.
 pub const PENDING_HEADER: &str = "edgegate-schema-pending";
+/// Beside [`PENDING_HEADER`], the type of schema the record waits for, when not Avro (records
+/// stored before JSON Schema was supported have none): the registry's name, `JSON`.
+pub const PENDING_TYPE_HEADER: &str = "edgegate-schema-pending-type";
 
 /// A subject's schema as the gateway uses it.
 struct Known {
     entry: Entry,
-    writer: avro::Writer,
+    encoder: Encoder,
+}
+
+/// What encodes by a schema, per its type.
+enum Encoder {
+    Avro(avro::Writer),
+    Json(jsonschema::Validator),
+}
+
+impl Encoder {
+    /// The encoder of `entry`'s schema; why it cannot be one.
+    fn new(entry: &Entry) -> Result<Encoder, String> {
+        match entry.schema_type {
+            SchemaType::Avro => Schema::parse_str(&entry.schema)
+                .map(|s| Encoder::Avro(avro::Writer::new(s)))
+                .map_err(|e| e.to_string()),
+            SchemaType::Json => {
+                let schema: serde_json::Value =
+                    serde_json::from_str(&entry.schema).map_err(|e| format!("not JSON: {e}"))?;
+                jsonschema::validator_for(&schema)
+                    .map(Encoder::Json)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// `payload` (JSON) framed for Kafka with schema `id`.
+    fn encode(&self, id: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Encoder::Avro(writer) => writer.encode(id, payload).map_err(|e| e.to_string()),
+            Encoder::Json(validator) => {
+                let value: serde_json::Value = serde_json::from_slice(payload)
+                    .map_err(|e| format!("the payload is not JSON: {e}"))?;
+                let errors: Vec<String> = validator
+                    .iter_errors(&value)
+                    .take(3)
+                    .map(|e| {
+                        let at = e.instance_path().to_string();
+                        let at = if at.is_empty() { "/".into() } else { at };
+                        format!("at {at}: {e}")
+                    })
+                    .collect();
+                if !errors.is_empty() {
+                    return Err(format!(
+                        "the payload does not match JSON Schema {id}: {}",
+                        errors.join("; ")
+                    ));
+                }
+                let mut framed = Vec::with_capacity(5 + payload.len());
+                framed.push(0);
+                framed.extend_from_slice(&id.to_be_bytes());
+                framed.extend_from_slice(payload);
+                Ok(framed)
+            }
+        }
+    }
 }
 
 /// What became of one payload.
@@ -109,8 +171,9 @@ impl Registry {
         }
     }
 
-    /// Encodes JSON `payload` with the latest known schema of `subject`.
-    pub fn encode(&self, subject: &str, payload: &[u8]) -> Encoded {
+    /// Encodes JSON `payload` with the latest known schema of `subject`, which must be of
+    /// type `kind`.
+    pub fn encode(&self, subject: &str, kind: SchemaType, payload: &[u8]) -> Encoded {
         let known = self.known.read().ok().and_then(|k| k.get(subject).cloned());
         let Some(known) = known else {
             if !self.learns.load(Ordering::Relaxed) {
@@ -121,9 +184,18 @@ impl Registry {
             self.want(subject);
             return Encoded::Pending;
         };
-        match known.writer.encode(known.entry.id, payload) {
+        if known.entry.schema_type != kind {
+            return Encoded::Invalid(format!(
+                "the latest schema of subject {subject} (id {}) is {}; a {} route needs {}",
+                known.entry.id,
+                known.entry.schema_type.name(),
+                kind.format(),
+                kind.name()
+            ));
+        }
+        match known.encoder.encode(known.entry.id, payload) {
             Ok(framed) => Encoded::Done(Bytes::from(framed)),
-            Err(e) => Encoded::Invalid(e.to_string()),
+            Err(why) => Encoded::Invalid(why),
         }
     }
 
@@ -144,17 +216,17 @@ impl Registry {
         }
     }
 
-    /// Takes `entry` as `subject`'s schema in force; true when it changed.
-    pub fn learn(&self, subject: &str, entry: Entry) -> Result<bool, apache_avro::Error> {
+    /// Takes `entry` as `subject`'s schema in force; true when it changed. A schema that
+    /// does not parse (or compile, for JSON Schema) is refused: why.
+    pub fn learn(&self, subject: &str, entry: Entry) -> Result<bool, String> {
         if let Ok(known) = self.known.read() {
             if known.get(subject).is_some_and(|k| k.entry == entry) {
                 return Ok(false);
             }
         }
-        let schema = Schema::parse_str(&entry.schema)?;
+        let encoder = Encoder::new(&entry)?;
         if let Ok(mut known) = self.known.write() {
-            let writer = avro::Writer::new(schema);
-            known.insert(subject.to_owned(), Arc::new(Known { entry, writer }));
+            known.insert(subject.to_owned(), Arc::new(Known { entry, encoder }));
         }
         Ok(true)
     }
@@ -242,10 +314,10 @@ impl Registry {
     }
 }
 
-/// A payload of an `avro` route that does not match its schema: counted and logged here,
-/// at ingest or when the forwarder encodes a pending record.
-pub fn invalid(record: &crate::record::Record, why: &str) {
-    metrics::counter!("edgegate_format_errors_total", "format" => "avro").increment(1);
+/// A payload of an `avro` or `json_schema` route that does not match its schema: counted and
+/// logged here, at ingest or when the forwarder encodes a pending record.
+pub fn invalid(record: &crate::record::Record, kind: SchemaType, why: &str) {
+    metrics::counter!("edgegate_format_errors_total", "format" => kind.format()).increment(1);
     tracing::warn!(device = %record.device, topic = %record.origin, error = why, "A payload does not match its schema; it goes to the dead-letter log.");
 }
 
@@ -270,22 +342,26 @@ mod tests {
             id,
             version,
             schema: schema.into(),
+            schema_type: SchemaType::Avro,
         }
     }
 
     #[test]
     fn an_unknown_subject_is_pending_and_wanted() {
         let r = Registry::in_memory();
-        assert_eq!(r.encode("t-value", br#"{"a":1}"#), Encoded::Pending);
+        assert_eq!(
+            r.encode("t-value", SchemaType::Avro, br#"{"a":1}"#),
+            Encoded::Pending
+        );
         assert!(r.wanted.lock().unwrap().contains("t-value"));
         assert!(r.learn("t-value", entry(1, 1, V1)).unwrap());
         assert!(!r.learn("t-value", entry(1, 1, V1)).unwrap());
         assert_eq!(
-            r.encode("t-value", br#"{"a":1}"#),
+            r.encode("t-value", SchemaType::Avro, br#"{"a":1}"#),
             Encoded::Done(Bytes::from_static(&[0, 0, 0, 0, 1, 2]))
         );
         assert!(matches!(
-            r.encode("t-value", br#"{"a":"one"}"#),
+            r.encode("t-value", SchemaType::Avro, br#"{"a":"one"}"#),
             Encoded::Invalid(_)
         ));
     }
@@ -296,7 +372,7 @@ mod tests {
         r.learn("t-value", entry(1, 1, V1)).unwrap();
         assert!(r.learn("t-value", entry(2, 2, V2)).unwrap());
         assert_eq!(
-            r.encode("t-value", br#"{"a":1,"b":"y"}"#),
+            r.encode("t-value", SchemaType::Avro, br#"{"a":1,"b":"y"}"#),
             Encoded::Done(Bytes::from_static(&[0, 0, 0, 0, 2, 2, 2, b'y']))
         );
         // A version that does not parse is refused; the one in force stays.
@@ -321,7 +397,10 @@ mod tests {
         let r = Registry::open(path);
         r.will_learn();
         assert_eq!(r.schema_id("t-value"), None);
-        assert_eq!(r.encode("t-value", br#"{"a":1}"#), Encoded::Pending);
+        assert_eq!(
+            r.encode("t-value", SchemaType::Avro, br#"{"a":1}"#),
+            Encoded::Pending
+        );
     }
 
     #[test]
@@ -334,12 +413,92 @@ mod tests {
         // No [schema_registry]: what the cache knows still encodes; nothing else waits.
         let r = Registry::open(path);
         assert!(matches!(
-            r.encode("t-value", br#"{"a":1}"#),
+            r.encode("t-value", SchemaType::Avro, br#"{"a":1}"#),
             Encoded::Done(_)
         ));
-        match r.encode("u-value", br#"{"a":1}"#) {
+        match r.encode("u-value", SchemaType::Avro, br#"{"a":1}"#) {
             Encoded::Invalid(why) => assert!(why.contains("[schema_registry]"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    const JSON_V1: &str = r#"{"type":"object","properties":{"a":{"type":"integer"},
+        "tags":{"type":"array","items":{"type":"string"}}},"required":["a"]}"#;
+
+    fn json_entry(id: u32, schema: &str) -> Entry {
+        Entry {
+            schema_type: SchemaType::Json,
+            ..entry(id, 1, schema)
+        }
+    }
+
+    #[test]
+    fn json_schema_payloads_are_validated_and_framed_as_they_came() {
+        let r = Registry::in_memory();
+        assert_eq!(
+            r.encode("j-value", SchemaType::Json, br#"{"a":1}"#),
+            Encoded::Pending
+        );
+        assert!(r.learn("j-value", json_entry(9, JSON_V1)).unwrap());
+        let payload = br#"{ "a": 7, "tags": ["x"] }"#;
+        let mut framed = vec![0, 0, 0, 0, 9];
+        framed.extend_from_slice(payload);
+        assert_eq!(
+            r.encode("j-value", SchemaType::Json, payload),
+            Encoded::Done(Bytes::from(framed))
+        );
+        match r.encode("j-value", SchemaType::Json, br#"{"tags":["x",3]}"#) {
+            Encoded::Invalid(why) => {
+                assert!(
+                    why.starts_with("the payload does not match JSON Schema 9: "),
+                    "{why}"
+                );
+                assert!(why.contains("at /tags/1"), "{why}");
+                assert!(why.contains("\"a\" is a required property"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        r.learn(
+            "k-value",
+            json_entry(7, r#"{"properties":{"kwh":{"minimum":0}}}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            r.encode("k-value", SchemaType::Json, br#"{"kwh":-1.0}"#),
+            Encoded::Invalid(
+                "the payload does not match JSON Schema 7: at /kwh: -1.0 is less than the minimum of 0"
+                    .into()
+            )
+        );
+        match r.encode("j-value", SchemaType::Json, b"{nope") {
+            Encoded::Invalid(why) => assert!(why.contains("not JSON"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_subject_of_the_other_schema_type_is_a_mismatch_and_a_bad_schema_is_refused() {
+        let r = Registry::in_memory();
+        r.learn("t-value", entry(1, 1, V1)).unwrap();
+        match r.encode("t-value", SchemaType::Json, br#"{"a":1}"#) {
+            Encoded::Invalid(why) => {
+                assert!(
+                    why.contains("is AVRO; a json_schema route needs JSON"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        r.learn("j-value", json_entry(2, JSON_V1)).unwrap();
+        assert!(matches!(
+            r.encode("j-value", SchemaType::Avro, br#"{"a":1}"#),
+            Encoded::Invalid(_)
+        ));
+        assert!(r.learn("j-value", json_entry(3, "{nope")).is_err());
+        assert!(
+            r.learn("j-value", json_entry(4, r#"{"type":"no-such-type"}"#))
+                .is_err()
+        );
+        assert_eq!(r.schema_id("j-value"), Some(2));
     }
 }
