@@ -1,11 +1,12 @@
 //! `format = "avro"` routes end to end: JSON published by a real MQTT client
 //! (mosquitto_pub), encoded by the gateway with the schema registry's schemas, read back
 //! from the run's Kafka and decoded by an independent reader (Python fastavro, which fetches
-//! the writer's schema by the id in each record: `tests/clients/avro_decode.py`), field by
+//! the writer's schema by the id in each record: `tests/clients/registry_decode.py`), field by
 //! field; through the faults of issue 15: the registry down at start, stopped mid-run, a new
 //! schema version mid-run, payloads that do not match, a restart without the registry.
 //!
-//! The registry is `common::registry`'s (see there why it is not a real one).
+//! The fault scenarios use `common::registry`'s fixture; `a_real_registry_serves_avro_and_json_schema_routes`
+//! runs against a real one, Apicurio Registry (see there for both).
 
 mod common;
 
@@ -50,15 +51,24 @@ fn publish(gw: &Process, device: &str, payloads: &[String]) {
 
 /// Every record's value decoded by fastavro: `{"id", "value"}` each.
 fn decode(registry: &Registry, records: &[common::Consumed]) -> Vec<Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/avro_decode.py");
+    decode_from(&registry.url(), records)
+}
+
+/// Every record's value decoded independently with the schemas of the registry at `url`
+/// (fastavro, Python's jsonschema): `{"id", "type", "value"}` each, or `{"error"}`.
+fn decode_from(url: &str, records: &[common::Consumed]) -> Vec<Value> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/registry_decode.py"
+    );
     let mut child = Command::new("python3")
         .arg(script)
-        .arg(registry.url())
+        .arg(url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("python3 tests/clients/avro_decode.py (pip: fastavro)");
+        .expect("python3 tests/clients/registry_decode.py (pip: fastavro, jsonschema)");
     let mut input = String::new();
     for r in records {
         let payload = r.payload.as_deref().unwrap_or_default();
@@ -71,7 +81,7 @@ fn decode(registry: &Registry, records: &[common::Consumed]) -> Vec<Value> {
     let out = child.wait_with_output().expect("the decoder's output");
     assert!(
         out.status.success(),
-        "avro_decode.py: {}",
+        "registry_decode.py: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout)
@@ -235,6 +245,134 @@ fn avro_records_survive_the_registry_being_down_changing_and_gone() {
     expected.truncate(sent);
     assert_eq!(all, expected);
     assert_eq!(dead_letters(&gw).len(), 3);
+}
+
+/// A JSON Schema for `meters/+device/state` payloads.
+const METER_SCHEMA: &str = r#"{"$schema":"http://json-schema.org/draft-07/schema#","title":"MeterState","type":"object","properties":{"device":{"type":"string"},"kwh":{"type":"number","minimum":0},"phases":{"type":"array","items":{"type":"integer","enum":[1,2,3]}}},"required":["device","kwh"],"additionalProperties":false}"#;
+
+/// A real registry, Apicurio Registry through its Confluent-compatible API
+/// (`common::registry::apicurio`): an `avro` route and a `json_schema` route whose subjects'
+/// schemas are registered there, a new Avro version registered mid-run, and payloads that do
+/// not match. Every record is read back from Kafka and decoded independently (fastavro, and
+/// Python's jsonschema validating against the schema fetched by the id in the frame), field
+/// by field; the mismatches are in the dead-letter log with their reasons.
+#[test]
+fn a_real_registry_serves_avro_and_json_schema_routes() {
+    let Some(apicurio) =
+        common::registry::apicurio("a_real_registry_serves_avro_and_json_schema_routes")
+    else {
+        return;
+    };
+    let _kafka = common::shared();
+    let avro_topic = common::unique_topic("apicurio-avro");
+    let json_topic = common::unique_topic("apicurio-json");
+    let v1 = apicurio.register(&format!("{avro_topic}-value"), "AVRO", V1);
+    let json_id = apicurio.register(&format!("{json_topic}-value"), "JSON", METER_SCHEMA);
+    let gw = common::gateway(GatewayToml::new().raw(&format!(
+        "[schema_registry]\nurl = \"{}\"\nrefresh = \"1s\"\ntimeout = \"5s\"\n\n\
+         [[routes]]\nmatch = \"sensors/+device/reading\"\ntopic = \"{avro_topic}\"\nkey = \"{{device}}\"\nformat = \"avro\"\n\n\
+         [[routes]]\nmatch = \"meters/+device/state\"\ntopic = \"{json_topic}\"\nkey = \"{{device}}\"\nformat = \"json_schema\"\n",
+        apicurio.url()
+    )))
+    .start_process();
+
+    // Avro: five readings under v1.
+    let readings: Vec<String> = (0..5).map(|i| reading("d1", i)).collect();
+    publish(&gw, "d1", &readings);
+    // JSON Schema: valid states, with two that do not match between them.
+    let states = [
+        json!({"device": "m1", "kwh": 0.5}),
+        json!({"device": "m1", "kwh": -1.0}),
+        json!({"device": "m1", "kwh": 2.25, "phases": [1, 3]}),
+        json!({"device": "m1", "kwh": 3, "phases": [4], "colour": "red"}),
+        json!({"device": "m1", "kwh": 4}),
+    ]
+    .map(|v| v.to_string());
+    let out = common::mosquitto_pub(gw.mqtt_addr())
+        .id("m1")
+        .topic("meters/m1/state")
+        .qos(1)
+        .lines(&states);
+    assert!(out.status.success(), "{out:?}");
+
+    let records = common::consume_all_blocking(&avro_topic, 5, Duration::from_secs(60));
+    assert_eq!(records.len(), 5, "{records:?}");
+    for (i, d) in decode_from(apicurio.url(), &records).iter().enumerate() {
+        assert_eq!((&d["id"], &d["type"]), (&json!(v1), &json!("AVRO")), "{d}");
+        assert_eq!(d["value"]["device"], "d1");
+        assert_eq!(d["value"]["temp"], 20.5 + i as f64);
+        assert_eq!(d["value"]["seq"], i as u64);
+        assert_eq!(d["value"]["unit"], "C");
+    }
+    let meters = common::consume_all_blocking(&json_topic, 3, Duration::from_secs(60));
+    assert_eq!(meters.len(), 3, "{meters:?}");
+    let decoded = decode_from(apicurio.url(), &meters);
+    for (record, (d, sent)) in meters
+        .iter()
+        .zip(decoded.iter().zip([&states[0], &states[2], &states[4]]))
+    {
+        assert_eq!(
+            (&d["id"], &d["type"]),
+            (&json!(json_id), &json!("JSON")),
+            "{d}"
+        );
+        let sent: Value = serde_json::from_str(sent).expect("sent JSON");
+        assert_eq!(d["value"], sent);
+        assert_eq!(record.header("edgegate-format"), Some(&b"json_schema"[..]));
+        assert_eq!(record.key.as_deref(), Some(&b"m1"[..]));
+    }
+    wait_until("two dead letters", Duration::from_secs(30), || {
+        dead_letters(&gw).len() == 2
+    });
+    let dead = dead_letters(&gw);
+    assert_eq!(dead[0]["payload"], states[1].as_str());
+    assert_eq!(dead[1]["payload"], states[3].as_str());
+    for d in &dead {
+        let error = d["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with(&format!(
+                "format: the payload does not match JSON Schema {json_id}: at /"
+            )),
+            "{error}"
+        );
+    }
+    let error = dead[1]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("/phases/0"), "{error}");
+    let (_, metrics) = common::http_get(gw.admin_addr(), "/metrics");
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "edgegate_format_errors_total{format=\"json_schema\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+
+    // A new Avro version registered in the real registry: used without a restart.
+    let v2 = apicurio.register(&format!("{avro_topic}-value"), "AVRO", V2);
+    assert_ne!(v1, v2);
+    let (mut seq, mut sent) = (5, 5);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let newest = loop {
+        publish(
+            &gw,
+            "d1",
+            &[json!({"device": "d1", "temp": 1.0, "seq": seq, "battery": 87}).to_string()],
+        );
+        seq += 1;
+        sent += 1;
+        let records = common::consume_all_blocking(&avro_topic, sent, Duration::from_secs(30));
+        assert_eq!(records.len(), sent, "{records:?}");
+        let last = decode_from(apicurio.url(), &records[sent - 1..]).remove(0);
+        if last["id"] == v2 {
+            break last;
+        }
+        assert_eq!(last["id"], v1, "{last}");
+        assert!(Instant::now() < deadline, "v2 was not picked up");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(newest["value"]["battery"], 87);
+    assert_eq!(newest["value"]["seq"], seq - 1);
 }
 
 /// Exactly once with records waiting for their schema: the forwarder aborts and begins

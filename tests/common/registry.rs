@@ -1,21 +1,28 @@
-//! A Confluent-compatible schema registry for `tests/schema_registry.rs`: the subset of the
-//! REST API that the gateway and the Avro decoder of the tests use (`GET
-//! /subjects/{subject}/versions/latest`, `GET /schemas/ids/{id}`), on `127.0.0.1`, with
-//! schemas the test registers, and the faults a test needs: [`Registry::stop`] closes the
-//! port (connection refused, as when the registry is down), [`Registry::resume`] opens the
-//! same port again.
+//! Schema registries for `tests/schema_registry.rs`.
 //!
-//! A fixture, not a real registry: none could be installed from the package registries this
-//! project's machines reach (Karapace is not on the PyPI they reach; Apicurio has no runnable
-//! artifact on Maven Central and its build dependencies are not served). Answers follow
-//! Confluent's API reference; the decoder on the other side is independent of the gateway
-//! (Python `fastavro`, `tests/clients/avro_decode.py`).
+//! [`Registry`] is a fixture: the subset of Confluent's REST API that the gateway and the
+//! decoder of the tests use (`GET /subjects/{subject}/versions/latest`, `GET
+//! /schemas/ids/{id}`), on `127.0.0.1`, with schemas the test registers, and the faults a
+//! test needs: [`Registry::stop`] closes the port (connection refused, as when the registry
+//! is down), [`Registry::resume`] opens the same port again, with every schema kept. The
+//! fault scenarios use it: the real registry below keeps its schemas in memory, so a stopped
+//! and restarted one would come back empty, which is another fault than "down for a while".
+//!
+//! [`apicurio`] is a real one: Apicurio Registry, from its own distribution on Maven Central,
+//! through its Confluent-compatible API (`/apis/ccompat/v7`), started by
+//! `tools/registry/apicurio.sh` once per test binary that asks for it and stopped by the
+//! script's watchdog when the binary exits. It checks what the fixture cannot: that the
+//! gateway understands a real registry's answers, and that schemas registered there (Avro, a
+//! new version, JSON Schema) encode records that independent decoders read back
+//! (`tests/clients/registry_decode.py`: Python fastavro and jsonschema).
+//! `EDGEGATE_TEST_REGISTRY=<ccompat url>` uses one started by hand;
+//! `EDGEGATE_TEST_REGISTRY=skip` skips the tests that need it, saying so.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -206,4 +213,74 @@ fn decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The real registry of this test binary.
+pub struct Apicurio {
+    url: String,
+}
+
+static APICURIO: OnceLock<Option<Apicurio>> = OnceLock::new();
+
+/// The real registry (started on first use); `None`, said on stderr, when
+/// `EDGEGATE_TEST_REGISTRY=skip`.
+pub fn apicurio(test: &str) -> Option<&'static Apicurio> {
+    let registry = APICURIO.get_or_init(Apicurio::init).as_ref();
+    if registry.is_none() {
+        eprintln!(
+            "{test}: SKIPPED: EDGEGATE_TEST_REGISTRY=skip (unset, the test starts Apicurio \
+             Registry with tools/registry/apicurio.sh)"
+        );
+    }
+    registry
+}
+
+impl Apicurio {
+    fn init() -> Option<Apicurio> {
+        match std::env::var("EDGEGATE_TEST_REGISTRY") {
+            Ok(v) if v == "skip" => return None,
+            Ok(url) => return Some(Apicurio { url }),
+            Err(_) => {}
+        }
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/registry/apicurio.sh");
+        let run_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("apicurio-{}", std::process::id()));
+        let output = std::process::Command::new(&script)
+            .arg("start")
+            .env("APICURIO_RUN_DIR", &run_dir)
+            .env("APICURIO_WATCH_PID", std::process::id().to_string())
+            .env("APICURIO_WATCH_CLEAN", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{} start failed ({}):\n{stderr}",
+            script.display(),
+            output.status
+        );
+        eprint!("{stderr}");
+        let url = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        Some(Apicurio { url })
+    }
+
+    /// The Confluent-compatible base URL, for `[schema_registry] url`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Registers `schema` (of `schema_type`: `AVRO`, `JSON`) under `subject`; its id.
+    pub fn register(&self, subject: &str, schema_type: &str, schema: &str) -> u32 {
+        let body = serde_json::json!({"schemaType": schema_type, "schema": schema});
+        let text = ureq::post(&format!("{}/subjects/{subject}/versions", self.url))
+            .set("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .send_string(&body.to_string())
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_string().map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| panic!("registering a {schema_type} schema under {subject}: {e}"));
+        let answer: serde_json::Value = serde_json::from_str(&text).expect("a JSON answer");
+        u32::try_from(answer["id"].as_u64().expect("an id")).expect("a u32 id")
+    }
 }
