@@ -156,6 +156,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let mut settings = reload::Settings::new(&config);
     let routes = settings.publish::<Router>(&config)?;
     let auth = settings.publish::<auth::Auth>(&config)?;
+    let upstream = settings
+        .publish::<format::registry::client::Upstream>(&config)
+        .map_err(|e| RunError::Task(format!("[schema_registry]: {e}")))?;
     let mqtt_tls = if config.mqtt.tls.enabled {
         // The files' state before they are read: a change from here on is a change the
         // watcher must see, even one made before it first runs.
@@ -197,16 +200,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let schemas = Arc::new(format::registry::Registry::open(
         format::registry::cache::path(log.dir()),
     ));
-    if let Some(registry) = &config.schema_registry {
-        let client = format::registry::client::Client::new(registry)
-            .map_err(|e| RunError::Task(format!("[schema_registry]: {e}")))?;
+    if upstream.borrow().client.is_some() {
         schemas.will_learn();
-        tokio::spawn(
-            schemas
-                .clone()
-                .run(client, registry.refresh.get(), shutdown.clone()),
-        );
     }
+    tokio::spawn(schemas.clone().run(upstream, shutdown.clone()));
     let forwarder = Forwarder::new(
         &config.kafka,
         &gateway_id,

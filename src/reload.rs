@@ -19,7 +19,8 @@
 //! The settings today: the routes ([`crate::route::Router`]), `[auth]` ([`crate::auth::Auth`]:
 //! rules, password file, the anonymous policy MQTT and CoAP apply) and the MQTT TLS
 //! certificate, key and client CA (a rustls `ServerConfig`, see
-//! [`crate::ingest::mqtt::tls`], which also rebuilds it when its files change on disk).
+//! [`crate::ingest::mqtt::tls`], which also rebuilds it when its files change on disk) and
+//! `[schema_registry]` ([`crate::format::registry::client::Upstream`]).
 //! Everything else needs a restart: listeners stay bound, the log and the Kafka client keep
 //! the configuration they were opened with.
 
@@ -71,6 +72,14 @@ impl<T> Live<T> {
     /// see one value; a reload does not change it under the holder.
     pub fn current(&self) -> Arc<T> {
         self.0.borrow().clone()
+    }
+
+    /// Waits until a reload puts another value in force; never returns if the settings are
+    /// gone (the gateway is stopping) or the value is fixed.
+    pub async fn changed(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The value in force, borrowed: for a quick look on a hot path. Holds a read lock on the

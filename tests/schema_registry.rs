@@ -247,6 +247,40 @@ fn avro_records_survive_the_registry_being_down_changing_and_gone() {
     assert_eq!(dead_letters(&gw).len(), 3);
 }
 
+/// `[schema_registry]` reloaded by SIGHUP: records waiting for a registry that never
+/// answers go out once the config points at one that does, without a restart; a section
+/// with a problem is refused with an ERROR and the one in force kept.
+#[test]
+fn a_reload_points_the_gateway_at_another_registry() {
+    let _kafka = common::shared();
+    let topic = common::unique_topic("registry-reload");
+    let subject = format!("{topic}-value");
+    let gone = Registry::start_stopped();
+    let mut gw = common::gateway(config(&gone, &topic)).start_process();
+    let readings: Vec<String> = (0..3).map(|i| reading("d1", i)).collect();
+    publish(&gw, "d1", &readings);
+    let early = common::consume_all_blocking(&topic, 1, Duration::from_secs(3));
+    assert!(early.is_empty(), "sent without a schema: {early:?}");
+
+    gw.rewrite_config(|c| c.set("schema_registry", "url", "ftp://registry.example"));
+    gw.hup();
+    let line = gw.wait_for_log(&["ERROR", "Kept the [schema_registry] in force"]);
+    assert!(line.contains("schema_registry.url"), "{line}");
+
+    let registry = Registry::start();
+    let id = registry.register(&subject, V1);
+    gw.rewrite_config(|c| c.set("schema_registry", "url", registry.url()));
+    gw.hup();
+    gw.wait_for_log(&["Reloaded [schema_registry]", &registry.url()]);
+    let records = common::consume_all_blocking(&topic, 3, Duration::from_secs(30));
+    assert_eq!(records.len(), 3, "{records:?}");
+    for (i, d) in decode(&registry, &records).iter().enumerate() {
+        assert_eq!(d["id"], id, "{d}");
+        assert_eq!(d["value"]["seq"], i as u64);
+    }
+    assert!(registry.requests() > 0);
+}
+
 /// A JSON Schema for `meters/+device/state` payloads.
 const METER_SCHEMA: &str = r#"{"$schema":"http://json-schema.org/draft-07/schema#","title":"MeterState","type":"object","properties":{"device":{"type":"string"},"kwh":{"type":"number","minimum":0},"phases":{"type":"array","items":{"type":"integer","enum":[1,2,3]}}},"required":["device","kwh"],"additionalProperties":false}"#;
 

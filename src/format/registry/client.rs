@@ -98,6 +98,50 @@ impl Client {
     }
 }
 
+/// `[schema_registry]` as a running gateway uses it: the client, or none, and how often
+/// subjects are read again. Changes on reload (SIGHUP): a new URL, credentials or CA are used
+/// from the next request on, and a registry added or removed changes whether unknown
+/// subjects wait ([`super::Registry::run`]).
+pub struct Upstream {
+    pub client: Option<Client>,
+    pub refresh: std::time::Duration,
+}
+
+impl Upstream {
+    pub fn new(config: Option<&RegistryConfig>) -> Result<Upstream, String> {
+        Ok(Upstream {
+            client: config.map(Client::new).transpose()?,
+            refresh: config.map_or(std::time::Duration::from_secs(60), |c| c.refresh.get()),
+        })
+    }
+}
+
+impl crate::reload::Reloadable for Upstream {
+    const KEYS: &'static [&'static str] = &["schema_registry"];
+    type Error = String;
+
+    fn build(config: &crate::config::Config) -> Result<Arc<Upstream>, String> {
+        Upstream::new(config.schema_registry.as_ref()).map(Arc::new)
+    }
+
+    fn reloaded(&self, config: &crate::config::Config) {
+        match &config.schema_registry {
+            Some(registry) => tracing::info!(
+                url = %registry.url,
+                refresh = ?registry.refresh.get(),
+                "Reloaded [schema_registry]."
+            ),
+            None => tracing::info!(
+                "Reloaded: no [schema_registry]; subjects the cache does not know cannot be learnt."
+            ),
+        }
+    }
+
+    fn kept(why: &dyn std::fmt::Display) {
+        tracing::error!(error = %why, "Kept the [schema_registry] in force: the new one is unusable.");
+    }
+}
+
 /// A `GET .../versions/latest` answer, if it is an Avro or a JSON Schema version.
 pub fn parse_version(body: &str) -> Result<Entry, FetchError> {
     let v: Version = serde_json::from_str(body).map_err(|e| FetchError::Invalid(e.to_string()))?;

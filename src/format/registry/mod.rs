@@ -38,7 +38,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use cache::{Entry, SchemaType};
-use client::{Client, FetchError};
+use client::{Client, FetchError, Upstream};
+
+use crate::reload::Live;
 
 /// The stored header of a record whose payload waits for its subject's schema: the subject.
 pub const PENDING_HEADER: &str = "edgegate-schema-pending";
@@ -242,31 +244,40 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// Keeps the wanted subjects' schemas fresh: every `refresh`, at once when a subject is
-    /// wanted that is not known, and every few seconds while one is still unknown.
-    pub async fn run(
-        self: Arc<Self>,
-        client: Client,
-        refresh: Duration,
-        shutdown: CancellationToken,
-    ) {
-        let retry = refresh.min(Duration::from_secs(2));
+    /// Keeps the wanted subjects' schemas fresh from the registry in force in `upstream`:
+    /// every `refresh`, at once when a subject is wanted that is not known, every few seconds
+    /// while one is still unknown, and at once when a reload changes the registry. Without a
+    /// registry (none configured, or removed by a reload) it only waits for one.
+    pub async fn run(self: Arc<Self>, mut upstream: Live<Upstream>, shutdown: CancellationToken) {
         loop {
-            let subjects: Vec<String> = self
-                .wanted
-                .lock()
-                .map(|w| w.iter().cloned().collect())
-                .unwrap_or_default();
-            let (registry, client2) = (self.clone(), client.clone());
-            let all_known =
-                tokio::task::spawn_blocking(move || registry.refresh(&client2, &subjects))
-                    .await
-                    .unwrap_or(false);
-            let wait = if all_known { refresh } else { retry };
+            let current = upstream.current();
+            self.learns
+                .store(current.client.is_some(), Ordering::Relaxed);
+            let wait = match &current.client {
+                Some(client) => {
+                    let subjects: Vec<String> = self
+                        .wanted
+                        .lock()
+                        .map(|w| w.iter().cloned().collect())
+                        .unwrap_or_default();
+                    let (registry, client) = (self.clone(), client.clone());
+                    let all_known =
+                        tokio::task::spawn_blocking(move || registry.refresh(&client, &subjects))
+                            .await
+                            .unwrap_or(false);
+                    if all_known {
+                        current.refresh
+                    } else {
+                        current.refresh.min(Duration::from_secs(2))
+                    }
+                }
+                None => Duration::MAX,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(86_400))) => {}
                 _ = self.wake.notified() => {}
+                _ = upstream.changed() => {}
             }
         }
     }
