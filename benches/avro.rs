@@ -1,6 +1,7 @@
 //! Figures for `format = "avro"` (`cargo bench --bench avro`): what encoding one JSON
 //! payload costs on this CPU (`Registry::encode`, the call ingest makes per message, beside
-//! apache-avro's own path, `avro::encode`, the reference in the same run), and the
+//! apache-avro's own path, `avro::encode`, the reference in the same run; and what
+//! `format = "json_schema"` costs on the same payloads, validated by an equivalent schema), and the
 //! bytes a record's value takes in Kafka as JSON and as Avro, for telemetry payloads of about
 //! 100 B, 300 B and 1 KB. Prints; asserts nothing. Not the whole pipeline: see README
 //! ("Load generator") for messages per second through a gateway.
@@ -24,6 +25,27 @@ fn schema(n: usize) -> String {
     )
 }
 
+/// The same shape as a JSON Schema (draft 2020-12), as strict: every field required and typed.
+fn json_schema(n: usize) -> String {
+    let mut properties = vec![
+        r#""device":{"type":"string"}"#.to_owned(),
+        r#""seq":{"type":"integer"}"#.to_owned(),
+        r#""ts":{"type":"integer"}"#.to_owned(),
+    ];
+    properties.extend((0..n).map(|i| format!(r#""sensor_{i:02}":{{"type":"number"}}"#)));
+    let mut required = vec![
+        r#""device""#.to_owned(),
+        r#""seq""#.to_owned(),
+        r#""ts""#.to_owned(),
+    ];
+    required.extend((0..n).map(|i| format!(r#""sensor_{i:02}""#)));
+    format!(
+        r#"{{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object","properties":{{{}}},"required":[{}]}}"#,
+        properties.join(","),
+        required.join(",")
+    )
+}
+
 fn payload(n: usize, seq: u64) -> Vec<u8> {
     let mut object = serde_json::Map::new();
     object.insert("device".into(), format!("pump-{:03}", seq % 100).into());
@@ -40,7 +62,7 @@ fn payload(n: usize, seq: u64) -> Vec<u8> {
 
 fn main() {
     println!(
-        "json B  avro B  avro/json  encode µs/msg  apache-avro µs/msg  JSON parse µs/msg  msgs/s (one core)"
+        "json B  avro B  avro/json  encode µs/msg  apache-avro µs/msg  JSON parse µs/msg  msgs/s (one core)  json_schema µs/msg"
     );
     for fields in [3usize, 15, 55] {
         let registry = Registry::in_memory();
@@ -95,15 +117,41 @@ fn main() {
             }
         }
         let parse = started.elapsed().as_secs_f64() / n;
+        // `format = "json_schema"` on the same payloads: parse, validate, frame.
+        let learnt = registry.learn(
+            "bench-json-value",
+            Entry {
+                id: 2,
+                version: 1,
+                schema: json_schema(fields),
+                schema_type: SchemaType::Json,
+            },
+        );
+        if let Err(e) = learnt {
+            eprintln!("JSON Schema: {e}");
+            return;
+        }
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for p in &payloads {
+                let encoded = registry.encode("bench-json-value", SchemaType::Json, p);
+                if !matches!(encoded, Encoded::Done(_)) {
+                    eprintln!("not valid: {encoded:?}");
+                    return;
+                }
+            }
+        }
+        let json_schema_per = started.elapsed().as_secs_f64() / n;
         println!(
-            "{:>6}  {:>6}  {:>8.0}%  {:>13.2}  {:>18.2}  {:>17.2}  {:>17.0}",
+            "{:>6}  {:>6}  {:>8.0}%  {:>13.2}  {:>18.2}  {:>17.2}  {:>17.0}  {:>22.2}",
             json_bytes / payloads.len(),
             avro_bytes / payloads.len(),
             100.0 * avro_bytes as f64 / json_bytes as f64,
             per * 1e6,
             reference * 1e6,
             parse * 1e6,
-            1.0 / per
+            1.0 / per,
+            json_schema_per * 1e6
         );
     }
 }

@@ -131,7 +131,8 @@ impl crate::reload::Reloadable for Upstream {
                 refresh = ?registry.refresh.get(),
                 "Reloaded [schema_registry]."
             ),
-            None => tracing::info!(
+            // Most gateways have none: not a line per SIGHUP.
+            None => tracing::debug!(
                 "Reloaded: no [schema_registry]; subjects the cache does not know cannot be learnt."
             ),
         }
