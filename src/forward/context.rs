@@ -152,18 +152,27 @@ impl ClientContext for ForwardContext {
     /// Besides the error callback, the link state follows the broker states every report:
     /// librdkafka suppresses an error identical to the last one within 30 s, so a quick
     /// second outage with the same "connection refused" never reaches the error callback.
+    ///
+    /// A transaction coordinator's connection (a "logical" broker) counts both ways: its
+    /// coming UP ends an outage ([`any_news_of_up`]), and its failing, with no broker UP,
+    /// is one. A producer with nothing to send keeps only that connection: after a broker's
+    /// controlled shutdown has left its partition without a leader, its learned broker is
+    /// not needed and never shows as failing, and the same "connection refused" as an
+    /// outage a few seconds before never reaches the error callback (CI:
+    /// `faults::quick_restarts_exactly_once` missed an outage that way, and the hang watch
+    /// took a position call waiting it out for a hung one).
     fn stats(&self, statistics: Statistics) {
         self.health.update(&statistics);
-        let real = || {
+        let connections = || {
             statistics
                 .brokers
                 .values()
-                .filter(|b| b.source != "internal" && b.source != "logical")
+                .filter(|b| b.source != "internal")
         };
         if any_news_of_up(statistics.brokers.values(), self.link.down_for()) {
             self.health.unconnected_reports.store(0, Ordering::Relaxed);
             self.link.up();
-        } else if let Some(b) = real().find(|b| failing(&b.state, b.stateage)) {
+        } else if let Some(b) = connections().find(|b| failing(&b.state, b.stateage)) {
             // With several brokers, a leader moving during a broker's restart can leave the
             // client without a connection for a report or so while the others answer (it
             // connects only to the brokers it needs): two reports in a row make an outage.
