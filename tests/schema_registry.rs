@@ -90,6 +90,41 @@ fn decode_from(url: &str, records: &[common::Consumed]) -> Vec<Value> {
         .collect()
 }
 
+/// A new schema version mid-run: publishes readings with a `battery` field, one at a time
+/// from `seq` (`sent` records already in `topic`), until one arrives encoded with schema
+/// `v2` (decoded with the registry at `url`), within 30 s; the ones before it are encoded
+/// with `v1`, the extra field dropped, never an error. The newest record decoded, the next
+/// seq, and the records now in `topic`.
+fn publish_until_version(
+    gw: &Process,
+    topic: &str,
+    url: &str,
+    mut seq: u64,
+    mut sent: usize,
+    v1: u32,
+    v2: u32,
+) -> (Value, u64, usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        publish(
+            gw,
+            "d1",
+            &[json!({"device": "d1", "temp": 1.0, "seq": seq, "battery": 87}).to_string()],
+        );
+        seq += 1;
+        sent += 1;
+        let records = common::consume_all_blocking(topic, sent, Duration::from_secs(30));
+        assert_eq!(records.len(), sent, "{records:?}");
+        let last = decode_from(url, &records[sent - 1..]).remove(0);
+        if last["id"] == v2 {
+            return (last, seq, sent);
+        }
+        assert_eq!(last["id"], v1, "{last}");
+        assert!(Instant::now() < deadline, "v2 was not picked up");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// The dead-letter log, in the main log's order.
 fn dead_letters(gw: &Process) -> Vec<Value> {
     common::dead_letters(gw.config_path())
@@ -205,28 +240,7 @@ fn avro_records_survive_the_registry_being_down_changing_and_gone() {
     let v2 = registry.register(&subject, V2);
     assert_ne!(v1, v2);
     registry.resume();
-    let mut seq = 13;
-    let mut sent = 10;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let newest = loop {
-        publish(
-            &gw,
-            "d1",
-            &[json!({"device": "d1", "temp": 1.0, "seq": seq, "battery": 87}).to_string()],
-        );
-        seq += 1;
-        sent += 1;
-        let records = common::consume_all_blocking(&topic, sent, Duration::from_secs(30));
-        assert_eq!(records.len(), sent, "{records:?}");
-        let last = decode(&registry, &records[sent - 1..]).remove(0);
-        if last["id"] == v2 {
-            break last;
-        }
-        // Under v1 the extra field is dropped, never an error.
-        assert_eq!(last["id"], v1);
-        assert!(Instant::now() < deadline, "v2 was not picked up");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let (newest, seq, sent) = publish_until_version(&gw, &topic, &registry.url(), 13, 10, v1, v2);
     assert_eq!(newest["value"]["battery"], 87);
     assert_eq!(newest["value"]["unit"], Value::Null);
     // Every record published is in Kafka or dead-lettered; each device's order is kept.
@@ -385,26 +399,7 @@ fn a_real_registry_serves_avro_and_json_schema_routes() {
     // A new Avro version registered in the real registry: used without a restart.
     let v2 = apicurio.register(&format!("{avro_topic}-value"), "AVRO", V2);
     assert_ne!(v1, v2);
-    let (mut seq, mut sent) = (5, 5);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let newest = loop {
-        publish(
-            &gw,
-            "d1",
-            &[json!({"device": "d1", "temp": 1.0, "seq": seq, "battery": 87}).to_string()],
-        );
-        seq += 1;
-        sent += 1;
-        let records = common::consume_all_blocking(&avro_topic, sent, Duration::from_secs(30));
-        assert_eq!(records.len(), sent, "{records:?}");
-        let last = decode_from(apicurio.url(), &records[sent - 1..]).remove(0);
-        if last["id"] == v2 {
-            break last;
-        }
-        assert_eq!(last["id"], v1, "{last}");
-        assert!(Instant::now() < deadline, "v2 was not picked up");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let (newest, seq, _) = publish_until_version(&gw, &avro_topic, apicurio.url(), 5, 5, v1, v2);
     assert_eq!(newest["value"]["battery"], 87);
     assert_eq!(newest["value"]["seq"], seq - 1);
 }
