@@ -220,6 +220,20 @@ mod tests {
     use super::*;
     use crate::record::Source;
 
+    /// A record of a registry route as ingest stores it while its schema is unknown.
+    fn waiting(payload: &'static [u8], headers: Vec<(String, Bytes)>) -> Record {
+        Record {
+            source: Source::Mqtt,
+            received_ms: 1,
+            device: "d".into(),
+            origin: "o".into(),
+            kafka_topic: "t".into(),
+            key: None,
+            headers,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
     #[test]
     fn a_copy_reads_back_as_what_it_says() {
         let record = Record {
@@ -259,15 +273,11 @@ mod tests {
     #[test]
     fn a_pending_record_is_encoded_once_its_schema_is_known() {
         use crate::format::registry::{PENDING_HEADER, Registry, cache::Entry, cache::SchemaType};
-        let pending = |payload: &'static [u8]| Record {
-            source: Source::Mqtt,
-            received_ms: 1,
-            device: "d".into(),
-            origin: "o".into(),
-            kafka_topic: "t".into(),
-            key: None,
-            headers: vec![(PENDING_HEADER.into(), Bytes::from_static(b"t-value"))],
-            payload: Bytes::from_static(payload),
+        let pending = |payload: &'static [u8]| {
+            waiting(
+                payload,
+                vec![(PENDING_HEADER.into(), Bytes::from_static(b"t-value"))],
+            )
         };
         let schemas = Registry::in_memory();
         let mut record = pending(br#"{"a":1}"#);
@@ -322,18 +332,14 @@ mod tests {
         use crate::format::registry::{
             PENDING_HEADER, PENDING_TYPE_HEADER, Registry, cache::Entry, cache::SchemaType,
         };
-        let pending = |payload: &'static [u8]| Record {
-            source: Source::Mqtt,
-            received_ms: 1,
-            device: "d".into(),
-            origin: "o".into(),
-            kafka_topic: "t".into(),
-            key: None,
-            headers: vec![
-                (PENDING_HEADER.into(), Bytes::from_static(b"j-value")),
-                (PENDING_TYPE_HEADER.into(), Bytes::from_static(b"JSON")),
-            ],
-            payload: Bytes::from_static(payload),
+        let pending = |payload: &'static [u8]| {
+            waiting(
+                payload,
+                vec![
+                    (PENDING_HEADER.into(), Bytes::from_static(b"j-value")),
+                    (PENDING_TYPE_HEADER.into(), Bytes::from_static(b"JSON")),
+                ],
+            )
         };
         let schemas = Registry::in_memory();
         let mut record = pending(br#"{"a":1}"#);
