@@ -61,7 +61,16 @@ pub struct ClientHealth {
     rx_bytes: AtomicU64,
     /// Statistics reports in a row with no broker connected and one failing.
     unconnected_reports: AtomicU32,
+    /// Statistics reports in a row with no broker connection UP (a transaction
+    /// coordinator's own connection does not count: see [`ClientHealth::stranded`]).
+    reports_without_up: AtomicU32,
 }
+
+/// How long the brokers must have been answering (the link up) before a client with work
+/// waiting and no connection in its last two reports is stranded (see
+/// [`ClientHealth::stranded`]): a client that needs a connection has one within its
+/// reconnect back-off (1 s at most), and two statistics reports (every 2 s) span that.
+const STRANDED_AFTER: std::time::Duration = std::time::Duration::from_secs(4);
 
 impl ClientHealth {
     /// A client bootstrapped from `bootstrap_brokers` addresses.
@@ -77,6 +86,15 @@ impl ClientHealth {
             .brokers
             .values()
             .filter(|b| b.source != "internal" && b.source != "logical");
+        let connected = statistics
+            .brokers
+            .values()
+            .any(|b| b.source != "internal" && b.source != "logical" && b.state == "UP");
+        if connected {
+            self.reports_without_up.store(0, Ordering::Relaxed);
+        } else {
+            self.reports_without_up.fetch_add(1, Ordering::Relaxed);
+        }
         let (mut brokers, mut tx, mut rx) = (0, 0, 0);
         let mut nodes = std::collections::BTreeSet::new();
         for b in real {
@@ -109,6 +127,26 @@ impl ClientHealth {
     /// no delivery, no error, no link event.
     pub fn orphaned(&self) -> bool {
         self.reports() > 0 && self.brokers.load(Ordering::Relaxed) == 0
+    }
+
+    /// The client has had no broker connection in its last two reports although the link
+    /// has been up for [`STRANDED_AFTER`] (`up_for`). Asked only while a transaction call
+    /// waits on the client, which needs a broker for it (the group coordinator takes the
+    /// position; metadata and coordinator lookups go to any broker): it cannot reach the
+    /// brokers by itself. That is an orphan [`ClientHealth::orphaned`] cannot see. A broker
+    /// being decommissioned (librdkafka issue 5301) stays in the statistics, never to
+    /// connect again, for as long as something holds a reference to it (the coordinator
+    /// cache does), so the client still seems to know one; and it keeps the client from
+    /// picking another broker to connect to. CI caught a transactional producer that way
+    /// for two minutes after a broker's controlled shutdown: its only broker decommissioned
+    /// but lingering, its transaction coordinator waiting for an address it could look up
+    /// only through a broker. Its coordinator connection can be UP meanwhile (its address
+    /// kept) while the position waits on the lingering broker as the group coordinator, the
+    /// hang librdkafka issues 5456 and 5511 describe; a broker connection coming UP makes
+    /// librdkafka look that coordinator up again.
+    pub fn stranded(&self, up_for: Option<std::time::Duration>) -> bool {
+        self.reports_without_up.load(Ordering::Relaxed) >= 2
+            && up_for.is_some_and(|d| d >= STRANDED_AFTER)
     }
 
     /// Bytes moved over broker connections (both directions) per the last report.
@@ -161,6 +199,14 @@ impl ClientContext for ForwardContext {
     /// outage a few seconds before never reaches the error callback (CI:
     /// `faults::quick_restarts_exactly_once` missed an outage that way, and the hang watch
     /// took a position call waiting it out for a hung one).
+    ///
+    /// Both ways, only news counts ([`news_of_down`]): a connection failing since before
+    /// the link was found up says nothing about it. Another source (a delivery, a commit,
+    /// the probe's own client) found the brokers answering after that connection last
+    /// changed, and a connection that is still trying changes state at every attempt. The
+    /// one that does not is a coordinator connection waiting for the coordinator's address,
+    /// which the client looks up only through another broker: taken for an outage, it made
+    /// the link flap down a report after every probe that found it up (CI, the same test).
     fn stats(&self, statistics: Statistics) {
         self.health.update(&statistics);
         let connections = || {
@@ -172,7 +218,9 @@ impl ClientContext for ForwardContext {
         if any_news_of_up(statistics.brokers.values(), self.link.down_for()) {
             self.health.unconnected_reports.store(0, Ordering::Relaxed);
             self.link.up();
-        } else if let Some(b) = connections().find(|b| failing(&b.state, b.stateage)) {
+        } else if let Some(b) =
+            connections().find(|b| news_of_down(&b.state, b.stateage, self.link.up_for()))
+        {
             // With several brokers, a leader moving during a broker's restart can leave the
             // client without a connection for a report or so while the others answer (it
             // connects only to the brokers it needs): two reports in a row make an outage.
@@ -250,6 +298,13 @@ fn failing(state: &str, age_us: i64) -> bool {
     }
 }
 
+/// Whether a broker in `state` for `age_us` microseconds says the link is down, the link
+/// having been up for `up_for`: it is failing, and has changed state since the link was
+/// found up (the mirror of [`news_of_up`]).
+fn news_of_down(state: &str, age_us: i64, up_for: Option<std::time::Duration>) -> bool {
+    failing(state, age_us) && up_for.is_none_or(|u| i128::from(age_us) < u.as_micros() as i128)
+}
+
 /// Whether one of `brokers` says the link is up, the link having been down for `down_for`.
 /// A transactional producer's coordinator (a "logical" broker: a connection of its own to a
 /// real one) counts: it reconnects by itself, while a producer with nothing to send may not
@@ -287,8 +342,8 @@ pub struct LinkTracker {
     refused: AtomicBool,
     /// The reason of the last outage or fatal error, for `/readyz` and `edgegate status`.
     last_error: Mutex<Option<String>>,
-    /// When the link was last found down, while it is.
-    down_since: Mutex<Option<std::time::Instant>>,
+    /// The state last announced and when (`None` before the first).
+    since: Mutex<Option<(LinkState, std::time::Instant)>>,
 }
 
 impl LinkTracker {
@@ -300,15 +355,25 @@ impl LinkTracker {
             fatal: AtomicBool::new(false),
             refused: AtomicBool::new(false),
             last_error: Mutex::new(None),
-            down_since: Mutex::new(None),
+            since: Mutex::new(None),
         }
     }
 
     /// How long the link has been down since it was found down (`None`: up, or never
     /// found down yet).
     pub fn down_for(&self) -> Option<std::time::Duration> {
-        let since = *self.down_since.lock().unwrap_or_else(|e| e.into_inner());
-        since.map(|t| t.elapsed())
+        self.in_state_for(LinkState::Down)
+    }
+
+    /// How long the link has been up since it was found up (`None`: down, or never found
+    /// up yet).
+    pub fn up_for(&self) -> Option<std::time::Duration> {
+        self.in_state_for(LinkState::Up)
+    }
+
+    fn in_state_for(&self, state: LinkState) -> Option<std::time::Duration> {
+        let since = *self.since.lock().unwrap_or_else(|e| e.into_inner());
+        since.and_then(|(s, t)| (s == state).then(|| t.elapsed()))
     }
 
     pub fn subscribe(&self) -> watch::Receiver<LinkState> {
@@ -391,8 +456,8 @@ impl LinkTracker {
         if self.announced.swap(code, Ordering::AcqRel) == code {
             return false;
         }
-        *self.down_since.lock().unwrap_or_else(|e| e.into_inner()) =
-            (to == LinkState::Down).then(std::time::Instant::now);
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((to, std::time::Instant::now()));
         self.state.send_replace(to);
         true
     }
@@ -475,6 +540,110 @@ mod tests {
             down_for
         ));
     }
+    /// The flap CI found: the probe's client finds the brokers answering, while the
+    /// producer's coordinator connection still waits for the coordinator's address (no
+    /// attempt, so no state change) and its other brokers are idle. The next report is no
+    /// outage; a connection that fails after the link came up is one.
+    #[test]
+    fn a_connection_failing_since_before_the_link_came_up_is_no_outage() {
+        use rdkafka::statistics::{Broker, Statistics};
+        use std::time::Duration;
+        let link = Arc::new(LinkTracker::new());
+        let (deliveries, _rx) = mpsc::unbounded_channel();
+        let context = ForwardContext {
+            deliveries,
+            link: link.clone(),
+            health: Arc::new(ClientHealth::new(1)),
+        };
+        let report = |brokers: &[(&str, &str, i64)]| Statistics {
+            brokers: brokers
+                .iter()
+                .map(|&(source, state, stateage)| {
+                    let b = Broker {
+                        name: format!("{source}-{state}"),
+                        source: source.into(),
+                        state: state.into(),
+                        stateage,
+                        ..Broker::default()
+                    };
+                    (b.name.clone(), b)
+                })
+                .collect(),
+            ..Statistics::default()
+        };
+        link.down("connection refused");
+        link.up();
+        std::thread::sleep(Duration::from_millis(50));
+        context.stats(report(&[
+            ("configured", "INIT", 60_000_000),
+            ("learned", "INIT", 9_000_000),
+            ("logical", "TRY_CONNECT", 8_000_000),
+        ]));
+        assert_eq!(link.state(), LinkState::Up, "no news: the link stays up");
+        assert!(!news_of_down("TRY_CONNECT", 8_000_000, link.up_for()));
+        // The coordinator tried again and was refused: that is news.
+        context.stats(report(&[
+            ("learned", "INIT", 9_000_000),
+            ("logical", "DOWN", 10_000),
+        ]));
+        assert_eq!(link.state(), LinkState::Down);
+        assert_eq!(link.up_for(), None);
+        assert!(news_of_down("TRY_CONNECT", 8_000_000, link.up_for()));
+        assert!(!news_of_down("UP", 10, None));
+    }
+
+    /// CI's stranded producer: its learned broker decommissioned but lingering (INIT, never
+    /// to connect), its coordinator waiting for an address or connected on its own. It still
+    /// seems to know a broker, so it is no orphan; two reports without a broker connection
+    /// while the link has been up for four seconds make it stranded, and one broker
+    /// connection UP ends that.
+    #[test]
+    fn a_client_without_a_broker_connection_while_the_brokers_answer_is_stranded() {
+        use rdkafka::statistics::{Broker, Statistics};
+        use std::time::Duration;
+        let report = |learned: &str, coordinator: &str| Statistics {
+            brokers: [
+                ("127.0.0.1:9092/1", "learned", learned),
+                ("TxnCoordinator", "logical", coordinator),
+                (":0/internal", "internal", "UP"),
+            ]
+            .into_iter()
+            .map(|(name, source, state)| {
+                let b = Broker {
+                    name: name.into(),
+                    source: source.into(),
+                    state: state.into(),
+                    ..Broker::default()
+                };
+                (name.to_owned(), b)
+            })
+            .collect(),
+            ..Statistics::default()
+        };
+        let up_for = Some(Duration::from_secs(4));
+        let health = ClientHealth::new(1);
+        health.update(&report("INIT", "TRY_CONNECT"));
+        assert!(!health.stranded(up_for), "one report is not enough");
+        health.update(&report("INIT", "TRY_CONNECT"));
+        assert!(
+            !health.orphaned(),
+            "the lingering broker hides it from orphaned()"
+        );
+        assert!(health.stranded(up_for));
+        assert!(!health.stranded(None), "not while the link is down");
+        assert!(
+            !health.stranded(Some(Duration::from_secs(1))),
+            "not within its reconnect back-off of the link coming up"
+        );
+        health.update(&report("INIT", "UP"));
+        assert!(
+            health.stranded(up_for),
+            "the coordinator's own connection does not reach the group coordinator"
+        );
+        health.update(&report("UP", "UP"));
+        assert!(!health.stranded(up_for));
+    }
+
     #[test]
     fn a_refusal_is_kept_as_the_last_error_even_when_already_down() {
         let link = LinkTracker::new();

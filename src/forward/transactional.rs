@@ -50,7 +50,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -100,6 +100,11 @@ const REPORTS_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLICA_CHECK_AFTER: Duration = Duration::from_secs(5);
 /// Brokers added again this many times over one session: a new session instead.
 const MAX_REBOOTSTRAPS: u32 = 100;
+/// Statistics reports (2 s each) between two rebootstraps of a stranded client.
+const STRANDED_HEAL_EVERY: u64 = 5;
+/// How long a position-and-commit call waits before its client is checked for being
+/// stranded (see `heal_orphans`); the call takes well under a second when all is well.
+const HEAL_AFTER: Duration = Duration::from_secs(4);
 /// The metadata prefix of a committed position.
 const POSITION_TAG: &str = "edgegate-position v1 log=";
 /// The file in the log directory that names the log (see [`log_identity`]).
@@ -133,6 +138,8 @@ struct Session {
     health: Arc<ClientHealth>,
     /// Times the bootstrap brokers were added again (librdkafka keeps a copy of each list).
     rebootstraps: AtomicU32,
+    /// The statistics report they were last added at (see `heal_orphans`).
+    healed_at: AtomicU64,
     group: Arc<ConsumerGroupMetadata>,
 }
 
@@ -522,6 +529,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             producer,
             health,
             rebootstraps: AtomicU32::new(0),
+            healed_at: AtomicU64::new(0),
             group: Arc::new(group),
         })
     }
@@ -909,7 +917,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     Ok(offsets_took)
                 });
             let done = match self
-                .read_ahead(call, &clock, count, started, shutdown)
+                .read_ahead(session, call, &clock, count, started, shutdown)
                 .await
             {
                 Ok(done) => done,
@@ -1011,12 +1019,14 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     /// call itself may take up to three of its timeouts before it says anything.
     async fn read_ahead<T: Send + 'static>(
         &mut self,
+        session: &Session,
         mut call: tokio::task::JoinHandle<T>,
         clock: &CallClock,
         count: usize,
         started: Instant,
         shutdown: &CancellationToken,
     ) -> Result<T, Hung> {
+        let waiting_since = Instant::now();
         let mut probe: Option<tokio::task::JoinHandle<ProbeAnswer>> = None;
         let mut next_probe = started + REPLICA_CHECK_AFTER;
         let mut weight: usize = self
@@ -1040,6 +1050,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             }
             if let Some(hung) = clock.hung(self.link.state()) {
                 return Err(hung);
+            }
+            // A call that takes its usual moment never gets here. Too many rebootstraps
+            // end the session at the call's next retry.
+            if waiting_since.elapsed() >= HEAL_AFTER {
+                self.heal_orphans(session);
             }
             tokio::select! {
                 biased;
@@ -1268,11 +1283,30 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         }
     }
 
-    /// A client that forgot every broker (see [`ClientHealth::orphaned`]) gets the
-    /// bootstrap brokers again; a commit retried meanwhile then finds its coordinator.
-    /// False when that was done too often: the session is to be replaced.
+    /// A client that forgot every broker (see [`ClientHealth::orphaned`]), or is stranded
+    /// without a connection while the brokers answer (see [`ClientHealth::stranded`]; this
+    /// runs only while a transaction call waits on the client), gets the bootstrap brokers
+    /// again, once per statistics report at most; a commit retried or waiting meanwhile
+    /// then finds its coordinator. False when that was done too often: the session is to
+    /// be replaced.
     fn heal_orphans(&self, session: &Session) -> bool {
-        if session.health.orphaned() {
+        let orphaned = session.health.orphaned();
+        let stranded = !orphaned && session.health.stranded(self.link.up_for());
+        if orphaned || stranded {
+            // Once per report for an orphan (a controlled shutdown decommissions the
+            // bootstrap broker added too); a stranded client gets one broker at a time,
+            // every five reports: a broker it connects to is all it needs.
+            let report = session.health.reports();
+            let last = session.healed_at.load(Ordering::Relaxed);
+            let due = if stranded {
+                last == 0 || report >= last + STRANDED_HEAL_EVERY
+            } else {
+                report > last
+            };
+            if !due {
+                return true;
+            }
+            session.healed_at.store(report, Ordering::Relaxed);
             if session.rebootstraps.fetch_add(1, Ordering::Relaxed) >= MAX_REBOOTSTRAPS {
                 return false;
             }
@@ -1280,7 +1314,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 super::rebootstrap::add_brokers(session.producer.client(), &self.settings.brokers);
             if added > 0 {
                 metric::rebootstrapped();
-                tracing::warn!(brokers = %self.settings.brokers, "The Kafka client forgot every broker (librdkafka issue 5301); adding the bootstrap brokers again.");
+                if stranded {
+                    tracing::warn!(brokers = %self.settings.brokers, "The Kafka client has no broker connection while the brokers answer (librdkafka issue 5301: its broker is being decommissioned); adding the bootstrap brokers again.");
+                } else {
+                    tracing::warn!(brokers = %self.settings.brokers, "The Kafka client forgot every broker (librdkafka issue 5301); adding the bootstrap brokers again.");
+                }
             }
         }
         true
