@@ -8,7 +8,10 @@
 //!   flight, and says `ready` with Kafka `up`;
 //! - the link state matches reality: one "down" line per outage and one "up" line per return;
 //! - the liveness safety net did not have to act (no stall, no rebuilt producer): the root
-//!   cause is fixed, not papered over.
+//!   cause is fixed, not papered over. One exception, counted apart: in exactly-once mode
+//!   the hang watch may replace a producer whose transaction call librdkafka never returns
+//!   from (librdkafka issues 5456 and 5511, not fixed upstream; the watch is their remedy,
+//!   as re-adding the bootstrap brokers is issue 5301's), at most once per outage.
 //!
 //! Two patterns (quick restarts, a frozen broker) run again with the gateway in
 //! `delivery = "exactly_once"` (issue 14): read back with `read_committed`, and there a
@@ -317,10 +320,11 @@ impl Run {
         // Did the safety net act, and did the root-cause remedy?
         let (_, metrics) = common::http_get(self.gateway.admin_addr(), "/metrics");
         let counter = |name: &str| common::metric(&metrics, name).unwrap_or(0.0) as u64;
-        let (stalls, rebuilds, rebootstraps) = (
+        let (stalls, rebuilds, rebootstraps, hung) = (
             counter("edgegate_kafka_stalls_total"),
             counter("edgegate_kafka_producer_rebuilds_total"),
             counter("edgegate_kafka_rebootstraps_total"),
+            counter(r#"edgegate_kafka_errors_total{kind="hung_call"}"#),
         );
         let log = self.gateway.log_text();
         // Kept for a look after a failure (the gateway's directory is deleted).
@@ -333,7 +337,7 @@ impl Run {
         eprintln!(
             "FIGURES {}: acknowledged {total}, in Kafka {found}, missing {}, duplicates {duplicates}, \
              drained {:.1} s after the broker answered, outages {}, link lines down {downs} up {ups}, \
-             rebootstraps {rebootstraps}, safety net: stalls {stalls} rebuilds {rebuilds}",
+             rebootstraps {rebootstraps}, hung calls {hung}, safety net: stalls {stalls} rebuilds {rebuilds}",
             self.name,
             missing.len(),
             drain.as_secs_f64(),
@@ -354,10 +358,17 @@ impl Run {
             );
         }
         assert_eq!(
-            (stalls, rebuilds),
+            (stalls, rebuilds.saturating_sub(hung)),
             (0, 0),
             "{}: the safety net had to act:\n{}",
             self.name,
+            tail(&log, 80)
+        );
+        assert!(
+            hung as usize <= self.outages.len(),
+            "{}: {hung} hung transaction calls in {} outages:\n{}",
+            self.name,
+            self.outages.len(),
             tail(&log, 80)
         );
         if let Err(e) = check_link_lines(&log, &self.outages) {
