@@ -295,6 +295,116 @@ fn a_reload_points_the_gateway_at_another_registry() {
     assert!(registry.requests() > 0);
 }
 
+/// A registry that requires mutual TLS and basic authentication (issue 15): the gateway
+/// reaches it with `cert_file`/`key_file` and a `password_file`, and encodes with its
+/// schema; the records are read back and decoded independently, by the same schema under
+/// the same id in a plain registry (the decoder speaks plain HTTP).
+#[test]
+fn a_registry_behind_mutual_tls_and_a_password_file() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let _kafka = common::shared();
+    let topic = common::unique_topic("registry-mtls");
+    let subject = format!("{topic}-value");
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA")
+    };
+    let leaf = |issuer: &CertifiedIssuer<'static, KeyPair>, name: &str, usage| {
+        let mut params = CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &**issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (registry_ca, gateway_ca) = (ca("registry CA"), ca("gateway CA"));
+    let (server_pem, server_key) = leaf(
+        &registry_ca,
+        "127.0.0.1",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_pem, client_key) = leaf(
+        &gateway_ca,
+        "plant-7-gw-2",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(gateway_ca.pem().as_bytes()).expect("pem"))
+        .expect("root");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(server_pem.as_bytes()).expect("pem")],
+            PrivateKeyDer::from_pem_slice(server_key.as_bytes()).expect("key"),
+        )
+        .expect("server config");
+    // base64("plant-7-gw-2:s3cret")
+    let secured = Registry::start_secured(common::registry::Secured {
+        tls: Arc::new(tls),
+        authorization: Some("Basic cGxhbnQtNy1ndy0yOnMzY3JldA==".into()),
+    });
+    let id = secured.register(&subject, V1);
+    let plain = Registry::start();
+    assert_eq!(
+        plain.register(&subject, V1),
+        id,
+        "the same id for the decoder"
+    );
+
+    let config = GatewayToml::new().raw(&format!(
+        "[schema_registry]\nurl = \"{}\"\nca_file = \"registry-ca.pem\"\n\
+         cert_file = \"client.pem\"\nkey_file = \"client.key\"\n\
+         username = \"plant-7-gw-2\"\npassword_file = \"registry.password\"\n\
+         refresh = \"1s\"\ntimeout = \"2s\"\n\n\
+         [[routes]]\nmatch = \"sensors/+device/reading\"\ntopic = \"{topic}\"\nkey = \"{{device}}\"\nformat = \"avro\"\n",
+        secured.url()
+    ));
+    let builder = common::gateway(config);
+    let write = |name: &str, text: &str, mode: u32| {
+        let path = builder.dir().join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    write("registry-ca.pem", &registry_ca.pem(), 0o644);
+    write("client.pem", &client_pem, 0o644);
+    write("client.key", &client_key, 0o600);
+    write("registry.password", "s3cret\n", 0o600);
+    let gw = builder.start_process();
+    let readings: Vec<String> = (0..5).map(|i| reading("d1", i)).collect();
+    publish(&gw, "d1", &readings);
+    let records = common::consume_all_blocking(&topic, 5, Duration::from_secs(30));
+    assert_eq!(records.len(), 5, "{records:?}");
+    for (i, d) in decode(&plain, &records).iter().enumerate() {
+        assert_eq!(d["id"], id, "{d}");
+        assert_eq!(d["value"]["seq"], i as u64, "{d}");
+        assert_eq!(d["value"]["device"], "d1", "{d}");
+    }
+    assert!(
+        secured.requests() > 0,
+        "the gateway asked the secured registry"
+    );
+}
+
 /// A JSON Schema for `meters/+device/state` payloads.
 const METER_SCHEMA: &str = r#"{"$schema":"http://json-schema.org/draft-07/schema#","title":"MeterState","type":"object","properties":{"device":{"type":"string"},"kwh":{"type":"number","minimum":0},"phases":{"type":"array","items":{"type":"integer","enum":[1,2,3]}}},"required":["device","kwh"],"additionalProperties":false}"#;
 

@@ -336,6 +336,37 @@ fn tls_and_password_files_are_checked_where_they_are_named() {
     assert_eq!(found[0].key.as_deref(), Some("mqtt.tls.cert"), "{found:#?}");
 }
 
+/// `[schema_registry]`'s client certificate and password file (issue 15): read at load, each
+/// problem at the key that names the file.
+#[test]
+fn registry_client_files_are_checked_where_they_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gw.toml");
+    std::fs::write(dir.path().join("client.pem"), "not a certificate").expect("write");
+    let text = format!(
+        "{ROUTE}\n[schema_registry]\nurl = \"https://registry:8081\"\ncert_file = \"client.pem\"\nkey_file = \"missing.key\"\nusername = \"edge\"\npassword_file = \"missing\"\n"
+    );
+    let found = match Config::parse(&text, &config) {
+        Err(ConfigError::Invalid(found)) => found,
+        other => panic!("{other:?}"),
+    };
+    let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+    let at = |key: &str| {
+        shown
+            .iter()
+            .find(|s| s.contains(&format!(" {key}: ")))
+            .unwrap_or_else(|| panic!("no problem at {key}: {shown:#?}"))
+    };
+    let lines = text.lines().count();
+    assert!(at("schema_registry.cert_file").contains(&format!("gw.toml:{}:", lines - 3)));
+    assert!(at("schema_registry.cert_file").contains("holds no certificate"));
+    assert!(at("schema_registry.key_file").contains(&format!("gw.toml:{}:", lines - 2)));
+    assert!(at("schema_registry.key_file").contains("cannot read"));
+    assert!(at("schema_registry.password_file").contains(&format!("gw.toml:{lines}:")));
+    assert!(at("schema_registry.password_file").contains("cannot read"));
+    assert_eq!(found.len(), 3, "one problem per file: {shown:#?}");
+}
+
 /// Device timestamps (issue 15): every misused `timestamp*` key is reported at its place.
 #[test]
 fn device_timestamp_problems_point_at_their_keys() {

@@ -185,7 +185,7 @@ const SASL_PROPERTIES: &[(&str, &str)] = &[
 
 /// Where a secret comes from.
 #[derive(Debug, Clone, Copy)]
-enum SecretSource<'a> {
+pub(crate) enum SecretSource<'a> {
     File(&'a Path),
     Env(&'a str),
     Inline(&'a Secret),
@@ -213,7 +213,7 @@ pub enum SecretError {
 impl SecretSource<'_> {
     /// The secret: a file's first line (without its line ending), a variable's value, or the
     /// inline text.
-    fn read(self, what: &'static str) -> Result<String, SecretError> {
+    pub(crate) fn read(self, what: &'static str) -> Result<String, SecretError> {
         match self {
             SecretSource::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
@@ -244,7 +244,7 @@ impl SecretSource<'_> {
 
 /// The sources set for one secret, in order of preference (a file, a variable, inline).
 /// Validation insists on exactly one.
-fn sources<'a>(
+pub(crate) fn sources<'a>(
     file: Option<&'a PathBuf>,
     env: Option<&'a String>,
     inline: Option<&'a Secret>,
@@ -261,7 +261,7 @@ fn sources<'a>(
 
 /// The one source of a secret (`None` when none is set); a problem at `at.name` when
 /// several are.
-fn one_source<'a>(
+pub(crate) fn one_source<'a>(
     at: &str,
     name: &str,
     sources: Vec<SecretSource<'a>>,
@@ -317,7 +317,7 @@ fn exposure(path: &Path) -> std::io::Result<Exposure> {
 
 /// A PEM file the gateway will read: exists, is readable, holds `marker`. A secret file must
 /// also not be open to other users.
-fn check_pem(
+pub(crate) fn check_pem(
     path: &Path,
     at: String,
     marker: &str,
@@ -356,7 +356,12 @@ fn check_secret_mode(path: &Path, at: String, problems: &mut Problems) {
 }
 
 /// A secret can be read now (and a secret file is not open to other users).
-fn check_secret(source: SecretSource<'_>, what: &'static str, at: String, problems: &mut Problems) {
+pub(crate) fn check_secret(
+    source: SecretSource<'_>,
+    what: &'static str,
+    at: String,
+    problems: &mut Problems,
+) {
     if let Err(e) = source.read(what) {
         problems.push(at.clone(), e.to_string());
     }

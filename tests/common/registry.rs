@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -40,17 +40,37 @@ pub struct Registry {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     serving: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    secured: Option<Secured>,
+}
+
+/// What a secured registry asks of its clients: TLS with this server configuration (which
+/// may require a client certificate), and the `Authorization` header, if set.
+#[derive(Clone)]
+pub struct Secured {
+    pub tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    pub authorization: Option<String>,
 }
 
 impl Registry {
     /// Serving, on a port of its own.
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// Serving over TLS only, and with basic authentication if `secured` says so: a client
+    /// that fails the handshake or the header gets nothing, or 401.
+    pub fn start_secured(secured: Secured) -> Registry {
+        Registry::start_with(Some(secured))
+    }
+
+    fn start_with(secured: Option<Secured>) -> Registry {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the registry");
         let addr = listener.local_addr().expect("its address");
         let mut registry = Registry {
             addr,
             state: Arc::default(),
             serving: None,
+            secured,
         };
         registry.serve(listener);
         registry
@@ -64,7 +84,12 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.secured.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Closes the port.
@@ -112,10 +137,29 @@ impl Registry {
             .expect("a non-blocking listener");
         let stop = Arc::new(AtomicBool::new(false));
         let (state, stopping) = (self.state.clone(), stop.clone());
+        let secured = self.secured.clone();
         let thread = std::thread::spawn(move || {
             while !stopping.load(Ordering::SeqCst) {
                 match listener.accept() {
-                    Ok((stream, _)) => answer(stream, &state),
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        match &secured {
+                            None => answer(stream, &state, None),
+                            Some(secured) => {
+                                let Ok(connection) = tokio_rustls::rustls::ServerConnection::new(
+                                    secured.tls.clone(),
+                                ) else {
+                                    continue;
+                                };
+                                let mut tls =
+                                    tokio_rustls::rustls::StreamOwned::new(connection, stream);
+                                answer(&mut tls, &state, secured.authorization.as_deref());
+                                tls.conn.send_close_notify();
+                                let _ = tls.flush();
+                            }
+                        }
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -130,9 +174,7 @@ impl Drop for Registry {
     }
 }
 
-fn answer(mut stream: TcpStream, state: &Mutex<State>) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+fn answer(mut stream: impl Read + Write, state: &Mutex<State>, authorization: Option<&str>) {
     let mut request = Vec::new();
     let mut buf = [0u8; 4096];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -143,7 +185,19 @@ fn answer(mut stream: TcpStream, state: &Mutex<State>) {
     }
     let text = String::from_utf8_lossy(&request);
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
-    let (status, body) = {
+    let authorized = authorization.is_none_or(|expected| {
+        text.lines().any(|l| {
+            l.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("authorization") && value.trim() == expected
+            })
+        })
+    });
+    let (status, body) = if !authorized {
+        (
+            "401 Unauthorized",
+            serde_json::json!({"error_code": 401, "message": "Unauthorized"}),
+        )
+    } else {
         let mut state = state.lock().expect("registry state");
         state.requests += 1;
         route(&state, &path)

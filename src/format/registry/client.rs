@@ -44,10 +44,11 @@ impl Client {
         let mut agent = ureq::AgentBuilder::new()
             .timeout(config.timeout.get())
             .user_agent(concat!("edgegate/", env!("CARGO_PKG_VERSION")));
-        if let Some(tls) = config.tls()? {
+        if let Some(tls) = config.tls().map_err(|(_, e)| e)? {
             agent = agent.tls_config(tls);
         }
-        let authorization = match (&config.username, &config.password) {
+        let password = config.password().map_err(|e| e.to_string())?;
+        let authorization = match (&config.username, password) {
             (Some(u), Some(p)) => Some(
                 format!(
                     "Basic {}",
@@ -234,7 +235,7 @@ mod tests {
         let client = Client::new(&RegistryConfig {
             url: format!("http://{addr}/"),
             username: Some("edge".into()),
-            password: Some("s3cret".into()),
+            password: Some(crate::forward::security::Secret::new("s3cret")),
             ..RegistryConfig::default()
         })
         .unwrap();
@@ -264,5 +265,151 @@ mod tests {
         assert_eq!(result, Err(FetchError::NoSubject("plant.t-value".into())));
         let (result, _) = against("HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
         assert!(matches!(result, Err(FetchError::Unreachable(_))));
+    }
+
+    /// A registry behind mutual TLS: the server's CA and certificate, and a client
+    /// certificate from another CA that the server requires.
+    struct MutualTls {
+        dir: tempfile::TempDir,
+        server: Arc<rustls::ServerConfig>,
+    }
+
+    use tokio_rustls::rustls;
+
+    impl MutualTls {
+        fn new() -> MutualTls {
+            use rustls::pki_types::pem::PemObject;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let dir = tempfile::tempdir().unwrap();
+            let ca = |name: &str| {
+                let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, name);
+                let key = rcgen::KeyPair::generate().unwrap();
+                rcgen::CertifiedIssuer::self_signed(params, key).unwrap()
+            };
+            let (server_ca, client_ca) = (ca("registry CA"), ca("gateway CA"));
+            let leaf = |issuer: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+                        name: &str,
+                        usage: rcgen::ExtendedKeyUsagePurpose| {
+                let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+                params.extended_key_usages = vec![usage];
+                let key = rcgen::KeyPair::generate().unwrap();
+                let cert = params.signed_by(&key, &**issuer).unwrap();
+                (cert.pem(), key.serialize_pem())
+            };
+            let (server_pem, server_key) = leaf(
+                &server_ca,
+                "127.0.0.1",
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            );
+            let (client_pem, client_key) = leaf(
+                &client_ca,
+                "plant-7-gw-2",
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            );
+            let (server_ca_pem, client_ca_pem) = (server_ca.pem(), client_ca.pem());
+            let write =
+                |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+            write("registry-ca.pem", &server_ca_pem);
+            write("client.pem", &client_pem);
+            write("client.key", &client_key);
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(client_ca_pem.as_bytes()).unwrap())
+                .unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .unwrap();
+            let server = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(
+                    vec![CertificateDer::from_pem_slice(server_pem.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(server_key.as_bytes()).unwrap(),
+                )
+                .unwrap();
+            MutualTls {
+                dir,
+                server: Arc::new(server),
+            }
+        }
+
+        fn path(&self, name: &str) -> std::path::PathBuf {
+            self.dir.path().join(name)
+        }
+
+        /// One request from a client configured by `config` (its url filled in); what it
+        /// got, and the request the server read (empty when the handshake failed).
+        fn ask(&self, config: RegistryConfig) -> (Result<Entry, FetchError>, String) {
+            use std::io::{Read, Write};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = self.server.clone();
+            let thread = std::thread::spawn(move || {
+                let (socket, _) = listener.accept().unwrap();
+                let connection = rustls::ServerConnection::new(server).unwrap();
+                let mut tls = rustls::StreamOwned::new(connection, socket);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => return String::new(),
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = r#"{"subject":"t-value","version":1,"id":9,"schema":"\"long\""}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes());
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+                String::from_utf8_lossy(&request).into_owned()
+            });
+            let client = Client::new(&RegistryConfig {
+                url: format!("https://127.0.0.1:{}", addr.port()),
+                ..config
+            })
+            .unwrap();
+            let result = client.latest("t-value");
+            (result, thread.join().unwrap())
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_and_a_password_file_reach_a_mutual_tls_registry() {
+        let pki = MutualTls::new();
+        std::fs::write(pki.path("password"), "s3cret\nignored second line\n").unwrap();
+        let (result, request) = pki.ask(RegistryConfig {
+            ca_file: Some(pki.path("registry-ca.pem")),
+            cert_file: Some(pki.path("client.pem")),
+            key_file: Some(pki.path("client.key")),
+            username: Some("edge".into()),
+            password_file: Some(pki.path("password")),
+            ..RegistryConfig::default()
+        });
+        assert_eq!(result.unwrap().id, 9);
+        // base64("edge:s3cret"): the file's first line.
+        assert!(request.contains("Basic ZWRnZTpzM2NyZXQ="), "{request}");
+
+        // Without the client certificate the registry refuses the handshake.
+        let (result, request) = pki.ask(RegistryConfig {
+            ca_file: Some(pki.path("registry-ca.pem")),
+            ..RegistryConfig::default()
+        });
+        assert!(
+            matches!(result, Err(FetchError::Unreachable(_))),
+            "{result:?}"
+        );
+        assert_eq!(request, "", "no request without a client certificate");
     }
 }
