@@ -86,25 +86,22 @@ impl ClientHealth {
             .brokers
             .values()
             .filter(|b| b.source != "internal" && b.source != "logical");
-        let connected = statistics
-            .brokers
-            .values()
-            .any(|b| b.source != "internal" && b.source != "logical" && b.state == "UP");
-        if connected {
-            self.reports_without_up.store(0, Ordering::Relaxed);
-        } else {
-            self.reports_without_up.fetch_add(1, Ordering::Relaxed);
-        }
-        let (mut brokers, mut tx, mut rx) = (0, 0, 0);
+        let (mut brokers, mut tx, mut rx, mut connected) = (0, 0, 0, false);
         let mut nodes = std::collections::BTreeSet::new();
         for b in real {
             brokers += 1;
             tx += b.txbytes;
             rx += b.rxbytes;
+            connected |= b.state == "UP";
             // Bootstrap entries have no node id, and may be the same broker as a learned one.
             if b.nodeid >= 0 {
                 nodes.insert(b.nodeid);
             }
+        }
+        if connected {
+            self.reports_without_up.store(0, Ordering::Relaxed);
+        } else {
+            self.reports_without_up.fetch_add(1, Ordering::Relaxed);
         }
         self.brokers.store(brokers, Ordering::Relaxed);
         self.nodes.store(nodes.len(), Ordering::Relaxed);
