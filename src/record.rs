@@ -45,3 +45,20 @@ pub struct Record {
     /// The Kafka value, untouched.
     pub payload: Bytes,
 }
+
+#[cfg(test)]
+impl Record {
+    /// A test's MQTT record from device `d` on `o` to Kafka topic `t`, with no key.
+    pub(crate) fn mqtt_for_test(payload: &'static [u8], headers: Vec<(String, Bytes)>) -> Record {
+        Record {
+            source: Source::Mqtt,
+            received_ms: 1,
+            device: "d".into(),
+            origin: "o".into(),
+            kafka_topic: "t".into(),
+            key: None,
+            headers,
+            payload: Bytes::from_static(payload),
+        }
+    }
+}

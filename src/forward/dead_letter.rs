@@ -222,16 +222,7 @@ mod tests {
 
     /// A record of a registry route as ingest stores it while its schema is unknown.
     fn waiting(payload: &'static [u8], headers: Vec<(String, Bytes)>) -> Record {
-        Record {
-            source: Source::Mqtt,
-            received_ms: 1,
-            device: "d".into(),
-            origin: "o".into(),
-            kafka_topic: "t".into(),
-            key: None,
-            headers,
-            payload: Bytes::from_static(payload),
-        }
+        Record::mqtt_for_test(payload, headers)
     }
 
     #[test]
