@@ -215,9 +215,10 @@ impl ClientContext for ForwardContext {
         if any_news_of_up(statistics.brokers.values(), self.link.down_for()) {
             self.health.unconnected_reports.store(0, Ordering::Relaxed);
             self.link.up();
-        } else if let Some(b) =
-            connections().find(|b| news_of_down(&b.state, b.stateage, self.link.up_for()))
-        {
+        } else if let Some(b) = {
+            let up_for = self.link.up_for();
+            connections().find(|b| news_of_down(&b.state, b.stateage, up_for))
+        } {
             // With several brokers, a leader moving during a broker's restart can leave the
             // client without a connection for a report or so while the others answer (it
             // connects only to the brokers it needs): two reports in a row make an outage.
