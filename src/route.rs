@@ -49,6 +49,10 @@ pub struct RouteConfig {
     pub subject_strategy: Option<SubjectStrategy>,
     /// `avro` only: the record's fully qualified name, for the two strategies that use it.
     pub record_name: Option<String>,
+    /// `protobuf` only: the fully qualified name of the schema's message a payload is
+    /// (`iot.Reading`); the record name with the strategies that use one, else the schema's
+    /// first message.
+    pub message: Option<String>,
     /// Where the record's timestamp comes from: `received` (the default) or `payload`.
     #[serde(default)]
     pub timestamp: timestamp::Source,
@@ -69,6 +73,7 @@ impl RouteConfig {
         match self.format {
             Format::Avro => Some(SchemaType::Avro),
             Format::JsonSchema => Some(SchemaType::Json),
+            Format::Protobuf => Some(SchemaType::Protobuf),
             Format::SparkplugB if self.encoding == Some(Encoding::Avro) => Some(SchemaType::Avro),
             _ => None,
         }
@@ -357,8 +362,14 @@ fn render(
 }
 
 /// A route's subject naming if it encodes by a registry's schema, checked; problems under
-/// `routes[i].subject_strategy` and `routes[i].record_name`.
+/// `routes[i].subject_strategy`, `routes[i].record_name` and `routes[i].message`.
 fn naming(route: &RouteConfig, path: &str, problems: &mut Problems) -> Option<Arc<Naming>> {
+    if route.message.is_some() && route.format != Format::Protobuf {
+        problems.push(
+            format!("{path}.message"),
+            "only routes with format = \"protobuf\" name a message",
+        );
+    }
     if route.registry_schema().is_none() {
         for (set, key) in [
             (route.subject_strategy.is_some(), "subject_strategy"),
@@ -367,7 +378,7 @@ fn naming(route: &RouteConfig, path: &str, problems: &mut Problems) -> Option<Ar
             if set {
                 problems.push(
                     format!("{path}.{key}"),
-                    "only routes that encode Avro (format = \"avro\", or \"sparkplug_b\" with encoding = \"avro\") have a schema subject",
+                    "only routes that encode by a registry's schema (format = \"avro\", \"json_schema\" or \"protobuf\", or \"sparkplug_b\" with encoding = \"avro\") have a schema subject",
                 );
             }
         }
@@ -385,13 +396,34 @@ fn naming(route: &RouteConfig, path: &str, problems: &mut Problems) -> Option<Ar
         ),
         (_, Some(name)) if !valid_record_name(name) => problems.push(
             format!("{path}.record_name"),
-            "must be a fully qualified Avro name: letters, digits and `_`, dot-separated, not starting with a digit",
+            "must be a fully qualified name: letters, digits and `_`, dot-separated, not starting with a digit",
         ),
         _ => {}
     }
+    // A Protobuf record's name is its message's, as Confluent's serializers have it.
+    let message = match (route.message.as_deref(), route.record_name.as_deref()) {
+        (Some(message), _) if !valid_record_name(message) => {
+            problems.push(
+                format!("{path}.message"),
+                "must be a fully qualified message name: letters, digits and `_`, dot-separated, not starting with a digit (\"iot.Reading\")",
+            );
+            None
+        }
+        (Some(message), Some(record)) if message != record => {
+            problems.push(
+                format!("{path}.message"),
+                format!("the subject is named after record {record}, so the message is that one: leave message out"),
+            );
+            None
+        }
+        (Some(message), _) => Some(message.to_owned()),
+        (None, record) if route.format == Format::Protobuf => record.map(str::to_owned),
+        (None, _) => None,
+    };
     Some(Arc::new(Naming {
         strategy,
         record_name: route.record_name.clone(),
+        message,
     }))
 }
 
@@ -437,14 +469,20 @@ fn device_time(
             );
             return None;
         }
-        (Format::Raw | Format::Json | Format::Avro | Format::JsonSchema, None) => {
+        (
+            Format::Raw | Format::Json | Format::Avro | Format::JsonSchema | Format::Protobuf,
+            None,
+        ) => {
             problems.push(
                 format!("{path}.timestamp"),
                 "timestamp = \"payload\" needs timestamp_pointer, the JSON pointer to the device's time (e.g. \"/ts\")".to_owned(),
             );
             return None;
         }
-        (Format::Raw | Format::Json | Format::Avro | Format::JsonSchema, Some(pointer)) => {
+        (
+            Format::Raw | Format::Json | Format::Avro | Format::JsonSchema | Format::Protobuf,
+            Some(pointer),
+        ) => {
             if let Err(message) = timestamp::valid_pointer(pointer) {
                 problems.push(format!("{path}.timestamp_pointer"), message);
                 return None;
@@ -719,6 +757,61 @@ mod tests {
             device_time: None,
             timed: false,
         })
+    }
+
+    #[test]
+    fn protobuf_routes_name_their_message_and_check_it() {
+        let protobuf = |message: Option<&str>, record_name: Option<&str>| RouteConfig {
+            filter: "plant/+line/temp".into(),
+            topic: "plant.{line}".into(),
+            format: Format::Protobuf,
+            message: message.map(str::to_owned),
+            subject_strategy: record_name.map(|_| SubjectStrategy::RecordName),
+            record_name: record_name.map(str::to_owned),
+            ..Default::default()
+        };
+        let message = |route: RouteConfig| {
+            let mut problems = Problems::default();
+            let r = Router::new(&[route], None, &mut problems);
+            assert!(problems.is_empty(), "{problems:?}");
+            let d = r.route("plant/a/temp", "c", 0).unwrap();
+            assert_eq!(d.format, Format::Protobuf);
+            let naming = d.naming.expect("a protobuf route has a subject");
+            (naming.subject(&d.kafka_topic), naming.message.clone())
+        };
+        assert_eq!(
+            message(protobuf(None, None)),
+            ("plant.a-value".into(), None)
+        );
+        assert_eq!(
+            message(protobuf(Some("iot.Reading"), None)),
+            ("plant.a-value".into(), Some("iot.Reading".into()))
+        );
+        // With a record-name strategy the record is the message, as in Confluent's serializers.
+        assert_eq!(
+            message(protobuf(None, Some("iot.Alarm"))),
+            ("iot.Alarm".into(), Some("iot.Alarm".into()))
+        );
+        let routes = [
+            protobuf(Some("iot.9Reading"), None),
+            protobuf(Some("iot.Reading"), Some("iot.Alarm")),
+            RouteConfig {
+                format: Format::Avro,
+                ..protobuf(Some("iot.Reading"), None)
+            },
+        ];
+        let mut problems = Problems::default();
+        Router::new(&routes, None, &mut problems);
+        let paths: Vec<_> = problems.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].message",
+                "routes[1].message",
+                "routes[2].message"
+            ],
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! schema version mid-run, payloads that do not match, a restart without the registry.
 //!
 //! The fault scenarios use `common::registry`'s fixture; `a_real_registry_serves_avro_and_json_schema_routes`
-//! runs against a real one, Apicurio Registry (see there for both).
+//! and `a_real_registry_serves_protobuf_routes` run against a real one, Apicurio Registry
+//! (see there for both).
 
 mod common;
 
@@ -68,7 +69,7 @@ fn decode_from(url: &str, records: &[common::Consumed]) -> Vec<Value> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("python3 tests/clients/registry_decode.py (pip: fastavro, jsonschema)");
+        .expect("python3 tests/clients/registry_decode.py (pip: fastavro, jsonschema, protobuf; apt: protobuf-compiler)");
     let mut input = String::new();
     for r in records {
         let payload = r.payload.as_deref().unwrap_or_default();
@@ -99,18 +100,27 @@ fn publish_until_version(
     gw: &Process,
     topic: &str,
     url: &str,
-    mut seq: u64,
-    mut sent: usize,
+    seq: u64,
+    sent: usize,
     v1: u32,
     v2: u32,
 ) -> (Value, u64, usize) {
+    let payload = |seq| json!({"device": "d1", "temp": 1.0, "seq": seq, "battery": 87});
+    publish_until_version_of(gw, topic, url, (seq, sent), (v1, v2), payload)
+}
+
+/// [`publish_until_version`] with the payload `payload(seq)`.
+fn publish_until_version_of(
+    gw: &Process,
+    topic: &str,
+    url: &str,
+    (mut seq, mut sent): (u64, usize),
+    (v1, v2): (u32, u32),
+    payload: impl Fn(u64) -> Value,
+) -> (Value, u64, usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        publish(
-            gw,
-            "d1",
-            &[json!({"device": "d1", "temp": 1.0, "seq": seq, "battery": 87}).to_string()],
-        );
+        publish(gw, "d1", &[payload(seq).to_string()]);
         seq += 1;
         sent += 1;
         let records = common::consume_all_blocking(topic, sent, Duration::from_secs(30));
@@ -512,6 +522,168 @@ fn a_real_registry_serves_avro_and_json_schema_routes() {
     let (newest, seq, _) = publish_until_version(&gw, &avro_topic, apicurio.url(), 5, 5, v1, v2);
     assert_eq!(newest["value"]["battery"], 87);
     assert_eq!(newest["value"]["seq"], seq - 1);
+}
+
+/// A Protobuf schema for `sensors/+device/reading` and `alarms/+device` payloads: a nested
+/// message and a well-known type, and a second top-level message for the alarms.
+const PROTO_V1: &str = r#"syntax = "proto3";
+package iot;
+import "google/protobuf/timestamp.proto";
+
+message Reading {
+  string device = 1;
+  double temp = 2;
+  uint64 seq = 3;
+  google.protobuf.Timestamp at = 4;
+  message Battery { uint32 percent = 1; }
+  Battery battery = 5;
+}
+
+message Alarm {
+  string device = 1;
+  string text = 2;
+  Level level = 3;
+  enum Level { LEVEL_UNSPECIFIED = 0; WARNING = 1; CRITICAL = 2; }
+}
+"#;
+
+/// `format = "protobuf"` against the real registry: readings encoded as the schema's first
+/// message and alarms as the message their route names (`message = "iot.Alarm"`), read back
+/// from Kafka and decoded independently (protoc compiles the registry's `.proto` text, Google's
+/// Python `protobuf` package decodes the message that the record's message indexes name),
+/// field by field. The alarms are published before their subject exists: they wait in the
+/// log, in order, and go once it is registered. A reading that does not fit is dead-lettered
+/// with the field it fails at; a new version (a field added) is used without a restart.
+#[test]
+fn a_real_registry_serves_protobuf_routes() {
+    let Some(apicurio) = common::registry::apicurio("a_real_registry_serves_protobuf_routes")
+    else {
+        return;
+    };
+    let _kafka = common::shared();
+    let reading_topic = common::unique_topic("apicurio-proto");
+    let alarm_topic = common::unique_topic("apicurio-proto-alarm");
+    let v1 = apicurio.register(&format!("{reading_topic}-value"), "PROTOBUF", PROTO_V1);
+    let gw = common::gateway(GatewayToml::new().raw(&format!(
+        "[schema_registry]\nurl = \"{}\"\nrefresh = \"1s\"\ntimeout = \"5s\"\n\n\
+         [[routes]]\nmatch = \"sensors/+device/reading\"\ntopic = \"{reading_topic}\"\nkey = \"{{device}}\"\nformat = \"protobuf\"\n\n\
+         [[routes]]\nmatch = \"alarms/+device\"\ntopic = \"{alarm_topic}\"\nkey = \"{{device}}\"\nformat = \"protobuf\"\nmessage = \"iot.Alarm\"\n",
+        apicurio.url()
+    )))
+    .start_process();
+
+    let readings: Vec<Value> = (0..6u64)
+        .map(|i| {
+            if i == 2 {
+                json!({"device": "d1", "temp": "hot", "seq": i})
+            } else {
+                json!({"device": "d1", "temp": 20.5 + i as f64, "seq": i,
+                       "at": format!("2026-12-05T10:00:0{i}Z"), "battery": {"percent": 90 - i}})
+            }
+        })
+        .collect();
+    let lines: Vec<String> = readings.iter().map(Value::to_string).collect();
+    publish(&gw, "d1", &lines);
+    let records = common::consume_all_blocking(&reading_topic, 5, Duration::from_secs(60));
+    assert_eq!(records.len(), 5, "{records:?}");
+    let decoded = decode_from(apicurio.url(), &records);
+    let sent = readings.iter().enumerate().filter(|(i, _)| *i != 2);
+    for ((record, d), (i, sent)) in records.iter().zip(&decoded).zip(sent) {
+        assert_eq!(
+            (&d["id"], &d["type"], &d["message"]),
+            (&json!(v1), &json!("PROTOBUF"), &json!("iot.Reading")),
+            "{d}"
+        );
+        // The Protobuf JSON mapping, as Google's library prints it: 64-bit integers as strings.
+        // Zero is the default, which is not on the wire, nor printed.
+        let mut expected = sent.clone();
+        expected["seq"] = json!(i.to_string());
+        if i == 0 {
+            expected.as_object_mut().map(|o| o.remove("seq"));
+        }
+        assert_eq!(d["value"], expected, "reading {i}");
+        assert_eq!(record.header("edgegate-format"), Some(&b"protobuf"[..]));
+        assert_eq!(record.key.as_deref(), Some(&b"d1"[..]));
+    }
+    wait_until("one dead letter", Duration::from_secs(30), || {
+        dead_letters(&gw).len() == 1
+    });
+    let dead = dead_letters(&gw);
+    assert_eq!(dead[0]["payload"], lines[2].as_str());
+    let error = dead[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!(
+            "format: the payload does not match message iot.Reading of Protobuf schema {v1}: at temp: "
+        )),
+        "{error}"
+    );
+
+    // Alarms, while their subject is unknown: acknowledged, stored, waiting (and, the log
+    // going out in order, holding what is stored after them).
+    let alarms = [
+        json!({"device": "d1", "text": "door open", "level": "WARNING"}),
+        json!({"device": "d1", "text": "smoke", "level": 2}),
+        json!({"device": "d1", "text": "cleared"}),
+    ]
+    .map(|v| v.to_string());
+    let out = common::mosquitto_pub(gw.mqtt_addr())
+        .id("d1-alarms")
+        .topic("alarms/d1")
+        .qos(1)
+        .lines(&alarms);
+    assert!(out.status.success(), "{out:?}");
+
+    assert!(
+        common::consume_all_blocking(&alarm_topic, 1, Duration::from_secs(3)).is_empty(),
+        "an alarm went before its schema was known"
+    );
+    // Once their subject is registered they go, in order, once.
+    let alarm_id = apicurio.register(&format!("{alarm_topic}-value"), "PROTOBUF", PROTO_V1);
+    let records = common::consume_all_blocking(&alarm_topic, 3, Duration::from_secs(60));
+    assert_eq!(records.len(), 3, "{records:?}");
+    let decoded = decode_from(apicurio.url(), &records);
+    let expected = [
+        json!({"device": "d1", "text": "door open", "level": "WARNING"}),
+        json!({"device": "d1", "text": "smoke", "level": "CRITICAL"}),
+        json!({"device": "d1", "text": "cleared"}),
+    ];
+    for (d, expected) in decoded.iter().zip(&expected) {
+        assert_eq!(
+            (&d["id"], &d["message"]),
+            (&json!(alarm_id), &json!("iot.Alarm")),
+            "{d}"
+        );
+        assert_eq!(&d["value"], expected);
+    }
+    let (_, metrics) = common::http_get(gw.admin_addr(), "/metrics");
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "edgegate_format_errors_total{format=\"protobuf\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // A new version with a field added: readings carrying it are encoded with v1 (the
+    // field dropped) until the gateway has v2, then with v2, the field kept.
+    let v2_text = PROTO_V1.replace(
+        "  Battery battery = 5;\n",
+        "  Battery battery = 5;\n  string unit = 6;\n",
+    );
+    let v2 = apicurio.register(&format!("{reading_topic}-value"), "PROTOBUF", &v2_text);
+    assert_ne!(v1, v2);
+    let payload = |seq| json!({"device": "d1", "temp": 1.0, "seq": seq, "unit": "C"});
+    let (newest, seq, _) = publish_until_version_of(
+        &gw,
+        &reading_topic,
+        apicurio.url(),
+        (6, 5),
+        (v1, v2),
+        payload,
+    );
+    assert_eq!(newest["value"]["unit"], "C");
+    assert_eq!(newest["value"]["seq"], (seq - 1).to_string());
 }
 
 /// Exactly once with records waiting for their schema: the forwarder aborts and begins

@@ -9,9 +9,9 @@
 //! `edgegate-format-error` header, and the forwarder moves it to the dead-letter log with
 //! that reason instead of sending it, counted in `edgegate_format_errors_total`.
 //!
-//! `json` only checks that a payload is JSON (it is stored untouched); `avro` encodes JSON
-//! payloads with a schema from a schema registry ([`registry`]), and `json_schema` validates
-//! them with one and frames them with its id, at
+//! `json` only checks that a payload is JSON (it is stored untouched); `avro` and `protobuf`
+//! encode JSON payloads with a schema from a schema registry ([`registry`]), and
+//! `json_schema` validates them with one and frames them with its id, at
 //! ingest when the schema is known, else when the forwarder sends the record; a payload
 //! that does not match is treated like a Sparkplug payload that does not convert.
 //!
@@ -38,6 +38,9 @@ pub enum Format {
     /// JSON validated by the subject's JSON Schema in `[schema_registry]` and framed with
     /// its id ([`registry`]).
     JsonSchema,
+    /// JSON encoded to Protobuf by the subject's `.proto` schema in `[schema_registry]`
+    /// ([`registry::protobuf`]).
+    Protobuf,
 }
 
 impl Format {
@@ -48,6 +51,7 @@ impl Format {
             Format::Avro => "avro",
             Format::Json => "json",
             Format::JsonSchema => "json_schema",
+            Format::Protobuf => "protobuf",
         }
     }
 }

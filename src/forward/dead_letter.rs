@@ -173,30 +173,50 @@ pub(super) fn encode_pending(
         return true;
     };
     let subject = String::from_utf8_lossy(&record.headers[at].1).into_owned();
-    let json = record
-        .headers
-        .iter()
-        .any(|(k, v)| k == registry::PENDING_TYPE_HEADER && v.as_ref() == b"JSON");
-    let kind = if json {
-        SchemaType::Json
-    } else {
-        SchemaType::Avro
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     };
-    let encoded = match schemas {
-        Some(s) => s.encode(&subject, kind, &record.payload),
+    let kind = match header(registry::PENDING_TYPE_HEADER).as_deref() {
+        None | Some("AVRO") => Ok(SchemaType::Avro),
+        Some("JSON") => Ok(SchemaType::Json),
+        Some("PROTOBUF") => Ok(SchemaType::Protobuf),
+        Some(other) => Err(other.to_owned()),
+    };
+    let message = header(registry::PENDING_MESSAGE_HEADER);
+    let (kind, encoded) = match (kind, schemas) {
+        (Ok(kind), Some(s)) => (
+            kind,
+            s.encode_as(&subject, kind, message.as_deref(), &record.payload),
+        ),
         // Nothing could ever encode it: waiting would hold every record behind it.
-        None => Encoded::Invalid(format!(
-            "stored waiting for the schema of subject {subject}, and this forwarder has no schemas"
-        )),
+        (Ok(kind), None) => (
+            kind,
+            Encoded::Invalid(format!(
+                "stored waiting for the schema of subject {subject}, and this forwarder has no schemas"
+            )),
+        ),
+        // Written by a newer gateway, read by an older one after a downgrade.
+        (Err(other), _) => (
+            SchemaType::Avro,
+            Encoded::Invalid(format!(
+                "stored waiting for a schema of type {other}, which this gateway does not know"
+            )),
+        ),
     };
     let encoded = match encoded {
         Encoded::Pending => return false,
         Encoded::Done(framed) => Ok(framed),
         Encoded::Invalid(why) => Err(why),
     };
-    record
-        .headers
-        .retain(|(k, _)| k != registry::PENDING_HEADER && k != registry::PENDING_TYPE_HEADER);
+    record.headers.retain(|(k, _)| {
+        k != registry::PENDING_HEADER
+            && k != registry::PENDING_TYPE_HEADER
+            && k != registry::PENDING_MESSAGE_HEADER
+    });
     match encoded {
         Ok(framed) => {
             record.payload = framed;
@@ -373,6 +393,57 @@ mod tests {
                 Bytes::from_static(b"json_schema")
             )]
         );
+    }
+
+    /// A `protobuf` route's pending record waits for a Protobuf schema and is encoded as the
+    /// message its route named; a type this gateway does not know is dead-lettered, not
+    /// taken for Avro.
+    #[test]
+    fn a_pending_protobuf_record_is_encoded_as_its_message() {
+        use crate::format::registry::{
+            PENDING_HEADER, PENDING_MESSAGE_HEADER, PENDING_TYPE_HEADER, Registry, cache::Entry,
+            cache::SchemaType,
+        };
+        let pending = |payload: &'static [u8], kind: &'static [u8]| {
+            waiting(
+                payload,
+                vec![
+                    (PENDING_HEADER.into(), Bytes::from_static(b"p-value")),
+                    (PENDING_TYPE_HEADER.into(), Bytes::from_static(kind)),
+                    (
+                        PENDING_MESSAGE_HEADER.into(),
+                        Bytes::from_static(b"iot.Alarm"),
+                    ),
+                ],
+            )
+        };
+        let schemas = Registry::in_memory();
+        let mut record = pending(br#"{"text":"t"}"#, b"PROTOBUF");
+        assert!(!encode_pending(&mut record, Some(&schemas)));
+        schemas
+            .learn(
+                "p-value",
+                Entry {
+                    id: 4,
+                    version: 1,
+                    schema: "syntax = \"proto3\"; package iot; message Reading { string device = 1; } message Alarm { string text = 1; }".into(),
+                    schema_type: SchemaType::Protobuf,
+                },
+            )
+            .unwrap();
+        assert!(encode_pending(&mut record, Some(&schemas)));
+        assert_eq!(&record.payload[..], &[0, 0, 0, 0, 4, 2, 2, 10, 1, b't']);
+        assert_eq!(
+            record.headers,
+            vec![(
+                crate::format::FORMAT_HEADER.to_owned(),
+                Bytes::from_static(b"protobuf")
+            )]
+        );
+        let mut unknown = pending(br#"{"text":"t"}"#, b"XSD");
+        assert!(encode_pending(&mut unknown, Some(&schemas)));
+        let why = format_error(&unknown).expect("marked");
+        assert!(why.contains("a schema of type XSD"), "{why}");
     }
 
     #[test]

@@ -294,31 +294,39 @@ impl Pipeline {
                 self.encode_registry(&mut record, &dest, SchemaType::Json);
                 self.log.append_with_receipt(&record, receipt)?
             }
+            Format::Protobuf => {
+                let mut record = record;
+                self.encode_registry(&mut record, &dest, SchemaType::Protobuf);
+                self.log.append_with_receipt(&record, receipt)?
+            }
             Format::SparkplugB => self.append_sparkplug(record, &dest, receipt)?,
         };
         self.counters.stored(delivery, bytes);
         Ok(durable)
     }
 
-    /// Encodes an `avro` or `json_schema` route's payload (or a converted Sparkplug record of
-    /// a route with `encoding = "avro"`) with its subject's schema, of type `kind`. A payload
-    /// that cannot match is stored as it came, marked for the dead-letter log; one whose
-    /// schema is not known yet is stored as it came, marked pending (with its type when not
-    /// Avro), and encoded by the forwarder.
+    /// Encodes an `avro`, `json_schema` or `protobuf` route's payload (or a converted
+    /// Sparkplug record of a route with `encoding = "avro"`) with its subject's schema, of
+    /// type `kind`. A payload that cannot match is stored as it came, marked for the
+    /// dead-letter log; one whose schema is not known yet is stored as it came, marked
+    /// pending (with its type when not Avro, and its Protobuf message when the route names
+    /// one), and encoded by the forwarder.
     fn encode_registry(&self, record: &mut Record, dest: &Destination, kind: SchemaType) {
         let subject = dest
             .naming
             .as_ref()
             .map(|n| n.subject(&record.kafka_topic))
             .unwrap_or_default();
+        let message = dest.naming.as_ref().and_then(|n| n.message.as_deref());
         let encoded = match &self.schemas {
-            Some(schemas) => schemas.encode(&subject, kind, &record.payload),
+            Some(schemas) => schemas.encode_as(&subject, kind, message, &record.payload),
             None => Encoded::Pending,
         };
         // Only the gateway says what a record's payload is.
         record.headers.retain(|(k, _)| {
             k != registry::PENDING_HEADER
                 && k != registry::PENDING_TYPE_HEADER
+                && k != registry::PENDING_MESSAGE_HEADER
                 && k != format::ERROR_HEADER
                 && k != format::FORMAT_HEADER
         });
@@ -338,6 +346,12 @@ impl Pipeline {
                     record.headers.push((
                         registry::PENDING_TYPE_HEADER.to_owned(),
                         Bytes::from_static(kind.name().as_bytes()),
+                    ));
+                }
+                if let Some(message) = message {
+                    record.headers.push((
+                        registry::PENDING_MESSAGE_HEADER.to_owned(),
+                        Bytes::from(message.to_owned()),
                     ));
                 }
             }

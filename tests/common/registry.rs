@@ -325,7 +325,7 @@ impl Apicurio {
         &self.url
     }
 
-    /// Registers `schema` (of `schema_type`: `AVRO`, `JSON`) under `subject`; its id.
+    /// Registers `schema` (of `schema_type`: `AVRO`, `JSON`, `PROTOBUF`) under `subject`; its id.
     pub fn register(&self, subject: &str, schema_type: &str, schema: &str) -> u32 {
         let body = serde_json::json!({"schemaType": schema_type, "schema": schema});
         let text = ureq::post(&format!("{}/subjects/{subject}/versions", self.url))

@@ -38,6 +38,8 @@ pub enum SchemaType {
     Avro,
     #[serde(rename = "JSON")]
     Json,
+    #[serde(rename = "PROTOBUF")]
+    Protobuf,
 }
 
 impl SchemaType {
@@ -50,6 +52,7 @@ impl SchemaType {
         match self {
             SchemaType::Avro => "AVRO",
             SchemaType::Json => "JSON",
+            SchemaType::Protobuf => "PROTOBUF",
         }
     }
 
@@ -58,6 +61,7 @@ impl SchemaType {
         match self {
             SchemaType::Avro => "avro",
             SchemaType::Json => "json_schema",
+            SchemaType::Protobuf => "protobuf",
         }
     }
 }
@@ -152,9 +156,17 @@ mod tests {
                 ..entry(6)
             },
         );
+        subjects.insert(
+            "p-value".to_owned(),
+            Entry {
+                schema_type: SchemaType::Protobuf,
+                ..entry(7)
+            },
+        );
         store(&path, &subjects).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.matches(r#""type":"JSON""#).count(), 1, "{text}");
+        assert_eq!(text.matches(r#""type":"PROTOBUF""#).count(), 1, "{text}");
         assert_eq!(load(&path), (subjects, None));
     }
 

@@ -144,15 +144,16 @@ impl crate::reload::Reloadable for Upstream {
     }
 }
 
-/// A `GET .../versions/latest` answer, if it is an Avro or a JSON Schema version.
+/// A `GET .../versions/latest` answer, if it is an Avro, a JSON Schema or a Protobuf version.
 pub fn parse_version(body: &str) -> Result<Entry, FetchError> {
     let v: Version = serde_json::from_str(body).map_err(|e| FetchError::Invalid(e.to_string()))?;
     let schema_type = match v.schema_type.as_deref() {
         None | Some("AVRO") => SchemaType::Avro,
         Some("JSON") => SchemaType::Json,
+        Some("PROTOBUF") => SchemaType::Protobuf,
         Some(other) => {
             return Err(FetchError::Invalid(format!(
-                "schema {} is {other}; the gateway encodes AVRO and JSON",
+                "schema {} is {other}; the gateway encodes AVRO, JSON and PROTOBUF",
                 v.id
             )));
         }
@@ -197,10 +198,13 @@ mod tests {
         let json = r#"{"subject":"t-value","version":2,"id":4,"schemaType":"JSON","schema":"{\"type\":\"object\"}"}"#;
         assert_eq!(parse_version(json).unwrap().schema_type, SchemaType::Json);
         let protobuf = r#"{"subject":"t-value","version":1,"id":2,"schemaType":"PROTOBUF","schema":"syntax = \"proto3\";"}"#;
-        assert!(matches!(
-            parse_version(protobuf),
-            Err(FetchError::Invalid(_))
-        ));
+        assert_eq!(
+            parse_version(protobuf).unwrap().schema_type,
+            SchemaType::Protobuf
+        );
+        let other =
+            r#"{"subject":"t-value","version":1,"id":2,"schemaType":"XSD","schema":"<x/>"}"#;
+        assert!(matches!(parse_version(other), Err(FetchError::Invalid(_))));
         assert!(matches!(
             parse_version(r#"{"error_code":40401}"#),
             Err(FetchError::Invalid(_))

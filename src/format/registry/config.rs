@@ -272,6 +272,8 @@ pub struct Naming {
     pub strategy: SubjectStrategy,
     /// The fully qualified record name, for the two strategies that use it.
     pub record_name: Option<String>,
+    /// A `protobuf` route's message, when not the schema's first.
+    pub message: Option<String>,
 }
 
 impl Naming {
@@ -295,6 +297,7 @@ mod tests {
         let naming = |strategy, record_name: Option<&str>| Naming {
             strategy,
             record_name: record_name.map(str::to_owned),
+            message: None,
         };
         assert_eq!(
             naming(SubjectStrategy::TopicName, None).subject("plant.t"),

@@ -25,6 +25,7 @@ pub mod avro;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod protobuf;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -45,8 +46,12 @@ use crate::reload::Live;
 /// The stored header of a record whose payload waits for its subject's schema: the subject.
 pub const PENDING_HEADER: &str = "edgegate-schema-pending";
 /// Beside [`PENDING_HEADER`], the type of schema the record waits for, when not Avro (records
-/// stored before JSON Schema was supported have none): the registry's name, `JSON`.
+/// stored before JSON Schema was supported have none): the registry's name, `JSON` or
+/// `PROTOBUF`.
 pub const PENDING_TYPE_HEADER: &str = "edgegate-schema-pending-type";
+/// Beside [`PENDING_HEADER`], the Protobuf message the record waits to be encoded as, when
+/// its route names one (without it, the schema's first message).
+pub const PENDING_MESSAGE_HEADER: &str = "edgegate-schema-pending-message";
 
 /// A subject's schema as the gateway uses it.
 struct Known {
@@ -58,6 +63,7 @@ struct Known {
 enum Encoder {
     Avro(avro::Writer),
     Json(jsonschema::Validator),
+    Protobuf(protobuf::Schema),
 }
 
 impl Encoder {
@@ -74,12 +80,15 @@ impl Encoder {
                     .map(Encoder::Json)
                     .map_err(|e| e.to_string())
             }
+            SchemaType::Protobuf => protobuf::Schema::compile(&entry.schema).map(Encoder::Protobuf),
         }
     }
 
-    /// `payload` (JSON) framed for Kafka with schema `id`.
-    fn encode(&self, id: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
+    /// `payload` (JSON) framed for Kafka with schema `id` (as Protobuf `message`, when the
+    /// schema is Protobuf and the route names one).
+    fn encode(&self, id: u32, message: Option<&str>, payload: &[u8]) -> Result<Vec<u8>, String> {
         match self {
+            Encoder::Protobuf(schema) => schema.encode(id, message, payload),
             Encoder::Avro(writer) => writer.encode(id, payload).map_err(|e| e.to_string()),
             Encoder::Json(validator) => {
                 let value: serde_json::Value = serde_json::from_slice(payload)
@@ -176,6 +185,18 @@ impl Registry {
     /// Encodes JSON `payload` with the latest known schema of `subject`, which must be of
     /// type `kind`.
     pub fn encode(&self, subject: &str, kind: SchemaType, payload: &[u8]) -> Encoded {
+        self.encode_as(subject, kind, None, payload)
+    }
+
+    /// [`Registry::encode`], as Protobuf message `message` when the schema is Protobuf (its
+    /// first message when `None`).
+    pub fn encode_as(
+        &self,
+        subject: &str,
+        kind: SchemaType,
+        message: Option<&str>,
+        payload: &[u8],
+    ) -> Encoded {
         let known = self.known.read().ok().and_then(|k| k.get(subject).cloned());
         let Some(known) = known else {
             if !self.learns.load(Ordering::Relaxed) {
@@ -195,7 +216,7 @@ impl Registry {
                 kind.name()
             ));
         }
-        match known.encoder.encode(known.entry.id, payload) {
+        match known.encoder.encode(known.entry.id, message, payload) {
             Ok(framed) => Encoded::Done(Bytes::from(framed)),
             Err(why) => Encoded::Invalid(why),
         }
@@ -485,6 +506,64 @@ mod tests {
             Encoded::Invalid(why) => assert!(why.contains("not JSON"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    const PROTO_V1: &str = r#"syntax = "proto3"; package iot;
+        message Reading { string device = 1; double temp = 2; }
+        message Alarm { string text = 1; }"#;
+
+    #[test]
+    fn protobuf_payloads_are_encoded_as_the_routes_message() {
+        let r = Registry::in_memory();
+        assert_eq!(
+            r.encode_as("p-value", SchemaType::Protobuf, None, br#"{"device":"d"}"#),
+            Encoded::Pending
+        );
+        let v1 = Entry {
+            schema_type: SchemaType::Protobuf,
+            ..entry(12, 1, PROTO_V1)
+        };
+        assert!(r.learn("p-value", v1).unwrap());
+        // The first message: indexes [0] as one byte, then field 1 "d".
+        assert_eq!(
+            r.encode_as("p-value", SchemaType::Protobuf, None, br#"{"device":"d"}"#),
+            Encoded::Done(Bytes::from_static(&[0, 0, 0, 0, 12, 0, 10, 1, b'd']))
+        );
+        // The second: indexes [1].
+        assert_eq!(
+            r.encode_as(
+                "p-value",
+                SchemaType::Protobuf,
+                Some("iot.Alarm"),
+                br#"{"text":"t"}"#
+            ),
+            Encoded::Done(Bytes::from_static(&[0, 0, 0, 0, 12, 2, 2, 10, 1, b't']))
+        );
+        match r.encode_as("p-value", SchemaType::Protobuf, None, br#"{"temp":"hot"}"#) {
+            Encoded::Invalid(why) => assert!(
+                why.starts_with(
+                    "the payload does not match message iot.Reading of Protobuf schema 12: at temp: "
+                ),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // An Avro route on a Protobuf subject, and a .proto that does not compile.
+        match r.encode("p-value", SchemaType::Avro, br#"{"device":"d"}"#) {
+            Encoded::Invalid(why) => {
+                assert!(
+                    why.contains("is PROTOBUF; a avro route needs AVRO"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let broken = Entry {
+            schema_type: SchemaType::Protobuf,
+            ..entry(13, 2, "message {")
+        };
+        assert!(r.learn("p-value", broken).is_err());
+        assert_eq!(r.schema_id("p-value"), Some(12));
     }
 
     #[test]

@@ -1,0 +1,383 @@
+//! JSON → Protobuf in the Confluent wire format: magic byte 0, the schema id as 4 bytes big
+//! endian, the message indexes, then the Protobuf binary encoding of the message.
+//!
+//! A registry holds a Protobuf schema as `.proto` source text. [`Schema::compile`] compiles
+//! it in process (protox, a pure-Rust `protoc`; the well-known types under
+//! `google/protobuf/` are built in), once per schema version. A payload is read as the
+//! Protobuf JSON mapping (field names as in the `.proto` or their lowerCamelCase JSON names,
+//! 64-bit integers as numbers or strings, enums by name or number, `bytes` as base64,
+//! `google.protobuf.Timestamp` as RFC 3339) by prost-reflect into a dynamic message of the
+//! schema, then encoded. A value of the wrong type or out of its field's range is a
+//! mismatch; a field the message does not have is dropped, as on an `avro` route, so a
+//! device whose firmware sends a new field before the registry has the version with it
+//! keeps its records flowing (the field arrives once the new version is in force).
+//!
+//! The message indexes say which message of the schema the body is, as Confluent's
+//! serializers write them: the path from the file's top-level messages down to a nested one
+//! (`[1, 0]` is the first message nested in the second), as a count and the indexes, each a
+//! zig-zag varint; the common `[0]` (the first message) is the single byte 0. A route's
+//! message is its `message` key (or its `record_name`), else the schema's first message.
+//!
+//! Not supported: schemas that import other registry subjects (schema references): such a
+//! schema does not compile here ("file not found"), and the gateway keeps the version it has.
+
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor};
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
+use protox::prost::Message;
+
+/// The name the schema text is compiled under (imports are resolved against it).
+const FILE: &str = "schema.proto";
+
+/// A compiled Protobuf schema.
+pub struct Schema {
+    pool: DescriptorPool,
+}
+
+/// The registry's schema text, as the only file besides the well-known types.
+struct Registered(String);
+
+impl FileResolver for Registered {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        if name == FILE {
+            File::from_source(name, &self.0)
+        } else {
+            Err(protox::Error::file_not_found(name))
+        }
+    }
+}
+
+impl Schema {
+    /// `source` (`.proto` text) compiled; why it does not compile, or has no message.
+    pub fn compile(source: &str) -> Result<Schema, String> {
+        let mut files = ChainFileResolver::new();
+        files.add(Registered(source.to_owned()));
+        files.add(GoogleFileResolver::new());
+        let mut compiler = protox::Compiler::with_file_resolver(files);
+        compiler.include_imports(true);
+        compiler
+            .open_file(FILE)
+            .map_err(|e| format!("the .proto does not compile: {e}"))?;
+        let schema = Schema {
+            pool: compiler.descriptor_pool(),
+        };
+        if schema.file().messages().len() == 0 {
+            return Err("the .proto defines no message".into());
+        }
+        Ok(schema)
+    }
+
+    fn file(&self) -> prost_reflect::FileDescriptor {
+        self.pool
+            .get_file_by_name(FILE)
+            .expect("the compiled file is in its own pool")
+    }
+
+    /// The message `name` (fully qualified, without a leading dot) of this schema's own file,
+    /// or its first message when `None`.
+    fn message(&self, name: Option<&str>) -> Result<MessageDescriptor, String> {
+        let file = self.file();
+        match name {
+            None => file
+                .messages()
+                .next()
+                .ok_or_else(|| "the .proto defines no message".to_owned()),
+            Some(name) => self
+                .pool
+                .get_message_by_name(name.trim_start_matches('.'))
+                .filter(|m| m.parent_file() == file)
+                .ok_or_else(|| format!("the schema defines no message {name}")),
+        }
+    }
+
+    /// `json` read as message `name` (the first when `None`) and framed for Kafka with schema
+    /// `id`; why it cannot be.
+    pub fn encode(&self, id: u32, name: Option<&str>, json: &[u8]) -> Result<Vec<u8>, String> {
+        let descriptor = self.message(name)?;
+        let mismatch = |(at, e): (String, serde_json::Error)| {
+            format!(
+                "the payload does not match message {} of Protobuf schema {id}: {at}{e}",
+                descriptor.full_name()
+            )
+        };
+        let mut reader = serde_json::Deserializer::from_slice(json);
+        let message = match read(&descriptor, &mut reader).and_then(|m| {
+            reader.end().map_err(|e| (String::new(), e))?;
+            Ok(m)
+        }) {
+            Ok(message) => message,
+            Err((_, e)) if e.is_syntax() || e.is_eof() => {
+                return Err(format!("the payload is not JSON: {e}"));
+            }
+            Err(first) => {
+                // Perhaps only fields the message does not have, which are dropped (strict
+                // reading is kept for the rest: an unknown enum name is still a mismatch).
+                let mut value: serde_json::Value = serde_json::from_slice(json)
+                    .map_err(|e| format!("the payload is not JSON: {e}"))?;
+                if !drop_unknown_fields(&descriptor, &mut value) {
+                    return Err(mismatch(first));
+                }
+                read(&descriptor, value).map_err(mismatch)?
+            }
+        };
+        let mut framed = Vec::with_capacity(8 + message.encoded_len());
+        framed.push(super::avro::MAGIC);
+        framed.extend_from_slice(&id.to_be_bytes());
+        write_indexes(&descriptor, &mut framed);
+        message
+            .encode(&mut framed)
+            .map_err(|e| format!("cannot encode the message: {e}"))?;
+        Ok(framed)
+    }
+}
+
+/// `json` read strictly as a `descriptor` message; where it does not fit (`at field: `)
+/// and why.
+fn read<'de, D>(
+    descriptor: &MessageDescriptor,
+    json: D,
+) -> Result<DynamicMessage, (String, serde_json::Error)>
+where
+    D: serde::Deserializer<'de, Error = serde_json::Error>,
+{
+    let mut track = serde_path_to_error::Track::new();
+    DynamicMessage::deserialize_with_options(
+        descriptor.clone(),
+        serde_path_to_error::Deserializer::new(json, &mut track),
+        &DeserializeOptions::new(),
+    )
+    .map_err(|e| {
+        let path = track.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("at {path}: ")
+        };
+        (at, e)
+    })
+}
+
+/// Removes from `value` the members `message` has no field for, in nested messages too (not
+/// inside the well-known types, whose JSON forms are their own); true when any were.
+fn drop_unknown_fields(message: &MessageDescriptor, value: &mut serde_json::Value) -> bool {
+    let serde_json::Value::Object(members) = value else {
+        return false;
+    };
+    if message.full_name().starts_with("google.protobuf.") {
+        return false;
+    }
+    let before = members.len();
+    members.retain(|name, _| {
+        message.get_field_by_name(name).is_some() || message.get_field_by_json_name(name).is_some()
+    });
+    let mut dropped = members.len() != before;
+    for (name, member) in members.iter_mut() {
+        let Some(field) = message
+            .get_field_by_name(name)
+            .or_else(|| message.get_field_by_json_name(name))
+        else {
+            continue;
+        };
+        let Kind::Message(inner) = field.kind() else {
+            continue;
+        };
+        if field.is_map() {
+            let value_field = inner.map_entry_value_field();
+            if let (Kind::Message(of), serde_json::Value::Object(entries)) =
+                (value_field.kind(), &mut *member)
+            {
+                for entry in entries.values_mut() {
+                    dropped |= drop_unknown_fields(&of, entry);
+                }
+            }
+        } else if let serde_json::Value::Array(items) = member {
+            for item in items {
+                dropped |= drop_unknown_fields(&inner, item);
+            }
+        } else {
+            dropped |= drop_unknown_fields(&inner, member);
+        }
+    }
+    dropped
+}
+
+/// The Confluent message indexes of `message`: its path from the file's top-level messages.
+fn write_indexes(message: &MessageDescriptor, out: &mut Vec<u8>) {
+    // The descriptor's path in the file is [4, i] for a top-level message and
+    // [4, i, 3, j, ...] for nested ones: every second number is an index.
+    let indexes: Vec<i64> = message
+        .path()
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|&i| i64::from(i))
+        .collect();
+    if indexes == [0] {
+        out.push(0);
+        return;
+    }
+    write_zigzag(indexes.len() as i64, out);
+    for index in indexes {
+        write_zigzag(index, out);
+    }
+}
+
+fn write_zigzag(value: i64, out: &mut Vec<u8>) {
+    let mut v = ((value << 1) ^ (value >> 63)) as u64;
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READING: &str = r#"
+        syntax = "proto3";
+        package iot;
+        import "google/protobuf/timestamp.proto";
+
+        message Reading {
+          string device = 1;
+          double temp = 2;
+          uint64 seq = 3;
+          Unit unit = 4;
+          repeated string tags = 5;
+          google.protobuf.Timestamp at = 6;
+          int32 level = 7;
+          enum Unit { UNIT_UNSPECIFIED = 0; C = 1; F = 2; }
+          message Battery { uint32 percent = 1; }
+          Battery battery = 8;
+        }
+        message Alarm { string device = 1; string text = 2; }
+    "#;
+
+    #[test]
+    fn the_first_message_is_framed_with_index_zero() {
+        let schema = Schema::compile(READING).unwrap();
+        let framed = schema
+            .encode(
+                258,
+                None,
+                br#"{"device":"d1","temp":1.5,"seq":"7","unit":"C","tags":["a"],
+                     "at":"2026-12-05T10:00:00Z","battery":{"percent":87}}"#,
+            )
+            .unwrap();
+        // magic, id 258, indexes [0] as the single byte 0, then the message.
+        assert_eq!(&framed[..6], &[0, 0, 0, 1, 2, 0]);
+        let descriptor = schema.message(None).unwrap();
+        let back = DynamicMessage::decode(descriptor, &framed[6..]).unwrap();
+        assert_eq!(
+            back.get_field_by_name("device").unwrap().as_str(),
+            Some("d1")
+        );
+        assert_eq!(back.get_field_by_name("temp").unwrap().as_f64(), Some(1.5));
+        assert_eq!(back.get_field_by_name("seq").unwrap().as_u64(), Some(7));
+        assert_eq!(
+            back.get_field_by_name("unit").unwrap().as_enum_number(),
+            Some(1)
+        );
+        let at = back.get_field_by_name("at").unwrap();
+        let seconds = at
+            .as_message()
+            .unwrap()
+            .get_field_by_name("seconds")
+            .unwrap();
+        assert_eq!(seconds.as_i64(), Some(1_796_464_800));
+    }
+
+    #[test]
+    fn other_messages_carry_their_path() {
+        let schema = Schema::compile(READING).unwrap();
+        let alarm = schema
+            .encode(1, Some("iot.Alarm"), br#"{"device":"d1","text":"hot"}"#)
+            .unwrap();
+        // indexes [1]: count 1 and index 1, each zig-zag (2, 2).
+        assert_eq!(&alarm[5..7], &[2, 2]);
+        let battery = schema
+            .encode(1, Some(".iot.Reading.Battery"), br#"{"percent":3}"#)
+            .unwrap();
+        // indexes [0, 0]: the first message nested in the first: count 2 (4), 0, 0.
+        assert_eq!(&battery[5..8], &[4, 0, 0]);
+        assert_eq!(&battery[8..], &[8, 3]);
+    }
+
+    #[test]
+    fn what_does_not_fit_is_said() {
+        let schema = Schema::compile(READING).unwrap();
+        let why = |json: &str| schema.encode(7, None, json.as_bytes()).unwrap_err();
+        for (json, says) in [
+            (
+                r#"{"device":3}"#,
+                "does not match message iot.Reading of Protobuf schema 7",
+            ),
+            (r#"{"level":3000000000}"#, "at level: "),
+            (r#"{"seq":-1}"#, "at seq: "),
+            (r#"{"unit":"K"}"#, "at unit: "),
+            (r#"{"at":"yesterday"}"#, "at at: "),
+            (r#"{"tags":["a",2]}"#, "at tags[1]: "),
+            (r#"{"battery":{"percent":-3}}"#, "at battery.percent: "),
+            ("{nope", "the payload is not JSON"),
+            (r#"{"device":"d"} trailing"#, "the payload is not JSON"),
+        ] {
+            let got = why(json);
+            assert!(got.contains(says), "{json}: {got}");
+        }
+        // A field the message does not have is dropped, at any depth; the rest is read as
+        // strictly as ever.
+        assert_eq!(
+            schema.encode(
+                7,
+                None,
+                br#"{"device":"d","colour":"red","battery":{"percent":1,"volts":3.3}}"#
+            ),
+            schema.encode(7, None, br#"{"device":"d","battery":{"percent":1}}"#)
+        );
+        assert!(why(r#"{"colour":"red","unit":"K"}"#).contains("at unit: "));
+        assert_eq!(
+            schema.encode(7, Some("iot.Nope"), b"{}").unwrap_err(),
+            "the schema defines no message iot.Nope"
+        );
+        // A well-known type is in the pool but not the schema's own message.
+        assert!(
+            schema
+                .encode(7, Some("google.protobuf.Timestamp"), b"{}")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn schemas_that_cannot_be_used_are_refused() {
+        for (source, says) in [
+            (
+                "syntax = \"proto3\"; message A { int32 a = 1 }",
+                "does not compile",
+            ),
+            (
+                "syntax = \"proto3\"; import \"other.proto\"; message A { int32 a = 1; }",
+                "other.proto",
+            ),
+            (
+                "syntax = \"proto3\"; enum E { E0 = 0; }",
+                "defines no message",
+            ),
+            ("not a proto", "does not compile"),
+        ] {
+            match Schema::compile(source) {
+                Ok(_) => panic!("{source} compiled"),
+                Err(why) => assert!(why.contains(says), "{source}: {why}"),
+            }
+        }
+    }
+
+    #[test]
+    fn zigzag_varints_are_confluents() {
+        let mut out = Vec::new();
+        for v in [0, 1, -1, 63, 64, 300] {
+            write_zigzag(v, &mut out);
+        }
+        assert_eq!(out, [0, 2, 1, 126, 128, 1, 216, 4]);
+    }
+}
