@@ -36,7 +36,7 @@ pub struct RouteConfig {
     /// Kafka key template; the client id when absent.
     pub key: Option<String>,
     /// What the payload becomes: `raw` (untouched, the default), `json` (checked to be
-    /// JSON), `sparkplug_b` or `avro`.
+    /// JSON), `sparkplug_b`, or by a registry's schema `avro`, `json_schema` or `protobuf`.
     #[serde(default)]
     pub format: Format,
     /// `sparkplug_b` only: `per_metric` (the default) or `per_payload` records.
@@ -44,10 +44,10 @@ pub struct RouteConfig {
     /// `sparkplug_b` only: records as `json` (the default) or `avro` (by the registry's
     /// schema of the route's subject, as on an `avro` route).
     pub encoding: Option<Encoding>,
-    /// `avro` (and `sparkplug_b` with `encoding = "avro"`) only: the registry subject of
-    /// the schema, `topic_name` (the default), `record_name` or `topic_record_name`.
+    /// Routes with a registry schema only: the subject of the schema, `topic_name` (the
+    /// default), `record_name` or `topic_record_name`.
     pub subject_strategy: Option<SubjectStrategy>,
-    /// `avro` only: the record's fully qualified name, for the two strategies that use it.
+    /// The record's fully qualified name, for the two strategies that use it.
     pub record_name: Option<String>,
     /// `protobuf` only: the fully qualified name of the schema's message a payload is
     /// (`iot.Reading`); the record name with the strategies that use one, else the schema's

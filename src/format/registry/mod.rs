@@ -2,9 +2,10 @@
 //! latest schema of their subject in a Confluent-compatible registry, in the Confluent wire
 //! format (magic byte 0, schema id, Avro body); `format = "json_schema"` routes validate them
 //! against the subject's JSON Schema and frame them the same way (magic byte 0, schema id,
-//! the payload's JSON as it came), as Confluent's JSON Schema serializer does. A subject's
-//! schema must be of the route's kind: an Avro schema under a `json_schema` route is a
-//! mismatch, said in the dead-letter reason.
+//! the payload's JSON as it came), as Confluent's JSON Schema serializer does;
+//! `format = "protobuf"` routes encode them as a message of the subject's `.proto` schema
+//! ([`protobuf`]). A subject's schema must be of the route's kind: an Avro schema under a
+//! `json_schema` route is a mismatch, said in the dead-letter reason.
 //!
 //! Where: at ingest when the subject's schema is known, so the log holds what goes to Kafka
 //! and a payload that cannot match is marked there and then ([`crate::format::ERROR_HEADER`]:
