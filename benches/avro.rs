@@ -1,8 +1,9 @@
 //! Figures for `format = "avro"` (`cargo bench --bench avro`): what encoding one JSON
 //! payload costs on this CPU (`Registry::encode`, the call ingest makes per message, beside
 //! apache-avro's own path, `avro::encode`, the reference in the same run; and what
-//! `format = "json_schema"` costs on the same payloads, validated by an equivalent schema), and the
-//! bytes a record's value takes in Kafka as JSON and as Avro, for telemetry payloads of about
+//! `format = "json_schema"` and `format = "protobuf"` cost on the same payloads, by equivalent
+//! schemas), and the bytes a record's value takes in Kafka as JSON, as Avro and as Protobuf,
+//! for telemetry payloads of about
 //! 100 B, 300 B and 1 KB. Prints; asserts nothing. Not the whole pipeline: see README
 //! ("Load generator") for messages per second through a gateway.
 
@@ -46,6 +47,16 @@ fn json_schema(n: usize) -> String {
     )
 }
 
+/// The same shape as a `.proto` schema.
+fn proto(n: usize) -> String {
+    let fields: String = (0..n)
+        .map(|i| format!("  double sensor_{i:02} = {};\n", i + 4))
+        .collect();
+    format!(
+        "syntax = \"proto3\";\npackage bench;\nmessage Reading {{\n  string device = 1;\n  int64 seq = 2;\n  int64 ts = 3;\n{fields}}}\n"
+    )
+}
+
 fn payload(n: usize, seq: u64) -> Vec<u8> {
     let mut object = serde_json::Map::new();
     object.insert("device".into(), format!("pump-{:03}", seq % 100).into());
@@ -62,7 +73,7 @@ fn payload(n: usize, seq: u64) -> Vec<u8> {
 
 fn main() {
     println!(
-        "json B  avro B  avro/json  encode µs/msg  apache-avro µs/msg  JSON parse µs/msg  msgs/s (one core)  json_schema µs/msg"
+        "json B  avro B  avro/json  encode µs/msg  apache-avro µs/msg  JSON parse µs/msg  msgs/s (one core)  json_schema µs/msg  protobuf µs/msg  protobuf B"
     );
     for fields in [3usize, 15, 55] {
         let registry = Registry::in_memory();
@@ -142,8 +153,37 @@ fn main() {
             }
         }
         let json_schema_per = started.elapsed().as_secs_f64() / n;
+        // `format = "protobuf"`: parse into a message of the schema, encode, frame.
+        let learnt = registry.learn(
+            "bench-proto-value",
+            Entry {
+                id: 3,
+                version: 1,
+                schema: proto(fields),
+                schema_type: SchemaType::Protobuf,
+            },
+        );
+        if let Err(e) = learnt {
+            eprintln!("Protobuf: {e}");
+            return;
+        }
+        let mut protobuf_bytes = 0usize;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            protobuf_bytes = 0;
+            for p in &payloads {
+                match registry.encode("bench-proto-value", SchemaType::Protobuf, p) {
+                    Encoded::Done(framed) => protobuf_bytes += framed.len(),
+                    other => {
+                        eprintln!("not encoded: {other:?}");
+                        return;
+                    }
+                }
+            }
+        }
+        let protobuf_per = started.elapsed().as_secs_f64() / n;
         println!(
-            "{:>6}  {:>6}  {:>8.0}%  {:>13.2}  {:>18.2}  {:>17.2}  {:>17.0}  {:>22.2}",
+            "{:>6}  {:>6}  {:>8.0}%  {:>13.2}  {:>18.2}  {:>17.2}  {:>17.0}  {:>18.2}  {:>15.2}  {:>10}",
             json_bytes / payloads.len(),
             avro_bytes / payloads.len(),
             100.0 * avro_bytes as f64 / json_bytes as f64,
@@ -151,7 +191,9 @@ fn main() {
             reference * 1e6,
             parse * 1e6,
             1.0 / per,
-            json_schema_per * 1e6
+            json_schema_per * 1e6,
+            protobuf_per * 1e6,
+            protobuf_bytes / payloads.len()
         );
     }
 }

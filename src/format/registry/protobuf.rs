@@ -100,22 +100,24 @@ impl Schema {
             )
         };
         let mut reader = serde_json::Deserializer::from_slice(json);
-        let message = match read(&descriptor, &mut reader).and_then(|m| {
-            reader.end().map_err(|e| (String::new(), e))?;
-            Ok(m)
-        }) {
+        let strict = DynamicMessage::deserialize_with_options(
+            descriptor.clone(),
+            &mut reader,
+            &DeserializeOptions::new(),
+        )
+        .and_then(|m| reader.end().map(|()| m));
+        let message = match strict {
             Ok(message) => message,
-            Err((_, e)) if e.is_syntax() || e.is_eof() => {
+            Err(e) if e.is_syntax() || e.is_eof() => {
                 return Err(format!("the payload is not JSON: {e}"));
             }
-            Err(first) => {
-                // Perhaps only fields the message does not have, which are dropped (strict
-                // reading is kept for the rest: an unknown enum name is still a mismatch).
+            Err(_) => {
+                // The slow path, for a payload that does not fit as it is: fields the message
+                // lacks are dropped (strict reading is kept for the rest: an unknown enum name
+                // is still a mismatch), and what still does not fit is said with its place.
                 let mut value: serde_json::Value = serde_json::from_slice(json)
                     .map_err(|e| format!("the payload is not JSON: {e}"))?;
-                if !drop_unknown_fields(&descriptor, &mut value) {
-                    return Err(mismatch(first));
-                }
+                drop_unknown_fields(&descriptor, &mut value);
                 read(&descriptor, value).map_err(mismatch)?
             }
         };
@@ -130,8 +132,8 @@ impl Schema {
     }
 }
 
-/// `json` read strictly as a `descriptor` message; where it does not fit (`at field: `)
-/// and why.
+/// `json` read strictly as a `descriptor` message, tracking where it is; where it does not
+/// fit (`at field: `) and why.
 fn read<'de, D>(
     descriptor: &MessageDescriptor,
     json: D,
@@ -157,19 +159,17 @@ where
 }
 
 /// Removes from `value` the members `message` has no field for, in nested messages too (not
-/// inside the well-known types, whose JSON forms are their own); true when any were.
-fn drop_unknown_fields(message: &MessageDescriptor, value: &mut serde_json::Value) -> bool {
+/// inside the well-known types, whose JSON forms are their own).
+fn drop_unknown_fields(message: &MessageDescriptor, value: &mut serde_json::Value) {
     let serde_json::Value::Object(members) = value else {
-        return false;
+        return;
     };
     if message.full_name().starts_with("google.protobuf.") {
-        return false;
+        return;
     }
-    let before = members.len();
     members.retain(|name, _| {
         message.get_field_by_name(name).is_some() || message.get_field_by_json_name(name).is_some()
     });
-    let mut dropped = members.len() != before;
     for (name, member) in members.iter_mut() {
         let Some(field) = message
             .get_field_by_name(name)
@@ -186,18 +186,17 @@ fn drop_unknown_fields(message: &MessageDescriptor, value: &mut serde_json::Valu
                 (value_field.kind(), &mut *member)
             {
                 for entry in entries.values_mut() {
-                    dropped |= drop_unknown_fields(&of, entry);
+                    drop_unknown_fields(&of, entry);
                 }
             }
         } else if let serde_json::Value::Array(items) = member {
             for item in items {
-                dropped |= drop_unknown_fields(&inner, item);
+                drop_unknown_fields(&inner, item);
             }
         } else {
-            dropped |= drop_unknown_fields(&inner, member);
+            drop_unknown_fields(&inner, member);
         }
     }
-    dropped
 }
 
 /// The Confluent message indexes of `message`: its path from the file's top-level messages.
