@@ -303,6 +303,20 @@ enum Exposure {
     World(u32),
 }
 
+/// A warning for secret `file` (set at `key`) when its group can read it.
+pub(crate) fn group_readable(key: String, file: &Path) -> Option<(String, String)> {
+    match exposure(file) {
+        Ok(Exposure::Group(mode)) => Some((
+            key,
+            format!(
+                "{} is readable by its group (mode {mode:04o}); chmod 600 unless that group is meant to read it",
+                file.display()
+            ),
+        )),
+        _ => None,
+    }
+}
+
 fn exposure(path: &Path) -> std::io::Result<Exposure> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
@@ -578,15 +592,7 @@ impl KafkaConfig {
     pub fn warnings(&self, path: &str) -> Vec<(String, String)> {
         let mut found = Vec::new();
         let mut group_readable = |key: String, file: &Path| {
-            if let Ok(Exposure::Group(mode)) = exposure(file) {
-                found.push((
-                    key,
-                    format!(
-                        "{} is readable by its group (mode {mode:04o}); chmod 600 unless that group is meant to read it",
-                        file.display()
-                    ),
-                ));
-            }
+            found.extend(group_readable(key, file));
         };
         if let Some(tls) = &self.tls {
             if let Some(key) = &tls.key_file {

@@ -122,7 +122,15 @@ impl crate::reload::Reloadable for Upstream {
     type Error = String;
 
     fn build(config: &crate::config::Config) -> Result<Arc<Upstream>, String> {
-        Upstream::new(config.schema_registry.as_ref()).map(Arc::new)
+        let upstream = Upstream::new(config.schema_registry.as_ref())?;
+        let warnings = config
+            .schema_registry
+            .as_ref()
+            .map(|r| r.warnings("schema_registry"));
+        for (key, warning) in warnings.unwrap_or_default() {
+            tracing::warn!(setting = %key, "Unwise schema registry setting: {key} {warning}.");
+        }
+        Ok(Arc::new(upstream))
     }
 
     fn reloaded(&self, config: &crate::config::Config) {

@@ -11,7 +11,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::Duration;
 use crate::config::problems::Problems;
 use crate::forward::security::{
-    Secret, SecretError, SecretSource, check_pem, check_secret, one_source, sources,
+    Secret, SecretError, SecretSource, check_pem, check_secret, group_readable, one_source, sources,
 };
 
 /// `[schema_registry]`: a Confluent-compatible schema registry (its REST API: Confluent
@@ -91,6 +91,25 @@ impl RegistryConfig {
             Some(source) => source.read("password").map(Some),
             None => Err(SecretError::Missing { what: "password" }),
         }
+    }
+
+    /// What is allowed but unwise, said as `[kafka]`'s is: the password written in the
+    /// config file, a secret file its group can read.
+    pub fn warnings(&self, at: &str) -> Vec<(String, String)> {
+        let mut found: Vec<(String, String)> = [
+            ("password_file", &self.password_file),
+            ("key_file", &self.key_file),
+        ]
+        .into_iter()
+        .filter_map(|(key, file)| group_readable(format!("{at}.{key}"), file.as_ref()?))
+        .collect();
+        if self.password.is_some() {
+            found.push((
+                format!("{at}.password"),
+                "is written in the config file; prefer password_file or password_env".into(),
+            ));
+        }
+        found
     }
 
     pub fn validate(&self, at: &str, problems: &mut Problems) {
@@ -454,6 +473,60 @@ mod tests {
         assert_eq!(
             found,
             ["schema_registry.password: a password needs a username (basic authentication)"]
+        );
+    }
+
+    /// The same unwise settings `[kafka]` warns about: a warning, not a problem.
+    #[test]
+    fn an_inline_password_or_a_group_readable_secret_is_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "s3cret\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let warned = |config: RegistryConfig| {
+            let mut problems = Problems::default();
+            config.validate("schema_registry", &mut problems);
+            assert!(problems.is_empty(), "{problems:?}");
+            config
+                .warnings("schema_registry")
+                .into_iter()
+                .map(|(key, why)| format!("{key} {why}"))
+                .collect::<Vec<_>>()
+        };
+        let basic = RegistryConfig {
+            url: "http://registry:8081".into(),
+            username: Some("edge".into()),
+            ..RegistryConfig::default()
+        };
+        assert_eq!(
+            warned(RegistryConfig {
+                password_file: Some(write("private", 0o600)),
+                ..basic.clone()
+            }),
+            Vec::<String>::new()
+        );
+        let group = warned(RegistryConfig {
+            password_file: Some(write("group", 0o640)),
+            ..basic.clone()
+        });
+        assert!(
+            group.len() == 1
+                && group[0].starts_with("schema_registry.password_file ")
+                && group[0].contains("readable by its group (mode 0640)"),
+            "{group:?}"
+        );
+        assert_eq!(
+            warned(RegistryConfig {
+                password: Some(Secret::new("inline")),
+                ..basic
+            }),
+            [
+                "schema_registry.password is written in the config file; prefer password_file or password_env"
+            ]
         );
     }
 }
