@@ -18,12 +18,21 @@
 //! zig-zag varint; the common `[0]` (the first message) is the single byte 0. A route's
 //! message is its `message` key (or its `record_name`), else the schema's first message.
 //!
+//! [`walk`] writes the Protobuf bytes straight from the parsed JSON, the way the Avro writer
+//! does; prost-reflect's dynamic message (a tree of fields filled per payload, then measured
+//! and encoded) cost about 2.3 µs for a 100 B payload, four times the Avro writer. The walk
+//! gives up on what it does not take on itself (the well-known types' JSON forms but for a
+//! nested call, `bytes`, strings for numbers, anything odd) and prost-reflect reads those,
+//! and says why a payload does not fit. A property test holds the two to the same results.
+//!
 //! Not supported: schemas that import other registry subjects (schema references): such a
 //! schema does not compile here ("file not found"), and the gateway keeps the version it has.
 
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
 use protox::prost::Message;
+
+mod walk;
 
 /// The name the schema text is compiled under (imports are resolved against it).
 const FILE: &str = "schema.proto";
@@ -93,42 +102,58 @@ impl Schema {
     /// `id`; why it cannot be.
     pub fn encode(&self, id: u32, name: Option<&str>, json: &[u8]) -> Result<Vec<u8>, String> {
         let descriptor = self.message(name)?;
-        let mismatch = |(at, e): (String, serde_json::Error)| {
-            format!(
-                "the payload does not match message {} of Protobuf schema {id}: {at}{e}",
-                descriptor.full_name()
-            )
-        };
-        let mut reader = serde_json::Deserializer::from_slice(json);
-        let strict = DynamicMessage::deserialize_with_options(
-            descriptor.clone(),
-            &mut reader,
-            &DeserializeOptions::new(),
-        )
-        .and_then(|m| reader.end().map(|()| m));
-        let message = match strict {
-            Ok(message) => message,
-            Err(e) if e.is_syntax() || e.is_eof() => {
-                return Err(format!("the payload is not JSON: {e}"));
-            }
-            Err(_) => {
-                // The slow path, for a payload that does not fit as it is: fields the message
-                // lacks are dropped (strict reading is kept for the rest: an unknown enum name
-                // is still a mismatch), and what still does not fit is said with its place.
-                let mut value: serde_json::Value = serde_json::from_slice(json)
-                    .map_err(|e| format!("the payload is not JSON: {e}"))?;
-                drop_unknown_fields(&descriptor, &mut value);
-                read(&descriptor, value).map_err(mismatch)?
-            }
-        };
-        let mut framed = Vec::with_capacity(8 + message.encoded_len());
+        let mut framed = Vec::with_capacity(8 + json.len());
         framed.push(super::avro::MAGIC);
         framed.extend_from_slice(&id.to_be_bytes());
         write_indexes(&descriptor, &mut framed);
-        message
+        let header = framed.len();
+        // The walk for the payloads it takes (nearly all); prost-reflect for the rest, and
+        // to say why one does not fit.
+        if let Ok(serde_json::Value::Object(members)) = serde_json::from_slice(json) {
+            if walk::message(&descriptor, &members, &mut framed).is_some() {
+                return Ok(framed);
+            }
+        }
+        framed.truncate(header);
+        read_dynamic(&descriptor, id, json)?
             .encode(&mut framed)
             .map_err(|e| format!("cannot encode the message: {e}"))?;
         Ok(framed)
+    }
+}
+
+/// `json` read as a `descriptor` message by prost-reflect: strictly first, then with the
+/// fields the message lacks dropped; why it does not fit, with the place.
+fn read_dynamic(
+    descriptor: &MessageDescriptor,
+    id: u32,
+    json: &[u8],
+) -> Result<DynamicMessage, String> {
+    let mismatch = |(at, e): (String, serde_json::Error)| {
+        format!(
+            "the payload does not match message {} of Protobuf schema {id}: {at}{e}",
+            descriptor.full_name()
+        )
+    };
+    let mut reader = serde_json::Deserializer::from_slice(json);
+    let strict = DynamicMessage::deserialize_with_options(
+        descriptor.clone(),
+        &mut reader,
+        &DeserializeOptions::new(),
+    )
+    .and_then(|m| reader.end().map(|()| m));
+    match strict {
+        Ok(message) => Ok(message),
+        Err(e) if e.is_syntax() || e.is_eof() => Err(format!("the payload is not JSON: {e}")),
+        Err(_) => {
+            // A payload that does not fit as it is: fields the message lacks are dropped
+            // (strict reading is kept for the rest: an unknown enum name is still a
+            // mismatch), and what still does not fit is said with its place.
+            let mut value: serde_json::Value = serde_json::from_slice(json)
+                .map_err(|e| format!("the payload is not JSON: {e}"))?;
+            drop_unknown_fields(descriptor, &mut value);
+            read(descriptor, value).map_err(mismatch)
+        }
     }
 }
 
@@ -371,33 +396,36 @@ mod tests {
         }
     }
 
+    /// A schema with every kind of field, the well-known types among them.
+    const RICH: &str = r#"
+        syntax = "proto3";
+        package rich;
+        import "google/protobuf/timestamp.proto";
+        import "google/protobuf/duration.proto";
+        import "google/protobuf/struct.proto";
+        import "google/protobuf/wrappers.proto";
+        import "google/protobuf/any.proto";
+        message All {
+          int32 i = 1; int64 l = 2; uint32 u = 3; uint64 ul = 4; sint32 si = 5;
+          fixed64 fx = 6; float f = 7; double d = 8; bool b = 9; string s = 10;
+          bytes by = 11; E e = 12; Inner r = 13; repeated double a = 14;
+          map<string, Inner> m = 15; oneof choice { string c1 = 16; Inner c2 = 17; }
+          google.protobuf.Timestamp ts = 18; google.protobuf.Duration du = 19;
+          google.protobuf.Struct st = 20; google.protobuf.Int32Value w = 21;
+          google.protobuf.Any an = 22; repeated All children = 23; optional int32 o = 24;
+          map<int32, string> im = 25; int32 camel_case = 26;
+        }
+        message Inner { int32 x = 1; repeated string tags = 2; }
+        enum E { E0 = 0; E1 = 1; }
+    "#;
+
     /// Whatever a device sends is encoded or refused with a reason, never a panic, against a
     /// schema with every kind of field (the well-known types' own JSON forms included); what
-    /// is encoded decodes as the message, and encodes back to the same message.
+    /// is encoded decodes as the message (the walk's agreement with prost-reflect is
+    /// [`the_walk_agrees_with_prost_reflect`]'s).
     #[test]
     fn any_json_is_encoded_or_refused_never_a_panic() {
         use proptest::prelude::*;
-        const RICH: &str = r#"
-            syntax = "proto3";
-            package rich;
-            import "google/protobuf/timestamp.proto";
-            import "google/protobuf/duration.proto";
-            import "google/protobuf/struct.proto";
-            import "google/protobuf/wrappers.proto";
-            import "google/protobuf/any.proto";
-            message All {
-              int32 i = 1; int64 l = 2; uint32 u = 3; uint64 ul = 4; sint32 si = 5;
-              fixed64 fx = 6; float f = 7; double d = 8; bool b = 9; string s = 10;
-              bytes by = 11; E e = 12; Inner r = 13; repeated double a = 14;
-              map<string, Inner> m = 15; oneof choice { string c1 = 16; Inner c2 = 17; }
-              google.protobuf.Timestamp ts = 18; google.protobuf.Duration du = 19;
-              google.protobuf.Struct st = 20; google.protobuf.Int32Value w = 21;
-              google.protobuf.Any an = 22; repeated All children = 23; optional int32 o = 24;
-              map<int32, string> im = 25;
-            }
-            message Inner { int32 x = 1; repeated string tags = 2; }
-            enum E { E0 = 0; E1 = 1; }
-        "#;
         let schema = Schema::compile(RICH).unwrap();
         let leaf = prop_oneof![
             Just(serde_json::Value::Null),
@@ -476,11 +504,6 @@ mod tests {
                         prop_assert_eq!(&framed[..6], &[0, 0, 0, 0, 1, 0]);
                         let back = DynamicMessage::decode(descriptor.clone(), &framed[6..]);
                         prop_assert!(back.is_ok(), "{:?}", back);
-                        let back = back.unwrap();
-                        // Map entries have no order on the wire: compare messages, not bytes.
-                        let again =
-                            DynamicMessage::decode(descriptor.clone(), &back.encode_to_vec()[..]);
-                        prop_assert_eq!(again.ok(), Some(back));
                     }
                     Err(why) => {
                         refused.set(refused.get() + 1);
@@ -495,6 +518,153 @@ mod tests {
         assert!(
             encoded > 100 && refused > 100,
             "{encoded} encoded, {refused} refused"
+        );
+    }
+
+    /// The walk answers only as prost-reflect does: for JSON shaped like the message (each
+    /// member of its field's kind, mostly, or of another, or null), whenever the walk
+    /// writes bytes, prost-reflect reads the same payload as the same message.
+    #[test]
+    fn the_walk_agrees_with_prost_reflect() {
+        use proptest::prelude::*;
+        use serde_json::{Value as J, json};
+        let schema = Schema::compile(RICH).unwrap();
+        let descriptor = schema.message(None).unwrap();
+        let odd = prop_oneof![
+            Just(J::Null),
+            Just(json!("12")),
+            Just(json!(1.5)),
+            Just(json!(-1)),
+            Just(json!(1e40)),
+            Just(json!("E9")),
+            Just(json!({})),
+            Just(json!([1])),
+            Just(json!(true)),
+        ];
+        let int = prop_oneof![
+            any::<i32>().prop_map(J::from),
+            any::<i64>().prop_map(J::from)
+        ];
+        let uint = prop_oneof![
+            any::<u32>().prop_map(J::from),
+            any::<u64>().prop_map(J::from)
+        ];
+        let float = (-1e6f64..1e6).prop_map(J::from);
+        let text = "[a-z0-9]{0,4}".prop_map(J::from);
+        let inner = (any::<i32>(), proptest::collection::vec("[a-z]{0,3}", 0..3))
+            .prop_map(|(x, tags)| json!({"x": x, "tags": tags}));
+        let fields: Vec<(&str, BoxedStrategy<J>)> = vec![
+            ("i", int.clone().boxed()),
+            ("l", int.clone().boxed()),
+            ("u", uint.clone().boxed()),
+            ("ul", uint.clone().boxed()),
+            ("si", int.clone().boxed()),
+            ("fx", uint.clone().boxed()),
+            ("f", float.clone().boxed()),
+            ("d", float.clone().boxed()),
+            ("b", any::<bool>().prop_map(J::from).boxed()),
+            ("s", text.clone().boxed()),
+            ("by", Just(json!("AAE=")).boxed()),
+            (
+                "e",
+                prop_oneof![Just(json!("E0")), Just(json!("E1")), Just(json!(1))].boxed(),
+            ),
+            ("r", inner.clone().boxed()),
+            (
+                "a",
+                proptest::collection::vec(float.clone(), 0..4)
+                    .prop_map(J::from)
+                    .boxed(),
+            ),
+            (
+                "m",
+                proptest::collection::btree_map("[a-c]{1,2}", inner.clone(), 0..3)
+                    .prop_map(|m| json!(m))
+                    .boxed(),
+            ),
+            ("c1", text.clone().boxed()),
+            ("c2", inner.clone().boxed()),
+            ("ts", Just(json!("2026-12-05T10:00:00.5Z")).boxed()),
+            ("du", Just(json!("1.5s")).boxed()),
+            ("st", Just(json!({"a": [1, "x", null]})).boxed()),
+            ("w", int.clone().boxed()),
+            ("o", int.clone().boxed()),
+            (
+                "im",
+                proptest::collection::btree_map(
+                    any::<i32>().prop_map(|k| k.to_string()),
+                    text.clone(),
+                    0..3,
+                )
+                .prop_map(|m| json!(m))
+                .boxed(),
+            ),
+            (
+                "children",
+                Just(json!([{"i": 1}, {"s": "x", "e": "E1"}])).boxed(),
+            ),
+            ("camelCase", int.clone().boxed()),
+            ("zz", text.clone().boxed()),
+        ];
+        let member = proptest::sample::select((0..fields.len()).collect::<Vec<_>>());
+        let shaped = proptest::collection::vec((member, any::<u8>(), odd.clone()), 0..10)
+            .prop_flat_map(move |picks| {
+                let strategies: Vec<BoxedStrategy<(String, J)>> = picks
+                    .into_iter()
+                    .map(|(i, roll, odd)| {
+                        let (name, strategy) = &fields[i];
+                        let name = name.to_string();
+                        if roll < 24 {
+                            Just((name, odd)).boxed()
+                        } else {
+                            strategy
+                                .clone()
+                                .prop_map(move |v| (name.clone(), v))
+                                .boxed()
+                        }
+                    })
+                    .collect();
+                strategies
+            })
+            .prop_map(|members| J::Object(members.into_iter().collect()));
+        let (walked, gave_up) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases: 4096,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(&shaped, |value| {
+                let J::Object(members) = &value else {
+                    unreachable!("an object");
+                };
+                let mut bytes = Vec::new();
+                let json = serde_json::to_vec(&value).unwrap();
+                let read = read_dynamic(&descriptor, 1, &json);
+                if walk::message(&descriptor, members, &mut bytes).is_none() {
+                    gave_up.set(gave_up.get() + 1);
+                    return Ok(());
+                }
+                walked.set(walked.get() + 1);
+                prop_assert!(
+                    read.is_ok(),
+                    "the walk took what prost-reflect refuses: {:?}",
+                    read
+                );
+                // Compared as prost writes them (fields at their default not set, map entries
+                // in no order): a field set to its default and one left out are the same.
+                let canonical = |m: &DynamicMessage| {
+                    DynamicMessage::decode(descriptor.clone(), &m.encode_to_vec()[..]).ok()
+                };
+                let walked = DynamicMessage::decode(descriptor.clone(), &bytes[..]);
+                prop_assert!(walked.is_ok(), "{:?}", walked);
+                prop_assert_eq!(canonical(&walked.unwrap()), canonical(&read.unwrap()));
+                Ok(())
+            })
+            .unwrap();
+        let (walked, gave_up) = (walked.get(), gave_up.get());
+        assert!(
+            walked > 1000 && gave_up > 100,
+            "{walked} walked, {gave_up} given up"
         );
     }
 
