@@ -24,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -61,6 +61,14 @@ struct Args {
     /// size. For `format = "avro"` and `"json"` routes; see [`json_schema`] for its schema.
     #[arg(long, conflicts_with = "subscribers")]
     json: bool,
+    /// Payloads are Sparkplug B NDATA of about `--payload` bytes instead of text: metrics
+    /// `id` (String, the message's id), `seq` (UInt64) and one Double `sNN` per 13 bytes
+    /// beyond the first 48, by name (no births needed), `seq` 0 to 255 per connection. Publish
+    /// them as edge nodes (`--topic 'spBv1.0/load/NDATA/node-{conn}'`) to a
+    /// `format = "sparkplug_b"` route with `records = "per_payload"`, whose record carries the
+    /// id that `--verify` looks for.
+    #[arg(long, conflicts_with_all = ["subscribers", "json"])]
+    sparkplug: bool,
     /// Print the Avro schema of `--json` payloads of `--payload` bytes, and exit (what to
     /// register for an `avro` route they go to).
     #[arg(long)]
@@ -793,6 +801,7 @@ mod v5 {
 struct Shape {
     size: usize,
     json: bool,
+    sparkplug: bool,
 }
 
 impl Args {
@@ -800,6 +809,7 @@ impl Args {
         Shape {
             size: self.payload,
             json: self.json,
+            sparkplug: self.sparkplug,
         }
     }
 }
@@ -807,6 +817,9 @@ impl Args {
 fn payload(run: &str, conn: usize, seq: u64, shape: Shape) -> Vec<u8> {
     if shape.json {
         return json_payload(run, conn, seq, shape.size);
+    }
+    if shape.sparkplug {
+        return sparkplug_payload(run, conn, seq, shape.size);
     }
     let mut p = format!("{run}:{conn}:{seq}|").into_bytes();
     if p.len() < shape.size {
@@ -836,6 +849,63 @@ fn json_payload(run: &str, conn: usize, seq: u64, size: usize) -> Vec<u8> {
     }
     p.push('}');
     p.into_bytes()
+}
+
+/// A `--sparkplug` NDATA payload of about `size` bytes: the same readings as a `--json`
+/// payload of that size, as Sparkplug B metrics by name (sparkplug_b.proto: Payload 1
+/// timestamp, 2 metrics, 3 seq; Metric 1 name, 3 timestamp, 4 datatype, 11 long_value,
+/// 13 double_value, 15 string_value).
+fn sparkplug_payload(run: &str, conn: usize, seq: u64, size: usize) -> Vec<u8> {
+    const UINT64: u64 = 8;
+    const DOUBLE: u64 = 10;
+    const STRING: u64 = 12;
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn bytes(out: &mut Vec<u8>, number: u64, b: &[u8]) {
+        varint(out, number << 3 | 2);
+        varint(out, b.len() as u64);
+        out.extend_from_slice(b);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let metric = |name: &str, datatype: u64, value: &dyn Fn(&mut Vec<u8>)| {
+        let mut m = Vec::with_capacity(32);
+        bytes(&mut m, 1, name.as_bytes());
+        varint(&mut m, 3 << 3);
+        varint(&mut m, now);
+        varint(&mut m, 4 << 3);
+        varint(&mut m, datatype);
+        value(&mut m);
+        m
+    };
+    let mut p = Vec::with_capacity(size + 16);
+    varint(&mut p, 1 << 3);
+    varint(&mut p, now);
+    let id = format!("{run}:{conn}:{seq}|");
+    let id = metric("id", STRING, &|m| bytes(m, 15, id.as_bytes()));
+    bytes(&mut p, 2, &id);
+    let counter = metric("seq", UINT64, &|m| {
+        varint(m, 11 << 3);
+        varint(m, seq);
+    });
+    bytes(&mut p, 2, &counter);
+    for i in 0..json_sensors(size) {
+        let reading = 20.0 + ((seq + i as u64) % 97) as f64 / 8.0;
+        let sensor = metric(&format!("s{i:02}"), DOUBLE, &|m| {
+            varint(m, 13 << 3 | 1);
+            m.extend_from_slice(&reading.to_le_bytes());
+        });
+        bytes(&mut p, 2, &sensor);
+    }
+    varint(&mut p, 3 << 3);
+    varint(&mut p, seq % 256);
+    p
 }
 
 /// The Avro schema of `--json` payloads of `size` bytes (`--print-schema`).
@@ -1007,11 +1077,12 @@ impl Verifier {
 
 /// `(connection, sequence)` of one of this run's payloads.
 /// The id starts the payload, or (`--json`, and what a route encoded from it) is found in
-/// its first bytes.
+/// its first bytes, or (`--sparkplug`: the record a `sparkplug_b` route wrote) in its first
+/// few hundred.
 fn parse_id(value: &[u8], prefix: &str) -> Option<(usize, u64)> {
     let start = value
         .windows(prefix.len())
-        .take(32)
+        .take(512)
         .position(|w| w == prefix.as_bytes())?;
     let rest = &value[start + prefix.len()..];
     let end = rest.iter().position(|b| *b == b'|')?;
@@ -1724,6 +1795,42 @@ mod tests {
 
     /// `--json` payloads are JSON of the size asked for, their id is found, and they encode
     /// with the schema `--print-schema` gives, the id readable in the Avro record too.
+    /// `--sparkplug` payloads decode as Sparkplug B, are about their size, and the record a
+    /// `sparkplug_b` route makes of one (per payload) carries the id `--verify` looks for, in
+    /// sequence with no anomaly.
+    #[test]
+    fn sparkplug_payloads_convert_to_records_carrying_their_id() {
+        use edgegate::format::sparkplug::{Records, Sparkplug, proto};
+        for size in [100, 300, 1000] {
+            let gateway = Sparkplug::default();
+            for seq in [0u64, 1, 2] {
+                let p = sparkplug_payload("1234567", 42, seq, size);
+                assert!(
+                    p.len() > size / 2 && p.len() < size * 2,
+                    "{size}: {} B",
+                    p.len()
+                );
+                let decoded = proto::decode(bytes::Bytes::from(p.clone())).unwrap();
+                assert_eq!(decoded.metrics.len(), 2 + json_sensors(size));
+                let converted = gateway
+                    .convert(
+                        "spBv1.0/load/NDATA/node-42",
+                        &bytes::Bytes::from(p),
+                        Records::PerPayload,
+                    )
+                    .unwrap();
+                assert_eq!(converted.records.len(), 1);
+                assert!(converted.anomalies.is_empty(), "{:?}", converted.anomalies);
+                assert_eq!(
+                    parse_id(&converted.records[0], "1234567:"),
+                    Some((42, seq)),
+                    "{}",
+                    String::from_utf8_lossy(&converted.records[0])
+                );
+            }
+        }
+    }
+
     #[test]
     fn json_payloads_fit_their_size_and_their_schema() {
         for size in [60, 100, 300, 1000] {
