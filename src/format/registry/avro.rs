@@ -14,12 +14,14 @@
 //! range (apache-avro truncates it), one above `i64::MAX` for a `long` (it wraps), a `fixed`
 //! of the wrong size, or a byte array item above 255 are mismatches.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use apache_avro::Schema;
-use apache_avro::schema::{Name, RecordSchema, ResolvedSchema, UnionSchema};
+use apache_avro::schema::{Name, RecordField, RecordSchema, ResolvedSchema, UnionSchema};
 use apache_avro::types::Value;
 use serde_json::Value as Json;
+use serde_json::value::RawValue;
 
 /// The Confluent wire format's first byte.
 pub const MAGIC: u8 = 0;
@@ -118,6 +120,11 @@ impl Writer {
 
     /// `json` encoded (registered as `id`), framed for Kafka.
     pub fn encode(&self, id: u32, json: &[u8]) -> Result<Vec<u8>, EncodeError> {
+        if let Schema::Record(record) = &self.schema {
+            if let Some(framed) = self.encode_members(record, id, json) {
+                return Ok(framed);
+            }
+        }
         let value: Json =
             serde_json::from_slice(json).map_err(|e| EncodeError::NotJson(e.to_string()))?;
         let mut out = Vec::with_capacity(5 + json.len());
@@ -128,6 +135,60 @@ impl Writer {
             Err(Fail::Mismatch(reason)) => Err(EncodeError::Mismatch { id, reason }),
             Err(Fail::Unsupported) => encode_value(&self.schema, id, value),
         }
+    }
+
+    /// The usual payload, a JSON object for a record schema, read without building its map:
+    /// its members in order, names borrowed, each value parsed only when its field is written
+    /// (a `Map` of 75 readings cost more in allocations and key comparisons than the encoding
+    /// itself). `None` leaves the payload to the general path, which says why it does not
+    /// fit: not an object, any mismatch, or a field's name given twice (there the last one
+    /// wins, as in serde_json's map).
+    fn encode_members(&self, record: &RecordSchema, id: u32, json: &[u8]) -> Option<Vec<u8>> {
+        let Members(members) = serde_json::from_slice(json).ok()?;
+        // Which members a field took, a bit each (more than 128 members: the general path).
+        if members.len() > 128 {
+            return None;
+        }
+        let mut taken = 0u128;
+        let is_taken = |taken: u128, i: usize| taken & (1 << i) != 0;
+        let mut next = 0;
+        let mut out = Vec::with_capacity(5 + json.len());
+        out.push(MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        for field in &record.fields {
+            // Members usually come in the schema's order: try the next one first.
+            let at = if members
+                .get(next)
+                .is_some_and(|(name, _)| *name == field.name)
+            {
+                Some(next)
+            } else {
+                members
+                    .iter()
+                    .enumerate()
+                    .position(|(i, (name, _))| !is_taken(taken, i) && *name == field.name)
+            };
+            let written = match at {
+                Some(i) => {
+                    taken |= 1 << i;
+                    next = i + 1;
+                    let raw = members[i].1.get();
+                    // A number (most readings) without a parser of its own.
+                    let value = match raw.as_bytes().first() {
+                        Some(b'-' | b'0'..=b'9') => Json::Number(raw.parse().ok()?),
+                        _ => serde_json::from_str(raw).ok()?,
+                    };
+                    self.write(&field.schema, &value, &mut out, 1)
+                }
+                None => self.write_missing(record, field, &mut out, 0),
+            };
+            written.ok()?;
+        }
+        let twice = members
+            .iter()
+            .enumerate()
+            .any(|(i, (name, _))| !is_taken(taken, i) && record.lookup.contains_key(name.as_ref()));
+        (!twice).then_some(out)
     }
 
     fn write(&self, schema: &Schema, v: &Json, out: &mut Vec<u8>, depth: usize) -> Walk {
@@ -318,21 +379,7 @@ impl Writer {
         for field in &r.fields {
             match fields.get(&field.name) {
                 Some(value) => self.write(&field.schema, value, out, depth + 1),
-                None => match &field.default {
-                    // A union's default is of its first branch.
-                    Some(default) => match &field.schema {
-                        Schema::Union(u) => {
-                            put_long(out, 0);
-                            let first = u.variants().first().ok_or(Fail::Unsupported)?;
-                            self.write(first, default, out, depth + 1)
-                        }
-                        schema => self.write(schema, default, out, depth + 1),
-                    },
-                    None => Err(Fail::Mismatch(format!(
-                        ": missing, and record {} gives it no default",
-                        r.name
-                    ))),
-                },
+                None => self.write_missing(r, field, out, depth),
             }
             // The path to the value that failed: "field a.b: expected ...".
             .map_err(|e| match e {
@@ -345,6 +392,80 @@ impl Writer {
             })?;
         }
         Ok(())
+    }
+}
+
+impl Writer {
+    /// Field `field` of record `r`, absent from the JSON: its default.
+    fn write_missing(
+        &self,
+        r: &RecordSchema,
+        field: &RecordField,
+        out: &mut Vec<u8>,
+        depth: usize,
+    ) -> Walk {
+        match &field.default {
+            // A union's default is of its first branch.
+            Some(default) => match &field.schema {
+                Schema::Union(u) => {
+                    put_long(out, 0);
+                    let first = u.variants().first().ok_or(Fail::Unsupported)?;
+                    self.write(first, default, out, depth + 1)
+                }
+                schema => self.write(schema, default, out, depth + 1),
+            },
+            None => Err(Fail::Mismatch(format!(
+                ": missing, and record {} gives it no default",
+                r.name
+            ))),
+        }
+    }
+}
+
+/// A JSON object's members in order: names borrowed unless escaped, values unparsed.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(MemberName(name)) = map.next_key()? {
+                    members.push((name, map.next_value()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
+struct MemberName<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = MemberName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<MemberName<'de>, E> {
+                Ok(MemberName(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 
@@ -429,6 +550,44 @@ mod tests {
             .unwrap();
         // device "d1" (len 2 zigzag = 4), temp 8 bytes, seq 1 (zigzag 2), union branch 0.
         assert_eq!(framed.len(), 5 + 3 + 8 + 1 + 1);
+    }
+
+    /// Members in any order, an escaped name, and a name given twice (the last one wins, as
+    /// in serde_json's map): the members path and the general one agree.
+    #[test]
+    fn members_in_any_order_or_twice_read_as_the_map_reads_them() {
+        let writer = reading();
+        let ordered = writer
+            .encode(1, br#"{"device":"d","temp":1.5,"seq":2,"unit":"C"}"#)
+            .unwrap();
+        for json in [
+            &br#"{"unit":"C","seq":2,"temp":1.5,"device":"d"}"#[..],
+            br#"{"seq":2,"x":[1,{"y":2}],"\u0064evice":"d","temp":1.5,"unit":"C"}"#,
+            br#"{"device":"d","temp":9,"seq":2,"unit":"C","temp":1.5}"#,
+        ] {
+            assert_eq!(
+                writer.encode(1, json).unwrap(),
+                ordered,
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+            let value: Json = serde_json::from_slice(json).unwrap();
+            let mut general = vec![MAGIC, 0, 0, 0, 1];
+            let walked = writer.write(&writer.schema, &value, &mut general, 0);
+            assert!(walked.is_ok());
+            assert_eq!(general, ordered);
+        }
+        // Not an object, or a mismatch: the general path says why.
+        assert!(matches!(
+            writer.encode(1, b"[1]"),
+            Err(EncodeError::Mismatch { .. })
+        ));
+        match writer.encode(1, br#"{"device":"d","temp":"hot","seq":2}"#) {
+            Err(EncodeError::Mismatch { reason, .. }) => {
+                assert!(reason.starts_with("field temp: "), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
