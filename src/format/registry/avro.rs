@@ -14,14 +14,14 @@
 //! range (apache-avro truncates it), one above `i64::MAX` for a `long` (it wraps), a `fixed`
 //! of the wrong size, or a byte array item above 255 are mismatches.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use apache_avro::Schema;
 use apache_avro::schema::{Name, RecordField, RecordSchema, ResolvedSchema, UnionSchema};
 use apache_avro::types::Value;
 use serde_json::Value as Json;
-use serde_json::value::RawValue;
+
+use super::members::{self, Members};
 
 /// The Confluent wire format's first byte.
 pub const MAGIC: u8 = 0;
@@ -172,12 +172,7 @@ impl Writer {
                 Some(i) => {
                     taken |= 1 << i;
                     next = i + 1;
-                    let raw = members[i].1.get();
-                    // A number (most readings) without a parser of its own.
-                    let value = match raw.as_bytes().first() {
-                        Some(b'-' | b'0'..=b'9') => Json::Number(raw.parse().ok()?),
-                        _ => serde_json::from_str(raw).ok()?,
-                    };
+                    let value = members::value(members[i].1)?;
                     self.write(&field.schema, &value, &mut out, 1)
                 }
                 None => self.write_missing(record, field, &mut out, 0),
@@ -419,53 +414,6 @@ impl Writer {
                 r.name
             ))),
         }
-    }
-}
-
-/// A JSON object's members in order: names borrowed unless escaped, values unparsed.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'de> serde::Deserialize<'de> for Members<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Object;
-        impl<'de> serde::de::Visitor<'de> for Object {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Members<'de>, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some(MemberName(name)) = map.next_key()? {
-                    members.push((name, map.next_value()?));
-                }
-                Ok(Members(members))
-            }
-        }
-        d.deserialize_map(Object)
-    }
-}
-
-struct MemberName<'a>(Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for MemberName<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl<'de> serde::de::Visitor<'de> for Text {
-            type Value = MemberName<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<MemberName<'de>, E> {
-                Ok(MemberName(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<MemberName<'de>, E> {
-                Ok(MemberName(Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(Text)
     }
 }
 

@@ -26,6 +26,7 @@ pub mod avro;
 pub mod cache;
 pub mod client;
 pub mod config;
+mod members;
 pub mod protobuf;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

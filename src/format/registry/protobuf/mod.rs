@@ -109,10 +109,8 @@ impl Schema {
         let header = framed.len();
         // The walk for the payloads it takes (nearly all); prost-reflect for the rest, and
         // to say why one does not fit.
-        if let Ok(serde_json::Value::Object(members)) = serde_json::from_slice(json) {
-            if walk::message(&descriptor, &members, &mut framed).is_some() {
-                return Ok(framed);
-            }
+        if walk::payload(&descriptor, json, &mut framed).is_some() {
+            return Ok(framed);
         }
         framed.truncate(header);
         read_dynamic(&descriptor, id, json)?
@@ -634,13 +632,10 @@ mod tests {
         });
         runner
             .run(&shaped, |value| {
-                let J::Object(members) = &value else {
-                    unreachable!("an object");
-                };
                 let mut bytes = Vec::new();
                 let json = serde_json::to_vec(&value).unwrap();
                 let read = read_dynamic(&descriptor, 1, &json);
-                if walk::message(&descriptor, members, &mut bytes).is_none() {
+                if walk::payload(&descriptor, &json, &mut bytes).is_none() {
                     gave_up.set(gave_up.get() + 1);
                     return Ok(());
                 }

@@ -17,45 +17,87 @@ use protox::prost::Message;
 use protox::prost::encoding::{WireType, encode_key, encode_varint};
 use serde_json::{Map, Value};
 
+use crate::format::registry::members::{self, Members};
+
+/// Writes payload `json`, an object, as message `descriptor` to `out`, reading its members
+/// without building a map ([`Members`]).
+pub(super) fn payload(
+    descriptor: &MessageDescriptor,
+    json: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    let Members(members) = serde_json::from_slice(json).ok()?;
+    let mut fields = Fields::default();
+    for (name, raw) in &members {
+        if let Some(field) = fields.take(descriptor, name)? {
+            member(&field, &members::value(raw)?, out)?;
+        }
+    }
+    Some(())
+}
+
 /// Writes the fields of `members` as message `descriptor` to `out`.
-pub(super) fn message(
+fn message(
     descriptor: &MessageDescriptor,
     members: &Map<String, Value>,
     out: &mut Vec<u8>,
 ) -> Option<()> {
-    // Field numbers written, and oneofs set: a second one is for prost-reflect to refuse.
-    let mut written = Seen::default();
-    let mut oneofs = Seen::default();
+    let mut fields = Fields::default();
     for (name, value) in members {
+        if let Some(field) = fields.take(descriptor, name)? {
+            member(&field, value, out)?;
+        }
+    }
+    Some(())
+}
+
+/// The fields one message's members have named so far: field numbers, and oneofs set (a
+/// oneof is known by its first field's number); a second one is for prost-reflect to refuse.
+#[derive(Default)]
+struct Fields {
+    written: Seen,
+    oneofs: Seen,
+}
+
+impl Fields {
+    /// The field member `name` is for, if the message has one; `None` to give up.
+    fn take(
+        &mut self,
+        descriptor: &MessageDescriptor,
+        name: &str,
+    ) -> Option<Option<FieldDescriptor>> {
         let Some(field) = descriptor
             .get_field_by_name(name)
             .or_else(|| descriptor.get_field_by_json_name(name))
         else {
-            continue;
+            return Some(None);
         };
-        if !written.insert(field.number()) {
+        if !self.written.insert(field.number()) {
             return None;
         }
-        // A oneof is known by its first field's number. (A proto3 `optional` field is a
-        // oneof of its own: never a conflict.)
+        // (A proto3 `optional` field is a oneof of its own: never a conflict.)
         if let Some(first) = field.containing_oneof().and_then(|o| o.fields().next()) {
-            if !oneofs.insert(first.number()) {
+            if !self.oneofs.insert(first.number()) {
                 return None;
             }
         }
-        if value.is_null() {
-            // A field's null is its default (not set), but for `google.protobuf.Value`,
-            // whose null is a value.
-            if matches!(field.kind(), Kind::Message(m) if m.full_name() == "google.protobuf.Value")
-                || matches!(field.kind(), Kind::Enum(e) if e.full_name() == "google.protobuf.NullValue")
-            {
-                return None;
-            }
-            continue;
-        }
-        self::field(&field, value, out)?;
+        Some(Some(field))
     }
-    Some(())
+}
+
+/// One member's value as `field`.
+fn member(field: &FieldDescriptor, value: &Value, out: &mut Vec<u8>) -> Option<()> {
+    if value.is_null() {
+        // A field's null is its default (not set), but for `google.protobuf.Value`, whose
+        // null is a value.
+        if matches!(field.kind(), Kind::Message(m) if m.full_name() == "google.protobuf.Value")
+            || matches!(field.kind(), Kind::Enum(e) if e.full_name() == "google.protobuf.NullValue")
+        {
+            return None;
+        }
+        return Some(());
+    }
+    self::field(field, value, out)
 }
 
 /// A set of small numbers: a bit each below 128, a list above.
