@@ -28,7 +28,9 @@
 //! Not supported: schemas that import other registry subjects (schema references): such a
 //! schema does not compile here ("file not found"), and the gateway keeps the version it has.
 
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor};
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, FileDescriptor, Kind, MessageDescriptor,
+};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
 use protox::prost::Message;
 
@@ -40,6 +42,10 @@ const FILE: &str = "schema.proto";
 /// A compiled Protobuf schema.
 pub struct Schema {
     pool: DescriptorPool,
+    /// The registry's file in the pool (the rest are the well-known types it imports).
+    file: FileDescriptor,
+    /// Its first message: what a route that names none encodes.
+    first: MessageDescriptor,
 }
 
 /// The registry's schema text, as the only file besides the well-known types.
@@ -66,34 +72,26 @@ impl Schema {
         compiler
             .open_file(FILE)
             .map_err(|e| format!("the .proto does not compile: {e}"))?;
-        let schema = Schema {
-            pool: compiler.descriptor_pool(),
-        };
-        if schema.file().messages().len() == 0 {
-            return Err("the .proto defines no message".into());
-        }
-        Ok(schema)
-    }
-
-    fn file(&self) -> prost_reflect::FileDescriptor {
-        self.pool
+        let pool = compiler.descriptor_pool();
+        let file = pool
             .get_file_by_name(FILE)
-            .expect("the compiled file is in its own pool")
+            .ok_or_else(|| "the .proto does not compile: the file is not in its pool".to_owned())?;
+        let first = file
+            .messages()
+            .next()
+            .ok_or_else(|| "the .proto defines no message".to_owned())?;
+        Ok(Schema { pool, file, first })
     }
 
     /// The message `name` (fully qualified, without a leading dot) of this schema's own file,
     /// or its first message when `None`.
     fn message(&self, name: Option<&str>) -> Result<MessageDescriptor, String> {
-        let file = self.file();
         match name {
-            None => file
-                .messages()
-                .next()
-                .ok_or_else(|| "the .proto defines no message".to_owned()),
+            None => Ok(self.first.clone()),
             Some(name) => self
                 .pool
                 .get_message_by_name(name.trim_start_matches('.'))
-                .filter(|m| m.parent_file() == file)
+                .filter(|m| m.parent_file() == self.file)
                 .ok_or_else(|| format!("the schema defines no message {name}")),
         }
     }
