@@ -180,12 +180,8 @@ pub(super) fn encode_pending(
             .find(|(k, _)| k == name)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     };
-    let kind = match header(registry::PENDING_TYPE_HEADER).as_deref() {
-        None | Some("AVRO") => Ok(SchemaType::Avro),
-        Some("JSON") => Ok(SchemaType::Json),
-        Some("PROTOBUF") => Ok(SchemaType::Protobuf),
-        Some(other) => Err(other.to_owned()),
-    };
+    let named = header(registry::PENDING_TYPE_HEADER);
+    let kind = SchemaType::from_name(named.as_deref()).ok_or_else(|| named.unwrap_or_default());
     let message = header(registry::PENDING_MESSAGE_HEADER);
     let (kind, encoded) = match (kind, schemas) {
         (Ok(kind), Some(s)) => (
@@ -212,11 +208,9 @@ pub(super) fn encode_pending(
         Encoded::Done(framed) => Ok(framed),
         Encoded::Invalid(why) => Err(why),
     };
-    record.headers.retain(|(k, _)| {
-        k != registry::PENDING_HEADER
-            && k != registry::PENDING_TYPE_HEADER
-            && k != registry::PENDING_MESSAGE_HEADER
-    });
+    record
+        .headers
+        .retain(|(k, _)| !registry::is_pending_header(k));
     match encoded {
         Ok(framed) => {
             record.payload = framed;

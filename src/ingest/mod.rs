@@ -324,9 +324,7 @@ impl Pipeline {
         };
         // Only the gateway says what a record's payload is.
         record.headers.retain(|(k, _)| {
-            k != registry::PENDING_HEADER
-                && k != registry::PENDING_TYPE_HEADER
-                && k != registry::PENDING_MESSAGE_HEADER
+            !registry::is_pending_header(k)
                 && k != format::ERROR_HEADER
                 && k != format::FORMAT_HEADER
         });

@@ -47,6 +47,17 @@ impl SchemaType {
         *self == SchemaType::Avro
     }
 
+    /// The type the registry's `schemaType` names (absent: Avro); `None` for one the gateway
+    /// does not encode.
+    pub fn from_name(name: Option<&str>) -> Option<SchemaType> {
+        match name {
+            None | Some("AVRO") => Some(SchemaType::Avro),
+            Some("JSON") => Some(SchemaType::Json),
+            Some("PROTOBUF") => Some(SchemaType::Protobuf),
+            Some(_) => None,
+        }
+    }
+
     /// The registry's name for it.
     pub fn name(self) -> &'static str {
         match self {

@@ -155,16 +155,12 @@ impl crate::reload::Reloadable for Upstream {
 /// A `GET .../versions/latest` answer, if it is an Avro, a JSON Schema or a Protobuf version.
 pub fn parse_version(body: &str) -> Result<Entry, FetchError> {
     let v: Version = serde_json::from_str(body).map_err(|e| FetchError::Invalid(e.to_string()))?;
-    let schema_type = match v.schema_type.as_deref() {
-        None | Some("AVRO") => SchemaType::Avro,
-        Some("JSON") => SchemaType::Json,
-        Some("PROTOBUF") => SchemaType::Protobuf,
-        Some(other) => {
-            return Err(FetchError::Invalid(format!(
-                "schema {} is {other}; the gateway encodes AVRO, JSON and PROTOBUF",
-                v.id
-            )));
-        }
+    let Some(schema_type) = SchemaType::from_name(v.schema_type.as_deref()) else {
+        return Err(FetchError::Invalid(format!(
+            "schema {} is {}; the gateway encodes AVRO, JSON and PROTOBUF",
+            v.id,
+            v.schema_type.as_deref().unwrap_or_default()
+        )));
     };
     Ok(Entry {
         id: v.id,

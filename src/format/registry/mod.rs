@@ -55,6 +55,11 @@ pub const PENDING_TYPE_HEADER: &str = "edgegate-schema-pending-type";
 /// its route names one (without it, the schema's first message).
 pub const PENDING_MESSAGE_HEADER: &str = "edgegate-schema-pending-message";
 
+/// Whether `key` is one of the headers that mark a pending record (removed once encoded).
+pub fn is_pending_header(key: &str) -> bool {
+    key == PENDING_HEADER || key == PENDING_TYPE_HEADER || key == PENDING_MESSAGE_HEADER
+}
+
 /// A subject's schema as the gateway uses it.
 struct Known {
     entry: Entry,
