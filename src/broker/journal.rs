@@ -17,17 +17,27 @@
 //! [`read`] returns the bodies of the good prefix; a torn or corrupt tail is cut (logged),
 //! and a file whose header is not this journal's is set aside, not deleted.
 //!
+//! **Kept records.** An owner that would otherwise hold a record's bytes in memory until it
+//! is done with it (a persistent session's queued message, held while its client is away)
+//! appends it with [`Journal::append_kept`] under an id and reads it back with
+//! [`Journal::read_kept`]. The journal holds its bytes only until the writer has written
+//! them, then its place in the file (offset and length); a rewrite carries each kept record
+//! over and moves its place, so the owner keeps only ids. Its snapshot names kept records
+//! by id ([`Live::Kept`]); [`Journal::forget`] ends one.
+//!
 //! A failed write (a full disk) must not leave a torn record in the middle of the file, where
 //! the next start would cut everything after it, nor a file short of changes the state holds
 //! while later records go after them: the writer cuts the file back to its last good length,
 //! and its next commit rewrites the journal whole from the snapshot (which holds the failed
 //! batch's changes too, made before their records were sent).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes};
 use tokio::sync::oneshot;
@@ -41,24 +51,71 @@ const FRAME_LEN: usize = 8;
 /// Compaction waits until the journal is at least this large, however much of it is dead.
 pub const MIN_COMPACT_BYTES: u64 = 1 << 20;
 
-/// The live state as record bodies, for a rewrite.
-pub type Snapshot = Box<dyn Fn() -> Vec<Bytes> + Send>;
+/// One record of the live state, for a rewrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Live {
+    Body(Bytes),
+    /// A record appended with [`Journal::append_kept`] and not forgotten: the journal has
+    /// its bytes.
+    Kept(u64),
+}
+
+impl From<Bytes> for Live {
+    fn from(body: Bytes) -> Live {
+        Live::Body(body)
+    }
+}
+
+/// The live state, for a rewrite.
+pub type Snapshot = Box<dyn Fn() -> Vec<Live> + Send>;
 
 struct Job {
     record: Vec<u8>,
     done: Option<oneshot::Sender<Result<(), String>>>,
+    /// The id of a kept record.
+    kept: Option<u64>,
 }
 
 /// What [`read`] found.
 pub struct Found {
     pub bodies: Vec<Bytes>,
+    /// Where each body starts in the file, for [`Journal::keep_at`].
+    pub offsets: Vec<u64>,
     good_len: u64,
+}
+
+/// Where kept records are: in memory until the writer has written them, then in the file.
+#[derive(Debug)]
+struct Places {
+    /// The journal's current file, for reading kept records back.
+    file: Arc<File>,
+    pending: HashMap<u64, Bytes>,
+    /// Offset of the body in `file`, and its length.
+    on_disk: HashMap<u64, (u64, u32)>,
+}
+
+#[derive(Debug)]
+struct Kept(Mutex<Places>);
+
+/// Where a write put kept record `id`: its body at `offset`, `len` bytes.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    id: u64,
+    offset: u64,
+    len: u32,
+}
+
+impl Kept {
+    fn lock(&self) -> MutexGuard<'_, Places> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The writer's handle. Dropping every clone stops the writer after what was sent.
 #[derive(Clone)]
 pub struct Journal {
     jobs: std_mpsc::Sender<Job>,
+    kept: Arc<Kept>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -71,6 +128,7 @@ impl std::fmt::Debug for Journal {
 pub fn read(path: &Path, magic: &[u8; 8], now_ms: i64) -> io::Result<Found> {
     let empty = Found {
         bodies: Vec::new(),
+        offsets: Vec::new(),
         good_len: 0,
     };
     let mut data = Vec::new();
@@ -91,7 +149,7 @@ pub fn read(path: &Path, magic: &[u8; 8], now_ms: i64) -> io::Result<Found> {
         return Ok(empty);
     }
     let data = Bytes::from(data);
-    let mut bodies = Vec::new();
+    let (mut bodies, mut offsets) = (Vec::new(), Vec::new());
     let mut at = HEADER_LEN;
     let mut bad = None;
     while at < data.len() {
@@ -112,6 +170,7 @@ pub fn read(path: &Path, magic: &[u8; 8], now_ms: i64) -> io::Result<Found> {
             break;
         }
         bodies.push(body);
+        offsets.push(start as u64);
         at = start + len;
     }
     if let Some(why) = bad {
@@ -119,6 +178,7 @@ pub fn read(path: &Path, magic: &[u8; 8], now_ms: i64) -> io::Result<Found> {
     }
     Ok(Found {
         bodies,
+        offsets,
         good_len: at as u64,
     })
 }
@@ -151,6 +211,12 @@ impl Journal {
             file.sync_all()?;
         }
         let file_len = file.metadata()?.len();
+        let file = Arc::new(file);
+        let kept = Arc::new(Kept(Mutex::new(Places {
+            file: Arc::clone(&file),
+            pending: HashMap::new(),
+            on_disk: HashMap::new(),
+        })));
         let (jobs, rx) = std_mpsc::channel();
         let writer = Writer {
             path: path.to_owned(),
@@ -160,6 +226,7 @@ impl Journal {
             next_check: MIN_COMPACT_BYTES,
             snapshot,
             stale: false,
+            kept: Arc::clone(&kept),
         };
         let name = format!(
             "edgegate-{}",
@@ -170,23 +237,77 @@ impl Journal {
         std::thread::Builder::new()
             .name(name)
             .spawn(move || writer.run(rx))?;
-        Ok(Journal { jobs })
+        Ok(Journal { jobs, kept })
     }
 
     /// Appends `body`; resolves once it is durable.
     pub fn append(&self, body: &[u8]) -> impl Future<Output = Result<(), String>> + Send + use<> {
-        self.commit_with(frame(body))
+        self.commit_with(frame(body), None)
+    }
+
+    /// Appends `body` as kept record `id` (ids are the owner's, unique while kept): until
+    /// [`Journal::forget`], [`Journal::read_kept`] returns it and a rewrite carries it over.
+    /// Resolves once it is durable.
+    pub fn append_kept(
+        &self,
+        id: u64,
+        body: Bytes,
+    ) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        let record = frame(&body);
+        self.kept.lock().pending.insert(id, body);
+        self.commit_with(record, Some(id))
+    }
+
+    /// Says that kept record `id` is the body [`read`] found at `offset` of this journal's
+    /// file (after a restart).
+    pub fn keep_at(&self, id: u64, offset: u64, len: u32) {
+        self.kept.lock().on_disk.insert(id, (offset, len));
+    }
+
+    /// Kept record `id`'s bytes: from memory if the writer has not written it yet, else read
+    /// from the file. `None` if it is not kept, or reading it failed (said in the log).
+    pub fn read_kept(&self, id: u64) -> Option<Bytes> {
+        let (file, offset, len) = {
+            let places = self.kept.lock();
+            if let Some(body) = places.pending.get(&id) {
+                return Some(body.clone());
+            }
+            let (offset, len) = *places.on_disk.get(&id)?;
+            (Arc::clone(&places.file), offset, len)
+        };
+        match read_at(&file, offset, len) {
+            Ok(body) => Some(body),
+            Err(e) => {
+                tracing::error!(id, offset, error = %e, "Cannot read a record back from a journal of the broker.");
+                None
+            }
+        }
+    }
+
+    /// Ends kept record `id`: a rewrite no longer carries it over.
+    pub fn forget(&self, id: u64) {
+        let mut places = self.kept.lock();
+        if places.pending.remove(&id).is_none() {
+            places.on_disk.remove(&id);
+        }
+    }
+
+    /// Kept records, in memory and in the file.
+    pub fn kept_counts(&self) -> (usize, usize) {
+        let places = self.kept.lock();
+        (places.pending.len(), places.on_disk.len())
     }
 
     /// Resolves once everything appended before is durable (an empty record: the commit it
     /// rides in is what counts).
     pub fn sync(&self) -> impl Future<Output = Result<(), String>> + Send + use<> {
-        self.commit_with(Vec::new())
+        self.commit_with(Vec::new(), None)
     }
 
     fn commit_with(
         &self,
         record: Vec<u8>,
+        kept: Option<u64>,
     ) -> impl Future<Output = Result<(), String>> + Send + use<> {
         let (done, result) = oneshot::channel();
         let sent = self
@@ -194,6 +315,7 @@ impl Journal {
             .send(Job {
                 record,
                 done: Some(done),
+                kept,
             })
             .is_ok();
         async move {
@@ -211,14 +333,34 @@ impl Journal {
         let _ = self.jobs.send(Job {
             record: frame(body),
             done: None,
+            kept: None,
         });
     }
+}
+
+/// Reads the body of length `len` at `offset` of `file` and checks it against its frame.
+fn read_at(file: &File, offset: u64, len: u32) -> io::Result<Bytes> {
+    let start = offset
+        .checked_sub(FRAME_LEN as u64)
+        .ok_or_else(|| io::Error::other("a kept record's offset is inside the header"))?;
+    let mut framed = vec![0u8; FRAME_LEN + len as usize];
+    file.read_exact_at(&mut framed, start)?;
+    let word =
+        |i: usize| u32::from_le_bytes([framed[i], framed[i + 1], framed[i + 2], framed[i + 3]]);
+    let (stored_len, crc) = (word(0), word(4));
+    let body = Bytes::from(framed).slice(FRAME_LEN..);
+    if stored_len != len || crc32c::crc32c(&body) != crc {
+        return Err(io::Error::other(
+            "a kept record does not match its checksum",
+        ));
+    }
+    Ok(body)
 }
 
 struct Writer {
     path: PathBuf,
     magic: [u8; 8],
-    file: File,
+    file: Arc<File>,
     file_len: u64,
     /// When the journal is next measured against what is live.
     next_check: u64,
@@ -226,6 +368,7 @@ struct Writer {
     /// A write failed: the file may lack records whose changes the state holds. The next
     /// commit rewrites it whole.
     stale: bool,
+    kept: Arc<Kept>,
 }
 
 impl Writer {
@@ -257,6 +400,7 @@ impl Writer {
         let good_len = self.file_len;
         let result = self.append(batch);
         if result.is_err() {
+            // Kept records of the batch stay in memory (their places were not moved).
             // No torn record may stay before the next one: cut back to the last good length
             // (best effort: the rewrite replaces the file anyway).
             let _ = self.file.set_len(good_len);
@@ -268,52 +412,127 @@ impl Writer {
 
     fn append(&mut self, batch: &[Job]) -> io::Result<()> {
         let mut buf = Vec::with_capacity(batch.iter().map(|j| j.record.len()).sum());
+        let mut placed = Vec::new();
         for job in batch {
+            if let Some(id) = job.kept {
+                let offset = self.file_len + (buf.len() + FRAME_LEN) as u64;
+                let len = (job.record.len() - FRAME_LEN) as u32;
+                placed.push(Placed { id, offset, len });
+            }
             buf.extend_from_slice(&job.record);
         }
-        self.file.write_all(&buf)?;
+        (&*self.file).write_all(&buf)?;
         self.file_len += buf.len() as u64;
         // The snapshot costs as much as what is live, so it is taken only after at least
         // that much more was appended: amortised, not once per commit (which made taking a
         // backlog of commands quadratic).
         if self.file_len >= self.next_check {
             let live = (self.snapshot)();
-            let live_len: u64 = live
-                .iter()
-                .map(|b| (b.len() + FRAME_LEN) as u64)
-                .sum::<u64>()
-                + HEADER_LEN as u64;
+            let live_len = self.measure(&live);
             if self.file_len > 2 * live_len {
+                // The rewrite places every kept record that is live, this batch's too.
                 self.compact(&live)?;
-            } else {
-                self.file.sync_data()?;
+                self.next_check = self.file_len + live_len.max(MIN_COMPACT_BYTES);
+                return Ok(());
             }
+            self.file.sync_data()?;
             self.next_check = self.file_len + live_len.max(MIN_COMPACT_BYTES);
-            return Ok(());
+        } else {
+            self.file.sync_data()?;
         }
-        self.file.sync_data()
+        // Written and durable: the kept records of the batch are read from the file now. One
+        // a rewrite already placed, or the owner forgot, is left as it is.
+        let mut places = self.kept.lock();
+        for Placed { id, offset, len } in placed {
+            if places.pending.remove(&id).is_some() {
+                places.on_disk.insert(id, (offset, len));
+            }
+        }
+        Ok(())
     }
 
-    fn compact(&mut self, live: &[Bytes]) -> io::Result<()> {
+    fn compact(&mut self, live: &[Live]) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         let written = self.write_whole(&tmp, live);
         if written.is_err() {
             // A full disk: the partial copy would only take the space that is missing.
             let _ = std::fs::remove_file(&tmp);
         }
-        let len = written?;
+        let (len, placed) = written?;
         std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             sync_dir(dir)?;
         }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        let file = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&self.path)?,
+        );
+        {
+            // The file and the places of what it holds change together: a reader sees the
+            // old file with the old places or the new with the new. A kept record forgotten
+            // meanwhile stays forgotten; one the snapshot did not name cannot be read from
+            // the new file, and is said (it would be a bug of the owner's snapshot).
+            let mut places = self.kept.lock();
+            let mut on_disk = HashMap::with_capacity(placed.len());
+            for Placed { id, offset, len } in placed {
+                let live =
+                    places.on_disk.remove(&id).is_some() || places.pending.remove(&id).is_some();
+                if live {
+                    on_disk.insert(id, (offset, len));
+                }
+            }
+            if !places.on_disk.is_empty() {
+                tracing::error!(records = places.on_disk.len(), path = %self.path.display(), "Kept records were missing from a journal's snapshot; they cannot be read back.");
+            }
+            places.on_disk = on_disk;
+            places.file = Arc::clone(&file);
+        }
+        self.file = file;
         self.file_len = len;
         tracing::debug!(path = %self.path.display(), bytes = self.file_len, records = live.len(), "Rewrote a journal of the broker.");
         Ok(())
     }
 
-    /// Writes the header and `live` to `tmp` and syncs it; its length.
-    fn write_whole(&self, tmp: &Path, live: &[Bytes]) -> io::Result<u64> {
+    /// How long a rewrite of `live` would be.
+    fn measure(&self, live: &[Live]) -> u64 {
+        let places = self.kept.lock();
+        let body_len = |item: &Live| match item {
+            Live::Body(body) => body.len(),
+            Live::Kept(id) => places.pending.get(id).map_or_else(
+                || places.on_disk.get(id).map_or(0, |(_, len)| *len as usize),
+                Bytes::len,
+            ),
+        };
+        live.iter()
+            .map(|item| (body_len(item) + FRAME_LEN) as u64)
+            .sum::<u64>()
+            + HEADER_LEN as u64
+    }
+
+    /// A kept record's body for a rewrite: from memory, or read from the current file.
+    /// `None`: forgotten since the snapshot, or unreadable (said).
+    fn kept_body(&self, id: u64) -> Option<Bytes> {
+        let (offset, len) = {
+            let places = self.kept.lock();
+            if let Some(body) = places.pending.get(&id) {
+                return Some(body.clone());
+            }
+            *places.on_disk.get(&id)?
+        };
+        match read_at(&self.file, offset, len) {
+            Ok(body) => Some(body),
+            Err(e) => {
+                tracing::error!(id, offset, error = %e, path = %self.path.display(), "Cannot read a record back for a rewrite of a journal of the broker; it is left out.");
+                None
+            }
+        }
+    }
+
+    /// Writes the header and `live` to `tmp` and syncs it; its length, and where each kept
+    /// record is in it.
+    fn write_whole(&self, tmp: &Path, live: &[Live]) -> io::Result<(u64, Vec<Placed>)> {
         // Streamed: a copy of everything live in one buffer would double the rewrite's memory.
         let tmp_file = OpenOptions::new()
             .write(true)
@@ -323,15 +542,30 @@ impl Writer {
             .open(tmp)?;
         let mut out = io::BufWriter::new(tmp_file);
         let mut len = HEADER_LEN as u64;
+        let mut placed = Vec::new();
         out.write_all(&header(&self.magic))?;
-        for body in live {
-            let framed = frame(body);
+        for item in live {
+            let body = match item {
+                Live::Body(body) => body.clone(),
+                Live::Kept(id) => {
+                    let Some(body) = self.kept_body(*id) else {
+                        continue;
+                    };
+                    placed.push(Placed {
+                        id: *id,
+                        offset: len + FRAME_LEN as u64,
+                        len: body.len() as u32,
+                    });
+                    body
+                }
+            };
+            let framed = frame(&body);
             out.write_all(&framed)?;
             len += framed.len() as u64;
         }
         let out = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         out.sync_all()?;
-        Ok(len)
+        Ok((len, placed))
     }
 }
 
@@ -426,17 +660,32 @@ mod tests {
     /// until its rewrite replaces it with the real journal at `path`.
     fn writer_on_a_full_disk(path: &Path, live: Arc<Mutex<Vec<Bytes>>>) -> Writer {
         std::fs::write(path, header(MAGIC)).expect("journal");
-        Writer {
-            path: path.to_owned(),
-            magic: *MAGIC,
-            file: OpenOptions::new()
+        let file = Arc::new(
+            OpenOptions::new()
                 .append(true)
                 .open("/dev/full")
                 .expect("/dev/full"),
+        );
+        Writer {
+            path: path.to_owned(),
+            magic: *MAGIC,
+            file: Arc::clone(&file),
             file_len: HEADER_LEN as u64,
             next_check: MIN_COMPACT_BYTES,
-            snapshot: Box::new(move || live.lock().expect("live").clone()),
+            snapshot: Box::new(move || {
+                live.lock()
+                    .expect("live")
+                    .iter()
+                    .cloned()
+                    .map(Live::Body)
+                    .collect()
+            }),
             stale: false,
+            kept: Arc::new(Kept(Mutex::new(Places {
+                file,
+                pending: HashMap::new(),
+                on_disk: HashMap::new(),
+            }))),
         }
     }
 
@@ -444,10 +693,9 @@ mod tests {
         Job {
             record: frame(body),
             done: None,
+            kept: None,
         }
     }
-
-    use std::sync::{Arc, Mutex};
 
     #[test]
     fn after_a_failed_write_the_next_commit_rewrites_the_whole_state() {
@@ -470,5 +718,109 @@ mod tests {
         let found = read(&path, MAGIC, 0).expect("read");
         assert_eq!(found.bodies, [&b"a"[..], b"b", b"c"]);
         assert!(!path.with_extension("tmp").exists());
+    }
+
+    /// Kept records whose owner holds only their ids, and a live set that says which are
+    /// not forgotten, as a persistent session's mailbox does.
+    struct Owner {
+        journal: Journal,
+        ids: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+    }
+
+    fn owner(path: &Path) -> (Owner, Found) {
+        let found = read(path, MAGIC, 0).expect("read");
+        let ids: Arc<Mutex<std::collections::BTreeSet<u64>>> = Arc::default();
+        let live = Arc::clone(&ids);
+        let snapshot: Snapshot = Box::new(move || {
+            let mut out = vec![Live::Body(Bytes::from_static(b"state"))];
+            out.extend(live.lock().expect("ids").iter().copied().map(Live::Kept));
+            out
+        });
+        let journal = Journal::start(path, MAGIC, &found, snapshot).expect("start");
+        (Owner { journal, ids }, found)
+    }
+
+    fn body(id: u64) -> Bytes {
+        Bytes::from(format!("record {id} ").repeat(1 + (id % 7) as usize * 50))
+    }
+
+    #[tokio::test]
+    async fn kept_records_are_read_back_from_the_file_across_rewrites_and_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kept.journal");
+        let (o, _) = owner(&path);
+        // Enough to be rewritten several times: each record is forgotten a while after it
+        // was kept, so most of the file is dead.
+        let mut rewrites_seen = 0;
+        let mut last_len = 0;
+        for id in 1..=6000u64 {
+            o.ids.lock().expect("ids").insert(id);
+            o.journal.append_kept(id, body(id)).await.expect("durable");
+            if id > 40 && id % 3 != 0 {
+                let old = id - 40;
+                if o.ids.lock().expect("ids").remove(&old) {
+                    o.journal.forget(old);
+                    o.journal.append_later(b"done");
+                }
+            }
+            let len = std::fs::metadata(&path).expect("metadata").len();
+            rewrites_seen += usize::from(len < last_len);
+            last_len = len;
+        }
+        o.journal.sync().await.expect("sync");
+        assert!(
+            rewrites_seen >= 2,
+            "the journal was rewritten {rewrites_seen} times"
+        );
+        let (pending, on_disk) = o.journal.kept_counts();
+        let live: Vec<u64> = o.ids.lock().expect("ids").iter().copied().collect();
+        assert_eq!(pending, 0, "everything durable is read from the file");
+        assert_eq!(on_disk, live.len());
+        for id in &live {
+            assert_eq!(o.journal.read_kept(*id), Some(body(*id)), "record {id}");
+        }
+        assert_eq!(o.journal.read_kept(1), None, "forgotten");
+        drop(o);
+
+        // After a restart the owner learns the places from what read found.
+        let (o, found) = owner(&path);
+        let mut restored = Vec::new();
+        for (b, offset) in found.bodies.iter().zip(&found.offsets) {
+            if let Some(id) = live.iter().find(|id| body(**id) == b) {
+                o.journal.keep_at(*id, *offset, b.len() as u32);
+                o.ids.lock().expect("ids").insert(*id);
+                restored.push(*id);
+            }
+        }
+        restored.dedup();
+        assert_eq!(restored, live, "every kept record is in the file, in order");
+        for id in &live {
+            assert_eq!(o.journal.read_kept(*id), Some(body(*id)), "record {id}");
+        }
+    }
+
+    #[test]
+    fn a_kept_record_that_does_not_match_its_checksum_is_not_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.journal");
+        let mut data = header(MAGIC).to_vec();
+        data.extend_from_slice(&frame(b"hello kept record"));
+        std::fs::write(&path, &data).expect("write");
+        let (o, found) = owner(&path);
+        let (offset, len) = (found.offsets[0], found.bodies[0].len() as u32);
+        o.journal.keep_at(1, offset, len);
+        assert_eq!(
+            o.journal.read_kept(1).as_deref(),
+            Some(&b"hello kept record"[..])
+        );
+        // One byte changes under the journal (a bad sector, a stray write).
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all_at(b"J", offset).expect("write");
+        assert_eq!(o.journal.read_kept(1), None);
+        // A length that is not the frame's is refused too.
+        o.journal.keep_at(2, offset, len - 1);
+        assert_eq!(o.journal.read_kept(2), None);
+        o.journal.keep_at(3, 4, 10);
+        assert_eq!(o.journal.read_kept(3), None, "an offset inside the header");
     }
 }

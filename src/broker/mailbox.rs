@@ -7,7 +7,7 @@
 //! receive maximum allows. A persistent session's mailbox outlives its connections, so
 //! what arrives while the client is away waits here (QoS 1/2 only, as MQTT allows).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::Message;
-use super::journal::Journal;
+use super::journal::{Journal, Live};
 use super::sessions::{self, Kept};
 
 /// Resolves once a journaled message is durable (or its write failed, said once in the log).
@@ -117,8 +117,9 @@ impl Outbound {
 }
 
 impl Outbound {
+    /// What it counts against the limits, the same in every form it is queued in.
     fn cost(&self) -> usize {
-        self.message.cost()
+        cost32(self.message.cost()) as usize
     }
 }
 
@@ -153,17 +154,19 @@ impl Dropped {
 /// One message in a queue.
 #[derive(Debug)]
 enum Entry {
-    Ready(Outbound),
-    /// A persistent session's QoS 1/2 message, kept only as its journal record (in
-    /// [`Queue::stored`]) and decoded when taken: a held backlog (commands for a device that
-    /// is away) costs its record's bytes, not the several allocations of the decoded form.
+    /// Boxed: a queue of journaled entries stays small (an entry is 32 bytes, not 56).
+    Ready(Box<Outbound>),
+    /// A persistent session's QoS 1/2 message, kept only in the sessions journal (which
+    /// holds its bytes until they are written, then its place in the file) and read back
+    /// when taken: a held backlog (commands for a device that is away) costs this entry and
+    /// the journal's place of it, not its bytes.
     Journaled {
         id: u64,
-        /// Restored from the journal: it may have been sent before the restart.
-        dup: bool,
-        cost: usize,
         /// A downlink command's Kafka timestamp (`None`: not a command).
         command_ms: Option<i64>,
+        cost: u32,
+        /// Restored from the journal: it may have been sent before the restart.
+        dup: bool,
     },
 }
 
@@ -190,12 +193,19 @@ impl Entry {
         }
     }
 
+    /// What it counts against the limits: taken out as it was put in.
     fn cost(&self) -> usize {
         match self {
             Entry::Ready(out) => out.cost(),
-            Entry::Journaled { cost, .. } => *cost,
+            Entry::Journaled { cost, .. } => *cost as usize,
         }
     }
+}
+
+/// A message's cost as a journaled entry keeps it (a message is at most an MQTT packet,
+/// 256 MiB, so nothing is cut in practice).
+fn cost32(cost: usize) -> u32 {
+    u32::try_from(cost).unwrap_or(u32::MAX)
 }
 
 #[derive(Debug, Default)]
@@ -205,9 +215,9 @@ struct Queue {
     online: bool,
     /// Set while the session is persistent: where its QoS 1/2 messages are journaled.
     persist: Option<Persist>,
-    /// The records of journaled messages not yet finished, in the mailbox or in flight:
-    /// what a rewrite of the journal must keep, and what a [`Entry::Journaled`] is sent from.
-    stored: BTreeMap<u64, Bytes>,
+    /// The ids of journaled messages not yet finished, in the mailbox or in flight: what a
+    /// rewrite of the journal must carry over (their bytes are the journal's).
+    stored: BTreeSet<u64>,
     /// How many of `items` are commands from the downlink.
     commands: usize,
 }
@@ -229,23 +239,39 @@ impl Queue {
         Some(entry)
     }
 
+    /// Tells the journal the unfinished messages are no longer this queue's to send.
+    fn forget_stored(&mut self) {
+        let stored = std::mem::take(&mut self.stored);
+        if let Some(p) = &self.persist {
+            for id in stored {
+                p.journal.forget(id);
+            }
+        }
+    }
+
     /// The message an entry stands for; `None` for a journaled one whose record is gone
     /// or does not decode (said in the log; it cannot be sent).
     fn open(&mut self, entry: Entry) -> Option<Outbound> {
         match entry {
-            Entry::Ready(out) => Some(out),
+            Entry::Ready(out) => Some(*out),
             Entry::Journaled { id, dup, .. } => {
-                let body = self.stored.get(&id)?.clone();
-                match sessions::unqueue(body) {
+                if !self.stored.contains(&id) {
+                    return None;
+                }
+                let journal = &self.persist.as_ref()?.journal;
+                // Usually in the page cache: written recently, or read at start.
+                let decoded = journal.read_kept(id).and_then(sessions::unqueue);
+                match decoded {
                     Some(mut out) => {
                         out.dup = dup;
                         Some(out)
                     }
                     None => {
                         self.stored.remove(&id);
+                        journal.forget(id);
                         tracing::error!(
                             id,
-                            "A queued message of a persistent session does not decode; it is dropped."
+                            "A queued message of a persistent session cannot be read back; it is dropped."
                         );
                         None
                     }
@@ -318,21 +344,19 @@ impl Mailbox {
                 Some(p) if out.qos > 0 => {
                     let id = p.ids.fetch_add(1, Ordering::Relaxed);
                     out.store_id = id;
-                    let mut body = sessions::queued(&p.client, id, &out);
-                    // Kept while the client is away: no spare capacity.
-                    body.shrink_to_fit();
+                    let body = sessions::queued(&p.client, id, &out);
                     // Appended under the queue's lock: the journal keeps the queue's order.
-                    let wait = p.journal.append(&body);
-                    q.stored.insert(id, Bytes::from(body));
+                    let wait = p.journal.append_kept(id, Bytes::from(body));
+                    q.stored.insert(id);
                     let entry = Entry::Journaled {
                         id,
                         dup: false,
-                        cost,
+                        cost: cost32(cost),
                         command_ms: out.message.command.as_ref().map(|c| c.sent_ms),
                     };
                     (entry, Some(Box::pin(wait) as Durable))
                 }
-                _ => (Entry::Ready(out), None),
+                _ => (Entry::Ready(Box::new(out)), None),
             };
             q.bytes += cost;
             q.push_back(entry);
@@ -346,16 +370,21 @@ impl Mailbox {
     /// were within them when queued).
     pub fn restore(&self, restored: impl IntoIterator<Item = (u64, Kept)>) {
         let mut q = self.lock();
+        let Some(journal) = q.persist.as_ref().map(|p| p.journal.clone()) else {
+            return;
+        };
         for (id, kept) in restored {
-            self.totals.bytes.fetch_add(kept.cost, Ordering::Relaxed);
-            q.bytes += kept.cost;
-            q.stored.insert(id, kept.body);
-            q.push_back(Entry::Journaled {
+            journal.keep_at(id, kept.offset, kept.len);
+            let entry = Entry::Journaled {
                 id,
                 dup: true,
-                cost: kept.cost,
+                cost: cost32(kept.cost),
                 command_ms: kept.command_ms,
-            });
+            };
+            self.totals.bytes.fetch_add(entry.cost(), Ordering::Relaxed);
+            q.bytes += entry.cost();
+            q.stored.insert(id);
+            q.push_back(entry);
         }
     }
 
@@ -365,8 +394,9 @@ impl Mailbox {
             return;
         }
         let mut q = self.lock();
-        if q.stored.remove(&store_id).is_some() {
+        if q.stored.remove(&store_id) {
             if let Some(p) = &q.persist {
+                p.journal.forget(store_id);
                 p.journal.append_later(&sessions::done(&p.client, store_id));
             }
         }
@@ -382,7 +412,7 @@ impl Mailbox {
             for entry in items {
                 let (cost, command) = (entry.cost(), entry.is_command());
                 match q.open(entry) {
-                    Some(out) => kept.push_back(Entry::Ready(out)),
+                    Some(out) => kept.push_back(Entry::Ready(Box::new(out))),
                     None => {
                         q.bytes -= cost;
                         q.commands -= usize::from(command);
@@ -391,15 +421,15 @@ impl Mailbox {
                 }
             }
             q.items = kept;
-            q.stored.clear();
+            q.forget_stored();
         }
         q.persist = persist;
     }
 
-    /// The journal records a rewrite needs for this session's unfinished messages.
-    pub fn snapshot(&self, out: &mut Vec<Bytes>) {
+    /// What a rewrite of the journal needs for this session's unfinished messages.
+    pub fn snapshot(&self, out: &mut Vec<Live>) {
         let q = self.lock();
-        out.extend(q.stored.values().cloned());
+        out.extend(q.stored.iter().copied().map(Live::Kept));
     }
 
     /// Puts messages that were sent but not acknowledged back at the front, in order, for the
@@ -416,7 +446,7 @@ impl Mailbox {
             self.totals.bytes.fetch_add(cost, Ordering::Relaxed);
             q.bytes += cost;
             out.dup = true;
-            q.push_front(Entry::Ready(out));
+            q.push_front(Entry::Ready(Box::new(out)));
         }
         drop(q);
         self.notify.notify_one();
@@ -506,7 +536,7 @@ impl Mailbox {
         q.bytes = 0;
         q.items.clear();
         q.commands = 0;
-        q.stored.clear();
+        q.forget_stored();
     }
 }
 

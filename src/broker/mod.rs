@@ -317,7 +317,7 @@ impl Broker {
             max_id,
             marks,
             bad,
-        } = sessions::replay(&found.bodies);
+        } = sessions::replay(&found.bodies, &found.offsets);
         if bad > 0 {
             tracing::warn!(records = bad, path = %path.display(), "Skipped session records that do not decode.");
         }
@@ -326,12 +326,12 @@ impl Broker {
         let live = Arc::clone(&map);
         let live_marks = Arc::clone(&marks);
         let snapshot: journal::Snapshot = Box::new(move || {
-            let mut out: Vec<Bytes> = live_marks
+            let mut out: Vec<journal::Live> = live_marks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .map(|((topic, partition), offset)| {
-                    Bytes::from(sessions::mark(topic, *partition, *offset))
+                    Bytes::from(sessions::mark(topic, *partition, *offset)).into()
                 })
                 .collect();
             let sessions = live.lock().unwrap_or_else(|p| p.into_inner());
@@ -339,9 +339,9 @@ impl Broker {
                 let Some(interval) = s.interval else {
                     continue;
                 };
-                out.push(Bytes::from(sessions::session(client, millis(interval))));
+                out.push(Bytes::from(sessions::session(client, millis(interval))).into());
                 for (filter, o) in &s.subscriptions {
-                    out.push(Bytes::from(sessions::sub(client, filter, o)));
+                    out.push(Bytes::from(sessions::sub(client, filter, o)).into());
                 }
                 s.mailbox.snapshot(&mut out);
             }

@@ -86,7 +86,7 @@ impl Retained {
             let map = live.read().unwrap_or_else(|p| p.into_inner());
             map.values()
                 .filter(|m| !m.expired(now))
-                .map(|m| Bytes::from(encode_set(m)))
+                .map(|m| journal::Live::Body(Bytes::from(encode_set(m))))
                 .collect()
         });
         let journal = Journal::start(&path, MAGIC, &found, snapshot)?;

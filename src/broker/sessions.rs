@@ -210,25 +210,17 @@ pub fn unqueue(body: Bytes) -> Option<Outbound> {
     f.is_empty().then_some(out)
 }
 
-/// A queued message kept as its journal record, with what its queue needs to know of it
-/// without decoding it.
-#[derive(Debug, Clone)]
+/// A queued message as the journal holds it (where its record is in the file), with what
+/// its queue needs to know of it without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kept {
-    pub body: Bytes,
+    /// Where the record's body is in the journal file, and its length.
+    pub offset: u64,
+    pub len: u32,
     /// What it costs its queue ([`Message::cost`]).
     pub cost: usize,
     /// A downlink command's Kafka timestamp (`None`: not a command).
     pub command_ms: Option<i64>,
-}
-
-impl Kept {
-    pub fn new(body: Bytes, decoded: &Outbound) -> Kept {
-        Kept {
-            body,
-            cost: decoded.message.cost(),
-            command_ms: decoded.message.command.as_ref().map(|c| c.sent_ms),
-        }
-    }
 }
 
 pub fn done(client: &str, id: u64) -> Vec<u8> {
@@ -261,11 +253,11 @@ pub struct Replayed {
     pub bad: usize,
 }
 
-/// Replays the journal's records in order.
-pub fn replay(bodies: &[Bytes]) -> Replayed {
+/// Replays the journal's records in order; `offsets[i]` is where `bodies[i]` is in the file.
+pub fn replay(bodies: &[Bytes], offsets: &[u64]) -> Replayed {
     let mut r = Replayed::default();
-    for body in bodies {
-        if apply(&mut r, body.clone()).is_none() {
+    for (body, offset) in bodies.iter().zip(offsets) {
+        if apply(&mut r, body.clone(), *offset).is_none() {
             r.bad += 1;
         }
     }
@@ -277,8 +269,8 @@ fn advance(marks: &mut Marks, topic: &str, partition: i32, offset: i64) {
     *at = (*at).max(offset);
 }
 
-fn apply(r: &mut Replayed, body: Bytes) -> Option<()> {
-    let whole = body.clone();
+fn apply(r: &mut Replayed, body: Bytes, offset: u64) -> Option<()> {
+    let len = u32::try_from(body.len()).ok()?;
     let mut f = Fields(body);
     let kind = f.u8()?;
     if kind == MARK {
@@ -328,10 +320,15 @@ fn apply(r: &mut Replayed, body: Bytes) -> Option<()> {
             }
             *max_id = (*max_id).max(out.store_id);
             if let Some(s) = sessions.get_mut(&client) {
-                // A copy: a slice would keep the whole file's buffer alive.
+                // Its place only: the queue reads it back when its client takes it.
                 s.queue.insert(
                     out.store_id,
-                    Kept::new(Bytes::copy_from_slice(&whole), &out),
+                    Kept {
+                        offset,
+                        len,
+                        cost: out.message.cost(),
+                        command_ms: out.message.command.as_ref().map(|c| c.sent_ms),
+                    },
                 );
             }
         }
@@ -423,12 +420,13 @@ mod tests {
         .into_iter()
         .map(Bytes::from)
         .collect();
+        let offsets: Vec<u64> = (0..bodies.len() as u64).map(|i| 100 * i).collect();
         let Replayed {
             sessions,
             max_id,
             bad,
             marks,
-        } = replay(&bodies);
+        } = replay(&bodies, &offsets);
         assert!(marks.is_empty());
         assert_eq!(bad, 1);
         assert_eq!(max_id, 3);
@@ -439,9 +437,12 @@ mod tests {
         assert_eq!(a.subscriptions["cmd/#"], opts);
         assert_eq!(a.queue.keys().copied().collect::<Vec<_>>(), [2]);
         let kept = &a.queue[&2];
-        assert_eq!(kept.body, queued("a", 2, &out));
+        // The sixth record.
+        assert_eq!(kept.offset, 500);
+        assert_eq!(kept.len as usize, bodies[5].len());
+        assert_eq!(bodies[5], queued("a", 2, &out));
         assert_eq!((kept.cost, kept.command_ms), (out.message.cost(), None));
-        let q = unqueue(kept.body.clone()).expect("decodes");
+        let q = unqueue(bodies[5].clone()).expect("decodes");
         assert_eq!(q.subscription_ids, [5]);
         assert_eq!(q.store_id, 2);
         assert_eq!(q.message.expires_ms, Some(123));

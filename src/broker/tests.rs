@@ -440,7 +440,12 @@ async fn the_journal_is_measured_against_its_live_records_amortised() {
         &found,
         Box::new(move || {
             n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            l.lock().expect("live").clone()
+            l.lock()
+                .expect("live")
+                .iter()
+                .cloned()
+                .map(journal::Live::Body)
+                .collect()
         }),
     )
     .expect("start");
@@ -456,4 +461,74 @@ async fn the_journal_is_measured_against_its_live_records_amortised() {
         (1..=6).contains(&taken),
         "{taken} snapshots over {commits} commits of an 8 MiB journal"
     );
+}
+
+/// A persistent session's held messages live in the sessions journal, not in memory: once
+/// durable the journal knows only their places, which move with every rewrite of the file
+/// (here many: a busy subscriber finishes everything it gets), and after a reopen; the
+/// session takes them back whole and in order.
+#[tokio::test]
+async fn held_messages_are_read_back_from_the_journal_across_rewrites_and_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 10_000);
+    let dev = b.attach("dev", false, Some(None));
+    b.subscribe(&dev, &request("cmd/#", 1)).expect("sub");
+    b.detach(&dev, Vec::new(), Some(None));
+    let busy = b.attach("busy", false, Some(None));
+    b.subscribe(&busy, &request("busy/#", 1)).expect("sub");
+    let padding = "p".repeat(1000);
+    let (mut appended, mut want) = (0usize, Vec::new());
+    for i in 0..4000 {
+        let m = message("busy/x", &padding, 1, false, None);
+        b.publish(&m)
+            .durable
+            .expect("journaled")
+            .await
+            .expect("durable");
+        appended += m.cost();
+        for out in drain(&busy.mailbox) {
+            busy.mailbox.finish(out.store_id);
+        }
+        if i % 10 == 0 {
+            let payload = format!("c{i} {}", &padding[..i % 300]);
+            let m = message("cmd/dev", &payload, 1, false, None);
+            b.publish(&m)
+                .durable
+                .expect("journaled")
+                .await
+                .expect("durable");
+            want.push(payload);
+        }
+    }
+    // A later durable write covers the done records written without waiting.
+    b.inner.journal.sync().await.expect("sync");
+    let journal_len = std::fs::metadata(dir.path().join("sessions.journal"))
+        .expect("journal")
+        .len() as usize;
+    assert!(
+        journal_len < appended / 4,
+        "the journal was rewritten: {journal_len} bytes after {appended} appended"
+    );
+    assert_eq!(
+        b.inner.journal.kept_counts(),
+        (0, want.len()),
+        "every held message is read from the file, none is held in memory"
+    );
+    assert_eq!(b.stats().queued_messages, want.len());
+
+    let dev = b.attach("dev", false, Some(None));
+    let got = drain(&dev.mailbox);
+    assert_eq!(payloads(&got), want, "whole and in order");
+    // Taken, not acknowledged: still the journal's, and sent again after a reopen.
+    drop((dev, busy, b));
+    let b = broker(dir.path(), 10_000);
+    assert_eq!(b.inner.journal.kept_counts(), (0, want.len()));
+    let dev = b.attach("dev", false, Some(None));
+    let got = drain(&dev.mailbox);
+    assert_eq!(payloads(&got), want, "whole and in order after a reopen");
+    assert!(got.iter().all(|o| o.dup));
+    for out in &got {
+        dev.mailbox.finish(out.store_id);
+    }
+    assert_eq!(b.inner.journal.kept_counts(), (0, 0), "finished: forgotten");
 }

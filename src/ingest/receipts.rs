@@ -471,7 +471,13 @@ impl Receipts {
         let snapshot: journal::Snapshot = Box::new(move || {
             let weak = lock(&for_snapshot).clone();
             weak.and_then(|w| w.upgrade())
-                .map(|inner| inner.snapshot())
+                .map(|inner| {
+                    inner
+                        .snapshot()
+                        .into_iter()
+                        .map(journal::Live::Body)
+                        .collect()
+                })
                 .unwrap_or_default()
         });
         let journal = Journal::start(&path, MAGIC, &found, snapshot).map_err(io)?;

@@ -217,7 +217,7 @@ impl Sparkplug {
             let nodes = live.lock().unwrap_or_else(|p| p.into_inner());
             nodes
                 .iter()
-                .map(|(key, node)| Bytes::from(encode_node(key, node)))
+                .map(|(key, node)| journal::Live::Body(Bytes::from(encode_node(key, node))))
                 .collect()
         });
         let journal = Journal::start(path, MAGIC, &found, snapshot)?;
