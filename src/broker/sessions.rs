@@ -77,8 +77,8 @@ pub fn unsub(client: &str, filter: &str) -> Vec<u8> {
 
 pub fn queued(client: &str, id: u64, out: &Outbound) -> Vec<u8> {
     let m = &out.message;
-    // Sized to fit (a queue keeps this very buffer while the client is away): the fixed
-    // fields, the strings, and the command's.
+    // Sized to fit (the journal holds this very buffer until its writer has written it):
+    // the fixed fields, the strings, and the command's.
     let command = m.command.as_ref().map_or(0, |c| {
         40 + c.topic.len()
             + c.key.as_ref().map_or(0, Bytes::len)
@@ -374,7 +374,7 @@ mod tests {
             })),
         });
         let b = queued("client-1", 9, &Outbound::new(m, 1, false, vec![1, 2]));
-        // A queue keeps this buffer as it is: spare room would be held with it.
+        // The journal holds this buffer as it is until written: spare room would be held too.
         assert!(
             b.capacity() >= b.len() && b.capacity() <= b.len() + 64,
             "{} bytes in {}",
