@@ -388,12 +388,14 @@ impl Run {
 
 /// One "Kafka link is up/down" line: when, which, and whether it is the first its run of the
 /// gateway logged (a fresh process announces the state it finds, whenever it finds it).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct LinkLine {
     at: SystemTime,
     up: bool,
     run: usize,
     first_of_run: bool,
+    /// A "down" because the brokers answered with no leader for the topic.
+    leaderless: bool,
 }
 
 /// The link lines of a gateway log over all its runs (a run starts where it opens its log).
@@ -422,6 +424,7 @@ fn parse_link_lines(log: &str) -> Vec<LinkLine> {
             up,
             run,
             first_of_run: announced != run,
+            leaderless: !up && line.contains("has a leader"),
         });
         announced = run;
     }
@@ -489,6 +492,32 @@ fn check_link_lines(log: &str, outages: &[Outage]) -> Result<(), String> {
         merged.push(*o);
     }
     let outages = &merged[..];
+    // A broker resumed after a long pause answers before it leads its partitions again
+    // (its registration lapsed while it was frozen): the gateway says "up", then "down" (no
+    // partition has a leader) and "up" once it does, all within the return. That is one
+    // return, told as it happened; such a pair is set aside. Any other flap still counts.
+    let settling = |k: usize| {
+        let (prev, down, next) = (&lines[k - 1], &lines[k], &lines.get(k + 1));
+        down.leaderless
+            && prev.up
+            && prev.run == down.run
+            && next.is_some_and(|n| n.up && n.run == down.run)
+            && outages.iter().any(|o| {
+                o.start_issued.is_some_and(|s| prev.at >= s)
+                    && o.start_done.is_some_and(|d| down.at <= d + LINE_SLACK)
+            })
+    };
+    let mut kept = Vec::with_capacity(lines.len());
+    let mut k = 0;
+    while k < lines.len() {
+        if k > 0 && settling(k) {
+            k += 2;
+            continue;
+        }
+        kept.push(lines[k]);
+        k += 1;
+    }
+    let lines = kept;
     for pair in lines.windows(2) {
         if pair[0].run == pair[1].run && pair[0].up == pair[1].up {
             let state = if pair[0].up { "up" } else { "down" };
@@ -573,6 +602,50 @@ fn parse_utc(text: &str) -> Option<SystemTime> {
 }
 
 /// A time as the log writes it, for messages.
+/// The link-line check itself (no broker): a leaderless flap while a paused broker comes
+/// back is one return; the same flap for another reason, or outside the return, is not.
+#[test]
+fn link_lines_allow_only_a_leaderless_flap_within_a_return() {
+    let at = |t: &str| parse_utc(&format!("2026-12-05T10:{t}Z")).expect("a time");
+    let outage = Outage {
+        stop_issued: at("00:02.000000"),
+        stop_done: at("00:02.020000"),
+        start_issued: Some(at("00:30.000000")),
+        start_done: Some(at("00:30.300000")),
+    };
+    let down = "WARN x: Kafka link is down; records stay in the log until it returns.";
+    let base = format!(
+        "2026-12-05T10:00:00.000000Z INFO edgegate::buffer: Opened the log dir=x\n\
+         2026-12-05T10:00:01.000000Z INFO x: Kafka link is up.\n\
+         2026-12-05T10:00:15.000000Z {down} reason=\"TxnCoordinator: no connection\"\n\
+         2026-12-05T10:00:30.050000Z INFO x: Kafka link is up.\n"
+    );
+    let flap = |down_at: &str, up_at: &str, reason: &str| {
+        format!(
+            "{base}2026-12-05T10:{down_at}Z {down} reason=\"{reason}\"\n\
+             2026-12-05T10:{up_at}Z INFO x: Kafka link is up.\n"
+        )
+    };
+    let leaderless = "no partition of t has a leader";
+    assert_eq!(check_link_lines(&base, &[outage]), Ok(()));
+    assert_eq!(
+        check_link_lines(&flap("00:30.080000", "00:30.460000", leaderless), &[outage]),
+        Ok(())
+    );
+    assert!(
+        check_link_lines(
+            &flap("00:30.080000", "00:30.460000", "TxnCoordinator: timed out"),
+            &[outage]
+        )
+        .is_err(),
+        "a flap for another reason"
+    );
+    assert!(
+        check_link_lines(&flap("00:50.000000", "00:50.400000", leaderless), &[outage]).is_err(),
+        "a leaderless flap long after the return"
+    );
+}
+
 fn utc(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() % 86_400;
