@@ -497,7 +497,7 @@ fn check_link_lines(log: &str, outages: &[Outage]) -> Result<(), String> {
     // partition has a leader) and "up" once it does, all within the return. That is one
     // return, told as it happened; such a pair is set aside. Any other flap still counts.
     let settling = |k: usize| {
-        let (prev, down, next) = (&lines[k - 1], &lines[k], &lines.get(k + 1));
+        let (prev, down, next) = (&lines[k - 1], &lines[k], lines.get(k + 1));
         down.leaderless
             && prev.up
             && prev.run == down.run

@@ -109,6 +109,24 @@ impl Kept {
     fn lock(&self) -> MutexGuard<'_, Places> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Record `id`'s bytes: from memory if the writer has not written it yet, else read from
+    /// the current file (outside the lock). `Ok(None)`: not kept.
+    fn read(&self, id: u64) -> Result<Option<Bytes>, (u64, io::Error)> {
+        let (file, offset, len) = {
+            let places = self.lock();
+            if let Some(body) = places.pending.get(&id) {
+                return Ok(Some(body.clone()));
+            }
+            let Some(&(offset, len)) = places.on_disk.get(&id) else {
+                return Ok(None);
+            };
+            (Arc::clone(&places.file), offset, len)
+        };
+        read_at(&file, offset, len)
+            .map(Some)
+            .map_err(|e| (offset, e))
+    }
 }
 
 /// The writer's handle. Dropping every clone stops the writer after what was sent.
@@ -157,8 +175,8 @@ pub fn read(path: &Path, magic: &[u8; 8], now_ms: i64) -> io::Result<Found> {
             bad = Some("torn record header");
             break;
         }
-        let word = |i: usize| u32::from_le_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
-        let (len, crc) = (word(at) as usize, word(at + 4));
+        let (len, crc) = frame_header(&data[at..]);
+        let len = len as usize;
         let start = at + FRAME_LEN;
         if data.len() - start < len {
             bad = Some("torn record");
@@ -267,17 +285,9 @@ impl Journal {
     /// Kept record `id`'s bytes: from memory if the writer has not written it yet, else read
     /// from the file. `None` if it is not kept, or reading it failed (said in the log).
     pub fn read_kept(&self, id: u64) -> Option<Bytes> {
-        let (file, offset, len) = {
-            let places = self.kept.lock();
-            if let Some(body) = places.pending.get(&id) {
-                return Some(body.clone());
-            }
-            let (offset, len) = *places.on_disk.get(&id)?;
-            (Arc::clone(&places.file), offset, len)
-        };
-        match read_at(&file, offset, len) {
-            Ok(body) => Some(body),
-            Err(e) => {
+        match self.kept.read(id) {
+            Ok(body) => body,
+            Err((offset, e)) => {
                 tracing::error!(id, offset, error = %e, "Cannot read a record back from a journal of the broker.");
                 None
             }
@@ -293,6 +303,7 @@ impl Journal {
     }
 
     /// Kept records, in memory and in the file.
+    #[cfg(test)]
     pub fn kept_counts(&self) -> (usize, usize) {
         let places = self.kept.lock();
         (places.pending.len(), places.on_disk.len())
@@ -345,9 +356,7 @@ fn read_at(file: &File, offset: u64, len: u32) -> io::Result<Bytes> {
         .ok_or_else(|| io::Error::other("a kept record's offset is inside the header"))?;
     let mut framed = vec![0u8; FRAME_LEN + len as usize];
     file.read_exact_at(&mut framed, start)?;
-    let word =
-        |i: usize| u32::from_le_bytes([framed[i], framed[i + 1], framed[i + 2], framed[i + 3]]);
-    let (stored_len, crc) = (word(0), word(4));
+    let (stored_len, crc) = frame_header(&framed);
     let body = Bytes::from(framed).slice(FRAME_LEN..);
     if stored_len != len || crc32c::crc32c(&body) != crc {
         return Err(io::Error::other(
@@ -514,16 +523,10 @@ impl Writer {
     /// A kept record's body for a rewrite: from memory, or read from the current file.
     /// `None`: forgotten since the snapshot, or unreadable (said).
     fn kept_body(&self, id: u64) -> Option<Bytes> {
-        let (offset, len) = {
-            let places = self.kept.lock();
-            if let Some(body) = places.pending.get(&id) {
-                return Some(body.clone());
-            }
-            *places.on_disk.get(&id)?
-        };
-        match read_at(&self.file, offset, len) {
-            Ok(body) => Some(body),
-            Err(e) => {
+        // The places' file is this writer's (they change together in `compact`).
+        match self.kept.read(id) {
+            Ok(body) => body,
+            Err((offset, e)) => {
                 tracing::error!(id, offset, error = %e, path = %self.path.display(), "Cannot read a record back for a rewrite of a journal of the broker; it is left out.");
                 None
             }
@@ -586,6 +589,12 @@ fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
     h[..8].copy_from_slice(magic);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
     h
+}
+
+/// The length and checksum a record's frame starts with; `at` holds at least [`FRAME_LEN`].
+fn frame_header(at: &[u8]) -> (u32, u32) {
+    let word = |i: usize| u32::from_le_bytes([at[i], at[i + 1], at[i + 2], at[i + 3]]);
+    (word(0), word(4))
 }
 
 fn frame(body: &[u8]) -> Vec<u8> {
