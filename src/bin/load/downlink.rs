@@ -180,15 +180,19 @@ async fn sessions(
     // Devices stay connected until every one has its commands: the gateway serves them all
     // at once, as after a site's power comes back.
     let all_done = Arc::new(tokio::sync::Barrier::new(ids.len()));
+    // Then, before any leaves, the gateway's RSS with every device connected and idle.
+    let measured = Arc::new(tokio::sync::Barrier::new(ids.len()));
+    let gateway_pid = plan.gateway_pid;
     let errors: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
     let deadline = Instant::now() + plan.timeout;
     let mut tasks = Vec::with_capacity(ids.len());
     for i in 0..ids.len() {
         let permit = Arc::clone(&slots).acquire_owned().await?;
         let (ids, host) = (Arc::clone(ids), host.clone());
-        let (received, all_done, errors) = (
+        let (received, all_done, measured, errors) = (
             Arc::clone(&received),
             Arc::clone(&all_done),
+            Arc::clone(&measured),
             Arc::clone(&errors),
         );
         let want = expected(plan, i);
@@ -213,7 +217,18 @@ async fn sessions(
             };
             if phase == Phase::Receive {
                 // Every device, done or failed (bounded by the deadline), meets here.
-                all_done.wait().await;
+                if all_done.wait().await.is_leader() {
+                    if let Some(pid) = gateway_pid {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if let Some(kib) = gateway_rss_kib(pid) {
+                            println!(
+                                "gateway RSS with all {} devices connected and idle: {kib} KiB",
+                                ids.len()
+                            );
+                        }
+                    }
+                }
+                measured.wait().await;
             }
             if let Ok(Some(client)) = result {
                 let _ = client.disconnect().await;

@@ -167,6 +167,13 @@ async fn an_idle_connection_keeps_no_buffers() {
     client.write_all(&[0xc0, 0x00]).await.expect("write");
     let ping = conn.read_frame().await.expect("frame").expect("not eof");
     assert_eq!(ping.packet_type(), 12);
+    // A read of two bytes took a buffer of about two bytes, not 4 KiB: 10,000 devices
+    // sending their DISCONNECT at once held 40 MB of buffers for 2-byte packets.
+    assert!(
+        conn.read_capacity() < 64,
+        "read buffer after a 2-byte read: {}",
+        conn.read_capacity()
+    );
     conn.queue(Version::V4, &Outgoing::PingResp);
     assert!(conn.write_capacity() > 0);
     conn.flush().await.expect("flush");
