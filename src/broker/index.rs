@@ -6,11 +6,11 @@
 //! at most one subscription per filter [MQTT-3.8.4-3]; subscribing again replaces its
 //! options. Shared subscriptions live beside plain ones, one group per share name and filter.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::mailbox::Mailbox;
+use super::small::SmallMap;
 
 /// A subscription's options (MQTT 5 §3.8.3.1; 3.1.1 has only the QoS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +34,8 @@ struct Subscriber {
 /// Subscribers of one filter end: plain ones by client id, shared ones by group.
 #[derive(Debug, Default)]
 struct Subs {
-    plain: HashMap<Arc<str>, Subscriber>,
-    groups: HashMap<Box<str>, Group>,
+    plain: SmallMap<Arc<str>, Subscriber>,
+    groups: SmallMap<Box<str>, Group>,
 }
 
 impl Subs {
@@ -56,8 +56,9 @@ struct Group {
 /// Boxed children and subscriber sets: 10,000 devices each subscribed to its own command
 /// topic make 20,000 nodes, most of them with one child and no subscriber, and a node held
 /// inline in its parent's map (with two empty sets of two maps each) cost 1.6 KiB a device.
+/// Small maps: a one-entry `HashMap` per node and per set made the index 600 bytes a device.
 struct Node {
-    children: HashMap<Box<str>, Box<Node>>,
+    children: SmallMap<Box<str>, Box<Node>>,
     plus: Option<Box<Node>>,
     /// Filters that end here.
     here: Option<Box<Subs>>,
@@ -110,7 +111,7 @@ impl Index {
         let existed = match share {
             None => subs.plain.insert(Arc::clone(client), subscriber).is_some(),
             Some(group) => {
-                let group = subs.groups.entry(group.into()).or_default();
+                let group = subs.groups.get_or_insert_with(group, Group::default);
                 match group.members.iter_mut().find(|(c, _)| c == client) {
                     Some(member) => {
                         member.1 = subscriber;
@@ -174,7 +175,7 @@ fn end<'a>(root: &'a mut Node, filter: &str) -> &'a mut Subs {
         node = if level == "+" {
             node.plus.get_or_insert_with(Box::default)
         } else {
-            node.children.entry(level.into()).or_default()
+            node.children.get_or_insert_with(level, Box::default)
         };
         if levels.peek().is_none() {
             break;
@@ -273,10 +274,10 @@ impl Found<'_> {
         let Some(subs) = subs else {
             return;
         };
-        for (client, sub) in &subs.plain {
+        for (client, sub) in subs.plain.iter() {
             self.add(client, sub);
         }
-        for group in subs.groups.values() {
+        for (_, group) in subs.groups.iter() {
             if let Some((client, sub)) = pick(group) {
                 // No Local does not apply to shared subscriptions [MQTT-3.8.3-4].
                 let publisher = self.publisher.take();
@@ -429,7 +430,7 @@ mod tests {
         }
         let other: Arc<str> = Arc::from("other");
         index.insert(Some("h"), "s/#", &other, opts(1), &mailbox());
-        let mut seen = HashMap::new();
+        let mut seen = std::collections::HashMap::new();
         for _ in 0..9 {
             let targets = index.targets("s/x", None);
             // One from group g, one (the only member) from group h.

@@ -25,6 +25,7 @@ pub mod journal;
 pub mod mailbox;
 pub mod retained;
 pub mod sessions;
+mod small;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -207,10 +208,66 @@ struct Session {
     interval: Option<Duration>,
     mailbox: Arc<Mailbox>,
     /// Subscriptions by the filter as subscribed (share prefix included).
-    subscriptions: HashMap<String, Options>,
+    subscriptions: Subscriptions,
     holder: Option<u64>,
     /// When a disconnected session is forgotten.
     expires: Option<Instant>,
+}
+
+/// A session's subscriptions by filter: a device has a few (at most
+/// `max_subscriptions_per_session`), so a list, not a table: a one-entry `HashMap` took 180
+/// bytes of each of 10,000 sessions.
+#[derive(Debug, Default)]
+struct Subscriptions(Vec<(Box<str>, Options)>);
+
+impl Subscriptions {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn contains(&self, filter: &str) -> bool {
+        self.0.iter().any(|(f, _)| &**f == filter)
+    }
+
+    /// Adds or replaces; returns whether it existed.
+    fn insert(&mut self, filter: &str, options: Options) -> bool {
+        match self.0.iter_mut().find(|(f, _)| &**f == filter) {
+            Some(existing) => {
+                existing.1 = options;
+                true
+            }
+            None => {
+                // Grown one at a time: most sessions stop at one or two.
+                self.0.reserve_exact(1);
+                self.0.push((filter.into(), options));
+                false
+            }
+        }
+    }
+
+    /// Returns whether it existed.
+    fn remove(&mut self, filter: &str) -> bool {
+        let before = self.0.len();
+        self.0.retain(|(f, _)| &**f != filter);
+        self.0.len() != before
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &Options)> {
+        self.0.iter().map(|(f, o)| (&**f, o))
+    }
+}
+
+impl FromIterator<(String, Options)> for Subscriptions {
+    fn from_iter<I: IntoIterator<Item = (String, Options)>>(iter: I) -> Subscriptions {
+        let mut list: Vec<(Box<str>, Options)> =
+            iter.into_iter().map(|(f, o)| (f.into(), o)).collect();
+        list.shrink_to_fit();
+        Subscriptions(list)
+    }
 }
 
 /// Counters kept as handles: they are bumped once per delivery, on the fan-out path.
@@ -340,7 +397,7 @@ impl Broker {
                     continue;
                 };
                 out.push(Bytes::from(sessions::session(client, millis(interval))).into());
-                for (filter, o) in &s.subscriptions {
+                for (filter, o) in s.subscriptions.iter() {
                     out.push(Bytes::from(sessions::sub(client, filter, o)).into());
                 }
                 s.mailbox.snapshot(&mut out);
@@ -393,7 +450,7 @@ impl Broker {
                 Session {
                     interval: Some(interval),
                     mailbox,
-                    subscriptions: r.subscriptions,
+                    subscriptions: r.subscriptions.into_iter().collect(),
                     holder: None,
                     expires: Some(Instant::now() + interval),
                 },
@@ -500,7 +557,7 @@ impl Broker {
             Session {
                 interval,
                 mailbox: Arc::clone(&mailbox),
-                subscriptions: HashMap::new(),
+                subscriptions: Subscriptions::default(),
                 holder: Some(holder),
                 expires: None,
             },
@@ -524,7 +581,7 @@ impl Broker {
                 let journal = &self.inner.journal;
                 journal.append_later(&sessions::session(client, millis(i)));
                 if session.interval.is_none() {
-                    for (filter, o) in &session.subscriptions {
+                    for (filter, o) in session.subscriptions.iter() {
                         journal.append_later(&sessions::sub(client, filter, o));
                     }
                     session.mailbox.set_persist(Some(self.persist(client)));
@@ -607,7 +664,7 @@ impl Broker {
         }
         if !session.subscriptions.is_empty() {
             let mut index = self.inner.index.write().unwrap_or_else(|p| p.into_inner());
-            for filter in session.subscriptions.keys() {
+            for (filter, _) in session.subscriptions.iter() {
                 if let Ok(parsed) = filter::parse(filter) {
                     index.remove(parsed.share, parsed.filter, client);
                 }
@@ -652,7 +709,7 @@ impl Broker {
                 return Err(SubscribeRefused::FilterInvalid);
             };
             if session.subscriptions.len() >= self.inner.config.max_subscriptions
-                && !session.subscriptions.contains_key(request.filter)
+                && !session.subscriptions.contains(request.filter)
             {
                 return Err(SubscribeRefused::Quota);
             }
@@ -672,10 +729,7 @@ impl Broker {
                     &options,
                 ));
             }
-            session
-                .subscriptions
-                .insert(request.filter.to_owned(), options)
-                .is_some()
+            session.subscriptions.insert(request.filter, options)
         };
         // No retained messages for a new shared subscription (MQTT 5 §4.8.2).
         let send_retained = parsed.share.is_none()
@@ -706,7 +760,7 @@ impl Broker {
         let Some(session) = sessions.get_mut(&attached.client) else {
             return false;
         };
-        if session.subscriptions.remove(text).is_none() {
+        if !session.subscriptions.remove(text) {
             return false;
         }
         if session.interval.is_some() {

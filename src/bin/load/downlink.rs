@@ -3,7 +3,7 @@
 //! while they are away; the gateway takes them all onto its disk; then every device comes
 //! back and must get each of its commands exactly once, in order. Reports how fast the
 //! gateway took the commands, how fast they reached the devices, and the gateway's RSS,
-//! sampled throughout (with `--gateway-pid`).
+//! sampled throughout and with every device connected and idle (with `--gateway-pid`).
 //!
 //! The gateway needs a `[[downlink]]` for `--kafka-topic` with `mqtt_topic =
 //! "devices/{key}/commands"` (the key is the device's client id), addressed by the header
@@ -90,7 +90,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
 
     // 1. Every device makes its session and subscribes, then goes away.
     let started = Instant::now();
-    let (ok, _) = sessions(&plan, &ids, Phase::Subscribe).await?;
+    let (ok, _, _) = sessions(&plan, &ids, Phase::Subscribe).await?;
     println!(
         "sessions: {ok} of {} subscribed and disconnected in {:.2} s",
         plan.devices,
@@ -123,8 +123,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
 
     // 3. Every device comes back and takes its commands.
     let started = Instant::now();
-    let (ok, got) = sessions(&plan, &ids, Phase::Receive).await?;
-    let delivered = started.elapsed();
+    let (ok, got, done) = sessions(&plan, &ids, Phase::Receive).await?;
+    let delivered = done.unwrap_or_else(Instant::now) - started;
     let peak_delivery = sampler.phase_peak();
     println!(
         "delivered: {got} of {} commands to {ok} reconnected devices in {:.2} s = {:.0} commands/s (first reconnect to last command, all devices connected meanwhile)",
@@ -168,12 +168,13 @@ fn expected(plan: &Plan, i: usize) -> usize {
     plan.commands / plan.devices + usize::from(i < plan.commands % plan.devices)
 }
 
-/// Runs `phase` for every device; returns how many completed it and the commands received.
+/// Runs `phase` for every device; returns how many completed it, the commands received and
+/// (in `Receive`) when the last device had all of its own.
 async fn sessions(
     plan: &Plan,
     ids: &Arc<Vec<String>>,
     phase: Phase,
-) -> anyhow::Result<(usize, usize)> {
+) -> anyhow::Result<(usize, usize, Option<Instant>)> {
     let (host, port) = split_addr(&plan.mqtt);
     let slots = Arc::new(Semaphore::new(plan.connecting.max(1)));
     let received = Arc::new(AtomicUsize::new(0));
@@ -183,12 +184,15 @@ async fn sessions(
     // Then, before any leaves, the gateway's RSS with every device connected and idle.
     let measured = Arc::new(tokio::sync::Barrier::new(ids.len()));
     let gateway_pid = plan.gateway_pid;
+    // When the last device had its commands: the delivery rate's end, before that pause.
+    let done: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let errors: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
     let deadline = Instant::now() + plan.timeout;
     let mut tasks = Vec::with_capacity(ids.len());
     for i in 0..ids.len() {
         let permit = Arc::clone(&slots).acquire_owned().await?;
         let (ids, host) = (Arc::clone(ids), host.clone());
+        let done = Arc::clone(&done);
         let (received, all_done, measured, errors) = (
             Arc::clone(&received),
             Arc::clone(&all_done),
@@ -218,6 +222,7 @@ async fn sessions(
             if phase == Phase::Receive {
                 // Every device, done or failed (bounded by the deadline), meets here.
                 if all_done.wait().await.is_leader() {
+                    *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                     if let Some(pid) = gateway_pid {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         if let Some(kib) = gateway_rss_kib(pid) {
@@ -246,7 +251,8 @@ async fn sessions(
     if !errors.is_empty() {
         println!("device errors: {errors:?}");
     }
-    Ok((ok, received.load(Ordering::Relaxed)))
+    let done = *done.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((ok, received.load(Ordering::Relaxed), done))
 }
 
 /// One device's part of `phase`. In `Receive`, returns its client still connected.
