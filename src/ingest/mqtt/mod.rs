@@ -150,7 +150,7 @@ async fn bind_tcp(listen: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
 /// across both listeners, so a client id taken over on one port is closed on the other.
 #[derive(Clone)]
 struct Accepting {
-    shared: Shared,
+    shared: Arc<Shared>,
     connections: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
     /// TLS handshakes in progress; waited for in the connection's own task, never in the
@@ -188,7 +188,7 @@ pub async fn serve_listeners(
     broker: Broker,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let shared = Shared {
+    let shared = Arc::new(Shared {
         pressure: pipeline.pressure(),
         config: config.clone(),
         pipeline,
@@ -197,7 +197,7 @@ pub async fn serve_listeners(
         broker,
         shutdown: shutdown.clone(),
         counters: Arc::new(Counters::new()),
-    };
+    });
     let accepting = Accepting {
         shared,
         // Permits, not a counter: a permit is returned even if its task panics.

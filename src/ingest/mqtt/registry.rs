@@ -63,10 +63,17 @@ pub(super) struct Registered {
 impl Registry {
     /// Registers `client_id`, telling the connection that held it (if any) to close. Without
     /// `clean_start` the previous session's QoS 2 state carries over, if that session was
-    /// one to outlive its connection; `keeps` says whether the new one is.
-    pub(super) fn register(&self, client_id: &str, clean_start: bool, keeps: bool) -> Registered {
+    /// one to outlive its connection; `keeps` says whether the new one is. The connection's
+    /// token is a child of `shutdown`: one waiter per connection for both ends, not two.
+    pub(super) fn register(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        keeps: bool,
+        shutdown: &CancellationToken,
+    ) -> Registered {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let taken_over = CancellationToken::new();
+        let taken_over = shutdown.child_token();
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let previous = clients.remove(client_id);
         if let Some((_, old)) = previous.as_ref().and_then(|e| e.conn.as_ref()) {

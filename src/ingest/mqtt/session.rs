@@ -55,8 +55,8 @@ use crate::reload::Live;
 /// Above the log's high watermark, how often a connection may read one frame.
 const PRESSURE_READ_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Everything a connection task needs from the listener.
-#[derive(Clone)]
+/// Everything a connection task needs from the listener; each connection holds it behind one
+/// `Arc` (inline it was 136 bytes of every connection's task and session).
 pub struct Shared {
     pub config: Arc<MqttConfig>,
     pub pipeline: Pipeline,
@@ -117,6 +117,35 @@ const DELIVER_BATCH: usize = 256;
 const BUFFERED_PER_TURN: usize = 64;
 
 type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
+
+/// Futures finished in the order they were pushed, with the queue made on first use: a
+/// device that never publishes (or never uses QoS 2) keeps none. An empty `FuturesOrdered`
+/// is two `Arc`s (~200 bytes): two per connection were 2 MB of 10,000 idle devices.
+struct Ordered<F: Future>(Option<FuturesOrdered<F>>);
+
+impl<F: Future> Ordered<F> {
+    fn new() -> Ordered<F> {
+        Ordered(None)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(FuturesOrdered::is_empty)
+    }
+
+    fn push_back(&mut self, future: F) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(future);
+    }
+
+    /// The next output in order; `None` when empty. Cancel safe.
+    fn next(&mut self) -> impl Future<Output = Option<F::Output>> + '_ {
+        std::future::poll_fn(move |cx| match &mut self.0 {
+            Some(queue) => queue.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        })
+    }
+}
 /// A change of the receipt store being made durable.
 type Durably = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 /// A packet id released, whether it was awaiting release, and whether its release was made
@@ -156,7 +185,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 
 /// Serves one accepted connection until it closes. `cert` is what a client certificate
 /// verified during the TLS handshake says.
-pub async fn run<S: Stream>(stream: S, peer: SocketAddr, shared: Shared, cert: Option<CertClaim>) {
+pub async fn run<S: Stream>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    cert: Option<CertClaim>,
+) {
     // Each phase boxed (and bound by `let`: a temporary in an awaited expression keeps its
     // space even once moved), so the connection's future is the size of the phase it is in
     // (the session and its loop while it serves), not of every phase at once.
@@ -176,7 +210,7 @@ pub async fn run<S: Stream>(stream: S, peer: SocketAddr, shared: Shared, cert: O
 async fn admit<S: Stream>(
     stream: S,
     peer: SocketAddr,
-    shared: Shared,
+    shared: Arc<Shared>,
     cert: Option<CertClaim>,
 ) -> Option<Session<S>> {
     let mut conn = Connection::new(stream, shared.config.packet_limit());
@@ -324,7 +358,7 @@ struct Extra {
 struct Session<S> {
     conn: Connection<S>,
     peer: SocketAddr,
-    shared: Shared,
+    shared: Arc<Shared>,
     version: Version,
     client_id: String,
     /// Who the client proved to be; topic rights are checked against it.
@@ -338,25 +372,28 @@ struct Session<S> {
     /// How long the registry keeps this session's QoS 2 state after the connection ends:
     /// `None` not at all (clean start), `Some(None)` until the next clean start.
     keep_session: Option<Option<Duration>>,
-    /// Cancelled when another connection takes this client id over.
+    /// Cancelled when another connection takes this client id over, or when the gateway
+    /// shuts down (a child of its shutdown token).
     taken_over: CancellationToken,
     will: Option<Box<Will>>,
     /// 1.5 × the keepalive in force (never unlimited: the gateway caps it).
     keepalive: Duration,
     /// Appends not yet durable, QoS 0 included (their failures are counted).
-    pending: FuturesOrdered<Pending>,
+    pending: Ordered<Pending>,
     /// QoS 1/2 packet-id state: what is being stored, what awaits PUBREL.
     inflight: Inflight,
     /// PUBRELs whose release is being made durable (`ingest::receipts`); each one's PUBCOMP
     /// goes when it is, in order.
-    releasing: FuturesOrdered<Releasing>,
+    releasing: Ordered<Releasing>,
     /// A previous session's QoS 2 state being forgotten, and a new persistent session being
     /// journaled; the new session is served only once both are durable (`ingest::receipts`).
     forgetting: Option<Durably>,
     /// QoS 0 appends pending; capped like QoS 1/2 so a QoS 0 flood cannot queue without bound.
     pending_qos0: usize,
-    /// MQTT 5 topic aliases set by the client.
-    aliases: HashMap<u16, String>,
+    /// MQTT 5 topic aliases set by the client; boxed on first use (most clients set none,
+    /// and an empty map is 48 bytes of every connection).
+    #[allow(clippy::box_collection)]
+    aliases: Option<Box<HashMap<u16, String>>>,
     /// This connection's hold on its broker session (subscriptions, mailbox).
     attached: Attached,
     /// Messages sent to the client and not yet acknowledged.
@@ -371,7 +408,7 @@ impl<S: Stream> Session<S> {
     fn accept(
         mut conn: Connection<S>,
         peer: SocketAddr,
-        shared: Shared,
+        shared: Arc<Shared>,
         mut connect: Connect,
         version: Version,
         identity: Identity,
@@ -430,10 +467,12 @@ impl<S: Stream> Session<S> {
             (Version::V4, false, _) | (Version::V5, _, u32::MAX) => Some(None),
             (Version::V5, _, secs) => Some(Some(Duration::from_secs(secs.into()))),
         };
-        let registered =
-            shared
-                .registry
-                .register(&client_id, connect.clean_start, keep_session.is_some());
+        let registered = shared.registry.register(
+            &client_id,
+            connect.clean_start,
+            keep_session.is_some(),
+            &shared.shutdown,
+        );
         let attached = shared
             .broker
             .attach(&client_id, connect.clean_start, keep_session);
@@ -506,12 +545,12 @@ impl<S: Stream> Session<S> {
             keep_session,
             will: connect.will.map(Box::new),
             keepalive: Duration::from_millis(u64::from(keep_alive) * 1500),
-            pending: FuturesOrdered::new(),
+            pending: Ordered::new(),
             inflight: Inflight::new(registered.awaiting_rel, max_awaiting),
-            releasing: FuturesOrdered::new(),
+            releasing: Ordered::new(),
             forgetting,
             pending_qos0: 0,
-            aliases: HashMap::new(),
+            aliases: None,
             attached,
             outflight,
             client_max_packet: connect.maximum_packet_size,
@@ -541,8 +580,9 @@ impl<S: Stream> Session<S> {
         // `PRESSURE_READ_INTERVAL`. Memory stays flat either way (each read is one frame that
         // goes to disk or is refused), and the log still reaches "full", so a device that
         // keeps publishing hears 0x97 rather than stalling forever while Kafka is away.
-        let throttle = tokio::time::sleep(PRESSURE_READ_INTERVAL);
-        tokio::pin!(throttle);
+        // Made the first time the log is above it: a timer is 100 bytes of every connection.
+        let started = Instant::now();
+        let mut throttle: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut throttled_read = false;
         loop {
             if let Err(e) = self.flush().await {
@@ -557,6 +597,11 @@ impl<S: Stream> Session<S> {
             let high = *pressure.borrow() == Pressure::High;
             let slots_free = draining.is_none() && self.slots_free(receive_maximum);
             let can_read = slots_free && (!high || throttled_read);
+            if high && throttle.is_none() {
+                throttle = Some(Box::pin(tokio::time::sleep_until(
+                    started + PRESSURE_READ_INTERVAL,
+                )));
+            }
             if paused && can_read {
                 keepalive.as_mut().reset(Instant::now() + window);
             }
@@ -590,25 +635,32 @@ impl<S: Stream> Session<S> {
                     notified.set(mailbox.notified());
                     self.deliver();
                 }
-                _ = self.shared.shutdown.cancelled(), if draining.is_none() => {
-                    draining = Some(End::SHUTDOWN);
-                }
+                // The gateway shutting down cancels this too (a child token).
                 _ = self.taken_over.cancelled(), if draining.is_none() => {
-                    taken_over(self.peer, &self.client_id);
-                    draining = Some(End::TAKEN_OVER);
+                    if self.shared.shutdown.is_cancelled() {
+                        draining = Some(End::SHUTDOWN);
+                    } else {
+                        taken_over(self.peer, &self.client_id);
+                        draining = Some(End::TAKEN_OVER);
+                    }
                 }
                 changed = pressure.changed(), if pressure_open => {
                     // The log is gone (shutting down): stop watching rather than spin.
                     pressure_open = changed.is_ok();
                 }
-                _ = &mut throttle, if slots_free && high && !throttled_read => {
+                () = std::future::poll_fn(|cx| match throttle.as_mut() {
+                    Some(timer) => timer.as_mut().poll(cx),
+                    None => std::task::Poll::Pending,
+                }), if slots_free && high && !throttled_read => {
                     throttled_read = true;
                 }
                 read = self.conn.read_frame(), if can_read => {
                     keepalive.as_mut().reset(Instant::now() + window);
                     if throttled_read {
                         throttled_read = false;
-                        throttle.as_mut().reset(Instant::now() + PRESSURE_READ_INTERVAL);
+                        if let Some(timer) = throttle.as_mut() {
+                            timer.as_mut().reset(Instant::now() + PRESSURE_READ_INTERVAL);
+                        }
                     }
                     let frame = match read {
                         Ok(Some(frame)) => frame,
@@ -1093,15 +1145,19 @@ impl<S: Stream> Session<S> {
                 );
                 Err(End::new(Some(0x94), true, "topic alias invalid"))
             }
-            Some(alias) if publish.topic.is_empty() => match self.aliases.get(&alias) {
-                Some(topic) => {
-                    publish.topic = topic.clone();
-                    Ok(())
+            Some(alias) if publish.topic.is_empty() => {
+                match self.aliases.as_ref().and_then(|a| a.get(&alias)) {
+                    Some(topic) => {
+                        publish.topic = topic.clone();
+                        Ok(())
+                    }
+                    None => Err(self.violation("unknown topic alias")),
                 }
-                None => Err(self.violation("unknown topic alias")),
-            },
+            }
             Some(alias) => {
-                self.aliases.insert(alias, publish.topic.clone());
+                self.aliases
+                    .get_or_insert_default()
+                    .insert(alias, publish.topic.clone());
                 Ok(())
             }
         }
@@ -1283,7 +1339,7 @@ impl<S: Stream> Session<S> {
 
 /// Who a will belongs to, for publishing it after the connection is gone.
 struct WillOwner {
-    shared: Shared,
+    shared: Arc<Shared>,
     peer: SocketAddr,
     client_id: String,
     publisher: Arc<str>,
@@ -1434,7 +1490,7 @@ async fn goodbye<S: Stream>(conn: &mut Connection<S>, timeout: Duration) {
 
 /// Refuses a connection over `max_connections`: answers its CONNECT with "busy" in its own
 /// protocol (3.1.1 0x03, MQTT 5 0x89) and closes.
-pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Shared) {
+pub async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let mut conn = Connection::new(socket, shared.config.packet_limit());
     // Short: the client is not owed our patience, and each of these holds a socket.
     let timeout = shared
