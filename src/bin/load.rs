@@ -134,6 +134,11 @@ struct Args {
     /// QoS the subscribers ask for (a delivery has the lower of it and `--qos`).
     #[arg(long, default_value_t = 1, value_name = "Q")]
     sub_qos: u8,
+    /// Messages a second each subscriber takes at most, as a local application that does
+    /// work per message would (0: as fast as it can). It reads no faster, so the gateway
+    /// meets its pace through TCP and its session queue, as with a real slow subscriber.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    sub_rate: u64,
     /// Once every publish is acknowledged, how long subscribers may go without a new
     /// message before what has not arrived counts as missing.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
@@ -1347,8 +1352,13 @@ mod subscribe {
                 }
             }
             let groups: Vec<String> = groups.iter().map(|(f, n)| format!("{n} × {f}")).collect();
+            let pace = if args.sub_rate > 0 {
+                format!(", each taking at most {} messages/s", args.sub_rate)
+            } else {
+                String::new()
+            };
             format!(
-                "{} (MQTT 3.1.1, QoS {}, subscribed before the first publish): {}",
+                "{} (MQTT 3.1.1, QoS {}{pace}, subscribed before the first publish): {}",
                 self.subscribers.len(),
                 args.sub_qos,
                 groups.join("; ")
@@ -1412,6 +1422,8 @@ mod subscribe {
         };
         let mut ready = Some(ready);
         let (mut connected, mut retries) = (false, 0u32);
+        // With --sub-rate: when the first message came and how many since.
+        let mut paced: Option<(tokio::time::Instant, u64)> = None;
         loop {
             let event = tokio::select! {
                 biased;
@@ -1419,7 +1431,23 @@ mod subscribe {
                 event = eventloop.poll() => event,
             };
             match event {
-                Ok(Event::Incoming(Packet::Publish(p))) => r.record(&p, &check, &distinct),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    r.record(&p, &check, &distinct);
+                    if args.sub_rate > 0 {
+                        let (first, taken) =
+                            paced.get_or_insert_with(|| (tokio::time::Instant::now(), 0));
+                        *taken += 1;
+                        // Not before its time: the next read waits until the pace allows it.
+                        let due =
+                            *first + Duration::from_secs_f64(*taken as f64 / args.sub_rate as f64);
+                        if due > tokio::time::Instant::now() {
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = tokio::time::sleep_until(due) => {}
+                            }
+                        }
+                    }
+                }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
                     let requests = filters

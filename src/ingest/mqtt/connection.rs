@@ -15,11 +15,15 @@ use tokio_util::io::poll_read_buf;
 
 use super::packet::{self, Outgoing, Version};
 
-/// Bytes read at once. A connection whose socket had fewer keeps a buffer of exactly what
-/// came (a PUBACK, a DISCONNECT: a few bytes, not 4 KiB each while 10,000 devices come or go
-/// at once); one whose socket had this much reads on into a buffer of this size, released
-/// when all is handled.
+/// Bytes read at once, and the buffer of a busy connection, released when all is handled.
 const READ_BUFFER: usize = 4096;
+
+/// A read of at most this many bytes (an ack, a DISCONNECT, a publish or two) gets a buffer
+/// of its size rounded up to a power of two, not READ_BUFFER: 10,000 devices sending their
+/// DISCONNECT at once held 4 KiB each. A larger read means a busy connection, which reads
+/// on into a whole READ_BUFFER without copying. Powers of two keep the sizes few, so freed
+/// buffers are reused (every read's exact size had the allocator splitting and merging).
+const SMALL_READ: usize = 512;
 
 /// Write buffer when packets are queued after a flush released it.
 const WRITE_BUFFER: usize = 2048;
@@ -154,7 +158,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Reads what the socket has. With nothing buffered the read goes to the stack first,
     /// so a connection waiting for its next packet holds no buffer; the bytes are copied
-    /// into a fresh one of their size once they are there.
+    /// into a fresh one (of about their size, see [`SMALL_READ`]) once they are there.
     async fn fill(&mut self) -> std::io::Result<usize> {
         std::future::poll_fn(|cx| {
             if self.read_buf.capacity() > 0 {
@@ -175,8 +179,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             match Pin::new(&mut self.stream).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {
                     let got = read.filled();
-                    // Exactly what came: a full read leaves the buffer full, so the next one
-                    // (the socket likely has more) reserves READ_BUFFER above.
+                    let room = if got.len() > SMALL_READ {
+                        READ_BUFFER
+                    } else {
+                        got.len().next_power_of_two()
+                    };
+                    self.read_buf.reserve(room);
                     self.read_buf.extend_from_slice(got);
                     Poll::Ready(Ok(got.len()))
                 }
