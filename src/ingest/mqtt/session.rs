@@ -146,6 +146,7 @@ impl<F: Future> Ordered<F> {
         })
     }
 }
+
 /// A change of the receipt store being made durable.
 type Durably = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 /// A packet id released, whether it was awaiting release, and whether its release was made
