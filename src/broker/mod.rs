@@ -27,6 +27,8 @@ pub mod retained;
 pub mod sessions;
 mod small;
 
+use small::SmallMap;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
@@ -207,67 +209,12 @@ struct Session {
     /// journaled.
     interval: Option<Duration>,
     mailbox: Arc<Mailbox>,
-    /// Subscriptions by the filter as subscribed (share prefix included).
-    subscriptions: Subscriptions,
+    /// Subscriptions by the filter as subscribed (share prefix included): a device has a
+    /// few, so a list until it has many (a one-entry `HashMap` took 180 bytes a session).
+    subscriptions: SmallMap<Box<str>, Options>,
     holder: Option<u64>,
     /// When a disconnected session is forgotten.
     expires: Option<Instant>,
-}
-
-/// A session's subscriptions by filter: a device has a few (at most
-/// `max_subscriptions_per_session`), so a list, not a table: a one-entry `HashMap` took 180
-/// bytes of each of 10,000 sessions.
-#[derive(Debug, Default)]
-struct Subscriptions(Vec<(Box<str>, Options)>);
-
-impl Subscriptions {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn contains(&self, filter: &str) -> bool {
-        self.0.iter().any(|(f, _)| &**f == filter)
-    }
-
-    /// Adds or replaces; returns whether it existed.
-    fn insert(&mut self, filter: &str, options: Options) -> bool {
-        match self.0.iter_mut().find(|(f, _)| &**f == filter) {
-            Some(existing) => {
-                existing.1 = options;
-                true
-            }
-            None => {
-                // Grown one at a time: most sessions stop at one or two.
-                self.0.reserve_exact(1);
-                self.0.push((filter.into(), options));
-                false
-            }
-        }
-    }
-
-    /// Returns whether it existed.
-    fn remove(&mut self, filter: &str) -> bool {
-        let before = self.0.len();
-        self.0.retain(|(f, _)| &**f != filter);
-        self.0.len() != before
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&str, &Options)> {
-        self.0.iter().map(|(f, o)| (&**f, o))
-    }
-}
-
-impl FromIterator<(String, Options)> for Subscriptions {
-    fn from_iter<I: IntoIterator<Item = (String, Options)>>(iter: I) -> Subscriptions {
-        let mut list: Vec<(Box<str>, Options)> =
-            iter.into_iter().map(|(f, o)| (f.into(), o)).collect();
-        list.shrink_to_fit();
-        Subscriptions(list)
-    }
 }
 
 /// Counters kept as handles: they are bumped once per delivery, on the fan-out path.
@@ -450,7 +397,11 @@ impl Broker {
                 Session {
                     interval: Some(interval),
                     mailbox,
-                    subscriptions: r.subscriptions.into_iter().collect(),
+                    subscriptions: r
+                        .subscriptions
+                        .into_iter()
+                        .map(|(filter, o)| (filter.into_boxed_str(), o))
+                        .collect(),
                     holder: None,
                     expires: Some(Instant::now() + interval),
                 },
@@ -557,7 +508,7 @@ impl Broker {
             Session {
                 interval,
                 mailbox: Arc::clone(&mailbox),
-                subscriptions: Subscriptions::default(),
+                subscriptions: SmallMap::default(),
                 holder: Some(holder),
                 expires: None,
             },
@@ -709,7 +660,7 @@ impl Broker {
                 return Err(SubscribeRefused::FilterInvalid);
             };
             if session.subscriptions.len() >= self.inner.config.max_subscriptions
-                && !session.subscriptions.contains(request.filter)
+                && session.subscriptions.get(request.filter).is_none()
             {
                 return Err(SubscribeRefused::Quota);
             }
@@ -729,7 +680,10 @@ impl Broker {
                     &options,
                 ));
             }
-            session.subscriptions.insert(request.filter, options)
+            session
+                .subscriptions
+                .insert(request.filter.into(), options)
+                .is_some()
         };
         // No retained messages for a new shared subscription (MQTT 5 §4.8.2).
         let send_retained = parsed.share.is_none()
@@ -760,7 +714,7 @@ impl Broker {
         let Some(session) = sessions.get_mut(&attached.client) else {
             return false;
         };
-        if !session.subscriptions.remove(text) {
+        if session.subscriptions.remove(text).is_none() {
             return false;
         }
         if session.interval.is_some() {

@@ -1,4 +1,5 @@
-//! A map for the index's many tiny sets: a list while it holds a few entries (most nodes of
+//! A map for the broker's many tiny sets (the index's nodes and subscriber sets, a
+//! session's subscriptions): a list while it holds a few entries (most nodes of
 //! a fleet's command topics have one child and one subscriber), a hash table once it holds
 //! many (the level under `devices/` with one child per device, a filter every device
 //! subscribes to). A one-entry `HashMap` costs 120-190 bytes; a one-entry list, its entry.
@@ -118,6 +119,17 @@ impl<K: Borrow<str> + Eq + Hash, V> SmallMap<K, V> {
             SmallMap::Few(list) => Iter::Few(list.iter()),
             SmallMap::Many(map) => Iter::Many(map.iter()),
         }
+    }
+}
+
+impl<K: Borrow<str> + Eq + Hash, V> FromIterator<(K, V)> for SmallMap<K, V> {
+    /// Keys are taken as distinct (a later one replaces an earlier).
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> SmallMap<K, V> {
+        let mut map = SmallMap::default();
+        for (k, v) in iter {
+            map.insert(k, v);
+        }
+        map
     }
 }
 
