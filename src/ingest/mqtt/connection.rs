@@ -179,13 +179,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             match Pin::new(&mut self.stream).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {
                     let got = read.filled();
-                    let room = if got.len() > SMALL_READ {
-                        READ_BUFFER
-                    } else {
-                        got.len().next_power_of_two()
-                    };
-                    self.read_buf.reserve(room);
-                    self.read_buf.extend_from_slice(got);
+                    // Nothing (the end of the stream) takes no buffer.
+                    if !got.is_empty() {
+                        let room = if got.len() > SMALL_READ {
+                            READ_BUFFER
+                        } else {
+                            got.len().next_power_of_two()
+                        };
+                        self.read_buf.reserve(room);
+                        self.read_buf.extend_from_slice(got);
+                    }
                     Poll::Ready(Ok(got.len()))
                 }
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
