@@ -208,6 +208,9 @@ fn cost32(cost: usize) -> u32 {
     u32::try_from(cost).unwrap_or(u32::MAX)
 }
 
+/// Slots an emptied queue keeps (VecDeque's first allocation is four).
+const KEPT_ROOM: usize = 8;
+
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<Entry>,
@@ -236,9 +239,10 @@ impl Queue {
     fn pop_front(&mut self) -> Option<Entry> {
         let entry = self.items.pop_front()?;
         self.commands -= usize::from(entry.is_command());
-        if self.items.is_empty() {
+        if self.items.is_empty() && self.items.capacity() > KEPT_ROOM {
             // A backlog delivered: its room goes too (10,000 sessions that each held ten
-            // commands kept 1.3 MB of empty queues).
+            // commands kept 1.3 MB of empty queues). A queue that keeps up empties at every
+            // message: it keeps its few slots rather than allocate them again each time.
             self.items = VecDeque::new();
         }
         Some(entry)
