@@ -65,12 +65,15 @@ async fn append_many(
     futures::future::join_all(futs).await
 }
 
-/// Reads until nothing more arrives for a moment.
-async fn drain(reader: &mut LogReader) -> Vec<StoredRecord> {
+/// Reads everything readable now. Every test drains after its appends are durable or after
+/// a reopen, so there is nothing to wait for; a wait with a timeout ("until nothing comes for
+/// 60 ms") could end early on a loaded machine.
+fn drain(reader: &mut LogReader) -> Vec<StoredRecord> {
     let mut out = Vec::new();
-    while let Ok(Ok(batch)) =
-        tokio::time::timeout(Duration::from_millis(60), reader.read_batch(50, 1 << 20)).await
-    {
+    while let Ok((batch, _closed)) = reader.core.try_read(50, 1 << 20) {
+        if batch.is_empty() {
+            break;
+        }
         out.extend(batch);
     }
     out
@@ -101,11 +104,13 @@ async fn round_trip_acks_and_restart() {
     }
     let mut reader = log.reader().expect("reader");
     assert!(log.reader().is_none());
-    let got = drain(&mut reader).await;
+    let got = drain(&mut reader);
     assert_eq!(got.len(), 200);
     for (g, (seq, r, _)) in got.iter().zip(&appended) {
         assert_eq!((g.seq, &g.record), (*seq, r));
     }
+    let spanned = log.stats().segments;
+    assert!(spanned > 3, "200 records span several segments: {spanned}");
     // Out-of-order acks: the head only moves over the contiguous prefix.
     reader.ack(1);
     reader.ack(2);
@@ -114,7 +119,8 @@ async fn round_trip_acks_and_restart() {
     assert_eq!(log.stats().head_seq, 3);
     reader.ack_range(3, 150);
     assert_eq!(log.stats().head_seq, 150);
-    assert!(log.stats().segments > 3);
+    // The segments behind the head are removed by the commit thread in its own time (a count
+    // taken here raced it); the reopen below sees that they went.
     log.close().await.expect("close");
     assert!(matches!(
         log.append(&record(0, 1)),
@@ -130,7 +136,7 @@ async fn round_trip_acks_and_restart() {
     assert_eq!(report.records, 50);
     assert!(!report.cursor_repaired);
     let mut reader = log.reader().expect("reader");
-    let got = drain(&mut reader).await;
+    let got = drain(&mut reader);
     assert_eq!(
         got.iter().map(|r| r.seq).collect::<Vec<_>>(),
         (150..200).collect::<Vec<_>>()
@@ -155,7 +161,7 @@ async fn sequence_numbers_survive_a_fully_drained_log() {
         assert_eq!(appended[0].0, next);
         next = appended[59].0 + 1;
         let mut reader = log.reader().expect("reader");
-        for r in drain(&mut reader).await {
+        for r in drain(&mut reader) {
             reader.ack(r.seq);
         }
         log.close().await.expect("close");
@@ -187,7 +193,7 @@ async fn reject_new_fails_fast_and_pressure_follows_watermarks() {
         d.expect("accepted records become durable");
     }
     let mut reader = log.reader().expect("reader");
-    let got = drain(&mut reader).await;
+    let got = drain(&mut reader);
     for r in &got {
         reader.ack(r.seq);
     }
@@ -229,7 +235,7 @@ async fn drop_oldest_counts_and_reader_skips_forward() {
     let stats = log.stats();
     assert!(stats.dropped_records > 0);
     assert!(stats.bytes <= 40 << 10, "{stats:?}");
-    let got = drain(&mut reader).await;
+    let got = drain(&mut reader);
     assert!(got[0].seq > 1, "skipped the dropped records");
     assert_eq!(got.last().map(|r| r.seq), Some(299));
     assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
@@ -251,7 +257,7 @@ async fn max_age_drops_old_segments() {
     let stats = log.stats();
     assert!(stats.dropped_records >= 39, "{stats:?}");
     let mut reader = log.reader().expect("reader");
-    let got = drain(&mut reader).await;
+    let got = drain(&mut reader);
     assert_eq!(got.first().map(|r| r.seq), Some(40));
     log.close().await.expect("close");
 }
@@ -268,7 +274,7 @@ async fn durability_none_needs_no_fsync() {
     assert!(appended.iter().all(|a| a.2.is_ok()));
     assert_eq!(log.stats().fsyncs, 0);
     let mut reader = log.reader().expect("reader");
-    assert_eq!(drain(&mut reader).await.len(), 500);
+    assert_eq!(drain(&mut reader).len(), 500);
     log.close().await.expect("close");
 }
 
@@ -302,7 +308,7 @@ async fn large_commits_are_padded_to_a_page_and_read_back() {
     assert_eq!(report.torn_tail_bytes, 0);
     assert_eq!(report.corrupt_records, 0);
     let mut reader = log.reader().expect("reader");
-    let got = drain(&mut reader).await;
+    let got = drain(&mut reader);
     assert_subset(&got, &all, 0);
     assert_eq!(log.stats().corrupt_records, 0);
     log.close().await.expect("close");
@@ -356,7 +362,6 @@ async fn disk_full_fails_cleanly_and_resumes() {
     assert!(after.iter().all(|a| a.2.is_ok()));
     let mut reader = log.reader().expect("reader");
     let got: BTreeMap<u64, Record> = drain(&mut reader)
-        .await
         .into_iter()
         .map(|r| (r.seq, r.record))
         .collect();
@@ -395,7 +400,7 @@ async fn power_cuts_lose_nothing_acknowledged() {
         // A settled prefix, partly acknowledged, closed cleanly: head is exact.
         let settled = append_many(&log, (0..next() % 40).map(|i| record(i, 120))).await;
         let mut reader = log.reader().expect("reader");
-        let read = drain(&mut reader).await;
+        let read = drain(&mut reader);
         let acked = (next() as usize) % (read.len() + 1);
         for r in &read[..acked] {
             reader.ack(r.seq);
@@ -420,7 +425,7 @@ async fn power_cuts_lose_nothing_acknowledged() {
         let crashed = fs.after_power_cut(Some(next() as usize));
         let (log, report) = open(&crashed, config());
         let mut reader = log.reader().expect("reader");
-        let got = drain(&mut reader).await;
+        let got = drain(&mut reader);
         assert!(
             got.windows(2).all(|w| w[0].seq < w[1].seq),
             "round {round}: order"
@@ -473,7 +478,7 @@ async fn filled_log(fs: &MemFs, n: u64) -> Vec<(u64, Record)> {
 async fn read_all(fs: &MemFs) -> (Vec<StoredRecord>, RecoveryReport, LogStats) {
     let (log, report) = open(fs, config());
     let mut reader = log.reader().expect("reader");
-    let got = drain(&mut reader).await;
+    let got = drain(&mut reader);
     let stats = log.stats();
     log.close().await.expect("close");
     (got, report, stats)
@@ -776,7 +781,7 @@ fn run_model(actions: Vec<Action>) -> Result<(), TestCaseError> {
                     let (l, _) = open(&fs, config());
                     log = l;
                     reader = log.reader().expect("reader");
-                    let got = drain(&mut reader).await;
+                    let got = drain(&mut reader);
                     let true_head = m.head();
                     prop_assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
                     let seen: BTreeMap<u64, &Record> =
@@ -925,11 +930,7 @@ async fn sealed_records_are_unreadable_on_disk_and_wait_for_their_key() {
         outcome.expect("durable");
     }
     let mut reader = log.reader().expect("reader");
-    let read: Vec<Record> = drain(&mut reader)
-        .await
-        .into_iter()
-        .map(|r| r.record)
-        .collect();
+    let read: Vec<Record> = drain(&mut reader).into_iter().map(|r| r.record).collect();
     let expected: Vec<Record> = first.into_iter().chain(second).collect();
     assert_eq!(read, expected);
     assert_eq!(log.stats().corrupt_records, 0);
@@ -996,7 +997,7 @@ async fn the_receipt_pin_keeps_acknowledged_segments_and_their_receipts_read_bac
         }
         assert_eq!(log.next_seq(), 120);
         let mut reader = log.reader().expect("reader");
-        let got = drain(&mut reader).await;
+        let got = drain(&mut reader);
         assert_eq!(got.len(), 120, "the forwarder's reader skips receipts");
         assert_eq!(got[3].record, record(3, 100));
         reader.ack_range(0, 120);
