@@ -69,6 +69,9 @@ pub struct ClientHealth {
     /// How long a broker must have sat still to count as idle, in microseconds (the unit
     /// of librdkafka's `stateage`); 0 until [`ClientHealth::new`] sets it.
     idle_age_micros: i64,
+    /// The brokers of the last report with their states and how long they have been in
+    /// them, for the line that reports a stalled producer.
+    states: Mutex<String>,
 }
 
 /// How long a broker must have been in `INIT`, `DOWN` or `TRY_CONNECT` to count as idle,
@@ -110,7 +113,17 @@ impl ClientHealth {
             .filter(|b| b.source != "internal" && b.source != "logical");
         let (mut brokers, mut tx, mut rx, mut connected, mut idle) = (0, 0, 0, false, true);
         let mut nodes = std::collections::BTreeSet::new();
+        let mut states = String::new();
         for b in real {
+            use std::fmt::Write as _;
+            let _ = write!(
+                states,
+                "{}{} {} {:.1}s",
+                if states.is_empty() { "" } else { ", " },
+                b.name,
+                b.state,
+                b.stateage as f64 / 1e6
+            );
             brokers += 1;
             tx += b.txbytes;
             rx += b.rxbytes;
@@ -132,6 +145,7 @@ impl ClientHealth {
         } else {
             self.idle_reports.store(0, Ordering::Relaxed);
         }
+        *self.states.lock().unwrap_or_else(|e| e.into_inner()) = states;
         self.brokers.store(brokers, Ordering::Relaxed);
         self.nodes.store(nodes.len(), Ordering::Relaxed);
         self.tx_bytes.store(tx, Ordering::Relaxed);
@@ -181,6 +195,15 @@ impl ClientHealth {
     /// or longer.
     pub fn idle_reports(&self) -> u32 {
         self.idle_reports.load(Ordering::Relaxed)
+    }
+
+    /// The brokers of the last report, each with its state and the seconds it has been in
+    /// it ("127.0.0.1:9092/1 UP 12.0s, ...").
+    pub fn broker_states(&self) -> String {
+        self.states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Bytes moved over broker connections (both directions) per the last report.
@@ -718,6 +741,7 @@ mod tests {
         assert_eq!(health.idle_reports(), 1);
         health.update(&report(&[("127.0.0.1:9092/1", "INIT", 6_000)]));
         assert_eq!(health.idle_reports(), 2);
+        assert_eq!(health.broker_states(), "127.0.0.1:9092/1 INIT 6.0s");
         assert!(
             !health.orphaned(),
             "the lingering broker hides it from orphaned()"

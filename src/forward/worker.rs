@@ -1028,10 +1028,18 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 );
             }
             Verdict::Stalled => {
-                let (brokers, reports) = self
+                let (brokers, reports, states) =
+                    self.producer.as_ref().map_or((0, 0, String::new()), |i| {
+                        (
+                            i.health.brokers(),
+                            i.health.reports(),
+                            i.health.broker_states(),
+                        )
+                    });
+                let queued = self
                     .producer
                     .as_ref()
-                    .map_or((0, 0), |i| (i.health.brokers(), i.health.reports()));
+                    .map_or(0, |i| i.producer.in_flight_count());
                 let oldest = self
                     .in_flight
                     .iter()
@@ -1044,6 +1052,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                     oldest_seq = ?oldest,
                     topic = %probed.topic,
                     producer_brokers = brokers,
+                    producer_broker_states = %states,
+                    producer_queue = queued,
                     producer_stats_reports = reports,
                     link = ?self.link.state(),
                     "Kafka answers but the producer has delivered nothing: it is stalled. Rebuilding it and sending the unfinished records again in order."
