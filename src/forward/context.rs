@@ -64,24 +64,10 @@ pub struct ClientHealth {
     /// Statistics reports in a row with no broker connection UP (a transaction
     /// coordinator's own connection does not count: see [`ClientHealth::stranded`]).
     reports_without_up: AtomicU32,
-    /// Statistics reports in a row with every broker idle: see [`ClientHealth::idle_reports`].
-    idle_reports: AtomicU32,
-    /// How long a broker must have sat still to count as idle, in microseconds (the unit
-    /// of librdkafka's `stateage`); 0 until [`ClientHealth::new`] sets it.
-    idle_age_micros: i64,
     /// The brokers of the last report with their states and how long they have been in
     /// them, for the line that reports a stalled producer.
     states: Mutex<String>,
 }
-
-/// How long a broker must have been in `INIT`, `DOWN` or `TRY_CONNECT` to count as idle,
-/// at least (see [`ClientHealth::idle_after`]). A broker the client needs moves on within
-/// its reconnect back-off: with sparse connections (librdkafka's default) it waits in `INIT`
-/// only while nothing needs it, goes from `DOWN` to `INIT` at once and from `TRY_CONNECT`
-/// to `CONNECT` when the back-off is over. A broker being decommissioned never moves again:
-/// its connection closes (`DOWN`), it goes to `INIT` (or stays in `TRY_CONNECT`) and
-/// nothing makes it connect.
-const IDLE_AGE: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// How long the brokers must have been answering (the link up) before a client with work
 /// waiting and no connection in its last two reports is stranded (see
@@ -94,16 +80,8 @@ impl ClientHealth {
     pub fn new(bootstrap_brokers: usize) -> ClientHealth {
         ClientHealth {
             nodes: AtomicUsize::new(bootstrap_brokers),
-            idle_age_micros: micros(IDLE_AGE),
             ..ClientHealth::default()
         }
-    }
-
-    /// A client whose reconnect back-off can reach `reconnect_backoff_max`: a broker
-    /// counts as idle only after twice that (and at least [`IDLE_AGE`]).
-    pub fn idle_after(mut self, reconnect_backoff_max: std::time::Duration) -> ClientHealth {
-        self.idle_age_micros = micros(IDLE_AGE.max(reconnect_backoff_max * 2));
-        self
     }
 
     fn update(&self, statistics: &Statistics) {
@@ -111,7 +89,7 @@ impl ClientHealth {
             .brokers
             .values()
             .filter(|b| b.source != "internal" && b.source != "logical");
-        let (mut brokers, mut tx, mut rx, mut connected, mut idle) = (0, 0, 0, false, true);
+        let (mut brokers, mut tx, mut rx, mut connected) = (0, 0, 0, false);
         let mut nodes = std::collections::BTreeSet::new();
         let mut states = String::new();
         for b in real {
@@ -128,8 +106,6 @@ impl ClientHealth {
             tx += b.txbytes;
             rx += b.rxbytes;
             connected |= b.state == "UP";
-            idle &= matches!(b.state.as_str(), "INIT" | "DOWN" | "TRY_CONNECT")
-                && b.stateage >= self.idle_age_micros;
             // Bootstrap entries have no node id, and may be the same broker as a learned one.
             if b.nodeid >= 0 {
                 nodes.insert(b.nodeid);
@@ -139,11 +115,6 @@ impl ClientHealth {
             self.reports_without_up.store(0, Ordering::Relaxed);
         } else {
             self.reports_without_up.fetch_add(1, Ordering::Relaxed);
-        }
-        if idle && brokers > 0 {
-            self.idle_reports.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.idle_reports.store(0, Ordering::Relaxed);
         }
         *self.states.lock().unwrap_or_else(|e| e.into_inner()) = states;
         self.brokers.store(brokers, Ordering::Relaxed);
@@ -189,14 +160,6 @@ impl ClientHealth {
             && up_for.is_some_and(|d| d >= STRANDED_AFTER)
     }
 
-    /// Statistics reports in a row in which no broker was connected or trying to connect:
-    /// each one the client knows (not counting a transaction coordinator's own) had been in
-    /// `INIT`, `DOWN` or `TRY_CONNECT` for [`IDLE_AGE`] (or twice the reconnect back-off)
-    /// or longer.
-    pub fn idle_reports(&self) -> u32 {
-        self.idle_reports.load(Ordering::Relaxed)
-    }
-
     /// The brokers of the last report, each with its state and the seconds it has been in
     /// it ("127.0.0.1:9092/1 UP 12.0s, ...").
     pub fn broker_states(&self) -> String {
@@ -221,10 +184,6 @@ impl ClientHealth {
     pub fn brokers(&self) -> usize {
         self.brokers.load(Ordering::Relaxed)
     }
-}
-
-fn micros(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 impl ClientContext for ForwardContext {
@@ -704,77 +663,6 @@ mod tests {
         );
         health.update(&report("UP", "UP"));
         assert!(!health.stranded(up_for));
-    }
-
-    /// The at-least-once producer stranded the same way (CI, `faults::quick_restarts`):
-    /// its only broker decommissioned and lingering, nobody connecting. Idle means every
-    /// broker known sat in `INIT`, `DOWN` or `TRY_CONNECT` for four seconds (or twice the
-    /// reconnect back-off); a broker cycling through its back-off in an ordinary outage, or
-    /// one connecting, is not idle.
-    #[test]
-    fn a_client_whose_brokers_all_sit_still_is_idle() {
-        use rdkafka::statistics::{Broker, Statistics};
-        let report = |brokers: &[(&str, &str, i64)]| Statistics {
-            brokers: brokers
-                .iter()
-                .chain([(":0/internal", "UP", 0)].iter())
-                .map(|&(name, state, age_ms)| {
-                    let b = Broker {
-                        name: name.into(),
-                        source: if name.ends_with("internal") {
-                            "internal"
-                        } else {
-                            "learned"
-                        }
-                        .into(),
-                        state: state.into(),
-                        stateage: age_ms * 1000,
-                        ..Broker::default()
-                    };
-                    (name.to_owned(), b)
-                })
-                .collect(),
-            ..Statistics::default()
-        };
-        let health = ClientHealth::new(1);
-        health.update(&report(&[("127.0.0.1:9092/1", "INIT", 4_000)]));
-        assert_eq!(health.idle_reports(), 1);
-        health.update(&report(&[("127.0.0.1:9092/1", "INIT", 6_000)]));
-        assert_eq!(health.idle_reports(), 2);
-        assert_eq!(health.broker_states(), "127.0.0.1:9092/1 INIT 6.0s");
-        assert!(
-            !health.orphaned(),
-            "the lingering broker hides it from orphaned()"
-        );
-        for busy in [
-            [("127.0.0.1:9092/1", "INIT", 300)],
-            [("127.0.0.1:9092/1", "TRY_CONNECT", 900)],
-            [("127.0.0.1:9092/1", "CONNECT", 20_000)],
-            [("127.0.0.1:9092/1", "UP", 60_000)],
-        ] {
-            health.update(&report(&[("127.0.0.1:9092/1", "DOWN", 5_000)]));
-            assert!(health.idle_reports() > 0);
-            health.update(&report(&busy));
-            assert_eq!(health.idle_reports(), 0, "{busy:?}");
-        }
-        health.update(&report(&[
-            ("127.0.0.1:9092/1", "INIT", 9_000),
-            ("127.0.0.1:9093/2", "TRY_CONNECT", 500),
-        ]));
-        assert_eq!(health.idle_reports(), 0, "one broker working is enough");
-        health.update(&report(&[]));
-        assert_eq!(
-            health.idle_reports(),
-            0,
-            "an orphan is not idle but orphaned"
-        );
-        assert!(health.orphaned());
-
-        let patient = ClientHealth::new(1).idle_after(std::time::Duration::from_secs(10));
-        patient.update(&report(&[("127.0.0.1:9092/1", "TRY_CONNECT", 9_000)]));
-        assert_eq!(patient.idle_reports(), 0, "within a 10 s back-off");
-        patient.update(&report(&[("127.0.0.1:9092/1", "TRY_CONNECT", 20_000)]));
-        assert_eq!(patient.idle_reports(), 1);
     }
 
     #[test]

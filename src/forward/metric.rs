@@ -74,8 +74,7 @@ pub fn rebuilt() {
     metrics::counter!(REBUILDS).increment(1);
 }
 
-/// A client that forgot every broker, or was stranded without a connection, was given its
-/// bootstrap brokers again.
+/// A client that forgot every broker was given its bootstrap brokers again.
 pub fn rebootstrapped() {
     metrics::counter!(REBOOTSTRAPS).increment(1);
 }

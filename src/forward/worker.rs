@@ -110,88 +110,39 @@ const REPLICA_CHECK_AFTER: Duration = Duration::from_secs(5);
 /// How long a rebuild waits for the old producer's threads to finish.
 const DROP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Statistics reports (2 s each) in a row with every broker idle (see
-/// [`ClientHealth::idle_reports`]) and records waiting before a client is taken for
-/// stranded (see [`Instance::heal`]).
-const STRANDED_REPORTS: u32 = 2;
-/// Statistics reports between two additions of the bootstrap brokers to a client that
-/// stays stranded.
-const STRANDED_HEAL_EVERY: u64 = 5;
-
-/// What was done about a client that cannot reach the brokers by itself.
-enum Heal {
-    /// It forgot every broker; the bootstrap brokers were added again.
-    Orphan,
-    /// It held records but no broker was connected or trying to connect; the bootstrap
-    /// brokers were added again.
-    Stranded { idle_reports: u32 },
-    /// Adding the brokers does not help, or was done too often: replace the producer.
+/// What to do about a client that forgot every broker.
+enum Orphan {
+    Rebootstrapped,
     Rebuild,
 }
 
-/// A stranded client is given the bootstrap brokers at the first report that finds it
-/// (`idle` reports in a row, at least [`STRANDED_REPORTS`]), then every
-/// [`STRANDED_HEAL_EVERY`] reports while it stays so. `last` is the report of the last
-/// addition (0: none).
-fn stranded_heal_due(report: u64, idle: u32, last: u64) -> bool {
-    if idle < STRANDED_REPORTS {
-        return false;
-    }
-    let run_began = report.saturating_sub(u64::from(idle));
-    last <= run_began || report >= last + STRANDED_HEAL_EVERY
-}
-
 impl Instance {
-    /// Adds the bootstrap brokers again to a client that cannot reach Kafka by itself:
-    ///
-    /// - an **orphan** forgot every broker (see [`ClientHealth::orphaned`]): once per
-    ///   statistics report, a few times in a row at most;
-    /// - a **stranded** client, one that holds records to send, has had no broker
-    ///   connected or trying to connect for [`STRANDED_REPORTS`] reports. After a broker's
-    ///   controlled shutdown librdkafka decommissions it, and the broker can linger (a cache
-    ///   holds it) and keep the client from picking another one to connect to: the client
-    ///   seems to know a broker, so it is no orphan, yet it never connects again
-    ///   (librdkafka issue 5301; CI's `faults::quick_restarts` saw the at-least-once
-    ///   producer sit so, link down, for 31 s while Kafka answered, until the safety net
-    ///   replaced it and sent 3,639 records again). A client in an ordinary outage is never
-    ///   idle: the broker it needs cycles through its reconnect back-off (see
-    ///   [`ClientHealth::idle_reports`]).
-    fn heal(&mut self, brokers: &str) -> Option<Heal> {
-        let report = self.health.reports();
-        if self.health.orphaned() {
-            if report <= self.rebootstrapped_at {
-                return None;
-            }
-            if self.rebootstraps_in_a_row >= MAX_REBOOTSTRAPS_IN_A_ROW
-                || self.rebootstraps >= MAX_REBOOTSTRAPS
-            {
-                return Some(Heal::Rebuild);
-            }
-            self.rebootstrapped_at = report;
-            self.rebootstraps_in_a_row += 1;
-            self.rebootstraps += 1;
-            let added = super::rebootstrap::add_brokers(self.producer.client(), brokers);
-            return Some(if added > 0 {
-                Heal::Orphan
-            } else {
-                Heal::Rebuild
-            });
-        }
-        self.rebootstraps_in_a_row = 0;
-        let idle = self.health.idle_reports();
-        // librdkafka's out queue: records queued or in flight (and requests), per client;
-        // the instance for isolated re-sends usually holds none.
-        let waiting = self.producer.in_flight_count() > 0;
-        if !waiting || !stranded_heal_due(report, idle, self.rebootstrapped_at) {
+    /// Adds the bootstrap brokers again if the client has forgotten every broker (see
+    /// [`ClientHealth::orphaned`]); once per statistics report, a few times in a row at
+    /// most.
+    fn heal_orphan(&mut self, brokers: &str) -> Option<Orphan> {
+        if !self.health.orphaned() {
+            self.rebootstraps_in_a_row = 0;
             return None;
         }
-        self.rebootstrapped_at = report;
-        self.rebootstraps += 1;
-        if self.rebootstraps > MAX_REBOOTSTRAPS {
-            return Some(Heal::Rebuild);
+        let report = self.health.reports();
+        if report <= self.rebootstrapped_at {
+            return None;
         }
-        super::rebootstrap::add_brokers(self.producer.client(), brokers);
-        Some(Heal::Stranded { idle_reports: idle })
+        if self.rebootstraps_in_a_row >= MAX_REBOOTSTRAPS_IN_A_ROW
+            || self.rebootstraps >= MAX_REBOOTSTRAPS
+        {
+            return Some(Orphan::Rebuild);
+        }
+        self.rebootstrapped_at = report;
+        self.rebootstraps_in_a_row += 1;
+        self.rebootstraps += 1;
+        let added = super::rebootstrap::add_brokers(self.producer.client(), brokers);
+        Some(if added > 0 {
+            Orphan::Rebootstrapped
+        } else {
+            Orphan::Rebuild
+        })
     }
 }
 
@@ -420,13 +371,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
 
     fn create_producer(&mut self, alone: bool) -> Result<Instance, ForwardError> {
         let bootstrap = self.settings.brokers.split(',').filter(|b| !b.is_empty());
-        let reconnect_backoff_max = self
-            .client_config
-            .get("reconnect.backoff.max.ms")
-            .and_then(|ms| ms.parse().ok())
-            .map_or(Duration::ZERO, Duration::from_millis);
-        let health =
-            Arc::new(ClientHealth::new(bootstrap.count()).idle_after(reconnect_backoff_max));
+        let health = Arc::new(ClientHealth::new(bootstrap.count()));
         let context = ForwardContext {
             deliveries: self.deliveries_tx.clone(),
             link: self.link.clone(),
@@ -935,9 +880,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         });
     }
 
-    /// Gives a client that forgot every broker, or is stranded without a connection, its
-    /// bootstrap brokers back (see [`Instance::heal`] and [`super::rebootstrap`]), or
-    /// rebuilds it when that does not help.
+    /// Gives a client that forgot every broker its bootstrap brokers back (see
+    /// [`super::rebootstrap`]), or rebuilds it when that does not help.
     fn heal_orphans(&mut self) {
         let brokers = self.settings.brokers.clone();
         let in_flight = self.in_flight.len();
@@ -947,9 +891,9 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             .iter_mut()
             .chain(self.alone_producer.iter_mut())
         {
-            match instance.heal(&brokers) {
+            match instance.heal_orphan(&brokers) {
                 None => {}
-                Some(Heal::Orphan) => {
+                Some(Orphan::Rebootstrapped) => {
                     metric::rebootstrapped();
                     tracing::warn!(
                         in_flight,
@@ -957,20 +901,11 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                         "The Kafka client forgot every broker (a broker in controlled shutdown listed none: librdkafka issue 5301); adding the bootstrap brokers again."
                     );
                 }
-                Some(Heal::Stranded { idle_reports }) => {
-                    metric::rebootstrapped();
-                    tracing::warn!(
-                        in_flight,
-                        brokers = %brokers,
-                        idle_reports,
-                        "The Kafka client holds records but no broker is connected or trying to connect (a broker decommissioned after a controlled shutdown lingers: librdkafka issue 5301); adding the bootstrap brokers again."
-                    );
-                }
-                Some(Heal::Rebuild) => rebuild = true,
+                Some(Orphan::Rebuild) => rebuild = true,
             }
         }
         if rebuild {
-            self.schedule_rebuild("the Kafka client cannot reach a broker by itself, and adding the bootstrap brokers again did not help");
+            self.schedule_rebuild("the Kafka client knows no broker, and adding the bootstrap brokers again did not help");
         }
     }
 
@@ -1205,25 +1140,5 @@ mod run_tests {
         assert_eq!(runs(&[1, 2, 4, 5, 9]), [(1, 3), (4, 6), (9, 10)]);
         // A duplicate cannot happen (a record finishes once) but must not widen a run.
         assert_eq!(runs(&[3, 3, 4]), [(3, 4), (3, 5)]);
-    }
-}
-
-#[cfg(test)]
-mod heal_tests {
-    use super::stranded_heal_due;
-
-    /// Report 10, two idle reports: due once; then again every fifth report while it
-    /// lasts; a new run of idle reports is due at once.
-    #[test]
-    fn a_stranded_client_is_healed_once_then_every_fifth_report() {
-        assert!(!stranded_heal_due(10, 0, 0), "not idle");
-        assert!(!stranded_heal_due(10, 1, 0), "one report is not enough");
-        assert!(stranded_heal_due(10, 2, 0));
-        assert!(!stranded_heal_due(11, 3, 10));
-        assert!(!stranded_heal_due(14, 6, 10));
-        assert!(stranded_heal_due(15, 7, 10));
-        // Busy at report 20, idle again from report 21.
-        assert!(stranded_heal_due(22, 2, 15), "a new outage");
-        assert!(!stranded_heal_due(22, 1, 15));
     }
 }
