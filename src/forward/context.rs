@@ -67,6 +67,12 @@ pub struct ClientHealth {
     /// The brokers of the last report with their states and how long they have been in
     /// them, for the line that reports a stalled producer.
     states: Mutex<String>,
+    /// Connection attempts (librdkafka's `connects`, summed over the brokers) per the last
+    /// report.
+    connects: AtomicU64,
+    /// Connection attempts made in report intervals that ended with no broker connection UP:
+    /// see [`ClientHealth::failed_connects`].
+    failed_connects: AtomicU64,
 }
 
 /// How long the brokers must have been answering (the link up) before a client with work
@@ -89,7 +95,7 @@ impl ClientHealth {
             .brokers
             .values()
             .filter(|b| b.source != "internal" && b.source != "logical");
-        let (mut brokers, mut tx, mut rx, mut connected) = (0, 0, 0, false);
+        let (mut brokers, mut tx, mut rx, mut connected, mut connects) = (0, 0, 0, false, 0);
         let mut nodes = std::collections::BTreeSet::new();
         let mut states = String::new();
         for b in real {
@@ -106,6 +112,7 @@ impl ClientHealth {
             tx += b.txbytes;
             rx += b.rxbytes;
             connected |= b.state == "UP";
+            connects += u64::try_from(b.connects.unwrap_or(0)).unwrap_or(0);
             // Bootstrap entries have no node id, and may be the same broker as a learned one.
             if b.nodeid >= 0 {
                 nodes.insert(b.nodeid);
@@ -117,6 +124,11 @@ impl ClientHealth {
             self.reports_without_up.fetch_add(1, Ordering::Relaxed);
         }
         *self.states.lock().unwrap_or_else(|e| e.into_inner()) = states;
+        let before = self.connects.swap(connects, Ordering::Relaxed);
+        if !connected && connects > before {
+            self.failed_connects
+                .fetch_add(connects - before, Ordering::Relaxed);
+        }
         self.brokers.store(brokers, Ordering::Relaxed);
         self.nodes.store(nodes.len(), Ordering::Relaxed);
         self.tx_bytes.store(tx, Ordering::Relaxed);
@@ -167,6 +179,13 @@ impl ClientHealth {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Connection attempts the client made in report intervals that ended without any
+    /// broker connection UP: it tried to reach Kafka and could not (refused, reset, timed
+    /// out, or connected and lost again). Counts only up; for the liveness watch.
+    pub fn failed_connects(&self) -> u64 {
+        self.failed_connects.load(Ordering::Relaxed)
     }
 
     /// Bytes moved over broker connections (both directions) per the last report.
@@ -663,6 +682,39 @@ mod tests {
         );
         health.update(&report("UP", "UP"));
         assert!(!health.stranded(up_for));
+    }
+
+    /// Attempts count as failed when the report that follows them finds no connection UP;
+    /// an attempt that got a connection does not.
+    #[test]
+    fn connection_attempts_without_a_connection_are_failures() {
+        use rdkafka::statistics::{Broker, Statistics};
+        let report = |state: &str, connects: i64| Statistics {
+            brokers: [(
+                "127.0.0.1:9092/1".to_owned(),
+                Broker {
+                    name: "127.0.0.1:9092/1".into(),
+                    source: "learned".into(),
+                    state: state.into(),
+                    stateage: 800_000,
+                    connects: Some(connects),
+                    ..Broker::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..Statistics::default()
+        };
+        let health = ClientHealth::new(1);
+        health.update(&report("UP", 1));
+        assert_eq!(health.failed_connects(), 0);
+        health.update(&report("TRY_CONNECT", 3));
+        assert_eq!(health.failed_connects(), 2, "refused twice since");
+        assert_eq!(health.broker_states(), "127.0.0.1:9092/1 TRY_CONNECT 0.8s");
+        health.update(&report("TRY_CONNECT", 3));
+        assert_eq!(health.failed_connects(), 2, "no attempt, no failure");
+        health.update(&report("UP", 5));
+        assert_eq!(health.failed_connects(), 2, "connected again");
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! * The probe answers: Kafka is there, but the producer may only just be getting back to it
 //!   (a reconnect back-off of up to `reconnect_backoff_max`, a producer id to acquire, a drain
 //!   to finish). It gets another `stall_timeout`; if a second probe still finds Kafka
-//!   answering and nothing has moved since the first answered, the producer is **stalled**.
+//!   answering, nothing has moved since the first answered and the producer's own
+//!   connection attempts have not failed in between (Kafka gone again from where it
+//!   stands), the producer is **stalled**.
 //!   The worker logs an ERROR with what it saw, rebuilds the producer and sends every
 //!   unfinished record again in order.
 //! * A stall that outlives a rebuild by another `stall_timeout` is **stuck**: the heartbeat
@@ -65,6 +67,8 @@ pub struct Liveness {
     /// When the producer was first found stalled; cleared by progress and by a probe that
     /// gets no answer.
     stalled_since: Option<Instant>,
+    /// The producer's failed connection attempts so far (see [`Liveness::connects_failed`]).
+    failed_connects: u64,
 }
 
 impl Liveness {
@@ -78,6 +82,7 @@ impl Liveness {
             probe_interval: stall_timeout,
             answering_since: None,
             stalled_since: None,
+            failed_connects: 0,
         }
     }
 
@@ -96,9 +101,26 @@ impl Liveness {
     pub fn new_producer(&mut self, now: Instant) {
         self.since = now;
         self.bytes_at = 0;
+        self.failed_connects = 0;
         self.next_probe = now;
         if self.answering_since.is_some() {
             self.answering_since = Some(now);
+        }
+    }
+
+    /// The producer's count of connection attempts made while it had no broker connection
+    /// (`ClientHealth::failed_connects`), given before each [`Liveness::check`]. A rise
+    /// means the producer tried to reach Kafka and could not: whatever a probe found
+    /// answering before says nothing about now, so the verdict starts over (a stall needs
+    /// two answers a `stall_timeout` apart with no failed attempt between them). Kafka up
+    /// for a second in every ten, as in quick restarts, is an outage then, not a stall: the
+    /// two probes of `faults::quick_restarts` each landed in such a second and called a
+    /// producer that was being refused every second "stalled".
+    pub fn connects_failed(&mut self, total: u64) {
+        if total != self.failed_connects {
+            self.failed_connects = total;
+            self.answering_since = None;
+            self.stalled_since = None;
         }
     }
 
@@ -237,6 +259,44 @@ mod tests {
         assert!(l.stuck(at(t0, 183)), "a rebuild that did not help is stuck");
         assert!(l.check(at(t0, 184), true, 0), "and it is probed again");
         assert_eq!(l.probed(at(t0, 185), at(t0, 184), true), Verdict::Stalled);
+    }
+
+    /// CI's quick restarts: Kafka up for about a second in every ten. Two probes a timeout
+    /// apart each landed in such a second while the producer, refused every second in
+    /// between, delivered nothing: not a stall. With no failed attempt between the
+    /// answers it is one.
+    #[test]
+    fn answers_with_the_producers_connections_failing_between_them_are_no_stall() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(T, t0);
+        l.connects_failed(3);
+        assert!(l.check(at(t0, 60), true, 0));
+        assert_eq!(l.probed(at(t0, 61), at(t0, 60), true), Verdict::Answering);
+        for s in 62..121 {
+            l.connects_failed(3 + (s - 61) / 10);
+            assert!(!l.check(at(t0, s), true, 0), "at {s}s");
+        }
+        l.connects_failed(9);
+        assert!(l.check(at(t0, 121), true, 0));
+        assert_eq!(
+            l.probed(at(t0, 122), at(t0, 121), true),
+            Verdict::Answering,
+            "Kafka went away in between"
+        );
+        assert!(!l.stalled());
+        // Kafka stays; the producer still delivers nothing and no attempt fails: stalled.
+        for s in 123..182 {
+            l.connects_failed(9);
+            assert!(!l.check(at(t0, s), true, 0), "at {s}s");
+        }
+        l.connects_failed(9);
+        assert!(l.check(at(t0, 182), true, 0));
+        assert_eq!(l.probed(at(t0, 183), at(t0, 182), true), Verdict::Stalled);
+        assert!(l.stalled());
+        // A failed attempt after the verdict: Kafka is away again, so not stuck either.
+        l.connects_failed(10);
+        assert!(!l.stalled());
+        assert!(!l.stuck(at(t0, 300)));
     }
 
     #[test]

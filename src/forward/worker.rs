@@ -848,6 +848,10 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             .chain(&self.alone_producer)
             .map(|i| i.health.bytes_moved())
             .sum();
+        if let Some(instance) = &self.producer {
+            self.liveness
+                .connects_failed(instance.health.failed_connects());
+        }
         if let Some((_, p)) = oldest {
             let topic = p.record.kafka_topic.clone();
             if p.sent_at.elapsed() >= REPLICA_CHECK_AFTER
