@@ -967,18 +967,17 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 );
             }
             Verdict::Stalled => {
-                let (brokers, reports, states) =
-                    self.producer.as_ref().map_or((0, 0, String::new()), |i| {
-                        (
-                            i.health.brokers(),
-                            i.health.reports(),
-                            i.health.broker_states(),
-                        )
-                    });
-                let queued = self
-                    .producer
-                    .as_ref()
-                    .map_or(0, |i| i.producer.in_flight_count());
+                let (brokers, reports, states, queued) =
+                    self.producer
+                        .as_ref()
+                        .map_or((0, 0, String::new(), 0), |i| {
+                            (
+                                i.health.brokers(),
+                                i.health.reports(),
+                                i.health.broker_states(),
+                                i.producer.in_flight_count(),
+                            )
+                        });
                 let oldest = self
                     .in_flight
                     .iter()
