@@ -320,11 +320,12 @@ impl Run {
         // Did the safety net act, and did the root-cause remedy?
         let (_, metrics) = common::http_get(self.gateway.admin_addr(), "/metrics");
         let counter = |name: &str| common::metric(&metrics, name).unwrap_or(0.0) as u64;
-        let (stalls, rebuilds, rebootstraps, hung) = (
+        let (stalls, rebuilds, rebootstraps, hung, epoch_bumps) = (
             counter("edgegate_kafka_stalls_total"),
             counter("edgegate_kafka_producer_rebuilds_total"),
             counter("edgegate_kafka_rebootstraps_total"),
             counter(r#"edgegate_kafka_errors_total{kind="hung_call"}"#),
+            counter("edgegate_kafka_epoch_bumps_total"),
         );
         let log = self.gateway.log_text();
         // Kept for a look after a failure (the gateway's directory is deleted).
@@ -337,7 +338,8 @@ impl Run {
         eprintln!(
             "FIGURES {}: acknowledged {total}, in Kafka {found}, missing {}, duplicates {duplicates}, \
              drained {:.1} s after the broker answered, outages {}, link lines down {downs} up {ups}, \
-             rebootstraps {rebootstraps}, hung calls {hung}, safety net: stalls {stalls} rebuilds {rebuilds}",
+             rebootstraps {rebootstraps}, hung calls {hung}, epoch bumps {epoch_bumps}, \
+             safety net: stalls {stalls} rebuilds {rebuilds}",
             self.name,
             missing.len(),
             drain.as_secs_f64(),

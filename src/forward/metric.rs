@@ -18,6 +18,7 @@ pub const LINK_UP: &str = "edgegate_kafka_link_up";
 pub const LATENCY: &str = "edgegate_kafka_produce_latency_seconds";
 pub const REBUILDS: &str = "edgegate_kafka_producer_rebuilds_total";
 pub const REBOOTSTRAPS: &str = "edgegate_kafka_rebootstraps_total";
+pub const EPOCH_BUMPS: &str = "edgegate_kafka_epoch_bumps_total";
 pub const STALLS: &str = "edgegate_kafka_stalls_total";
 pub const SHORT_OF_REPLICAS: &str = "edgegate_kafka_short_of_replicas";
 pub const TRANSACTIONS: &str = "edgegate_kafka_transactions_total";
@@ -79,6 +80,11 @@ pub fn rebootstrapped() {
     metrics::counter!(REBOOTSTRAPS).increment(1);
 }
 
+/// A transaction aborted after a timeout: the next runs under a new producer epoch.
+pub fn epoch_bumped() {
+    metrics::counter!(EPOCH_BUMPS).increment(1);
+}
+
 /// The liveness probe found Kafka answering while the producer delivered nothing.
 pub fn stalled() {
     metrics::counter!(STALLS).increment(1);
@@ -135,6 +141,10 @@ pub(crate) fn describe() {
     describe_counter!(
         REBOOTSTRAPS,
         "Kafka clients that had forgotten every broker and were given the bootstrap brokers again."
+    );
+    describe_counter!(
+        EPOCH_BUMPS,
+        "Exactly-once transactions aborted after a timeout, their records sent again by a new producer (a new epoch)."
     );
     describe_counter!(
         STALLS,

@@ -199,8 +199,13 @@ impl OpenError {
 /// How a transaction ended.
 enum Outcome {
     Committed,
-    /// Aborted; its records are sent again in a new transaction.
-    Aborted(String),
+    /// Aborted; its records are sent again in a new transaction, by a new producer
+    /// (`new_epoch`) when Kafka may still hold requests of the aborted one: see
+    /// [`Transactional::abort`].
+    Aborted {
+        reason: String,
+        new_epoch: bool,
+    },
     /// The producer is unusable or the outcome unknown: a new session reads the position.
     Fatal(String),
     /// Shutdown before it could finish: the transaction is left open (Kafka aborts it after
@@ -348,7 +353,20 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     self.backoff.reset();
                     metric::transaction("committed", started.elapsed());
                 }
-                Outcome::Aborted(reason) => {
+                Outcome::Aborted {
+                    reason,
+                    new_epoch: true,
+                } => {
+                    metric::transaction("aborted", started.elapsed());
+                    metric::epoch_bumped();
+                    tracing::warn!(
+                        reason,
+                        records = self.pending.len(),
+                        "A Kafka transaction whose requests went unanswered was aborted; sending its records again in order, under a new producer epoch (a new producer)."
+                    );
+                    return true;
+                }
+                Outcome::Aborted { reason, .. } => {
                     metric::transaction("aborted", started.elapsed());
                     let wait = self.backoff.next_delay();
                     tracing::warn!(reason, records = self.pending.len(), retry_in = ?wait, "A Kafka transaction was aborted; sending its records again in a new one, in order.");
@@ -386,9 +404,11 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
 
     /// Runs `f`, librdkafka call `name` bounded by its own `timeout`, on the blocking pool,
     /// refreshing the heartbeat while it runs; [`Hung`] if it outlives that timeout by
-    /// [`HUNG_SLACK`] with the link up (it is left running).
+    /// [`HUNG_SLACK`] with the link up (it is left running). A call on a session's producer
+    /// passes the session and its [`ClientWatch`]: the client is watched meanwhile.
     async fn blocking<T: Send + 'static>(
         &mut self,
+        mut watched: Option<(&Session, &mut ClientWatch)>,
         name: &'static str,
         timeout: Duration,
         f: impl FnOnce() -> T + Send + 'static,
@@ -396,18 +416,45 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let mut call = tokio::task::spawn_blocking(f);
         let clock = CallClock::default();
         clock.begin(name, timeout);
+        let mut idle = None;
         loop {
             self.heartbeat();
+            if let Some((session, watch)) = watched.as_mut() {
+                self.watch(session, watch);
+            }
             if let Some(hung) = clock.hung(self.link.state()) {
                 return Err(hung);
             }
+            let probe = match watched.as_mut() {
+                Some((_, watch)) => &mut watch.probe,
+                None => &mut idle,
+            };
             tokio::select! {
                 done = &mut call => match done {
                     Ok(v) => return Ok(v),
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 },
+                Some((topic, answer)) = answer_of(probe) => self.take_probe(&topic, answer),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
+        }
+    }
+
+    /// One look at `session`'s client while a call on it waits: the brokers are asked
+    /// every [`REPLICA_CHECK_AFTER`] once the watch's first probe is due (an answer is a
+    /// link up: the hang watch runs, and a client that cannot reach them gets its brokers
+    /// again), and once the call has waited [`HEAL_AFTER`] a client that lost its brokers
+    /// gets them again (see [`Transactional::heal_orphans`]). A call that takes its usual
+    /// moment never gets that far. Too many rebootstraps end the session at the call's
+    /// next retry.
+    fn watch(&mut self, session: &Session, watch: &mut ClientWatch) {
+        let now = Instant::now();
+        if watch.probe.is_none() && now >= watch.next_probe {
+            watch.next_probe = now + REPLICA_CHECK_AFTER;
+            watch.probe = self.start_probe();
+        }
+        if now.duration_since(watch.waiting_since) >= HEAL_AFTER {
+            self.heal_orphans(session);
         }
     }
 
@@ -475,7 +522,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         );
         let p = producer.clone();
         let init = match self
-            .blocking("init_transactions", CALL_TIMEOUT, move || {
+            .blocking(None, "init_transactions", CALL_TIMEOUT, move || {
                 p.init_transactions(CALL_TIMEOUT)
             })
             .await
@@ -560,7 +607,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let result = created.map_err(|e| {
             OpenError::from_code(
                 format!("cannot create topic {}: {e}", self.txn.positions_topic),
-                e.rdkafka_error_code(),
+                error_code(&e),
             )
         })?;
         for r in result {
@@ -589,7 +636,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         tpl.add_partition(&self.txn.positions_topic, 0);
         let c = consumer.clone();
         let committed = self
-            .blocking("committed_offsets", CALL_TIMEOUT, move || {
+            .blocking(None, "committed_offsets", CALL_TIMEOUT, move || {
                 c.committed_offsets(tpl, CALL_TIMEOUT)
             })
             .await
@@ -772,6 +819,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                             txn,
                             produced,
                             "a record waits for its schema from the schema registry",
+                            false,
                             give_up,
                             shutdown,
                         )
@@ -813,6 +861,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                                     txn,
                                     produced,
                                     &format!("librdkafka refused a record mid-transaction: {code}"),
+                                    is_timeout(code),
                                     give_up,
                                     shutdown,
                                 )
@@ -930,8 +979,17 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     let retriable = match transaction_error(&e) {
                         Some(t) if t.is_fatal() => return Outcome::Fatal(reason(&e)),
                         Some(t) if t.txn_requires_abort() => {
+                            let timed_out = is_timeout(t.code());
                             return self
-                                .abort(session, txn, produced, &reason(&e), give_up, shutdown)
+                                .abort(
+                                    session,
+                                    txn,
+                                    produced,
+                                    &reason(&e),
+                                    timed_out,
+                                    give_up,
+                                    shutdown,
+                                )
                                 .await;
                         }
                         Some(t) => t.is_retriable(),
@@ -1026,9 +1084,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         started: Instant,
         shutdown: &CancellationToken,
     ) -> Result<T, Hung> {
-        let waiting_since = Instant::now();
-        let mut probe: Option<tokio::task::JoinHandle<ProbeAnswer>> = None;
-        let mut next_probe = started + REPLICA_CHECK_AFTER;
+        let mut watch = ClientWatch::new(started);
         let mut weight: usize = self
             .pending
             .iter()
@@ -1044,17 +1100,9 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                 && !self.stopping
                 && !self.source_closed
                 && read_after.is_none_or(|at| at <= Instant::now());
-            if probe.is_none() && Instant::now() >= next_probe {
-                next_probe = Instant::now() + REPLICA_CHECK_AFTER;
-                probe = self.start_probe();
-            }
+            self.watch(session, &mut watch);
             if let Some(hung) = clock.hung(self.link.state()) {
                 return Err(hung);
-            }
-            // A call that takes its usual moment never gets here. Too many rebootstraps
-            // end the session at the call's next retry.
-            if waiting_since.elapsed() >= HEAL_AFTER {
-                self.heal_orphans(session);
             }
             tokio::select! {
                 biased;
@@ -1062,12 +1110,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     Ok(v) => return Ok(v),
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 },
-                answer = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
-                    probe = None;
-                    if let Ok((topic, answer)) = answer {
-                        self.take_probe(&topic, answer);
-                    }
-                }
+                Some((topic, answer)) = answer_of(&mut watch.probe) => self.take_probe(&topic, answer),
                 _ = shutdown.cancelled(), if !self.stopping => self.stopping = true,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 read = self.source.read_batch(room, room_bytes), if can_read => {
@@ -1111,23 +1154,44 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
 
     /// Aborts transaction `txn`: reads its delivery reports to learn which records Kafka
     /// refused for good (dead-lettered) or with their batch (sent alone next), then aborts.
+    ///
+    /// An abort because Kafka did not answer in time (`timed_out`, or a record of the
+    /// transaction that timed out) asks for a new producer epoch, as Kafka's own client
+    /// does (KIP-360): a request that timed out may still be in the broker's hands (a frozen
+    /// broker reads it once it runs again) and be written after all, while librdkafka's
+    /// abort rewinds the partition's sequence numbers to it. The next transaction's first
+    /// batch is then out of sequence, which librdkafka takes for a fatal error (CI,
+    /// `faults::frozen_broker_exactly_once`). librdkafka 2.12 bumps the epoch itself only for
+    /// an unknown producer id, and offers no call to do it, so the session is replaced:
+    /// `init_transactions` of the new producer is the bump.
+    #[allow(clippy::too_many_arguments)]
     async fn abort(
         &mut self,
         session: &Session,
         txn: u32,
         produced: usize,
         why: &str,
+        timed_out: bool,
         give_up: Instant,
         shutdown: &CancellationToken,
     ) -> Outcome {
         let p = session.producer.clone();
         let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        // An abort after a commit nobody answered waits on the same client: it needs the
+        // transaction coordinator, which it can only look up through a broker. CI caught
+        // one after a frozen broker (`faults::frozen_broker_exactly_once`) whose client had
+        // forgotten every broker: with nobody asking the brokers, the link stayed down and
+        // the abort retried for two minutes until the session was replaced.
+        let mut watch = ClientWatch::new(Instant::now());
         let aborted = loop {
             let p = p.clone();
             match self
-                .blocking("abort_transaction", CALL_TIMEOUT, move || {
-                    p.abort_transaction(CALL_TIMEOUT)
-                })
+                .blocking(
+                    Some((session, &mut watch)),
+                    "abort_transaction",
+                    CALL_TIMEOUT,
+                    move || p.abort_transaction(CALL_TIMEOUT),
+                )
                 .await
             {
                 Err(hung) => break Err(hung.to_string()),
@@ -1158,8 +1222,10 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         }
         let mut refused = Vec::new();
         let mut short_of_replicas = false;
+        let mut new_epoch = timed_out;
         for d in reports {
             let Err(code) = d.result else { continue };
+            new_epoch |= is_timeout(code);
             metric::error(classify::kind(code));
             short_of_replicas |= matches!(
                 code,
@@ -1185,7 +1251,10 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             }
         }
         match aborted {
-            Ok(()) => Outcome::Aborted(why.to_owned()),
+            Ok(()) => Outcome::Aborted {
+                reason: why.to_owned(),
+                new_epoch,
+            },
             Err(e) => Outcome::Fatal(format!("{why}; then abort_transaction: {e}")),
         }
     }
@@ -1425,6 +1494,41 @@ impl CallClock {
     }
 }
 
+/// What a wait on a call of a session's producer watches: see [`Transactional::watch`].
+struct ClientWatch {
+    /// When the wait began.
+    waiting_since: Instant,
+    /// When the brokers are asked next.
+    next_probe: Instant,
+    /// The probe under way.
+    probe: Option<tokio::task::JoinHandle<ProbeAnswer>>,
+}
+
+impl ClientWatch {
+    /// A wait from now whose first probe is due [`REPLICA_CHECK_AFTER`] after `since`.
+    fn new(since: Instant) -> ClientWatch {
+        ClientWatch {
+            waiting_since: Instant::now(),
+            next_probe: since + REPLICA_CHECK_AFTER,
+            probe: None,
+        }
+    }
+}
+
+/// The answer of the probe under way, taken out of `probe` (`None` if its thread
+/// panicked); pending for good when no probe runs. Cancel-safe: the probe stays in
+/// `probe` until it answers.
+async fn answer_of(
+    probe: &mut Option<tokio::task::JoinHandle<ProbeAnswer>>,
+) -> Option<ProbeAnswer> {
+    let Some(running) = probe.as_mut() else {
+        return std::future::pending().await;
+    };
+    let answer = running.await.ok();
+    *probe = None;
+    answer
+}
+
 /// Drops a producer (or what holds one) on the blocking pool, waiting for its threads at
 /// most [`DROP_TIMEOUT`].
 async fn drop_bounded<T: Send + 'static>(producer: T) {
@@ -1452,6 +1556,26 @@ fn parse_position(metadata: &str, log_id: &str, offset: i64) -> Result<u64, Stri
 /// What rdkafka's `commit_transaction` returns when its flush before the commit timed out.
 fn commit_flush_timed_out(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+}
+
+/// The librdkafka error code of `e`, an admin operation's own error included: rdkafka
+/// gives that none, so an admin call the brokers did not answer (a timeout) would not count
+/// as a link down (CI: a broker frozen while the gateway started kept the link "up").
+fn error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match e {
+        KafkaError::AdminOp(code) => Some(*code),
+        e => e.rdkafka_error_code(),
+    }
+}
+
+/// `code` says a request or a record timed out: Kafka may have taken it after all.
+fn is_timeout(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::MessageTimedOut
+    )
 }
 
 fn transaction_error(e: &KafkaError) -> Option<&RDKafkaError> {
@@ -1520,6 +1644,39 @@ fn valid_identity(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_admin_call_nobody_answered_is_a_link_down() {
+        let timed_out = KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut);
+        let open = OpenError::from_code(timed_out.to_string(), error_code(&timed_out));
+        assert!(open.silent && open.unreachable, "{}", open.reason);
+        let denied = KafkaError::AdminOp(RDKafkaErrorCode::TopicAuthorizationFailed);
+        let open = OpenError::from_code(denied.to_string(), error_code(&denied));
+        assert!(!open.silent && !open.unreachable, "{}", open.reason);
+        assert_eq!(
+            error_code(&KafkaError::Flush(RDKafkaErrorCode::QueueFull)),
+            Some(RDKafkaErrorCode::QueueFull)
+        );
+    }
+
+    #[test]
+    fn an_abort_after_a_timeout_asks_for_a_new_epoch() {
+        for code in [
+            RDKafkaErrorCode::OperationTimedOut,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::MessageTimedOut,
+        ] {
+            assert!(is_timeout(code), "{code}");
+        }
+        for code in [
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::State,
+            RDKafkaErrorCode::PurgeQueue,
+        ] {
+            assert!(!is_timeout(code), "{code}");
+        }
+    }
 
     #[test]
     fn a_commit_whose_flush_timed_out_is_retried_not_rebuilt() {
