@@ -103,7 +103,7 @@ pub fn kind(code: Code) -> &'static str {
         | Code::OutOfOrderSequenceNumber
         | Code::UnknownProducerId => "fatal",
         Code::QueueFull => "queue_full",
-        Code::MessageTimedOut | Code::RequestTimedOut | Code::OperationTimedOut => "timeout",
+        code if is_timeout(code) => "timeout",
         Code::PurgeQueue | Code::PurgeInflight => "purged",
         Code::BrokerTransportFailure | Code::AllBrokersDown | Code::Resolve => "transport",
         Code::Authentication | Code::SaslAuthenticationFailed | Code::SSL => "authentication",
@@ -119,6 +119,15 @@ pub fn is_refusal(code: Code) -> bool {
     matches!(
         code,
         Code::Authentication | Code::SaslAuthenticationFailed | Code::SSL
+    )
+}
+
+/// A request or a record timed out: the brokers did not answer in time, and may have taken
+/// it after all.
+pub fn is_timeout(code: Code) -> bool {
+    matches!(
+        code,
+        Code::MessageTimedOut | Code::RequestTimedOut | Code::OperationTimedOut
     )
 }
 

@@ -168,15 +168,8 @@ impl OpenError {
 
     /// `reason`, unreachable if `code` says the brokers did not answer (in time).
     fn from_code(reason: String, code: Option<RDKafkaErrorCode>) -> OpenError {
-        let silent = code.is_some_and(|code| {
-            classify::is_link_error(code)
-                || matches!(
-                    code,
-                    RDKafkaErrorCode::OperationTimedOut
-                        | RDKafkaErrorCode::RequestTimedOut
-                        | RDKafkaErrorCode::MessageTimedOut
-                )
-        });
+        let silent =
+            code.is_some_and(|code| classify::is_link_error(code) || classify::is_timeout(code));
         let unreachable = silent
             || code.is_some_and(|code| {
                 matches!(
@@ -353,21 +346,17 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     self.backoff.reset();
                     metric::transaction("committed", started.elapsed());
                 }
-                Outcome::Aborted {
-                    reason,
-                    new_epoch: true,
-                } => {
+                Outcome::Aborted { reason, new_epoch } => {
                     metric::transaction("aborted", started.elapsed());
-                    metric::epoch_bumped();
-                    tracing::warn!(
-                        reason,
-                        records = self.pending.len(),
-                        "A Kafka transaction whose requests went unanswered was aborted; sending its records again in order, under a new producer epoch (a new producer)."
-                    );
-                    return true;
-                }
-                Outcome::Aborted { reason, .. } => {
-                    metric::transaction("aborted", started.elapsed());
+                    if new_epoch {
+                        metric::epoch_bumped();
+                        tracing::warn!(
+                            reason,
+                            records = self.pending.len(),
+                            "A Kafka transaction whose requests went unanswered was aborted; sending its records again in order, under a new producer epoch (a new producer)."
+                        );
+                        return true;
+                    }
                     let wait = self.backoff.next_delay();
                     tracing::warn!(reason, records = self.pending.len(), retry_in = ?wait, "A Kafka transaction was aborted; sending its records again in a new one, in order.");
                     if !self.sleep(wait, shutdown).await {
@@ -861,7 +850,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                                     txn,
                                     produced,
                                     &format!("librdkafka refused a record mid-transaction: {code}"),
-                                    is_timeout(code),
+                                    classify::is_timeout(code),
                                     give_up,
                                     shutdown,
                                 )
@@ -979,7 +968,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     let retriable = match transaction_error(&e) {
                         Some(t) if t.is_fatal() => return Outcome::Fatal(reason(&e)),
                         Some(t) if t.txn_requires_abort() => {
-                            let timed_out = is_timeout(t.code());
+                            let timed_out = classify::is_timeout(t.code());
                             return self
                                 .abort(
                                     session,
@@ -1225,7 +1214,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let mut new_epoch = timed_out;
         for d in reports {
             let Err(code) = d.result else { continue };
-            new_epoch |= is_timeout(code);
+            new_epoch |= classify::is_timeout(code);
             metric::error(classify::kind(code));
             short_of_replicas |= matches!(
                 code,
@@ -1568,16 +1557,6 @@ fn error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
     }
 }
 
-/// `code` says a request or a record timed out: Kafka may have taken it after all.
-fn is_timeout(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
-        RDKafkaErrorCode::OperationTimedOut
-            | RDKafkaErrorCode::RequestTimedOut
-            | RDKafkaErrorCode::MessageTimedOut
-    )
-}
-
 fn transaction_error(e: &KafkaError) -> Option<&RDKafkaError> {
     match e {
         KafkaError::Transaction(t) => Some(t),
@@ -1666,7 +1645,7 @@ mod tests {
             RDKafkaErrorCode::RequestTimedOut,
             RDKafkaErrorCode::MessageTimedOut,
         ] {
-            assert!(is_timeout(code), "{code}");
+            assert!(classify::is_timeout(code), "{code}");
         }
         for code in [
             RDKafkaErrorCode::InvalidRecord,
@@ -1674,7 +1653,7 @@ mod tests {
             RDKafkaErrorCode::State,
             RDKafkaErrorCode::PurgeQueue,
         ] {
-            assert!(!is_timeout(code), "{code}");
+            assert!(!classify::is_timeout(code), "{code}");
         }
     }
 
