@@ -9,8 +9,9 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -326,20 +327,79 @@ pub struct Mailbox {
     notify: Notify,
     limits: QueueLimits,
     totals: Arc<Totals>,
+    /// Bytes the queue has room for (0 at its message limit) and whether its client is
+    /// connected, as of the last time the lock was let go ([`Locked`]): a publisher sees
+    /// a full queue without the lock ([`Mailbox::refuses`]).
+    room: AtomicUsize,
+    online: AtomicBool,
+}
+
+/// The queue, locked. Letting go of it publishes the room it has left, so no change to the
+/// queue can leave [`Mailbox::refuses`] with a stale answer once the lock is free.
+struct Locked<'a> {
+    queue: MutexGuard<'a, Queue>,
+    mailbox: &'a Mailbox,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Queue;
+
+    fn deref(&self) -> &Queue {
+        &self.queue
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let limits = &self.mailbox.limits;
+        let room = if self.queue.items.len() >= limits.messages {
+            0
+        } else {
+            limits.bytes.saturating_sub(self.queue.bytes)
+        };
+        self.mailbox.room.store(room, Ordering::Release);
+        self.mailbox
+            .online
+            .store(self.queue.online, Ordering::Release);
+    }
 }
 
 impl Mailbox {
     pub fn new(limits: QueueLimits, totals: Arc<Totals>) -> Arc<Mailbox> {
-        Arc::new(Mailbox {
+        let mailbox = Arc::new(Mailbox {
             queue: Mutex::new(Queue::default()),
             notify: Notify::new(),
             limits,
             totals,
-        })
+            room: AtomicUsize::new(0),
+            online: AtomicBool::new(false),
+        });
+        drop(mailbox.lock());
+        mailbox
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            queue: self.queue.lock().unwrap_or_else(|p| p.into_inner()),
+            mailbox: self,
+        }
+    }
+
+    /// Why a message of `qos` costing `cost` would be refused, judged without the lock
+    /// from what the queue held when it was last let go; `None`: try [`Mailbox::push`],
+    /// which decides under the lock. A queue that changes meanwhile is a race the
+    /// publisher could have lost or won by a microsecond either way.
+    pub fn refuses(&self, qos: u8, cost: usize) -> Option<Dropped> {
+        if qos == 0 && !self.online.load(Ordering::Acquire) {
+            return Some(Dropped::Offline);
+        }
+        (cost32(cost) as usize > self.room.load(Ordering::Acquire)).then_some(Dropped::QueueFull)
     }
 
     /// Queues `out` at the back, or says why not. For a persistent session a QoS 1/2
@@ -520,7 +580,7 @@ impl Mailbox {
     }
 
     pub fn is_online(&self) -> bool {
-        self.lock().online
+        self.online.load(Ordering::Acquire)
     }
 
     /// Messages waiting.

@@ -736,33 +736,51 @@ impl Broker {
 
     /// Sends a durable message to every matching session. Never waits.
     pub fn publish(&self, message: &Arc<Message>) -> Published {
-        let targets = {
-            let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
-            index.targets(&message.topic, message.publisher.as_deref())
-        };
+        // Pushed under the index's read lock (pushing never waits), so the targets borrow
+        // from it. Lock order: index, then a mailbox; nothing takes them the other way.
+        let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
+        let targets = index.targets(&message.topic, message.publisher.as_deref());
         let mut durable = None;
-        let mut queued = 0;
+        let (mut queued, mut full) = (0usize, 0u64);
         for t in targets {
-            let out = Outbound::new(
-                Arc::clone(message),
-                message.qos.min(t.qos),
-                message.retain && t.retain_as_published,
-                t.subscription_ids,
-            );
+            let qos = message.qos.min(t.qos);
+            // A full queue is seen without its lock or a copy of the message: a subscriber
+            // slower than the publishers is refused most of them, and each refusal should
+            // cost next to nothing.
+            let result = match t.mailbox.refuses(qos, message.cost()) {
+                Some(why) => Err(why),
+                None => t.mailbox.push(Outbound::new(
+                    Arc::clone(message),
+                    qos,
+                    message.retain && t.retain_as_published,
+                    t.subscription_ids,
+                )),
+            };
             // The journal commits in order: the last copy's write covers the others.
-            match self.queue(&t.mailbox, out) {
+            match result {
                 Ok(Some(d)) => {
                     queued += 1;
                     durable = Some(d);
                 }
                 Ok(None) => queued += 1,
                 Err(why) => {
+                    if why == Dropped::QueueFull {
+                        full += 1;
+                    } else {
+                        self.count_dropped(why, 1);
+                    }
                     if let Some(command) = &message.command {
-                        let _ = why;
-                        self.outcome(command, Some(&t.client), OutcomeKind::Refused);
+                        self.outcome(command, Some(t.client), OutcomeKind::Refused);
                     }
                 }
             }
+        }
+        drop(index);
+        if queued > 0 {
+            self.inner.counters.queued.increment(queued as u64);
+        }
+        if full > 0 {
+            self.count_dropped(Dropped::QueueFull, full);
         }
         if queued == 0 {
             if let Some(command) = &message.command {

@@ -532,3 +532,75 @@ async fn held_messages_are_read_back_from_the_journal_across_rewrites_and_a_reop
     }
     assert_eq!(b.inner.journal.kept_counts(), (0, 0), "finished: forgotten");
 }
+
+/// What `Mailbox::refuses` says without the lock follows every change made under it: a full
+/// queue (by count or by bytes) refuses, room made by a take or a clear is seen at once, a
+/// requeue past the limit refuses again, and QoS 0 is refused only while the client is away.
+#[test]
+fn a_full_queue_is_seen_without_its_lock_and_room_as_soon_as_it_is_made() {
+    use super::mailbox::{Dropped, Mailbox, Totals};
+    let small = message("t", "x", 1, false, None);
+    let big = message("t", &"y".repeat(200), 1, false, None);
+    let (s, b) = (small.cost(), big.cost());
+    let mailbox = Mailbox::new(
+        QueueLimits {
+            messages: 3,
+            bytes: 2 * s + b - 1,
+        },
+        Totals::new(1 << 30),
+    );
+    let out = |m: &Arc<Message>| Outbound::new(Arc::clone(m), 1, false, Vec::new());
+    // Never connected: QoS 0 is refused, QoS 1/2 waits for the client.
+    assert_eq!(mailbox.refuses(0, s), Some(Dropped::Offline));
+    assert_eq!(mailbox.refuses(1, s), None);
+    mailbox.set_online(true);
+    assert_eq!(mailbox.refuses(0, s), None);
+
+    mailbox.push(out(&small)).expect("room");
+    mailbox.push(out(&small)).expect("room");
+    // One more small one fits; the big one is over the bytes, as push says too.
+    assert_eq!(mailbox.refuses(1, b), Some(Dropped::QueueFull));
+    assert_eq!(mailbox.push(out(&big)).err(), Some(Dropped::QueueFull));
+    assert_eq!(mailbox.refuses(1, s), None);
+    mailbox.push(out(&small)).expect("room");
+    // At the message limit: nothing fits, however small.
+    assert_eq!(mailbox.refuses(1, s), Some(Dropped::QueueFull));
+    assert_eq!(mailbox.refuses(0, s), Some(Dropped::QueueFull));
+
+    let taken = mailbox.take(1, 1, 0).ready;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(mailbox.refuses(1, s), None, "a take makes room at once");
+    // Sent and not acknowledged, back at the front past the limit: full again.
+    mailbox.requeue(taken);
+    assert_eq!(mailbox.refuses(1, s), Some(Dropped::QueueFull));
+    mailbox.clear();
+    assert_eq!(
+        mailbox.refuses(1, b),
+        None,
+        "a cleared queue has all its room"
+    );
+
+    mailbox.set_online(false);
+    assert_eq!(mailbox.refuses(0, s), Some(Dropped::Offline));
+    assert_eq!(mailbox.refuses(1, s), None);
+}
+
+/// The broker refuses a full queue's copy without queueing it and counts it, while the
+/// other subscribers of the same message get theirs; a take lets the next one in.
+#[tokio::test]
+async fn a_full_queue_refuses_until_its_subscriber_takes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 2);
+    let slow = b.attach("slow", true, None);
+    let other = b.attach("other", true, None);
+    b.subscribe(&slow, &request("t/#", 1)).expect("sub");
+    b.subscribe(&other, &request("t/+", 1)).expect("sub");
+    for i in 0..4 {
+        let p = b.publish(&message("t/a", &i.to_string(), 1, false, None));
+        assert_eq!(p.queued, if i < 2 { 2 } else { 1 }, "message {i}");
+        drain(&other.mailbox);
+    }
+    assert_eq!(payloads(&slow.mailbox.take(1, 1, 0).ready), ["0"]);
+    assert_eq!(b.publish(&message("t/a", "4", 1, false, None)).queued, 2);
+    assert_eq!(payloads(&drain(&slow.mailbox)), ["1", "4"]);
+}
