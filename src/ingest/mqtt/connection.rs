@@ -25,8 +25,12 @@ const READ_BUFFER: usize = 4096;
 /// buffers are reused (every read's exact size had the allocator splitting and merging).
 const SMALL_READ: usize = 512;
 
-/// Write buffer when packets are queued after a flush released it.
-const WRITE_BUFFER: usize = 2048;
+/// Write buffer when packets are queued after a flush released it: a turn's worth of acks
+/// (128 PUBACKs are 512 bytes) or a few deliveries. Under 1,009 bytes because every busy
+/// connection takes one per turn: glibc serves smaller requests from its per-thread cache,
+/// while a larger one first consolidates the fast bins (with 2,048, `malloc_consolidate`
+/// and its neighbours were 3-4 % of the gateway's CPU in `tools/bench-fanout`).
+const WRITE_BUFFER: usize = 1000;
 
 /// One complete packet, fixed header included, not yet decoded.
 #[derive(Debug)]

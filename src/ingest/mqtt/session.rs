@@ -401,6 +401,10 @@ struct Session<S> {
     outflight: Outflight,
     /// The client's Maximum Packet Size: larger messages are not sent [MQTT-3.1.2-24].
     client_max_packet: Option<u32>,
+    /// Acks freed slots this turn: the mailbox is taken from once, after the turn, not once
+    /// per ack (a subscriber's acks come dozens to a read, and each take locks the mailbox
+    /// its publishers are pushing to).
+    refill: bool,
 }
 
 impl<S: Stream> Session<S> {
@@ -555,6 +559,7 @@ impl<S: Stream> Session<S> {
             attached,
             outflight,
             client_max_packet: connect.maximum_packet_size,
+            refill: false,
         })
     }
 
@@ -586,6 +591,9 @@ impl<S: Stream> Session<S> {
         let mut throttle: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut throttled_read = false;
         loop {
+            if std::mem::take(&mut self.refill) {
+                self.deliver();
+            }
             if let Err(e) = self.flush().await {
                 io_error(self.peer, &self.client_id, &e);
                 return End::PEER_CLOSED;
@@ -901,10 +909,10 @@ impl<S: Stream> Session<S> {
     }
 
     /// A message the client finished: off the session's journal (a command's outcome
-    /// reported), and a slot is free.
+    /// reported), and a slot is free for the end of the turn.
     fn finished(&mut self, out: &Outbound, kind: OutcomeKind) {
         self.shared.broker.finished(&self.attached, out, kind);
-        self.deliver();
+        self.refill = true;
     }
 
     /// Writes what the session's mailbox holds, as far as the client's window allows.
