@@ -380,6 +380,7 @@ impl Mailbox {
             room: AtomicUsize::new(0),
             online: AtomicBool::new(false),
         });
+        // Letting go of the lock publishes the empty queue's room (one formula, in `Locked`).
         drop(mailbox.lock());
         mailbox
     }

@@ -742,12 +742,13 @@ impl Broker {
         let targets = index.targets(&message.topic, message.publisher.as_deref());
         let mut durable = None;
         let (mut queued, mut full) = (0usize, 0u64);
+        let cost = message.cost();
         for t in targets {
             let qos = message.qos.min(t.qos);
             // A full queue is seen without its lock or a copy of the message: a subscriber
             // slower than the publishers is refused most of them, and each refusal should
             // cost next to nothing.
-            let result = match t.mailbox.refuses(qos, message.cost()) {
+            let result = match t.mailbox.refuses(qos, cost) {
                 Some(why) => Err(why),
                 None => t.mailbox.push(Outbound::new(
                     Arc::clone(message),
