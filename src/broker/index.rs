@@ -255,8 +255,17 @@ impl<'a> Found<'a, '_> {
         }
         // One delivery per session: the highest QoS of its matching subscriptions, and
         // every identifier [MQTT-3.3.4-3], [MQTT-3.3.4-5]. Few targets match one topic, so a
-        // linear search beats hashing here.
-        if let Some(t) = self.targets.iter_mut().find(|t| t.client == client) {
+        // linear search beats hashing here. A session is known by its mailbox: all its
+        // subscriptions share it, and a session replaced leaves the index before its
+        // successor subscribes (`Broker::attach`), so a pointer compare says what comparing
+        // client ids said, without their bytes (a `memcmp` per pair of same-length ids).
+        let mailbox: &Mailbox = &sub.mailbox;
+        if let Some(t) = self
+            .targets
+            .iter_mut()
+            .find(|t| std::ptr::eq(t.mailbox, mailbox))
+        {
+            debug_assert_eq!(t.client, client, "two sessions share a mailbox");
             t.qos = t.qos.max(sub.options.qos);
             t.retain_as_published |= sub.options.retain_as_published;
             t.subscription_ids.extend(sub.options.id);
@@ -378,12 +387,12 @@ mod tests {
             "a", "a/b", "a/c", "x/b", "a/b/c", "$SYS/b", "$SYS", "/b", "a/", "a//b", "b",
         ];
         let mut index = Index::default();
-        let mb = mailbox();
+        // A session per filter, each with its own mailbox, as the broker makes them.
         let ids: Vec<Arc<str>> = (0..filters.len())
             .map(|i| Arc::from(format!("c{i}")))
             .collect();
         for (i, f) in filters.iter().enumerate() {
-            index.insert(None, f, &ids[i], opts(1), &mb);
+            index.insert(None, f, &ids[i], opts(1), &mailbox());
         }
         for t in topics {
             let mut expected: Vec<String> = filters
@@ -427,13 +436,12 @@ mod tests {
     #[test]
     fn no_local_skips_the_publisher_only() {
         let mut index = Index::default();
-        let mb = mailbox();
         let mut o = opts(1);
         o.no_local = true;
         let a: Arc<str> = Arc::from("a");
         let b: Arc<str> = Arc::from("b");
-        index.insert(None, "t", &a, o, &mb);
-        index.insert(None, "t", &b, o, &mb);
+        index.insert(None, "t", &a, o, &mailbox());
+        index.insert(None, "t", &b, o, &mailbox());
         assert_eq!(clients(&index.targets("t", Some("a"))), vec!["b"]);
     }
 
