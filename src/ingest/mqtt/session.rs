@@ -932,17 +932,31 @@ impl<S: Stream> Session<S> {
                     .finished(&self.attached, out, OutcomeKind::Expired);
             }
         }
+        // Counted once a turn: a shared counter per message was a contended atomic add
+        // for every delivery of every subscriber.
+        let mut delivered = [0u64; 3];
+        self.outflight
+            .reserve(taken.ready.iter().filter(|o| o.qos > 0).count());
         for out in taken.ready {
-            self.send(out, now);
+            if let Some(qos) = self.send(out, now) {
+                delivered[usize::from(qos.min(2))] += 1;
+            }
+        }
+        for (counter, n) in self.shared.counters.delivered.iter().zip(delivered) {
+            if n > 0 {
+                counter.increment(n);
+            }
         }
     }
 
-    fn send(&mut self, out: Outbound, now: i64) {
+    /// Queues `out` for the client; the QoS it was delivered with, or `None` if it was not
+    /// a delivery (a PUBREL owed) or was dropped as too large for the client.
+    fn send(&mut self, out: Outbound, now: i64) -> Option<u8> {
         if out.released {
             let pkid = self.outflight.send(out);
             self.conn
                 .queue(self.version, &Outgoing::PubRel { pkid, found: true });
-            return;
+            return None;
         }
         let message = Arc::clone(&out.message);
         let (qos, retain, dup) = (out.qos, out.retain, out.dup && out.qos > 0);
@@ -983,14 +997,14 @@ impl<S: Stream> Session<S> {
                 );
             }
             self.shared.broker.count_dropped(Dropped::TooLarge, 1);
-            return;
+            return None;
         }
         let version = self.version;
         self.conn.queue_raw(|buf| {
             // Measured just above: cannot fail.
             let _ = encode_publish(version, &publish, buf);
         });
-        self.shared.counters.delivered[usize::from(qos.min(2))].increment(1);
+        Some(qos)
     }
 
     fn violation(&self, what: &'static str) -> End {
