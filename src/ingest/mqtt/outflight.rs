@@ -47,7 +47,10 @@ pub enum AckResult {
 /// SipHash was a visible part of a busy subscriber's cost per message. Fibonacci hashing
 /// spreads consecutive ids over the high bits, which the table's probing looks at.
 #[derive(Debug, Default)]
-pub struct PkidHasher(u64);
+struct PkidHasher(u64);
+
+/// 2^64 divided by the golden ratio, odd: consecutive ids land far apart.
+const FIBONACCI: u64 = 0x9e37_79b9_7f4a_7c15;
 
 impl Hasher for PkidHasher {
     fn finish(&self) -> u64 {
@@ -56,12 +59,12 @@ impl Hasher for PkidHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(FIBONACCI);
         }
     }
 
     fn write_u16(&mut self, id: u16) {
-        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = u64::from(id).wrapping_mul(FIBONACCI);
     }
 }
 
