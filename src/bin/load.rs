@@ -13,10 +13,11 @@
 //! or separate. The counting, latency percentiles, verification and report are shared.
 //!
 //! With `--subscribers N` the gateway's local broker is measured too (see [`subscribe`]): N
-//! MQTT 3.1.1 subscribers on `--filter`s that may overlap have their SUBACK before the first
-//! publish; the report adds deliveries per second (all subscribers, first publish to last
-//! delivery) beside the publish rate, and checks that each subscriber got every acknowledged
-//! message its filters match, once, in its publisher's order.
+//! MQTT 3.1.1 subscribers (on the tool's own lean client, [`wire`], so that what they cost
+//! the shared CPU is small beside the gateway's) on `--filter`s that may overlap have their
+//! SUBACK before the first publish; the report adds deliveries per second (all subscribers,
+//! first publish to last delivery) beside the publish rate, and checks that each subscriber
+//! got every acknowledged message its filters match, once, in its publisher's order.
 //!
 //! Each payload starts with `<run>:<connection>:<sequence>|` and is padded to `--payload`
 //! bytes, so verification needs nothing but the topic.
@@ -163,6 +164,8 @@ struct Args {
 
 #[path = "load/downlink.rs"]
 mod downlink;
+#[path = "load/wire.rs"]
+mod wire;
 
 /// When the first publish of the run went out: where deliveries per second start from.
 static FIRST_PUBLISH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -1103,7 +1106,6 @@ fn parse_id(value: &[u8], prefix: &str) -> Option<(usize, u64)> {
 mod subscribe {
     use std::sync::atomic::AtomicU64;
 
-    use rumqttc::SubscribeReasonCode;
     use tokio::sync::oneshot;
     use tokio_util::sync::CancellationToken;
 
@@ -1381,7 +1383,10 @@ mod subscribe {
     }
 
     /// One subscriber: connect, subscribe, say so on `ready`, then record every delivery
-    /// until `stop`.
+    /// until `stop`. With `--sub-rate` it takes at most that many messages a second and
+    /// acknowledges each as it takes it; what it has not taken stays unread in its socket,
+    /// so the gateway's window towards it fills, as with an application doing work per
+    /// message. Its client is [`wire`]'s (see there why not rumqttc).
     async fn subscriber(
         args: Args,
         client_id: String,
@@ -1391,19 +1396,6 @@ mod subscribe {
         ready: oneshot::Sender<Result<(), String>>,
         stop: CancellationToken,
     ) -> Received {
-        let (host, port) = split_addr(&args.mqtt);
-        let qos = match args.sub_qos {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        };
-        let mut options = rumqttc::MqttOptions::new(client_id, host, port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        if let Some(t) = transport() {
-            options.set_transport(t);
-        }
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
         // With `--count` each publisher's share is known: room for it up front, so the hot
         // loop does not reallocate.
         let room = if check.max_seq < MAX_SEQ {
@@ -1421,78 +1413,196 @@ mod subscribe {
             ..Received::default()
         };
         let mut ready = Some(ready);
-        let (mut connected, mut retries) = (false, 0u32);
-        // With --sub-rate: when the first message came and how many since.
-        let mut paced: Option<(tokio::time::Instant, u64)> = None;
-        loop {
-            let event = tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                event = eventloop.poll() => event,
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
+        let opened = tokio::select! {
+            () = &mut stopped => return r,
+            opened = open(&args, &client_id, &filters) => opened,
+        };
+        let (mut io, mut inbox) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                r.failed(&mut ready, &filters, e);
+                return r;
+            }
+        };
+        let mut taker = Taker {
+            every: (args.sub_rate > 0).then(|| Duration::from_secs_f64(1.0 / args.sub_rate as f64)),
+            first: None,
+            taken: 0,
+            acks: Vec::with_capacity(4096),
+        };
+        let mut last_write = Instant::now();
+        let failure = loop {
+            let now = Instant::now();
+            let due = match taker.take(&mut inbox, now, &mut r, &check, &distinct, &mut ready) {
+                Ok(due) => due,
+                Err(e) => break Some(e),
             };
-            match event {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    r.record(&p, &check, &distinct);
-                    if args.sub_rate > 0 {
-                        let (first, taken) =
-                            paced.get_or_insert_with(|| (tokio::time::Instant::now(), 0));
-                        *taken += 1;
-                        // Not before its time: the next read waits until the pace allows it.
-                        let due =
-                            *first + Duration::from_secs_f64(*taken as f64 / args.sub_rate as f64);
-                        if due > tokio::time::Instant::now() {
-                            tokio::select! {
-                                () = stop.cancelled() => break,
-                                () = tokio::time::sleep_until(due) => {}
+            if !taker.acks.is_empty() {
+                if let Err(e) = wire::send(&mut io, &taker.acks).await {
+                    break Some(e.to_string());
+                }
+                taker.acks.clear();
+                last_write = now;
+            }
+            match due {
+                // Paced: nothing more is read before the next message is due.
+                Some(due) => tokio::select! {
+                    biased;
+                    () = &mut stopped => break None,
+                    () = tokio::time::sleep_until(due.into()) => {}
+                },
+                None => tokio::select! {
+                    biased;
+                    () = &mut stopped => break None,
+                    read = inbox.fill(&mut io) => match read {
+                        Ok(0) => break Some("the gateway closed the connection".to_owned()),
+                        Ok(_) => {}
+                        Err(e) => break Some(e.to_string()),
+                    },
+                    // Idle for half the keep alive: the gateway must hear from us.
+                    () = tokio::time::sleep_until((last_write + wire::KEEP_ALIVE / 2).into()) => {
+                        if let Err(e) = wire::send(&mut io, &wire::PINGREQ).await {
+                            break Some(e.to_string());
+                        }
+                        last_write = Instant::now();
+                    }
+                },
+            }
+        };
+        if let Some(e) = failure {
+            r.failed(&mut ready, &filters, e);
+        }
+        let bye = wire::send(&mut io, &wire::DISCONNECT);
+        let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+        r
+    }
+
+    /// Connects (retrying while the gateway is not yet listening or refuses) and sends the
+    /// SUBSCRIBE; its SUBACK comes in with the deliveries.
+    async fn open(
+        args: &Args,
+        client_id: &str,
+        filters: &[String],
+    ) -> Result<(Box<dyn wire::Io>, wire::Inbox), String> {
+        let (host, port) = split_addr(&args.mqtt);
+        let tls = TLS.get().cloned().flatten();
+        let mut retries = 0;
+        loop {
+            let attempt = async {
+                let mut io = wire::dial(&host, port, tls.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                wire::send(&mut io, &wire::connect(client_id))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut inbox = wire::Inbox::default();
+                loop {
+                    match wire::parse(inbox.pending())? {
+                        Some((wire::Packet::ConnAck { code: 0 }, n)) => {
+                            inbox.consume(n);
+                            break;
+                        }
+                        Some((wire::Packet::ConnAck { code }, _)) => {
+                            return Err(format!("CONNACK return code {code}"));
+                        }
+                        Some((other, _)) => return Err(format!("{other:?} before CONNACK")),
+                        None => {
+                            if inbox.fill(&mut io).await.map_err(|e| e.to_string())? == 0 {
+                                return Err("the gateway closed the connection".to_owned());
                             }
                         }
                     }
                 }
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
-                    let requests = filters
-                        .iter()
-                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos));
-                    if let Err(e) = client.try_subscribe_many(requests) {
-                        if let Some(tx) = ready.take() {
-                            let _ = tx.send(Err(e.to_string()));
-                        }
-                        break;
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let refused = ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure));
-                    if let Some(tx) = ready.take() {
-                        let _ = tx.send(if refused {
-                            Err(format!("the gateway refused {filters:?}"))
-                        } else {
-                            Ok(())
-                        });
-                    }
-                }
-                Ok(_) => {}
-                Err(_) if !connected && retries < CONNECT_RETRIES => {
+                wire::send(&mut io, &wire::subscribe(filters, args.sub_qos.min(2)))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((io, inbox))
+            };
+            match attempt.await {
+                Ok(opened) => return Ok(opened),
+                Err(_) if retries < CONNECT_RETRIES => {
                     retries += 1;
                     tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
                 }
-                Err(e) => {
-                    r.errors += 1;
-                    match ready.take() {
-                        Some(tx) => {
-                            let _ = tx.send(Err(e.to_string()));
-                        }
-                        None => eprintln!("subscriber {filters:?}: {e}"),
-                    }
-                    break;
-                }
+                Err(e) => return Err(e),
             }
         }
-        let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-        r
+    }
+
+    /// A subscriber's taking of deliveries, at its pace.
+    struct Taker {
+        /// `--sub-rate`'s interval between two messages taken.
+        every: Option<Duration>,
+        /// When the first message was taken.
+        first: Option<Instant>,
+        taken: u32,
+        /// Acknowledgements of what was taken, written once per batch.
+        acks: Vec<u8>,
+    }
+
+    impl Taker {
+        /// Takes every whole packet read as far as the pace allows at `now`; returns when
+        /// the next message is due if the pace stopped it.
+        fn take(
+            &mut self,
+            inbox: &mut wire::Inbox,
+            now: Instant,
+            r: &mut Received,
+            check: &Check,
+            distinct: &AtomicU64,
+            ready: &mut Option<oneshot::Sender<Result<(), String>>>,
+        ) -> Result<Option<Instant>, String> {
+            let mut took = false;
+            let mut due = None;
+            while let Some((packet, n)) = wire::parse(inbox.pending())? {
+                match packet {
+                    wire::Packet::Publish {
+                        qos,
+                        pkid,
+                        topic,
+                        payload,
+                    } => {
+                        if let (Some(every), Some(first)) = (self.every, self.first) {
+                            let at = first + every * self.taken;
+                            if at > now {
+                                due = Some(at);
+                                break;
+                            }
+                        }
+                        self.first.get_or_insert(now);
+                        self.taken += 1;
+                        took = true;
+                        r.record(topic, payload, check, distinct);
+                        match qos {
+                            0 => {}
+                            1 => wire::ack(&mut self.acks, wire::PUBACK, pkid),
+                            _ => wire::ack(&mut self.acks, wire::PUBREC, pkid),
+                        }
+                    }
+                    wire::Packet::PubRel { pkid } => {
+                        wire::ack(&mut self.acks, wire::PUBCOMP, pkid);
+                    }
+                    wire::Packet::SubAck { codes } => {
+                        if let Some(tx) = ready.take() {
+                            let refused = codes.iter().any(|c| *c >= 0x80);
+                            let _ = tx.send(if refused {
+                                Err(format!("the gateway refused a filter: {codes:?}"))
+                            } else {
+                                Ok(())
+                            });
+                        }
+                    }
+                    wire::Packet::ConnAck { .. } | wire::Packet::Other => {}
+                }
+                inbox.consume(n);
+            }
+            if took {
+                r.last = Some(now);
+            }
+            Ok(due)
+        }
     }
 
     /// With `--duration`, sequence numbers beyond this are not a run's: counted as corrupt,
@@ -1500,14 +1610,29 @@ mod subscribe {
     const MAX_SEQ: usize = 1 << 28;
 
     impl Received {
-        fn record(&mut self, p: &rumqttc::Publish, check: &Check, distinct: &AtomicU64) {
+        /// A connection's failure: the error for `ready` if still waiting, else a line.
+        fn failed(
+            &mut self,
+            ready: &mut Option<oneshot::Sender<Result<(), String>>>,
+            filters: &[String],
+            why: String,
+        ) {
+            self.errors += 1;
+            match ready.take() {
+                Some(tx) => {
+                    let _ = tx.send(Err(why));
+                }
+                None => eprintln!("subscriber {filters:?}: {why}"),
+            }
+        }
+
+        fn record(&mut self, topic: &[u8], payload: &[u8], check: &Check, distinct: &AtomicU64) {
             let prefix = check.prefix.as_str();
-            let Some((conn, seq)) = parse_id(&p.payload, prefix) else {
+            let Some((conn, seq)) = parse_id(payload, prefix) else {
                 return;
             };
             self.deliveries += 1;
-            self.last = Some(Instant::now());
-            let (Some(topic), Some(seq)) = (
+            let (Some(expected), Some(seq)) = (
                 check.topics.get(conn),
                 usize::try_from(seq).ok().filter(|s| *s < check.max_seq),
             ) else {
@@ -1515,12 +1640,12 @@ mod subscribe {
                 return;
             };
             let id_len = prefix.len()
-                + p.payload[prefix.len()..]
+                + payload[prefix.len()..]
                     .iter()
                     .take_while(|b| **b != b'|')
                     .count()
                 + 1;
-            if p.topic != *topic || p.payload.len() != check.size.max(id_len) {
+            if topic != expected.as_bytes() || payload.len() != check.size.max(id_len) {
                 self.corrupt += 1;
             }
             if !check.wanted[conn] {
