@@ -5,11 +5,11 @@
 //! Why not rumqttc, which the publishers use: the fan-out bench runs the gateway, Kafka, the
 //! publishers and ten subscribers taking 100,000 messages a second on two cores, and the
 //! subscribers' client is measured as part of "the uplink keeps its rate": with rumqttc they
-//! cost the load generator 1.0 to 2.5 µs of CPU per delivery (median 1.6 over 7 runs: a
+//! cost the load generator 1.0 to 2.5 µs of CPU per delivery (median 1.7 over 11 runs: a
 //! `Publish` with its own topic `String` and payload, an event queue, a cancellation future
 //! per message), up to a quarter of a core at 100,000 deliveries a second taken from the
-//! uplink by the client, not the gateway; this client costs 0.4 to 1.1 µs (median 0.7, 7
-//! runs alternating with those). The publishers' client is the same in both halves of the
+//! uplink by the client, not the gateway; this client costs 0.4 to 1.5 µs (median 0.9, 14
+//! runs alternating with those; README, "Figures"). The publishers' client is the same in both halves of the
 //! bench, so it stays. Independent clients (rumqttc, paho, mosquitto's,
 //! MQTT.js) check the gateway's protocol in the tests; this one is a measuring instrument.
 //!
