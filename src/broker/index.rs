@@ -92,7 +92,17 @@ pub struct Target<'a> {
 pub struct Index {
     root: Node,
     count: usize,
+    /// The most targets one publish has found (up to [`TARGETS_ROOM_MAX`]): the room the
+    /// next publish's list starts with, so a fan-out to ten sessions does not grow its list
+    /// from 8 to 16 on every message (a `realloc` each, often past glibc's per-thread cache).
+    targets_room: AtomicUsize,
 }
+
+/// A publish's list of targets starts with room for at least this many...
+const TARGETS_ROOM_MIN: usize = 8;
+/// ...and at most this many (48 bytes each: within glibc's per-thread cache), so one
+/// publish to thousands of sessions does not make every later one allocate for thousands.
+const TARGETS_ROOM_MAX: usize = 21;
 
 impl Index {
     /// Adds or replaces `client`'s subscription to `filter` (a checked filter without its
@@ -154,13 +164,21 @@ impl Index {
     /// The sessions `topic` goes to, one [`Target`] per session. `publisher` is the client
     /// that published it (for No Local).
     pub fn targets<'a>(&'a self, topic: &str, publisher: Option<&str>) -> Vec<Target<'a>> {
+        let room = self.targets_room.load(Ordering::Relaxed);
         let mut found = Found {
             publisher,
             targets: Vec::new(),
+            room,
         };
         // [MQTT-4.7.2-1] no leading wildcard matches a `$` topic.
         let dollar = topic.starts_with('$');
         walk(&self.root, Some(topic), 0, dollar, &mut found);
+        let n = found.targets.len();
+        if n > room && room < TARGETS_ROOM_MAX {
+            // Written only when it grows: every publisher reads it, under the read lock.
+            self.targets_room
+                .store(n.min(TARGETS_ROOM_MAX), Ordering::Relaxed);
+        }
         found.targets
     }
 }
@@ -246,6 +264,8 @@ fn remove_from(subs: &mut Subs, share: Option<&str>, client: &str) -> bool {
 struct Found<'a, 'p> {
     publisher: Option<&'p str>,
     targets: Vec<Target<'a>>,
+    /// Room to make at the first target (none is made for a topic nobody wants).
+    room: usize,
 }
 
 impl<'a> Found<'a, '_> {
@@ -273,7 +293,7 @@ impl<'a> Found<'a, '_> {
         }
         if self.targets.capacity() == 0 {
             // Growing from 4 to 8 and on was an allocation per step of every publish.
-            self.targets.reserve(8);
+            self.targets.reserve_exact(self.room.max(TARGETS_ROOM_MIN));
         }
         self.targets.push(Target {
             client,
@@ -470,5 +490,33 @@ mod tests {
         assert!(index.remove(Some("g"), "s/+", "m1"));
         assert!(!index.remove(Some("g"), "s/+", "m1"));
         assert_eq!(index.len(), 3);
+    }
+
+    /// A publish's list of targets starts with the room the largest one before needed (up
+    /// to a bound), so a steady fan-out never grows it: grown from 8, ten targets took 16
+    /// slots and a `realloc` on every message.
+    #[test]
+    fn the_target_list_starts_with_the_room_a_fan_out_needs() {
+        let mut index = Index::default();
+        let sessions: Vec<Arc<str>> = (0..30).map(|i| Arc::from(format!("s{i}"))).collect();
+        for s in &sessions[..10] {
+            index.insert(None, "ten/#", s, opts(1), &mailbox());
+        }
+        assert_eq!(
+            index.targets("nobody", None).capacity(),
+            0,
+            "no room for no target"
+        );
+        index.targets("ten/x", None);
+        let again = index.targets("ten/x", None);
+        assert_eq!(again.len(), 10);
+        assert_eq!(again.capacity(), 10);
+        for s in &sessions {
+            index.insert(None, "all/#", s, opts(1), &mailbox());
+        }
+        assert_eq!(index.targets("all/x", None).len(), 30);
+        let ten = index.targets("ten/x", None);
+        assert_eq!(ten.len(), 10);
+        assert_eq!(ten.capacity(), TARGETS_ROOM_MAX, "the room is bounded");
     }
 }

@@ -937,6 +937,12 @@ impl<S: Stream> Session<S> {
         let mut delivered = [0u64; 3];
         self.outflight
             .reserve(taken.ready.iter().filter(|o| o.qos > 0).count());
+        let bytes = taken
+            .ready
+            .iter()
+            .map(|o| publish_len_hint(self.version, o))
+            .sum();
+        self.conn.reserve(bytes);
         for out in taken.ready {
             if let Some(qos) = self.send(out, now) {
                 delivered[usize::from(qos.min(2))] += 1;
@@ -963,22 +969,7 @@ impl<S: Stream> Session<S> {
         let ids = out.subscription_ids.clone();
         let store_id = out.store_id;
         let pkid = if qos > 0 { self.outflight.send(out) } else { 0 };
-        let p = &message.props;
-        let publish = OutPublish {
-            dup,
-            qos,
-            retain,
-            topic: &message.topic,
-            pkid,
-            payload: &message.payload,
-            subscription_ids: &ids,
-            message_expiry: message.remaining_expiry(now),
-            payload_format_utf8: p.payload_format_utf8,
-            content_type: p.content_type.as_deref(),
-            response_topic: p.response_topic.as_deref(),
-            correlation_data: p.correlation_data.as_deref(),
-            user_properties: &p.user_properties,
-        };
+        let publish = out_publish(&message, (qos, retain, dup), pkid, &ids, now);
         let fits = publish.packet_len(self.version).is_ok_and(|len| {
             self.client_max_packet
                 .is_none_or(|max| u32::try_from(len).is_ok_and(|len| len <= max))
@@ -1417,6 +1408,59 @@ async fn store_will(owner: WillOwner, will: Will) {
 }
 
 /// A header name only the gateway may write.
+/// The PUBLISH that sends `message` with these `(qos, retain, dup)` flags.
+fn out_publish<'a>(
+    message: &'a Message,
+    (qos, retain, dup): (u8, bool, bool),
+    pkid: u16,
+    subscription_ids: &'a [u32],
+    now: i64,
+) -> OutPublish<'a> {
+    let p = &message.props;
+    OutPublish {
+        dup,
+        qos,
+        retain,
+        topic: &message.topic,
+        pkid,
+        payload: &message.payload,
+        subscription_ids,
+        message_expiry: message.remaining_expiry(now),
+        payload_format_utf8: p.payload_format_utf8,
+        content_type: p.content_type.as_deref(),
+        response_topic: p.response_topic.as_deref(),
+        correlation_data: p.correlation_data.as_deref(),
+        user_properties: &p.user_properties,
+    }
+}
+
+/// About what `out`'s PUBLISH takes on the wire, to size a turn's write buffer once: at
+/// most a few bytes over for 3.1.1 (the length's varint taken at its longest); MQTT 5's
+/// properties are counted with their headers, the expiry and payload format at their
+/// longest. Not a limit: a packet longer than this grows the buffer as before.
+fn publish_len_hint(version: Version, out: &Outbound) -> usize {
+    let m = &out.message;
+    // Fixed header (type byte, up to four length bytes), topic with its length, packet id.
+    let base = 1 + 4 + 2 + m.topic.len() + 2 + m.payload.len();
+    if version != Version::V5 {
+        return base;
+    }
+    let p = &m.props;
+    let string = |s: Option<&[u8]>| s.map_or(0, |s| 3 + s.len());
+    let properties = 4
+        + 5 * out.subscription_ids.len()
+        + 5
+        + 2
+        + string(p.content_type.as_deref().map(str::as_bytes))
+        + string(p.response_topic.as_deref().map(str::as_bytes))
+        + string(p.correlation_data.as_deref())
+        + p.user_properties
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.len())
+            .sum::<usize>();
+    base + properties
+}
+
 fn reserved_header(name: &str) -> bool {
     name.get(..9)
         .is_some_and(|p| p.eq_ignore_ascii_case("edgegate-"))
@@ -1557,5 +1601,69 @@ mod reserved_tests {
         let record = inbound("dev".into(), "t".into(), Bytes::new(), 1, extra, false);
         let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["mqtt-qos", "unit"]);
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+    use crate::broker::Props;
+
+    fn outbound(topic: &str, payload: usize, qos: u8, props: Props, ids: Vec<u32>) -> Outbound {
+        let message = Arc::new(Message {
+            topic: topic.into(),
+            payload: Bytes::from(vec![7u8; payload]),
+            qos,
+            retain: false,
+            publisher: None,
+            expires_ms: Some(now_ms() + 3_600_000),
+            props,
+            command: None,
+        });
+        Outbound::new(message, qos, false, ids)
+    }
+
+    /// The hint sizes a turn's buffer: it must cover what is encoded (or the buffer grows
+    /// after all) without reserving much more, for both versions and every property.
+    #[test]
+    fn the_write_hint_covers_the_encoded_publish_closely() {
+        let full = Props {
+            payload_format_utf8: true,
+            content_type: Some("application/json".into()),
+            response_topic: Some("plant/1/replies".into()),
+            correlation_data: Some(Bytes::from_static(b"req-42")),
+            user_properties: vec![("unit".into(), "C".into()), ("k".into(), "v".repeat(300))],
+        };
+        let cases = [
+            outbound("a/b", 0, 0, Props::default(), vec![]),
+            outbound("load/3/telemetry", 100, 1, Props::default(), vec![]),
+            outbound("t", 200_000, 2, Props::default(), vec![]),
+            outbound("x/y/z", 100, 1, full, vec![1, 300, 268_435_455]),
+        ];
+        for version in [Version::V4, Version::V5] {
+            for out in &cases {
+                let publish = out_publish(
+                    &out.message,
+                    (out.qos, false, false),
+                    u16::from(out.qos > 0),
+                    &out.subscription_ids,
+                    now_ms(),
+                );
+                let mut buf = bytes::BytesMut::new();
+                let len = encode_publish(version, &publish, &mut buf).unwrap();
+                let hint = publish_len_hint(version, out);
+                assert!(
+                    hint >= len,
+                    "{version:?} {}: hint {hint} < {len}",
+                    out.message.topic
+                );
+                let slack = if version == Version::V5 { 16 } else { 5 };
+                assert!(
+                    hint <= len + slack,
+                    "{version:?} {}: hint {hint} for {len}",
+                    out.message.topic
+                );
+            }
+        }
     }
 }
