@@ -1264,6 +1264,7 @@ impl<S: Stream> Session<S> {
     /// Writes queued packets, bounded in time: a client that stops reading is dropped.
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.conn.has_queued() {
+            self.conn.release_unused();
             return Ok(());
         }
         match tokio::time::timeout(self.keepalive, self.conn.flush()).await {

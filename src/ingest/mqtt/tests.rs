@@ -164,6 +164,9 @@ async fn frames_split_across_reads_are_reassembled_and_eof_mid_frame_is_truncati
 async fn an_idle_connection_keeps_no_buffers() {
     let (mut client, mut conn) = pair(1024).await;
     assert_eq!((conn.read_capacity(), conn.write_capacity()), (0, 0));
+    // A turn with nothing to deliver makes no room (nothing would flush it away).
+    conn.reserve(0);
+    assert_eq!(conn.write_capacity(), 0);
     client.write_all(&[0xc0, 0x00]).await.expect("write");
     let ping = conn.read_frame().await.expect("frame").expect("not eof");
     assert_eq!(ping.packet_type(), 12);
@@ -178,6 +181,15 @@ async fn an_idle_connection_keeps_no_buffers() {
     assert!(conn.write_capacity() > 0);
     conn.flush().await.expect("flush");
     assert_eq!(conn.write_capacity(), 0, "written: the write buffer goes");
+    // A turn's deliveries are made room for at once, and go with the flush as well.
+    conn.reserve(3000);
+    assert!(conn.write_capacity() >= 3000);
+    conn.flush().await.expect("flush");
+    assert_eq!(conn.write_capacity(), 0);
+    // Room made for a turn that queued nothing after all is let go without a write.
+    conn.reserve(3000);
+    conn.release_unused();
+    assert_eq!(conn.write_capacity(), 0);
     // Waiting for the next packet with nothing pending: the read buffer goes too.
     let waited =
         tokio::time::timeout(std::time::Duration::from_millis(20), conn.read_frame()).await;
