@@ -155,7 +155,19 @@ impl Dropped {
 /// One message in a queue.
 #[derive(Debug)]
 enum Entry {
-    /// Boxed: a queue of journaled entries stays small (an entry is 32 bytes, not 56).
+    /// A message on its first trip to a session that does not journal it, as most are:
+    /// held inline, so queueing it allocates nothing of its own. (Boxed, every delivery of
+    /// a fan-out was a box made on the publisher's thread and freed on the subscriber's,
+    /// which glibc's per-thread cache cannot serve: half of them took its slow path.)
+    Live {
+        message: Arc<Message>,
+        /// The subscription identifiers, if any (MQTT 5): rare, so boxed and thin.
+        subscription_ids: Option<Box<[u32]>>,
+        qos: u8,
+        retain: bool,
+    },
+    /// Anything else ready to send (a resend, with its DUP flag and packet id). Boxed: a
+    /// queue of journaled entries stays small (an entry is 32 bytes, not 56).
     Ready(Box<Outbound>),
     /// A persistent session's QoS 1/2 message, kept only in the sessions journal (which
     /// holds its bytes until they are written, then its place in the file) and read back
@@ -171,23 +183,49 @@ enum Entry {
     },
 }
 
+// A held backlog of commands is a queue of these: they stay as small as a journaled one.
+const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
+
 impl Entry {
+    /// `out` as queued: inline when it carries nothing of an earlier trip.
+    fn new(out: Outbound) -> Entry {
+        if out.dup || out.pkid != 0 || out.released || out.store_id != 0 {
+            return Entry::Ready(Box::new(out));
+        }
+        let ids = out.subscription_ids;
+        Entry::Live {
+            message: out.message,
+            subscription_ids: (!ids.is_empty()).then(|| ids.into_boxed_slice()),
+            qos: out.qos,
+            retain: out.retain,
+        }
+    }
+
+    fn message(&self) -> Option<&Message> {
+        match self {
+            Entry::Live { message, .. } => Some(message),
+            Entry::Ready(out) => Some(&out.message),
+            Entry::Journaled { .. } => None,
+        }
+    }
+
     fn is_command(&self) -> bool {
         match self {
-            Entry::Ready(out) => out.message.command.is_some(),
             Entry::Journaled { command_ms, .. } => command_ms.is_some(),
+            _ => self.message().is_some_and(|m| m.command.is_some()),
         }
     }
 
     fn command_ms(&self) -> Option<i64> {
         match self {
-            Entry::Ready(out) => out.message.command.as_ref().map(|c| c.sent_ms),
             Entry::Journaled { command_ms, .. } => *command_ms,
+            _ => self.message()?.command.as_ref().map(|c| c.sent_ms),
         }
     }
 
     fn qos(&self) -> u8 {
         match self {
+            Entry::Live { qos, .. } => *qos,
             Entry::Ready(out) => out.qos,
             // Only QoS 1/2 messages are journaled.
             Entry::Journaled { .. } => 1,
@@ -197,6 +235,7 @@ impl Entry {
     /// What it counts against the limits: taken out as it was put in.
     fn cost(&self) -> usize {
         match self {
+            Entry::Live { message, .. } => cost32(message.cost()) as usize,
             Entry::Ready(out) => out.cost(),
             Entry::Journaled { cost, .. } => *cost as usize,
         }
@@ -273,6 +312,17 @@ impl Queue {
     /// or does not decode (said in the log; it cannot be sent).
     fn open(&mut self, entry: Entry) -> Option<Outbound> {
         match entry {
+            Entry::Live {
+                message,
+                subscription_ids,
+                qos,
+                retain,
+            } => Some(Outbound::new(
+                message,
+                qos,
+                retain,
+                subscription_ids.map_or_else(Vec::new, Vec::from),
+            )),
             Entry::Ready(out) => Some(*out),
             Entry::Journaled { id, dup, .. } => {
                 if !self.stored.contains(&id) {
@@ -436,7 +486,7 @@ impl Mailbox {
                     };
                     (entry, Some(Box::pin(wait) as Durable))
                 }
-                _ => (Entry::Ready(Box::new(out)), None),
+                _ => (Entry::new(out), None),
             };
             q.bytes += cost;
             q.push_back(entry);

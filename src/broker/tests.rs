@@ -604,3 +604,70 @@ async fn a_full_queue_refuses_until_its_subscriber_takes() {
     assert_eq!(b.publish(&message("t/a", "4", 1, false, None)).queued, 2);
     assert_eq!(payloads(&drain(&slow.mailbox)), ["1", "4"]);
 }
+
+/// A message's trip through a mailbox keeps everything the connection needs, whether it
+/// was queued inline (a first trip) or boxed (a resend with its DUP flag and packet id),
+/// and a command is counted as held in either form.
+#[test]
+fn a_queued_message_keeps_its_flags_ids_and_command_in_every_form() {
+    use super::Command;
+    use super::mailbox::{Mailbox, Totals};
+    let mailbox = Mailbox::new(
+        QueueLimits {
+            messages: 10,
+            bytes: 1 << 20,
+        },
+        Totals::new(1 << 20),
+    );
+    mailbox.set_online(true);
+    let first = message("a/b", "first", 2, true, None);
+    let mut command = (*message("c/d", "command", 1, false, None)).clone();
+    command.command = Some(Arc::new(Command {
+        topic: "iot.commands".into(),
+        partition: 0,
+        offset: 7,
+        key: None,
+        correlation: None,
+        status_topic: None,
+        sent_ms: 1_234,
+    }));
+    let command = Arc::new(command);
+    mailbox
+        .push(Outbound::new(
+            Arc::clone(&first),
+            2,
+            true,
+            vec![3, 268_435_455],
+        ))
+        .expect("queued");
+    mailbox
+        .push(Outbound::new(Arc::clone(&command), 1, false, Vec::new()))
+        .expect("queued");
+    let held = mailbox.held();
+    assert_eq!((held.messages, held.commands), (2, 1));
+    assert_eq!(held.oldest_command_ms, Some(1_234));
+
+    let got = drain(&mailbox);
+    assert_eq!(got.len(), 2);
+    assert!(Arc::ptr_eq(&got[0].message, &first));
+    assert_eq!((got[0].qos, got[0].retain, got[0].dup), (2, true, false));
+    assert_eq!(got[0].subscription_ids, vec![3, 268_435_455]);
+    assert_eq!(
+        (got[0].pkid, got[0].store_id, got[0].released),
+        (0, 0, false)
+    );
+    assert!(Arc::ptr_eq(&got[1].message, &command));
+    assert_eq!((got[1].qos, got[1].retain), (1, false));
+    assert!(got[1].subscription_ids.is_empty());
+    assert_eq!(mailbox.held().commands, 0);
+
+    // Sent and not acknowledged: back at the front, boxed, with DUP and its packet id.
+    let mut sent = got.into_iter().next().expect("first");
+    sent.pkid = 42;
+    mailbox.requeue(vec![sent]);
+    let again = drain(&mailbox);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].pkid, again[0].dup, again[0].qos), (42, true, 2));
+    assert_eq!(again[0].subscription_ids, vec![3, 268_435_455]);
+    assert!(mailbox.is_empty());
+}
