@@ -201,6 +201,7 @@ impl Entry {
         }
     }
 
+    /// The message, unless only the sessions journal holds it.
     fn message(&self) -> Option<&Message> {
         match self {
             Entry::Live { message, .. } => Some(message),

@@ -1408,7 +1408,6 @@ async fn store_will(owner: WillOwner, will: Will) {
     will_stored(owner.peer, &owner.client_id, qos, result);
 }
 
-/// A header name only the gateway may write.
 /// The PUBLISH that sends `message` with these `(qos, retain, dup)` flags.
 fn out_publish<'a>(
     message: &'a Message,
@@ -1462,6 +1461,7 @@ fn publish_len_hint(version: Version, out: &Outbound) -> usize {
     base + properties
 }
 
+/// A header name only the gateway may write.
 fn reserved_header(name: &str) -> bool {
     name.get(..9)
         .is_some_and(|p| p.eq_ignore_ascii_case("edgegate-"))
