@@ -940,7 +940,7 @@ impl<S: Stream> Session<S> {
         let bytes = taken
             .ready
             .iter()
-            .map(|o| publish_len_hint(self.version, o))
+            .map(|o| publish_len_hint(self.version, o, now))
             .sum();
         self.conn.reserve(bytes);
         for out in taken.ready {
@@ -1434,31 +1434,14 @@ fn out_publish<'a>(
     }
 }
 
-/// About what `out`'s PUBLISH takes on the wire, to size a turn's write buffer once: at
-/// most a few bytes over for 3.1.1 (the length's varint taken at its longest); MQTT 5's
-/// properties are counted with their headers, the expiry and payload format at their
-/// longest. Not a limit: a packet longer than this grows the buffer as before.
-fn publish_len_hint(version: Version, out: &Outbound) -> usize {
-    let m = &out.message;
-    // Fixed header (type byte, up to four length bytes), topic with its length, packet id.
-    let base = 1 + 4 + 2 + m.topic.len() + 2 + m.payload.len();
-    if version != Version::V5 {
-        return base;
-    }
-    let p = &m.props;
-    let string = |s: Option<&[u8]>| s.map_or(0, |s| 3 + s.len());
-    let properties = 4
-        + 5 * out.subscription_ids.len()
-        + 5
-        + 2
-        + string(p.content_type.as_deref().map(str::as_bytes))
-        + string(p.response_topic.as_deref().map(str::as_bytes))
-        + string(p.correlation_data.as_deref())
-        + p.user_properties
-            .iter()
-            .map(|(k, v)| 5 + k.len() + v.len())
-            .sum::<usize>();
-    base + properties
+/// What `out`'s PUBLISH takes on the wire, by the encoder's own layout, to size a turn's
+/// write buffer once (0 for a packet too large to encode: `send` drops it).
+fn publish_len_hint(version: Version, out: &Outbound, now: i64) -> usize {
+    let flags = (out.qos, out.retain, out.dup && out.qos > 0);
+    let pkid = u16::from(out.qos > 0);
+    out_publish(&out.message, flags, pkid, &out.subscription_ids, now)
+        .packet_len(version)
+        .unwrap_or(0)
 }
 
 /// A header name only the gateway may write.
@@ -1652,7 +1635,7 @@ mod hint_tests {
                 );
                 let mut buf = bytes::BytesMut::new();
                 let len = encode_publish(version, &publish, &mut buf).unwrap();
-                let hint = publish_len_hint(version, out);
+                let hint = publish_len_hint(version, out, now_ms());
                 assert!(
                     hint >= len,
                     "{version:?} {}: hint {hint} < {len}",
