@@ -10,7 +10,8 @@
 //! tests call these. [`admin`] observes the running gateway: metrics, health, systemd
 //! notifications, `edgegate status`.
 
-// One module may call into librdkafka directly (`forward::rebootstrap`, which says why).
+// Two modules may call into C directly: `forward::rebootstrap` (librdkafka) and `memory`
+// (glibc's allocator), each says why.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod format;
 pub mod forward;
 pub mod ingest;
 pub mod logging;
+pub mod memory;
 pub mod record;
 pub mod reload;
 pub mod route;

@@ -13,24 +13,6 @@ use edgegate::Control;
 use edgegate::config::{Config, ConfigError};
 use edgegate::forward::dead_letter;
 
-/// glibc's malloc gives threads that allocate at once arenas of their own, up to eight per
-/// core, and each keeps what was freed in it. The gateway's allocating threads (the runtime's
-/// workers, librdkafka's, the log's and the journals' writers) then held tens of MB it no
-/// longer used: tools/bench-downlink (10,000 devices, 100,000 held commands) peaked at
-/// 103 MB while holding them, 80 MB with two arenas (docs/ARCHITECTURE.md, "Memory").
-/// MALLOC_ARENA_MAX in the environment still decides when it is set.
-fn limit_malloc_arenas() {
-    #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a parameter of glibc's allocator, and this runs before
-        // any other thread exists.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 
@@ -96,7 +78,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    edgegate::memory::limit_arenas();
     let cli = Cli::parse();
     edgegate::logging::init(&cli.log_level, cli.log_format);
     let command = cli.command.unwrap_or(Command::Run);
@@ -266,6 +248,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 }
 
 fn run(config: Config, path: &Path) -> ExitCode {
+    edgegate::memory::start_giving_back();
     let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(runtime) => runtime,
         Err(code) => return code,
