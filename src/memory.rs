@@ -6,8 +6,8 @@
 //! phase that held a lot and let it go (commands held for 10,000 offline devices, then
 //! delivered while those devices reconnect), the process keeps the freed pages and takes
 //! new ones for what it allocates next, and its RSS is the two together. How much stays
-//! depends on where the frees fall: `tools/bench-downlink` peaked at 59–63 MiB in most runs
-//! and at 66.5–68.5 MiB in 4 of 53 (docs/ARCHITECTURE.md, "Memory").
+//! depends on where the frees fall: `tools/bench-downlink` peaked at 57.8–62.5 MiB in most
+//! runs and at 65.9–68.5 MiB in 6 of 63 (docs/ARCHITECTURE.md, "Giving free memory back").
 //! [`start_giving_back`] returns whole free pages every second.
 
 // Two calls into glibc (mallopt, malloc_trim) and one into sysconf, each said why below.
@@ -23,7 +23,7 @@ pub const GIVE_BACK_PERIOD: Duration = Duration::from_secs(1);
 /// core, and each keeps what was freed in it. The gateway's allocating threads (the runtime's
 /// workers, librdkafka's, the log's and the journals' writers) then held tens of MB it no
 /// longer used: tools/bench-downlink (10,000 devices, 100,000 held commands) peaked at
-/// 103 MB while holding them, 80 MB with two arenas (docs/ARCHITECTURE.md, "Memory").
+/// 103 MB while holding them, 80 MB with two arenas (docs/ARCHITECTURE.md, "The downlink").
 /// MALLOC_ARENA_MAX in the environment still decides when it is set. Call it first in
 /// `main`, before any other thread exists.
 pub fn limit_arenas() {
@@ -42,7 +42,8 @@ pub fn limit_arenas() {
 ///
 /// Every period, not only when the RSS grew: on the downlink bench, giving back only after
 /// the RSS had grown by 256 KiB (looked at every 250 ms) still peaked over 64 MiB in one run
-/// of eleven, every second in none of eleven (docs/ARCHITECTURE.md, "Memory"). A give-back
+/// of twelve, every second in none of twelve (docs/ARCHITECTURE.md, "Giving free memory
+/// back"). A give-back
 /// takes 0.1–0.6 ms with the 10,000 devices' state in the heap.
 pub fn start_giving_back() {
     if !cfg!(target_env = "gnu") {
