@@ -43,8 +43,7 @@ pub fn limit_arenas() {
 /// Every period, not only when the RSS grew: on the downlink bench, giving back only after
 /// the RSS had grown by 256 KiB (looked at every 250 ms) still peaked over 64 MiB in one run
 /// of twelve, every second in none of twelve (docs/ARCHITECTURE.md, "Giving free memory
-/// back"). A give-back
-/// takes 0.1–0.6 ms with the 10,000 devices' state in the heap.
+/// back"). A give-back takes 0.1–0.6 ms with the 10,000 devices' state in the heap.
 pub fn start_giving_back() {
     if !cfg!(target_env = "gnu") {
         return;
