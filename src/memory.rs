@@ -2,10 +2,11 @@
 //! is given back to the system.
 //!
 //! glibc keeps freed memory for the next allocation and returns to the system only what is
-//! freed at the top of a heap. Memory freed between live blocks stays resident: after a
-//! phase that held a lot and let it go (commands held for 10,000 offline devices, then
-//! delivered while those devices reconnect), the process keeps the freed pages and takes
-//! new ones for what it allocates next, and its RSS is the two together. How much stays
+//! freed at the top of a heap (and blocks large enough to have had a mapping of their own).
+//! Memory freed between live blocks stays resident: after a phase that held a lot and let it
+//! go (commands held for 10,000 offline devices, then delivered while those devices
+//! reconnect), the process keeps the freed pages and takes new ones for what it allocates
+//! next, and its RSS is the two together. How much stays
 //! depends on where the frees fall: `tools/bench-downlink` peaked at 57.8–62.5 MiB in most
 //! runs and at 65.9–68.5 MiB in 6 of 63 (docs/ARCHITECTURE.md, "Giving free memory back").
 //! [`start_giving_back`] returns whole free pages every second.
