@@ -6,12 +6,12 @@
 //! Memory freed between live blocks stays resident: after a phase that held a lot and let it
 //! go (commands held for 10,000 offline devices, then delivered while those devices
 //! reconnect), the process keeps the freed pages and takes new ones for what it allocates
-//! next, and its RSS is the two together. How much stays
-//! depends on where the frees fall: `tools/bench-downlink` peaked at 57.8–62.5 MiB in most
-//! runs and at 65.9–68.5 MiB in 6 of 63 (docs/ARCHITECTURE.md, "Giving free memory back").
-//! [`start_giving_back`] returns whole free pages every second.
+//! next, and its RSS is the two together. How much stays depends on where the frees fall:
+//! `tools/bench-downlink` peaked at 57.8–62.5 MiB in most runs and at 65.9–68.5 MiB in 6 of
+//! 63 (docs/ARCHITECTURE.md, "Giving free memory back"). [`start_giving_back`] returns
+//! whole free pages every second.
 
-// Two calls into glibc (mallopt, malloc_trim) and one into sysconf, each said why below.
+// Two calls into glibc (mallopt, malloc_trim), each said why below.
 #![allow(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -89,13 +89,18 @@ pub fn give_back() {
     }
 }
 
-/// The process's resident set size in bytes, from `/proc/self/statm`.
+/// This process's resident set size in bytes (`VmRSS`).
 pub fn resident() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf reads a constant of the system.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+    status_kib("self", "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// A `kB` field (`VmRSS:`, `VmHWM:`) of `/proc/<process>/status`, `process` a pid or `self`.
+pub fn status_kib(process: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[cfg(test)]

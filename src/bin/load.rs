@@ -222,11 +222,7 @@ fn gateway_rss_kib(pid: u32) -> Option<u64> {
 
 /// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`).
 fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    edgegate::memory::status_kib(&pid.to_string(), field)
 }
 
 /// `--idle N`: connection setup rate and memory per idle connection.
