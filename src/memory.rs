@@ -109,7 +109,7 @@ mod tests {
 
     #[test]
     fn the_resident_set_is_read() {
-        let rss = resident().expect("/proc/self/statm");
+        let rss = resident().expect("/proc/self/status");
         assert!(rss > 1 << 20, "{rss}");
     }
 }

@@ -21,16 +21,16 @@ fn free_pages_between_live_blocks_go_back_to_the_system() {
         }
         kept.push(vec![run as u8; 32]);
     }
-    let full = resident().expect("/proc/self/statm");
+    let full = resident().expect("/proc/self/status");
     drop(freed);
-    let freed = resident().expect("/proc/self/statm");
+    let freed = resident().expect("/proc/self/status");
     assert!(
         full.saturating_sub(freed) < 4 * MIB,
         "glibc gave back {} MiB of its own: the test no longer shows anything",
         (full - freed) / MIB
     );
     give_back();
-    let given = resident().expect("/proc/self/statm");
+    let given = resident().expect("/proc/self/status");
     assert!(
         freed.saturating_sub(given) >= 16 * MIB,
         "RSS {} MiB before giving back, {} MiB after",
