@@ -843,8 +843,8 @@ fn check_capacity(storage: &dyn Storage, cfg: &LogConfig, used: u64) {
 /// For the cargo-fuzz target `log_records`: walks `data` as the reader walks a segment
 /// (frame checks, padding, resynchronisation) and decodes every checksummed body, plain and
 /// with a fixed key. Returns how many bodies decoded. Never panics. Built for the fuzz crate
-/// only (cargo-fuzz sets `--cfg fuzzing`).
-#[cfg(fuzzing)]
+/// only (feature `fuzz`).
+#[cfg(feature = "fuzz")]
 pub fn fuzz_frames(data: &[u8]) -> usize {
     use std::sync::OnceLock;
     static KEYS: OnceLock<LogKeys> = OnceLock::new();
@@ -889,7 +889,7 @@ fn walk_frames(
 /// it as the gateway does after a crash, reads every record it yields and appends one more.
 /// Returns the records read. Errors are fine; a panic or a hang is a bug. Built for the fuzz
 /// crate only.
-#[cfg(fuzzing)]
+#[cfg(feature = "fuzz")]
 pub fn fuzz_recovery(
     dir: &std::path::Path,
     segment: &[u8],

@@ -162,8 +162,8 @@ fn size_receive_buffer(socket: &UdpSocket, config: &CoapConfig) {
 /// Runs one datagram through the server's parse → validation → request classification with
 /// the default `[coap]` config, no socket and no log; returns the answer it would send at
 /// once. For the cargo-fuzz target `coap_datagram` (see README, "Fuzzing"), which builds it
-/// with `--cfg fuzzing`; the unit tests check `request::classify` itself.
-#[cfg(fuzzing)]
+/// with the feature `fuzz`; the unit tests check `request::classify` itself.
+#[cfg(feature = "fuzz")]
 pub fn fuzz_datagram(datagram: &[u8]) -> Option<Vec<u8>> {
     static CONFIG: std::sync::OnceLock<CoapConfig> = std::sync::OnceLock::new();
     request::classify(CONFIG.get_or_init(CoapConfig::default), datagram)

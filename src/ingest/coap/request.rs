@@ -215,7 +215,7 @@ pub(super) fn transfer_key(packet: &Packet, peer: SocketAddr) -> TransferKey {
 /// # Panics
 ///
 /// When an answer does not parse back: the gateway must never send what it would refuse.
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, feature = "fuzz"))]
 pub(super) fn classify(config: &CoapConfig, datagram: &[u8]) -> Option<Vec<u8>> {
     use super::message::Reply;
     use coap_lite::MessageType;

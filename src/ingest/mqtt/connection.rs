@@ -65,7 +65,7 @@ impl Frame {
     }
 
     /// Frames bytes already in memory (tests, fuzzing): exactly one complete frame.
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, feature = "fuzz"))]
     pub fn parse(raw: BytesMut, limit: usize) -> Option<Frame> {
         match parse_header(&raw, limit) {
             Ok(Some((header_len, frame_len))) if frame_len == raw.len() => {

@@ -449,9 +449,9 @@ pub(crate) fn describe() {
 /// would, through the hand-written encoders: a PUBLISH is encoded back and must decode to the
 /// same message, a SUBSCRIBE gets a SUBACK granting what it asked, an UNSUBSCRIBE an UNSUBACK,
 /// a PUBREC a PUBREL. Returns the frames decoded. Panics only if the encoder and the decoder
-/// disagree. Built for the fuzz crate (cargo-fuzz sets `--cfg fuzzing`) and for the tests,
+/// disagree. Built for the fuzz crate (feature `fuzz`, which it turns on) and for the tests,
 /// which run it on the corpus, mutated.
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, feature = "fuzz"))]
 pub fn fuzz_stream(bytes: &[u8]) -> usize {
     use bytes::BytesMut;
     use packet::{Limits, Outgoing, Packet, Version};
@@ -523,7 +523,7 @@ pub fn fuzz_stream(bytes: &[u8]) -> usize {
 
 /// A client's PUBLISH sent back as the server would send it (without the topic alias, which
 /// the server never sends) decodes to the same message.
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, feature = "fuzz"))]
 fn publish_round_trip(version: packet::Version, p: &packet::Publish, limits: &packet::Limits) {
     use bytes::BytesMut;
     let out_publish = encode::OutPublish {
