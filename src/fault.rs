@@ -4,9 +4,12 @@
 //!
 //! `EDGEGATE_FAULTS` names the faults, comma-separated:
 //!
-//! - `stall-first-producer`: the forwarder's first Kafka producer holds every record and sends
-//!   none (librdkafka's `linger.ms` at its 15-minute maximum), while the brokers answer. The
-//!   liveness watch must find it stalled and rebuild it (`forward::liveness`).
+//! - `stall-first-two-producers`: the forwarder's first two Kafka producers hold every record
+//!   and send none (librdkafka's `linger.ms` at its 15-minute maximum), while the brokers
+//!   answer. The liveness watch must find the first stalled and rebuild it, find the stall
+//!   outlive that rebuild (`/readyz` says "stalled" all along), and rebuild again
+//!   (`forward::liveness`). Two, not one: a single rebuild cures it within a few hundred
+//!   milliseconds, too short for a test polling `/readyz` to be sure to see it.
 //! - `stall-every-producer`: every producer does, so rebuilding does not help and the gateway
 //!   must stop feeding systemd's watchdog.
 //! - `hang-first-commit`: the exactly-once forwarder's first position-and-commit call never
@@ -32,7 +35,7 @@ fn enabled(name: &str) -> bool {
 /// fault says so.
 pub fn producer_config(config: &ClientConfig, instance: u32) -> Option<ClientConfig> {
     let stall =
-        enabled("stall-every-producer") || (instance == 0 && enabled("stall-first-producer"));
+        enabled("stall-every-producer") || (instance < 2 && enabled("stall-first-two-producers"));
     if !stall {
         return None;
     }

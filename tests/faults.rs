@@ -828,9 +828,10 @@ fn gateway_restart_during_an_outage_and_broker_restart_during_the_drain() {
     run.finish();
 }
 
-/// The safety net on its own: the gateway's first producer holds every record and sends
-/// none while the broker answers (injected, see `src/fault.rs`). The liveness watch must
-/// find it stalled, say so, rebuild it and deliver everything in order.
+/// The safety net on its own: the gateway's first two producers hold every record and send
+/// none while the broker answers (injected, see `src/fault.rs`). The liveness watch must find
+/// the first stalled, rebuild it, find the stall outlive the rebuild, say "stalled" on
+/// `/readyz` all the while, rebuild again and deliver everything in order.
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_stalled_producer_is_found_and_rebuilt() {
@@ -838,7 +839,7 @@ fn a_stalled_producer_is_found_and_rebuilt() {
     let topic = common::unique_topic("stalled-producer");
     common::create_topic(&topic, 1);
     let gateway = common::gateway(config(&topic).kafka("stall_timeout", "5s"))
-        .env("EDGEGATE_FAULTS", "stall-first-producer")
+        .env("EDGEGATE_FAULTS", "stall-first-two-producers")
         .start_process();
     let load = steady_load(gateway.mqtt_addr(), "faults", 4, EVERY, WINDOW);
     let readiness = || {
@@ -847,17 +848,19 @@ fn a_stalled_producer_is_found_and_rebuilt() {
     };
     // Stalled is reported while it lasts; then deliveries resume.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut said_stalled = false;
+    let mut said_stalled = 0;
     while Instant::now() < deadline {
         let r = readiness();
-        said_stalled |= r["status"] == "stalled";
-        if said_stalled && r["forwarder"]["delivered"].as_u64().unwrap_or(0) > 0 {
+        if r["status"] == "stalled" {
+            said_stalled += 1;
+        }
+        if said_stalled > 0 && r["forwarder"]["delivered"].as_u64().unwrap_or(0) > 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        said_stalled,
+        said_stalled > 0,
         "/readyz never said stalled:\n{}",
         gateway.log_text()
     );
@@ -885,14 +888,17 @@ fn a_stalled_producer_is_found_and_rebuilt() {
         assert!(order.windows(2).all(|w| w[0] < w[1]), "dev{d} out of order");
     }
     let (_, metrics) = common::http_get(gateway.admin_addr(), "/metrics");
-    assert!(common::metric(&metrics, "edgegate_kafka_stalls_total").unwrap_or(0.0) >= 1.0);
+    let stalls = common::metric(&metrics, "edgegate_kafka_stalls_total").unwrap_or(0.0);
+    let rebuilds =
+        common::metric(&metrics, "edgegate_kafka_producer_rebuilds_total").unwrap_or(0.0);
     assert!(
-        common::metric(&metrics, "edgegate_kafka_producer_rebuilds_total").unwrap_or(0.0) >= 1.0
+        stalls >= 2.0 && rebuilds >= 2.0,
+        "two stalls and two rebuilds expected, counted {stalls} and {rebuilds}"
     );
     let r = readiness();
     assert_eq!(r["status"], "ready", "{r}");
     eprintln!(
-        "FIGURES stalled-producer: acknowledged {total}, all in Kafka, {} records read",
+        "FIGURES stalled-producer: /readyz said stalled {said_stalled} times, acknowledged {total}, all in Kafka, {} records read",
         records.len()
     );
 }

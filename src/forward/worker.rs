@@ -996,6 +996,9 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                     link = ?self.link.state(),
                     "Kafka answers but the producer has delivered nothing: it is stalled. Rebuilding it and sending the unfinished records again in order."
                 );
+                // Said now, not at the next tick: a rebuild that delivers within the half
+                // second would otherwise leave `/readyz` never saying it.
+                self.progress.send_modify(|pr| pr.stalled = true);
                 self.schedule_rebuild("the producer stalled while Kafka answers");
             }
         }
