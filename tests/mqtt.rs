@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -377,31 +378,56 @@ async fn puback_and_pubrec_come_after_an_fsync() {
     gw.stop().await;
 }
 
-/// A rumqttc client that keeps publishing QoS 1 while bad clients come and go; returns how
-/// many of its publishes were acknowledged.
-fn bystander(addr: SocketAddr, stop: CancellationToken) -> tokio::task::JoinHandle<usize> {
+/// A rumqttc client that keeps publishing QoS 1 while bad clients come and go, counting its
+/// acknowledged publishes in `acked`; it panics if its connection ends.
+fn bystander(
+    addr: SocketAddr,
+    stop: CancellationToken,
+    acked: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     tokio::spawn(async move {
         let (client, mut events) =
             AsyncClient::new(MqttOptions::new("bystander", "127.0.0.1", addr.port()), 10);
-        let mut acked = 0;
+        // Connected before anything else can cancel a poll: rumqttc's poll is not cancel-safe
+        // while it connects (a dropped connect's CONNECT can reach the gateway after the next
+        // poll's, and take the session over from the live connection).
+        match events.poll().await.expect("the bystander connects") {
+            Event::Incoming(Packet::ConnAck(_)) => {}
+            other => panic!("the bystander's first event is {other:?}"),
+        }
         let mut sent = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                event = events.poll() => match event.expect("the bystander is never disconnected") {
-                    Event::Incoming(Packet::PubAck(_)) => acked += 1,
-                    Event::Incoming(Packet::ConnAck(_)) | Event::Incoming(Packet::PingResp) => {}
-                    _ => {}
-                },
-                _ = tokio::time::sleep(Duration::from_millis(5)), if sent - acked < 5 => {
+                event = events.poll() => {
+                    let event = event.expect("the bystander is never disconnected");
+                    if let Event::Incoming(Packet::PubAck(_)) = event {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(5)), if sent - acked.load(Ordering::Relaxed) < 5 => {
                     client.publish("dev/bystander", QoS::AtLeastOnce, false, format!("b{sent}")).await.expect("publish");
                     sent += 1;
                 }
             }
         }
-        acked
     })
+}
+
+/// Waits until `acked` has grown by `more` (a live connection does within seconds even on a
+/// loaded machine).
+async fn more_acks(acked: &AtomicUsize, more: usize) {
+    let from = acked.load(Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while acked.load(Ordering::Relaxed) < from + more {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bystander's publishes stopped being acknowledged at {}",
+            acked.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,8 +439,10 @@ async fn bad_input_ends_only_its_own_connection() {
     };
     let gw = start(config, |_| {}).await;
     let stop = CancellationToken::new();
-    let bystander = bystander(gw.addr, stop.clone());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let bystander = bystander(gw.addr, stop.clone(), acked.clone());
+    // Served before the bad clients come, and after they went.
+    more_acks(&acked, 5).await;
 
     // Garbage bytes: closed without a word.
     let mut raw = Raw::open(gw.addr).await;
@@ -464,10 +492,9 @@ async fn bad_input_ends_only_its_own_connection() {
         .await; // PUBREL with an overrunning property
     assert_eq!(raw.until_closed().await, [(0xe0, vec![0x81, 0])]);
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    more_acks(&acked, 10).await;
     stop.cancel();
-    let acked = bystander.await.expect("bystander");
-    assert!(acked > 10, "the bystander got only {acked} acks");
+    bystander.await.expect("the bystander kept its connection");
     gw.stop().await;
 }
 
