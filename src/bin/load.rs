@@ -627,8 +627,7 @@ async fn connection(
                 break;
             }
         }
-        let event = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
-        match event {
+        match poll_event(connected, eventloop.poll()).await {
             Err(_) => continue,
             Ok(Err(_)) if !connected && result.connect_retries < u64::from(CONNECT_RETRIES) => {
                 result.connect_retries += 1;
@@ -664,6 +663,22 @@ async fn connection(
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     result
+}
+
+/// The connection's next event: within 200 ms once connected (the loop has other things to
+/// look at); while connecting, however long rumqttc's own connect timeout lets it take.
+/// rumqttc's `poll` is not cancel-safe while it connects: a poll dropped then leaves its
+/// CONNECT on the wire and the next poll opens another connection, and the gateway may read
+/// the first CONNECT after the second and hand the session to the abandoned connection.
+async fn poll_event<T>(
+    connected: bool,
+    poll: impl std::future::Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    if connected {
+        tokio::time::timeout(Duration::from_millis(200), poll).await
+    } else {
+        Ok(poll.await)
+    }
 }
 
 fn ack_one(pending: &mut HashMap<u16, (u64, Instant)>, pkid: u16, result: &mut ConnResult) {
@@ -757,7 +772,7 @@ mod v5 {
                     break;
                 }
             }
-            match tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await {
+            match poll_event(connected, eventloop.poll()).await {
                 Err(_) => continue,
                 Ok(Err(_)) if !connected && result.connect_retries < u64::from(CONNECT_RETRIES) => {
                     result.connect_retries += 1;

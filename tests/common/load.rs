@@ -164,6 +164,9 @@ async fn device(
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping_since: Option<tokio::time::Instant> = None;
+        // The tick competes with the event loop's poll only once connected (see
+        // `persistent_device`).
+        let mut connected = false;
         loop {
             if stop.load(Ordering::Relaxed) {
                 let since = *stopping_since.get_or_insert_with(tokio::time::Instant::now);
@@ -175,7 +178,7 @@ async fn device(
                 }
             }
             tokio::select! {
-                _ = tick.tick(), if stopping_since.is_none() && queued.len() + pending.len() < window => {
+                _ = tick.tick(), if connected && stopping_since.is_none() && queued.len() + pending.len() < window => {
                     if client
                         .try_publish(topic.as_str(), QoS::AtLeastOnce, false, payload(d, next))
                         .is_ok()
@@ -185,6 +188,7 @@ async fn device(
                     }
                 }
                 event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(seq) = queued.pop_front() {
                             pending.insert(pkid, seq);
@@ -247,6 +251,10 @@ async fn persistent_device(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping_since: Option<tokio::time::Instant> = None;
     let mut failures = 0u32;
+    // The tick competes with the poll only once connected: rumqttc's poll is not cancel-safe
+    // while it connects. Dropped then, its CONNECT may reach the gateway after the one the
+    // next poll sends on a new connection, and take the session over from it.
+    let mut connected = false;
     loop {
         if stop.load(Ordering::Relaxed) {
             let since = *stopping_since.get_or_insert_with(tokio::time::Instant::now);
@@ -258,7 +266,7 @@ async fn persistent_device(
             }
         }
         tokio::select! {
-            _ = tick.tick(), if stopping_since.is_none() && queued.len() + pending.len() + releasing < window => {
+            _ = tick.tick(), if connected && stopping_since.is_none() && queued.len() + pending.len() + releasing < window => {
                 if client
                     .try_publish(topic.as_str(), QoS::ExactlyOnce, false, payload(d, next))
                     .is_ok()
@@ -268,6 +276,7 @@ async fn persistent_device(
                 }
             }
             event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     // A re-send after a reconnect goes out under its packet id again.
                     if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(pkid) {
@@ -286,6 +295,7 @@ async fn persistent_device(
                 Ok(Event::Incoming(Packet::PubComp(_))) => releasing = releasing.saturating_sub(1),
                 Ok(_) => {}
                 Err(_) => {
+                    connected = false;
                     failures += 1;
                     if failures % 50 == 0 {
                         eprintln!("load: device {d} reconnecting (failure {failures})");
