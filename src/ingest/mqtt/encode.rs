@@ -58,6 +58,9 @@ pub enum EncodeError {
     /// 2, DUP on QoS 0, subscription identifier 0 or over the maximum).
     #[error("not a valid PUBLISH: {0}")]
     Invalid(&'static str),
+    /// Larger than the client's Maximum Packet Size ([`encode_publish_within`]).
+    #[error("larger than the client's maximum packet size")]
+    OverClientMaximum,
 }
 
 /// Property identifiers of a server's PUBLISH (MQTT 5, 2.2.2.2).
@@ -159,14 +162,31 @@ impl OutPublish<'_> {
 }
 
 /// Writes `publish` as `version` at the end of `out`. Returns the bytes written; on an error
-/// nothing was written.
+/// nothing was written. (The gateway itself always has a client's maximum to respect.)
+#[cfg(any(test, feature = "fuzz"))]
 pub fn encode_publish(
     version: Version,
     publish: &OutPublish<'_>,
     out: &mut BytesMut,
 ) -> Result<usize, EncodeError> {
+    encode_publish_within(version, publish, usize::MAX, out)
+}
+
+/// [`encode_publish`] for a client that takes packets of at most `max` bytes: a larger one
+/// is refused with [`EncodeError::OverClientMaximum`] and nothing written [MQTT-3.1.2-24].
+/// The packet is measured once, for the check and the writing both (the fan-out encodes one
+/// per delivery).
+pub fn encode_publish_within(
+    version: Version,
+    publish: &OutPublish<'_>,
+    max: usize,
+    out: &mut BytesMut,
+) -> Result<usize, EncodeError> {
     let layout = publish.layout(version)?;
     let total = 1 + varint_len(layout.remaining) + layout.remaining;
+    if total > max {
+        return Err(EncodeError::OverClientMaximum);
+    }
     out.reserve(total);
     out.put_u8(0x30 | (u8::from(publish.dup) << 3) | (publish.qos << 1) | u8::from(publish.retain));
     put_varint(out, layout.remaining);

@@ -27,15 +27,16 @@ enum State {
 struct Sent {
     /// Send order, so what goes back to the session keeps it.
     order: u64,
-    out: Outbound,
+    /// The message, where it is needed after it was written (see [`Outflight::send_with`]).
+    out: Option<Outbound>,
     state: State,
 }
 
 /// What an ack from the client means.
 #[derive(Debug)]
 pub enum AckResult {
-    /// The message is finished; a slot is free.
-    Finished(Outbound),
+    /// The message is finished; a slot is free. The message if it was held.
+    Finished(Option<Outbound>),
     /// PUBREC accepted: send PUBREL.
     SendRel,
     /// No message in flight with this packet id in the state the ack belongs to.
@@ -96,12 +97,34 @@ impl Outflight {
 
     /// Registers `out` (QoS 1 or 2) as sent and returns its packet id: the one it had if it
     /// is a resend and that id is free, else the next free one.
-    pub fn send(&mut self, mut out: Outbound) -> u16 {
+    pub fn send(&mut self, out: Outbound) -> u16 {
+        match self.send_with(out, true, |_, _| true) {
+            Ok(pkid) | Err((_, pkid)) => pkid,
+        }
+    }
+
+    /// Picks `out`'s packet id (as [`Outflight::send`]) and lets `write` queue it with that
+    /// id; registers it as sent if `write` did, else gives it back with the id unused.
+    ///
+    /// `hold: false` keeps only the packet id's state, not the message: for a session that
+    /// ends with its connection nothing is sent again, so nothing of a message is needed
+    /// once it is written unless its acknowledgement must be reported (a command) or
+    /// journaled. Letting it go here, while `write` has just read it, spares the fan-out
+    /// a shared reference count touched again on another core at every acknowledgement.
+    pub fn send_with(
+        &mut self,
+        mut out: Outbound,
+        hold: bool,
+        write: impl FnOnce(&Outbound, u16) -> bool,
+    ) -> Result<u16, (Outbound, u16)> {
         let pkid = if out.pkid != 0 && !self.sent.contains_key(&out.pkid) {
             out.pkid
         } else {
             self.free_pkid()
         };
+        if !write(&out, pkid) {
+            return Err((out, pkid));
+        }
         out.pkid = pkid;
         let state = match (out.qos, out.released) {
             (_, true) => State::Comp,
@@ -113,11 +136,11 @@ impl Outflight {
             pkid,
             Sent {
                 order: self.order,
-                out,
+                out: hold.then_some(out),
                 state,
             },
         );
-        pkid
+        Ok(pkid)
     }
 
     /// Room for `more` messages about to be sent: a burst taken at once grows the table
@@ -125,12 +148,6 @@ impl Outflight {
     /// handed a few commands each must not each hold a window's worth.
     pub fn reserve(&mut self, more: usize) {
         self.sent.reserve(more.min(self.slots()));
-    }
-
-    /// Gives back a packet id taken by [`Outflight::send`] for a message that could not be
-    /// sent after all (too large for the client).
-    pub fn forget(&mut self, pkid: u16) {
-        self.sent.remove(&pkid);
     }
 
     fn free_pkid(&mut self) -> u16 {
@@ -162,7 +179,9 @@ impl Outflight {
                 }
                 // A PUBREC again (the client did not see our PUBREL): send it again.
                 sent.state = State::Comp;
-                sent.out.released = true;
+                if let Some(out) = &mut sent.out {
+                    out.released = true;
+                }
                 AckResult::SendRel
             }
             _ => AckResult::Unknown,
@@ -195,7 +214,7 @@ impl Outflight {
     pub fn into_unfinished(self) -> Vec<Outbound> {
         let mut sent: Vec<Sent> = self.sent.into_values().collect();
         sent.sort_by_key(|s| s.order);
-        sent.into_iter().map(|s| s.out).collect()
+        sent.into_iter().filter_map(|s| s.out).collect()
     }
 }
 
@@ -273,6 +292,43 @@ mod tests {
             matches!(g.pubcomp(ids[1]), AckResult::Finished(_)),
             "PUBREL was owed"
         );
+    }
+
+    /// A message not held is finished and counted like a held one, without the message;
+    /// it does not go back to the session; a write that fails registers nothing.
+    #[test]
+    fn a_message_not_held_keeps_only_its_packet_id() {
+        let mut f = Outflight::new(3);
+        let mut seen = Vec::new();
+        let a = f
+            .send_with(out(1, "a"), false, |o, pkid| {
+                seen.push((o.message.payload.clone(), pkid));
+                true
+            })
+            .expect("written");
+        assert_eq!(seen, [(Bytes::from_static(b"a"), a)], "written with its id");
+        let b = f.send(out(2, "b"));
+        let c = f
+            .send_with(out(2, "c"), false, |_, _| true)
+            .expect("written");
+        let (refused, id) = f
+            .send_with(out(1, "d"), false, |_, _| false)
+            .expect_err("too large");
+        assert_eq!((&refused.message.payload[..], refused.pkid), (&b"d"[..], 0));
+        assert_eq!(f.slots(), 0, "a, b and c: d took no slot");
+        assert!(![a, b, c].contains(&id), "d was offered a free id");
+        assert!(
+            matches!(f.puback(id), AckResult::Unknown),
+            "d's id was not kept"
+        );
+        let d = f.send(refused);
+        assert!(matches!(f.puback(d), AckResult::Finished(Some(_))));
+        assert!(matches!(f.puback(a), AckResult::Finished(None)));
+        assert!(matches!(f.puback(a), AckResult::Unknown), "finished once");
+        assert!(matches!(f.pubrec(c, 0), AckResult::SendRel));
+        let back = f.into_unfinished();
+        let texts: Vec<&[u8]> = back.iter().map(|o| &o.message.payload[..]).collect();
+        assert_eq!(texts, [&b"b"[..]], "only what was held goes back");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::MqttConfig;
 use super::connection::{Connection, Frame, FrameError};
-use super::encode::{OutPublish, encode_publish};
+use super::encode::{OutPublish, encode_publish_within};
 use super::events::{
     acknowledged, connected, disconnected, frame_error, io_error, protocol_error, refused,
     subscribed, taken_over, timed_out, unsupported, will_stored,
@@ -909,9 +909,11 @@ impl<S: Stream> Session<S> {
     }
 
     /// A message the client finished: off the session's journal (a command's outcome
-    /// reported), and a slot is free for the end of the turn.
-    fn finished(&mut self, out: &Outbound, kind: OutcomeKind) {
-        self.shared.broker.finished(&self.attached, out, kind);
+    /// reported) if it was held for that, and a slot is free for the end of the turn.
+    fn finished(&mut self, out: &Option<Outbound>, kind: OutcomeKind) {
+        if let Some(out) = out {
+            self.shared.broker.finished(&self.attached, out, kind);
+        }
         self.refill = true;
     }
 
@@ -964,38 +966,47 @@ impl<S: Stream> Session<S> {
                 .queue(self.version, &Outgoing::PubRel { pkid, found: true });
             return None;
         }
-        let message = Arc::clone(&out.message);
-        let (qos, retain, dup) = (out.qos, out.retain, out.dup && out.qos > 0);
-        let ids = out.subscription_ids.clone();
-        let store_id = out.store_id;
-        let pkid = if qos > 0 { self.outflight.send(out) } else { 0 };
-        let publish = out_publish(&message, (qos, retain, dup), pkid, &ids, now);
-        let fits = publish.packet_len(self.version).is_ok_and(|len| {
-            self.client_max_packet
-                .is_none_or(|max| u32::try_from(len).is_ok_and(|len| len <= max))
-        });
-        if !fits {
-            // Too large for this client: dropped as if sent [MQTT-3.1.2-25].
-            if pkid != 0 {
-                self.outflight.forget(pkid);
-            }
-            self.attached.mailbox.finish(store_id);
-            if let Some(command) = &message.command {
-                self.shared.broker.outcome(
-                    command,
-                    Some(&self.attached.client),
-                    OutcomeKind::Refused,
-                );
-            }
-            self.shared.broker.count_dropped(Dropped::TooLarge, 1);
-            return None;
+        let qos = out.qos;
+        let (version, conn) = (self.version, &mut self.conn);
+        let max = self
+            .client_max_packet
+            .map_or(usize::MAX, |max| usize::try_from(max).unwrap_or(usize::MAX));
+        // Measured and written in one step; a packet over the client's maximum is not
+        // written [MQTT-3.1.2-24].
+        let mut write = |out: &Outbound, pkid: u16| {
+            let flags = (out.qos, out.retain, out.dup && out.qos > 0);
+            let publish = out_publish(&out.message, flags, pkid, &out.subscription_ids, now);
+            let mut written = false;
+            conn.queue_raw(|buf| {
+                written = encode_publish_within(version, &publish, max, buf).is_ok();
+            });
+            written
+        };
+        let refused = if qos == 0 {
+            (!write(&out, 0)).then_some(out)
+        } else {
+            // Held after the write only where it is needed again: a persistent session
+            // sends it again after a reconnect, a journaled one is finished by its id, a
+            // command's outcome is reported.
+            let hold =
+                self.keep_session.is_some() || out.store_id != 0 || out.message.command.is_some();
+            self.outflight
+                .send_with(out, hold, write)
+                .err()
+                .map(|(out, _)| out)
+        };
+        let Some(out) = refused else {
+            return Some(qos);
+        };
+        // Too large for this client: dropped as if sent [MQTT-3.1.2-25].
+        self.attached.mailbox.finish(out.store_id);
+        if let Some(command) = &out.message.command {
+            self.shared
+                .broker
+                .outcome(command, Some(&self.attached.client), OutcomeKind::Refused);
         }
-        let version = self.version;
-        self.conn.queue_raw(|buf| {
-            // Measured just above: cannot fail.
-            let _ = encode_publish(version, &publish, buf);
-        });
-        Some(qos)
+        self.shared.broker.count_dropped(Dropped::TooLarge, 1);
+        None
     }
 
     fn violation(&self, what: &'static str) -> End {
@@ -1592,6 +1603,7 @@ mod reserved_tests {
 mod hint_tests {
     use super::*;
     use crate::broker::Props;
+    use crate::ingest::mqtt::encode::encode_publish;
 
     fn outbound(topic: &str, payload: usize, qos: u8, props: Props, ids: Vec<u32>) -> Outbound {
         let message = Arc::new(Message {

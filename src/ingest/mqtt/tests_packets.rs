@@ -10,7 +10,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::connection::Frame;
-use super::encode::{EncodeError, OutPublish, encode_publish};
+use super::encode::{EncodeError, OutPublish, encode_publish, encode_publish_within};
 use super::packet::{
     self, ConnAckProps, DecodeError, Limits, Outgoing, Packet, Subscription, Version,
 };
@@ -1083,6 +1083,37 @@ mod encode {
             ..OutPublish::default()
         };
         assert_eq!(publish.packet_len(Version::V4), Ok(5));
+    }
+
+    /// A client's Maximum Packet Size bounds the whole packet, fixed header included: at
+    /// the limit it is written, one byte over it nothing is [MQTT-3.1.2-24].
+    #[test]
+    fn a_publish_over_the_clients_maximum_is_not_written() {
+        let ids = [7];
+        let publish = OutPublish {
+            qos: 1,
+            pkid: 9,
+            topic: "a/b",
+            payload: b"12345",
+            subscription_ids: &ids,
+            ..OutPublish::default()
+        };
+        for version in [Version::V4, Version::V5] {
+            let len = publish.packet_len(version).expect("valid");
+            let mut out = BytesMut::from(&b"before"[..]);
+            assert_eq!(
+                encode_publish_within(version, &publish, len - 1, &mut out),
+                Err(EncodeError::OverClientMaximum)
+            );
+            assert_eq!(&out[..], b"before", "nothing written");
+            assert_eq!(
+                encode_publish_within(version, &publish, len, &mut out),
+                Ok(len)
+            );
+            let mut whole = BytesMut::new();
+            encode_publish(version, &publish, &mut whole).expect("encodes");
+            assert_eq!(&out[6..], &whole[..], "the same bytes as without a limit");
+        }
     }
 
     #[test]
