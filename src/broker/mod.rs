@@ -133,9 +133,19 @@ impl Message {
         self.expires_ms.is_some_and(|t| t <= now_ms)
     }
 
-    /// What the message costs a queue: payload and topic, plus a fixed overhead.
+    /// What the message costs a queue: payload, topic and MQTT 5 properties, plus a fixed
+    /// overhead. The properties count: a 256 KiB packet may be all user properties, and a
+    /// queue's byte limit must hold for it as for a payload.
     pub fn cost(&self) -> usize {
-        self.payload.len() + self.topic.len() + 64
+        let p = &self.props;
+        let props = p.content_type.as_ref().map_or(0, String::len)
+            + p.response_topic.as_ref().map_or(0, String::len)
+            + p.correlation_data.as_ref().map_or(0, Bytes::len)
+            + p.user_properties
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>();
+        self.payload.len() + self.topic.len() + props + 64
     }
 
     /// The Message Expiry Interval to send: what is left of it, at least 1 s.

@@ -533,6 +533,35 @@ async fn held_messages_are_read_back_from_the_journal_across_rewrites_and_a_reop
     assert_eq!(b.inner.journal.kept_counts(), (0, 0), "finished: forgotten");
 }
 
+/// A message's MQTT 5 properties count against a queue's bytes like its payload: a packet
+/// of small payload and large user properties cannot fill a queue past its byte limit.
+#[test]
+fn properties_count_against_a_queues_bytes() {
+    use super::mailbox::{Dropped, Mailbox, Totals};
+    let plain = message("t", "x", 1, false, None);
+    let mut heavy = (*plain).clone();
+    heavy.props = Props {
+        content_type: Some("c".repeat(100)),
+        response_topic: Some("r".repeat(200)),
+        correlation_data: Some(Bytes::from("d".repeat(300))),
+        user_properties: vec![("k".repeat(1000), "v".repeat(3000))],
+        ..Props::default()
+    };
+    let heavy = Arc::new(heavy);
+    assert_eq!(heavy.cost(), plain.cost() + 100 + 200 + 300 + 4000);
+    let mailbox = Mailbox::new(
+        QueueLimits {
+            messages: 100,
+            bytes: 2 * heavy.cost(),
+        },
+        Totals::new(1 << 30),
+    );
+    let out = || Outbound::new(Arc::clone(&heavy), 1, false, Vec::new());
+    mailbox.push(out()).expect("room");
+    mailbox.push(out()).expect("room");
+    assert_eq!(mailbox.push(out()).err(), Some(Dropped::QueueFull));
+}
+
 /// What `Mailbox::refuses` says without the lock follows every change made under it: a full
 /// queue (by count or by bytes) refuses, room made by a take or a clear is seen at once, a
 /// requeue past the limit refuses again, and QoS 0 is refused only while the client is away.
