@@ -1,6 +1,7 @@
 //! Faults injected on purpose, so the tests of the safety nets can make the thing they guard
-//! against happen for real. Compiled only with `--features fault-injection` (what `tools/test`
-//! builds); a shipped binary has none of it.
+//! against happen for real. Compiled only into builds with debug assertions (the tests'
+//! builds, `cargo test`), and then inert unless `EDGEGATE_FAULTS` names a fault; a release
+//! build, so every shipped binary, has none of it.
 //!
 //! `EDGEGATE_FAULTS` names the faults, comma-separated:
 //!

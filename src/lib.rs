@@ -20,7 +20,9 @@ pub mod broker;
 pub mod buffer;
 pub mod config;
 pub mod downlink;
-#[cfg(feature = "fault-injection")]
+// Faults for the tests of the safety nets: in builds with debug assertions (the tests'),
+// never in a release build.
+#[cfg(debug_assertions)]
 pub mod fault;
 pub mod format;
 pub mod forward;

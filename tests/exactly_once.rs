@@ -342,7 +342,7 @@ async fn a_broker_that_refuses_transactions_is_an_error_not_a_fallback() {
 /// `send_offsets_to_transaction` does so when its group coordinator left the cluster,
 /// librdkafka issues 5456 and 5511). The forwarder gives up on it, says why, counts it and
 /// goes on with a new producer: every message once, none lost.
-#[cfg(feature = "fault-injection")]
+#[cfg(debug_assertions)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_call_that_never_returns_is_left_behind() {
     let _kafka = common::shared();

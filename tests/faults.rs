@@ -22,7 +22,7 @@
 //! seconds from "broker answers" to "backlog drained", whether the safety net acted.
 //!
 //! The safety net itself is tested here too, on its own, with a producer made to stall for
-//! real (`--features fault-injection`, which `tools/test` builds; see `src/fault.rs`).
+//! real (in the tests' debug build; see `src/fault.rs`).
 //!
 //! The long soak (an hour of random faults) is `tools/soak`, not part of CI.
 
@@ -832,7 +832,7 @@ fn gateway_restart_during_an_outage_and_broker_restart_during_the_drain() {
 /// none while the broker answers (injected, see `src/fault.rs`). The liveness watch must find
 /// the first stalled, rebuild it, find the stall outlive the rebuild, say "stalled" on
 /// `/readyz` all the while, rebuild again and deliver everything in order.
-#[cfg(feature = "fault-injection")]
+#[cfg(debug_assertions)]
 #[test]
 fn a_stalled_producer_is_found_and_rebuilt() {
     let _kafka = common::shared();
@@ -906,7 +906,7 @@ fn a_stalled_producer_is_found_and_rebuilt() {
 /// When rebuilding does not cure a stall (every producer stalls, injected), the gateway
 /// stops feeding systemd's watchdog, so systemd restarts it; while it only waited for
 /// Kafka, the watchdog was fed.
-#[cfg(feature = "fault-injection")]
+#[cfg(debug_assertions)]
 #[test]
 fn a_stall_no_rebuild_cures_starves_the_watchdog() {
     use std::os::unix::net::UnixDatagram;

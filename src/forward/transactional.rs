@@ -925,14 +925,14 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
             let (offsets, group) = (offsets.clone(), session.group.clone());
             let clock = Arc::new(CallClock::default());
             let steps = clock.clone();
-            #[cfg(feature = "fault-injection")]
+            #[cfg(debug_assertions)]
             let link_down = self.link.state() == LinkState::Down;
             let call =
                 tokio::task::spawn_blocking(move || -> Result<Duration, (u8, KafkaError)> {
                     let at = std::time::Instant::now();
                     if step == 0 {
                         steps.begin("send_offsets_to_transaction", CALL_TIMEOUT);
-                        #[cfg(feature = "fault-injection")]
+                        #[cfg(debug_assertions)]
                         crate::fault::maybe_hang_commit(link_down);
                         producer
                             .send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)

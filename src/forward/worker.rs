@@ -382,13 +382,13 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         } else {
             &self.client_config
         };
-        #[cfg(feature = "fault-injection")]
+        #[cfg(debug_assertions)]
         let faulty = if alone {
             None
         } else {
             crate::fault::producer_config(config, self.producers_created)
         };
-        #[cfg(feature = "fault-injection")]
+        #[cfg(debug_assertions)]
         let config = faulty.as_ref().unwrap_or(config);
         let producer = KafkaProducer::from_config_and_context(config, context)
             .map_err(ForwardError::Client)?;
