@@ -809,7 +809,7 @@ impl<S: Stream> Session<S> {
                     } else {
                         OutcomeKind::Delivered
                     };
-                    self.finished(&out, kind);
+                    self.finished(out, kind);
                     Ok(())
                 }
                 _ => self.unknown_ack("PUBACK for no QoS 1 message in flight"),
@@ -822,7 +822,7 @@ impl<S: Stream> Session<S> {
                 }
                 // An error PUBREC ends the flow: the device refused it.
                 AckResult::Finished(out) => {
-                    self.finished(&out, OutcomeKind::Refused);
+                    self.finished(out, OutcomeKind::Refused);
                     Ok(())
                 }
                 AckResult::Unknown => {
@@ -838,7 +838,7 @@ impl<S: Stream> Session<S> {
             },
             Packet::PubComp { pkid } => match self.outflight.pubcomp(pkid) {
                 AckResult::Finished(out) => {
-                    self.finished(&out, OutcomeKind::Delivered);
+                    self.finished(out, OutcomeKind::Delivered);
                     Ok(())
                 }
                 _ => self.unknown_ack("PUBCOMP for no PUBREL sent"),
@@ -910,9 +910,9 @@ impl<S: Stream> Session<S> {
 
     /// A message the client finished: off the session's journal (a command's outcome
     /// reported) if it was held for that, and a slot is free for the end of the turn.
-    fn finished(&mut self, out: &Option<Outbound>, kind: OutcomeKind) {
+    fn finished(&mut self, out: Option<Outbound>, kind: OutcomeKind) {
         if let Some(out) = out {
-            self.shared.broker.finished(&self.attached, out, kind);
+            self.shared.broker.finished(&self.attached, &out, kind);
         }
         self.refill = true;
     }
