@@ -31,6 +31,8 @@ pub struct Delivery {
     pub seq: u64,
     pub attempt: u32,
     pub result: Result<(), RDKafkaErrorCode>,
+    /// Failed, but Kafka may have written it (see [`super::persisted`]).
+    pub possibly_persisted: bool,
 }
 
 /// The context of one producer instance.
@@ -307,14 +309,17 @@ impl ProducerContext for ForwardContext {
     type DeliveryOpaque = Box<Tag>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, tag: Box<Tag>) {
-        let result = match result {
+        let (result, possibly_persisted) = match result {
             Ok(_) => {
                 // Here, not in the forwarder task: on librdkafka's thread, in order with
                 // its error events, so a late report cannot flip a fresh "down" back up.
                 self.link.up();
-                Ok(())
+                (Ok(()), false)
             }
-            Err((e, _)) => Err(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown)),
+            Err((e, message)) => (
+                Err(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown)),
+                super::persisted::possibly(message),
+            ),
         };
         // The receiver is gone only when the forwarder has stopped; the record stays in the
         // log and is sent again after the restart.
@@ -322,6 +327,7 @@ impl ProducerContext for ForwardContext {
             seq: tag.seq,
             attempt: tag.attempt,
             result,
+            possibly_persisted,
         });
     }
 }

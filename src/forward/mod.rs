@@ -100,6 +100,7 @@ mod context;
 pub mod dead_letter;
 mod liveness;
 pub(crate) mod metric;
+mod persisted;
 mod rebootstrap;
 mod record;
 pub mod transactional;

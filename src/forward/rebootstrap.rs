@@ -17,8 +17,8 @@
 //! # Why `unsafe`
 //!
 //! The rdkafka crate has no safe wrapper for `rd_kafka_brokers_add`, so this module calls
-//! it through the bindings the crate re-exports. It is the only `unsafe` in edgegate; the
-//! measured need (duplicates avoided per Kafka restart) is in docs/ARCHITECTURE.md.
+//! it through the bindings the crate re-exports (so does [`super::persisted`]); the measured
+//! need (duplicates avoided per Kafka restart) is in docs/ARCHITECTURE.md.
 
 #![allow(unsafe_code)]
 

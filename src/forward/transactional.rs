@@ -1144,15 +1144,17 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     /// Aborts transaction `txn`: reads its delivery reports to learn which records Kafka
     /// refused for good (dead-lettered) or with their batch (sent alone next), then aborts.
     ///
-    /// An abort because Kafka did not answer in time (`timed_out`, or a record of the
-    /// transaction that timed out) asks for a new producer epoch, as Kafka's own client
-    /// does (KIP-360): a request that timed out may still be in the broker's hands (a frozen
-    /// broker reads it once it runs again) and be written after all, while librdkafka's
-    /// abort rewinds the partition's sequence numbers to it. The next transaction's first
-    /// batch is then out of sequence, which librdkafka takes for a fatal error (CI,
-    /// `faults::frozen_broker_exactly_once`). librdkafka 2.12 bumps the epoch itself only for
-    /// an unknown producer id, and offers no call to do it, so the session is replaced:
-    /// `init_transactions` of the new producer is the bump.
+    /// An abort because Kafka did not answer in time (`timed_out`), or of a transaction
+    /// with a record Kafka may hold ([`may_be_in_kafka`]), asks for a new producer epoch, as
+    /// Kafka's own client does (KIP-360): a request that went unanswered may still be in the
+    /// broker's hands (a frozen broker reads it once it runs again) or already in its log (a
+    /// broker stopped while the request was in flight), while librdkafka's abort rewinds the
+    /// partition's sequence numbers over it. The next transaction's first batch is then out
+    /// of sequence, which librdkafka takes for a fatal error (CI:
+    /// `faults::frozen_broker_exactly_once`, `faults::quick_restarts_exactly_once`).
+    /// librdkafka 2.12 bumps the epoch itself only for an unknown producer id, and offers no
+    /// call to do it, so the session is replaced: `init_transactions` of the new producer is
+    /// the bump.
     #[allow(clippy::too_many_arguments)]
     async fn abort(
         &mut self,
@@ -1214,7 +1216,7 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         let mut new_epoch = timed_out;
         for d in reports {
             let Err(code) = d.result else { continue };
-            new_epoch |= classify::is_timeout(code);
+            new_epoch |= may_be_in_kafka(code, d.possibly_persisted);
             metric::error(classify::kind(code));
             short_of_replicas |= matches!(
                 code,
@@ -1543,6 +1545,14 @@ fn parse_position(metadata: &str, log_id: &str, offset: i64) -> Result<u64, Stri
 }
 
 /// What rdkafka's `commit_transaction` returns when its flush before the commit timed out.
+/// Whether a record of an aborted transaction that failed with `code` may be in Kafka's log
+/// or on its way there: it timed out, or librdkafka marked it possibly persisted (a request
+/// carrying it went unanswered; the mark stays through later attempts and the abort's purge,
+/// whose own code says nothing of it). Such an abort asks for a new producer epoch.
+fn may_be_in_kafka(code: RDKafkaErrorCode, possibly_persisted: bool) -> bool {
+    possibly_persisted || classify::is_timeout(code)
+}
+
 fn commit_flush_timed_out(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
 }
@@ -1655,6 +1665,22 @@ mod tests {
         ] {
             assert!(!classify::is_timeout(code), "{code}");
         }
+    }
+
+    #[test]
+    fn an_abort_over_a_record_kafka_may_hold_asks_for_a_new_epoch() {
+        // CI, quick_restarts_exactly_once: a batch in flight when the broker stopped, then
+        // refused by the restarted broker (not leader yet), purged by the abort.
+        assert!(may_be_in_kafka(RDKafkaErrorCode::PurgeQueue, true));
+        assert!(may_be_in_kafka(RDKafkaErrorCode::PurgeInflight, true));
+        assert!(may_be_in_kafka(RDKafkaErrorCode::MessageTimedOut, false));
+        // Never sent, or refused outright: the sequence numbers librdkafka rewinds are free.
+        assert!(!may_be_in_kafka(RDKafkaErrorCode::PurgeQueue, false));
+        assert!(!may_be_in_kafka(RDKafkaErrorCode::InvalidRecord, false));
+        assert!(!may_be_in_kafka(
+            RDKafkaErrorCode::NotLeaderForPartition,
+            false
+        ));
     }
 
     #[test]
