@@ -198,6 +198,8 @@ enum Outcome {
     Aborted {
         reason: String,
         new_epoch: bool,
+        /// Its records that timed out or that Kafka may hold (see [`may_be_in_kafka`]).
+        in_doubt: usize,
     },
     /// The producer is unusable or the outcome unknown: a new session reads the position.
     Fatal(String),
@@ -346,13 +348,18 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
                     self.backoff.reset();
                     metric::transaction("committed", started.elapsed());
                 }
-                Outcome::Aborted { reason, new_epoch } => {
+                Outcome::Aborted {
+                    reason,
+                    new_epoch,
+                    in_doubt,
+                } => {
                     metric::transaction("aborted", started.elapsed());
                     if new_epoch {
                         metric::epoch_bumped();
                         tracing::warn!(
                             reason,
                             records = self.pending.len(),
+                            in_doubt,
                             "A Kafka transaction whose requests went unanswered was aborted; sending its records again in order, under a new producer epoch (a new producer)."
                         );
                         return true;
@@ -1213,10 +1220,10 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         }
         let mut refused = Vec::new();
         let mut short_of_replicas = false;
-        let mut new_epoch = timed_out;
+        let mut in_doubt = 0;
         for d in reports {
             let Err(code) = d.result else { continue };
-            new_epoch |= may_be_in_kafka(code, d.possibly_persisted);
+            in_doubt += usize::from(may_be_in_kafka(code, d.possibly_persisted));
             metric::error(classify::kind(code));
             short_of_replicas |= matches!(
                 code,
@@ -1244,7 +1251,8 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         match aborted {
             Ok(()) => Outcome::Aborted {
                 reason: why.to_owned(),
-                new_epoch,
+                new_epoch: timed_out || in_doubt > 0,
+                in_doubt,
             },
             Err(e) => Outcome::Fatal(format!("{why}; then abort_transaction: {e}")),
         }
