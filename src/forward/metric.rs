@@ -80,8 +80,8 @@ pub fn rebootstrapped() {
     metrics::counter!(REBOOTSTRAPS).increment(1);
 }
 
-/// A transaction aborted after a timeout, or with a record Kafka may hold: the next runs
-/// under a new producer epoch.
+/// A transaction aborted (for anything but a record Kafka refused): the next runs under a
+/// new producer epoch.
 pub fn epoch_bumped() {
     metrics::counter!(EPOCH_BUMPS).increment(1);
 }
@@ -145,7 +145,7 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         EPOCH_BUMPS,
-        "Exactly-once transactions aborted after a timeout or with records Kafka may hold, their records sent again by a new producer (a new epoch)."
+        "Exactly-once transactions aborted (for anything but a record Kafka refused), their records sent again by a new producer (a new epoch)."
     );
     describe_counter!(
         STALLS,

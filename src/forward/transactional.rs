@@ -193,7 +193,7 @@ impl OpenError {
 enum Outcome {
     Committed,
     /// Aborted; its records are sent again in a new transaction, by a new producer
-    /// (`new_epoch`) when Kafka may still hold requests of the aborted one: see
+    /// (`new_epoch`) unless Kafka refused one of its records outright: see
     /// [`Transactional::abort`].
     Aborted {
         reason: String,
@@ -1151,8 +1151,9 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     /// Aborts transaction `txn`: reads its delivery reports to learn which records Kafka
     /// refused for good (dead-lettered) or with their batch (sent alone next), then aborts.
     ///
-    /// An abort because Kafka did not answer in time (`timed_out`), or of a transaction
-    /// with a record Kafka may hold ([`may_be_in_kafka`]), asks for a new producer epoch, as
+    /// An abort asks for a new producer epoch unless Kafka refused a record of it outright
+    /// ([`new_epoch_after_abort`]): after a timeout (`timed_out`), with a record Kafka may
+    /// hold ([`may_be_in_kafka`]), or for any other cause, as
     /// Kafka's own client does (KIP-360): a request that went unanswered may still be in the
     /// broker's hands (a frozen broker reads it once it runs again) or already in its log (a
     /// broker stopped while the request was in flight), while librdkafka's abort rewinds the
