@@ -1153,8 +1153,8 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
     ///
     /// An abort asks for a new producer epoch unless Kafka refused a record of it outright
     /// ([`new_epoch_after_abort`]): after a timeout (`timed_out`), with a record Kafka may
-    /// hold ([`may_be_in_kafka`]), or for any other cause, as
-    /// Kafka's own client does (KIP-360): a request that went unanswered may still be in the
+    /// hold ([`may_be_in_kafka`]), or for any other cause. Kafka's own client bumps the
+    /// epoch after a timeout (KIP-360): a request that went unanswered may still be in the
     /// broker's hands (a frozen broker reads it once it runs again) or already in its log (a
     /// broker stopped while the request was in flight), while librdkafka's abort rewinds the
     /// partition's sequence numbers over it. The next transaction's first batch is then out
@@ -1560,7 +1560,6 @@ fn parse_position(metadata: &str, log_id: &str, offset: i64) -> Result<u64, Stri
     }
 }
 
-/// What rdkafka's `commit_transaction` returns when its flush before the commit timed out.
 /// Whether a record of an aborted transaction that failed with `code` may be in Kafka's log
 /// or on its way there: it timed out, or librdkafka marked it possibly persisted (a request
 /// carrying it went unanswered; the mark stays through later attempts and the abort's purge,
@@ -1582,6 +1581,7 @@ fn new_epoch_after_abort(timed_out: bool, in_doubt: usize, refusal: bool) -> boo
     timed_out || in_doubt > 0 || !refusal
 }
 
+/// What rdkafka's `commit_transaction` returns when its flush before the commit timed out.
 fn commit_flush_timed_out(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
 }
