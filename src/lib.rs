@@ -103,6 +103,8 @@ pub struct Gateway {
     shutdown: CancellationToken,
     grace: Duration,
     listeners: TaskTracker,
+    /// The status writer: command outcomes into the log, until the listeners have ended.
+    outcomes: Option<tokio::task::JoinHandle<()>>,
     forwarder: tokio::task::JoinHandle<Result<(), forward::ForwardError>>,
 }
 
@@ -235,6 +237,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         .with_receipts(receipts)
         .with_schemas(schemas);
     let listeners = TaskTracker::new();
+    // Command outcomes → the log, from before the first session can finish a command until
+    // the last one has ended.
+    let outcomes = broker.take_outcomes().map(|outcomes| {
+        tokio::spawn(downlink::write_outcomes(
+            outcomes,
+            log.clone(),
+            gateway_id.clone(),
+            listeners.clone(),
+        ))
+    });
     listeners.spawn(ingest::mqtt::serve_listeners(
         mqtt,
         Arc::new(config.mqtt.clone()),
@@ -250,7 +262,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         config.kafka.clone(),
         gateway_id.clone(),
         broker.clone(),
-        log.clone(),
         shutdown.clone(),
     );
     tokio::spawn(async move {
@@ -327,6 +338,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         shutdown,
         grace: config.gateway.shutdown_grace.get(),
         listeners,
+        outcomes,
         forwarder,
     })
 }
@@ -381,6 +393,15 @@ impl Gateway {
         let listeners_done = tokio::time::timeout_at(deadline, self.listeners.wait())
             .await
             .is_ok();
+        // What the sessions reported as they ended (a command acknowledged during the
+        // shutdown) is in the log before it closes.
+        if let Some(outcomes) = self.outcomes {
+            if tokio::time::timeout_at(deadline, outcomes).await.is_err() {
+                tracing::warn!(
+                    "Command outcomes were still being written when the grace period ended."
+                );
+            }
+        }
         // The forwarder stops reading at shutdown and waits for its in-flight deliveries;
         // whatever it does not finish stays in the log and is sent after the restart.
         let mut forwarder = self.forwarder;

@@ -296,8 +296,12 @@ struct Inner {
     next_holder: AtomicU64,
     /// The index's size, readable without its lock.
     subscriptions: std::sync::atomic::AtomicUsize,
-    /// Where command outcomes go, once a downlink runs.
-    outcomes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Outcome>>>,
+    /// Where command outcomes go: kept in the channel until the status writer takes its
+    /// end, so an outcome reported before it runs (a session restored from the journal,
+    /// delivering as soon as the listener is up) is written, not dropped.
+    outcomes: tokio::sync::mpsc::UnboundedSender<Outcome>,
+    /// The channel's other end, until [`Broker::take_outcomes`].
+    outcomes_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Outcome>>>,
     /// The downlink consumer's lag as last reported; negative: unknown.
     downlink_lag: std::sync::atomic::AtomicI64,
     /// The downlink's position as journaled (shared with the journal's snapshot).
@@ -362,6 +366,7 @@ impl Broker {
             out
         });
         let journal = Journal::start(&path, sessions::MAGIC, &found, snapshot)?;
+        let (outcomes, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
         let broker = Broker {
             inner: Arc::new(Inner {
                 totals: Totals::new(config.total_queued_bytes),
@@ -374,7 +379,8 @@ impl Broker {
                 counters: Counters::new(),
                 next_holder: AtomicU64::new(1),
                 subscriptions: std::sync::atomic::AtomicUsize::new(0),
-                outcomes: Mutex::new(None),
+                outcomes,
+                outcomes_rx: Mutex::new(Some(outcomes_rx)),
                 downlink_lag: std::sync::atomic::AtomicI64::new(-1),
                 marks,
             }),
@@ -837,31 +843,26 @@ impl Broker {
         self.inner.downlink_lag.store(lag, Ordering::Relaxed);
     }
 
-    /// Where command outcomes go (the downlink's status writer).
-    pub fn set_outcomes(&self, sink: tokio::sync::mpsc::UnboundedSender<Outcome>) {
-        *self
-            .inner
-            .outcomes
+    /// The outcomes of commands, for the status writer: every one reported since the broker
+    /// opened, and all after. `None` once taken.
+    pub fn take_outcomes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Outcome>> {
+        self.inner
+            .outcomes_rx
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(sink);
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Reports what became of a command for `client`.
     pub fn outcome(&self, command: &Arc<Command>, client: Option<&Arc<str>>, kind: OutcomeKind) {
         metrics::counter!("edgegate_downlink_outcomes_total", "outcome" => kind.label())
             .increment(1);
-        let sink = self
-            .inner
-            .outcomes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(sink) = sink.as_ref() {
-            let _ = sink.send(Outcome {
-                command: Arc::clone(command),
-                client: client.cloned(),
-                kind,
-            });
-        }
+        // Fails only once the writer has stopped (shutdown): nothing is written then.
+        let _ = self.inner.outcomes.send(Outcome {
+            command: Arc::clone(command),
+            client: client.cloned(),
+            kind,
+        });
     }
 
     /// A session's client is done with a message: off the journal; a command's outcome is

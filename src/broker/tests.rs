@@ -700,3 +700,39 @@ fn a_queued_message_keeps_its_flags_ids_and_command_in_every_form() {
     assert_eq!(again[0].subscription_ids, vec![3, 268_435_455]);
     assert!(mailbox.is_empty());
 }
+
+fn command_message(topic: &str, offset: i64) -> Arc<Message> {
+    let mut m = (*message(topic, "command", 1, false, None)).clone();
+    m.command = Some(Arc::new(super::Command {
+        topic: "iot.commands".into(),
+        partition: 0,
+        offset,
+        key: None,
+        correlation: None,
+        status_topic: Some(Arc::from("iot.command-status")),
+        sent_ms: 1_000,
+    }));
+    Arc::new(m)
+}
+
+/// A session restored from the journal can finish a command the moment its client is back,
+/// before the status writer runs (the downlink's consumer starts after the listeners): that
+/// outcome waits for the writer instead of being dropped.
+#[test]
+fn an_outcome_reported_before_the_status_writer_runs_waits_for_it() {
+    use super::OutcomeKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    // Nobody subscribes: reported at once.
+    assert_eq!(b.publish(&command_message("dev/7/cmd", 7)).queued, 0);
+    let mut outcomes = b.take_outcomes().expect("the writer's end");
+    let first = outcomes
+        .try_recv()
+        .expect("reported before the writer took its end");
+    assert_eq!(first.kind, OutcomeKind::NoSession);
+    assert_eq!(first.command.offset, 7);
+    // And after: the same channel.
+    assert_eq!(b.publish(&command_message("dev/7/cmd", 8)).queued, 0);
+    assert_eq!(outcomes.try_recv().expect("second").command.offset, 8);
+    assert!(b.take_outcomes().is_none(), "one writer");
+}

@@ -34,6 +34,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::{ClientConfig, ClientContext, Statistics};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Command, Message, Outcome, OutcomeKind, Props};
 use crate::buffer::Log;
@@ -67,13 +68,13 @@ struct Downlink {
     status_topic: Option<Arc<str>>,
 }
 
-/// Consumes the `[[downlink]]` topics until `shutdown`. Outcomes are written to `log`.
+/// Consumes the `[[downlink]]` topics until `shutdown`. Outcomes are written by
+/// [`write_outcomes`], which runs whether or not a downlink is configured.
 pub async fn run(
     downlinks: Vec<DownlinkConfig>,
     kafka: KafkaConfig,
     gateway_id: String,
     broker: Broker,
-    log: Log,
     shutdown: CancellationToken,
 ) -> Result<(), DownlinkError> {
     if downlinks.is_empty() {
@@ -101,15 +102,6 @@ pub async fn run(
         .subscribe(&topics)
         .map_err(|e| DownlinkError::Consumer(e.to_string()))?;
     tracing::info!(topics = ?topics, group = %group(&gateway_id), "Consuming commands from Kafka.");
-
-    let (outcomes, rx) = mpsc::unbounded_channel();
-    broker.set_outcomes(outcomes);
-    tokio::spawn(write_outcomes(
-        rx,
-        log,
-        gateway_id.clone(),
-        shutdown.clone(),
-    ));
 
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -347,21 +339,43 @@ fn take(
     Some(broker.mark_handled(topic, partition, offset))
 }
 
-/// Writes each outcome to its command's status topic, through the log.
-async fn write_outcomes(
+/// Writes each outcome to its command's status topic, through the log. Started before the
+/// listeners serve and whether or not a downlink is configured: a session restored from the
+/// journal may finish a command (delivered, expired) at once, and commands held under an
+/// earlier configuration still have outcomes to report. Runs until `sessions` (the
+/// listeners and their connections) have ended and what they reported is written, so a
+/// command a device acknowledged during the shutdown is reported too.
+pub async fn write_outcomes(
     mut rx: mpsc::UnboundedReceiver<Outcome>,
     log: Log,
     gateway_id: String,
-    shutdown: CancellationToken,
+    sessions: TaskTracker,
 ) {
     let mut outcomes = Vec::with_capacity(OUTCOME_BATCH);
+    let mut ended = false;
     loop {
-        let received = tokio::select! {
-            () = shutdown.cancelled() => return,
-            n = rx.recv_many(&mut outcomes, OUTCOME_BATCH) => n,
-        };
-        if received == 0 {
-            return;
+        if ended {
+            while outcomes.len() < OUTCOME_BATCH {
+                match rx.try_recv() {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(_) => break,
+                }
+            }
+            if outcomes.is_empty() {
+                return;
+            }
+        } else {
+            let received = tokio::select! {
+                biased;
+                n = rx.recv_many(&mut outcomes, OUTCOME_BATCH) => n,
+                () = sessions.wait() => {
+                    ended = true;
+                    continue;
+                }
+            };
+            if received == 0 {
+                return;
+            }
         }
         // Appended together, awaited together: one group commit, not one per outcome.
         let mut durable = Vec::with_capacity(outcomes.len());
@@ -410,5 +424,79 @@ fn status_record(outcome: &Outcome, status_topic: &str, gateway_id: &str) -> Rec
         key: c.key.clone(),
         headers,
         payload: Bytes::from(payload.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::buffer::LogConfig;
+
+    fn outcome(offset: i64, status_topic: Option<&str>) -> Outcome {
+        Outcome {
+            command: Arc::new(Command {
+                topic: "iot.commands".into(),
+                partition: 0,
+                offset,
+                key: Some(Bytes::from_static(b"pump7")),
+                correlation: Some(Bytes::from_static(b"req-1")),
+                status_topic: status_topic.map(Arc::from),
+                sent_ms: 1_000,
+            }),
+            client: Some(Arc::from("pump7")),
+            kind: OutcomeKind::Delivered,
+        }
+    }
+
+    /// A device may acknowledge a command while the gateway shuts down (its connection
+    /// drains): that outcome is written before the writer stops, not dropped with the
+    /// channel, and one without a status topic is not written at all.
+    #[tokio::test]
+    async fn outcomes_reported_while_the_sessions_end_are_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = LogConfig::new(dir.path().join("log"));
+        config.commit_delay = Duration::from_millis(1);
+        let (log, _) = tokio::task::spawn_blocking(move || Log::open(config))
+            .await
+            .expect("join")
+            .expect("open the log");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(outcome(1, Some("status"))).expect("send");
+        tx.send(outcome(2, None)).expect("send");
+        let sessions = TaskTracker::new();
+        let (ack, acked) = tokio::sync::oneshot::channel::<()>();
+        let late = tx.clone();
+        sessions.spawn(async move {
+            // The session's last acknowledgement, as it drains.
+            let _ = acked.await;
+            late.send(outcome(3, Some("status"))).expect("send");
+        });
+        sessions.close();
+        let writer = tokio::spawn(write_outcomes(
+            rx,
+            log.clone(),
+            "gw".into(),
+            sessions.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "runs while a session is open");
+        ack.send(()).expect("ack");
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("stops once the sessions have ended")
+            .expect("join");
+        assert_eq!(log.next_seq(), 2, "offsets 1 and 3; 2 has no status topic");
+        let mut reader = log.reader().expect("reader");
+        let mut offsets = Vec::new();
+        for stored in reader.read_batch(10, 1 << 20).await.expect("read") {
+            let v: serde_json::Value =
+                serde_json::from_slice(&stored.record.payload).expect("JSON");
+            assert_eq!(v["outcome"], "delivered");
+            assert_eq!(v["client_id"], "pump7");
+            offsets.push(v["offset"].as_i64().expect("offset"));
+        }
+        assert_eq!(offsets, vec![1, 3]);
     }
 }
