@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::Message;
 use super::journal::{Journal, Live};
 use super::sessions::{self, Kept};
+use super::{Command, Message};
 
 /// Resolves once a journaled message is durable (or its write failed, said once in the log).
 pub type Durable = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -670,6 +670,28 @@ impl Mailbox {
             commands: q.commands,
             oldest_command_ms,
         }
+    }
+
+    /// Empties the mailbox (the session ended for good) like [`Mailbox::clear`], returning
+    /// the commands it held, in order, so their outcome can be reported. A journaled one is
+    /// read back for it (commands only: a held backlog of other messages is not read).
+    pub fn clear_commands(&self) -> Vec<Arc<Command>> {
+        let mut commands = Vec::new();
+        {
+            let mut q = self.lock();
+            if q.commands > 0 {
+                for entry in std::mem::take(&mut q.items) {
+                    if entry.is_command() {
+                        if let Some(command) = q.open(entry).and_then(|o| o.message.command.clone())
+                        {
+                            commands.push(command);
+                        }
+                    }
+                }
+            }
+        }
+        self.clear();
+        commands
     }
 
     /// Empties the mailbox (the session ended for good), returning its bytes to the total.

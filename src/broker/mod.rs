@@ -104,6 +104,11 @@ pub enum OutcomeKind {
     Expired,
     /// No session subscribes to its MQTT topic.
     NoSession,
+    /// The session it was queued for ended before the device acknowledged it: expired,
+    /// forgotten past `max_offline_sessions`, replaced by a clean start, or one that does
+    /// not outlive its connection closed. One that was in flight may have reached the
+    /// device.
+    SessionEnded,
     /// The session's queue was full, or the device refused it (an error PUBACK/PUBREC), or
     /// it is larger than the device accepts.
     Refused,
@@ -115,6 +120,7 @@ impl OutcomeKind {
             OutcomeKind::Delivered => "delivered",
             OutcomeKind::Expired => "expired",
             OutcomeKind::NoSession => "no_session",
+            OutcomeKind::SessionEnded => "session_ended",
             OutcomeKind::Refused => "refused",
         }
     }
@@ -572,15 +578,18 @@ impl Broker {
         keep: Option<Option<Duration>>,
     ) {
         let mut sessions = self.sessions();
-        let Some(session) = sessions.get_mut(&attached.client) else {
+        let Some(session) = sessions
+            .get_mut(&attached.client)
+            .filter(|s| Arc::ptr_eq(&s.mailbox, &attached.mailbox))
+        else {
+            // A clean start replaced the session: what this connection held goes with it.
+            self.ended(&attached.client, unacked.iter());
             return;
         };
-        if !Arc::ptr_eq(&session.mailbox, &attached.mailbox) {
-            // A clean start replaced the session: what this connection held goes with it.
-            return;
-        }
         if keep.is_some() {
             attached.mailbox.requeue(unacked);
+        } else {
+            self.ended(&attached.client, unacked.iter());
         }
         if session.holder != Some(attached.holder) {
             // Taken over by a newer connection to the same session, which now serves it.
@@ -624,8 +633,19 @@ impl Broker {
         }
     }
 
-    /// Removes a session's subscriptions from the index and empties its queue.
-    fn discard(&self, client: &str, session: Session) {
+    /// Reports the commands among `dropped` as [`OutcomeKind::SessionEnded`]: their session
+    /// will never send them.
+    fn ended<'a>(&self, client: &Arc<str>, dropped: impl Iterator<Item = &'a Outbound>) {
+        for out in dropped {
+            if let Some(command) = &out.message.command {
+                self.outcome(command, Some(client), OutcomeKind::SessionEnded);
+            }
+        }
+    }
+
+    /// Removes a session's subscriptions from the index and empties its queue; the commands
+    /// it held are reported, since no one will deliver them now.
+    fn discard(&self, client: &Arc<str>, session: Session) {
         if session.interval.is_some() {
             self.inner.journal.append_later(&sessions::gone(client));
         }
@@ -638,7 +658,9 @@ impl Broker {
             }
             self.count(&index);
         }
-        session.mailbox.clear();
+        for command in session.mailbox.clear_commands() {
+            self.outcome(&command, Some(client), OutcomeKind::SessionEnded);
+        }
     }
 
     /// Forgets disconnected sessions whose expiry has passed; returns how many.

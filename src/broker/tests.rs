@@ -736,3 +736,75 @@ fn an_outcome_reported_before_the_status_writer_runs_waits_for_it() {
     assert_eq!(outcomes.try_recv().expect("second").command.offset, 8);
     assert!(b.take_outcomes().is_none(), "one writer");
 }
+
+fn offsets_ended(
+    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<super::Outcome>,
+) -> Vec<(String, i64)> {
+    let mut got = Vec::new();
+    while let Ok(o) = outcomes.try_recv() {
+        assert_eq!(o.kind, super::OutcomeKind::SessionEnded, "{o:?}");
+        got.push((
+            o.client.as_deref().unwrap_or("").to_owned(),
+            o.command.offset,
+        ));
+    }
+    got
+}
+
+/// A command held for a session that ends without it (expiry, a clean start, a session that
+/// does not outlive its connection) is reported, not forgotten: the cloud learns it will not
+/// be delivered. Other messages held with it are not.
+#[tokio::test]
+async fn commands_a_session_will_never_send_are_reported_when_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path(), 100);
+    let mut outcomes = b.take_outcomes().expect("outcomes");
+
+    // Expired while offline: its commands were journaled and are read back for the report.
+    let s = b.attach("sleepy", false, Some(None));
+    b.subscribe(&s, &request("sleepy/cmd", 1)).expect("sub");
+    b.detach(&s, Vec::new(), Some(Some(Duration::ZERO)));
+    b.publish(&command_message("sleepy/cmd", 1));
+    b.publish(&message("sleepy/cmd", "not a command", 1, false, None));
+    b.publish(&command_message("sleepy/cmd", 2));
+    assert_eq!(b.sweep(), 1);
+    assert_eq!(
+        offsets_ended(&mut outcomes),
+        [("sleepy".to_owned(), 1), ("sleepy".to_owned(), 2)]
+    );
+
+    // Replaced by a clean start, with one command in flight on the old connection and one
+    // queued.
+    let s = b.attach("dev", false, Some(None));
+    b.subscribe(&s, &request("dev/cmd", 1)).expect("sub");
+    b.publish(&command_message("dev/cmd", 3));
+    let in_flight = drain(&s.mailbox);
+    assert_eq!(in_flight.len(), 1);
+    b.publish(&command_message("dev/cmd", 4));
+    let fresh = b.attach("dev", true, Some(None));
+    assert_eq!(offsets_ended(&mut outcomes), [("dev".to_owned(), 4)]);
+    b.detach(&s, in_flight, Some(None));
+    assert_eq!(offsets_ended(&mut outcomes), [("dev".to_owned(), 3)]);
+
+    // A session that ends with its connection: what it sent unacknowledged, and what it
+    // had queued.
+    b.subscribe(&fresh, &request("dev/cmd", 1)).expect("sub");
+    b.detach(&fresh, Vec::new(), Some(None));
+    let s = b.attach("dev", false, None);
+    assert!(s.session_present);
+    b.publish(&command_message("dev/cmd", 5));
+    let in_flight = drain(&s.mailbox);
+    b.publish(&command_message("dev/cmd", 6));
+    b.detach(&s, in_flight, None);
+    assert_eq!(
+        offsets_ended(&mut outcomes),
+        [("dev".to_owned(), 5), ("dev".to_owned(), 6)]
+    );
+    // Kept by a session that outlives its connection: nothing to report.
+    let s = b.attach("kept", false, Some(None));
+    b.subscribe(&s, &request("kept/cmd", 1)).expect("sub");
+    b.publish(&command_message("kept/cmd", 7));
+    let in_flight = drain(&s.mailbox);
+    b.detach(&s, in_flight, Some(None));
+    assert!(offsets_ended(&mut outcomes).is_empty());
+}
