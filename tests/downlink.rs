@@ -42,8 +42,8 @@ fn produce(topic: &str, key: &str, headers: &[(&str, &str)], lines: &[String]) {
     assert!(kcat.wait().expect("kcat").success());
 }
 
-fn readiness(gw: &common::Process) -> serde_json::Value {
-    let (_, body) = common::http_get(gw.admin_addr(), "/readyz");
+fn readiness(admin: std::net::SocketAddr) -> serde_json::Value {
+    let (_, body) = common::http_get(admin, "/readyz");
     serde_json::from_str(&body).expect("/readyz")
 }
 
@@ -113,7 +113,7 @@ fn commands_wait_at_the_edge_across_a_sigkill_and_a_kafka_outage() {
             &metrics,
             "edgegate_downlink_outcomes_total{outcome=\"no_session\"}",
         );
-        let queued = readiness(&gw)["broker"]["queued_messages"]
+        let queued = readiness(gw.admin_addr())["broker"]["queued_messages"]
             .as_u64()
             .unwrap_or(0);
         if no_session == Some(1.0) && queued >= 50 {
@@ -152,7 +152,7 @@ fn commands_wait_at_the_edge_across_a_sigkill_and_a_kafka_outage() {
     kafka.stop_broker();
     gw.restart();
     // Held on the gateway's disk, with their age, while Kafka is away.
-    let broker = &readiness(&gw)["broker"];
+    let broker = &readiness(gw.admin_addr())["broker"];
     assert!(
         matches!(broker["commands_held"].as_u64(), Some(50 | 51)),
         "{broker}"
@@ -262,4 +262,75 @@ fn a_command_and_its_reply_carry_the_correlation_both_ways() {
         );
         d.disconnect().await;
     });
+}
+
+/// A command held for a session that ends without it is reported, not forgotten: here a
+/// device's persistent session holds two commands and the device comes back with a clean
+/// start [MQTT-3.1.2-4], which discards that session; the status topic says `session_ended`
+/// for each, with the client id. (Expiry and `max_offline_sessions` take the same path.)
+#[test]
+fn commands_of_a_session_that_ends_are_reported_session_ended() {
+    let _kafka = common::shared();
+    let commands = common::unique_topic("se-commands");
+    let status = common::unique_topic("se-status");
+    for t in [&commands, &status] {
+        common::create_topic(t, 1);
+    }
+    let gw = gateway(
+        GatewayToml::new()
+            .id("gw-se")
+            .route("#", &status)
+            .raw(&format!(
+                r#"
+        [[downlink]]
+        topic = "{commands}"
+        mqtt_topic = "devices/{{key}}/commands"
+        status_topic = "{status}"
+        address = "all"
+        "#
+            )),
+    )
+    .start();
+    let addr = gw.mqtt_addr();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut d =
+            Subscriber::connect(addr, SubscriberOptions::new("valve3").v5().persistent(3600)).await;
+        assert_eq!(d.subscribe("devices/valve3/commands", 1).await, 1);
+        d.disconnect().await;
+    });
+    produce(
+        &commands,
+        "valve3",
+        &[("correlation-id", "c-1")],
+        &["open".to_owned(), "close".to_owned()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while readiness(gw.admin_addr())["broker"]["commands_held"].as_u64() != Some(2) {
+        assert!(Instant::now() < deadline, "the commands were never held");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    runtime.block_on(async {
+        let mut d = Subscriber::connect(addr, SubscriberOptions::new("valve3").v5()).await;
+        assert!(!d.session_present);
+        assert!(
+            d.recv(1, Duration::from_secs(1)).await.is_empty(),
+            "a clean start gets nothing of the old session"
+        );
+        d.disconnect().await;
+    });
+    let outcomes = common::consume_all_blocking(&status, 2, Duration::from_secs(60));
+    assert_eq!(outcomes.len(), 2);
+    for (o, offset) in outcomes.iter().zip([0, 1]) {
+        let v: serde_json::Value =
+            serde_json::from_slice(o.payload.as_deref().unwrap_or_default()).expect("JSON");
+        assert_eq!(v["outcome"], "session_ended", "{v}");
+        assert_eq!(v["client_id"], "valve3", "{v}");
+        assert_eq!(v["offset"], offset, "{v}");
+        assert_eq!(o.header("edgegate-correlation"), Some(&b"c-1"[..]));
+    }
 }
