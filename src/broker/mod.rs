@@ -96,6 +96,30 @@ pub struct Outcome {
     pub kind: OutcomeKind,
 }
 
+/// What the status writer is sent, in order.
+#[derive(Debug)]
+pub enum Report {
+    /// An outcome to write; `then` is done once it is in the log (or could not be).
+    Outcome(Outcome, Option<Finish>),
+    /// Answered once every outcome sent before it is in the log, or could not be.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// A session's journal entry for a command the device is done with, finished only once the
+/// command's outcome is in the log: a crash between the two delivers the command again and
+/// reports it again, rather than forget the report.
+#[derive(Debug)]
+pub struct Finish {
+    mailbox: Arc<Mailbox>,
+    store_id: u64,
+}
+
+impl Finish {
+    pub fn run(self) {
+        self.mailbox.finish(self.store_id);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeKind {
     /// The device acknowledged it (PUBACK, or PUBCOMP for QoS 2).
@@ -132,6 +156,8 @@ pub struct Published {
     pub queued: usize,
     /// Resolves once the copies for persistent sessions are journaled (`None`: none were).
     pub durable: Option<mailbox::Durable>,
+    /// Outcomes it reported for a command (refused by a full queue, or no session).
+    pub reported: usize,
 }
 
 impl Message {
@@ -305,9 +331,9 @@ struct Inner {
     /// Where command outcomes go: kept in the channel until the status writer takes its
     /// end, so an outcome reported before it runs (a session restored from the journal,
     /// delivering as soon as the listener is up) is written, not dropped.
-    outcomes: tokio::sync::mpsc::UnboundedSender<Outcome>,
+    outcomes: tokio::sync::mpsc::UnboundedSender<Report>,
     /// The channel's other end, until [`Broker::take_outcomes`].
-    outcomes_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Outcome>>>,
+    outcomes_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Report>>>,
     /// The downlink consumer's lag as last reported; negative: unknown.
     downlink_lag: std::sync::atomic::AtomicI64,
     /// The downlink's position as journaled (shared with the journal's snapshot).
@@ -779,7 +805,7 @@ impl Broker {
         let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
         let targets = index.targets(&message.topic, message.publisher.as_deref());
         let mut durable = None;
-        let (mut queued, mut full) = (0usize, 0u64);
+        let (mut queued, mut full, mut reported) = (0usize, 0u64, 0usize);
         let cost = message.cost();
         for t in targets {
             let qos = message.qos.min(t.qos);
@@ -810,6 +836,7 @@ impl Broker {
                     }
                     if let Some(command) = &message.command {
                         self.outcome(command, Some(t.client), OutcomeKind::Refused);
+                        reported += 1;
                     }
                 }
             }
@@ -824,9 +851,14 @@ impl Broker {
         if queued == 0 {
             if let Some(command) = &message.command {
                 self.outcome(command, None, OutcomeKind::NoSession);
+                reported += 1;
             }
         }
-        Published { queued, durable }
+        Published {
+            queued,
+            durable,
+            reported,
+        }
     }
 
     /// The last offset of `topic`/`partition` the downlink handled, as journaled: records up
@@ -867,7 +899,7 @@ impl Broker {
 
     /// The outcomes of commands, for the status writer: every one reported since the broker
     /// opened, and all after. `None` once taken.
-    pub fn take_outcomes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Outcome>> {
+    pub fn take_outcomes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Report>> {
         self.inner
             .outcomes_rx
             .lock()
@@ -877,22 +909,61 @@ impl Broker {
 
     /// Reports what became of a command for `client`.
     pub fn outcome(&self, command: &Arc<Command>, client: Option<&Arc<str>>, kind: OutcomeKind) {
+        self.report(command, client, kind, None);
+    }
+
+    fn report(
+        &self,
+        command: &Arc<Command>,
+        client: Option<&Arc<str>>,
+        kind: OutcomeKind,
+        then: Option<Finish>,
+    ) {
         metrics::counter!("edgegate_downlink_outcomes_total", "outcome" => kind.label())
             .increment(1);
-        // Fails only once the writer has stopped (shutdown): nothing is written then.
-        let _ = self.inner.outcomes.send(Outcome {
+        let outcome = Outcome {
             command: Arc::clone(command),
             client: client.cloned(),
             kind,
-        });
+        };
+        // Fails only once the writer has stopped (shutdown): nothing is written then, and
+        // a journaled command is not finished, so it is delivered and reported after the
+        // restart.
+        let _ = self.inner.outcomes.send(Report::Outcome(outcome, then));
+    }
+
+    /// Resolves once every outcome reported before the call is in the log: `false` if the
+    /// writer stopped first (shutdown).
+    pub fn outcomes_written(&self) -> impl Future<Output = bool> + Send + use<> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.inner.outcomes.send(Report::Barrier(tx)).is_ok();
+        async move { sent && rx.await.is_ok() }
+    }
+
+    /// Whether a session subscribes to `topic` now (what [`Broker::publish`] would find).
+    pub fn has_subscriber(&self, topic: &str) -> bool {
+        let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
+        !index.targets(topic, None).is_empty()
     }
 
     /// A session's client is done with a message: off the journal; a command's outcome is
-    /// reported.
+    /// reported. A journaled command with a status topic leaves the journal only once its
+    /// outcome is in the log.
     pub fn finished(&self, attached: &Attached, out: &Outbound, kind: OutcomeKind) {
-        attached.mailbox.finish(out.store_id);
-        if let Some(command) = &out.message.command {
-            self.outcome(command, Some(&attached.client), kind);
+        match &out.message.command {
+            Some(command) if out.store_id != 0 && command.status_topic.is_some() => {
+                let then = Finish {
+                    mailbox: Arc::clone(&attached.mailbox),
+                    store_id: out.store_id,
+                };
+                self.report(command, Some(&attached.client), kind, Some(then));
+            }
+            command => {
+                attached.mailbox.finish(out.store_id);
+                if let Some(command) = command {
+                    self.outcome(command, Some(&attached.client), kind);
+                }
+            }
         }
     }
 

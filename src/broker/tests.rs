@@ -726,22 +726,35 @@ fn an_outcome_reported_before_the_status_writer_runs_waits_for_it() {
     // Nobody subscribes: reported at once.
     assert_eq!(b.publish(&command_message("dev/7/cmd", 7)).queued, 0);
     let mut outcomes = b.take_outcomes().expect("the writer's end");
-    let first = outcomes
-        .try_recv()
-        .expect("reported before the writer took its end");
+    let first = outcome(
+        outcomes
+            .try_recv()
+            .expect("reported before the writer took its end"),
+    );
     assert_eq!(first.kind, OutcomeKind::NoSession);
     assert_eq!(first.command.offset, 7);
     // And after: the same channel.
-    assert_eq!(b.publish(&command_message("dev/7/cmd", 8)).queued, 0);
-    assert_eq!(outcomes.try_recv().expect("second").command.offset, 8);
+    assert_eq!(b.publish(&command_message("dev/7/cmd", 8)).reported, 1);
+    assert_eq!(
+        outcome(outcomes.try_recv().expect("second")).command.offset,
+        8
+    );
     assert!(b.take_outcomes().is_none(), "one writer");
 }
 
+fn outcome(report: super::Report) -> super::Outcome {
+    match report {
+        super::Report::Outcome(o, _) => o,
+        super::Report::Barrier(_) => panic!("a barrier, not an outcome"),
+    }
+}
+
 fn offsets_ended(
-    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<super::Outcome>,
+    outcomes: &mut tokio::sync::mpsc::UnboundedReceiver<super::Report>,
 ) -> Vec<(String, i64)> {
     let mut got = Vec::new();
-    while let Ok(o) = outcomes.try_recv() {
+    while let Ok(report) = outcomes.try_recv() {
+        let o = outcome(report);
         assert_eq!(o.kind, super::OutcomeKind::SessionEnded, "{o:?}");
         got.push((
             o.client.as_deref().unwrap_or("").to_owned(),
@@ -807,4 +820,65 @@ async fn commands_a_session_will_never_send_are_reported_when_it_ends() {
     let in_flight = drain(&s.mailbox);
     b.detach(&s, in_flight, Some(None));
     assert!(offsets_ended(&mut outcomes).is_empty());
+}
+
+/// A journaled command the device acknowledged leaves its session's journal only once its
+/// outcome is in the log (the writer runs what the report carries): killed in between, the
+/// gateway delivers it again and reports it again, rather than forget the report.
+#[tokio::test]
+async fn an_acknowledged_command_stays_journaled_until_its_outcome_is_written() {
+    use super::{OutcomeKind, Report};
+    let dir = tempfile::tempdir().expect("tempdir");
+    for write_it in [false, true] {
+        let b = broker(dir.path(), 100);
+        let mut outcomes = b.take_outcomes().expect("outcomes");
+        let s = b.attach("dev", false, Some(None));
+        b.subscribe(&s, &request("dev/cmd", 1)).expect("sub");
+        let published = b.publish(&command_message("dev/cmd", 1));
+        published
+            .durable
+            .expect("journaled")
+            .await
+            .expect("durable");
+        let sent = drain(&s.mailbox);
+        assert_eq!(sent.len(), 1);
+        // The PUBACK.
+        b.finished(&s, &sent[0], OutcomeKind::Delivered);
+        let Ok(Report::Outcome(o, Some(finish))) = outcomes.try_recv() else {
+            panic!("an outcome that finishes the journal entry")
+        };
+        assert_eq!((o.kind, o.command.offset), (OutcomeKind::Delivered, 1));
+        if write_it {
+            finish.run();
+        }
+        b.sync_sessions().await.expect("sync");
+        drop(s);
+        drop(b);
+        // The restart.
+        let b = broker(dir.path(), 100);
+        let s = b.attach("dev", false, Some(None));
+        assert!(s.session_present);
+        let again = drain(&s.mailbox);
+        if write_it {
+            assert!(again.is_empty(), "finished once its outcome was written");
+            b.detach(&s, Vec::new(), None);
+        } else {
+            assert_eq!(again.len(), 1, "still journaled: delivered again");
+            assert!(again[0].dup);
+            assert_eq!(
+                again[0].message.command.as_ref().expect("command").offset,
+                1
+            );
+            // Finished for good before the next round.
+            b.finished(&s, &again[0], OutcomeKind::Delivered);
+            let Ok(Report::Outcome(_, Some(finish))) =
+                b.take_outcomes().expect("outcomes").try_recv()
+            else {
+                panic!("an outcome")
+            };
+            finish.run();
+            b.detach(&s, Vec::new(), None);
+        }
+        b.sync_sessions().await.expect("sync");
+    }
 }

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, Command, Message, Outcome, OutcomeKind, Props};
+use crate::broker::{Broker, Command, Message, Outcome, OutcomeKind, Props, Report};
 use crate::buffer::Log;
 use crate::forward::config::KafkaConfig;
 use crate::record::{Record, Source};
@@ -104,7 +104,7 @@ pub async fn run(
     tracing::info!(topics = ?topics, group = %group(&gateway_id), "Consuming commands from Kafka.");
 
     let mut batch = Vec::with_capacity(BATCH);
-    loop {
+    'consume: loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
             m = consumer.recv() => m,
@@ -117,8 +117,10 @@ pub async fn run(
                 None => break,
             }
         }
-        let mut marked = Vec::with_capacity(batch.len());
+        // Each record, and whether it is marked handled once the batch is done.
         let mut taken = Vec::with_capacity(batch.len());
+        // Outcomes reported for records of this batch and not yet known to be in the log.
+        let mut owed = false;
         for message in batch.drain(..) {
             let message = match message {
                 Ok(m) => m,
@@ -127,13 +129,43 @@ pub async fn run(
                     continue;
                 }
             };
+            let mut handled = false;
             if let Some(downlink) = by_topic.get(message.topic()) {
-                if let Some(mark) = take(&broker, downlink, &gateway_id, &message) {
-                    marked.push(mark);
+                match take(&broker, downlink, &gateway_id, &message) {
+                    Take::Skip => {}
+                    Take::Report(command, kind) => {
+                        broker.outcome(&command, None, kind);
+                        owed = true;
+                        handled = true;
+                    }
+                    Take::Publish(m) => {
+                        if broker.has_subscriber(&m.topic) {
+                            // A journaled copy marks this record, and every one before it,
+                            // handled after a crash: their outcomes are in the log first.
+                            if owed && !broker.outcomes_written().await {
+                                break 'consume;
+                            }
+                            owed = broker.publish(&m).reported > 0;
+                        } else if let Some(c) = &m.command {
+                            broker.outcome(c, None, OutcomeKind::NoSession);
+                            owed = true;
+                        }
+                        handled = true;
+                    }
                 }
             }
-            taken.push(message);
+            taken.push((message, handled));
         }
+        // Marked handled only once their outcomes are in the log: a crash in between takes
+        // the records again and reports them again, never leaves a report out.
+        if owed && !broker.outcomes_written().await {
+            break;
+        }
+        let marked: Vec<_> = taken
+            .iter()
+            .filter(|(_, handled)| *handled)
+            .map(|(m, _)| broker.mark_handled(m.topic(), m.partition(), m.offset()))
+            .collect();
         // The journal commits in order: once the marks are durable, so is every copy queued
         // before them.
         for result in futures::future::join_all(marked).await {
@@ -141,7 +173,7 @@ pub async fn run(
                 tracing::error!(error = %e, "Cannot journal the downlink's position; commands may be taken again after a restart.");
             }
         }
-        for message in &taken {
+        for (message, _) in &taken {
             if let Err(e) = consumer.store_offset_from_message(message) {
                 tracing::debug!(error = %e, "Cannot store a downlink offset.");
             }
@@ -225,20 +257,30 @@ fn consumer(
     .map_err(|e| DownlinkError::Consumer(e.to_string()))
 }
 
-/// One record: queued for the sessions that want it, or reported; then marked handled.
-/// Returns the mark's durability (`None`: taken before, or not for this gateway).
+/// What one record of a downlink topic comes to.
+enum Take {
+    /// Taken before, or not for this gateway.
+    Skip,
+    /// Not to be delivered: expired already, or no MQTT topic for it.
+    Report(Arc<Command>, OutcomeKind),
+    /// A message for the sessions that subscribe to its topic.
+    Publish(Arc<Message>),
+}
+
+/// Reads one record: skipped, reported, or a message to publish. The caller marks it
+/// handled once that is done (and its outcome is in the log).
 fn take(
     broker: &Broker,
     downlink: &Downlink,
     gateway_id: &str,
     record: &BorrowedMessage<'_>,
-) -> Option<impl Future<Output = Result<(), String>> + Send + use<>> {
+) -> Take {
     let (topic, partition, offset) = (record.topic(), record.partition(), record.offset());
     if broker
         .handled(topic, partition)
         .is_some_and(|at| offset <= at)
     {
-        return None;
+        return Take::Skip;
     }
     let headers = record.headers();
     let header = |name: &str| -> Option<&[u8]> {
@@ -249,14 +291,14 @@ fn take(
         Address::All => {}
         Address::Header => {
             if header(&downlink.config.gateway_header) != Some(gateway_id.as_bytes()) {
-                return None;
+                return Take::Skip;
             }
         }
         Address::KeyPrefix => {
             let prefix = format!("{gateway_id}/");
             match key.and_then(|k| k.strip_prefix(prefix.as_bytes())) {
                 Some(rest) => key = Some(rest),
-                None => return None,
+                None => return Take::Skip,
             }
         }
     }
@@ -287,8 +329,8 @@ fn take(
         header: &header,
         gateway_id,
     });
-    let kind = match rendered {
-        _ if expires_ms <= now => Some(OutcomeKind::Expired),
+    match rendered {
+        _ if expires_ms <= now => Take::Report(command, OutcomeKind::Expired),
         Err(why) => {
             tracing::warn!(
                 topic,
@@ -297,11 +339,12 @@ fn take(
                 why,
                 "Refused a command: no MQTT topic for it."
             );
-            Some(OutcomeKind::Refused)
+            Take::Report(command, OutcomeKind::Refused)
         }
         Ok(mqtt_topic) => {
             let text = |h: &str| header(h).and_then(|v| String::from_utf8(v.to_vec()).ok());
-            let message = Arc::new(Message {
+            tracing::debug!(topic, partition, offset, mqtt_topic, "Took a command.");
+            Take::Publish(Arc::new(Message {
                 topic: Arc::from(mqtt_topic.as_str()),
                 payload: record
                     .payload()
@@ -318,25 +361,10 @@ fn take(
                     correlation_data: correlation,
                     user_properties: Vec::new(),
                 },
-                command: Some(Arc::clone(&command)),
-            });
-            let published = broker.publish(&message);
-            tracing::debug!(
-                topic,
-                partition,
-                offset,
-                mqtt_topic,
-                sessions = published.queued,
-                "Took a command."
-            );
-            None
+                command: Some(command),
+            }))
         }
-    };
-    if let Some(kind) = kind {
-        broker.outcome(&command, None, kind);
     }
-    // After the queued copies in the journal: durable, it covers them too.
-    Some(broker.mark_handled(topic, partition, offset))
 }
 
 /// Writes each outcome to its command's status topic, through the log. Started before the
@@ -346,7 +374,7 @@ fn take(
 /// listeners and their connections) have ended and what they reported is written, so a
 /// command a device acknowledged during the shutdown is reported too.
 pub async fn write_outcomes(
-    mut rx: mpsc::UnboundedReceiver<Outcome>,
+    mut rx: mpsc::UnboundedReceiver<Report>,
     log: Log,
     gateway_id: String,
     sessions: TaskTracker,
@@ -379,7 +407,17 @@ pub async fn write_outcomes(
         }
         // Appended together, awaited together: one group commit, not one per outcome.
         let mut durable = Vec::with_capacity(outcomes.len());
-        for outcome in outcomes.drain(..) {
+        let mut then = Vec::new();
+        let mut barriers = Vec::new();
+        for report in outcomes.drain(..) {
+            let (outcome, finish) = match report {
+                Report::Outcome(outcome, finish) => (outcome, finish),
+                Report::Barrier(b) => {
+                    barriers.push(b);
+                    continue;
+                }
+            };
+            then.extend(finish);
             let Some(status_topic) = outcome.command.status_topic.as_deref() else {
                 continue;
             };
@@ -393,6 +431,14 @@ pub async fn write_outcomes(
             if let Err(e) = result {
                 tracing::warn!(error = %e, "A command's outcome was not stored.");
             }
+        }
+        // In the log now (or refused by it, which waiting would not change): the commands
+        // leave their sessions' journal, and whoever waits for them is told.
+        for finish in then {
+            finish.run();
+        }
+        for barrier in barriers {
+            let _ = barrier.send(());
         }
     }
 }
@@ -463,15 +509,18 @@ mod tests {
             .expect("join")
             .expect("open the log");
         let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(outcome(1, Some("status"))).expect("send");
-        tx.send(outcome(2, None)).expect("send");
+        tx.send(Report::Outcome(outcome(1, Some("status")), None))
+            .expect("send");
+        tx.send(Report::Outcome(outcome(2, None), None))
+            .expect("send");
         let sessions = TaskTracker::new();
         let (ack, acked) = tokio::sync::oneshot::channel::<()>();
         let late = tx.clone();
         sessions.spawn(async move {
             // The session's last acknowledgement, as it drains.
             let _ = acked.await;
-            late.send(outcome(3, Some("status"))).expect("send");
+            late.send(Report::Outcome(outcome(3, Some("status")), None))
+                .expect("send");
         });
         sessions.close();
         let writer = tokio::spawn(write_outcomes(
@@ -498,5 +547,59 @@ mod tests {
             offsets.push(v["offset"].as_i64().expect("offset"));
         }
         assert_eq!(offsets, vec![1, 3]);
+    }
+
+    /// The downlink marks a record handled only after `outcomes_written`: it must answer
+    /// once the outcomes reported before it are durable in the log (a slow disk here), and
+    /// say so when the writer has stopped.
+    #[tokio::test]
+    async fn outcomes_written_answers_once_earlier_outcomes_are_durable() {
+        use crate::broker::BrokerConfig;
+        use crate::broker::mailbox::QueueLimits;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = LogConfig::new(dir.path().join("log"));
+        config.commit_delay = Duration::from_millis(1);
+        let (log, _) =
+            tokio::task::spawn_blocking(move || Log::open_slow(config, Duration::from_millis(200)))
+                .await
+                .expect("join")
+                .expect("open the log");
+        let broker = Broker::open(
+            &dir.path().join("broker"),
+            BrokerConfig {
+                queue: QueueLimits {
+                    messages: 10,
+                    bytes: 1 << 20,
+                },
+                total_queued_bytes: 1 << 20,
+                max_retained: 10,
+                max_session_expiry: Duration::from_secs(60),
+                max_subscriptions: 4,
+                max_offline_sessions: 4,
+            },
+        )
+        .expect("broker");
+        let sessions = TaskTracker::new();
+        let writer = tokio::spawn(write_outcomes(
+            broker.take_outcomes().expect("outcomes"),
+            log.clone(),
+            "gw".into(),
+            sessions.clone(),
+        ));
+        let command = outcome(9, Some("status")).command;
+        broker.outcome(&command, None, OutcomeKind::NoSession);
+        assert!(broker.outcomes_written().await);
+        let mut reader = log.reader().expect("reader");
+        let read = reader
+            .read_batch(10, 1 << 20)
+            .now_or_never()
+            .expect("durable when the barrier answered")
+            .expect("read");
+        assert_eq!(read.len(), 1);
+        // Nothing owed: answered at once.
+        assert!(broker.outcomes_written().await);
+        sessions.close();
+        writer.await.expect("join");
+        assert!(!broker.outcomes_written().await, "the writer has stopped");
     }
 }

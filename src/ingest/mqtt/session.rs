@@ -999,12 +999,9 @@ impl<S: Stream> Session<S> {
             return Some(qos);
         };
         // Too large for this client: dropped as if sent [MQTT-3.1.2-25].
-        self.attached.mailbox.finish(out.store_id);
-        if let Some(command) = &out.message.command {
-            self.shared
-                .broker
-                .outcome(command, Some(&self.attached.client), OutcomeKind::Refused);
-        }
+        self.shared
+            .broker
+            .finished(&self.attached, &out, OutcomeKind::Refused);
         self.shared.broker.count_dropped(Dropped::TooLarge, 1);
         None
     }
