@@ -1095,7 +1095,7 @@ pub fn describe() {
     );
     describe_counter!(
         "edgegate_downlink_outcomes_total",
-        "Outcomes of commands from Kafka, per session, by outcome (delivered, expired, no_session, refused)."
+        "Outcomes of commands from Kafka, per session, by outcome (delivered, expired, no_session, refused, session_ended)."
     );
     describe_counter!(
         "edgegate_retained_refused_total",
