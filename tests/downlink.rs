@@ -42,6 +42,28 @@ fn produce(topic: &str, key: &str, headers: &[(&str, &str)], lines: &[String]) {
     assert!(kcat.wait().expect("kcat").success());
 }
 
+/// A `[[downlink]]` table: commands from `commands` to `mqtt_topic`, outcomes to `status`
+/// (none if empty), then `extra` lines.
+fn downlink(commands: &str, mqtt_topic: &str, status: &str, extra: &str) -> String {
+    let status = if status.is_empty() {
+        String::new()
+    } else {
+        format!("status_topic = \"{status}\"")
+    };
+    format!(
+        "\n[[downlink]]\ntopic = \"{commands}\"\nmqtt_topic = \"{mqtt_topic}\"\n{status}\n{extra}\n"
+    )
+}
+
+/// The runtime the rumqttc devices run on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn readiness(admin: std::net::SocketAddr) -> serde_json::Value {
     let (_, body) = common::http_get(admin, "/readyz");
     serde_json::from_str(&body).expect("/readyz")
@@ -60,23 +82,12 @@ fn commands_wait_at_the_edge_across_a_sigkill_and_a_kafka_outage() {
         GatewayToml::new()
             .id(GATEWAY)
             .route("#", &telemetry)
-            .raw(&format!(
-                r#"
-        [[downlink]]
-        topic = "{commands}"
-        mqtt_topic = "devices/{{key}}/commands"
-        status_topic = "{status}"
-        "#
-            )),
+            .raw(&downlink(&commands, "devices/{key}/commands", &status, "")),
     )
     .pin_addresses()
     .start_process();
     let addr = gw.mqtt_addr();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     let device = || SubscriberOptions::new("pump7").v5().persistent(3600);
     runtime.block_on(async {
         let mut d = Subscriber::connect(addr, device()).await;
@@ -216,22 +227,16 @@ fn a_command_and_its_reply_carry_the_correlation_both_ways() {
         GatewayToml::new()
             .id("gw-rr")
             .route("plant/+/+/replies", &replies)
-            .raw(&format!(
-                r#"
-                [[downlink]]
-                topic = "{commands}"
-                mqtt_topic = "plant/north/{{key}}/commands"
-                address = "all"
-                "#
+            .raw(&downlink(
+                &commands,
+                "plant/north/{key}/commands",
+                "",
+                r#"address = "all""#,
             )),
     )
     .start();
     let addr = gw.mqtt_addr();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let mut d = Subscriber::connect(addr, SubscriberOptions::new("pump7").v5()).await;
         assert_eq!(d.subscribe("plant/north/pump7/commands", 1).await, 1);
@@ -280,23 +285,16 @@ fn commands_of_a_session_that_ends_are_reported_session_ended() {
         GatewayToml::new()
             .id("gw-se")
             .route("#", &status)
-            .raw(&format!(
-                r#"
-        [[downlink]]
-        topic = "{commands}"
-        mqtt_topic = "devices/{{key}}/commands"
-        status_topic = "{status}"
-        address = "all"
-        "#
+            .raw(&downlink(
+                &commands,
+                "devices/{key}/commands",
+                &status,
+                r#"address = "all""#,
             )),
     )
     .start();
     let addr = gw.mqtt_addr();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let mut d =
             Subscriber::connect(addr, SubscriberOptions::new("valve3").v5().persistent(3600)).await;
