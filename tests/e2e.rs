@@ -325,8 +325,18 @@ async fn kafka_outage_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_absent_at_start_then_arrives() {
     let kafka = common::exclusive();
-    kafka.stop_broker_async().await;
+    // The topic exists, as in a deployment: one created by its first record (the broker's
+    // auto-creation) can be refused as unknown when the link comes back after more than
+    // librdkafka's 30 s of metadata propagation, and its backlog dead-lettered (a CI run
+    // met it; README, "The dead-letter log").
     let topic = common::unique_topic("e2e-absent");
+    tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || common::create_topic(&topic, 1)
+    })
+    .await
+    .expect("join");
+    kafka.stop_broker_async().await;
     // The restarted gateway listens where the publisher connects.
     let mut gateway = common::gateway(one_route(&topic))
         .rust_log("info,edgegate=debug")
