@@ -139,16 +139,18 @@ pub async fn run(
                         handled = true;
                     }
                     Take::Publish(m) => {
-                        if broker.has_subscriber(&m.topic) {
+                        if !owed {
+                            owed = broker.publish(&m).reported > 0;
+                        } else if broker.has_subscriber(&m.topic) {
                             // A journaled copy marks this record, and every one before it,
-                            // handled after a crash: their outcomes are in the log first.
-                            if owed && !broker.outcomes_written().await {
+                            // handled after a crash: the outcomes owed are in the log first.
+                            if !broker.outcomes_written().await {
                                 break 'consume;
                             }
                             owed = broker.publish(&m).reported > 0;
                         } else if let Some(c) = &m.command {
+                            // No copy to journal: reported, with no wait for the others.
                             broker.outcome(c, None, OutcomeKind::NoSession);
-                            owed = true;
                         }
                         handled = true;
                     }
