@@ -363,11 +363,7 @@ async fn subscriptions_need_a_right_once_rules_exist() {
 fn a_subscriber_that_never_reads_costs_only_itself() {
     let gw = gateway(config().mqtt("max_queued_messages", 100)).start_process();
     let addr = gw.mqtt_addr();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = common::runtime();
     runtime.block_on(async {
         // Subscribes, then never reads again.
         let mut stuck = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -528,11 +524,7 @@ fn hex(bytes: &[u8]) -> String {
 fn persistent_sessions_survive_a_sigkill() {
     let mut gw = gateway(config()).pin_addresses().start_process();
     let addr = gw.mqtt_addr();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = common::runtime();
     for v5 in [false, true] {
         let id = if v5 { "kill-5" } else { "kill-4" };
         let options = || {

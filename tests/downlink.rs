@@ -55,15 +55,6 @@ fn downlink(commands: &str, mqtt_topic: &str, status: &str, extra: &str) -> Stri
     )
 }
 
-/// The runtime the rumqttc devices run on.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn readiness(admin: std::net::SocketAddr) -> serde_json::Value {
     let (_, body) = common::http_get(admin, "/readyz");
     serde_json::from_str(&body).expect("/readyz")
@@ -87,7 +78,7 @@ fn commands_wait_at_the_edge_across_a_sigkill_and_a_kafka_outage() {
     .pin_addresses()
     .start_process();
     let addr = gw.mqtt_addr();
-    let runtime = runtime();
+    let runtime = common::runtime();
     let device = || SubscriberOptions::new("pump7").v5().persistent(3600);
     runtime.block_on(async {
         let mut d = Subscriber::connect(addr, device()).await;
@@ -236,7 +227,7 @@ fn a_command_and_its_reply_carry_the_correlation_both_ways() {
     )
     .start();
     let addr = gw.mqtt_addr();
-    let runtime = runtime();
+    let runtime = common::runtime();
     runtime.block_on(async {
         let mut d = Subscriber::connect(addr, SubscriberOptions::new("pump7").v5()).await;
         assert_eq!(d.subscribe("plant/north/pump7/commands", 1).await, 1);
@@ -294,7 +285,7 @@ fn commands_of_a_session_that_ends_are_reported_session_ended() {
     )
     .start();
     let addr = gw.mqtt_addr();
-    let runtime = runtime();
+    let runtime = common::runtime();
     runtime.block_on(async {
         let mut d =
             Subscriber::connect(addr, SubscriberOptions::new("valve3").v5().persistent(3600)).await;

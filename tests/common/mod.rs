@@ -78,6 +78,15 @@ pub use mqtt::{mosquitto_pub, mqtt_frame, mqtt_string, rumqttc};
 /// The gateway's dead-letter log as `edgegate dead-letters --config <config>` prints it, one
 /// JSON object a record, in the main log's order (`failed_seq`: each record is written by a
 /// task of its own, so the dead-letter log's own order is not always the main log's).
+/// A runtime of two workers for clients a synchronous `#[test]` drives (rumqttc devices).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 #[allow(dead_code)]
 pub fn dead_letters(config: &std::path::Path) -> Vec<serde_json::Value> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgegate"))
