@@ -123,7 +123,6 @@ type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
 /// is two `Arc`s (~200 bytes): two per connection were 2 MB of 10,000 idle devices. Boxed:
 /// inline it is 64 bytes of every session, used or not (a device that publishes without
 /// QoS 2 keeps one box, 24 bytes more than inline, and saves the other's 56).
-#[allow(clippy::box_collection)]
 struct Ordered<F: Future>(Option<Box<FuturesOrdered<F>>>);
 
 impl<F: Future> Ordered<F> {
