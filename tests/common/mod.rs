@@ -75,9 +75,6 @@ pub use kafka::{
 };
 pub use mqtt::{mosquitto_pub, mqtt_frame, mqtt_string, rumqttc};
 
-/// The gateway's dead-letter log as `edgegate dead-letters --config <config>` prints it, one
-/// JSON object a record, in the main log's order (`failed_seq`: each record is written by a
-/// task of its own, so the dead-letter log's own order is not always the main log's).
 /// A runtime of two workers for clients a synchronous `#[test]` drives (rumqttc devices).
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -87,6 +84,9 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// The gateway's dead-letter log as `edgegate dead-letters --config <config>` prints it, one
+/// JSON object a record, in the main log's order (`failed_seq`: each record is written by a
+/// task of its own, so the dead-letter log's own order is not always the main log's).
 #[allow(dead_code)]
 pub fn dead_letters(config: &std::path::Path) -> Vec<serde_json::Value> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgegate"))
