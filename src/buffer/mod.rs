@@ -105,6 +105,7 @@ mod cursor;
 mod format;
 mod io;
 mod reader;
+pub use reader::Measure;
 mod recovery;
 pub mod seal;
 mod segment;
@@ -739,7 +740,20 @@ impl LogReader {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
-        self.core.read_batch(max_records, max_bytes).await
+        self.read_batch_by(max_records, max_bytes, reader::payload_len)
+            .await
+    }
+
+    /// [`LogReader::read_batch`], with `max_bytes` counted by `measure` (what a record will
+    /// cost the caller once read) instead of payload bytes. A batch stays within it, unless
+    /// its one record alone is over.
+    pub async fn read_batch_by(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+        measure: Measure,
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        self.core.read_batch(max_records, max_bytes, measure).await
     }
 
     /// Marks one record as delivered. Acks may come in any order; the head advances over
@@ -912,7 +926,7 @@ pub fn fuzz_recovery(
     let mut reader = log.reader().expect("the first reader");
     let mut read = 0;
     loop {
-        let (batch, _) = reader.core.try_read(1000, 1 << 20)?;
+        let (batch, _) = reader.core.try_read(1000, 1 << 20, reader::payload_len)?;
         if batch.is_empty() {
             break;
         }

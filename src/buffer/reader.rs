@@ -13,6 +13,16 @@ use super::seal::{LogKeys, Unsealed};
 use super::segment::{Walker, segment_path};
 use super::shared::{InFlight, Shared, lock};
 use super::{LogError, StoredRecord};
+use crate::record::Record;
+
+/// How a read counts the bytes of a batch against its limit: a record's payload bytes
+/// ([`payload_len`]), or what the caller says a record costs it.
+pub type Measure = fn(&Record) -> usize;
+
+/// A record's payload bytes: what a read's byte limit counts unless told otherwise.
+pub fn payload_len(record: &Record) -> usize {
+    record.payload.len()
+}
 
 /// Bytes read from a segment at a time; records are sliced out of these chunks.
 const READ_CHUNK: usize = 256 << 10;
@@ -37,12 +47,13 @@ impl ReaderCore {
         &mut self,
         max_records: usize,
         max_bytes: usize,
+        measure: Measure,
     ) -> Result<Vec<StoredRecord>, LogError> {
         let max_records = max_records.max(1);
         let max_bytes = max_bytes.max(1);
         loop {
             self.visible.borrow_and_update();
-            let (batch, closed) = self.try_read(max_records, max_bytes)?;
+            let (batch, closed) = self.try_read(max_records, max_bytes, measure)?;
             if !batch.is_empty() {
                 return Ok(batch);
             }
@@ -57,6 +68,7 @@ impl ReaderCore {
         &mut self,
         max_records: usize,
         max_bytes: usize,
+        measure: Measure,
     ) -> Result<(Vec<StoredRecord>, bool), LogError> {
         let mut out = Vec::new();
         let mut inflight = Vec::new();
@@ -101,15 +113,19 @@ impl ReaderCore {
                         keys.as_deref(),
                         &mut pos,
                         limit,
-                        max_records - out.len(),
-                        max_bytes.saturating_sub(bytes),
+                        Room {
+                            records: max_records - out.len(),
+                            bytes: max_bytes.saturating_sub(bytes),
+                            measure,
+                            first: out.is_empty(),
+                        },
                     );
                     let found = found.map_err(|source| LogError::Io {
                         path: segment_path(&self.shared.cfg.dir, pos.seg_first),
                         source,
                     })?;
                     for (r, offset) in found.records {
-                        bytes += r.record.payload.len();
+                        bytes += measure(&r.record);
                         inflight.push(InFlight {
                             seq: r.seq,
                             seg_first: pos.seg_first,
@@ -255,15 +271,32 @@ struct Found {
     missing_key: Option<(u64, u32)>,
 }
 
-/// Reads frames from `pos` up to `limit`, within the batch limits, advancing `pos`.
+/// What is left of a batch for one segment's records.
+struct Room {
+    records: usize,
+    bytes: usize,
+    /// How the bytes are counted.
+    measure: Measure,
+    /// Nothing is in the batch yet: its first record comes even if it alone is over.
+    first: bool,
+}
+
+/// Reads frames from `pos` up to `limit`, within `room`, advancing `pos`. A record that
+/// would take the batch past `room.bytes` is left for the next read, unless it would be the
+/// batch's first.
 fn read_segment(
     walker: &mut Walker,
     keys: Option<&LogKeys>,
     pos: &mut CursorPos,
     limit: u64,
-    max_records: usize,
-    max_bytes: usize,
+    room: Room,
 ) -> io::Result<Found> {
+    let Room {
+        records: max_records,
+        bytes: max_bytes,
+        measure,
+        first,
+    } = room;
     let mut found = Found {
         records: Vec::new(),
         corrupt: Vec::new(),
@@ -282,13 +315,18 @@ fn read_segment(
                     found.missing_key = Some((seq, key_id));
                     break;
                 }
+                if let Ok(record) = &decoded {
+                    let size = measure(record);
+                    if bytes + size > max_bytes && !(first && found.records.is_empty()) {
+                        // Left for the next read: a batch stays within what it was given.
+                        break;
+                    }
+                    bytes += size;
+                }
                 pos.offset += len as u64;
                 pos.head_seq = seq + 1;
                 match decoded {
-                    Ok(record) => {
-                        bytes += record.payload.len();
-                        found.records.push((StoredRecord { seq, record }, at));
-                    }
+                    Ok(record) => found.records.push((StoredRecord { seq, record }, at)),
                     Err(_) => found.corrupt.push((at, pos.offset, "undecodable body")),
                 }
             }

@@ -70,7 +70,10 @@ async fn append_many(
 /// 60 ms") could end early on a loaded machine.
 fn drain(reader: &mut LogReader) -> Vec<StoredRecord> {
     let mut out = Vec::new();
-    while let Ok((batch, _closed)) = reader.core.try_read(50, 1 << 20) {
+    while let Ok((batch, _closed)) = reader
+        .core
+        .try_read(50, 1 << 20, super::reader::payload_len)
+    {
         if batch.is_empty() {
             break;
         }
@@ -1039,4 +1042,58 @@ async fn the_receipt_pin_keeps_acknowledged_segments_and_their_receipts_read_bac
         assert_eq!(firsts().len(), 1, "only the tail is kept once unpinned");
         log.close().await.expect("close");
     }
+}
+
+/// A read counted by a measure other than payload bytes (the forwarder's record weight)
+/// stays within its limit: a record that would take the batch over is left for the next
+/// read, not skipped, and one record alone heavier than the limit still comes, alone.
+#[tokio::test]
+async fn a_read_by_a_measure_stays_within_its_limit_and_skips_nothing() {
+    let fs = MemFs::new();
+    let (log, _) = open(&fs, config());
+    let mut reader = log.reader().expect("reader");
+    // Small payloads, each counted as 100 + payload: payload bytes alone would let far more
+    // into a batch than the measure allows.
+    fn measure(r: &Record) -> usize {
+        100 + r.payload.len()
+    }
+    let appended = append_many(&log, (0..40).map(|i| record(i, 10 + (i as usize % 3) * 20))).await;
+    assert!(appended.iter().all(|(_, _, r)| r.is_ok()));
+    let mut got = Vec::new();
+    while got.len() < 40 {
+        let batch = reader
+            .read_batch_by(1000, 500, measure)
+            .await
+            .expect("read");
+        let counted: usize = batch.iter().map(|r| measure(&r.record)).sum();
+        assert!(
+            counted <= 500,
+            "a batch of {} counted {counted}",
+            batch.len()
+        );
+        assert!(!batch.is_empty());
+        got.extend(batch.into_iter().map(|r| r.seq));
+    }
+    assert_eq!(
+        got,
+        (0..40).collect::<Vec<u64>>(),
+        "every record once, in order"
+    );
+    // Heavier than the whole limit: it comes alone.
+    let heavy = log.append(&record(40, 2000)).expect("append");
+    heavy.await.expect("durable");
+    log.append(&record(41, 10))
+        .expect("append")
+        .await
+        .expect("durable");
+    let alone = reader
+        .read_batch_by(1000, 500, measure)
+        .await
+        .expect("read");
+    assert_eq!(alone.iter().map(|r| r.seq).collect::<Vec<_>>(), [40]);
+    let next = reader
+        .read_batch_by(1000, 500, measure)
+        .await
+        .expect("read");
+    assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), [41]);
 }

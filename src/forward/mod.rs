@@ -67,8 +67,10 @@
 //! memory stays flat however large the backlog on disk.
 //!
 //! **Memory.** A record in flight costs about 1 KiB (our `Record`, librdkafka's copy with a
-//! header list, bookkeeping), so the window counts that weight, not payload bytes, and each
-//! read asks the log for no more records than the free weight can hold. With the default
+//! header list, bookkeeping), so the window counts that weight, not payload bytes, and the
+//! log counts each read by the same weight: a read takes no more than the window has free
+//! (before 2026-12-07 it counted payload bytes and a record count derived from the lightest
+//! possible record, and small records with headers went 30 % over). With the default
 //! 4 MiB window a 1,000,000-record backlog drains at about 200,000 records/s to a local
 //! broker with about 30 MiB of resident memory for the drain.
 //!

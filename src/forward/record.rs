@@ -105,9 +105,8 @@ pub fn kafka_headers(
 
 const PER_HEADER: usize = 48;
 const PER_RECORD: usize = 640;
-/// The weight of the smallest possible record: how many records a byte budget can hold at
-/// most. The log limits reads by payload bytes only, so the forwarder turns its byte window
-/// into a record count with this before reading.
+/// The weight of the smallest possible record: a transaction with less room than this takes
+/// nothing more.
 pub const MIN_WEIGHT: usize = 5 * PER_HEADER + PER_RECORD;
 
 /// What a record costs while in flight: our copy (a `Record` and its slices of the log's

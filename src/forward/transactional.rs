@@ -710,10 +710,8 @@ impl<S: RecordSource, D: DeadLetterSink> Transactional<S, D> {
         if room_bytes < record::MIN_WEIGHT {
             return (0, 0);
         }
-        (
-            room.min((room_bytes / record::MIN_WEIGHT).max(1)),
-            room_bytes,
-        )
+        // The read counts its bytes by the same weight.
+        (room, room_bytes)
     }
 
     /// Takes the outcome of a log read; returns how long to wait before reading again after

@@ -33,8 +33,10 @@ use crate::record::Record;
 /// Where the forwarder reads records from: the log's reader (or an in-memory stand-in in
 /// unit tests).
 pub trait RecordSource: Send + 'static {
-    /// Waits for at least one record. Must be cancel-safe: the forwarder drops a pending
-    /// read whenever a delivery report arrives, and nothing may be lost by that.
+    /// Waits for at least one record, then returns up to `max_records` records whose
+    /// weights ([`record::weight`](super::record::weight)) come to at most `max_bytes` (one
+    /// record alone may be over). Must be cancel-safe: the forwarder drops a pending read
+    /// whenever a delivery report arrives, and nothing may be lost by that.
     fn read_batch(
         &mut self,
         max_records: usize,
@@ -55,7 +57,7 @@ impl RecordSource for LogReader {
         max_records: usize,
         max_bytes: usize,
     ) -> impl Future<Output = Result<Vec<StoredRecord>, LogError>> + Send {
-        LogReader::read_batch(self, max_records, max_bytes)
+        LogReader::read_batch_by(self, max_records, max_bytes, super::record::weight)
     }
 
     fn ack(&self, seq: u64) {
@@ -504,8 +506,8 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
 
     /// Room left in the window as (records, bytes), or zero when less than an eighth is
     /// free (so a backlog is read in chunks, not one record per delivery report). The log
-    /// counts only payload bytes, so the record count is also capped by what the free bytes
-    /// can hold at the smallest record weight: in-flight memory stays within the window.
+    /// counts a read's bytes by [`record::weight`], so in-flight memory stays within the
+    /// window (a record heavier than the whole window still goes, alone).
     fn room(&self) -> (usize, usize) {
         let (records, bytes) = self.window.limits();
         let free_records = records.saturating_sub(self.in_flight.len());
@@ -513,8 +515,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
         if free_records < (records / 8).max(1) || free_bytes < (bytes / 8).max(1) {
             return (0, 0);
         }
-        let fit = (free_bytes / record::MIN_WEIGHT).max(1);
-        (free_records.min(fit), free_bytes)
+        (free_records, free_bytes)
     }
 
     fn admit(&mut self, batch: Vec<StoredRecord>, want_records: usize, want_bytes: usize) {
@@ -1146,5 +1147,70 @@ mod run_tests {
         assert_eq!(runs(&[1, 2, 4, 5, 9]), [(1, 3), (4, 6), (9, 10)]);
         // A duplicate cannot happen (a record finishes once) but must not widen a run.
         assert_eq!(runs(&[3, 3, 4]), [(3, 4), (3, 5)]);
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use bytes::Bytes;
+
+    use super::RecordSource;
+    use crate::buffer::{Log, LogConfig};
+    use crate::forward::record;
+    use crate::record::{Record, Source};
+
+    /// The log, read as the forwarder reads it, keeps a batch within the window's free
+    /// weight. Small records with headers (command outcomes: about 1,350 of weight for 120
+    /// payload bytes) had gone about 30 % over when a read counted payload bytes and the
+    /// lightest record's weight.
+    #[tokio::test]
+    async fn a_read_takes_no_more_weight_than_the_window_has_free() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) = Log::open(LogConfig::new(dir.path())).expect("open");
+        let outcome = Record {
+            source: Source::Mqtt,
+            received_ms: 1_764_000_000_000,
+            device: "dev-00042".into(),
+            origin: "$edgegate/downlink/iot.commands".into(),
+            kafka_topic: "iot.commands.status".into(),
+            key: Some(Bytes::from_static(b"dev-00042")),
+            headers: vec![
+                ("edgegate-outcome".into(), Bytes::from_static(b"delivered")),
+                (
+                    "edgegate-correlation".into(),
+                    Bytes::from_static(b"req-0001"),
+                ),
+            ],
+            payload: Bytes::from(vec![b'x'; 120]),
+        };
+        let heavy = record::weight(&outcome);
+        assert!(heavy > record::MIN_WEIGHT + 240, "{heavy}");
+        let mut durable = Vec::new();
+        for _ in 0..200 {
+            durable.push(log.append(&outcome).expect("append"));
+        }
+        for d in durable {
+            d.await.expect("durable");
+        }
+        let mut reader = log.reader().expect("reader");
+        let free = 40 * record::MIN_WEIGHT;
+        let mut read = 0;
+        while read < 200 {
+            let batch = RecordSource::read_batch(&mut reader, 1000, free)
+                .await
+                .expect("read");
+            let weight: usize = batch.iter().map(|r| record::weight(&r.record)).sum();
+            assert!(
+                weight <= free,
+                "{} records of {weight} weight in {free}",
+                batch.len()
+            );
+            assert_eq!(
+                batch.len(),
+                (free / heavy).min(200 - read),
+                "as many as fit"
+            );
+            read += batch.len();
+        }
     }
 }
