@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 /// How often free memory is given back: while 10,000 devices reconnect to take their
 /// commands, the gateway's RSS climbs for about two seconds (`tools/bench-downlink`), and
-/// with a status topic swings by several MB between give-backs a second apart (what the
-/// forwarder frees as Kafka acknowledges the outcomes). Every 250 ms the bench's peak was
+/// with a status topic swings by several MB between give-backs a second apart (freed while
+/// the outcomes go to Kafka, held by glibc until given back). Every 250 ms the bench's peak was
 /// over 64 MiB in 2 of 9 runs, every second in 8 of 17, in the same hour
 /// (docs/ARCHITECTURE.md, "Giving free memory back"); a call takes under a millisecond.
 pub const GIVE_BACK_PERIOD: Duration = Duration::from_millis(250);
