@@ -105,7 +105,6 @@ mod cursor;
 mod format;
 mod io;
 mod reader;
-pub use reader::Measure;
 mod recovery;
 pub mod seal;
 mod segment;
@@ -132,6 +131,7 @@ use self::io::{OsStorage, Storage};
 use self::seal::LogKeys;
 use std::os::unix::fs::OpenOptionsExt;
 
+pub use self::reader::Measure;
 use self::reader::ReaderCore;
 use self::shared::{Acks, Shared, State, lock};
 use self::writer::Writer;

@@ -124,8 +124,8 @@ impl ReaderCore {
                         path: segment_path(&self.shared.cfg.dir, pos.seg_first),
                         source,
                     })?;
+                    bytes += found.bytes;
                     for (r, offset) in found.records {
-                        bytes += measure(&r.record);
                         inflight.push(InFlight {
                             seq: r.seq,
                             seg_first: pos.seg_first,
@@ -269,6 +269,8 @@ struct Found {
     /// Reading stopped at this record (sequence number, key id): sealed with a key that is
     /// not configured.
     missing_key: Option<(u64, u32)>,
+    /// The records' bytes as the read's measure counted them.
+    bytes: usize,
 }
 
 /// What is left of a batch for one segment's records.
@@ -301,9 +303,9 @@ fn read_segment(
         records: Vec::new(),
         corrupt: Vec::new(),
         missing_key: None,
+        bytes: 0,
     };
-    let mut bytes = 0usize;
-    while pos.offset < limit && found.records.len() < max_records && bytes < max_bytes {
+    while pos.offset < limit && found.records.len() < max_records && found.bytes < max_bytes {
         let at = pos.offset;
         match walker.frame_at(at)? {
             Frame::Valid { seq, len } if seq >= pos.head_seq => {
@@ -317,11 +319,11 @@ fn read_segment(
                 }
                 if let Ok(record) = &decoded {
                     let size = measure(record);
-                    if bytes + size > max_bytes && !(first && found.records.is_empty()) {
+                    if found.bytes + size > max_bytes && !(first && found.records.is_empty()) {
                         // Left for the next read: a batch stays within what it was given.
                         break;
                     }
-                    bytes += size;
+                    found.bytes += size;
                 }
                 pos.offset += len as u64;
                 pos.head_seq = seq + 1;
