@@ -125,6 +125,7 @@ pub fn set_gauges(health: &Health, stats: &LogStats) {
         metrics::gauge!("edgegate_retained_messages").set(b.retained as f64);
         metrics::gauge!("edgegate_local_queued_messages").set(b.queued_messages as f64);
         metrics::gauge!("edgegate_local_queued_bytes").set(b.queued_bytes as f64);
+        metrics::gauge!("edgegate_local_read_back_bytes").set(b.read_back_bytes as f64);
         metrics::gauge!("edgegate_downlink_commands_held").set(b.commands_held as f64);
         let oldest = b.oldest_command_ms.map_or(0.0, |sent| {
             (crate::ingest::now_ms().saturating_sub(sent)).max(0) as f64 / 1000.0

@@ -31,19 +31,72 @@ pub struct QueueLimits {
     pub bytes: usize,
 }
 
-/// Bytes waiting in every mailbox together, against one limit.
+/// Bytes waiting in every mailbox together, against one limit; and the messages read back
+/// from the sessions journal and not yet finished, against another ([`READ_BACK_BYTES`]).
 #[derive(Debug)]
 pub struct Totals {
     bytes: AtomicUsize,
     limit: usize,
+    reading: AtomicUsize,
+    reading_limit: usize,
 }
+
+/// How much of persistent sessions' journaled messages may be read back into memory at once,
+/// across every session, beyond one message per session with nothing in flight (which is
+/// always let through, so no session waits on others that do not acknowledge): each counts
+/// its [`Message::cost`](super::Message::cost) plus [`READ_BACK_OVERHEAD`]. Without it a
+/// reconnecting device took up to its receive maximum (128 by default) of its held messages
+/// into memory at once, so devices reconnecting together with a backlog each held, say,
+/// 128 commands of 10 KB: 1.3 MB a device (docs/ARCHITECTURE.md, "The downlink").
+pub const READ_BACK_BYTES: usize = 1 << 20;
+
+/// What a message read back costs beyond its [`Message::cost`](super::Message::cost): the
+/// record it was read into, the decoded message, its command's identity and the packet id's
+/// state, about 450 bytes for a small command (heaptrack, tools/bench-downlink).
+pub const READ_BACK_OVERHEAD: usize = 512;
 
 impl Totals {
     pub fn new(limit: usize) -> Arc<Totals> {
+        Totals::with_read_back(limit, READ_BACK_BYTES)
+    }
+
+    /// [`Totals::new`] with another read-back budget than [`READ_BACK_BYTES`].
+    pub fn with_read_back(limit: usize, reading_limit: usize) -> Arc<Totals> {
         Arc::new(Totals {
             bytes: AtomicUsize::new(0),
             limit,
+            reading: AtomicUsize::new(0),
+            reading_limit,
         })
+    }
+
+    /// Bytes of journaled messages read back and not yet finished.
+    pub fn reading(&self) -> usize {
+        self.reading.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` bytes read back; `force`: even over the budget.
+    fn read_back(self: &Arc<Self>, n: usize, force: bool) -> Option<ReadBack> {
+        let mut current = self.reading.load(Ordering::Relaxed);
+        loop {
+            if !force && current.saturating_add(n) > self.reading_limit {
+                return None;
+            }
+            match self.reading.compare_exchange_weak(
+                current,
+                current + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(ReadBack {
+                        totals: Arc::clone(self),
+                        bytes: n,
+                    });
+                }
+                Err(now) => current = now,
+            }
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -76,6 +129,20 @@ impl Totals {
     }
 }
 
+/// A journaled message read back into memory, counted against [`READ_BACK_BYTES`] until
+/// the last copy of its [`Outbound`] is dropped (finished, or given up with its connection).
+#[derive(Debug)]
+pub struct ReadBack {
+    totals: Arc<Totals>,
+    bytes: usize,
+}
+
+impl Drop for ReadBack {
+    fn drop(&mut self) {
+        self.totals.reading.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// One message on its way to one session, with what its subscriptions made of it.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -97,6 +164,8 @@ pub struct Outbound {
     /// Its id in the sessions journal (0: not journaled: QoS 0, or a session that is not
     /// persistent); the connection reports it finished with [`Mailbox::finish`].
     pub store_id: u64,
+    /// Set while it is a journaled message read back into memory ([`READ_BACK_BYTES`]).
+    pub read_back: Option<Arc<ReadBack>>,
 }
 
 impl Outbound {
@@ -116,6 +185,7 @@ impl Outbound {
             pkid: 0,
             released: false,
             store_id: 0,
+            read_back: None,
         }
     }
 }
@@ -580,6 +650,8 @@ impl Mailbox {
             self.totals.bytes.fetch_add(cost, Ordering::Relaxed);
             q.bytes += cost;
             out.dup = true;
+            // Counted in the queue's bytes again, no longer as read back in flight.
+            out.read_back = None;
             q.push_front(Entry::Ready(Box::new(out)));
         }
         drop(q);
@@ -588,7 +660,13 @@ impl Mailbox {
 
     /// Takes up to `qos_slots` QoS 1/2 messages (and any QoS 0 messages before and between
     /// them) from the front; expired ones are dropped and returned apart.
-    pub fn take(&self, qos_slots: usize, max: usize, now_ms: i64) -> Taken {
+    ///
+    /// A journaled message is read back only within the gateway's read-back budget
+    /// ([`READ_BACK_BYTES`]), except the first of a turn while `idle` (the connection has
+    /// nothing in flight): a connection with something in flight takes again when it is
+    /// acknowledged, so a refusal here leaves none waiting for good, and one that is idle
+    /// always gets one.
+    pub fn take(&self, qos_slots: usize, max: usize, now_ms: i64, idle: bool) -> Taken {
         let mut q = self.lock();
         // Sized once for what the window lets out (QoS 0 among them may grow it): growing
         // from nothing reallocated it three or four times a turn.
@@ -600,6 +678,8 @@ impl Mailbox {
         // Given back to the shared total once a turn: an atomic every publisher also
         // updates, so one per message was a cache line crossing cores per delivery.
         let mut released = 0;
+        // Whether an acknowledgement will call the connection back to take again.
+        let mut called_back = !idle;
         while taken.ready.len() < max {
             let Some(front) = q.items.front() else {
                 break;
@@ -607,15 +687,29 @@ impl Mailbox {
             if front.qos() > 0 && slots == 0 {
                 break;
             }
+            // Held until the message is dropped: checked before reading it back.
+            let read_back = match front {
+                Entry::Journaled { cost, .. } => {
+                    let charge = *cost as usize + READ_BACK_OVERHEAD;
+                    match self.totals.read_back(charge, !called_back) {
+                        Some(r) => Some(Arc::new(r)),
+                        None => break,
+                    }
+                }
+                _ => None,
+            };
             let Some(entry) = q.pop_front() else {
                 break;
             };
             let cost = entry.cost();
             q.bytes -= cost;
             released += cost;
-            let Some(out) = q.open(entry) else {
+            let Some(mut out) = q.open(entry) else {
                 continue;
             };
+            if read_back.is_some() {
+                out.read_back = read_back;
+            }
             if out.message.expired(now_ms) {
                 // Finished (off the journal) by whoever reports it.
                 taken.expired.push(out);
@@ -623,6 +717,7 @@ impl Mailbox {
             }
             if out.qos > 0 {
                 slots -= 1;
+                called_back = true;
             }
             taken.ready.push(out);
         }

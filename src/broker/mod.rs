@@ -194,6 +194,9 @@ impl Message {
 pub struct BrokerConfig {
     pub queue: QueueLimits,
     pub total_queued_bytes: usize,
+    /// Persistent sessions' journaled messages read back into memory at once, beyond one
+    /// per idle connection ([`mailbox::READ_BACK_BYTES`] unless a test says otherwise).
+    pub read_back_bytes: usize,
     pub max_retained: usize,
     /// The longest a disconnected persistent session is kept.
     pub max_session_expiry: Duration,
@@ -305,6 +308,9 @@ pub struct BrokerStats {
     pub retained: usize,
     pub queued_messages: usize,
     pub queued_bytes: usize,
+    /// Of persistent sessions' journaled messages, the bytes read back into memory and not
+    /// yet finished (sent and waiting for their acknowledgement).
+    pub read_back_bytes: usize,
     /// Commands from the downlink waiting for their devices (not yet sent).
     pub commands_held: usize,
     /// When the oldest of them was produced to Kafka (ms since the epoch).
@@ -401,7 +407,7 @@ impl Broker {
         let (outcomes, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
         let broker = Broker {
             inner: Arc::new(Inner {
-                totals: Totals::new(config.total_queued_bytes),
+                totals: Totals::with_read_back(config.total_queued_bytes, config.read_back_bytes),
                 config,
                 index: RwLock::new(Index::default()),
                 sessions: map,
@@ -1039,6 +1045,7 @@ impl Broker {
             retained: self.inner.retained.len(),
             queued_messages: held.messages,
             queued_bytes: self.inner.totals.bytes(),
+            read_back_bytes: self.inner.totals.reading(),
             commands_held: held.commands,
             oldest_command_ms: held.oldest_command_ms,
             downlink_lag: match self.inner.downlink_lag.load(Ordering::Relaxed) {
@@ -1092,6 +1099,10 @@ pub fn describe() {
     describe_gauge!(
         "edgegate_local_queued_bytes",
         "Bytes waiting to be sent to local subscribers (bounded by max_queued_bytes_total)."
+    );
+    describe_gauge!(
+        "edgegate_local_read_back_bytes",
+        "Bytes of persistent sessions' queued messages read back from disk and not yet acknowledged (1 MiB at once, beyond one per idle connection)."
     );
     describe_counter!(
         "edgegate_downlink_outcomes_total",

@@ -10,6 +10,11 @@ use super::mailbox::{Outbound, QueueLimits};
 use super::{Broker, BrokerConfig, Message, Props, Request, SubscribeRefused};
 
 fn broker(dir: &std::path::Path, messages: usize) -> Broker {
+    broker_reading(dir, messages, 1 << 20)
+}
+
+/// [`broker`] with `read_back_bytes` as the read-back budget.
+fn broker_reading(dir: &std::path::Path, messages: usize, read_back_bytes: usize) -> Broker {
     Broker::open(
         dir,
         BrokerConfig {
@@ -18,6 +23,7 @@ fn broker(dir: &std::path::Path, messages: usize) -> Broker {
                 bytes: 1 << 20,
             },
             total_queued_bytes: 1 << 30,
+            read_back_bytes,
             max_retained: 100,
             max_session_expiry: Duration::from_secs(3600),
             max_subscriptions: 4,
@@ -54,7 +60,7 @@ fn request(filter: &str, qos: u8) -> Request<'_> {
 }
 
 fn drain(mailbox: &super::mailbox::Mailbox) -> Vec<Outbound> {
-    mailbox.take(usize::MAX, usize::MAX, 0).ready
+    mailbox.take(usize::MAX, usize::MAX, 0, true).ready
 }
 
 fn payloads(out: &[Outbound]) -> Vec<String> {
@@ -276,7 +282,7 @@ async fn persistent_sessions_and_their_queued_messages_survive_a_reopen() {
             .await
             .expect("durable");
     }
-    let sent = dev.mailbox.take(2, 2, 0).ready;
+    let sent = dev.mailbox.take(2, 2, 0, true).ready;
     assert_eq!(sent.len(), 2);
     dev.mailbox.finish(sent[0].store_id);
     // QoS 0 for a persistent session is not journaled.
@@ -596,7 +602,7 @@ fn a_full_queue_is_seen_without_its_lock_and_room_as_soon_as_it_is_made() {
     assert_eq!(mailbox.refuses(1, s), Some(Dropped::QueueFull));
     assert_eq!(mailbox.refuses(0, s), Some(Dropped::QueueFull));
 
-    let taken = mailbox.take(1, 1, 0).ready;
+    let taken = mailbox.take(1, 1, 0, true).ready;
     assert_eq!(taken.len(), 1);
     assert_eq!(mailbox.refuses(1, s), None, "a take makes room at once");
     // Sent and not acknowledged, back at the front past the limit: full again.
@@ -629,7 +635,7 @@ async fn a_full_queue_refuses_until_its_subscriber_takes() {
         assert_eq!(p.queued, if i < 2 { 2 } else { 1 }, "message {i}");
         drain(&other.mailbox);
     }
-    assert_eq!(payloads(&slow.mailbox.take(1, 1, 0).ready), ["0"]);
+    assert_eq!(payloads(&slow.mailbox.take(1, 1, 0, true).ready), ["0"]);
     assert_eq!(b.publish(&message("t/a", "4", 1, false, None)).queued, 2);
     assert_eq!(payloads(&drain(&slow.mailbox)), ["1", "4"]);
 }
@@ -881,4 +887,68 @@ async fn an_acknowledged_command_stays_journaled_until_its_outcome_is_written() 
         }
         b.sync_sessions().await.expect("sync");
     }
+}
+
+/// Journaled messages are read back into memory only within the read-back budget, across
+/// sessions: a connection with something in flight takes no more once it is spent (its
+/// acknowledgements call it back), an idle one still gets one, and whatever is dropped
+/// (finished, expired, given up) or put back for a later connection gives its share back.
+#[tokio::test]
+async fn journaled_messages_are_read_back_within_one_budget_for_all_sessions() {
+    use super::mailbox::READ_BACK_OVERHEAD;
+    let payload = "p".repeat(1000);
+    let cost = message("cmd/x", &format!("0{payload}"), 1, false, None).cost() + READ_BACK_OVERHEAD;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker_reading(dir.path(), 100, 3 * cost);
+    let keep = Some(Some(Duration::from_secs(600)));
+    let (one, two) = (b.attach("one", false, keep), b.attach("two", false, keep));
+    b.subscribe(&one, &request("cmd/#", 1)).expect("sub");
+    b.subscribe(&two, &request("cmd/#", 1)).expect("sub");
+    for i in 0..6 {
+        let durable = b
+            .publish(&message("cmd/x", &format!("{i}{payload}"), 1, false, None))
+            .durable;
+        durable.expect("journaled").await.expect("durable");
+    }
+    let first = |out: &[Outbound]| -> Vec<char> {
+        out.iter()
+            .map(|o| char::from(o.message.payload[0]))
+            .collect()
+    };
+
+    // Three fit; the fourth waits although the client's window has room.
+    let mut got_one = one.mailbox.take(128, 256, 0, true).ready;
+    assert_eq!(first(&got_one), ['0', '1', '2']);
+    assert_eq!(b.stats().read_back_bytes, 3 * cost);
+    assert!(one.mailbox.take(128, 256, 0, false).ready.is_empty());
+    // Idle, the other session gets one over the budget, and no more.
+    let got_two = two.mailbox.take(128, 256, 0, true).ready;
+    assert_eq!(first(&got_two), ['0']);
+    assert_eq!(b.stats().read_back_bytes, 4 * cost);
+    assert!(two.mailbox.take(128, 256, 0, false).ready.is_empty());
+
+    // Acknowledged: its share goes back, and the next is read in its place.
+    let acked = got_one.remove(0);
+    one.mailbox.finish(acked.store_id);
+    drop(acked);
+    drop(got_two);
+    assert_eq!(b.stats().read_back_bytes, 2 * cost);
+    let third = one.mailbox.take(128, 256, 0, false).ready;
+    assert_eq!(first(&third), ['3']);
+    assert_eq!(b.stats().read_back_bytes, 3 * cost);
+    // Sent and not acknowledged, put back for the next connection: counted as queued again,
+    // taken again outside the budget (already in memory), and the budget has room for two.
+    one.mailbox.requeue(got_one);
+    assert_eq!(b.stats().read_back_bytes, cost);
+    let again = one.mailbox.take(128, 256, 0, false).ready;
+    assert_eq!(first(&again), ['1', '2', '4', '5']);
+    assert!(again[..2].iter().all(|o| o.dup && o.read_back.is_none()));
+    assert_eq!(b.stats().read_back_bytes, 3 * cost);
+    assert!(two.mailbox.take(128, 256, 0, false).ready.is_empty());
+    drop((third, again));
+    assert_eq!(b.stats().read_back_bytes, 0);
+    assert_eq!(
+        first(&two.mailbox.take(128, 256, 0, false).ready),
+        ['1', '2', '3']
+    );
 }

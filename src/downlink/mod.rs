@@ -574,6 +574,7 @@ mod tests {
                     bytes: 1 << 20,
                 },
                 total_queued_bytes: 1 << 20,
+                read_back_bytes: 1 << 20,
                 max_retained: 10,
                 max_session_expiry: Duration::from_secs(60),
                 max_subscriptions: 4,

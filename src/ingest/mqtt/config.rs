@@ -195,6 +195,7 @@ impl MqttConfig {
                 bytes: bytes(self.max_queued_bytes),
             },
             total_queued_bytes: bytes(self.max_queued_bytes_total),
+            read_back_bytes: crate::broker::mailbox::READ_BACK_BYTES,
             max_retained: self.max_retained_messages,
             max_session_expiry: self.max_session_expiry.get(),
             max_subscriptions: self.max_subscriptions_per_session,

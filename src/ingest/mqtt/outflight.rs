@@ -95,6 +95,11 @@ impl Outflight {
         self.window.saturating_sub(self.sent.len())
     }
 
+    /// Nothing is unfinished: no acknowledgement is on its way.
+    pub fn is_idle(&self) -> bool {
+        self.sent.is_empty()
+    }
+
     /// Registers `out` (QoS 1 or 2) as sent and returns its packet id: the one it had if it
     /// is a resend and that id is free, else the next free one.
     pub fn send(&mut self, out: Outbound) -> u16 {

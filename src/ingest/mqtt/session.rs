@@ -924,10 +924,12 @@ impl<S: Stream> Session<S> {
     /// Writes what the session's mailbox holds, as far as the client's window allows.
     fn deliver(&mut self) {
         let now = now_ms();
-        let taken = self
-            .attached
-            .mailbox
-            .take(self.outflight.slots(), DELIVER_BATCH, now);
+        let taken = self.attached.mailbox.take(
+            self.outflight.slots(),
+            DELIVER_BATCH,
+            now,
+            self.outflight.is_idle(),
+        );
         if !taken.expired.is_empty() {
             self.shared
                 .broker
