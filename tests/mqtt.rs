@@ -995,3 +995,71 @@ async fn acks_follow_the_order_of_the_publishes() {
     }
     gw.stop().await;
 }
+
+/// A message too large for its client is dropped as if sent, and the session goes on to the
+/// next even while the read-back budget (1 MiB for all sessions) is spent by a subscriber
+/// that does not acknowledge: the dropped one was the one message an idle connection may
+/// read back over the budget, and nothing else would call it back [MQTT-3.1.2-25].
+#[tokio::test]
+async fn a_message_too_large_for_its_client_does_not_hold_up_the_next_one() {
+    let gw = start_default().await;
+    let subscribe = |level: u8, filter: &str| {
+        let mut body = vec![0, 9];
+        if level == 5 {
+            body.push(0);
+        }
+        common::mqtt_string(&mut body, filter.as_bytes());
+        body.push(1);
+        common::mqtt_frame(0x82, &body)
+    };
+    // A persistent MQTT 5 session whose client takes packets of 1 KiB at most.
+    let small_client = || {
+        let mut body = Vec::new();
+        common::mqtt_string(&mut body, b"MQTT");
+        body.extend_from_slice(&[5, 0x00, 0, 60]);
+        body.extend_from_slice(&[10, 0x11, 0, 0, 0, 60, 0x27, 0, 0, 4, 0]);
+        common::mqtt_string(&mut body, b"small");
+        common::mqtt_frame(0x10, &body)
+    };
+    let mut small = Raw::open(gw.addr).await;
+    small.send(&small_client()).await;
+    assert_eq!(small.recv().await.map(|p| p.0), Some(0x20));
+    small.send(&subscribe(5, "dev/small/#")).await;
+    assert_eq!(small.recv().await.map(|p| p.0), Some(0x90));
+    drop(small);
+
+    // A subscriber that never acknowledges takes 1 MiB of read-back messages and holds them.
+    let mut hog = Raw::open(gw.addr).await;
+    hog.send(&connect_persistent(4, "hog")).await;
+    assert_eq!(hog.recv().await.map(|p| p.0), Some(0x20));
+    hog.send(&subscribe(4, "dev/big")).await;
+    assert_eq!(hog.recv().await.map(|p| p.0), Some(0x90));
+    let mut publisher = Raw::connected(gw.addr, 4, "publisher").await;
+    let big = vec![b'x'; 10_000];
+    let mut pkid = 0;
+    let mut send = async |topic: &str, payload: &[u8]| {
+        pkid += 1;
+        publisher
+            .send(&publish(4, 1, false, pkid, topic, payload))
+            .await;
+        assert_eq!(publisher.recv().await.map(|p| p.0), Some(0x40), "PUBACK");
+    };
+    for _ in 0..110 {
+        send("dev/big", &big).await;
+    }
+    // Five too large for the small client, then one it can take.
+    for _ in 0..5 {
+        send("dev/small/x", &big).await;
+    }
+    send("dev/small/x", b"tail").await;
+
+    let mut small = Raw::open(gw.addr).await;
+    small.send(&small_client()).await;
+    let (byte1, body) = small.recv().await.expect("CONNACK");
+    assert_eq!((byte1, body[0]), (0x20, 1), "session present");
+    let (byte1, body) = small.recv().await.expect("the message that fits");
+    assert_eq!(byte1 & 0xf0, 0x30);
+    assert!(body.ends_with(b"tail"), "{body:?}");
+    drop(hog);
+    gw.stop().await;
+}

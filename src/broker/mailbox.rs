@@ -707,9 +707,7 @@ impl Mailbox {
             let Some(mut out) = q.open(entry) else {
                 continue;
             };
-            if read_back.is_some() {
-                out.read_back = read_back;
-            }
+            out.read_back = read_back;
             if out.message.expired(now_ms) {
                 // Finished (off the journal) by whoever reports it.
                 taken.expired.push(out);

@@ -922,7 +922,17 @@ impl<S: Stream> Session<S> {
     }
 
     /// Writes what the session's mailbox holds, as far as the client's window allows.
+    ///
+    /// Again while every QoS 1/2 message taken was dropped as too large for the client and
+    /// none is in flight: the last may have been the one message an idle connection reads
+    /// back over the read-back budget, and no acknowledgement would come to call it back.
+    /// Each round takes at least one message off the queue.
     fn deliver(&mut self) {
+        while self.deliver_once() && self.outflight.is_idle() {}
+    }
+
+    /// One take from the mailbox, written; whether it took a QoS 1/2 message.
+    fn deliver_once(&mut self) -> bool {
         let now = now_ms();
         let taken = self.attached.mailbox.take(
             self.outflight.slots(),
@@ -943,8 +953,8 @@ impl<S: Stream> Session<S> {
         // Counted once a turn: a shared counter per message was a contended atomic add
         // for every delivery of every subscriber.
         let mut delivered = [0u64; 3];
-        self.outflight
-            .reserve(taken.ready.iter().filter(|o| o.qos > 0).count());
+        let acknowledged = taken.ready.iter().filter(|o| o.qos > 0).count();
+        self.outflight.reserve(acknowledged);
         let bytes = taken
             .ready
             .iter()
@@ -961,6 +971,7 @@ impl<S: Stream> Session<S> {
                 counter.increment(n);
             }
         }
+        acknowledged > 0
     }
 
     /// Queues `out` for the client; the QoS it was delivered with, or `None` if it was not
