@@ -77,26 +77,15 @@ impl Totals {
 
     /// Counts `n` bytes read back; `force`: even over the budget.
     fn read_back(self: &Arc<Self>, n: usize, force: bool) -> Option<ReadBack> {
-        let mut current = self.reading.load(Ordering::Relaxed);
-        loop {
-            if !force && current.saturating_add(n) > self.reading_limit {
-                return None;
-            }
-            match self.reading.compare_exchange_weak(
-                current,
-                current + n,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
-                    return Some(ReadBack {
-                        totals: Arc::clone(self),
-                        bytes: n,
-                    });
-                }
-                Err(now) => current = now,
-            }
-        }
+        let limit = if force {
+            usize::MAX
+        } else {
+            self.reading_limit
+        };
+        add_within(&self.reading, n, limit).then(|| ReadBack {
+            totals: Arc::clone(self),
+            bytes: n,
+        })
     }
 
     pub fn bytes(&self) -> usize {
@@ -104,21 +93,7 @@ impl Totals {
     }
 
     fn reserve(&self, n: usize) -> bool {
-        let mut current = self.bytes.load(Ordering::Relaxed);
-        loop {
-            if current.saturating_add(n) > self.limit {
-                return false;
-            }
-            match self.bytes.compare_exchange_weak(
-                current,
-                current + n,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(now) => current = now,
-            }
-        }
+        add_within(&self.bytes, n, self.limit)
     }
 
     fn release(&self, n: usize) {
@@ -126,6 +101,25 @@ impl Totals {
             return;
         }
         self.bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Adds `n` to `counter` unless that takes it over `limit`; whether it did.
+fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
+    let mut current = counter.load(Ordering::Relaxed);
+    loop {
+        if current.saturating_add(n) > limit {
+            return false;
+        }
+        match counter.compare_exchange_weak(
+            current,
+            current + n,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return true,
+            Err(now) => current = now,
+        }
     }
 }
 

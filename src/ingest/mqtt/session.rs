@@ -953,8 +953,8 @@ impl<S: Stream> Session<S> {
         // Counted once a turn: a shared counter per message was a contended atomic add
         // for every delivery of every subscriber.
         let mut delivered = [0u64; 3];
-        let acknowledged = taken.ready.iter().filter(|o| o.qos > 0).count();
-        self.outflight.reserve(acknowledged);
+        let to_acknowledge = taken.ready.iter().filter(|o| o.qos > 0).count();
+        self.outflight.reserve(to_acknowledge);
         let bytes = taken
             .ready
             .iter()
@@ -971,7 +971,7 @@ impl<S: Stream> Session<S> {
                 counter.increment(n);
             }
         }
-        acknowledged > 0
+        to_acknowledge > 0
     }
 
     /// Queues `out` for the client; the QoS it was delivered with, or `None` if it was not
