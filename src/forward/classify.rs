@@ -5,7 +5,11 @@
 //! delivery report means librdkafka gave up: the error is permanent for the record, for its
 //! batch, or for the producer instance. Each case has its own remedy.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use rdkafka::types::RDKafkaErrorCode as Code;
+use tokio::time::Instant;
 
 /// The remedy for a failed send or delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +80,81 @@ pub fn enqueue(code: Code) -> Disposition {
         Code::Fatal => Disposition::Rebuild,
         // QueueFull and anything transient: back off and send again, in order.
         _ => Disposition::Retry,
+    }
+}
+
+/// How long records for a topic Kafka says it does not know are sent again before they go
+/// to the dead-letter log, from the first such answer for the topic.
+///
+/// librdkafka gives a topic 30 s to appear (`topic.metadata.propagation.max.ms`: the
+/// brokers' auto-creation, or a topic just created elsewhere), but counts them from the
+/// topic's first use. A route's topic first used while Kafka was away for longer had no
+/// time left when Kafka returned: the first "unknown topic" answer failed the backlog
+/// before the brokers' auto-creation (which that very request started) had made the topic,
+/// and it went to the dead-letter log (a CI run met it). The grace counts from the answer
+/// instead; librdkafka asks again for a topic it does not know every second, so a topic
+/// being made is known within a second or two of the first answer.
+pub const UNKNOWN_TOPIC_GRACE: Duration = Duration::from_secs(30);
+
+/// Topics given the grace at once at most; others refused as unknown meanwhile are
+/// dead-lettered at once, as before there was a grace, so a flood of routes to topics that
+/// do not exist cannot grow the map.
+const UNKNOWN_TOPICS_HELD: usize = 1024;
+
+/// Kafka does not know the record's topic (it may be being made).
+pub fn is_unknown_topic(code: Code) -> bool {
+    matches!(code, Code::UnknownTopic | Code::UnknownTopicOrPartition)
+}
+
+/// Topics Kafka answered "unknown topic" for, with when it first did: see
+/// [`UNKNOWN_TOPIC_GRACE`]. A topic stays until a record for it is delivered, so one that
+/// does not exist gets its grace once, and its records are dead-lettered at once after.
+#[derive(Debug, Default)]
+pub struct UnknownTopics {
+    since: HashMap<String, Instant>,
+}
+
+impl UnknownTopics {
+    /// Whether a record for `topic`, refused at `now` as an unknown topic, is sent again
+    /// (within the grace) rather than dead-lettered.
+    pub fn waits(&mut self, topic: &str, now: Instant) -> bool {
+        let since = match self.since.get(topic) {
+            Some(&since) => since,
+            None if self.since.len() >= UNKNOWN_TOPICS_HELD => return false,
+            None => {
+                tracing::warn!(
+                    topic,
+                    grace = ?UNKNOWN_TOPIC_GRACE,
+                    "Kafka does not know a route's topic (the brokers may be making it); its records are sent again until it exists, and dead-lettered if it still does not after the grace."
+                );
+                self.since.insert(topic.to_owned(), now);
+                now
+            }
+        };
+        now.saturating_duration_since(since) < UNKNOWN_TOPIC_GRACE
+    }
+
+    /// Kafka took a record for `topic`: it exists.
+    pub fn known(&mut self, topic: &str) {
+        if !self.since.is_empty() {
+            self.since.remove(topic);
+        }
+    }
+
+    /// [`delivery`], with a topic within its grace sent again.
+    pub fn delivery(&mut self, code: Code, alone: bool, topic: &str, now: Instant) -> Disposition {
+        if is_unknown_topic(code) && self.waits(topic, now) {
+            return Disposition::Retry;
+        }
+        delivery(code, alone)
+    }
+
+    /// [`enqueue`], with a topic within its grace sent again.
+    pub fn enqueue(&mut self, code: Code, topic: &str, now: Instant) -> Disposition {
+        if is_unknown_topic(code) && self.waits(topic, now) {
+            return Disposition::Retry;
+        }
+        enqueue(code)
     }
 }
 
@@ -202,6 +281,64 @@ mod tests {
     fn local_rejections_need_no_isolation() {
         assert_eq!(enqueue(Code::MessageSizeTooLarge), Disposition::DeadLetter);
         assert_eq!(enqueue(Code::UnknownTopic), Disposition::DeadLetter);
+    }
+
+    /// A topic Kafka does not know yet is given its grace from the first answer, then its
+    /// records are dead-lettered; a delivery for it starts the grace afresh next time. Other
+    /// topic errors and other topics are not affected.
+    #[test]
+    fn an_unknown_topic_is_sent_again_within_its_grace() {
+        let mut unknown = UnknownTopics::default();
+        let t0 = Instant::now();
+        for code in [Code::UnknownTopic, Code::UnknownTopicOrPartition] {
+            assert_eq!(unknown.delivery(code, false, "a", t0), Disposition::Retry);
+        }
+        assert_eq!(
+            unknown.enqueue(Code::UnknownTopic, "a", t0 + Duration::from_secs(29)),
+            Disposition::Retry
+        );
+        let after = t0 + UNKNOWN_TOPIC_GRACE;
+        assert_eq!(
+            unknown.enqueue(Code::UnknownTopic, "a", after),
+            Disposition::DeadLetter
+        );
+        assert_eq!(
+            unknown.delivery(Code::UnknownTopic, false, "a", after),
+            Disposition::DeadLetter
+        );
+        assert_eq!(
+            unknown.delivery(Code::UnknownTopic, false, "b", after),
+            Disposition::Retry,
+            "each topic has its own grace"
+        );
+        assert_eq!(
+            unknown.delivery(Code::TopicAuthorizationFailed, false, "c", t0),
+            Disposition::DeadLetter
+        );
+        assert_eq!(
+            unknown.enqueue(Code::QueueFull, "c", t0),
+            Disposition::Retry
+        );
+        unknown.known("a");
+        assert_eq!(
+            unknown.enqueue(Code::UnknownTopic, "a", after),
+            Disposition::Retry,
+            "delivered since: a new grace"
+        );
+    }
+
+    #[test]
+    fn the_unknown_topics_held_are_bounded() {
+        let mut unknown = UnknownTopics::default();
+        let now = Instant::now();
+        for i in 0..UNKNOWN_TOPICS_HELD {
+            assert!(unknown.waits(&format!("t{i}"), now));
+        }
+        assert!(!unknown.waits("one-more", now), "no grace once full");
+        assert!(unknown.waits("t0", now), "those held keep theirs");
+        assert_eq!(unknown.since.len(), UNKNOWN_TOPICS_HELD);
+        unknown.known("t0");
+        assert!(unknown.waits("one-more", now));
     }
 
     #[test]

@@ -213,6 +213,9 @@ pub struct Worker<S, D> {
     /// read, so a re-sent record is never overtaken by a newer one from this side.
     resend: BTreeSet<u64>,
     resend_at: Option<Instant>,
+    /// Topics Kafka said it does not know: their records are sent again for a while before
+    /// they are dead-lettered (the brokers may be making the topic).
+    unknown_topics: classify::UnknownTopics,
     /// A rebuild of the producer is due at this time.
     rebuild_at: Option<Instant>,
     window: Window,
@@ -346,6 +349,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             in_flight_bytes: 0,
             resend: BTreeSet::new(),
             resend_at: None,
+            unknown_topics: classify::UnknownTopics::default(),
             rebuild_at: None,
             window,
             backoff,
@@ -623,7 +627,10 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 p.state = State::Queued;
                 let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown);
                 metric::error(classify::kind(code));
-                match classify::enqueue(code) {
+                match self
+                    .unknown_topics
+                    .enqueue(code, &p.record.kafka_topic, now)
+                {
                     Disposition::DeadLetter | Disposition::Isolate => {
                         self.dead_letter(seq, &e.to_string());
                         Sent::Handled
@@ -688,6 +695,7 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                     tracing::info!("Kafka takes records again: enough replicas are in sync.");
                 }
                 self.backoff.reset();
+                self.unknown_topics.known(&p.record.kafka_topic);
                 self.finish(report.seq);
                 self.delivered += 1;
                 if let Some(change) = self.window.on_delivered(1) {
@@ -696,7 +704,10 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             }
             Err(code) => {
                 metric::error(classify::kind(code));
-                match classify::delivery(code, p.alone) {
+                match self
+                    .unknown_topics
+                    .delivery(code, p.alone, &p.record.kafka_topic, now)
+                {
                     Disposition::Isolate => {
                         tracing::debug!(seq = report.seq, error = %code, "Kafka rejected a batch; sending this record alone.");
                         p.alone = true;
