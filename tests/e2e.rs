@@ -450,6 +450,82 @@ async fn a_topic_first_used_in_a_long_outage_is_created_when_kafka_returns() {
     }
 }
 
+/// A route to a topic that will never exist (the gateway's producer does not ask the
+/// brokers to make it): its records are sent again for the grace, then go to the dead-letter
+/// log with the reason; the records after them, to a topic that exists, arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_for_a_topic_that_never_appears_are_dead_lettered_after_the_grace() {
+    let _kafka = common::shared();
+    let good = common::unique_topic("e2e-good");
+    let missing = common::unique_topic("e2e-never");
+    tokio::task::spawn_blocking({
+        let good = good.clone();
+        move || common::create_topic(&good, 1)
+    })
+    .await
+    .expect("join");
+    let config = config()
+        .route("never/#", &missing)
+        .route("good/#", &good)
+        .kafka_property("allow.auto.create.topics", "false")
+        // librdkafka's own wait for a topic to appear, shortened so the test is not long.
+        .kafka_property("topic.metadata.propagation.max.ms", "1000");
+    let gateway = common::gateway(config)
+        .rust_log("info,edgegate=debug")
+        .start_process();
+    let addr = gateway.mqtt_addr();
+    let lost = rumqttc_publish(
+        addr,
+        "dev-lost",
+        false,
+        1,
+        "never/1",
+        payloads("dev-lost", 20),
+        false,
+    )
+    .await;
+    assert_eq!(lost.len(), 20);
+    // librdkafka's second for the topic to appear, then the first refusal starts the grace.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let started = Instant::now();
+    let fine = rumqttc_publish(
+        addr,
+        "dev-fine",
+        false,
+        1,
+        "good/1",
+        payloads("dev-fine", 50),
+        false,
+    )
+    .await;
+    assert_eq!(fine.len(), 50);
+    let records = common::consume_all(&good, 50, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    let seqs: Vec<usize> = dedup_and_check_order(&records)
+        .iter()
+        .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
+        .collect();
+    assert_eq!(seqs, (0..50).collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let dead = common::dead_letters(gateway.config_path());
+        if dead.len() >= 20 || Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dead.len(), 20, "{dead:?}");
+    for (i, d) in dead.iter().enumerate() {
+        assert_eq!(d["topic"], missing.as_str());
+        assert_eq!(d["payload"], format!("dev-lost:{i:06}"));
+        let error = d["error"].as_str().unwrap_or_default();
+        assert!(error.contains("Unknown topic"), "{error}");
+    }
+    // The records after them waited for the grace (30 s from the first refusal), not for
+    // ever and not at all: nothing is read while refused records wait to be sent again.
+    assert!(took >= Duration::from_secs(20), "{took:?}");
+}
+
 /// Encryption at rest, on the real binary: with Kafka away the records sit in the log, and
 /// no payload or device id can be found in any file of the log directory; when Kafka
 /// returns they arrive whole and in order. The same run without encryption finds them (so
