@@ -116,11 +116,19 @@ pub struct UnknownTopics {
 
 impl UnknownTopics {
     /// Whether a record for `topic`, refused at `now` as an unknown topic, is sent again
-    /// (within the grace) rather than dead-lettered.
-    pub fn waits(&mut self, topic: &str, now: Instant) -> bool {
-        let since = match self.since.get(topic) {
-            Some(&since) => since,
-            None if self.since.len() >= UNKNOWN_TOPICS_HELD => return false,
+    /// (within the grace) rather than dead-lettered. The grace counts Kafka's answers:
+    /// while the link is down (`link_up` false; librdkafka refuses a topic it marked unknown
+    /// by itself, without asking) it starts again, so the brokers get the whole of it once
+    /// they answer.
+    pub fn waits(&mut self, topic: &str, now: Instant, link_up: bool) -> bool {
+        let held = self.since.len();
+        let since = match self.since.get_mut(topic) {
+            Some(since) if !link_up => {
+                *since = now;
+                now
+            }
+            Some(&mut since) => since,
+            None if held >= UNKNOWN_TOPICS_HELD => return false,
             None => {
                 tracing::warn!(
                     topic,
@@ -142,16 +150,23 @@ impl UnknownTopics {
     }
 
     /// [`delivery`], with a topic within its grace sent again.
-    pub fn delivery(&mut self, code: Code, alone: bool, topic: &str, now: Instant) -> Disposition {
-        if is_unknown_topic(code) && self.waits(topic, now) {
+    pub fn delivery(
+        &mut self,
+        code: Code,
+        alone: bool,
+        topic: &str,
+        now: Instant,
+        link_up: bool,
+    ) -> Disposition {
+        if is_unknown_topic(code) && self.waits(topic, now, link_up) {
             return Disposition::Retry;
         }
         delivery(code, alone)
     }
 
     /// [`enqueue`], with a topic within its grace sent again.
-    pub fn enqueue(&mut self, code: Code, topic: &str, now: Instant) -> Disposition {
-        if is_unknown_topic(code) && self.waits(topic, now) {
+    pub fn enqueue(&mut self, code: Code, topic: &str, now: Instant, link_up: bool) -> Disposition {
+        if is_unknown_topic(code) && self.waits(topic, now, link_up) {
             return Disposition::Retry;
         }
         enqueue(code)
@@ -291,39 +306,62 @@ mod tests {
         let mut unknown = UnknownTopics::default();
         let t0 = Instant::now();
         for code in [Code::UnknownTopic, Code::UnknownTopicOrPartition] {
-            assert_eq!(unknown.delivery(code, false, "a", t0), Disposition::Retry);
+            assert_eq!(
+                unknown.delivery(code, false, "a", t0, true),
+                Disposition::Retry
+            );
         }
         assert_eq!(
-            unknown.enqueue(Code::UnknownTopic, "a", t0 + Duration::from_secs(29)),
+            unknown.enqueue(Code::UnknownTopic, "a", t0 + Duration::from_secs(29), true),
             Disposition::Retry
         );
         let after = t0 + UNKNOWN_TOPIC_GRACE;
         assert_eq!(
-            unknown.enqueue(Code::UnknownTopic, "a", after),
+            unknown.enqueue(Code::UnknownTopic, "a", after, true),
             Disposition::DeadLetter
         );
         assert_eq!(
-            unknown.delivery(Code::UnknownTopic, false, "a", after),
+            unknown.delivery(Code::UnknownTopic, false, "a", after, true),
             Disposition::DeadLetter
         );
         assert_eq!(
-            unknown.delivery(Code::UnknownTopic, false, "b", after),
+            unknown.delivery(Code::UnknownTopic, false, "b", after, true),
             Disposition::Retry,
             "each topic has its own grace"
         );
         assert_eq!(
-            unknown.delivery(Code::TopicAuthorizationFailed, false, "c", t0),
+            unknown.delivery(Code::TopicAuthorizationFailed, false, "c", t0, true),
             Disposition::DeadLetter
         );
         assert_eq!(
-            unknown.enqueue(Code::QueueFull, "c", t0),
+            unknown.enqueue(Code::QueueFull, "c", t0, true),
             Disposition::Retry
         );
         unknown.known("a");
         assert_eq!(
-            unknown.enqueue(Code::UnknownTopic, "a", after),
+            unknown.enqueue(Code::UnknownTopic, "a", after, true),
             Disposition::Retry,
             "delivered since: a new grace"
+        );
+        // Refused while the link is down: librdkafka's own verdict, not the brokers'. The
+        // grace starts again, and counts from the last such refusal once Kafka answers.
+        let later = after + Duration::from_secs(100);
+        assert_eq!(
+            unknown.enqueue(Code::UnknownTopic, "a", later, false),
+            Disposition::Retry
+        );
+        assert_eq!(
+            unknown.enqueue(
+                Code::UnknownTopic,
+                "a",
+                later + Duration::from_secs(29),
+                true
+            ),
+            Disposition::Retry
+        );
+        assert_eq!(
+            unknown.enqueue(Code::UnknownTopic, "a", later + UNKNOWN_TOPIC_GRACE, true),
+            Disposition::DeadLetter
         );
     }
 
@@ -332,13 +370,13 @@ mod tests {
         let mut unknown = UnknownTopics::default();
         let now = Instant::now();
         for i in 0..UNKNOWN_TOPICS_HELD {
-            assert!(unknown.waits(&format!("t{i}"), now));
+            assert!(unknown.waits(&format!("t{i}"), now, true));
         }
-        assert!(!unknown.waits("one-more", now), "no grace once full");
-        assert!(unknown.waits("t0", now), "those held keep theirs");
+        assert!(!unknown.waits("one-more", now, true), "no grace once full");
+        assert!(unknown.waits("t0", now, true), "those held keep theirs");
         assert_eq!(unknown.since.len(), UNKNOWN_TOPICS_HELD);
         unknown.known("t0");
-        assert!(unknown.waits("one-more", now));
+        assert!(unknown.waits("one-more", now, true));
     }
 
     #[test]

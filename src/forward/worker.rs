@@ -627,9 +627,10 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
                 p.state = State::Queued;
                 let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown);
                 metric::error(classify::kind(code));
+                let link_up = self.link.state() == LinkState::Up;
                 match self
                     .unknown_topics
-                    .enqueue(code, &p.record.kafka_topic, now)
+                    .enqueue(code, &p.record.kafka_topic, now, link_up)
                 {
                     Disposition::DeadLetter | Disposition::Isolate => {
                         self.dead_letter(seq, &e.to_string());
@@ -704,10 +705,14 @@ impl<S: RecordSource, D: DeadLetterSink> Worker<S, D> {
             }
             Err(code) => {
                 metric::error(classify::kind(code));
-                match self
-                    .unknown_topics
-                    .delivery(code, p.alone, &p.record.kafka_topic, now)
-                {
+                let link_up = self.link.state() == LinkState::Up;
+                match self.unknown_topics.delivery(
+                    code,
+                    p.alone,
+                    &p.record.kafka_topic,
+                    now,
+                    link_up,
+                ) {
                     Disposition::Isolate => {
                         tracing::debug!(seq = report.seq, error = %code, "Kafka rejected a batch; sending this record alone.");
                         p.alone = true;
