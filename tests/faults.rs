@@ -419,7 +419,7 @@ fn parse_link_lines(log: &str) -> Vec<LinkLine> {
         let at = line
             .split_whitespace()
             .next()
-            .and_then(parse_utc)
+            .and_then(common::parse_utc)
             .unwrap_or_else(|| panic!("no timestamp in {line}"));
         lines.push(LinkLine {
             at,
@@ -582,33 +582,11 @@ fn check_link_lines(log: &str, outages: &[Outage]) -> Result<(), String> {
     Ok(())
 }
 
-/// `2026-12-04T01:30:47.729697Z` as a time.
-fn parse_utc(text: &str) -> Option<SystemTime> {
-    let text = text.strip_suffix('Z')?;
-    let (date, time) = text.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>());
-    let (h, min, sec) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = u64::try_from(days * 86_400 + h * 3600 + min * 60 + sec).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
-}
-
-/// A time as the log writes it, for messages.
 /// The link-line check itself (no broker): a leaderless flap while a paused broker comes
 /// back is one return; the same flap for another reason, or outside the return, is not.
 #[test]
 fn link_lines_allow_only_a_leaderless_flap_within_a_return() {
-    let at = |t: &str| parse_utc(&format!("2026-12-05T10:{t}Z")).expect("a time");
+    let at = |t: &str| common::parse_utc(&format!("2026-12-05T10:{t}Z")).expect("a time");
     let outage = Outage {
         stop_issued: at("00:02.000000"),
         stop_done: at("00:02.020000"),
