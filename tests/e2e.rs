@@ -72,6 +72,15 @@ fn parse(payload: &[u8]) -> (String, usize) {
     (device.to_owned(), seq.parse().expect("seq"))
 }
 
+/// The sequence numbers of `records` (payloads written by `payloads`) as they arrived, after
+/// [`dedup_and_check_order`].
+fn seqs_in_order(records: &[Consumed]) -> Vec<usize> {
+    dedup_and_check_order(records)
+        .iter()
+        .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
+        .collect()
+}
+
 /// Drops re-sends (same record id), keeping the first copy, and checks that what remains
 /// is in publish order per device.
 fn dedup_and_check_order(records: &[Consumed]) -> Vec<Consumed> {
@@ -312,11 +321,7 @@ async fn kafka_outage_mid_stream_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     kafka.start_broker_async().await;
     let records = common::consume_all(&topic, 1000, Duration::from_secs(90)).await;
-    let unique = dedup_and_check_order(&records);
-    let seqs: Vec<usize> = unique
-        .iter()
-        .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
-        .collect();
+    let seqs = seqs_in_order(&records);
     assert_eq!(seqs, (0..1000).collect::<Vec<_>>());
 }
 
@@ -382,11 +387,7 @@ async fn kafka_absent_at_start_then_arrives() {
     assert_eq!(more.len(), 200);
     kafka.start_broker_async().await;
     let records = common::consume_all(&topic, 1000, Duration::from_secs(90)).await;
-    let unique = dedup_and_check_order(&records);
-    let seqs: Vec<usize> = unique
-        .iter()
-        .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
-        .collect();
+    let seqs = seqs_in_order(&records);
     assert_eq!(seqs, (0..1000).collect::<Vec<_>>());
 }
 
@@ -437,11 +438,7 @@ async fn a_topic_first_used_in_a_long_outage_is_created_when_kafka_returns() {
         .expect("join");
         let dead = common::dead_letters(gateway.config_path());
         assert!(dead.is_empty(), "exactly_once={exactly_once}: {dead:?}");
-        let unique = dedup_and_check_order(&records);
-        let seqs: Vec<usize> = unique
-            .iter()
-            .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
-            .collect();
+        let seqs = seqs_in_order(&records);
         assert_eq!(
             seqs,
             (0..300).collect::<Vec<_>>(),
@@ -481,20 +478,13 @@ async fn records_for_a_topic_that_never_appears_are_dead_lettered_after_the_grac
         assert_eq!(acked.await.len(), n);
     }
     let records = common::consume_all(&good, 50, Duration::from_secs(90)).await;
-    let seqs: Vec<usize> = dedup_and_check_order(&records)
-        .iter()
-        .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
-        .collect();
+    let seqs = seqs_in_order(&records);
     assert_eq!(seqs, (0..50).collect::<Vec<_>>());
 
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let dead = loop {
-        let dead = common::dead_letters(gateway.config_path());
-        if dead.len() >= 20 || Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    common::wait_until("the 20 dead letters", Duration::from_secs(90), || {
+        common::dead_letters(gateway.config_path()).len() >= 20
+    });
+    let dead = common::dead_letters(gateway.config_path());
     assert_eq!(dead.len(), 20, "{dead:?}");
     for (i, d) in dead.iter().enumerate() {
         assert_eq!(d["topic"], missing.as_str());
@@ -571,11 +561,7 @@ async fn encrypted_log_holds_no_payload_in_the_clear_and_delivers_it_all() {
     kafka.start_broker_async().await;
     for (topic, _gateway) in &topics {
         let records = common::consume_all(topic, 300, Duration::from_secs(90)).await;
-        let unique = dedup_and_check_order(&records);
-        let seqs: Vec<usize> = unique
-            .iter()
-            .map(|r| parse(r.payload.as_deref().unwrap_or_default()).1)
-            .collect();
+        let seqs = seqs_in_order(&records);
         assert_eq!(seqs, (0..300).collect::<Vec<_>>(), "{topic}");
     }
 }

@@ -140,14 +140,6 @@ fn dead_letters(gw: &Process) -> Vec<Value> {
     common::dead_letters(gw.config_path())
 }
 
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The whole life of an `avro` route through the registry's faults. Nothing is lost: every
 /// payload published is in Kafka (decoded, field by field) or in the dead-letter log with
 /// its reason, and the order of each device's records is kept.
@@ -202,7 +194,7 @@ fn avro_records_survive_the_registry_being_down_changing_and_gone() {
     let decoded = decode(&registry, &records[5..]);
     assert_eq!(decoded[0]["value"]["seq"], 6);
     assert_eq!(decoded[1]["value"]["seq"], 9);
-    wait_until("three dead letters", Duration::from_secs(30), || {
+    common::wait_until("three dead letters", Duration::from_secs(30), || {
         dead_letters(&gw).len() == 3
     });
     let dead = dead_letters(&gw);
@@ -489,7 +481,7 @@ fn a_real_registry_serves_avro_and_json_schema_routes() {
         assert_eq!(record.header("edgegate-format"), Some(&b"json_schema"[..]));
         assert_eq!(record.key.as_deref(), Some(&b"m1"[..]));
     }
-    wait_until("two dead letters", Duration::from_secs(30), || {
+    common::wait_until("two dead letters", Duration::from_secs(30), || {
         dead_letters(&gw).len() == 2
     });
     let dead = dead_letters(&gw);
@@ -605,7 +597,7 @@ fn a_real_registry_serves_protobuf_routes() {
         assert_eq!(record.header("edgegate-format"), Some(&b"protobuf"[..]));
         assert_eq!(record.key.as_deref(), Some(&b"d1"[..]));
     }
-    wait_until("one dead letter", Duration::from_secs(30), || {
+    common::wait_until("one dead letter", Duration::from_secs(30), || {
         dead_letters(&gw).len() == 1
     });
     let dead = dead_letters(&gw);
@@ -736,7 +728,7 @@ fn exactly_once_records_wait_for_their_schema_and_go_once() {
         .collect();
     let expected: Vec<u64> = (0..20).filter(|s| *s != 7).collect();
     assert_eq!(seqs, expected);
-    wait_until("the dead letter", Duration::from_secs(30), || {
+    common::wait_until("the dead letter", Duration::from_secs(30), || {
         dead_letters(&gw).len() == 1
     });
     let dead = dead_letters(&gw);
@@ -832,7 +824,7 @@ async fn sparkplug_records_encoded_to_avro_by_the_shipped_schema() {
     assert_eq!(values[10]["seq_gap"], json!({"expected": 3}));
     let all = common::consume_all_blocking(&metrics_topic, 12, Duration::from_secs(3));
     assert_eq!(all.len(), 11, "a record beyond the 11th");
-    wait_until("the dead letter", Duration::from_secs(30), || {
+    common::wait_until("the dead letter", Duration::from_secs(30), || {
         dead_letters(&gw).len() == 1
     });
     let dead = dead_letters(&gw);

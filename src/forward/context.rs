@@ -640,9 +640,12 @@ mod tests {
             "UP 2 s before a report made 29 s ago: before the outage"
         );
     }
-    /// A producer's context on a fresh link.
-    fn stats_fixture() -> (Arc<LinkTracker>, ForwardContext) {
+    /// A producer's context on a link found up again after an outage, `up_for` ago.
+    fn stats_fixture(up_for: std::time::Duration) -> (Arc<LinkTracker>, ForwardContext) {
         let link = Arc::new(LinkTracker::new());
+        link.down("connection refused");
+        link.up();
+        std::thread::sleep(up_for);
         let (deliveries, _rx) = mpsc::unbounded_channel();
         let context = ForwardContext {
             deliveries,
@@ -685,10 +688,7 @@ mod tests {
     #[test]
     fn a_connection_failing_since_before_the_link_came_up_is_no_outage() {
         use std::time::Duration;
-        let (link, context) = stats_fixture();
-        link.down("connection refused");
-        link.up();
-        std::thread::sleep(Duration::from_millis(50));
+        let (link, context) = stats_fixture(Duration::from_millis(50));
         context.stats(report(
             0,
             &[
@@ -729,10 +729,7 @@ mod tests {
     #[test]
     fn a_coordinator_connection_closed_for_a_new_lookup_is_no_outage() {
         use std::time::Duration;
-        let (link, context) = stats_fixture();
-        link.down("connection refused");
-        link.up();
-        std::thread::sleep(Duration::from_millis(200));
+        let (link, context) = stats_fixture(Duration::from_millis(200));
         let coordinator = |address: &'static str, age: i64| {
             report(
                 0,
@@ -778,10 +775,7 @@ mod tests {
     #[test]
     fn a_report_s_ages_count_from_when_it_was_made() {
         use std::time::Duration;
-        let (link, context) = stats_fixture();
-        link.down("connection refused");
-        link.up();
-        std::thread::sleep(Duration::from_millis(100));
+        let (link, context) = stats_fixture(Duration::from_millis(100));
         context.stats(report(200_000, &[("learned", "DOWN", 50_000, BROKER)]));
         assert_eq!(link.state(), LinkState::Up, "no news: it failed before");
         context.stats(report(0, &[("learned", "DOWN", 50_000, BROKER)]));

@@ -132,3 +132,15 @@ pub fn parse_utc(text: &str) -> Option<std::time::SystemTime> {
     let secs = u64::try_from(days * 86_400 + h * 3600 + min * 60 + sec).ok()?;
     Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
 }
+
+/// Waits until `done`, looking every 200 ms, at most `timeout` (then fails, naming `what`).
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
